@@ -1,0 +1,7 @@
+//! spextract: spectroperfectionism extraction of fiber-spectrograph CCD frames.
+//!
+//! Data flows `psf → io → patch → extract → pipeline → cli`; a module imports only from those to
+//! its left.
+
+pub mod patch;
+pub mod psf;

@@ -1,0 +1,1 @@
+//! Patch cores → frame arrays.

@@ -1,0 +1,10 @@
+//! Decomposition of a frame into patches and their reassembly (extraction.md §2).
+//!
+//! Imports only `psf`; knows nothing of files, MPI or backends.
+
+pub mod assemble;
+pub mod plan;
+pub mod pixels;
+
+pub use plan::{Patch, PatchOptions, Plan, WaveGrid};
+pub use pixels::PixelWindow;

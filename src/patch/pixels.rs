@@ -1,0 +1,75 @@
+//! The pixel rectangle a patch reads (gpu_specter `get_xyrange` and the `pixpad_frac` trim).
+
+use super::Patch;
+use crate::psf::SpotSet;
+
+/// Rows `ymin..ymax` and columns `xmin..xmax` of the CCD that a patch uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PixelWindow {
+    /// First column.
+    pub xmin: i64,
+    /// One past the last column.
+    pub xmax: i64,
+    /// First row (after trimming the padding rows).
+    pub ymin: i64,
+    /// One past the last row.
+    pub ymax: i64,
+}
+
+impl PixelWindow {
+    /// Rows in the window.
+    pub fn ny(&self) -> usize {
+        (self.ymax - self.ymin).max(0) as usize
+    }
+
+    /// Columns in the window.
+    pub fn nx(&self) -> usize {
+        (self.xmax - self.xmin).max(0) as usize
+    }
+
+    /// Whether the window lies on a CCD of `npix_y × npix_x` pixels. gpu_specter's CPU path
+    /// drops patches whose rows leave the CCD (extraction.md §2); columns outside it are
+    /// treated the same way here rather than wrapping around as numpy slicing would.
+    pub fn on_ccd(&self, npix_y: usize, npix_x: usize) -> bool {
+        self.ymin >= 0
+            && self.ymax <= npix_y as i64
+            && self.xmin >= 0
+            && self.xmax <= npix_x as i64
+            && self.ymax > self.ymin
+            && self.xmax > self.xmin
+    }
+}
+
+/// Bounding box `(xmin, xmax, ymin, ymax)` of the spots of `nfib` fibers from fiber offset
+/// `f0` and `nw` bins from wave index `w0` of `spots`.
+fn xyrange(spots: &SpotSet, f0: usize, nfib: usize, w0: usize, nw: usize) -> (i64, i64, i64, i64) {
+    let (mut xmin, mut xmax, mut ymin, mut ymax) = (i64::MAX, i64::MIN, i64::MAX, i64::MIN);
+    for f in f0..f0 + nfib {
+        for w in w0..w0 + nw {
+            let i = spots.index(f, w);
+            xmin = xmin.min(spots.xc[i]);
+            xmax = xmax.max(spots.xc[i]);
+            ymin = ymin.min(spots.yc[i]);
+            ymax = ymax.max(spots.yc[i]);
+        }
+    }
+    (xmin, xmax + spots.nx as i64, ymin, ymax + spots.ny as i64)
+}
+
+/// The pixel window of `patch`, given spots on the padded grid for fibers starting at
+/// `spots.grid.fibermin`.
+pub fn window(patch: &Patch, spots: &SpotSet, pixpad_frac: f64) -> PixelWindow {
+    let f0 = patch.specmin - spots.grid.fibermin;
+    let w0 = patch.iwave;
+    let (xmin, xmax, ypadmin, ypadmax) = xyrange(spots, f0, patch.nspecpad, w0, patch.nwavetot);
+    let (_, _, ymin, ymax) = xyrange(spots, f0, patch.nspecpad, w0 + patch.wavepad, patch.nwavetot - 2 * patch.wavepad);
+    // `1 - pixpad_frac` is evaluated in f64 as gpu_specter does (0.19999999999999996 for 0.8).
+    let ypadlo = ((ymin - ypadmin) as f64 * (1.0 - pixpad_frac)) as i64;
+    let ypadhi = ((ymax - ypadmin) as f64 + (ypadmax - ymax) as f64 * pixpad_frac) as i64;
+    PixelWindow {
+        xmin,
+        xmax,
+        ymin: ypadmin + ypadlo,
+        ymax: ypadmin + ypadhi,
+    }
+}

@@ -1,0 +1,232 @@
+//! Pixel-integrated spots and their corners for a block of fibers × wavelengths: the input that
+//! both extraction backends share (gpu_specter `get_spots`).
+
+use super::{hermite, legendre, GhIndex, Psf, PsfError};
+
+/// The `(fiber, wavelength)` block a [`SpotSet`] covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpotGrid {
+    /// First fiber (absolute fiber index in the PSF).
+    pub fibermin: usize,
+    /// Number of fibers.
+    pub nfiber: usize,
+    /// Number of wavelengths.
+    pub nwave: usize,
+}
+
+/// Spots for every fiber × wavelength of a grid.
+#[derive(Debug, Clone)]
+pub struct SpotSet {
+    /// What the set covers.
+    pub grid: SpotGrid,
+    /// Spot height (rows).
+    pub ny: usize,
+    /// Spot width (columns).
+    pub nx: usize,
+    /// Spot values `[(fiber·nwave + wave)·ny·nx + iy·nx + ix]`, each spot summing to 1.
+    pub values: Vec<f64>,
+    /// Column of each spot's first pixel, `[fiber·nwave + wave]`.
+    pub xc: Vec<i64>,
+    /// Row of each spot's first pixel.
+    pub yc: Vec<i64>,
+    /// Trace x(λ) at each grid point.
+    pub x: Vec<f64>,
+    /// Trace y(λ) at each grid point.
+    pub y: Vec<f64>,
+}
+
+impl SpotSet {
+    /// Index of `(fiber offset, wave index)` in the per-spot arrays.
+    #[inline]
+    pub fn index(&self, fiber: usize, wave: usize) -> usize {
+        fiber * self.grid.nwave + wave
+    }
+
+    /// The spot of fiber offset `fiber` at wave index `wave`, row-major `ny × nx`.
+    #[inline]
+    pub fn spot(&self, fiber: usize, wave: usize) -> &[f64] {
+        let n = self.ny * self.nx;
+        let i = self.index(fiber, wave);
+        &self.values[i * n..(i + 1) * n]
+    }
+}
+
+/// Evaluates spots for fibers `fibermin .. fibermin + nfiber` at `waves`.
+///
+/// Fibers are evaluated in parallel (rayon); the result does not depend on the thread count.
+pub fn evaluate(
+    psf: &Psf,
+    fibermin: usize,
+    nfiber: usize,
+    waves: &[f64],
+) -> Result<SpotSet, PsfError> {
+    use rayon::prelude::*;
+    if fibermin + nfiber > psf.nfiber() {
+        return Err(PsfError::OutOfRange(format!(
+            "fibers {}..{} requested from a PSF of {} fibers",
+            fibermin,
+            fibermin + nfiber,
+            psf.nfiber()
+        )));
+    }
+    let index = psf.gh_index()?;
+    let (ny, nx) = (psf.spot_ny(), psf.spot_nx());
+    let nwave = waves.len();
+    let grid = SpotGrid {
+        fibermin,
+        nfiber,
+        nwave,
+    };
+    let nspot = nfiber * nwave;
+    let mut set = SpotSet {
+        grid,
+        ny,
+        nx,
+        values: vec![0.0; nspot * ny * nx],
+        xc: vec![0; nspot],
+        yc: vec![0; nspot],
+        x: vec![0.0; nspot],
+        y: vec![0.0; nspot],
+    };
+    let per_fiber = nwave * ny * nx;
+    if per_fiber == 0 {
+        return Ok(set);
+    }
+    set.values
+        .par_chunks_mut(per_fiber)
+        .zip(set.xc.par_chunks_mut(nwave))
+        .zip(set.yc.par_chunks_mut(nwave))
+        .zip(set.x.par_chunks_mut(nwave))
+        .zip(set.y.par_chunks_mut(nwave))
+        .enumerate()
+        .for_each(|(f, ((((values, xc), yc), x), y))| {
+            let mut ev = SpotEvaluator::new(psf, &index);
+            for (w, &wave) in waves.iter().enumerate() {
+                let (sx, sy, cx, cy) =
+                    ev.spot(fibermin + f, wave, &mut values[w * ny * nx..(w + 1) * ny * nx]);
+                x[w] = sx;
+                y[w] = sy;
+                xc[w] = cx;
+                yc[w] = cy;
+            }
+        });
+    Ok(set)
+}
+
+/// Scratch space and resolved indices for evaluating one spot at a time.
+pub struct SpotEvaluator<'a> {
+    psf: &'a Psf,
+    index: &'a GhIndex,
+    leg: Vec<f64>,
+    px: Vec<f64>,
+    py: Vec<f64>,
+    scratch: Vec<f64>,
+    gh: Vec<f64>,
+    tmp: Vec<f64>,
+}
+
+impl<'a> SpotEvaluator<'a> {
+    /// Scratch sized for `psf`.
+    pub fn new(psf: &'a Psf, index: &'a GhIndex) -> Self {
+        let (ny, nx) = (psf.spot_ny(), psf.spot_nx());
+        let (dx, dy) = (psf.ghdegx + 1, psf.ghdegy + 1);
+        let ncoef = psf
+            .params
+            .iter()
+            .map(|p| p.series.coeff.ncols())
+            .chain([psf.xtrace.coeff.ncols(), psf.ytrace.coeff.ncols()])
+            .max()
+            .unwrap_or(1);
+        SpotEvaluator {
+            psf,
+            index,
+            leg: vec![0.0; ncoef],
+            px: vec![0.0; dx * nx],
+            py: vec![0.0; dy * ny],
+            scratch: vec![0.0; dx.max(dy) * (nx.max(ny) + 1)],
+            gh: vec![0.0; dx * dy],
+            tmp: vec![0.0; dy * nx],
+        }
+    }
+
+    fn series(&mut self, set: &super::LegendreSet, fiber: usize, wave: f64) -> f64 {
+        let n = set.coeff.ncols();
+        legendre::vander(set.reduced(wave), &mut self.leg[..n]);
+        set.coeff
+            .row(fiber)
+            .iter()
+            .zip(&self.leg[..n])
+            .map(|(c, p)| c * p)
+            .sum()
+    }
+
+    /// Writes the normalised spot of `fiber` at `wave` into `out` (`ny × nx`), returning the
+    /// trace position and the corner `(x, y, xc, yc)`.
+    pub fn spot(&mut self, fiber: usize, wave: f64, out: &mut [f64]) -> (f64, f64, i64, i64) {
+        let psf = self.psf;
+        let (ny, nx) = (psf.spot_ny(), psf.spot_nx());
+        let (dx, dy) = (psf.ghdegx + 1, psf.ghdegy + 1);
+        let x = self.series(&psf.xtrace, fiber, wave);
+        let y = self.series(&psf.ytrace, fiber, wave);
+        // Every parameter row shares the PSF HDU's range, so one Vandermonde row serves all.
+        let first = &psf.params[self.index.sigx].series;
+        let n = first.coeff.ncols();
+        legendre::vander(first.reduced(wave), &mut self.leg[..n]);
+        let leg = &self.leg[..n];
+        let eval = |row: usize| -> f64 {
+            psf.params[row]
+                .series
+                .coeff
+                .row(fiber)
+                .iter()
+                .zip(leg)
+                .map(|(c, p)| c * p)
+                .sum()
+        };
+        let sigx = eval(self.index.sigx);
+        let sigy = eval(self.index.sigy);
+        for (g, &row) in self.gh.iter_mut().zip(&self.index.gh) {
+            *g = eval(row);
+        }
+        let xc = (x - psf.hsizex as f64 + 0.5).floor();
+        let yc = (y - psf.hsizey as f64 + 0.5).floor();
+        let offx = x - (x + 0.5).floor();
+        let offy = y - (y + 0.5).floor();
+        hermite::pixel_integrals(nx, offx, sigx, psf.ghdegx, &mut self.px, &mut self.scratch);
+        hermite::pixel_integrals(ny, offy, sigy, psf.ghdegy, &mut self.py, &mut self.scratch);
+        // tmp[j, ix] = Σ_i GH-i-j · px_i[ix]
+        self.tmp.iter_mut().for_each(|t| *t = 0.0);
+        for i in 0..dx {
+            let pxi = &self.px[i * nx..(i + 1) * nx];
+            for j in 0..dy {
+                let c = self.gh[i * dy + j];
+                let t = &mut self.tmp[j * nx..(j + 1) * nx];
+                for (t, p) in t.iter_mut().zip(pxi) {
+                    *t += c * p;
+                }
+            }
+        }
+        // spot[iy, ix] = Σ_j py_j[iy] · tmp[j, ix], clipped at 0, normalised to sum 1.
+        out.iter_mut().for_each(|v| *v = 0.0);
+        for j in 0..dy {
+            let t = &self.tmp[j * nx..(j + 1) * nx];
+            for iy in 0..ny {
+                let c = self.py[j * ny + iy];
+                for (o, t) in out[iy * nx..(iy + 1) * nx].iter_mut().zip(t) {
+                    *o += c * t;
+                }
+            }
+        }
+        let mut sum = 0.0;
+        for v in out.iter_mut() {
+            if *v < 0.0 {
+                *v = 0.0;
+            }
+            sum += *v;
+        }
+        if sum > 0.0 {
+            out.iter_mut().for_each(|v| *v /= sum);
+        }
+        (x, y, xc as i64, yc as i64)
+    }
+}
