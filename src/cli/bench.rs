@@ -1,0 +1,128 @@
+//! `spextract bench`: times one frame's extraction at several thread counts, against the dense
+//! oracle (the straightforward eigendecomposition route of gpu_specter's CPU path) timed on a
+//! sample of the same patches in the same process.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use clap::Args;
+use ndarray::s;
+
+use super::extract::{prepare, run_extraction};
+use super::ExtractionFlags;
+use crate::extract::cpu::oracle;
+use crate::extract::PatchInput;
+use crate::patch::pixels;
+use crate::psf::spots;
+
+/// `spextract bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Inputs and options (`--threads` is ignored: see `--thread-counts`).
+    #[command(flatten)]
+    pub flags: ExtractionFlags,
+    /// Thread counts to time, in order.
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    pub thread_counts: Vec<usize>,
+    /// Patches of the first bundle to time with the dense oracle (0: skip).
+    #[arg(long, default_value_t = 10)]
+    pub oracle_patches: usize,
+}
+
+/// Peak resident memory of this process so far, in MiB (Linux `ru_maxrss`).
+pub fn peak_rss_mib() -> f64 {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes a `rusage` into the pointer we pass; it is zero-initialised
+    // storage of the right type and size that outlives the call.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) };
+    if rc != 0 {
+        return f64::NAN;
+    }
+    // SAFETY: getrusage returned 0, so it filled the struct.
+    let usage = unsafe { usage.assume_init() };
+    usage.ru_maxrss as f64 / 1024.0
+}
+
+/// `spextract bench`.
+pub fn run(args: &BenchArgs) -> Result<()> {
+    let t0 = Instant::now();
+    let prep = prepare(&args.flags, false)?;
+    let load = t0.elapsed().as_secs_f64();
+    let npatch = prep.plan.npatch();
+    println!(
+        "frame: {} fibers x {} bins, {} patches; inputs read in {:.2}s",
+        prep.plan.nspec,
+        prep.grid.wave.len(),
+        npatch,
+        load
+    );
+    println!("| threads | wall s | s/patch | spots s | solve s | assemble s | frames/hour | peak RSS MiB |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let mut one_thread = None;
+    for &threads in &args.thread_counts {
+        let t = Instant::now();
+        let res = run_extraction(&prep, threads.max(1), false)?;
+        let wall = t.elapsed().as_secs_f64();
+        if threads == 1 {
+            one_thread = Some(wall);
+        }
+        let st = &res.stats;
+        println!(
+            "| {} | {:.2} | {:.2e} | {:.2} | {:.2} | {:.2} | {:.0} | {:.0} |",
+            threads,
+            wall,
+            wall / st.patches.max(1) as f64,
+            st.spots.as_secs_f64(),
+            st.solve.as_secs_f64(),
+            st.assemble.as_secs_f64(),
+            3600.0 / wall,
+            peak_rss_mib()
+        );
+    }
+    if args.oracle_patches > 0 {
+        let patches: Vec<_> = prep.plan.patches[0].iter().take(args.oracle_patches).copied().collect();
+        let fmin = patches.iter().map(|p| p.specmin).min().unwrap_or(0);
+        let fmax = patches.iter().map(|p| p.specmin + p.nspecpad).max().unwrap_or(0);
+        let sp = spots::evaluate(&prep.psf, fmin, fmax - fmin, &prep.grid.padded)?;
+        let mut ws = crate::extract::cpu::Workspace::default();
+        let (mut t_fast, mut t_dense, mut n) = (0.0, 0.0, 0usize);
+        for p in &patches {
+            let window = pixels::window(p, &sp, prep.patch.pixpad_frac);
+            if !window.on_ccd(prep.psf.npix_y, prep.psf.npix_x) {
+                continue;
+            }
+            let (r, c) = (window.ymin as usize..window.ymax as usize, window.xmin as usize..window.xmax as usize);
+            let inp = PatchInput {
+                patch: *p,
+                window,
+                pix: prep.preproc.image.slice(s![r.clone(), c.clone()]),
+                ivar: prep.preproc.ivar.slice(s![r, c]),
+                spots: &sp,
+            };
+            let t = Instant::now();
+            let _ = crate::extract::cpu::extract_patch(&inp, &prep.opts, &mut ws);
+            t_fast += t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            let _ = oracle::extract_patch_dense(&inp, &prep.opts);
+            t_dense += t.elapsed().as_secs_f64();
+            n += 1;
+        }
+        if n > 0 {
+            println!(
+                "per patch, one thread, {n} patches of bundle 0: fast {:.2e} s, dense oracle {:.2e} s, ratio {:.1}x",
+                t_fast / n as f64,
+                t_dense / n as f64,
+                t_dense / t_fast
+            );
+            if let Some(w) = one_thread {
+                println!(
+                    "dense oracle extrapolated to the frame on one thread: {:.0} s ({:.1}x the fast path's {:.2} s)",
+                    t_dense / n as f64 * npatch as f64,
+                    t_dense / n as f64 * npatch as f64 / w,
+                    w
+                );
+            }
+        }
+    }
+    Ok(())
+}

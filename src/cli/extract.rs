@@ -1,0 +1,305 @@
+//! `spextract extract`: one frame, one process, no MPI needed.
+
+use std::io::IsTerminal;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use tracing::{info, warn};
+
+use super::{ExtractArgs, ExtractionFlags};
+use crate::config::{self, Config};
+use crate::extract::cpu::CpuBackend;
+use crate::extract::ExtractOptions;
+use crate::io::frame::{write_frame, write_model_image, Frame, FrameMeta};
+use crate::io::image::{read_preproc, Preproc};
+use crate::io::psf::read_psf;
+use crate::patch::{PatchOptions, Plan, WaveGrid};
+use crate::pipeline::frame::{extract_frame, finalize, FrameResult};
+use crate::psf::Psf;
+
+/// Everything resolved and loaded for one frame's extraction.
+pub struct Prepared {
+    /// The PSF.
+    pub psf: Psf,
+    /// The image, ivar masked.
+    pub preproc: Preproc,
+    /// Output and padded grids.
+    pub grid: WaveGrid,
+    /// The patches.
+    pub plan: Plan,
+    /// Patch geometry options.
+    pub patch: PatchOptions,
+    /// Per-patch options.
+    pub opts: ExtractOptions,
+    /// Worker threads.
+    pub threads: usize,
+    /// Whether to draw a progress bar.
+    pub progress: bool,
+}
+
+/// The value of `key` in raw FITS header cards, without quotes.
+pub fn header_value(cards: &[String], key: &str) -> Option<String> {
+    cards.iter().find_map(|c| {
+        let (k, rest) = c.split_at(c.len().min(8));
+        if k.trim_end() != key || !rest.starts_with('=') {
+            return None;
+        }
+        let v = rest[1..].trim();
+        if let Some(stripped) = v.strip_prefix('\'') {
+            let end = stripped.find('\'').unwrap_or(stripped.len());
+            Some(stripped[..end].trim_end().to_string())
+        } else {
+            Some(v.split('/').next().unwrap_or("").trim().to_string())
+        }
+    })
+}
+
+/// Merges flags over the configuration file, validates, then reads the PSF and the image.
+pub fn prepare(flags: &ExtractionFlags, model_image: bool) -> Result<Prepared> {
+    let mut cfg = Config::load(flags.config.as_deref())?;
+    let e = &mut cfg.extract;
+    if let Some(w) = &flags.wavelength {
+        e.wavelength = w.clone();
+    }
+    e.specmin = flags.specmin.unwrap_or(e.specmin);
+    e.nspec = flags.nspec.unwrap_or(e.nspec);
+    e.regularize = flags.regularize.unwrap_or(e.regularize);
+    e.psferr = flags.psferr.unwrap_or(e.psferr);
+    let p = &mut cfg.patch;
+    p.bundlesize = flags.bundlesize.unwrap_or(p.bundlesize);
+    p.nsubbundles = flags.nsubbundles.unwrap_or(p.nsubbundles);
+    p.nwavestep = flags.nwavestep.unwrap_or(p.nwavestep);
+    p.wavepad = flags.wavepad.unwrap_or(p.wavepad);
+    p.wavepad_frac = flags.wavepad_frac.unwrap_or(p.wavepad_frac);
+    p.pixpad_frac = flags.pixpad_frac.unwrap_or(p.pixpad_frac);
+    cfg.run.threads = flags.threads.unwrap_or(cfg.run.threads);
+    cfg.validate()?;
+
+    let psf = read_psf(&flags.psf)?;
+    let t0 = Instant::now();
+    let preproc = read_preproc(&flags.image, cfg.extract.mask_bits)?;
+    info!(
+        "read {} ({}x{}) in {:.2}s: {} pixels masked by MASK bits, {} NaN/Inf pixels treated as masked",
+        flags.image.display(),
+        preproc.image.nrows(),
+        preproc.image.ncols(),
+        t0.elapsed().as_secs_f64(),
+        preproc.masked_by_bits,
+        preproc.nonfinite
+    );
+    if preproc.image.dim() != (psf.npix_y, psf.npix_x) {
+        bail!(
+            "{}: image is {} rows x {} columns but the PSF {} describes a {} x {} CCD",
+            flags.image.display(),
+            preproc.image.nrows(),
+            preproc.image.ncols(),
+            flags.psf.display(),
+            psf.npix_y,
+            psf.npix_x
+        );
+    }
+    let wavelength = if cfg.extract.wavelength.is_empty() {
+        let camera = header_value(&preproc.header, "CAMERA").unwrap_or_default();
+        config::camera_wavelength(&camera).with_context(|| {
+            format!(
+                "{}: no --wavelength given and CAMERA '{camera}' is not b, r or z",
+                flags.image.display()
+            )
+        })?
+    } else {
+        let w = &cfg.extract.wavelength;
+        [w[0], w[1], w[2]]
+    };
+    let grid = WaveGrid::new(wavelength[0], wavelength[1], wavelength[2], &cfg.patch)
+        .map_err(anyhow::Error::msg)?;
+    let (lo, hi) = psf.wave_range();
+    let (gmin, gmax) = (grid.wave[0], grid.wave[grid.wave.len() - 1]);
+    if gmin < lo || gmax > hi {
+        bail!(
+            "wavelength range {gmin}..{gmax} is outside the PSF {} range {lo}..{hi}",
+            flags.psf.display()
+        );
+    }
+    let (pmin, pmax) = (grid.padded[0], grid.padded[grid.padded.len() - 1]);
+    if pmin < lo || pmax > hi {
+        warn!("patch padding {pmin}..{pmax} extrapolates the PSF beyond {lo}..{hi}");
+    }
+    let specmin = cfg.extract.specmin;
+    if specmin >= psf.nfiber() {
+        bail!("specmin {specmin} is past the PSF's {} fibers", psf.nfiber());
+    }
+    let nspec = match cfg.extract.nspec {
+        0 => psf.nfiber() - specmin,
+        n if specmin + n > psf.nfiber() => {
+            bail!("fibers {specmin}..{} requested but the PSF has {}", specmin + n, psf.nfiber())
+        }
+        n => n,
+    };
+    let plan = Plan::new(specmin, nspec, grid.wave.len(), psf.nfiber(), &cfg.patch);
+    let psferr = if cfg.extract.psferr >= 0.0 {
+        cfg.extract.psferr
+    } else {
+        psf.psferr.unwrap_or(0.01)
+    };
+    let opts = ExtractOptions {
+        regularize: cfg.extract.regularize,
+        psferr,
+        ndiag: psf.hsizey,
+        model_image,
+    };
+    let progress = !flags.no_progress
+        && cfg.run.progress.unwrap_or_else(|| std::io::stderr().is_terminal());
+    Ok(Prepared {
+        psf,
+        preproc,
+        grid,
+        plan,
+        patch: cfg.patch,
+        opts,
+        threads: config::resolve_threads(cfg.run.threads),
+        progress,
+    })
+}
+
+/// Runs the extraction of a prepared frame on `threads` threads, with progress.
+pub fn run_extraction(prep: &Prepared, threads: usize, progress: bool) -> Result<FrameResult> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .context("starting worker threads")?;
+    let total = prep.plan.npatch();
+    let bar = progress.then(|| {
+        let bar = indicatif::ProgressBar::new(total as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} patches ({msg}) {per_sec} eta {eta}",
+            )
+            .expect("valid template"),
+        );
+        bar
+    });
+    let nbundle = prep.plan.bundles.len();
+    let mut bundles_done = 0;
+    let start = Instant::now();
+    let mut report = |done: usize, total: usize| {
+        bundles_done += 1;
+        match &bar {
+            Some(bar) => {
+                bar.set_position(done as u64);
+                bar.set_message(format!("bundle {bundles_done}/{nbundle}"));
+            }
+            None => info!(
+                "bundle {bundles_done}/{nbundle}: {done}/{total} patches, {:.1} patches/s",
+                done as f64 / start.elapsed().as_secs_f64().max(1e-9)
+            ),
+        }
+    };
+    let mut backend = CpuBackend;
+    let res = pool.install(|| {
+        extract_frame(
+            &prep.psf,
+            prep.preproc.image.view(),
+            prep.preproc.ivar.view(),
+            &prep.grid,
+            &prep.plan,
+            prep.patch.pixpad_frac,
+            &prep.opts,
+            &mut backend,
+            &mut report,
+        )
+    })?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    Ok(res)
+}
+
+/// Fails early, before any work, when an output exists and may not be replaced.
+pub fn check_output(path: &Path, overwrite: bool) -> Result<()> {
+    if path.exists() && !overwrite {
+        bail!("{} already exists; pass --overwrite to replace it", path.display());
+    }
+    Ok(())
+}
+
+/// `spextract extract`.
+pub fn run(args: &ExtractArgs) -> Result<()> {
+    check_output(&args.output, args.overwrite)?;
+    if let Some(m) = &args.model_image {
+        check_output(m, args.overwrite)?;
+    }
+    let start = Instant::now();
+    let prep = prepare(&args.flags, args.model_image.is_some())?;
+    info!(
+        "extracting fibers {}..{} on {} bins ({}..{} Å) in {} patches with {} threads",
+        prep.plan.specmin,
+        prep.plan.specmin + prep.plan.nspec,
+        prep.grid.wave.len(),
+        prep.grid.wave[0],
+        prep.grid.wave[prep.grid.wave.len() - 1],
+        prep.plan.npatch(),
+        prep.threads
+    );
+    let res = run_extraction(&prep, prep.threads, prep.progress)?;
+    let st = &res.stats;
+    info!(
+        "extracted {} patches in {:.2}s (spots {:.2}s, solve {:.2}s, assemble {:.2}s); {} retried, {} failed, {} dropped off the CCD",
+        st.patches,
+        start.elapsed().as_secs_f64(),
+        st.spots.as_secs_f64(),
+        st.solve.as_secs_f64(),
+        st.assemble.as_secs_f64(),
+        st.retried,
+        st.failed,
+        st.dropped
+    );
+    write_outputs(&prep, &res, args)?;
+    info!("wrote {} in {:.2}s total", args.output.display(), start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn write_outputs(prep: &Prepared, res: &FrameResult, args: &ExtractArgs) -> Result<()> {
+    let fin = finalize(res, &prep.grid);
+    let frame = Frame {
+        specmin: res.specmin,
+        wave: res.wave.clone(),
+        flux: fin.flux,
+        ivar: fin.ivar,
+        mask: fin.mask,
+        resolution: res.resolution.clone(),
+        chi2pix: res.chi2pix.clone(),
+    };
+    let meta = FrameMeta {
+        header: prep.preproc.header.clone(),
+        in_psf: args.flags.psf.display().to_string(),
+        in_img: args.flags.image.display().to_string(),
+        orig_psf: prep.psf.in_psf.clone(),
+        fibermap_from: prep.preproc.has_fibermap.then(|| args.flags.image.clone()),
+        extra: vec![
+            ("PSFERR".into(), format!("{}", prep.opts.psferr), "PSF model error used by chi2pix".into()),
+            ("REGULARI".into(), format!("{}", prep.opts.regularize), "regularisation".into()),
+        ],
+    };
+    write_frame(&args.output, &frame, &meta, args.overwrite)?;
+    if let (Some(path), Some(model)) = (&args.model_image, &res.model) {
+        write_model_image(path, model, args.overwrite)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::header_value;
+
+    #[test]
+    fn header_values_lose_quotes_and_comments() {
+        let cards = vec![
+            format!("{:<80}", "CAMERA  = 'r0      '           / camera"),
+            format!("{:<80}", "EXPID   =                67784 / exposure"),
+        ];
+        assert_eq!(header_value(&cards, "CAMERA").as_deref(), Some("r0"));
+        assert_eq!(header_value(&cards, "EXPID").as_deref(), Some("67784"));
+        assert_eq!(header_value(&cards, "NIGHT"), None);
+    }
+}

@@ -1,0 +1,174 @@
+//! `pipeline.toml`: the documented defaults, merged with the command line
+//! (precedence: command line > file > built-in default).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::patch::PatchOptions;
+
+/// Errors reading or checking the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("{path}: {msg}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message.
+        msg: String,
+    },
+    /// A value is out of range.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// What to extract and how.
+    pub extract: ExtractConfig,
+    /// How frames are cut into patches.
+    pub patch: PatchOptions,
+    /// How the run uses the machine.
+    pub run: RunConfig,
+}
+
+/// The `[extract]` table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExtractConfig {
+    /// Output grid `[wmin, wmax, dw]` in Ångström; empty means the camera default from the
+    /// PSF's CAMERA (b 3600–5800, r 5760–7620, z 7520–9824, dw 0.8).
+    pub wavelength: Vec<f64>,
+    /// First fiber to extract.
+    pub specmin: usize,
+    /// Fibers to extract; 0 means all from `specmin` to the PSF's last.
+    pub nspec: usize,
+    /// Tikhonov regularisation of well-constrained unknowns.
+    pub regularize: f64,
+    /// PSF model error for chi2pix; negative means the PSF header's PSFERR, else 0.01.
+    pub psferr: f64,
+    /// Mask bits of the preproc MASK that zero ivar (desispec: 0x2FF).
+    pub mask_bits: i32,
+}
+
+impl Default for ExtractConfig {
+    fn default() -> Self {
+        ExtractConfig {
+            wavelength: Vec::new(),
+            specmin: 0,
+            nspec: 0,
+            regularize: 0.0,
+            psferr: -1.0,
+            mask_bits: 0x2FF,
+        }
+    }
+}
+
+/// The `[run]` table.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    /// Worker threads; 0 means SLURM_CPUS_PER_TASK, else the cores available.
+    pub threads: usize,
+    /// Show a progress bar on a terminal.
+    pub progress: Option<bool>,
+}
+
+impl Config {
+    /// Reads `path`, or returns the defaults when `path` is `None`.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let Some(path) = path else {
+            return Ok(Config::default());
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text).map_err(|msg| ConfigError::Parse {
+            path: path.to_path_buf(),
+            msg,
+        })
+    }
+
+    /// Parses TOML text.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Checks every value before any file is opened.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.patch.validate().map_err(ConfigError::Invalid)?;
+        let w = &self.extract.wavelength;
+        if !w.is_empty() && (w.len() != 3 || !(w[2] > 0.0) || !(w[1] >= w[0])) {
+            return Err(ConfigError::Invalid(format!(
+                "wavelength must be [wmin, wmax, dw] with wmax >= wmin and dw > 0, got {w:?}"
+            )));
+        }
+        if !self.extract.regularize.is_finite() || self.extract.regularize < 0.0 {
+            return Err(ConfigError::Invalid("regularize must be >= 0".into()));
+        }
+        if !self.extract.psferr.is_finite() {
+            return Err(ConfigError::Invalid("psferr must be finite".into()));
+        }
+        Ok(())
+    }
+}
+
+/// The default output grid of a DESI camera (`b`, `r` or `z`, from CAMERA such as "r0").
+pub fn camera_wavelength(camera: &str) -> Option<[f64; 3]> {
+    match camera.trim().chars().next()?.to_ascii_lowercase() {
+        'b' => Some([3600.0, 5800.0, 0.8]),
+        'r' => Some([5760.0, 7620.0, 0.8]),
+        'z' => Some([7520.0, 9824.0, 0.8]),
+        _ => None,
+    }
+}
+
+/// Threads to use: the request, else SLURM_CPUS_PER_TASK, else the cores available.
+pub fn resolve_threads(requested: usize) -> usize {
+    if requested > 0 {
+        return requested;
+    }
+    if let Some(n) = std::env::var("SLURM_CPUS_PER_TASK")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+    {
+        return n;
+    }
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_pipeline_toml_is_the_default() {
+        let text = include_str!("../pipeline.toml");
+        let cfg = Config::parse(text).expect("pipeline.toml parses");
+        assert_eq!(cfg, Config::default());
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        assert!(Config::parse("[extract]\nregularise = 1.0\n").is_err());
+    }
+
+    #[test]
+    fn bad_wavelength_is_invalid() {
+        let cfg = Config::parse("[extract]\nwavelength = [7000.0, 6000.0, 0.8]\n").unwrap();
+        assert!(cfg.validate().is_err());
+    }
+}

@@ -1,0 +1,190 @@
+//! Solve and "signal" decorrelation (extraction.md §5 steps 3–6, B&S eq. 17–19) from one banded
+//! Cholesky factor.
+//!
+//! Ordered wavelength-major, `AᵀWA` is a band matrix (half-bandwidth ~58 of 518 on the real r
+//! PSF), so its factor costs ~n·kd² flops. The decorrelation needs only the diagonal fiber
+//! blocks of `C = (AᵀWA)⁻¹`; they come from the factor by the recurrence `Lᵀ C = L⁻¹`
+//! (upper triangle zero), computing each column of C upwards only as far as it is needed: the
+//! band for every column, and the whole fiber block for the core fibers' columns.
+
+use super::lapack::{self, SyevdWork};
+
+/// Scratch for one patch's factorisation and decorrelation.
+#[derive(Debug, Default)]
+pub struct DecorrWork {
+    ab: Vec<f64>,
+    band: Vec<f64>,
+    z: Vec<f64>,
+    x: Vec<f64>,
+    blocks: Vec<f64>,
+    eig_w: Vec<f64>,
+    scaled: Vec<f64>,
+    eig: SyevdWork,
+}
+
+/// Why a patch could not be decorrelated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecorrFailure {
+    /// `AᵀWA` is not numerically positive definite.
+    NotPositiveDefinite,
+    /// A fiber block of the covariance has a non-positive eigenvalue.
+    BadCovariance,
+}
+
+/// Shape of the problem: `nspecpad` fibers × `nwavetot` bins, fiber-major unknowns.
+#[derive(Debug, Clone, Copy)]
+pub struct Layout {
+    /// Fibers solved for.
+    pub nspecpad: usize,
+    /// Bins solved for.
+    pub nwavetot: usize,
+    /// First core fiber among them.
+    pub core_fiber: usize,
+    /// Core fibers.
+    pub ncore: usize,
+    /// First row of the resolution matrix needed (core start minus ndiag).
+    pub row_lo: usize,
+    /// One past the last row needed.
+    pub row_hi: usize,
+}
+
+impl DecorrWork {
+    /// Solves and decorrelates. `icov` is the regularised dense `AᵀWA` (fiber-major), `kd` its
+    /// wavelength-major half-bandwidth. `r_out`/`s_out` receive `R` and `s` (see [`Decorrelated`]).
+    pub fn run(
+        &mut self,
+        layout: Layout,
+        icov: &[f64],
+        rhs: &[f64],
+        kd: usize,
+        r_out: &mut Vec<f64>,
+        s_out: &mut Vec<f64>,
+    ) -> Result<&[f64], DecorrFailure> {
+        let (nsp, nwt) = (layout.nspecpad, layout.nwavetot);
+        let n = nsp * nwt;
+        let kd = kd.min(n.saturating_sub(1));
+        let ldab = kd + 1;
+        // Fiber-major u = f·nwt + w  ↔  wavelength-major p = w·nsp + f.
+        let unperm = |p: usize| (p % nsp) * nwt + p / nsp;
+        self.ab.clear();
+        self.ab.resize(n * ldab, 0.0);
+        for j in 0..n {
+            let uj = unperm(j);
+            for d in 0..=kd.min(n - 1 - j) {
+                self.ab[j * ldab + d] = icov[unperm(j + d) * n + uj];
+            }
+        }
+        if lapack::pbtrf_lower(n, kd, &mut self.ab) != 0 {
+            return Err(DecorrFailure::NotPositiveDefinite);
+        }
+        self.x.clear();
+        self.x.extend((0..n).map(|p| rhs[unperm(p)]));
+        lapack::pbtrs_lower(n, kd, &self.ab, &mut self.x);
+        self.selected_inverse(layout, kd);
+        self.block_inverse_sqrt(layout, r_out, s_out)?;
+        // Back to fiber-major for the caller.
+        let xp = std::mem::take(&mut self.x);
+        self.x.resize(n, 0.0);
+        for (p, v) in xp.iter().enumerate() {
+            self.x[unperm(p)] = *v;
+        }
+        self.z = xp;
+        Ok(&self.x)
+    }
+
+    /// Fills `blocks[c][w'][w] = C[(f, w'), (f, w)]` for each core fiber `f = core_fiber + c`.
+    fn selected_inverse(&mut self, layout: Layout, kd: usize) {
+        let (nsp, nwt) = (layout.nspecpad, layout.nwavetot);
+        let n = nsp * nwt;
+        let ldab = kd + 1;
+        let core = layout.core_fiber..layout.core_fiber + layout.ncore;
+        // band[j·ldab + d] = C[j + d, j] (lower band of C, wavelength-major).
+        self.band.clear();
+        self.band.resize(n * ldab, 0.0);
+        self.z.clear();
+        self.z.resize(n, 0.0);
+        self.blocks.clear();
+        self.blocks.resize(layout.ncore * nwt * nwt, 0.0);
+        let ab = &self.ab;
+        let z = &mut self.z;
+        for j in (0..n).rev() {
+            let f = j % nsp;
+            let is_core = core.contains(&f);
+            // C[k, j] for k > j is C[j, k], already in the band of column j.
+            let kmax = (j + kd).min(n - 1);
+            for k in j + 1..=kmax {
+                z[k] = self.band[j * ldab + (k - j)];
+            }
+            // Column j upwards: rows down to j - kd for the band; to the fiber's first row for
+            // core fibers, whose whole block is needed.
+            let lo = if is_core { f } else { j.saturating_sub(kd) };
+            for i in (lo..=j).rev() {
+                let lcol = &ab[i * ldab..(i + 1) * ldab];
+                let m = kd.min(n - 1 - i);
+                let dot: f64 = lcol[1..=m].iter().zip(&z[i + 1..=i + m]).map(|(l, c)| l * c).sum();
+                let lii = lcol[0];
+                let delta = if i == j { 1.0 / lii } else { 0.0 };
+                z[i] = (delta - dot) / lii;
+            }
+            for i in j.saturating_sub(kd)..=j {
+                self.band[i * ldab + (j - i)] = z[i];
+            }
+            if is_core {
+                let c = f - layout.core_fiber;
+                let w = j / nsp;
+                let blk = &mut self.blocks[c * nwt * nwt..(c + 1) * nwt * nwt];
+                for wp in 0..=w {
+                    let v = z[wp * nsp + f];
+                    blk[wp * nwt + w] = v;
+                    blk[w * nwt + wp] = v;
+                }
+            }
+        }
+    }
+
+    /// `Q_f = C_ff^{-1/2}` by eigendecomposition; writes the needed rows of `R = Q/s` and `s`.
+    fn block_inverse_sqrt(
+        &mut self,
+        layout: Layout,
+        r_out: &mut Vec<f64>,
+        s_out: &mut Vec<f64>,
+    ) -> Result<(), DecorrFailure> {
+        let nwt = layout.nwavetot;
+        let nrow = layout.row_hi - layout.row_lo;
+        r_out.clear();
+        r_out.resize(layout.ncore * nrow * nwt, 0.0);
+        s_out.clear();
+        s_out.resize(layout.ncore * nrow, 0.0);
+        self.eig_w.resize(nwt, 0.0);
+        self.scaled.resize(nwt * nwt, 0.0);
+        for c in 0..layout.ncore {
+            let blk = &mut self.blocks[c * nwt * nwt..(c + 1) * nwt * nwt];
+            if lapack::syevd(nwt, blk, &mut self.eig_w, &mut self.eig) != 0 {
+                return Err(DecorrFailure::BadCovariance);
+            }
+            // Q = V Λ^{-1/2} Vᵀ = (V Λ^{-1/4})(V Λ^{-1/4})ᵀ; V is column-major in `blk`.
+            for k in 0..nwt {
+                let lam = self.eig_w[k];
+                if !(lam > 0.0) || !lam.is_finite() {
+                    return Err(DecorrFailure::BadCovariance);
+                }
+                let scale = lam.powf(-0.25);
+                for r in 0..nwt {
+                    self.scaled[r * nwt + k] = blk[r + k * nwt] * scale;
+                }
+            }
+            let rows = &mut r_out[c * nrow * nwt..(c + 1) * nrow * nwt];
+            let sv = ndarray::ArrayView2::from_shape((nwt, nwt), &self.scaled[..])
+                .expect("square scratch");
+            let top = sv.slice(ndarray::s![layout.row_lo..layout.row_hi, ..]);
+            let mut q = ndarray::ArrayViewMut2::from_shape((nrow, nwt), rows).expect("row block");
+            ndarray::linalg::general_mat_mul(1.0, &top, &sv.t(), 0.0, &mut q);
+            for (ri, mut row) in q.outer_iter_mut().enumerate() {
+                let s: f64 = row.sum();
+                s_out[c * nrow + ri] = s;
+                row.mapv_inplace(|v| v / s);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,217 @@
+//! The CPU backend: the reference implementation of extraction.md §5, threaded over patches
+//! with rayon while BLAS stays single-threaded.
+
+mod chi2;
+mod decorrelate;
+pub mod lapack;
+mod normal;
+pub mod oracle;
+
+use ndarray::Array2;
+use rayon::prelude::*;
+
+use super::{Backend, ExtractError, ExtractOptions, PatchInfo, PatchInput, PatchResult};
+use decorrelate::{DecorrWork, Layout};
+use normal::SpotGeom;
+
+/// Per-thread buffers reused from patch to patch (no allocation in the steady state).
+#[derive(Default)]
+pub struct Workspace {
+    geom: Vec<SpotGeom>,
+    icov: Vec<f64>,
+    rhs: Vec<f64>,
+    fluxweight: Vec<f64>,
+    wspot: Vec<f64>,
+    decorr: DecorrWork,
+    r: Vec<f64>,
+    s: Vec<f64>,
+    model: Vec<f64>,
+    chi2: Vec<f64>,
+    valid: Vec<f64>,
+    masked: Vec<f64>,
+    flux: Vec<f64>,
+}
+
+/// Regularisation used when a patch's first solve fails (gpu_specter's CPU retry).
+const RETRY_REGULARIZE: f64 = 1e-4;
+/// Diagonal term added on every unknown; the retry adds 1e-8 instead.
+const DIAG_EPSILON: f64 = 1e-15;
+const RETRY_DIAG_EPSILON: f64 = 1e-8;
+
+/// Extracts one patch on the calling thread.
+pub fn extract_patch(input: &PatchInput<'_>, opts: &ExtractOptions, ws: &mut Workspace) -> PatchResult {
+    match solve(input, opts, opts.regularize, DIAG_EPSILON, ws) {
+        Some(mut res) => {
+            res.info = PatchInfo::default();
+            res
+        }
+        None => {
+            let reg = opts.regularize.max(RETRY_REGULARIZE);
+            match solve(input, opts, reg, RETRY_DIAG_EPSILON, ws) {
+                Some(mut res) => {
+                    res.info = PatchInfo { retried: true, failed: false };
+                    res
+                }
+                None => {
+                    let mut res = PatchResult::empty(&input.patch, opts.ndiag);
+                    res.info = PatchInfo { retried: true, failed: true };
+                    res
+                }
+            }
+        }
+    }
+}
+
+fn solve(
+    input: &PatchInput<'_>,
+    opts: &ExtractOptions,
+    regularize: f64,
+    epsilon: f64,
+    ws: &mut Workspace,
+) -> Option<PatchResult> {
+    let p = input.patch;
+    let s = input.spots;
+    let nps = s.ny * s.nx;
+    normal::geometry(input, &mut ws.geom);
+    let n = ws.geom.len();
+    ws.icov.resize(n * n, 0.0);
+    ws.rhs.resize(n, 0.0);
+    ws.fluxweight.resize(n, 0.0);
+    ws.wspot.resize(n * nps, 0.0);
+    let kd = normal::build(
+        input,
+        &ws.geom,
+        &mut normal::Normal {
+            icov: &mut ws.icov[..n * n],
+            rhs: &mut ws.rhs[..n],
+            fluxweight: &mut ws.fluxweight[..n],
+            wspot: &mut ws.wspot[..n * nps],
+        },
+    );
+    normal::regularize(&mut ws.icov[..n * n], &ws.fluxweight[..n], regularize, epsilon);
+    let nwt = p.nwavetot;
+    let nstep = nwt - 2 * p.wavepad;
+    let layout = Layout {
+        nspecpad: p.nspecpad,
+        nwavetot: nwt,
+        core_fiber: p.core_fiber_offset(),
+        ncore: p.nspec,
+        row_lo: p.wavepad.saturating_sub(opts.ndiag),
+        row_hi: (p.wavepad + nstep + opts.ndiag).min(nwt),
+    };
+    let x = ws
+        .decorr
+        .run(layout, &ws.icov[..n * n], &ws.rhs[..n], kd, &mut ws.r, &mut ws.s)
+        .ok()?
+        .to_vec();
+    let nrow = layout.row_hi - layout.row_lo;
+    let ndiag = opts.ndiag;
+    let nkeep = p.nwave_keep;
+    let mut res = PatchResult::empty(&p, ndiag);
+    // Flux of every core bin (the model image needs all nwavestep of them).
+    ws.flux.clear();
+    ws.flux.resize(p.nspec * nstep, 0.0);
+    for c in 0..p.nspec {
+        let f = layout.core_fiber + c;
+        let xf = &x[f * nwt..(f + 1) * nwt];
+        for j in 0..nstep {
+            let ri = p.wavepad + j - layout.row_lo;
+            let row = &ws.r[(c * nrow + ri) * nwt..(c * nrow + ri + 1) * nwt];
+            let flux: f64 = row.iter().zip(xf).map(|(a, b)| a * b).sum();
+            ws.flux[c * nstep + j] = flux;
+            if j < nkeep {
+                let sv = ws.s[c * nrow + ri];
+                res.flux[[c, j]] = flux;
+                res.fluxivar[[c, j]] = sv * sv;
+                for k in 0..=2 * ndiag {
+                    // Rdiag[k, j] = R[j + k - ndiag, j] in padded indices.
+                    let rr = p.wavepad + j + k - ndiag - layout.row_lo;
+                    res.resolution[[c, k, j]] = ws.r[(c * nrow + rr) * nwt + p.wavepad + j];
+                }
+            }
+        }
+    }
+    if res.flux.iter().any(|v| !v.is_finite()) || res.fluxivar.iter().any(|v| !v.is_finite()) {
+        return None;
+    }
+    chi2::model(input, &ws.geom, &x, &mut ws.model);
+    chi2::pixel_chi2(input, &ws.model, opts.psferr, &mut ws.chi2, &mut ws.valid);
+    ws.masked.clear();
+    ws.masked.extend(input.ivar.iter().map(|&v| if v == 0.0 { 1.0 } else { 0.0 }));
+    for c in 0..p.nspec {
+        let f = layout.core_fiber + c;
+        for j in 0..nkeep {
+            let g = &ws.geom[f * nwt + p.wavepad + j];
+            res.pixmask_fraction[[c, j]] = chi2::project(input, g, &ws.masked);
+            let num = chi2::project(input, g, &ws.chi2);
+            let den = chi2::project(input, g, &ws.valid);
+            res.chi2pix[[c, j]] = if den > 0.0 { num / den } else { 0.0 };
+        }
+    }
+    if opts.model_image {
+        let mut img = Array2::zeros((input.window.ny(), input.window.nx()));
+        let mut coef = vec![0.0; n];
+        for c in 0..p.nspec {
+            let f = layout.core_fiber + c;
+            for j in 0..nstep {
+                coef[f * nwt + p.wavepad + j] = ws.flux[c * nstep + j];
+            }
+        }
+        let slice = img.as_slice_mut().expect("standard layout");
+        let (lo, hi) = (layout.core_fiber * nwt, (layout.core_fiber + p.nspec) * nwt);
+        chi2::add_spots(input, &ws.geom, &coef, lo..hi, slice);
+        res.model = Some(img);
+    }
+    Some(res)
+}
+
+/// The CPU backend: patches in parallel on the current rayon pool (the caller chooses the
+/// thread count by installing a pool), each thread with its own [`Workspace`].
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CpuBackend;
+
+impl Backend for CpuBackend {
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn extract_batch(
+        &mut self,
+        batch: &[PatchInput<'_>],
+        opts: &ExtractOptions,
+    ) -> Result<Vec<PatchResult>, ExtractError> {
+        for inp in batch {
+            check_input(inp)?;
+        }
+        Ok(batch
+            .par_iter()
+            .map_init(Workspace::default, |ws, inp| extract_patch(inp, opts, ws))
+            .collect())
+    }
+}
+
+/// Rejects inputs whose arrays disagree with their window or spots.
+pub fn check_input(inp: &PatchInput<'_>) -> Result<(), ExtractError> {
+    let bad = |msg: String| ExtractError::BadInput { ispec: inp.patch.ispec, iwave: inp.patch.iwave, msg };
+    let shape = (inp.window.ny(), inp.window.nx());
+    if inp.pix.dim() != shape || inp.ivar.dim() != shape {
+        return Err(bad(format!(
+            "pixel arrays {:?}/{:?} do not match the window {:?}",
+            inp.pix.dim(),
+            inp.ivar.dim(),
+            shape
+        )));
+    }
+    let p = inp.patch;
+    let g = inp.spots.grid;
+    if p.specmin < g.fibermin
+        || p.specmin + p.nspecpad > g.fibermin + g.nfiber
+        || p.iwave + p.nwavetot > g.nwave
+    {
+        return Err(bad("spots do not cover the patch".into()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

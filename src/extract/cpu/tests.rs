@@ -1,0 +1,144 @@
+//! The fast CPU path against the dense oracle, on small synthetic patches.
+
+use ndarray::{s, Array2};
+
+use super::{extract_patch, oracle, Workspace};
+use crate::extract::{ExtractOptions, PatchInput};
+use crate::patch::{pixels, PatchOptions, Plan, WaveGrid};
+use crate::psf::{spots, LegendreSet, Psf, PsfParam};
+
+/// A small PSF with straight, slightly tilted traces: `nfiber` fibers 7 px apart.
+pub(crate) fn toy_psf(nfiber: usize, ghdeg: usize) -> Psf {
+    let (wmin, wmax) = (5000.0, 6000.0);
+    let set = |f: &dyn Fn(usize) -> Vec<f64>| LegendreSet {
+        wavemin: wmin,
+        wavemax: wmax,
+        coeff: Array2::from_shape_fn((nfiber, 2), |(i, k)| f(i)[k]),
+    };
+    let mut params = vec![
+        PsfParam { name: "GHSIGX".into(), series: set(&|_| vec![1.05, 0.03]) },
+        PsfParam { name: "GHSIGY".into(), series: set(&|_| vec![1.1, 0.05]) },
+    ];
+    for i in 0..=ghdeg {
+        for j in 0..=ghdeg {
+            let c0 = if i == 0 && j == 0 { 1.0 } else { 0.02 / (1 + i + j) as f64 };
+            params.push(PsfParam { name: format!("GH-{i}-{j}"), series: set(&|_| vec![c0, 0.01]) });
+        }
+    }
+    Psf {
+        npix_x: 7 * nfiber + 20,
+        npix_y: 1300,
+        hsizex: 4,
+        hsizey: 3,
+        ghdegx: ghdeg,
+        ghdegy: ghdeg,
+        legdeg: 1,
+        fibermin: 0,
+        xtrace: set(&|i| vec![10.0 + 7.0 * i as f64 + 0.37, 0.6]),
+        ytrace: set(&|_| vec![650.0, 600.0]),
+        params,
+        psferr: None,
+        in_psf: None,
+    }
+}
+
+#[test]
+fn fast_path_matches_dense_oracle() {
+    let psf = toy_psf(12, 2);
+    let popts = PatchOptions { bundlesize: 12, nsubbundles: 3, nwavestep: 20, wavepad: 5, ..Default::default() };
+    let grid = WaveGrid::new(5200.0, 5260.0, 1.0, &popts).unwrap();
+    let plan = Plan::new(0, 12, grid.wave.len(), psf.nfiber(), &popts);
+    let spots = spots::evaluate(&psf, 0, 12, &grid.padded).unwrap();
+    // A smooth image with noise-like structure and a few masked pixels.
+    let pix = Array2::from_shape_fn((psf.npix_y, psf.npix_x), |(r, c)| {
+        100.0 + 30.0 * ((r as f64 * 0.37).sin() + (c as f64 * 0.61).cos())
+    });
+    let mut ivar = Array2::from_elem(pix.dim(), 0.01);
+    for r in 300..1000 {
+        if r % 97 == 0 {
+            ivar.slice_mut(s![r, ..]).fill(0.0);
+        }
+    }
+    let opts = ExtractOptions { regularize: 0.0, psferr: 0.01, ndiag: 3, model_image: true };
+    let mut ws = Workspace::default();
+    let mut checked = 0;
+    for p in plan.patches.iter().flatten() {
+        let window = pixels::window(p, &spots, popts.pixpad_frac);
+        assert!(window.on_ccd(psf.npix_y, psf.npix_x));
+        let (rows, cols) = (window.ymin as usize..window.ymax as usize, window.xmin as usize..window.xmax as usize);
+        let inp = PatchInput {
+            patch: *p,
+            window,
+            pix: pix.slice(s![rows.clone(), cols.clone()]),
+            ivar: ivar.slice(s![rows, cols]),
+            spots: &spots,
+        };
+        let fast = extract_patch(&inp, &opts, &mut ws);
+        let dense = oracle::extract_patch_dense(&inp, &opts).expect("oracle solves");
+        assert!(!fast.info.failed && !fast.info.retried);
+        for ((a, b), iv) in fast.flux.iter().zip(&dense.flux).zip(&dense.fluxivar) {
+            let pull = (a - b).abs() * iv.sqrt();
+            assert!(pull < 1e-6, "flux pull {pull}: {a} vs {b}");
+        }
+        for (a, b) in fast.fluxivar.iter().zip(&dense.fluxivar) {
+            assert!((a - b).abs() <= 1e-8 * b.abs(), "ivar {a} vs {b}");
+        }
+        for (a, b) in fast.resolution.iter().zip(&dense.resolution) {
+            assert!((a - b).abs() < 1e-9, "resolution {a} vs {b}");
+        }
+        for (a, b) in fast.chi2pix.iter().zip(&dense.chi2pix) {
+            assert!((a - b).abs() <= 1e-8 * (1.0 + b.abs()), "chi2pix {a} vs {b}");
+        }
+        for (a, b) in fast.pixmask_fraction.iter().zip(&dense.pixmask_fraction) {
+            assert!((a - b).abs() < 1e-12);
+        }
+        let (fm, dm) = (fast.model.unwrap(), dense.model.unwrap());
+        for (a, b) in fm.iter().zip(&dm) {
+            assert!((a - b).abs() <= 1e-8 * (1.0 + b.abs()));
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, plan.npatch());
+}
+
+#[test]
+fn resolution_rows_sum_to_one_and_the_band_keeps_them() {
+    let psf = toy_psf(10, 2);
+    let popts = PatchOptions { bundlesize: 10, nsubbundles: 2, nwavestep: 30, wavepad: 8, ..Default::default() };
+    let grid = WaveGrid::new(5300.0, 5360.0, 1.0, &popts).unwrap();
+    let plan = Plan::new(0, 10, grid.wave.len(), psf.nfiber(), &popts);
+    let spots = spots::evaluate(&psf, 0, 10, &grid.padded).unwrap();
+    let pix = Array2::from_elem((psf.npix_y, psf.npix_x), 50.0);
+    let ivar = Array2::from_elem(pix.dim(), 0.02);
+    let ndiag = 3;
+    let opts = ExtractOptions { regularize: 0.0, psferr: 0.01, ndiag, model_image: false };
+    let mut ws = Workspace::default();
+    for p in plan.patches.iter().flatten() {
+        let window = pixels::window(p, &spots, popts.pixpad_frac);
+        let (rows, cols) = (window.ymin as usize..window.ymax as usize, window.xmin as usize..window.xmax as usize);
+        let inp = PatchInput {
+            patch: *p,
+            window,
+            pix: pix.slice(s![rows.clone(), cols.clone()]),
+            ivar: ivar.slice(s![rows, cols]),
+            spots: &spots,
+        };
+        let res = extract_patch(&inp, &opts, &mut ws);
+        assert!(!res.info.failed);
+        let nwt = p.nwavetot;
+        let row_lo = p.wavepad - ndiag;
+        let nrow = ws.s.len() / p.nspec;
+        for c in 0..p.nspec {
+            for j in 0..p.nwave_keep {
+                let ri = p.wavepad + j - row_lo;
+                let row = &ws.r[(c * nrow + ri) * nwt..(c * nrow + ri + 1) * nwt];
+                let total: f64 = row.iter().sum();
+                assert!((total - 1.0).abs() < 1e-12, "row sum {total}");
+                let jj = p.wavepad + j;
+                let band: f64 = row[jj - ndiag..=jj + ndiag].iter().sum();
+                assert!(band > 0.99, "band keeps {band}");
+                assert!(res.fluxivar[[c, j]] > 0.0);
+            }
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! Per-patch spectroperfectionism (extraction.md §5) behind the [`Backend`] trait.
+//!
+//! A backend takes a batch of host-side patches (pixel windows, ivar, spots) and returns one
+//! [`PatchResult`] per patch. The CPU backend is the reference every other backend is compared
+//! against. Imports `psf` and `patch` only: no files, no MPI.
+
+pub mod cpu;
+
+use ndarray::{Array2, Array3, ArrayView2};
+
+use crate::patch::{Patch, PixelWindow};
+use crate::psf::SpotSet;
+
+/// Options of the per-patch mathematics.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ExtractOptions {
+    /// Extra Tikhonov term `regularize²` on every well-constrained unknown (default 0).
+    pub regularize: f64,
+    /// Fractional PSF model error used by chi2pix (option, else header PSFERR, else 0.01).
+    pub psferr: f64,
+    /// Half-width of the stored resolution band (HSIZEY: 5 → 11 diagonals).
+    pub ndiag: usize,
+    /// Whether to compute each patch's contribution to the model image.
+    pub model_image: bool,
+}
+
+/// One patch ready for a backend: geometry, the pixels it reads and the spots it uses.
+#[derive(Debug, Clone)]
+pub struct PatchInput<'a> {
+    /// Which fibers and wavelengths.
+    pub patch: Patch,
+    /// Where on the CCD.
+    pub window: PixelWindow,
+    /// Image values of the window (electrons), `[ny, nx]`.
+    pub pix: ArrayView2<'a, f64>,
+    /// Inverse variance of the window, already zero where masked.
+    pub ivar: ArrayView2<'a, f64>,
+    /// Spots of the bundle on the padded wavelength grid; patch fiber `f` is spot fiber
+    /// `patch.specmin - spots.grid.fibermin + f`, patch bin `w` is spot bin `patch.iwave + w`.
+    pub spots: &'a SpotSet,
+}
+
+/// What happened while extracting a patch (counts, not errors: faer's `Info` pattern).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PatchInfo {
+    /// The first attempt produced NaN or a non-positive-definite system, and the patch was
+    /// solved again with `regularize = 1e-4`.
+    pub retried: bool,
+    /// Even the retry failed: the patch's bins have ivar 0.
+    pub failed: bool,
+}
+
+/// Per-patch results for the core fibers and the kept core bins.
+#[derive(Debug, Clone)]
+pub struct PatchResult {
+    /// Decorrelated flux per bin, `[nspec, nwave_keep]`.
+    pub flux: Array2<f64>,
+    /// Its inverse variance.
+    pub fluxivar: Array2<f64>,
+    /// Resolution diagonals `[nspec, 2·ndiag + 1, nwave_keep]`, dia layout (offsets +ndiag…-ndiag).
+    pub resolution: Array3<f64>,
+    /// PSF-weighted fraction of masked pixels.
+    pub pixmask_fraction: Array2<f64>,
+    /// PSF-weighted reduced chi² of the pixels.
+    pub chi2pix: Array2<f64>,
+    /// `A_core · flux` over the window (all `nwavestep` core bins), when requested.
+    pub model: Option<Array2<f64>>,
+    /// What happened.
+    pub info: PatchInfo,
+}
+
+impl PatchResult {
+    /// A result with every value 0, for patches that are dropped or failed.
+    pub fn empty(patch: &Patch, ndiag: usize) -> PatchResult {
+        let shape = (patch.nspec, patch.nwave_keep);
+        PatchResult {
+            flux: Array2::zeros(shape),
+            fluxivar: Array2::zeros(shape),
+            resolution: Array3::zeros((patch.nspec, 2 * ndiag + 1, patch.nwave_keep)),
+            pixmask_fraction: Array2::zeros(shape),
+            chi2pix: Array2::zeros(shape),
+            model: None,
+            info: PatchInfo::default(),
+        }
+    }
+}
+
+/// Errors a backend reports: device, configuration or resource faults, not bad patches.
+#[derive(Debug, thiserror::Error)]
+pub enum ExtractError {
+    /// The backend could not be set up or run.
+    #[error("{backend} backend: {msg}")]
+    Backend {
+        /// Which backend.
+        backend: &'static str,
+        /// What went wrong.
+        msg: String,
+    },
+    /// A patch's inputs are inconsistent with each other.
+    #[error("patch at fiber {ispec}, bin {iwave}: {msg}")]
+    BadInput {
+        /// First core fiber.
+        ispec: usize,
+        /// First core bin.
+        iwave: usize,
+        /// The problem.
+        msg: String,
+    },
+}
+
+/// A way of doing the per-patch mathematics for a batch of patches.
+pub trait Backend: Send {
+    /// Short name for logs ("cpu", "gpu").
+    fn name(&self) -> &'static str;
+
+    /// Extracts every patch of `batch`; results come back in batch order and do not depend on
+    /// how the backend schedules them.
+    fn extract_batch(
+        &mut self,
+        batch: &[PatchInput<'_>],
+        opts: &ExtractOptions,
+    ) -> Result<Vec<PatchResult>, ExtractError>;
+}

@@ -1,0 +1,273 @@
+//! One frame, in memory: plan → spots per bundle → pixel windows → backend batches → assembly,
+//! then per-Ångström units and the spectral mask (extraction.md §2, §5 "Reassembly").
+
+use std::time::{Duration, Instant};
+
+use ndarray::{s, Array2, Array3, ArrayView2};
+
+use crate::extract::{Backend, ExtractError, ExtractOptions, PatchInput};
+use crate::patch::{pixels, Plan, WaveGrid};
+use crate::psf::{spots, Psf, PsfError};
+
+/// desispec specmask bits written by extraction.
+pub mod specmask {
+    /// pixmask_fraction > 0.5.
+    pub const SOMEBADPIX: u32 = 1 << 0;
+    /// pixmask_fraction == 1.
+    pub const ALLBADPIX: u32 = 1 << 1;
+    /// chi2pix far above its medians.
+    pub const BAD2DFIT: u32 = 1 << 7;
+    /// No extraction: the patch left the CCD or could not be solved.
+    pub const NODATA: u32 = 1 << 8;
+}
+
+/// The extracted spectra of a frame, per bin (before per-Ångström units).
+#[derive(Debug, Clone)]
+pub struct FrameResult {
+    /// First fiber.
+    pub specmin: usize,
+    /// Output wavelength grid.
+    pub wave: Vec<f64>,
+    /// Flux `[nspec, nwave]`.
+    pub flux: Array2<f64>,
+    /// Inverse variance of the flux.
+    pub ivar: Array2<f64>,
+    /// Resolution diagonals `[nspec, 2·ndiag+1, nwave]`.
+    pub resolution: Array3<f64>,
+    /// chi2pix.
+    pub chi2pix: Array2<f64>,
+    /// PSF-weighted masked fraction.
+    pub pixmask_fraction: Array2<f64>,
+    /// Bins whose patch was dropped (off the CCD) or failed.
+    pub nodata: Array2<bool>,
+    /// Model image `[npix_y, npix_x]`, if requested.
+    pub model: Option<Array2<f64>>,
+    /// What happened, with timings.
+    pub stats: FrameStats,
+}
+
+/// Counts and stage timings of one frame's extraction.
+#[derive(Debug, Clone, Default)]
+pub struct FrameStats {
+    /// Patches extracted.
+    pub patches: usize,
+    /// Patches retried with extra regularisation.
+    pub retried: usize,
+    /// Patches that failed even so.
+    pub failed: usize,
+    /// Patches dropped because their pixels leave the CCD.
+    pub dropped: usize,
+    /// Time evaluating spots.
+    pub spots: Duration,
+    /// Time in the backend.
+    pub solve: Duration,
+    /// Time assembling.
+    pub assemble: Duration,
+}
+
+/// Errors of a frame extraction.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The PSF cannot serve this request.
+    #[error(transparent)]
+    Psf(#[from] PsfError),
+    /// The backend failed.
+    #[error(transparent)]
+    Extract(#[from] ExtractError),
+    /// Inputs disagree with each other.
+    #[error("{0}")]
+    Input(String),
+}
+
+/// Called after each bundle with (patches done, patches in all).
+pub type Progress<'a> = &'a mut dyn FnMut(usize, usize);
+
+/// Extracts fibers `plan.specmin ..` of an image (`pix`, `ivar` already masked) on `grid`.
+#[allow(clippy::too_many_arguments)]
+pub fn extract_frame(
+    psf: &Psf,
+    pix: ArrayView2<'_, f64>,
+    ivar: ArrayView2<'_, f64>,
+    grid: &WaveGrid,
+    plan: &Plan,
+    pixpad_frac: f64,
+    opts: &ExtractOptions,
+    backend: &mut dyn Backend,
+    progress: Progress<'_>,
+) -> Result<FrameResult, FrameError> {
+    if pix.dim() != (psf.npix_y, psf.npix_x) || ivar.dim() != pix.dim() {
+        return Err(FrameError::Input(format!(
+            "image is {}x{} (rows x columns) but the PSF describes a {}x{} CCD",
+            pix.nrows(),
+            pix.ncols(),
+            psf.npix_y,
+            psf.npix_x
+        )));
+    }
+    if plan.specmin + plan.nspec > psf.nfiber() {
+        return Err(FrameError::Input(format!(
+            "fibers {}..{} requested but the PSF has {} fibers",
+            plan.specmin,
+            plan.specmin + plan.nspec,
+            psf.nfiber()
+        )));
+    }
+    let (nspec, nwave) = (plan.nspec, grid.wave.len());
+    let ndiag = opts.ndiag;
+    let mut out = FrameResult {
+        specmin: plan.specmin,
+        wave: grid.wave.clone(),
+        flux: Array2::zeros((nspec, nwave)),
+        ivar: Array2::zeros((nspec, nwave)),
+        resolution: Array3::zeros((nspec, 2 * ndiag + 1, nwave)),
+        chi2pix: Array2::zeros((nspec, nwave)),
+        pixmask_fraction: Array2::zeros((nspec, nwave)),
+        nodata: Array2::from_elem((nspec, nwave), false),
+        model: opts.model_image.then(|| Array2::zeros((psf.npix_y, psf.npix_x))),
+        stats: FrameStats::default(),
+    };
+    let total = plan.npatch();
+    let mut done = 0;
+    for patches in &plan.patches {
+        if patches.is_empty() {
+            continue;
+        }
+        let t0 = Instant::now();
+        let fmin = patches.iter().map(|p| p.specmin).min().unwrap_or(0);
+        let fmax = patches.iter().map(|p| p.specmin + p.nspecpad).max().unwrap_or(0);
+        let spots = spots::evaluate(psf, fmin, fmax - fmin, &grid.padded)?;
+        let t1 = Instant::now();
+        let mut inputs = Vec::with_capacity(patches.len());
+        let mut slots = Vec::with_capacity(patches.len());
+        for p in patches {
+            let window = pixels::window(p, &spots, pixpad_frac);
+            if !window.on_ccd(psf.npix_y, psf.npix_x) {
+                out.stats.dropped += 1;
+                mark_nodata(&mut out, p.ispec, p.nspec, p.iwave, p.nwave_keep);
+                continue;
+            }
+            let rows = window.ymin as usize..window.ymax as usize;
+            let cols = window.xmin as usize..window.xmax as usize;
+            inputs.push(PatchInput {
+                patch: *p,
+                window,
+                pix: pix.slice(s![rows.clone(), cols.clone()]),
+                ivar: ivar.slice(s![rows, cols]),
+                spots: &spots,
+            });
+            slots.push(*p);
+        }
+        let results = backend.extract_batch(&inputs, opts)?;
+        let t2 = Instant::now();
+        for ((p, inp), r) in slots.iter().zip(&inputs).zip(results) {
+            let f = p.ispec - plan.specmin;
+            let (w0, nk) = (p.iwave, p.nwave_keep);
+            out.stats.retried += usize::from(r.info.retried);
+            if r.info.failed {
+                out.stats.failed += 1;
+                mark_nodata(&mut out, p.ispec, p.nspec, p.iwave, nk);
+                continue;
+            }
+            out.flux.slice_mut(s![f..f + p.nspec, w0..w0 + nk]).assign(&r.flux);
+            out.ivar.slice_mut(s![f..f + p.nspec, w0..w0 + nk]).assign(&r.fluxivar);
+            out.chi2pix.slice_mut(s![f..f + p.nspec, w0..w0 + nk]).assign(&r.chi2pix);
+            out.pixmask_fraction
+                .slice_mut(s![f..f + p.nspec, w0..w0 + nk])
+                .assign(&r.pixmask_fraction);
+            out.resolution
+                .slice_mut(s![f..f + p.nspec, .., w0..w0 + nk])
+                .assign(&r.resolution);
+            if let (Some(model), Some(m)) = (out.model.as_mut(), r.model.as_ref()) {
+                let w = inp.window;
+                let mut dst = model.slice_mut(s![
+                    w.ymin as usize..w.ymax as usize,
+                    w.xmin as usize..w.xmax as usize
+                ]);
+                dst += m;
+            }
+        }
+        out.stats.patches += inputs.len();
+        out.stats.spots += t1 - t0;
+        out.stats.solve += t2 - t1;
+        out.stats.assemble += t2.elapsed();
+        done += patches.len();
+        progress(done, total);
+    }
+    Ok(out)
+}
+
+fn mark_nodata(out: &mut FrameResult, ispec: usize, nspec: usize, iwave: usize, nkeep: usize) {
+    let f = ispec - out.specmin;
+    out.nodata
+        .slice_mut(s![f..f + nspec, iwave..iwave + nkeep])
+        .fill(true);
+}
+
+/// The frame as desispec writes it: flux and ivar per Ångström and the spectral mask.
+#[derive(Debug, Clone)]
+pub struct FinalFrame {
+    /// Flux per Ångström.
+    pub flux: Array2<f64>,
+    /// Its inverse variance.
+    pub ivar: Array2<f64>,
+    /// desispec specmask bits.
+    pub mask: Array2<u32>,
+}
+
+/// Applies per-Ångström units (`dwave = numpy.gradient(wave)`) and the spectral mask of
+/// desispec `scripts/extract.py` (extraction.md §5, end).
+pub fn finalize(res: &FrameResult, grid: &WaveGrid) -> FinalFrame {
+    let dwave = grid.dwave();
+    let mut flux = res.flux.clone();
+    let mut ivar = res.ivar.clone();
+    for mut row in flux.outer_iter_mut() {
+        row.iter_mut().zip(&dwave).for_each(|(v, d)| *v /= d);
+    }
+    for mut row in ivar.outer_iter_mut() {
+        row.iter_mut().zip(&dwave).for_each(|(v, d)| *v *= d * d);
+    }
+    let (nspec, nwave) = res.flux.dim();
+    let mut mask = Array2::<u32>::zeros((nspec, nwave));
+    let med_over_fibers: Vec<f64> = (0..nwave)
+        .map(|w| median(res.chi2pix.column(w).iter().copied()))
+        .collect();
+    let med_over_waves: Vec<f64> = (0..nspec)
+        .map(|f| median(res.chi2pix.row(f).iter().copied()))
+        .collect();
+    for f in 0..nspec {
+        for w in 0..nwave {
+            let pm = res.pixmask_fraction[[f, w]];
+            let mut m = 0;
+            if pm > 0.5 {
+                m |= specmask::SOMEBADPIX;
+            }
+            if pm == 1.0 {
+                m |= specmask::ALLBADPIX;
+            }
+            let c = res.chi2pix[[f, w]];
+            if c > 5.0 * med_over_fibers[w] && c > 5.0 * med_over_waves[f] {
+                m |= specmask::BAD2DFIT;
+            }
+            if res.nodata[[f, w]] {
+                m |= specmask::NODATA;
+            }
+            mask[[f, w]] = m;
+        }
+    }
+    FinalFrame { flux, ivar, mask }
+}
+
+/// numpy's median: the mean of the two middle values for an even count.
+pub fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.collect();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
+}
