@@ -3,5 +3,6 @@
 //! Data flows `psf → io → patch → extract → pipeline → cli`; a module imports only from those to
 //! its left.
 
+pub mod io;
 pub mod patch;
 pub mod psf;
