@@ -6,3 +6,4 @@
 pub mod io;
 pub mod patch;
 pub mod psf;
+pub mod simulate;

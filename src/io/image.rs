@@ -128,6 +128,9 @@ pub fn read_preproc(path: &Path, extract_mask_bits: i32) -> Result<Preproc, IoEr
         )));
     }
     let has_fibermap = f.try_move_to("FIBERMAP")?;
+    if has_fibermap {
+        f.check_table_complete()?;
+    }
     f.close()?;
 
     let (mut nonfinite, mut negative, mut masked_by_bits) = (0usize, 0usize, 0usize);

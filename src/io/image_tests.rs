@@ -161,3 +161,18 @@ fn missing_mask_hdu_is_named() {
         .to_string();
     assert!(err.contains("nomask.fits: HDU MASK: not found"), "{err}");
 }
+
+#[test]
+fn truncated_gzipped_preproc_is_an_error() {
+    let Some(path) = shared_data("preproc-r0-b00.fits.gz") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cut = dir.path().join("cut.fits.gz");
+    let bytes = std::fs::read(&path).unwrap();
+    for len in [10, bytes.len() / 2, bytes.len() - 100] {
+        std::fs::write(&cut, &bytes[..len]).unwrap();
+        let err = read_preproc(&cut, EXTRACT_MASK_BITS).expect_err(&format!("{len} bytes"));
+        assert!(err.to_string().contains("cut.fits.gz"), "{err}");
+    }
+}

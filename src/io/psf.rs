@@ -235,11 +235,14 @@ pub fn write_psf(path: &Path, psf: &Psf) -> Result<(), IoError> {
                 ),
             ));
         }
-        if p.name.len() > PARAM_WIDTH {
+        if p.name.len() > PARAM_WIDTH || !p.name.is_ascii() {
             return Err(IoError::hdu(
                 path,
                 "PSF",
-                format!("parameter name {} is longer than 8", p.name),
+                format!(
+                    "parameter name {:?} is not ASCII of at most 8 bytes",
+                    p.name
+                ),
             ));
         }
     }
@@ -317,8 +320,12 @@ pub fn write_psf(path: &Path, psf: &Psf) -> Result<(), IoError> {
         if let Some(s) = &psf.in_psf {
             f.put_str("IN_PSF", s, "")?;
         }
-        let names: Vec<String> = psf.params.iter().map(|p| p.name.clone()).collect();
-        f.write_col_str(1, &names)?;
+        // NUL padding, as specex writes it: numpy then reads the names without padding.
+        for (row, p) in psf.params.iter().enumerate() {
+            let mut name = [0u8; PARAM_WIDTH];
+            name[..p.name.len()].copy_from_slice(p.name.as_bytes());
+            f.write_row_bytes(row, 0, &name)?;
+        }
         let mut coeff: Vec<f64> = Vec::with_capacity(psf.params.len() * ncoef * nfiber);
         for p in &psf.params {
             coeff.extend(p.series.coeff.iter());
