@@ -156,7 +156,11 @@ pub fn truth_grid(opts: &SimOptions) -> Vec<f64> {
         .collect()
 }
 
-fn check(psf: &Psf, opts: &SimOptions, wave: &[f64]) -> Result<(), SimError> {
+/// Most truth bins accepted (DESI: about 2900 per camera).
+const MAX_BINS: usize = 1_000_000;
+
+/// Checks the options against the PSF before anything is allocated from them.
+fn check(psf: &Psf, opts: &SimOptions) -> Result<(), SimError> {
     let bad = |m: String| Err(SimError::Options(m));
     if opts.nspec == 0 || opts.specmin + opts.nspec > psf.nfiber() {
         return bad(format!(
@@ -172,8 +176,17 @@ fn check(psf: &Psf, opts: &SimOptions, wave: &[f64]) -> Result<(), SimError> {
             opts.wmin, opts.wmax, opts.dw
         ));
     }
+    let nbins = (opts.wmax + opts.dw / 2.0 - opts.wmin) / opts.dw
+        + (opts.pad_lo as f64 + opts.pad_hi as f64);
+    if nbins > MAX_BINS as f64 {
+        return bad(format!(
+            "the truth grid would have {nbins:.0} bins (at most {MAX_BINS})"
+        ));
+    }
     let (lo, hi) = psf.wave_range();
-    let (first, last) = (wave[0], wave[wave.len() - 1]);
+    let ncore = ((opts.wmax + opts.dw / 2.0 - opts.wmin) / opts.dw).ceil();
+    let first = opts.wmin - opts.pad_lo as f64 * opts.dw;
+    let last = opts.wmin + (ncore - 1.0 + opts.pad_hi as f64) * opts.dw;
     if first < lo || last > hi {
         return bad(format!(
             "truth grid {first}..{last} Å leaves the PSF range {lo}..{hi} Å"
@@ -291,11 +304,8 @@ fn project(
 
 /// Simulates an exposure of the fibers `opts.specmin .. + nspec` through `psf`.
 pub fn simulate(psf: &Psf, opts: &SimOptions) -> Result<Simulation, SimError> {
+    check(psf, opts)?;
     let wave = truth_grid(opts);
-    if wave.is_empty() {
-        return Err(SimError::Options("the truth grid is empty".into()));
-    }
-    check(psf, opts, &wave)?;
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
     let phot = spectra(opts, &wave, &mut rng);
     let (model, x0, x1) = project(psf, opts, &wave, &phot)?;

@@ -169,4 +169,22 @@ fn options_outside_the_psf_are_refused() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("leaves the PSF range"), "{err}");
+    let err = simulate(
+        &psf,
+        &SimOptions {
+            dw: 1e-9,
+            ..small_opts()
+        },
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("bins (at most"), "{err}");
+    let err = simulate(
+        &psf,
+        &SimOptions {
+            dw: f64::NAN,
+            ..small_opts()
+        },
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("is empty"), "{err}");
 }

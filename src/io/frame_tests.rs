@@ -156,3 +156,31 @@ fn reads_gpu_specter_frame() {
     assert_eq!(fr.chi2pix[(3, 1000)], 0.6521166563034058);
     assert!(fr.mask.iter().all(|&m| m <= 1));
 }
+
+#[test]
+fn long_string_keys_from_the_input_are_replaced_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let pre = dir.path().join("pre.fits");
+    let old = format!("'{}/old-psf.fits'", "o".repeat(120));
+    let z = Array2::<f32>::zeros((2, 2));
+    let cards = [
+        ("IN_PSF".to_string(), old),
+        ("FLAVOR".to_string(), "'science'".into()),
+    ];
+    crate::io::write_preproc(&pre, &z, &z, &Array2::zeros((2, 2)), &cards, None, false).unwrap();
+    let header = crate::io::read_preproc(&pre, 0).unwrap().header;
+    assert!(header.iter().any(|c| c.starts_with("CONTINUE")));
+
+    let path = dir.path().join("frame.fits");
+    let m = FrameMeta {
+        header,
+        in_psf: format!("{}/new-psf.fits", "n".repeat(100)),
+        ..meta()
+    };
+    write_frame(&path, &frame(0, 1, 3), &m, false).unwrap();
+    let mut f = Fits::open(&path).unwrap();
+    assert_eq!(f.key_str("IN_PSF").unwrap().unwrap(), m.in_psf);
+    let cards = f.cards().unwrap();
+    assert!(!cards.iter().any(|c| c.contains("ooo")), "{cards:#?}");
+    assert_eq!(f.key_str("FLAVOR").unwrap().as_deref(), Some("science"));
+}

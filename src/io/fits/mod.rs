@@ -18,14 +18,21 @@ use fitsio::sys;
 use super::IoError;
 
 /// Element types cfitsio converts pixels and column values to and from.
-pub(crate) trait Elem: Copy + Default {
+///
+/// # Safety
+///
+/// `CODE` must name a cfitsio datatype whose C type has the size and layout of `Self`: the
+/// readers hand cfitsio a `Vec<Self>` as a buffer of that type.
+pub(crate) unsafe trait Elem: Copy + Default {
     /// The cfitsio datatype code (`TDOUBLE`, …).
     const CODE: c_int;
 }
 
 macro_rules! elem {
     ($t:ty, $code:expr) => {
-        impl Elem for $t {
+        // SAFETY: each use below pairs a Rust type with the cfitsio code of the same C type
+        // (double, float, short, int, unsigned int, long long).
+        unsafe impl Elem for $t {
             const CODE: c_int = $code as c_int;
         }
     };
