@@ -42,7 +42,7 @@ pub struct ExtractionFlags {
     #[arg(short = 'i', long = "image", alias = "input")]
     pub image: PathBuf,
     /// Output grid `wmin,wmax,dw` in Ångström (default: the camera's, from CAMERA).
-    #[arg(short = 'w', long, value_delimiter = ',', num_args = 3)]
+    #[arg(short = 'w', long, value_delimiter = ',')]
     pub wavelength: Option<Vec<f64>>,
     /// First fiber to extract.
     #[arg(short = 's', long)]

@@ -5,6 +5,7 @@
 pub mod hermite;
 pub mod legendre;
 pub mod spots;
+pub mod synth;
 
 use ndarray::Array2;
 

@@ -1,0 +1,201 @@
+//! FITS input and output: the PSF, preproc images, frames, model images and simulation truth
+//! (extraction.md §3, §4, §6).
+//!
+//! This is the only module that names `fitsio`; everything cfitsio-specific sits in the private
+//! `fits` wrapper, and every failure comes back as an [`IoError`] naming the file (and the HDU,
+//! where there is one). Imports only `psf` from the crate.
+
+mod fits;
+pub mod frame;
+pub mod image;
+pub mod psf;
+pub mod truth;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::psf::PsfError;
+
+pub use frame::{read_frame, write_frame, write_model_image, Frame, FrameMeta};
+pub use image::{read_fibermap, read_preproc, write_preproc, Fibermap, Preproc, EXTRACT_MASK_BITS};
+pub use psf::{read_psf, write_psf};
+pub use truth::{read_truth, write_truth, Truth};
+
+/// A failure reading or writing a FITS file; every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum IoError {
+    /// The file as a whole: cannot be opened, created, closed, or is not usable.
+    #[error("{}: {msg}", .path.display())]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        msg: String,
+    },
+    /// One HDU of the file: missing, wrong type or shape, bad header value, unreadable data.
+    #[error("{}: HDU {hdu}: {msg}", .path.display())]
+    Hdu {
+        /// The file.
+        path: PathBuf,
+        /// The HDU's EXTNAME (or its number when it has none).
+        hdu: String,
+        /// What went wrong.
+        msg: String,
+    },
+    /// The output exists and overwriting was not asked for.
+    #[error("{}: already exists; refusing to overwrite it", .path.display())]
+    Exists {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The file was read but the PSF it describes is not usable.
+    #[error("{}: {source}", .path.display())]
+    Psf {
+        /// The file.
+        path: PathBuf,
+        /// The model's complaint.
+        source: PsfError,
+    },
+    /// An operating-system failure outside cfitsio (rename, remove).
+    #[error("{}: {source}", .path.display())]
+    Os {
+        /// The file.
+        path: PathBuf,
+        /// The system error.
+        source: std::io::Error,
+    },
+}
+
+impl IoError {
+    /// Wraps an error of the `fitsio` crate's safe API with the file and, if known, the HDU.
+    pub fn from_fitsio(path: &Path, hdu: Option<&str>, err: fitsio::errors::Error) -> Self {
+        let msg = match err {
+            fitsio::errors::Error::Fits(e) => format!("cfitsio status {}: {}", e.status, e.message),
+            other => other.to_string(),
+        };
+        match hdu {
+            Some(hdu) => IoError::Hdu {
+                path: path.to_path_buf(),
+                hdu: hdu.to_string(),
+                msg,
+            },
+            None => IoError::File {
+                path: path.to_path_buf(),
+                msg,
+            },
+        }
+    }
+
+    /// An error about the file as a whole.
+    pub fn file(path: &Path, msg: impl Into<String>) -> Self {
+        IoError::File {
+            path: path.to_path_buf(),
+            msg: msg.into(),
+        }
+    }
+
+    /// An error about one HDU of the file.
+    pub fn hdu(path: &Path, hdu: &str, msg: impl Into<String>) -> Self {
+        IoError::Hdu {
+            path: path.to_path_buf(),
+            hdu: hdu.to_string(),
+            msg: msg.into(),
+        }
+    }
+}
+
+/// The name of this program and version, as written into output headers.
+pub fn program_version() -> String {
+    format!("spextract {}", env!("CARGO_PKG_VERSION"))
+}
+
+/// Writes `path` through `write`, which receives a temporary name in the same directory; the
+/// temporary is renamed over `path` only after `write` succeeds, and removed otherwise, so a
+/// reader never sees a partial file (extraction.md §6).
+///
+/// With `overwrite` false an existing `path` is refused before any work. The check and the rename
+/// are not one atomic step: a file created by someone else in between is replaced.
+pub(crate) fn write_atomic<F>(path: &Path, overwrite: bool, write: F) -> Result<(), IoError>
+where
+    F: FnOnce(&Path) -> Result<(), IoError>,
+{
+    if !overwrite && path.exists() {
+        return Err(IoError::Exists {
+            path: path.to_path_buf(),
+        });
+    }
+    let tmp = temp_path(path)?;
+    // A stale temporary of ours (same pid and counter) can only come from a crashed process
+    // whose pid was reused; cfitsio refuses to create over it, so clear it.
+    let _ = std::fs::remove_file(&tmp);
+    let result = write(&tmp).and_then(|()| {
+        std::fs::rename(&tmp, path).map_err(|source| IoError::Os {
+            path: path.to_path_buf(),
+            source,
+        })
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// `.{name}.tmp-{pid}-{n}` beside `path`; the counter keeps concurrent writers in one process
+/// apart.
+fn temp_path(path: &Path) -> Result<PathBuf, IoError> {
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    let name = path
+        .file_name()
+        .ok_or_else(|| IoError::file(path, "output path has no file name"))?;
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let tmp_name = format!(
+        ".{}.tmp-{}-{}",
+        name.to_string_lossy(),
+        std::process::id(),
+        n
+    );
+    Ok(path.with_file_name(tmp_name))
+}
+
+/// A file of the shared test data, or `None` (with a message) when it is absent.
+#[cfg(test)]
+pub(crate) fn shared_data(file: &str) -> Option<PathBuf> {
+    let p = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data")).join(file);
+    if p.exists() {
+        Some(p)
+    } else {
+        eprintln!("skipping: {} is missing", p.display());
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_write_refuses_existing_and_cleans_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("x.fits");
+        std::fs::write(&out, b"old").unwrap();
+        let err = write_atomic(&out, false, |_| panic!("must not be called")).unwrap_err();
+        assert!(matches!(err, IoError::Exists { .. }), "{err}");
+        let err = write_atomic(&out, true, |tmp| {
+            std::fs::write(tmp, b"partial").unwrap();
+            Err(IoError::file(tmp, "boom"))
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("boom"));
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(names.len(), 1, "temporary left behind");
+        assert_eq!(std::fs::read(&out).unwrap(), b"old");
+        write_atomic(&out, true, |tmp| {
+            std::fs::write(tmp, b"new").map_err(|source| IoError::Os {
+                path: tmp.to_path_buf(),
+                source,
+            })
+        })
+        .unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), b"new");
+    }
+}
