@@ -18,7 +18,6 @@ pub struct DecorrWork {
     x: Vec<f64>,
     blocks: Vec<f64>,
     deep: Vec<f64>,
-    acc: Vec<f64>,
     eig_w: Vec<f64>,
     scaled: Vec<f64>,
     eig: SyevdWork,
@@ -119,12 +118,41 @@ impl DecorrWork {
             for k in j + 1..=kmax {
                 z[k] = self.band[j * ldab + (k - j)];
             }
-            for i in (j.saturating_sub(kd)..=j).rev() {
-                let lcol = &ab[i * ldab..(i + 1) * ldab];
-                let m = kd.min(n - 1 - i);
-                let lii = lcol[0];
-                let delta = if i == j { 1.0 / lii } else { 0.0 };
-                z[i] = (delta - dot(&lcol[1..=m], &z[i + 1..=i + m])) / lii;
+            // Rows j down to j - kd, four at a time: their dots over the rows already known
+            // are independent, so they overlap instead of forming one serial chain; the few
+            // terms inside the group of four are added afterwards.
+            let lo = j.saturating_sub(kd);
+            let mut top = j;
+            loop {
+                let g = (top - lo + 1).min(4);
+                let mut part = [0.0f64; 4];
+                for (t, p) in part.iter_mut().enumerate().take(g) {
+                    let r = top - t;
+                    let m = kd.min(n - 1 - r);
+                    // Known rows top+1 ..= r+m, at offsets (top+1-r) ..= m of L's column r.
+                    let off = top + 1 - r;
+                    if off <= m {
+                        *p = dot(&ab[r * ldab + off..=r * ldab + m], &z[top + 1..=r + m]);
+                    }
+                }
+                for t in 0..g {
+                    let r = top - t;
+                    let lcol = &ab[r * ldab..(r + 1) * ldab];
+                    let mut sum = part[t];
+                    for u in (0..t).rev() {
+                        // Row top - u lies inside the group, below r, at offset t - u.
+                        if t - u <= kd {
+                            sum += lcol[t - u] * z[top - u];
+                        }
+                    }
+                    let lii = lcol[0];
+                    let delta = if r == j { 1.0 / lii } else { 0.0 };
+                    z[r] = (delta - sum) / lii;
+                }
+                if top < lo + g {
+                    break;
+                }
+                top -= g;
             }
             for i in j.saturating_sub(kd)..=j {
                 self.band[i * ldab + (j - i)] = z[i];
@@ -144,9 +172,6 @@ impl DecorrWork {
                 deep[i * nc + c] = self.band[i * ldab + (j - i)];
             }
         }
-        self.acc.clear();
-        self.acc.resize(nc, 0.0);
-        let acc = &mut self.acc;
         // Columns with j_c > i + kd still need row i; they form a suffix of 0..nc.
         let mut first = nc;
         for i in (layout.core_fiber..n).rev() {
@@ -158,17 +183,23 @@ impl DecorrWork {
             }
             let lcol = &ab[i * ldab..(i + 1) * ldab];
             let m = kd.min(n - 1 - i);
-            let a = &mut acc[first..nc];
-            a.iter_mut().for_each(|v| *v = 0.0);
-            for (d, &l) in lcol.iter().enumerate().take(m + 1).skip(1) {
-                let row = &deep[(i + d) * nc + first..(i + d + 1) * nc];
-                for (v, zz) in a.iter_mut().zip(row) {
-                    *v += l * zz;
+            let neg_inv = -1.0 / lcol[0];
+            // Sixteen columns at a time, their partial sums held in registers across the
+            // kd rows of the recurrence.
+            let mut c0 = first;
+            while c0 < nc {
+                let w = (nc - c0).min(16);
+                let mut a = [0.0f64; 16];
+                for (d, &l) in lcol.iter().enumerate().take(m + 1).skip(1) {
+                    let row = &deep[(i + d) * nc + c0..(i + d) * nc + c0 + w];
+                    for (v, zz) in a.iter_mut().zip(row) {
+                        *v += l * zz;
+                    }
                 }
-            }
-            let lii = lcol[0];
-            for (dst, v) in deep[i * nc + first..(i + 1) * nc].iter_mut().zip(a.iter()) {
-                *dst = -v / lii;
+                for (dst, v) in deep[i * nc + c0..i * nc + c0 + w].iter_mut().zip(&a) {
+                    *dst = v * neg_inv;
+                }
+                c0 += w;
             }
         }
         self.blocks.clear();

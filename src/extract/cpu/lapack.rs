@@ -147,11 +147,79 @@ extern "C" {
 
 /// Keeps OpenBLAS single-threaded inside our own threads (its threads would oversubscribe the
 /// cores that rayon already uses), unless the user set OPENBLAS_NUM_THREADS.
+/// (Threaded OpenBLAS 0.3.21 called from several threads at once was also seen to make dsyev
+/// fail to converge.) Called once per process, from every entry point into the CPU backend.
 pub fn single_threaded_blas() {
-    if std::env::var_os("OPENBLAS_NUM_THREADS").is_some() {
-        return;
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("OPENBLAS_NUM_THREADS").is_some() {
+            return;
+        }
+        // SAFETY: openblas_set_num_threads takes a plain int and only adjusts OpenBLAS's own
+        // thread-count setting.
+        unsafe { openblas_set_num_threads(1) };
+    });
+}
+
+/// Reusable workspace for [`syevr`] at one matrix size.
+#[derive(Debug, Default)]
+pub struct SyevrWork {
+    n: usize,
+    z: Vec<f64>,
+    isuppz: Vec<c_int>,
+    work: Vec<f64>,
+    iwork: Vec<c_int>,
+}
+
+/// Eigenvalues (ascending, into `w`) and eigenvectors of the symmetric `n × n` matrix `a`
+/// (lower triangle read, contents destroyed) by dsyevr (MRRR: O(n²) for the tridiagonal
+/// eigenvectors, against dsyevd's O(n³)). The vectors are returned column-major in `a`.
+/// Returns LAPACK `info`.
+pub fn syevr(n: usize, a: &mut [f64], w: &mut [f64], work: &mut SyevrWork) -> i32 {
+    assert!(a.len() >= n * n && w.len() >= n, "eigen buffers too small");
+    if work.n != n || work.work.is_empty() {
+        // LAPACK's documented minima: lwork ≥ 26n, liwork ≥ 10n.
+        *work = SyevrWork {
+            n,
+            z: vec![0.0; n * n],
+            isuppz: vec![0; 2 * n.max(1)],
+            work: vec![0.0; 26 * n.max(1)],
+            iwork: vec![0; 10 * n.max(1)],
+        };
     }
-    // SAFETY: openblas_set_num_threads takes a plain int and only adjusts OpenBLAS's own
-    // thread-count setting; we call it before any BLAS work starts.
-    unsafe { openblas_set_num_threads(1) };
+    let (nn, lwork, liwork) = (int(n), int(work.work.len()), int(work.iwork.len()));
+    let (vl, vu, il, iu, abstol) = (0.0f64, 0.0f64, 0 as c_int, 0 as c_int, 0.0f64);
+    let mut m: c_int = 0;
+    let mut info: c_int = 0;
+    // SAFETY: `a` has n² elements, `w` n, `z` n² (ldz = n), `isuppz` 2n, and the work arrays
+    // the lengths passed, which are LAPACK's documented minima for jobz = 'V', range = 'A'.
+    unsafe {
+        lapack_sys::dsyevr_(
+            c"V".as_ptr(),
+            c"A".as_ptr(),
+            c"L".as_ptr(),
+            &nn,
+            a.as_mut_ptr(),
+            &nn,
+            &vl,
+            &vu,
+            &il,
+            &iu,
+            &abstol,
+            &mut m,
+            w.as_mut_ptr(),
+            work.z.as_mut_ptr(),
+            &nn,
+            work.isuppz.as_mut_ptr(),
+            work.work.as_mut_ptr(),
+            &lwork,
+            work.iwork.as_mut_ptr(),
+            &liwork,
+            &mut info,
+        )
+    };
+    if info == 0 {
+        a[..n * n].copy_from_slice(&work.z);
+    }
+    info
 }

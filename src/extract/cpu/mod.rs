@@ -40,6 +40,7 @@ const RETRY_DIAG_EPSILON: f64 = 1e-8;
 
 /// Extracts one patch on the calling thread.
 pub fn extract_patch(input: &PatchInput<'_>, opts: &ExtractOptions, ws: &mut Workspace) -> PatchResult {
+    lapack::single_threaded_blas();
     match solve(input, opts, opts.regularize, DIAG_EPSILON, ws) {
         Some(mut res) => {
             res.info = PatchInfo::default();

@@ -37,6 +37,7 @@ pub fn projection_matrix(input: &PatchInput<'_>) -> Array2<f64> {
 
 /// Extracts one patch the dense way; `None` if it produced NaN.
 pub fn extract_patch_dense(input: &PatchInput<'_>, opts: &ExtractOptions) -> Option<PatchResult> {
+    super::lapack::single_threaded_blas();
     let p = input.patch;
     let a = projection_matrix(input);
     let pix: Array1<f64> = input.pix.iter().copied().collect();
