@@ -4,6 +4,7 @@ use super::normal::SpotGeom;
 use crate::extract::PatchInput;
 
 /// Accumulates `model = A·x` over the window (`[ny·nx]`, row-major).
+#[inline(never)]
 pub fn model(input: &PatchInput<'_>, geom: &[SpotGeom], x: &[f64], out: &mut Vec<f64>) {
     let w = input.window;
     let (nyw, nxw) = (w.ny(), w.nx());
@@ -39,6 +40,7 @@ pub fn add_spots(
 
 /// Per-pixel chi² and the indicator of `totivar > 0`, from the model (gpu_specter CPU path:
 /// `modelivar = (psferr·model + 1e-32)⁻²`, `totivar = 1/(1/modelivar + 1/ivar)`).
+#[inline(never)]
 pub fn pixel_chi2(input: &PatchInput<'_>, model: &[f64], psferr: f64, chi2: &mut Vec<f64>, valid: &mut Vec<f64>) {
     let nxw = input.window.nx();
     chi2.clear();
@@ -62,6 +64,7 @@ pub fn pixel_chi2(input: &PatchInput<'_>, model: &[f64], psferr: f64, chi2: &mut
 }
 
 /// `Σ_pixels spot_u · values` for one unknown (a row of `Aᵀ·values`).
+#[inline(never)]
 pub fn project(input: &PatchInput<'_>, g: &SpotGeom, values: &[f64]) -> f64 {
     let s = input.spots;
     let (ny, nx) = (s.ny, s.nx);

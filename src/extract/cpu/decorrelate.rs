@@ -8,6 +8,10 @@
 //! band for every column, and the whole fiber block for the core fibers' columns.
 
 use super::lapack::{self, SyevdWork};
+use super::simd;
+
+/// Rows of the band recurrence whose independent dots are issued together.
+const GROUP: usize = 8;
 
 /// Scratch for one patch's factorisation and decorrelation.
 #[derive(Debug, Default)]
@@ -101,6 +105,7 @@ impl DecorrWork {
     /// same column, so all core columns advance together, one row at a time, as a vectorised
     /// multiply-add over a row-major `[row][core column]` array instead of one serial chain
     /// per column.
+    #[inline(never)]
     fn selected_inverse(&mut self, layout: Layout, kd: usize) {
         let (nsp, nwt) = (layout.nspecpad, layout.nwavetot);
         let n = nsp * nwt;
@@ -118,14 +123,14 @@ impl DecorrWork {
             for k in j + 1..=kmax {
                 z[k] = self.band[j * ldab + (k - j)];
             }
-            // Rows j down to j - kd, four at a time: their dots over the rows already known
+            // Rows j down to j - kd, GROUP at a time: their dots over the rows already known
             // are independent, so they overlap instead of forming one serial chain; the few
-            // terms inside the group of four are added afterwards.
+            // terms inside the group are added afterwards.
             let lo = j.saturating_sub(kd);
             let mut top = j;
             loop {
-                let g = (top - lo + 1).min(4);
-                let mut part = [0.0f64; 4];
+                let g = (top - lo + 1).min(GROUP);
+                let mut part = [0.0f64; GROUP];
                 for (t, p) in part.iter_mut().enumerate().take(g) {
                     let r = top - t;
                     let m = kd.min(n - 1 - r);
@@ -163,8 +168,11 @@ impl DecorrWork {
         let ncore = layout.ncore;
         let nc = ncore * nwt;
         let col_j = |c: usize| (c / ncore) * nsp + layout.core_fiber + c % ncore;
-        self.deep.clear();
-        self.deep.resize(n * nc, 0.0);
+        // Every element the recurrence reads is written first (the band rows of each column
+        // below, the rows above as it goes), so the array is not cleared between patches.
+        if self.deep.len() < n * nc {
+            self.deep.resize(n * nc, 0.0);
+        }
         let deep = &mut self.deep;
         for c in 0..nc {
             let j = col_j(c);
@@ -184,23 +192,8 @@ impl DecorrWork {
             let lcol = &ab[i * ldab..(i + 1) * ldab];
             let m = kd.min(n - 1 - i);
             let neg_inv = -1.0 / lcol[0];
-            // Sixteen columns at a time, their partial sums held in registers across the
-            // kd rows of the recurrence.
-            let mut c0 = first;
-            while c0 < nc {
-                let w = (nc - c0).min(16);
-                let mut a = [0.0f64; 16];
-                for (d, &l) in lcol.iter().enumerate().take(m + 1).skip(1) {
-                    let row = &deep[(i + d) * nc + c0..(i + d) * nc + c0 + w];
-                    for (v, zz) in a.iter_mut().zip(row) {
-                        *v += l * zz;
-                    }
-                }
-                for (dst, v) in deep[i * nc + c0..i * nc + c0 + w].iter_mut().zip(&a) {
-                    *dst = v * neg_inv;
-                }
-                c0 += w;
-            }
+            let (upto, below) = deep.split_at_mut((i + 1) * nc);
+            simd::recurrence_row(&lcol[1..=m], below, nc, first, neg_inv, &mut upto[i * nc + first..]);
         }
         self.blocks.clear();
         self.blocks.resize(ncore * nwt * nwt, 0.0);
@@ -217,6 +210,7 @@ impl DecorrWork {
     }
 
     /// `Q_f = C_ff^{-1/2}` by eigendecomposition; writes the needed rows of `R = Q/s` and `s`.
+    #[inline(never)]
     fn block_inverse_sqrt(
         &mut self,
         layout: Layout,

@@ -5,6 +5,7 @@ mod chi2;
 mod decorrelate;
 pub mod lapack;
 mod normal;
+mod simd;
 pub mod oracle;
 
 use ndarray::Array2;

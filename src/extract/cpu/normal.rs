@@ -1,6 +1,7 @@
 //! `AᵀWA`, `AᵀWp` and `AᵀW1` built from the spots (extraction.md §5 steps 1–2), never from a
 //! dense `A`: `A` is ~97 % zeros, so only overlapping spot pairs are visited.
 
+use super::decorrelate::dot;
 use crate::extract::PatchInput;
 
 /// Where one unknown's spot lies in the patch window.
@@ -56,6 +57,7 @@ pub struct Normal<'w> {
 
 /// Fills `normal` and returns the half-bandwidth of `AᵀWA` in wavelength-major order
 /// (`u' = w·nspecpad + f`).
+#[inline(never)]
 pub fn build(input: &PatchInput<'_>, geom: &[SpotGeom], normal: &mut Normal<'_>) -> usize {
     let s = input.spots;
     let (ny, nx) = (s.ny, s.nx);
@@ -87,38 +89,72 @@ pub fn build(input: &PatchInput<'_>, geom: &[SpotGeom], normal: &mut Normal<'_>)
     }
     let mut kd = 0usize;
     let perm = |u: usize| (u % nwt) * nsp + u / nwt;
+    // Traces run monotonically in wavelength, so the bins of a fiber whose spot rows can meet a
+    // given spot form one run, found by bisection; a PSF where they do not falls back to
+    // testing every bin.
+    let monotonic = (0..nsp).all(|f| {
+        geom[f * nwt..(f + 1) * nwt]
+            .windows(2)
+            .all(|g| g[1].row0 >= g[0].row0)
+    });
+    let col_range: Vec<(i64, i64)> = (0..nsp)
+        .map(|f| {
+            let g = &geom[f * nwt..(f + 1) * nwt];
+            (
+                g.iter().map(|g| g.col0).min().unwrap_or(0),
+                g.iter().map(|g| g.col0).max().unwrap_or(0),
+            )
+        })
+        .collect();
     for u in 0..n {
         let gu = geom[u];
         if gu.iy1 <= gu.iy0 {
             continue;
         }
         let ws = &normal.wspot[u * nps..(u + 1) * nps];
-        for v in u..n {
-            let gv = geom[v];
-            let dy = gv.row0 - gu.row0;
-            let dx = gv.col0 - gu.col0;
-            if dy.unsigned_abs() as usize >= ny || dx.unsigned_abs() as usize >= nx {
+        let fu = u / nwt;
+        for fv in fu..nsp {
+            let (cmin, cmax) = col_range[fv];
+            if cmax <= gu.col0 - nx as i64 || cmin >= gu.col0 + nx as i64 {
                 continue;
             }
-            // Rows and columns in spot-u coordinates where both spots lie in the window.
-            let iy_lo = (gu.iy0 as i64).max(gv.iy0 as i64 + dy);
-            let iy_hi = (gu.iy1 as i64).min(gv.iy1 as i64 + dy);
-            if iy_hi <= iy_lo {
-                continue;
+            let fiber = &geom[fv * nwt..(fv + 1) * nwt];
+            let mut wv = if fv == fu { u % nwt } else { 0 };
+            if monotonic {
+                let lo = gu.row0 - ny as i64;
+                wv = wv.max(fiber.partition_point(|g| g.row0 <= lo));
             }
-            let ix_lo = dx.max(0) as usize;
-            let ix_hi = (nx as i64 + dx).min(nx as i64) as usize;
-            let sv = &s.values[gv.spot..gv.spot + nps];
-            let mut sum = 0.0;
-            for iy in iy_lo as usize..iy_hi as usize {
-                let a = &ws[iy * nx + ix_lo..iy * nx + ix_hi];
-                let bstart = (iy as i64 - dy) as usize * nx + (ix_lo as i64 - dx) as usize;
-                let b = &sv[bstart..bstart + (ix_hi - ix_lo)];
-                sum += a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+            while wv < nwt {
+                let v = fv * nwt + wv;
+                wv += 1;
+                let gv = geom[v];
+                let dy = gv.row0 - gu.row0;
+                if monotonic && dy >= ny as i64 {
+                    break;
+                }
+                let dx = gv.col0 - gu.col0;
+                if dy.unsigned_abs() as usize >= ny || dx.unsigned_abs() as usize >= nx {
+                    continue;
+                }
+                // Rows and columns in spot-u coordinates where both spots lie in the window.
+                let iy_lo = (gu.iy0 as i64).max(gv.iy0 as i64 + dy);
+                let iy_hi = (gu.iy1 as i64).min(gv.iy1 as i64 + dy);
+                if iy_hi <= iy_lo {
+                    continue;
+                }
+                let ix_lo = dx.max(0) as usize;
+                let ix_hi = (nx as i64 + dx).min(nx as i64) as usize;
+                let sv = &s.values[gv.spot..gv.spot + nps];
+                let mut sum = 0.0;
+                for iy in iy_lo as usize..iy_hi as usize {
+                    let a = &ws[iy * nx + ix_lo..iy * nx + ix_hi];
+                    let bstart = (iy as i64 - dy) as usize * nx + (ix_lo as i64 - dx) as usize;
+                    sum += dot(a, &sv[bstart..bstart + (ix_hi - ix_lo)]);
+                }
+                normal.icov[u * n + v] = sum;
+                normal.icov[v * n + u] = sum;
+                kd = kd.max(perm(u).abs_diff(perm(v)));
             }
-            normal.icov[u * n + v] = sum;
-            normal.icov[v * n + u] = sum;
-            kd = kd.max(perm(u).abs_diff(perm(v)));
         }
     }
     kd
