@@ -58,9 +58,33 @@ impl SyevdWork {
         if self.n == n && !self.work.is_empty() {
             return;
         }
-        // LAPACK's documented minimum sizes for JOBZ = 'V'.
-        self.work = vec![0.0; 1 + 6 * n + 2 * n * n];
-        self.iwork = vec![0; 3 + 5 * n];
+        // Ask for the optimal sizes: with only the documented minimum, dsyevd falls back to
+        // unblocked back-transformation.
+        let nn = int(n);
+        let (mut wopt, mut iwopt, mut info) = (0.0f64, 0 as c_int, 0 as c_int);
+        let (query, mut a, mut w) = (-1 as c_int, [0.0f64; 1], [0.0f64; 1]);
+        // SAFETY: a workspace query (lwork = liwork = -1) reads no matrix and writes only the
+        // two optimal sizes into `wopt` and `iwopt`.
+        unsafe {
+            lapack_sys::dsyevd_(
+                c"V".as_ptr(),
+                c"L".as_ptr(),
+                &nn,
+                a.as_mut_ptr(),
+                &nn,
+                w.as_mut_ptr(),
+                &mut wopt,
+                &query,
+                &mut iwopt,
+                &query,
+                &mut info,
+            )
+        };
+        // LAPACK's documented minimum sizes for JOBZ = 'V', or more if the query says so.
+        let lwork = (1 + 6 * n + 2 * n * n).max(wopt as usize);
+        let liwork = (3 + 5 * n).max(usize::try_from(iwopt).unwrap_or(0));
+        self.work = vec![0.0; lwork];
+        self.iwork = vec![0; liwork];
         self.n = n;
     }
 }
