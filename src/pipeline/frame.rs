@@ -128,6 +128,7 @@ pub fn extract_frame(
     };
     let total = plan.npatch();
     let mut done = 0;
+    let mut spots = spots::evaluate(psf, plan.specmin, 0, &[])?;
     for patches in &plan.patches {
         if patches.is_empty() {
             continue;
@@ -135,7 +136,7 @@ pub fn extract_frame(
         let t0 = Instant::now();
         let fmin = patches.iter().map(|p| p.specmin).min().unwrap_or(0);
         let fmax = patches.iter().map(|p| p.specmin + p.nspecpad).max().unwrap_or(0);
-        let spots = spots::evaluate(psf, fmin, fmax - fmin, &grid.padded)?;
+        spots::evaluate_into(psf, fmin, fmax - fmin, &grid.padded, &mut spots)?;
         let t1 = Instant::now();
         let mut inputs = Vec::with_capacity(patches.len());
         let mut slots = Vec::with_capacity(patches.len());

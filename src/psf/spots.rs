@@ -60,6 +60,33 @@ pub fn evaluate(
     nfiber: usize,
     waves: &[f64],
 ) -> Result<SpotSet, PsfError> {
+    let mut set = SpotSet {
+        grid: SpotGrid {
+            fibermin,
+            nfiber: 0,
+            nwave: 0,
+        },
+        ny: psf.spot_ny(),
+        nx: psf.spot_nx(),
+        values: Vec::new(),
+        xc: Vec::new(),
+        yc: Vec::new(),
+        x: Vec::new(),
+        y: Vec::new(),
+    };
+    evaluate_into(psf, fibermin, nfiber, waves, &mut set)?;
+    Ok(set)
+}
+
+/// [`evaluate`] into an existing set, reusing its memory: a frame's bundles each need ~60 MB
+/// of spots, and fresh pages for every bundle cost as much as a tenth of the extraction.
+pub fn evaluate_into(
+    psf: &Psf,
+    fibermin: usize,
+    nfiber: usize,
+    waves: &[f64],
+    set: &mut SpotSet,
+) -> Result<(), PsfError> {
     use rayon::prelude::*;
     if fibermin + nfiber > psf.nfiber() {
         return Err(PsfError::OutOfRange(format!(
@@ -72,25 +99,23 @@ pub fn evaluate(
     let index = psf.gh_index()?;
     let (ny, nx) = (psf.spot_ny(), psf.spot_nx());
     let nwave = waves.len();
-    let grid = SpotGrid {
+    set.grid = SpotGrid {
         fibermin,
         nfiber,
         nwave,
     };
+    set.ny = ny;
+    set.nx = nx;
     let nspot = nfiber * nwave;
-    let mut set = SpotSet {
-        grid,
-        ny,
-        nx,
-        values: vec![0.0; nspot * ny * nx],
-        xc: vec![0; nspot],
-        yc: vec![0; nspot],
-        x: vec![0.0; nspot],
-        y: vec![0.0; nspot],
-    };
+    // Every element is overwritten below, so resizing keeps the old pages without clearing.
+    set.values.resize(nspot * ny * nx, 0.0);
+    set.xc.resize(nspot, 0);
+    set.yc.resize(nspot, 0);
+    set.x.resize(nspot, 0.0);
+    set.y.resize(nspot, 0.0);
     let per_fiber = nwave * ny * nx;
     if per_fiber == 0 {
-        return Ok(set);
+        return Ok(());
     }
     set.values
         .par_chunks_mut(per_fiber)
@@ -110,7 +135,7 @@ pub fn evaluate(
                 yc[w] = cy;
             }
         });
-    Ok(set)
+    Ok(())
 }
 
 /// Scratch space and resolved indices for evaluating one spot at a time.

@@ -33,6 +33,12 @@ pub struct Workspace {
     flux: Vec<f64>,
 }
 
+thread_local! {
+    // One workspace per worker thread for the life of the thread, so that batch after batch
+    // reuses the same (multi-megabyte) buffers instead of faulting in fresh pages.
+    static WORKSPACE: std::cell::RefCell<Workspace> = std::cell::RefCell::new(Workspace::default());
+}
+
 /// Regularisation used when a patch's first solve fails (gpu_specter's CPU retry).
 const RETRY_REGULARIZE: f64 = 1e-4;
 /// Diagonal term added on every unknown; the retry adds 1e-8 instead.
@@ -187,7 +193,7 @@ impl Backend for CpuBackend {
         }
         Ok(batch
             .par_iter()
-            .map_init(Workspace::default, |ws, inp| extract_patch(inp, opts, ws))
+            .map(|inp| WORKSPACE.with(|ws| extract_patch(inp, opts, &mut ws.borrow_mut())))
             .collect())
     }
 }
