@@ -80,9 +80,17 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         );
     }
     if args.oracle_patches > 0 {
-        let patches: Vec<_> = prep.plan.patches[0].iter().take(args.oracle_patches).copied().collect();
+        let patches: Vec<_> = prep.plan.patches[0]
+            .iter()
+            .take(args.oracle_patches)
+            .copied()
+            .collect();
         let fmin = patches.iter().map(|p| p.specmin).min().unwrap_or(0);
-        let fmax = patches.iter().map(|p| p.specmin + p.nspecpad).max().unwrap_or(0);
+        let fmax = patches
+            .iter()
+            .map(|p| p.specmin + p.nspecpad)
+            .max()
+            .unwrap_or(0);
         let sp = spots::evaluate(&prep.psf, fmin, fmax - fmin, &prep.grid.padded)?;
         let mut ws = crate::extract::cpu::Workspace::default();
         let (mut t_fast, mut t_dense, mut n) = (0.0, 0.0, 0usize);
@@ -91,7 +99,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             if !window.on_ccd(prep.psf.npix_y, prep.psf.npix_x) {
                 continue;
             }
-            let (r, c) = (window.ymin as usize..window.ymax as usize, window.xmin as usize..window.xmax as usize);
+            let (r, c) = (
+                window.ymin as usize..window.ymax as usize,
+                window.xmin as usize..window.xmax as usize,
+            );
             let inp = PatchInput {
                 patch: *p,
                 window,

@@ -57,14 +57,22 @@ pub struct SimulateArgs {
 
 /// `spextract simulate`.
 pub fn run(args: &SimulateArgs) -> Result<()> {
-    for (name, v, n) in [("--hsize", args.hsize.as_ref().map(Vec::len), 2), ("--sigma", args.sigma.as_ref().map(Vec::len), 2), ("--wavelength", args.wavelength.as_ref().map(Vec::len), 3)] {
+    for (name, v, n) in [
+        ("--hsize", args.hsize.as_ref().map(Vec::len), 2),
+        ("--sigma", args.sigma.as_ref().map(Vec::len), 2),
+        ("--wavelength", args.wavelength.as_ref().map(Vec::len), 3),
+    ] {
         if v.is_some_and(|v| v != n) {
             bail!("{name} takes {n} comma-separated values");
         }
     }
     if let Some(path) = &args.make_psf {
         check_output(path, args.overwrite)?;
-        let mut o = SynthPsfOptions { nfiber: args.nfiber, legdeg: args.legdeg, ..Default::default() };
+        let mut o = SynthPsfOptions {
+            nfiber: args.nfiber,
+            legdeg: args.legdeg,
+            ..Default::default()
+        };
         if let Some(h) = &args.hsize {
             o.hsizex = h[0];
             o.hsizey = h[1];
@@ -76,7 +84,12 @@ pub fn run(args: &SimulateArgs) -> Result<()> {
         let psf = synthetic_psf(&o);
         psf.validate()?;
         write_psf(path, &psf)?;
-        info!("wrote synthetic PSF {} ({} fibers, LEGDEG {})", path.display(), psf.nfiber(), psf.legdeg);
+        info!(
+            "wrote synthetic PSF {} ({} fibers, LEGDEG {})",
+            path.display(),
+            psf.nfiber(),
+            psf.legdeg
+        );
         return Ok(());
     }
     let (Some(psf_path), Some(image), Some(truth)) = (&args.psf, &args.image, &args.truth) else {
@@ -85,7 +98,12 @@ pub fn run(args: &SimulateArgs) -> Result<()> {
     check_output(image, args.overwrite)?;
     check_output(truth, args.overwrite)?;
     let psf = read_psf(psf_path)?;
-    let mut o = SimOptions { seed: args.seed, specmin: args.specmin, nspec: args.nspec, ..Default::default() };
+    let mut o = SimOptions {
+        seed: args.seed,
+        specmin: args.specmin,
+        nspec: args.nspec,
+        ..Default::default()
+    };
     if let Some(w) = &args.wavelength {
         o.wmin = w[0];
         o.wmax = w[1];
@@ -94,6 +112,12 @@ pub fn run(args: &SimulateArgs) -> Result<()> {
     let t = std::time::Instant::now();
     o.in_psf = psf_path.display().to_string();
     write_simulation(&psf, &o, image, truth)?;
-    info!("simulated {} fibers into {} and {} in {:.2}s", o.nspec, image.display(), truth.display(), t.elapsed().as_secs_f64());
+    info!(
+        "simulated {} fibers into {} and {} in {:.2}s",
+        o.nspec,
+        image.display(),
+        truth.display(),
+        t.elapsed().as_secs_f64()
+    );
     Ok(())
 }
