@@ -25,7 +25,8 @@ const PARAM_WIDTH: usize = 8;
 /// Reads a GaussHermite PSF (PSFVER 3): HDUs XTRACE, YTRACE and PSF found by EXTNAME.
 ///
 /// PSFERR is read only under that exact key (specex's PSFERROR is ignored, like gpu_specter);
-/// LEGDEGX/LEGDEGW are ignored. The result has passed [`Psf::validate`].
+/// LEGDEGX/LEGDEGW are ignored. The result has passed [`Psf::validate`] and
+/// [`check_values`].
 pub fn read_psf(path: &Path) -> Result<Psf, IoError> {
     let mut f = Fits::open(path)?;
     let xtrace = read_trace(&mut f, "XTRACE")?;
@@ -131,7 +132,47 @@ pub fn read_psf(path: &Path) -> Result<Psf, IoError> {
         path: path.to_path_buf(),
         source,
     })?;
+    check_values(&psf).map_err(|m| IoError::hdu(path, "PSF", m))?;
     Ok(psf)
+}
+
+/// Wavelengths per fiber at which GHSIGX and GHSIGY are checked (65: the ends and 63 between).
+const SIGMA_SAMPLES: usize = 64;
+
+/// Refuses parameter values no spot can be made from: non-finite coefficients anywhere in the
+/// table, and a GHSIGX or GHSIGY that is not positive at some wavelength of its range (sampled
+/// at 65 points per fiber). Such a PSF would otherwise give NaN spots, every patch would fail,
+/// and the frame would come out empty.
+pub fn check_values(psf: &Psf) -> Result<(), String> {
+    for p in &psf.params {
+        if let Some(i) = p.series.coeff.iter().position(|v| !v.is_finite()) {
+            let ncoef = p.series.coeff.ncols().max(1);
+            return Err(format!(
+                "parameter {} of fiber {} has a non-finite coefficient",
+                p.name,
+                psf.fibermin + i / ncoef
+            ));
+        }
+    }
+    for name in ["GHSIGX", "GHSIGY"] {
+        let Some(p) = psf.param(name) else {
+            continue;
+        };
+        let s = &p.series;
+        for f in 0..s.nfiber() {
+            for i in 0..=SIGMA_SAMPLES {
+                let w = s.wavemin + (s.wavemax - s.wavemin) * i as f64 / SIGMA_SAMPLES as f64;
+                let v = s.eval(f, w);
+                if !(v > 0.0 && v.is_finite()) {
+                    return Err(format!(
+                        "{name} of fiber {} is {v} at {w:.1} Å; spot widths must be positive",
+                        psf.fibermin + f
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// One trace HDU: an f8 image `[nfiber, ncoef]` with its own WAVEMIN/WAVEMAX.
@@ -214,6 +255,7 @@ pub fn write_psf(path: &Path, psf: &Psf) -> Result<(), IoError> {
         path: path.to_path_buf(),
         source,
     })?;
+    check_values(psf).map_err(|m| IoError::hdu(path, "PSF", m))?;
     let (wavemin, wavemax) = match psf.params.first() {
         Some(p) => (p.series.wavemin, p.series.wavemax),
         None => return Err(IoError::hdu(path, "PSF", "the PSF has no parameter rows")),
