@@ -55,6 +55,24 @@ pub fn header_value(cards: &[String], key: &str) -> Option<String> {
     })
 }
 
+/// The output grid `[wmin, wmax, dw]`, which must lie inside the PSF's wavelength range.
+fn wave_grid(w: [f64; 3], cfg: &Config, psf: &Psf, psf_path: &Path) -> Result<WaveGrid> {
+    let grid = WaveGrid::new(w[0], w[1], w[2], &cfg.patch).map_err(anyhow::Error::msg)?;
+    let (lo, hi) = psf.wave_range();
+    let (gmin, gmax) = (grid.wave[0], grid.wave[grid.wave.len() - 1]);
+    if gmin < lo || gmax > hi {
+        bail!(
+            "wavelength range {gmin:.2}..{gmax:.2} Å is outside the PSF {} range {lo}..{hi} Å",
+            psf_path.display()
+        );
+    }
+    let (pmin, pmax) = (grid.padded[0], grid.padded[grid.padded.len() - 1]);
+    if pmin < lo || pmax > hi {
+        warn!("patch padding {pmin:.2}..{pmax:.2} Å extrapolates the PSF beyond {lo}..{hi} Å");
+    }
+    Ok(grid)
+}
+
 /// Merges flags over the configuration file, validates, then reads the PSF and the image.
 pub fn prepare(flags: &ExtractionFlags, model_image: bool) -> Result<Prepared> {
     let mut cfg = Config::load(flags.config.as_deref())?;
@@ -77,6 +95,33 @@ pub fn prepare(flags: &ExtractionFlags, model_image: bool) -> Result<Prepared> {
     cfg.validate()?;
 
     let psf = read_psf(&flags.psf)?;
+    // What the PSF alone can refuse, before the (larger) image is read.
+    let specmin = cfg.extract.specmin;
+    let nfiber = psf.nfiber();
+    if specmin >= nfiber {
+        bail!(
+            "specmin {specmin} is past the last fiber of the PSF {}, which has {nfiber} fibers",
+            flags.psf.display()
+        );
+    }
+    let nspec = match cfg.extract.nspec {
+        0 => nfiber - specmin,
+        n if specmin + n > nfiber => bail!(
+            "fibers {specmin}..{} requested but the PSF {} has {nfiber} fibers",
+            specmin + n,
+            flags.psf.display()
+        ),
+        n => n,
+    };
+    let given = (!cfg.extract.wavelength.is_empty()).then(|| {
+        let w = &cfg.extract.wavelength;
+        [w[0], w[1], w[2]]
+    });
+    let grid_given = match given {
+        Some(w) => Some(wave_grid(w, &cfg, &psf, &flags.psf)?),
+        None => None,
+    };
+
     let t0 = Instant::now();
     let preproc = read_preproc(&flags.image, cfg.extract.mask_bits)?;
     info!(
@@ -99,42 +144,18 @@ pub fn prepare(flags: &ExtractionFlags, model_image: bool) -> Result<Prepared> {
             psf.npix_x
         );
     }
-    let wavelength = if cfg.extract.wavelength.is_empty() {
-        let camera = header_value(&preproc.header, "CAMERA").unwrap_or_default();
-        config::camera_wavelength(&camera).with_context(|| {
-            format!(
-                "{}: no --wavelength given and CAMERA '{camera}' is not b, r or z",
-                flags.image.display()
-            )
-        })?
-    } else {
-        let w = &cfg.extract.wavelength;
-        [w[0], w[1], w[2]]
-    };
-    let grid = WaveGrid::new(wavelength[0], wavelength[1], wavelength[2], &cfg.patch)
-        .map_err(anyhow::Error::msg)?;
-    let (lo, hi) = psf.wave_range();
-    let (gmin, gmax) = (grid.wave[0], grid.wave[grid.wave.len() - 1]);
-    if gmin < lo || gmax > hi {
-        bail!(
-            "wavelength range {gmin}..{gmax} is outside the PSF {} range {lo}..{hi}",
-            flags.psf.display()
-        );
-    }
-    let (pmin, pmax) = (grid.padded[0], grid.padded[grid.padded.len() - 1]);
-    if pmin < lo || pmax > hi {
-        warn!("patch padding {pmin}..{pmax} extrapolates the PSF beyond {lo}..{hi}");
-    }
-    let specmin = cfg.extract.specmin;
-    if specmin >= psf.nfiber() {
-        bail!("specmin {specmin} is past the PSF's {} fibers", psf.nfiber());
-    }
-    let nspec = match cfg.extract.nspec {
-        0 => psf.nfiber() - specmin,
-        n if specmin + n > psf.nfiber() => {
-            bail!("fibers {specmin}..{} requested but the PSF has {}", specmin + n, psf.nfiber())
+    let grid = match grid_given {
+        Some(g) => g,
+        None => {
+            let camera = header_value(&preproc.header, "CAMERA").unwrap_or_default();
+            let w = config::camera_wavelength(&camera).with_context(|| {
+                format!(
+                    "{}: no --wavelength given and CAMERA '{camera}' is not b, r or z",
+                    flags.image.display()
+                )
+            })?;
+            wave_grid(w, &cfg, &psf, &flags.psf)?
         }
-        n => n,
     };
     let plan = Plan::new(specmin, nspec, grid.wave.len(), psf.nfiber(), &cfg.patch);
     let psferr = if cfg.extract.psferr >= 0.0 {
@@ -149,7 +170,10 @@ pub fn prepare(flags: &ExtractionFlags, model_image: bool) -> Result<Prepared> {
         model_image,
     };
     let progress = !flags.no_progress
-        && cfg.run.progress.unwrap_or_else(|| std::io::stderr().is_terminal());
+        && cfg
+            .run
+            .progress
+            .unwrap_or_else(|| std::io::stderr().is_terminal());
     Ok(Prepared {
         psf,
         preproc,
@@ -215,11 +239,50 @@ pub fn run_extraction(prep: &Prepared, threads: usize, progress: bool) -> Result
     Ok(res)
 }
 
-/// Fails early, before any work, when an output exists and may not be replaced.
+/// Fails early, before any work, when an output exists and may not be replaced, or when its
+/// folder does not exist or does not take new files (probed by creating and removing a file
+/// there, since outputs are written to a temporary beside them and renamed).
 pub fn check_output(path: &Path, overwrite: bool) -> Result<()> {
     if path.exists() && !overwrite {
-        bail!("{} already exists; pass --overwrite to replace it", path.display());
+        bail!(
+            "{} already exists; pass --overwrite to replace it",
+            path.display()
+        );
     }
+    if path.is_dir() {
+        bail!("{} is a directory, not an output file", path.display());
+    }
+    let name = path
+        .file_name()
+        .with_context(|| format!("{}: output path has no file name", path.display()))?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        bail!(
+            "{}: the output folder {} does not exist",
+            path.display(),
+            dir.display()
+        );
+    }
+    let probe = dir.join(format!(
+        ".{}.probe-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+        .with_context(|| {
+            format!(
+                "{}: cannot create files in {}",
+                path.display(),
+                dir.display()
+            )
+        })?;
+    let _ = std::fs::remove_file(&probe);
     Ok(())
 }
 
@@ -254,8 +317,27 @@ pub fn run(args: &ExtractArgs) -> Result<()> {
         st.failed,
         st.dropped
     );
+    if st.failed + st.dropped >= prep.plan.npatch() {
+        bail!(
+            "nothing was extracted: of {} patches, {} left the CCD and {} failed even with \
+             regularisation; no output written",
+            prep.plan.npatch(),
+            st.dropped,
+            st.failed
+        );
+    }
+    if st.failed > 0 {
+        warn!(
+            "{} patches failed even with regularisation: their bins have ivar 0 and mask NODATA",
+            st.failed
+        );
+    }
     write_outputs(&prep, &res, args)?;
-    info!("wrote {} in {:.2}s total", args.output.display(), start.elapsed().as_secs_f64());
+    info!(
+        "wrote {} in {:.2}s total",
+        args.output.display(),
+        start.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -277,8 +359,16 @@ fn write_outputs(prep: &Prepared, res: &FrameResult, args: &ExtractArgs) -> Resu
         orig_psf: prep.psf.in_psf.clone(),
         fibermap_from: prep.preproc.has_fibermap.then(|| args.flags.image.clone()),
         extra: vec![
-            ("PSFERR".into(), format!("{}", prep.opts.psferr), "PSF model error used by chi2pix".into()),
-            ("REGULARI".into(), format!("{}", prep.opts.regularize), "regularisation".into()),
+            (
+                "PSFERR".into(),
+                format!("{}", prep.opts.psferr),
+                "PSF model error used by chi2pix".into(),
+            ),
+            (
+                "REGULARI".into(),
+                format!("{}", prep.opts.regularize),
+                "regularisation".into(),
+            ),
         ],
     };
     write_frame(&args.output, &frame, &meta, args.overwrite)?;
