@@ -1,0 +1,20 @@
+//! Integration tests: the real `spextract` binary on real and simulated data, plus the library's
+//! comparison functions.
+//!
+//! - `real_data`: parity with gpu_specter and truth recovery through the real DESI PSF (skipped,
+//!   with a message, when `../shared/data` is absent).
+//! - `synthetic`: truth recovery through synthetic PSFs of several shapes and fiber subsets.
+//! - `structure`: determinism across thread counts, ivar and NODATA, the resolution band.
+//! - `format`: the frame's HDUs, dtypes and shapes, also as Python's fitsio and astropy see them.
+//! - `cli`: bad inputs fail with exit code 2, a message naming the problem and no output file.
+//!
+//! One binary (`autotests = false` in Cargo.toml) so that the suite links once.
+
+#[macro_use]
+mod common;
+
+mod cli;
+mod format;
+mod real_data;
+mod structure;
+mod synthetic;
