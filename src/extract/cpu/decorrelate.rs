@@ -22,6 +22,7 @@ pub struct DecorrWork {
     x: Vec<f64>,
     blocks: Vec<f64>,
     deep: Vec<f64>,
+    inv_diag: Vec<f64>,
     eig_w: Vec<f64>,
     scaled: Vec<f64>,
     eig: SyevdWork,
@@ -115,6 +116,10 @@ impl DecorrWork {
         self.band.resize(n * ldab, 0.0);
         self.z.clear();
         self.z.resize(n, 0.0);
+        // Multiplying by 1/L_ii keeps divisions out of the dependent chain of each row group.
+        self.inv_diag.clear();
+        self.inv_diag.extend((0..n).map(|i| 1.0 / self.ab[i * ldab]));
+        let inv_diag = &self.inv_diag;
         let ab = &self.ab;
         let z = &mut self.z;
         for j in (0..n).rev() {
@@ -150,9 +155,9 @@ impl DecorrWork {
                             sum += lcol[t - u] * z[top - u];
                         }
                     }
-                    let lii = lcol[0];
-                    let delta = if r == j { 1.0 / lii } else { 0.0 };
-                    z[r] = (delta - sum) / lii;
+                    let inv = inv_diag[r];
+                    let delta = if r == j { inv } else { 0.0 };
+                    z[r] = (delta - sum) * inv;
                 }
                 if top < lo + g {
                     break;
