@@ -26,7 +26,7 @@ pub enum Command {
     Extract(ExtractArgs),
     /// Simulate a preproc image and its truth spectra through a PSF.
     Simulate(simulate::SimulateArgs),
-    /// Compare a frame with another frame or with the truth (extraction.md §8).
+    /// Judge a frame: alone, against another frame, and/or against the truth (extraction.md §8).
     Compare(compare::CompareArgs),
     /// Time the extraction of a frame at several thread counts.
     Bench(bench::BenchArgs),
