@@ -48,7 +48,7 @@ pub struct Config {
 #[serde(deny_unknown_fields, default)]
 pub struct ExtractConfig {
     /// Output grid `[wmin, wmax, dw]` in Ångström; empty means the camera default from the
-    /// PSF's CAMERA (b 3600–5800, r 5760–7620, z 7520–9824, dw 0.8).
+    /// image's CAMERA header (b 3600–5800, r 5760–7620, z 7520–9824, dw 0.8).
     pub wavelength: Vec<f64>,
     /// First fiber to extract.
     pub specmin: usize,
