@@ -121,10 +121,12 @@ macro_rules! run {
     };
 }
 
-/// The shared test data folder if it holds every one of `files`; otherwise `None`, with a
-/// message saying why the test is skipped.
+/// The shared test data folder (`../shared/data`, or `$SPEXTRACT_TEST_DATA`) if it holds every
+/// one of `files`; otherwise `None`, with a message saying why the test is skipped.
 pub fn shared_data(files: &[&str]) -> Option<PathBuf> {
-    let dir = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data"));
+    let dir = std::env::var_os("SPEXTRACT_TEST_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data")));
     for f in files {
         let p = dir.join(f);
         if !p.is_file() {
@@ -132,7 +134,7 @@ pub fn shared_data(files: &[&str]) -> Option<PathBuf> {
             return None;
         }
     }
-    Some(dir.to_path_buf())
+    Some(dir)
 }
 
 /// Asserts that neither `path` nor a temporary of it (`.name.tmp-*`) exists.
