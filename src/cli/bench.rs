@@ -6,7 +6,6 @@ use std::time::Instant;
 
 use anyhow::Result;
 use clap::Args;
-use ndarray::s;
 
 use super::extract::{prepare, run_extraction};
 use super::ExtractionFlags;
@@ -107,17 +106,13 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             if !window.on_ccd(prep.psf.npix_y, prep.psf.npix_x) {
                 continue;
             }
-            let (r, c) = (
-                window.ymin as usize..window.ymax as usize,
-                window.xmin as usize..window.xmax as usize,
-            );
-            let inp = PatchInput {
-                patch: *p,
+            let inp = PatchInput::from_ccd(
+                *p,
                 window,
-                pix: prep.preproc.image.slice(s![r.clone(), c.clone()]),
-                ivar: prep.preproc.ivar.slice(s![r, c]),
-                spots: &sp,
-            };
+                prep.preproc.image.view(),
+                prep.preproc.ivar.view(),
+                &sp,
+            );
             let t = Instant::now();
             let _ = crate::extract::cpu::extract_patch(&inp, &prep.opts, &mut ws);
             t_fast += t.elapsed().as_secs_f64();

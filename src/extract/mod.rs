@@ -40,6 +40,28 @@ pub struct PatchInput<'a> {
     pub spots: &'a SpotSet,
 }
 
+impl<'a> PatchInput<'a> {
+    /// The input of `patch`, reading `window` out of the whole-CCD `pix` and `ivar`; the window
+    /// must lie on the CCD (`PixelWindow::on_ccd`).
+    pub fn from_ccd(
+        patch: Patch,
+        window: PixelWindow,
+        pix: ArrayView2<'a, f64>,
+        ivar: ArrayView2<'a, f64>,
+        spots: &'a SpotSet,
+    ) -> PatchInput<'a> {
+        let rows = window.ymin as usize..window.ymax as usize;
+        let cols = window.xmin as usize..window.xmax as usize;
+        PatchInput {
+            patch,
+            window,
+            pix: pix.slice_move(ndarray::s![rows.clone(), cols.clone()]),
+            ivar: ivar.slice_move(ndarray::s![rows, cols]),
+            spots,
+        }
+    }
+}
+
 /// What happened while extracting a patch (counts, not errors: faer's `Info` pattern).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PatchInfo {

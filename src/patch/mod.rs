@@ -3,8 +3,8 @@
 //! Imports only `psf`; knows nothing of files, MPI or backends.
 
 pub mod assemble;
-pub mod plan;
 pub mod pixels;
+pub mod plan;
 
-pub use plan::{Patch, PatchOptions, Plan, WaveGrid};
 pub use pixels::PixelWindow;
+pub use plan::{Patch, PatchOptions, Plan, WaveGrid};

@@ -62,7 +62,13 @@ pub fn window(patch: &Patch, spots: &SpotSet, pixpad_frac: f64) -> PixelWindow {
     let f0 = patch.specmin - spots.grid.fibermin;
     let w0 = patch.iwave;
     let (xmin, xmax, ypadmin, ypadmax) = xyrange(spots, f0, patch.nspecpad, w0, patch.nwavetot);
-    let (_, _, ymin, ymax) = xyrange(spots, f0, patch.nspecpad, w0 + patch.wavepad, patch.nwavetot - 2 * patch.wavepad);
+    let (_, _, ymin, ymax) = xyrange(
+        spots,
+        f0,
+        patch.nspecpad,
+        w0 + patch.wavepad,
+        patch.nwavetot - 2 * patch.wavepad,
+    );
     // `1 - pixpad_frac` is evaluated in f64 as gpu_specter does (0.19999999999999996 for 0.8).
     let ypadlo = ((ymin - ypadmin) as f64 * (1.0 - pixpad_frac)) as i64;
     let ypadhi = ((ymax - ypadmin) as f64 + (ypadmax - ymax) as f64 * pixpad_frac) as i64;

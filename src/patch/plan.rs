@@ -40,7 +40,10 @@ impl PatchOptions {
     /// Checks the options are usable.
     pub fn validate(&self) -> Result<(), String> {
         if self.bundlesize == 0 || self.bundlesize > 10_000 {
-            return Err(format!("bundlesize {} must be in 1..=10000", self.bundlesize));
+            return Err(format!(
+                "bundlesize {} must be in 1..=10000",
+                self.bundlesize
+            ));
         }
         if self.nsubbundles == 0 || self.nsubbundles > self.bundlesize {
             return Err(format!(
@@ -55,7 +58,10 @@ impl PatchOptions {
             return Err("wavepad must be ≤ 10000 and wavepad_frac in [0, 10]".into());
         }
         if !(0.0..=1.0).contains(&self.pixpad_frac) {
-            return Err(format!("pixpad_frac {} must be in [0, 1]", self.pixpad_frac));
+            return Err(format!(
+                "pixpad_frac {} must be in [0, 1]",
+                self.pixpad_frac
+            ));
         }
         Ok(())
     }
@@ -84,7 +90,9 @@ impl WaveGrid {
         let stop = wmax + dw / 2.0;
         let n = ((stop - wmin) / dw).ceil();
         if !(1.0..=1.0e6).contains(&n) {
-            return Err(format!("wavelength range {wmin},{wmax},{dw} gives {n} bins"));
+            return Err(format!(
+                "wavelength range {wmin},{wmax},{dw} gives {n} bins"
+            ));
         }
         let n = n as usize;
         let step = (wmin + dw) - wmin;
@@ -200,8 +208,12 @@ impl Plan {
                 // boundary; neighbours must exist in the PSF.
                 let rel_lo = ispec - bspecmin;
                 let rel_hi = rel_lo + nsub;
-                let lo = if rel_lo % opts.bundlesize != 0 { ispec - 1 } else { ispec };
-                let hi = if rel_hi % opts.bundlesize != 0 {
+                let lo = if !rel_lo.is_multiple_of(opts.bundlesize) {
+                    ispec - 1
+                } else {
+                    ispec
+                };
+                let hi = if !rel_hi.is_multiple_of(opts.bundlesize) {
                     (ispec + nsub + 1).min(nfiber_psf)
                 } else {
                     ispec + nsub
@@ -262,7 +274,10 @@ mod tests {
         assert_eq!(plan.bundles.len(), 20);
         assert_eq!(plan.npatch(), 20 * 5 * 47);
         let b0 = &plan.patches[0];
-        assert_eq!((b0[0].specmin, b0[0].nspecpad, b0[0].nunknown()), (0, 6, 444));
+        assert_eq!(
+            (b0[0].specmin, b0[0].nspecpad, b0[0].nunknown()),
+            (0, 6, 444)
+        );
         let mid = b0.iter().find(|p| p.ispec == 10).unwrap();
         assert_eq!((mid.specmin, mid.nspecpad, mid.nunknown()), (9, 7, 518));
         let last = b0.last().unwrap();

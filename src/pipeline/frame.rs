@@ -123,7 +123,9 @@ pub fn extract_frame(
         chi2pix: Array2::zeros((nspec, nwave)),
         pixmask_fraction: Array2::zeros((nspec, nwave)),
         nodata: Array2::from_elem((nspec, nwave), false),
-        model: opts.model_image.then(|| Array2::zeros((psf.npix_y, psf.npix_x))),
+        model: opts
+            .model_image
+            .then(|| Array2::zeros((psf.npix_y, psf.npix_x))),
         stats: FrameStats::default(),
     };
     let total = plan.npatch();
@@ -135,7 +137,11 @@ pub fn extract_frame(
         }
         let t0 = Instant::now();
         let fmin = patches.iter().map(|p| p.specmin).min().unwrap_or(0);
-        let fmax = patches.iter().map(|p| p.specmin + p.nspecpad).max().unwrap_or(0);
+        let fmax = patches
+            .iter()
+            .map(|p| p.specmin + p.nspecpad)
+            .max()
+            .unwrap_or(0);
         spots::evaluate_into(psf, fmin, fmax - fmin, &grid.padded, &mut spots)?;
         let t1 = Instant::now();
         let mut inputs = Vec::with_capacity(patches.len());
@@ -147,15 +153,7 @@ pub fn extract_frame(
                 mark_nodata(&mut out, p.ispec, p.nspec, p.iwave, p.nwave_keep);
                 continue;
             }
-            let rows = window.ymin as usize..window.ymax as usize;
-            let cols = window.xmin as usize..window.xmax as usize;
-            inputs.push(PatchInput {
-                patch: *p,
-                window,
-                pix: pix.slice(s![rows.clone(), cols.clone()]),
-                ivar: ivar.slice(s![rows, cols]),
-                spots: &spots,
-            });
+            inputs.push(PatchInput::from_ccd(*p, window, pix, ivar, &spots));
             slots.push(*p);
         }
         let results = backend.extract_batch(&inputs, opts)?;
@@ -169,9 +167,15 @@ pub fn extract_frame(
                 mark_nodata(&mut out, p.ispec, p.nspec, p.iwave, nk);
                 continue;
             }
-            out.flux.slice_mut(s![f..f + p.nspec, w0..w0 + nk]).assign(&r.flux);
-            out.ivar.slice_mut(s![f..f + p.nspec, w0..w0 + nk]).assign(&r.fluxivar);
-            out.chi2pix.slice_mut(s![f..f + p.nspec, w0..w0 + nk]).assign(&r.chi2pix);
+            out.flux
+                .slice_mut(s![f..f + p.nspec, w0..w0 + nk])
+                .assign(&r.flux);
+            out.ivar
+                .slice_mut(s![f..f + p.nspec, w0..w0 + nk])
+                .assign(&r.fluxivar);
+            out.chi2pix
+                .slice_mut(s![f..f + p.nspec, w0..w0 + nk])
+                .assign(&r.chi2pix);
             out.pixmask_fraction
                 .slice_mut(s![f..f + p.nspec, w0..w0 + nk])
                 .assign(&r.pixmask_fraction);

@@ -127,8 +127,11 @@ pub fn evaluate_into(
         .for_each(|(f, ((((values, xc), yc), x), y))| {
             let mut ev = SpotEvaluator::new(psf, &index);
             for (w, &wave) in waves.iter().enumerate() {
-                let (sx, sy, cx, cy) =
-                    ev.spot(fibermin + f, wave, &mut values[w * ny * nx..(w + 1) * ny * nx]);
+                let (sx, sy, cx, cy) = ev.spot(
+                    fibermin + f,
+                    wave,
+                    &mut values[w * ny * nx..(w + 1) * ny * nx],
+                );
                 x[w] = sx;
                 y[w] = sy;
                 xc[w] = cx;

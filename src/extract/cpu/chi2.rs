@@ -41,11 +41,22 @@ pub fn add_spots(
 /// Per-pixel chi² and the indicator of `totivar > 0`, from the model (gpu_specter CPU path:
 /// `modelivar = (psferr·model + 1e-32)⁻²`, `totivar = 1/(1/modelivar + 1/ivar)`).
 #[inline(never)]
-pub fn pixel_chi2(input: &PatchInput<'_>, model: &[f64], psferr: f64, chi2: &mut Vec<f64>, valid: &mut Vec<f64>) {
+pub fn pixel_chi2(
+    input: &PatchInput<'_>,
+    model: &[f64],
+    psferr: f64,
+    chi2: &mut Vec<f64>,
+    valid: &mut Vec<f64>,
+) {
     let nxw = input.window.nx();
     chi2.clear();
     valid.clear();
-    for (r, (prow, wrow)) in input.pix.outer_iter().zip(input.ivar.outer_iter()).enumerate() {
+    for (r, (prow, wrow)) in input
+        .pix
+        .outer_iter()
+        .zip(input.ivar.outer_iter())
+        .enumerate()
+    {
         for c in 0..nxw {
             let m = model[r * nxw + c];
             let ivar = wrow[c];
@@ -74,7 +85,11 @@ pub fn project(input: &PatchInput<'_>, g: &SpotGeom, values: &[f64]) -> f64 {
     for iy in g.iy0..g.iy1 {
         let r = (g.row0 + iy as i64) as usize;
         let src = &values[r * nxw + g.col0 as usize..r * nxw + g.col0 as usize + nx];
-        sum += spot[iy * nx..(iy + 1) * nx].iter().zip(src).map(|(a, b)| a * b).sum::<f64>();
+        sum += spot[iy * nx..(iy + 1) * nx]
+            .iter()
+            .zip(src)
+            .map(|(a, b)| a * b)
+            .sum::<f64>();
     }
     sum
 }

@@ -118,16 +118,15 @@ impl DecorrWork {
         self.z.resize(n, 0.0);
         // Multiplying by 1/L_ii keeps divisions out of the dependent chain of each row group.
         self.inv_diag.clear();
-        self.inv_diag.extend((0..n).map(|i| 1.0 / self.ab[i * ldab]));
+        self.inv_diag
+            .extend((0..n).map(|i| 1.0 / self.ab[i * ldab]));
         let inv_diag = &self.inv_diag;
         let ab = &self.ab;
         let z = &mut self.z;
         for j in (0..n).rev() {
             // C[k, j] for k > j is C[j, k], already in the band of column j.
             let kmax = (j + kd).min(n - 1);
-            for k in j + 1..=kmax {
-                z[k] = self.band[j * ldab + (k - j)];
-            }
+            z[j + 1..=kmax].copy_from_slice(&self.band[j * ldab + 1..=j * ldab + (kmax - j)]);
             // Rows j down to j - kd, GROUP at a time: their dots over the rows already known
             // are independent, so they overlap instead of forming one serial chain; the few
             // terms inside the group are added afterwards.
@@ -164,8 +163,8 @@ impl DecorrWork {
                 }
                 top -= g;
             }
-            for i in j.saturating_sub(kd)..=j {
-                self.band[i * ldab + (j - i)] = z[i];
+            for (i, &v) in z.iter().enumerate().take(j + 1).skip(j.saturating_sub(kd)) {
+                self.band[i * ldab + (j - i)] = v;
             }
         }
         // Phase 2. Core columns in increasing j: column index c ↔ (w = c / ncore, fiber
@@ -198,7 +197,14 @@ impl DecorrWork {
             let m = kd.min(n - 1 - i);
             let neg_inv = -1.0 / lcol[0];
             let (upto, below) = deep.split_at_mut((i + 1) * nc);
-            simd::recurrence_row(&lcol[1..=m], below, nc, first, neg_inv, &mut upto[i * nc + first..]);
+            simd::recurrence_row(
+                &lcol[1..=m],
+                below,
+                nc,
+                first,
+                neg_inv,
+                &mut upto[i * nc + first..],
+            );
         }
         self.blocks.clear();
         self.blocks.resize(ncore * nwt * nwt, 0.0);

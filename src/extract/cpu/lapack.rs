@@ -25,7 +25,10 @@ pub fn pbtrf_lower(n: usize, kd: usize, ab: &mut [f64]) -> i32 {
 
 /// Solves `A x = b` with the factor from [`pbtrf_lower`]; `b` is overwritten by `x`.
 pub fn pbtrs_lower(n: usize, kd: usize, ab: &[f64], b: &mut [f64]) -> i32 {
-    assert!(ab.len() >= n * (kd + 1) && b.len() >= n, "band storage or rhs too small");
+    assert!(
+        ab.len() >= n * (kd + 1) && b.len() >= n,
+        "band storage or rhs too small"
+    );
     let (nn, kd, ldab, one) = (int(n), int(kd), int(kd + 1), 1 as c_int);
     let mut info: c_int = 0;
     // SAFETY: sizes checked above; dpbtrs only reads `ab` (n·ldab) and writes b (n·1).
@@ -133,7 +136,9 @@ mod tests {
         }
         let mut b: Vec<f64> = (0..n)
             .map(|i| {
-                4.0 * x[i] - if i > 0 { x[i - 1] } else { 0.0 } - if i + 1 < n { x[i + 1] } else { 0.0 }
+                4.0 * x[i]
+                    - if i > 0 { x[i - 1] } else { 0.0 }
+                    - if i + 1 < n { x[i + 1] } else { 0.0 }
             })
             .collect();
         assert_eq!(pbtrf_lower(n, 1, &mut ab), 0);
@@ -149,7 +154,8 @@ mod tests {
         let mut m = vec![0.0; n * n];
         for i in 0..n {
             for j in 0..n {
-                m[i + j * n] = 1.0 / (1.0 + (i as f64 - j as f64).abs()) + if i == j { 2.0 } else { 0.0 };
+                m[i + j * n] =
+                    1.0 / (1.0 + (i as f64 - j as f64).abs()) + if i == j { 2.0 } else { 0.0 };
             }
         }
         let orig = m.clone();

@@ -5,8 +5,8 @@ mod chi2;
 mod decorrelate;
 pub mod lapack;
 mod normal;
-mod simd;
 pub mod oracle;
+mod simd;
 
 use ndarray::Array2;
 use rayon::prelude::*;
@@ -46,7 +46,11 @@ const DIAG_EPSILON: f64 = 1e-15;
 const RETRY_DIAG_EPSILON: f64 = 1e-8;
 
 /// Extracts one patch on the calling thread.
-pub fn extract_patch(input: &PatchInput<'_>, opts: &ExtractOptions, ws: &mut Workspace) -> PatchResult {
+pub fn extract_patch(
+    input: &PatchInput<'_>,
+    opts: &ExtractOptions,
+    ws: &mut Workspace,
+) -> PatchResult {
     lapack::single_threaded_blas();
     match solve(input, opts, opts.regularize, DIAG_EPSILON, ws) {
         Some(mut res) => {
@@ -57,12 +61,18 @@ pub fn extract_patch(input: &PatchInput<'_>, opts: &ExtractOptions, ws: &mut Wor
             let reg = opts.regularize.max(RETRY_REGULARIZE);
             match solve(input, opts, reg, RETRY_DIAG_EPSILON, ws) {
                 Some(mut res) => {
-                    res.info = PatchInfo { retried: true, failed: false };
+                    res.info = PatchInfo {
+                        retried: true,
+                        failed: false,
+                    };
                     res
                 }
                 None => {
                     let mut res = PatchResult::empty(&input.patch, opts.ndiag);
-                    res.info = PatchInfo { retried: true, failed: true };
+                    res.info = PatchInfo {
+                        retried: true,
+                        failed: true,
+                    };
                     res
                 }
             }
@@ -96,7 +106,12 @@ fn solve(
             wspot: &mut ws.wspot[..n * nps],
         },
     );
-    normal::regularize(&mut ws.icov[..n * n], &ws.fluxweight[..n], regularize, epsilon);
+    normal::regularize(
+        &mut ws.icov[..n * n],
+        &ws.fluxweight[..n],
+        regularize,
+        epsilon,
+    );
     let nwt = p.nwavetot;
     let nstep = nwt - 2 * p.wavepad;
     let layout = Layout {
@@ -109,7 +124,14 @@ fn solve(
     };
     let x = ws
         .decorr
-        .run(layout, &ws.icov[..n * n], &ws.rhs[..n], kd, &mut ws.r, &mut ws.s)
+        .run(
+            layout,
+            &ws.icov[..n * n],
+            &ws.rhs[..n],
+            kd,
+            &mut ws.r,
+            &mut ws.s,
+        )
         .ok()?
         .to_vec();
     let nrow = layout.row_hi - layout.row_lo;
@@ -145,7 +167,8 @@ fn solve(
     chi2::model(input, &ws.geom, &x, &mut ws.model);
     chi2::pixel_chi2(input, &ws.model, opts.psferr, &mut ws.chi2, &mut ws.valid);
     ws.masked.clear();
-    ws.masked.extend(input.ivar.iter().map(|&v| if v == 0.0 { 1.0 } else { 0.0 }));
+    ws.masked
+        .extend(input.ivar.iter().map(|&v| if v == 0.0 { 1.0 } else { 0.0 }));
     for c in 0..p.nspec {
         let f = layout.core_fiber + c;
         for j in 0..nkeep {
@@ -200,7 +223,11 @@ impl Backend for CpuBackend {
 
 /// Rejects inputs whose arrays disagree with their window or spots.
 pub fn check_input(inp: &PatchInput<'_>) -> Result<(), ExtractError> {
-    let bad = |msg: String| ExtractError::BadInput { ispec: inp.patch.ispec, iwave: inp.patch.iwave, msg };
+    let bad = |msg: String| ExtractError::BadInput {
+        ispec: inp.patch.ispec,
+        iwave: inp.patch.iwave,
+        msg,
+    };
     let shape = (inp.window.ny(), inp.window.nx());
     if inp.pix.dim() != shape || inp.ivar.dim() != shape {
         return Err(bad(format!(

@@ -50,13 +50,19 @@ pub fn extract_patch_dense(input: &PatchInput<'_>, opts: &ExtractOptions) -> Opt
     let minweight = 1e-4 * fluxweight.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     for u in 0..n {
         let fw = fluxweight[u];
-        let l2 = if fw < minweight { (minweight - fw).powi(2) } else { opts.regularize.powi(2) };
+        let l2 = if fw < minweight {
+            (minweight - fw).powi(2)
+        } else {
+            opts.regularize.powi(2)
+        };
         icov[[u, u]] += l2 + 1e-15;
     }
     let x = icov.solve(&y).ok()?;
     let sym = (&icov + &icov.t()) / 2.0;
     let (lam, v) = sym.eigh(UPLO::Lower).ok()?;
-    let cov = v.dot(&Array2::from_diag(&lam.mapv(|l| 1.0 / l))).dot(&v.t());
+    let cov = v
+        .dot(&Array2::from_diag(&lam.mapv(|l| 1.0 / l)))
+        .dot(&v.t());
     let nwt = p.nwavetot;
     let nstep = nwt - 2 * p.wavepad;
     let ndiag = opts.ndiag;
@@ -65,9 +71,13 @@ pub fn extract_patch_dense(input: &PatchInput<'_>, opts: &ExtractOptions) -> Opt
     let mut flux_all = Array2::<f64>::zeros((p.nspec, nstep));
     for c in 0..p.nspec {
         let f = core0 + c;
-        let blk = cov.slice(s![f * nwt..(f + 1) * nwt, f * nwt..(f + 1) * nwt]).to_owned();
+        let blk = cov
+            .slice(s![f * nwt..(f + 1) * nwt, f * nwt..(f + 1) * nwt])
+            .to_owned();
         let (bl, bv) = blk.eigh(UPLO::Lower).ok()?;
-        let q = bv.dot(&Array2::from_diag(&bl.mapv(|l| 1.0 / l.sqrt()))).dot(&bv.t());
+        let q = bv
+            .dot(&Array2::from_diag(&bl.mapv(|l| 1.0 / l.sqrt())))
+            .dot(&bv.t());
         let srow = q.sum_axis(Axis(1));
         let r = &q / &srow.view().insert_axis(Axis(1));
         let flux = r.dot(&x.slice(s![f * nwt..(f + 1) * nwt]));
@@ -91,7 +101,11 @@ pub fn extract_patch_dense(input: &PatchInput<'_>, opts: &ExtractOptions) -> Opt
     let mut valid = Array1::zeros(model.len());
     for i in 0..model.len() {
         let modelivar = (opts.psferr * model[i] + 1e-32).powi(-2);
-        let tot = if modelivar > 0.0 && ivar[i] > 0.0 { 1.0 / (1.0 / modelivar + 1.0 / ivar[i]) } else { 0.0 };
+        let tot = if modelivar > 0.0 && ivar[i] > 0.0 {
+            1.0 / (1.0 / modelivar + 1.0 / ivar[i])
+        } else {
+            0.0
+        };
         chi2[i] = (pix[i] - model[i]).powi(2) * tot;
         valid[i] = if tot > 0.0 { 1.0 } else { 0.0 };
     }
@@ -114,7 +128,10 @@ pub fn extract_patch_dense(input: &PatchInput<'_>, opts: &ExtractOptions) -> Opt
             }
         }
         let img = a.dot(&coef);
-        res.model = Some(img.into_shape_with_order((input.window.ny(), input.window.nx())).ok()?);
+        res.model = Some(
+            img.into_shape_with_order((input.window.ny(), input.window.nx()))
+                .ok()?,
+        );
     }
     Some(res)
 }

@@ -4,7 +4,14 @@
 
 /// `out[c] = neg_inv · Σ_d ltail[d] · below[d·nc + first + c]` for `c < out.len()`: one row of
 /// the recurrence `Lᵀ C = L⁻¹` for every active core column (see `decorrelate.rs`).
-pub fn recurrence_row(ltail: &[f64], below: &[f64], nc: usize, first: usize, neg_inv: f64, out: &mut [f64]) {
+pub fn recurrence_row(
+    ltail: &[f64],
+    below: &[f64],
+    nc: usize,
+    first: usize,
+    neg_inv: f64,
+    out: &mut [f64],
+) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
@@ -19,12 +26,26 @@ pub fn recurrence_row(ltail: &[f64], below: &[f64], nc: usize, first: usize, neg
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn recurrence_row_avx512(ltail: &[f64], below: &[f64], nc: usize, first: usize, neg_inv: f64, out: &mut [f64]) {
+unsafe fn recurrence_row_avx512(
+    ltail: &[f64],
+    below: &[f64],
+    nc: usize,
+    first: usize,
+    neg_inv: f64,
+    out: &mut [f64],
+) {
     recurrence_row_generic(ltail, below, nc, first, neg_inv, out);
 }
 
 #[inline(always)]
-fn recurrence_row_generic(ltail: &[f64], below: &[f64], nc: usize, first: usize, neg_inv: f64, out: &mut [f64]) {
+fn recurrence_row_generic(
+    ltail: &[f64],
+    below: &[f64],
+    nc: usize,
+    first: usize,
+    neg_inv: f64,
+    out: &mut [f64],
+) {
     let width = out.len();
     let mut c0 = 0;
     while c0 < width {

@@ -16,13 +16,26 @@ pub(crate) fn toy_psf(nfiber: usize, ghdeg: usize) -> Psf {
         coeff: Array2::from_shape_fn((nfiber, 2), |(i, k)| f(i)[k]),
     };
     let mut params = vec![
-        PsfParam { name: "GHSIGX".into(), series: set(&|_| vec![1.05, 0.03]) },
-        PsfParam { name: "GHSIGY".into(), series: set(&|_| vec![1.1, 0.05]) },
+        PsfParam {
+            name: "GHSIGX".into(),
+            series: set(&|_| vec![1.05, 0.03]),
+        },
+        PsfParam {
+            name: "GHSIGY".into(),
+            series: set(&|_| vec![1.1, 0.05]),
+        },
     ];
     for i in 0..=ghdeg {
         for j in 0..=ghdeg {
-            let c0 = if i == 0 && j == 0 { 1.0 } else { 0.02 / (1 + i + j) as f64 };
-            params.push(PsfParam { name: format!("GH-{i}-{j}"), series: set(&|_| vec![c0, 0.01]) });
+            let c0 = if i == 0 && j == 0 {
+                1.0
+            } else {
+                0.02 / (1 + i + j) as f64
+            };
+            params.push(PsfParam {
+                name: format!("GH-{i}-{j}"),
+                series: set(&|_| vec![c0, 0.01]),
+            });
         }
     }
     Psf {
@@ -45,7 +58,13 @@ pub(crate) fn toy_psf(nfiber: usize, ghdeg: usize) -> Psf {
 #[test]
 fn fast_path_matches_dense_oracle() {
     let psf = toy_psf(12, 2);
-    let popts = PatchOptions { bundlesize: 12, nsubbundles: 3, nwavestep: 20, wavepad: 5, ..Default::default() };
+    let popts = PatchOptions {
+        bundlesize: 12,
+        nsubbundles: 3,
+        nwavestep: 20,
+        wavepad: 5,
+        ..Default::default()
+    };
     let grid = WaveGrid::new(5200.0, 5260.0, 1.0, &popts).unwrap();
     let plan = Plan::new(0, 12, grid.wave.len(), psf.nfiber(), &popts);
     let spots = spots::evaluate(&psf, 0, 12, &grid.padded).unwrap();
@@ -59,20 +78,18 @@ fn fast_path_matches_dense_oracle() {
             ivar.slice_mut(s![r, ..]).fill(0.0);
         }
     }
-    let opts = ExtractOptions { regularize: 0.0, psferr: 0.01, ndiag: 3, model_image: true };
+    let opts = ExtractOptions {
+        regularize: 0.0,
+        psferr: 0.01,
+        ndiag: 3,
+        model_image: true,
+    };
     let mut ws = Workspace::default();
     let mut checked = 0;
     for p in plan.patches.iter().flatten() {
         let window = pixels::window(p, &spots, popts.pixpad_frac);
         assert!(window.on_ccd(psf.npix_y, psf.npix_x));
-        let (rows, cols) = (window.ymin as usize..window.ymax as usize, window.xmin as usize..window.xmax as usize);
-        let inp = PatchInput {
-            patch: *p,
-            window,
-            pix: pix.slice(s![rows.clone(), cols.clone()]),
-            ivar: ivar.slice(s![rows, cols]),
-            spots: &spots,
-        };
+        let inp = PatchInput::from_ccd(*p, window, pix.view(), ivar.view(), &spots);
         let fast = extract_patch(&inp, &opts, &mut ws);
         let dense = oracle::extract_patch_dense(&inp, &opts).expect("oracle solves");
         assert!(!fast.info.failed && !fast.info.retried);
@@ -87,7 +104,10 @@ fn fast_path_matches_dense_oracle() {
             assert!((a - b).abs() < 1e-9, "resolution {a} vs {b}");
         }
         for (a, b) in fast.chi2pix.iter().zip(&dense.chi2pix) {
-            assert!((a - b).abs() <= 1e-8 * (1.0 + b.abs()), "chi2pix {a} vs {b}");
+            assert!(
+                (a - b).abs() <= 1e-8 * (1.0 + b.abs()),
+                "chi2pix {a} vs {b}"
+            );
         }
         for (a, b) in fast.pixmask_fraction.iter().zip(&dense.pixmask_fraction) {
             assert!((a - b).abs() < 1e-12);
@@ -104,25 +124,29 @@ fn fast_path_matches_dense_oracle() {
 #[test]
 fn resolution_rows_sum_to_one_and_the_band_keeps_them() {
     let psf = toy_psf(10, 2);
-    let popts = PatchOptions { bundlesize: 10, nsubbundles: 2, nwavestep: 30, wavepad: 8, ..Default::default() };
+    let popts = PatchOptions {
+        bundlesize: 10,
+        nsubbundles: 2,
+        nwavestep: 30,
+        wavepad: 8,
+        ..Default::default()
+    };
     let grid = WaveGrid::new(5300.0, 5360.0, 1.0, &popts).unwrap();
     let plan = Plan::new(0, 10, grid.wave.len(), psf.nfiber(), &popts);
     let spots = spots::evaluate(&psf, 0, 10, &grid.padded).unwrap();
     let pix = Array2::from_elem((psf.npix_y, psf.npix_x), 50.0);
     let ivar = Array2::from_elem(pix.dim(), 0.02);
     let ndiag = 3;
-    let opts = ExtractOptions { regularize: 0.0, psferr: 0.01, ndiag, model_image: false };
+    let opts = ExtractOptions {
+        regularize: 0.0,
+        psferr: 0.01,
+        ndiag,
+        model_image: false,
+    };
     let mut ws = Workspace::default();
     for p in plan.patches.iter().flatten() {
         let window = pixels::window(p, &spots, popts.pixpad_frac);
-        let (rows, cols) = (window.ymin as usize..window.ymax as usize, window.xmin as usize..window.xmax as usize);
-        let inp = PatchInput {
-            patch: *p,
-            window,
-            pix: pix.slice(s![rows.clone(), cols.clone()]),
-            ivar: ivar.slice(s![rows, cols]),
-            spots: &spots,
-        };
+        let inp = PatchInput::from_ccd(*p, window, pix.view(), ivar.view(), &spots);
         let res = extract_patch(&inp, &opts, &mut ws);
         assert!(!res.info.failed);
         let nwt = p.nwavetot;
