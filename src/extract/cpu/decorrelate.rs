@@ -10,8 +10,6 @@
 use super::lapack::{self, SyevdWork};
 use super::simd;
 
-/// Rows of the band recurrence whose independent dots are issued together.
-const GROUP: usize = 8;
 
 /// Scratch for one patch's factorisation and decorrelation.
 #[derive(Debug, Default)]
@@ -22,7 +20,6 @@ pub struct DecorrWork {
     x: Vec<f64>,
     blocks: Vec<f64>,
     deep: Vec<f64>,
-    inv_diag: Vec<f64>,
     eig_w: Vec<f64>,
     scaled: Vec<f64>,
     eig: SyevdWork,
@@ -100,72 +97,52 @@ impl DecorrWork {
 
     /// Fills `blocks[c][w'][w] = C[(f, w'), (f, w)]` for each core fiber `f = core_fiber + c`.
     ///
-    /// Phase 1 walks the columns from the last, computing each column of C inside the band
-    /// only (Takahashi's selected inversion, ~n·kd² flops). Phase 2 extends the core fibers'
-    /// columns above the band: there the recurrence of row i reads only rows i+1..i+kd of the
-    /// same column, so all core columns advance together, one row at a time, as a vectorised
-    /// multiply-add over a row-major `[row][core column]` array instead of one serial chain
-    /// per column.
+    /// Phase 1 computes the band of C (Takahashi's selected inversion, ~n·kd² flops) row by
+    /// row from the last: row i's off-diagonal entries need only rows i+1..i+kd of the band,
+    /// so they come out of kd vectorised multiply-adds over contiguous rows of a row-major
+    /// `[row][−kd..=kd]` band, and the diagonal then needs only row i itself. Phase 2 extends
+    /// the core fibers' columns above the band: there the recurrence of row i reads only rows
+    /// i+1..i+kd of the same column, so all core columns advance together, one row at a time.
     #[inline(never)]
     fn selected_inverse(&mut self, layout: Layout, kd: usize) {
         let (nsp, nwt) = (layout.nspecpad, layout.nwavetot);
         let n = nsp * nwt;
         let ldab = kd + 1;
-        // band[j·ldab + d] = C[j + d, j] (lower band of C, wavelength-major).
-        self.band.clear();
-        self.band.resize(n * ldab, 0.0);
+        let bw = 2 * kd + 1;
+        // band[i·bw + kd + t] = C[i, i + t] for -kd ≤ t ≤ kd (wavelength-major). Entries that
+        // point outside 0..n are never written; the rows that would read them are masked out.
+        if self.band.len() < n * bw {
+            self.band.resize(n * bw, 0.0);
+        }
         self.z.clear();
-        self.z.resize(n, 0.0);
-        // Multiplying by 1/L_ii keeps divisions out of the dependent chain of each row group.
-        self.inv_diag.clear();
-        self.inv_diag
-            .extend((0..n).map(|i| 1.0 / self.ab[i * ldab]));
-        let inv_diag = &self.inv_diag;
+        self.z.resize(kd + 1, 0.0);
         let ab = &self.ab;
-        let z = &mut self.z;
-        for j in (0..n).rev() {
-            // C[k, j] for k > j is C[j, k], already in the band of column j.
-            let kmax = (j + kd).min(n - 1);
-            z[j + 1..=kmax].copy_from_slice(&self.band[j * ldab + 1..=j * ldab + (kmax - j)]);
-            // Rows j down to j - kd, GROUP at a time: their dots over the rows already known
-            // are independent, so they overlap instead of forming one serial chain; the few
-            // terms inside the group are added afterwards.
-            let lo = j.saturating_sub(kd);
-            let mut top = j;
-            loop {
-                let g = (top - lo + 1).min(GROUP);
-                let mut part = [0.0f64; GROUP];
-                for (t, p) in part.iter_mut().enumerate().take(g) {
-                    let r = top - t;
-                    let m = kd.min(n - 1 - r);
-                    // Known rows top+1 ..= r+m, at offsets (top+1-r) ..= m of L's column r.
-                    let off = top + 1 - r;
-                    if off <= m {
-                        *p = dot(&ab[r * ldab + off..=r * ldab + m], &z[top + 1..=r + m]);
-                    }
+        let band = &mut self.band;
+        let acc = &mut self.z;
+        for i in (0..n).rev() {
+            let tmax = kd.min(n - 1 - i);
+            let lcol = &ab[i * ldab..i * ldab + tmax + 1];
+            let inv = 1.0 / lcol[0];
+            // C[i, i+t] = -(1/L_ii) Σ_d L[i+d, i] C[i+d, i+t] for t ≥ 1; C[i+d, i+t] is
+            // band[(i+d)·bw + kd + t - d]: for each d a contiguous run over t.
+            acc[..=tmax].iter_mut().for_each(|v| *v = 0.0);
+            for (d, &l) in lcol.iter().enumerate().skip(1) {
+                let base = (i + d) * bw + kd - d;
+                // t runs 1..=tmax; column i+t must exist in row i+d's band (t - d ≤ kd holds).
+                for (a, &c) in acc[1..=tmax].iter_mut().zip(&band[base + 1..=base + tmax]) {
+                    *a += l * c;
                 }
-                for t in 0..g {
-                    let r = top - t;
-                    let lcol = &ab[r * ldab..(r + 1) * ldab];
-                    let mut sum = part[t];
-                    for u in (0..t).rev() {
-                        // Row top - u lies inside the group, below r, at offset t - u.
-                        if t - u <= kd {
-                            sum += lcol[t - u] * z[top - u];
-                        }
-                    }
-                    let inv = inv_diag[r];
-                    let delta = if r == j { inv } else { 0.0 };
-                    z[r] = (delta - sum) * inv;
-                }
-                if top < lo + g {
-                    break;
-                }
-                top -= g;
             }
-            for (i, &v) in z.iter().enumerate().take(j + 1).skip(j.saturating_sub(kd)) {
-                self.band[i * ldab + (j - i)] = v;
+            let row = i * bw + kd;
+            for t in 1..=tmax {
+                let v = -acc[t] * inv;
+                band[row + t] = v;
+                // C[i+t, i], the mirror, in row i+t's lower half.
+                band[(i + t) * bw + kd - t] = v;
             }
+            // C[i, i] = (1/L_ii - Σ_d L[i+d, i] C[i, i+d]) / L_ii, with row i just computed.
+            let sum = dot(&lcol[1..], &band[row + 1..=row + tmax]);
+            band[row] = (inv - sum) * inv;
         }
         // Phase 2. Core columns in increasing j: column index c ↔ (w = c / ncore, fiber
         // core_fiber + c % ncore), so j_c = w·nsp + core_fiber + c % ncore increases with c.
@@ -181,7 +158,7 @@ impl DecorrWork {
         for c in 0..nc {
             let j = col_j(c);
             for i in j.saturating_sub(kd)..=j {
-                deep[i * nc + c] = self.band[i * ldab + (j - i)];
+                deep[i * nc + c] = self.band[i * bw + kd + (j - i)];
             }
         }
         // Columns with j_c > i + kd still need row i; they form a suffix of 0..nc.
