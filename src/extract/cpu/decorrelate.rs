@@ -130,7 +130,7 @@ impl DecorrWork {
                 let base = (i + d) * bw + kd - d;
                 // t runs 1..=tmax; column i+t must exist in row i+d's band (t - d ≤ kd holds).
                 for (a, &c) in acc[1..=tmax].iter_mut().zip(&band[base + 1..=base + tmax]) {
-                    *a += l * c;
+                    *a = l.mul_add(c, *a);
                 }
             }
             let row = i * bw + kd;
@@ -245,7 +245,7 @@ impl DecorrWork {
     }
 }
 
-/// `Σ a·b` with eight independent partial sums, so that the compiler can keep several vector
+/// `Σ a·b` with eight independent partial sums of fused multiply-adds, so that the compiler can keep several vector
 /// lanes busy instead of one serial chain of additions. The summation order is fixed, so the
 /// result does not depend on threads or batching.
 #[inline]
@@ -257,7 +257,7 @@ pub fn dot(a: &[f64], b: &[f64]) -> f64 {
     let mut cb = b.chunks_exact(8);
     for (x, y) in (&mut ca).zip(&mut cb) {
         for k in 0..8 {
-            acc[k] += x[k] * y[k];
+            acc[k] = x[k].mul_add(y[k], acc[k]);
         }
     }
     let mut tail = 0.0;
