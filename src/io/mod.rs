@@ -157,10 +157,16 @@ fn temp_path(path: &Path) -> Result<PathBuf, IoError> {
     Ok(path.with_file_name(tmp_name))
 }
 
-/// A file of the shared test data, or `None` (with a message) when it is absent.
+/// A file of the shared test data (`../shared/data`, or `$SPEXTRACT_TEST_DATA`), or `None`
+/// (with a message) when it is absent.
 #[cfg(test)]
 pub(crate) fn shared_data(file: &str) -> Option<PathBuf> {
-    let p = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data")).join(file);
+    let dir = std::env::var_os("SPEXTRACT_TEST_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data")).to_path_buf()
+        });
+    let p = dir.join(file);
     if p.exists() {
         Some(p)
     } else {

@@ -10,7 +10,6 @@
 use super::lapack::{self, SyevdWork};
 use super::simd;
 
-
 /// Scratch for one patch's factorisation and decorrelation.
 #[derive(Debug, Default)]
 pub struct DecorrWork {

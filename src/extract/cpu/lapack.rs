@@ -120,6 +120,26 @@ pub fn syevd(n: usize, a: &mut [f64], w: &mut [f64], work: &mut SyevdWork) -> i3
     info
 }
 
+extern "C" {
+    fn openblas_set_num_threads(n: c_int);
+}
+
+/// Keeps OpenBLAS single-threaded inside our own threads (its threads would oversubscribe the
+/// cores that rayon already uses), unless the user set OPENBLAS_NUM_THREADS.
+/// (Threaded OpenBLAS 0.3.21 called from several threads at once was also seen to make dsyev
+/// fail to converge.) Called once per process, from every entry point into the CPU backend.
+pub fn single_threaded_blas() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("OPENBLAS_NUM_THREADS").is_some() {
+            return;
+        }
+        // SAFETY: openblas_set_num_threads takes a plain int and only adjusts OpenBLAS's own
+        // thread-count setting.
+        unsafe { openblas_set_num_threads(1) };
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,24 +190,3 @@ mod tests {
         }
     }
 }
-
-extern "C" {
-    fn openblas_set_num_threads(n: c_int);
-}
-
-/// Keeps OpenBLAS single-threaded inside our own threads (its threads would oversubscribe the
-/// cores that rayon already uses), unless the user set OPENBLAS_NUM_THREADS.
-/// (Threaded OpenBLAS 0.3.21 called from several threads at once was also seen to make dsyev
-/// fail to converge.) Called once per process, from every entry point into the CPU backend.
-pub fn single_threaded_blas() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        if std::env::var_os("OPENBLAS_NUM_THREADS").is_some() {
-            return;
-        }
-        // SAFETY: openblas_set_num_threads takes a plain int and only adjusts OpenBLAS's own
-        // thread-count setting.
-        unsafe { openblas_set_num_threads(1) };
-    });
-}
-
