@@ -4,8 +4,8 @@
 //! Ordered wavelength-major, `AᵀWA` is a band matrix (half-bandwidth ~58 of 518 on the real r
 //! PSF), so its factor costs ~n·kd² flops. The decorrelation needs only the diagonal fiber
 //! blocks of `C = (AᵀWA)⁻¹`; they come from the factor by the recurrence `Lᵀ C = L⁻¹`
-//! (upper triangle zero), computing each column of C upwards only as far as it is needed: the
-//! band for every column, and the whole fiber block for the core fibers' columns.
+//! (upper triangle zero), computing only what is needed: the band of C, then the core fibers'
+//! columns above the band (see `selected_inverse`).
 
 use super::lapack::{self, SyevdWork};
 use super::simd;
@@ -16,6 +16,7 @@ pub struct DecorrWork {
     ab: Vec<f64>,
     band: Vec<f64>,
     z: Vec<f64>,
+    xperm: Vec<f64>,
     x: Vec<f64>,
     blocks: Vec<f64>,
     deep: Vec<f64>,
@@ -52,7 +53,9 @@ pub struct Layout {
 
 impl DecorrWork {
     /// Solves and decorrelates. `icov` is the regularised dense `AᵀWA` (fiber-major), `kd` its
-    /// wavelength-major half-bandwidth. `r_out`/`s_out` receive `R` and `s` (see [`Decorrelated`]).
+    /// wavelength-major half-bandwidth. `r_out` receives the rows `row_lo..row_hi` of `R = Q/s`
+    /// for each core fiber (`[core fiber][row][col]`) and `s_out` their `s` (fluxivar = s²);
+    /// returns the deconvolved flux `x` (fiber-major).
     pub fn run(
         &mut self,
         layout: Layout,
@@ -79,18 +82,16 @@ impl DecorrWork {
         if lapack::pbtrf_lower(n, kd, &mut self.ab) != 0 {
             return Err(DecorrFailure::NotPositiveDefinite);
         }
-        self.x.clear();
-        self.x.extend((0..n).map(|p| rhs[unperm(p)]));
-        lapack::pbtrs_lower(n, kd, &self.ab, &mut self.x);
+        self.xperm.clear();
+        self.xperm.extend((0..n).map(|p| rhs[unperm(p)]));
+        lapack::pbtrs_lower(n, kd, &self.ab, &mut self.xperm);
         self.selected_inverse(layout, kd);
         self.block_inverse_sqrt(layout, r_out, s_out)?;
         // Back to fiber-major for the caller.
-        let xp = std::mem::take(&mut self.x);
         self.x.resize(n, 0.0);
-        for (p, v) in xp.iter().enumerate() {
+        for (p, v) in self.xperm.iter().enumerate() {
             self.x[unperm(p)] = *v;
         }
-        self.z = xp;
         Ok(&self.x)
     }
 
