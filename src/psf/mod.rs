@@ -173,7 +173,17 @@ impl Psf {
                 )));
             }
         }
+        let ncoef = self.params.first().map_or(0, |p| p.series.coeff.ncols());
         for p in &self.params {
+            if p.series.coeff.ncols() != ncoef {
+                return Err(PsfError::Inconsistent(format!(
+                    "parameter {} has {} Legendre coefficients, {} has {}",
+                    p.name,
+                    p.series.coeff.ncols(),
+                    self.params[0].name,
+                    ncoef
+                )));
+            }
             if p.series.nfiber() != self.nfiber() {
                 return Err(PsfError::Inconsistent(format!(
                     "parameter {} has {} fibers, the traces {}",

@@ -96,6 +96,8 @@ pub fn evaluate_into(
             psf.nfiber()
         )));
     }
+    // The evaluator relies on consistent tables (one coefficient count for every row).
+    psf.validate()?;
     let index = psf.gh_index()?;
     let (ny, nx) = (psf.spot_ny(), psf.spot_nx());
     let nwave = waves.len();
@@ -151,6 +153,11 @@ pub struct SpotEvaluator<'a> {
     scratch: Vec<f64>,
     gh: Vec<f64>,
     tmp: Vec<f64>,
+    /// The fiber whose coefficients `coef` holds.
+    fiber: Option<usize>,
+    /// That fiber's Legendre coefficients of GHSIGX, GHSIGY and every GH-i-j, contiguous, so
+    /// that each spot's parameters are short dot products rather than table look-ups.
+    coef: Vec<f64>,
 }
 
 impl<'a> SpotEvaluator<'a> {
@@ -174,6 +181,8 @@ impl<'a> SpotEvaluator<'a> {
             scratch: vec![0.0; dx.max(dy) * (nx.max(ny) + 1)],
             gh: vec![0.0; dx * dy],
             tmp: vec![0.0; dy * nx],
+            fiber: None,
+            coef: Vec::new(),
         }
     }
 
@@ -199,22 +208,27 @@ impl<'a> SpotEvaluator<'a> {
         // Every parameter row shares the PSF HDU's range, so one Vandermonde row serves all.
         let first = &psf.params[self.index.sigx].series;
         let n = first.coeff.ncols();
+        if self.fiber != Some(fiber) {
+            self.coef.clear();
+            let rows = [self.index.sigx, self.index.sigy]
+                .into_iter()
+                .chain(self.index.gh.iter().copied());
+            for row in rows {
+                self.coef
+                    .extend(psf.params[row].series.coeff.row(fiber).iter());
+            }
+            self.fiber = Some(fiber);
+        }
         legendre::vander(first.reduced(wave), &mut self.leg[..n]);
         let leg = &self.leg[..n];
-        let eval = |row: usize| -> f64 {
-            psf.params[row]
-                .series
-                .coeff
-                .row(fiber)
-                .iter()
-                .zip(leg)
-                .map(|(c, p)| c * p)
-                .sum()
-        };
-        let sigx = eval(self.index.sigx);
-        let sigy = eval(self.index.sigy);
-        for (g, &row) in self.gh.iter_mut().zip(&self.index.gh) {
-            *g = eval(row);
+        let mut values = self
+            .coef
+            .chunks_exact(n)
+            .map(|c| c.iter().zip(leg).map(|(a, p)| a * p).sum::<f64>());
+        let sigx = values.next().unwrap_or(0.0);
+        let sigy = values.next().unwrap_or(0.0);
+        for (g, v) in self.gh.iter_mut().zip(values) {
+            *g = v;
         }
         let xc = (x - psf.hsizex as f64 + 0.5).floor();
         let yc = (y - psf.hsizey as f64 + 0.5).floor();
