@@ -52,14 +52,15 @@ pub struct Layout {
 }
 
 impl DecorrWork {
-    /// Solves and decorrelates. `icov` is the regularised dense `AᵀWA` (fiber-major), `kd` its
-    /// wavelength-major half-bandwidth. `r_out` receives the rows `row_lo..row_hi` of `R = Q/s`
+    /// Solves and decorrelates. `pairs` holds the upper triangle of `AᵀWA` in wavelength-major
+    /// order, `diag` the regularisation of each unknown (fiber-major), `kd` the half-bandwidth. `r_out` receives the rows `row_lo..row_hi` of `R = Q/s`
     /// for each core fiber (`[core fiber][row][col]`) and `s_out` their `s` (fluxivar = s²);
     /// returns the deconvolved flux `x` (fiber-major).
     pub fn run(
         &mut self,
         layout: Layout,
-        icov: &[f64],
+        pairs: &[(u32, u32, f64)],
+        diag: &[f64],
         rhs: &[f64],
         kd: usize,
         r_out: &mut Vec<f64>,
@@ -73,11 +74,12 @@ impl DecorrWork {
         let unperm = |p: usize| (p % nsp) * nwt + p / nsp;
         self.ab.clear();
         self.ab.resize(n * ldab, 0.0);
-        for j in 0..n {
-            let uj = unperm(j);
-            for d in 0..=kd.min(n - 1 - j) {
-                self.ab[j * ldab + d] = icov[unperm(j + d) * n + uj];
-            }
+        for &(p, q, v) in pairs {
+            let (p, q) = (p as usize, q as usize);
+            self.ab[p * ldab + (q - p)] = v;
+        }
+        for p in 0..n {
+            self.ab[p * ldab] += diag[unperm(p)];
         }
         if lapack::pbtrf_lower(n, kd, &mut self.ab) != 0 {
             return Err(DecorrFailure::NotPositiveDefinite);

@@ -19,7 +19,8 @@ use normal::SpotGeom;
 #[derive(Default)]
 pub struct Workspace {
     geom: Vec<SpotGeom>,
-    icov: Vec<f64>,
+    pairs: Vec<(u32, u32, f64)>,
+    diag: Vec<f64>,
     rhs: Vec<f64>,
     fluxweight: Vec<f64>,
     wspot: Vec<f64>,
@@ -92,7 +93,6 @@ fn solve(
     let nps = s.ny * s.nx;
     normal::geometry(input, &mut ws.geom);
     let n = ws.geom.len();
-    ws.icov.resize(n * n, 0.0);
     ws.rhs.resize(n, 0.0);
     ws.fluxweight.resize(n, 0.0);
     ws.wspot.resize(n * nps, 0.0);
@@ -100,18 +100,13 @@ fn solve(
         input,
         &ws.geom,
         &mut normal::Normal {
-            icov: &mut ws.icov[..n * n],
+            pairs: &mut ws.pairs,
             rhs: &mut ws.rhs[..n],
             fluxweight: &mut ws.fluxweight[..n],
             wspot: &mut ws.wspot[..n * nps],
         },
     );
-    normal::regularize(
-        &mut ws.icov[..n * n],
-        &ws.fluxweight[..n],
-        regularize,
-        epsilon,
-    );
+    normal::regularization(&ws.fluxweight[..n], regularize, epsilon, &mut ws.diag);
     let nwt = p.nwavetot;
     let nstep = nwt - 2 * p.wavepad;
     let layout = Layout {
@@ -126,7 +121,8 @@ fn solve(
         .decorr
         .run(
             layout,
-            &ws.icov[..n * n],
+            &ws.pairs,
+            &ws.diag,
             &ws.rhs[..n],
             kd,
             &mut ws.r,

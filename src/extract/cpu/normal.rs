@@ -45,8 +45,9 @@ pub fn geometry(input: &PatchInput<'_>, out: &mut Vec<SpotGeom>) {
 
 /// The weighted normal equations of one patch.
 pub struct Normal<'w> {
-    /// `AᵀWA`, dense `n × n`, both triangles filled.
-    pub icov: &'w mut [f64],
+    /// The nonzero entries of `AᵀWA`'s upper triangle in wavelength-major order
+    /// (`p = w·nspecpad + f`): `(p, q, value)` with `p ≤ q`, about 11 % of the matrix.
+    pub pairs: &'w mut Vec<(u32, u32, f64)>,
     /// `AᵀWp`.
     pub rhs: &'w mut [f64],
     /// `AᵀW1`.
@@ -66,7 +67,7 @@ pub fn build(input: &PatchInput<'_>, geom: &[SpotGeom], normal: &mut Normal<'_>)
     let nsp = input.patch.nspecpad;
     let nwt = input.patch.nwavetot;
     let (pix, ivar) = (&input.pix, &input.ivar);
-    normal.icov[..n * n].iter_mut().for_each(|v| *v = 0.0);
+    normal.pairs.clear();
     for (u, g) in geom.iter().enumerate() {
         let spot = &s.values[g.spot..g.spot + nps];
         let ws = &mut normal.wspot[u * nps..(u + 1) * nps];
@@ -151,27 +152,30 @@ pub fn build(input: &PatchInput<'_>, geom: &[SpotGeom], normal: &mut Normal<'_>)
                     let bstart = (iy as i64 - dy) as usize * nx + (ix_lo as i64 - dx) as usize;
                     sum += dot(a, &sv[bstart..bstart + (ix_hi - ix_lo)]);
                 }
-                normal.icov[u * n + v] = sum;
-                normal.icov[v * n + u] = sum;
-                kd = kd.max(perm(u).abs_diff(perm(v)));
+                let (pu, pv) = (perm(u), perm(v));
+                // n ≤ a few thousand, far below u32::MAX.
+                normal
+                    .pairs
+                    .push((pu.min(pv) as u32, pu.max(pv) as u32, sum));
+                kd = kd.max(pu.abs_diff(pv));
             }
         }
     }
     kd
 }
 
-/// Adds the regularisation of extraction.md §5 step 2 to the diagonal.
-pub fn regularize(icov: &mut [f64], fluxweight: &[f64], regularize: f64, epsilon: f64) {
-    let n = fluxweight.len();
+/// The regularisation of extraction.md §5 step 2: what each unknown (fiber-major) adds to the
+/// diagonal of `AᵀWA`.
+pub fn regularization(fluxweight: &[f64], regularize: f64, epsilon: f64, out: &mut Vec<f64>) {
     let maxw = fluxweight.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     let minweight = 1e-4 * maxw;
-    for u in 0..n {
-        let fw = fluxweight[u];
+    out.clear();
+    out.extend(fluxweight.iter().map(|&fw| {
         let lambda2 = if fw < minweight {
             (minweight - fw) * (minweight - fw)
         } else {
             regularize * regularize
         };
-        icov[u * n + u] += lambda2 + epsilon;
-    }
+        lambda2 + epsilon
+    }));
 }
