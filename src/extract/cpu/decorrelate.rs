@@ -51,21 +51,36 @@ pub struct Layout {
     pub row_hi: usize,
 }
 
+/// A patch's regularised normal equations as the solver takes them.
+#[derive(Debug, Clone, Copy)]
+pub struct BandSystem<'a> {
+    /// The upper triangle of `AᵀWA` in wavelength-major order, `(p, q, value)`, `p ≤ q`.
+    pub pairs: &'a [(u32, u32, f64)],
+    /// The regularisation added to each unknown's diagonal (fiber-major).
+    pub diag: &'a [f64],
+    /// `AᵀWp` (fiber-major).
+    pub rhs: &'a [f64],
+    /// Half-bandwidth of `AᵀWA` in wavelength-major order.
+    pub kd: usize,
+}
+
 impl DecorrWork {
-    /// Solves and decorrelates. `pairs` holds the upper triangle of `AᵀWA` in wavelength-major
-    /// order, `diag` the regularisation of each unknown (fiber-major), `kd` the half-bandwidth. `r_out` receives the rows `row_lo..row_hi` of `R = Q/s`
-    /// for each core fiber (`[core fiber][row][col]`) and `s_out` their `s` (fluxivar = s²);
-    /// returns the deconvolved flux `x` (fiber-major).
+    /// Solves and decorrelates `system`. `r_out` receives the rows `row_lo..row_hi` of
+    /// `R = Q/s` for each core fiber (`[core fiber][row][col]`) and `s_out` their `s`
+    /// (fluxivar = s²); returns the deconvolved flux `x` (fiber-major).
     pub fn run(
         &mut self,
         layout: Layout,
-        pairs: &[(u32, u32, f64)],
-        diag: &[f64],
-        rhs: &[f64],
-        kd: usize,
+        system: &BandSystem<'_>,
         r_out: &mut Vec<f64>,
         s_out: &mut Vec<f64>,
     ) -> Result<&[f64], DecorrFailure> {
+        let BandSystem {
+            pairs,
+            diag,
+            rhs,
+            kd,
+        } = *system;
         let (nsp, nwt) = (layout.nspecpad, layout.nwavetot);
         let n = nsp * nwt;
         let kd = kd.min(n.saturating_sub(1));

@@ -117,17 +117,15 @@ fn solve(
         row_lo: p.wavepad.saturating_sub(opts.ndiag),
         row_hi: (p.wavepad + nstep + opts.ndiag).min(nwt),
     };
+    let system = decorrelate::BandSystem {
+        pairs: &ws.pairs,
+        diag: &ws.diag,
+        rhs: &ws.rhs[..n],
+        kd,
+    };
     let x = ws
         .decorr
-        .run(
-            layout,
-            &ws.pairs,
-            &ws.diag,
-            &ws.rhs[..n],
-            kd,
-            &mut ws.r,
-            &mut ws.s,
-        )
+        .run(layout, &system, &mut ws.r, &mut ws.s)
         .ok()?
         .to_vec();
     let nrow = layout.row_hi - layout.row_lo;
