@@ -101,7 +101,7 @@ pub fn syevd(n: usize, a: &mut [f64], w: &mut [f64], work: &mut SyevdWork) -> i3
     let (nn, lwork, liwork) = (int(n), int(work.work.len()), int(work.iwork.len()));
     let mut info: c_int = 0;
     // SAFETY: `a` has n² elements and `w` n (checked above); the work arrays have the sizes
-    // passed as lwork/liwork, which are LAPACK's documented minima for jobz = 'V'.
+    // passed as lwork/liwork, at least LAPACK's documented minima for jobz = 'V'.
     unsafe {
         lapack_sys::dsyevd_(
             c"V".as_ptr(),
