@@ -145,7 +145,6 @@ pub fn extract_frame(
         spots::evaluate_into(psf, fmin, fmax - fmin, &grid.padded, &mut spots)?;
         let t1 = Instant::now();
         let mut inputs = Vec::with_capacity(patches.len());
-        let mut slots = Vec::with_capacity(patches.len());
         for p in patches {
             let window = pixels::window(p, &spots, pixpad_frac);
             if !window.on_ccd(psf.npix_y, psf.npix_x) {
@@ -154,11 +153,11 @@ pub fn extract_frame(
                 continue;
             }
             inputs.push(PatchInput::from_ccd(*p, window, pix, ivar, &spots));
-            slots.push(*p);
         }
         let results = backend.extract_batch(&inputs, opts)?;
         let t2 = Instant::now();
-        for ((p, inp), r) in slots.iter().zip(&inputs).zip(results) {
+        for (inp, r) in inputs.iter().zip(results) {
+            let p = &inp.patch;
             let f = p.ispec - plan.specmin;
             let (w0, nk) = (p.iwave, p.nwave_keep);
             out.stats.retried += usize::from(r.info.retried);
@@ -167,18 +166,15 @@ pub fn extract_frame(
                 mark_nodata(&mut out, p.ispec, p.nspec, p.iwave, nk);
                 continue;
             }
-            out.flux
-                .slice_mut(s![f..f + p.nspec, w0..w0 + nk])
-                .assign(&r.flux);
-            out.ivar
-                .slice_mut(s![f..f + p.nspec, w0..w0 + nk])
-                .assign(&r.fluxivar);
-            out.chi2pix
-                .slice_mut(s![f..f + p.nspec, w0..w0 + nk])
-                .assign(&r.chi2pix);
-            out.pixmask_fraction
-                .slice_mut(s![f..f + p.nspec, w0..w0 + nk])
-                .assign(&r.pixmask_fraction);
+            let cells = s![f..f + p.nspec, w0..w0 + nk];
+            for (dst, src) in [
+                (&mut out.flux, &r.flux),
+                (&mut out.ivar, &r.fluxivar),
+                (&mut out.chi2pix, &r.chi2pix),
+                (&mut out.pixmask_fraction, &r.pixmask_fraction),
+            ] {
+                dst.slice_mut(cells).assign(src);
+            }
             out.resolution
                 .slice_mut(s![f..f + p.nspec, .., w0..w0 + nk])
                 .assign(&r.resolution);
