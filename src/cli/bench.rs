@@ -92,13 +92,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             .take(args.oracle_patches)
             .copied()
             .collect();
-        let fmin = patches.iter().map(|p| p.specmin).min().unwrap_or(0);
-        let fmax = patches
-            .iter()
-            .map(|p| p.specmin + p.nspecpad)
-            .max()
-            .unwrap_or(0);
-        let sp = spots::evaluate(&prep.psf, fmin, fmax - fmin, &prep.grid.padded)?;
+        let (fmin, nfib) = crate::patch::plan::fiber_span(&patches);
+        let sp = spots::evaluate(&prep.psf, fmin, nfib, &prep.grid.padded)?;
         let mut ws = crate::extract::cpu::Workspace::default();
         let (mut t_fast, mut t_dense, mut n) = (0.0, 0.0, 0usize);
         for p in &patches {

@@ -162,6 +162,18 @@ impl Patch {
     }
 }
 
+/// The fibers `(first, count)` that `patches` solve for, padding neighbours included: the
+/// fibers whose spots they need.
+pub fn fiber_span(patches: &[Patch]) -> (usize, usize) {
+    let lo = patches.iter().map(|p| p.specmin).min().unwrap_or(0);
+    let hi = patches
+        .iter()
+        .map(|p| p.specmin + p.nspecpad)
+        .max()
+        .unwrap_or(lo);
+    (lo, hi - lo)
+}
+
 /// All patches of a frame, in bundle, subbundle, wavelength order.
 #[derive(Debug, Clone)]
 pub struct Plan {

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use ndarray::{s, Array2, Array3, ArrayView2};
 
 use crate::extract::{Backend, ExtractError, ExtractOptions, PatchInput};
-use crate::patch::{pixels, Plan, WaveGrid};
+use crate::patch::{pixels, plan, Plan, WaveGrid};
 use crate::psf::{spots, Psf, PsfError};
 
 /// desispec specmask bits written by extraction.
@@ -136,13 +136,8 @@ pub fn extract_frame(
             continue;
         }
         let t0 = Instant::now();
-        let fmin = patches.iter().map(|p| p.specmin).min().unwrap_or(0);
-        let fmax = patches
-            .iter()
-            .map(|p| p.specmin + p.nspecpad)
-            .max()
-            .unwrap_or(0);
-        spots::evaluate_into(psf, fmin, fmax - fmin, &grid.padded, &mut spots)?;
+        let (fmin, nfib) = plan::fiber_span(patches);
+        spots::evaluate_into(psf, fmin, nfib, &grid.padded, &mut spots)?;
         let t1 = Instant::now();
         let mut inputs = Vec::with_capacity(patches.len());
         for p in patches {
