@@ -2,7 +2,6 @@
 //!
 //! Imports only `psf`; knows nothing of files, MPI or backends.
 
-pub mod assemble;
 pub mod pixels;
 pub mod plan;
 

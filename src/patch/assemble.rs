@@ -1,1 +1,0 @@
-//! Patch cores → frame arrays.
