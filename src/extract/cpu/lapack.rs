@@ -2,7 +2,7 @@
 //! CPU backend is in this file).
 //!
 //! ndarray-linalg's `eigh` calls dsyev; dsyevd is about 3x faster at 74², and the banded
-//! Cholesky (dpbtrf) has no ndarray-linalg wrapper at all.
+//! Cholesky solve (dpbtrs) has no ndarray-linalg wrapper at all.
 
 use std::os::raw::c_int;
 
@@ -13,6 +13,8 @@ fn int(n: usize) -> c_int {
 /// Factors the symmetric positive-definite band matrix `ab` (LAPACK lower band storage:
 /// `ab[j·(kd+1) + d] = A[j+d, j]`) in place into its Cholesky factor L.
 /// Returns the LAPACK `info` (> 0: the leading minor of that order is not positive definite).
+/// The extraction uses `decorrelate::band_cholesky`; this is its reference in the tests.
+#[cfg(test)]
 pub fn pbtrf_lower(n: usize, kd: usize, ab: &mut [f64]) -> i32 {
     assert!(ab.len() >= n * (kd + 1), "band storage too small");
     let (n, kd, ldab) = (int(n), int(kd), int(kd + 1));

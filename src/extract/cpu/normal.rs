@@ -1,7 +1,6 @@
 //! `AᵀWA`, `AᵀWp` and `AᵀW1` built from the spots (extraction.md §5 steps 1–2), never from a
 //! dense `A`: `A` is ~97 % zeros, so only overlapping spot pairs are visited.
 
-use super::decorrelate::dot;
 use crate::extract::PatchInput;
 
 /// Where one unknown's spot lies in the patch window.
@@ -146,12 +145,13 @@ pub fn build(input: &PatchInput<'_>, geom: &[SpotGeom], normal: &mut Normal<'_>)
                 let ix_lo = dx.max(0) as usize;
                 let ix_hi = (nx as i64 + dx).min(nx as i64) as usize;
                 let sv = &s.values[gv.spot..gv.spot + nps];
-                let mut sum = 0.0;
-                for iy in iy_lo as usize..iy_hi as usize {
-                    let a = &ws[iy * nx + ix_lo..iy * nx + ix_hi];
-                    let bstart = (iy as i64 - dy) as usize * nx + (ix_lo as i64 - dx) as usize;
-                    sum += dot(a, &sv[bstart..bstart + (ix_hi - ix_lo)]);
-                }
+                let sum = overlap_dot(
+                    &ws[iy_lo as usize * nx + ix_lo..],
+                    &sv[((iy_lo - dy) as usize * nx + (ix_lo as i64 - dx) as usize)..],
+                    nx,
+                    (iy_hi - iy_lo) as usize,
+                    ix_hi - ix_lo,
+                );
                 let (pu, pv) = (perm(u), perm(v));
                 // n ≤ a few thousand, far below u32::MAX.
                 normal
@@ -162,6 +162,44 @@ pub fn build(input: &PatchInput<'_>, geom: &[SpotGeom], normal: &mut Normal<'_>)
         }
     }
     kd
+}
+
+/// `Σ a·b` over a `rows × width` rectangle of two row-major arrays of row stride `stride`.
+///
+/// A spot row is only ~17 pixels, so reducing every row's products to a scalar (a dot product
+/// per row) spent as long on the reductions as on the products. Here each column keeps its own
+/// partial sum across the rows, in registers because the width is a compile-time constant
+/// (one instance per width up to 24; wider spots take the plain loop), and the rectangle is
+/// reduced once. The order is fixed, so the result does not depend on threads or batching.
+#[inline]
+fn overlap_dot(a: &[f64], b: &[f64], stride: usize, rows: usize, width: usize) -> f64 {
+    macro_rules! by_width {
+        ($($w:literal)*) => {
+            match width {
+                $($w => rect_dot::<$w>(a, b, stride, rows),)*
+                _ => (0..rows)
+                    .map(|r| {
+                        let (a, b) = (&a[r * stride..], &b[r * stride..]);
+                        a[..width].iter().zip(&b[..width]).fold(0.0, |s, (x, y)| x.mul_add(*y, s))
+                    })
+                    .sum(),
+            }
+        };
+    }
+    by_width!(1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24)
+}
+
+#[inline(always)]
+fn rect_dot<const W: usize>(a: &[f64], b: &[f64], stride: usize, rows: usize) -> f64 {
+    let mut acc = [0.0f64; W];
+    for r in 0..rows {
+        let x: &[f64; W] = a[r * stride..r * stride + W].try_into().expect("W wide");
+        let y: &[f64; W] = b[r * stride..r * stride + W].try_into().expect("W wide");
+        for k in 0..W {
+            acc[k] = x[k].mul_add(y[k], acc[k]);
+        }
+    }
+    acc.iter().sum()
 }
 
 /// The regularisation of extraction.md §5 step 2: what each unknown (fiber-major) adds to the

@@ -51,7 +51,11 @@ fn recurrence_row_generic(
     while c0 < width {
         let w = (width - c0).min(32);
         let mut a = [0.0f64; 32];
-        if w == 32 {
+        // A narrower last block still takes the fixed-width loop when the 32 elements from its
+        // start are inside `below` in every row: the extra lanes read initialised values that
+        // land only in lanes of `a` that are never stored.
+        let last_start = ltail.len().saturating_sub(1) * nc + first + c0;
+        if w == 32 || last_start + 32 <= below.len() {
             // A fixed width lets the compiler keep `a` in vector registers across the rows.
             for (d, &l) in ltail.iter().enumerate() {
                 let start = d * nc + first + c0;
