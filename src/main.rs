@@ -27,9 +27,19 @@ fn main() -> ExitCode {
 
 fn run(args: &Cli) -> anyhow::Result<ExitCode> {
     match &args.command {
-        Command::Extract(a) => cli::extract::run(a)?,
+        Command::Extract(a) => {
+            if !cli::extract::run(a)? {
+                return Ok(ExitCode::from(1));
+            }
+        }
         Command::Simulate(a) => cli::simulate::run(a)?,
         Command::Bench(a) => cli::bench::run(a)?,
+        Command::Doctor(a) => {
+            if !cli::doctor::run(a)? {
+                return Ok(ExitCode::from(1));
+            }
+        }
+        Command::Report(a) => cli::report::run(a)?,
         Command::Compare(a) => {
             if !cli::compare::run(a)? {
                 return Ok(ExitCode::from(1));

@@ -1,7 +1,7 @@
 //! `spextract extract`: one frame, one process, no MPI needed.
 
 use std::io::IsTerminal;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -20,6 +20,10 @@ use crate::psf::Psf;
 
 /// Everything resolved and loaded for one frame's extraction.
 pub struct Prepared {
+    /// Where the PSF came from.
+    pub psf_path: PathBuf,
+    /// Where the image came from.
+    pub image_path: PathBuf,
     /// The PSF.
     pub psf: Psf,
     /// The image, ivar masked.
@@ -93,15 +97,23 @@ pub fn prepare(flags: &ExtractionFlags, model_image: bool) -> Result<Prepared> {
     p.pixpad_frac = flags.pixpad_frac.unwrap_or(p.pixpad_frac);
     cfg.run.threads = flags.threads.unwrap_or(cfg.run.threads);
     cfg.validate()?;
+    let psf_path = flags
+        .psf
+        .as_deref()
+        .context("no PSF given: pass --psf (or a list of frames)")?;
+    let image_path = flags
+        .image
+        .as_deref()
+        .context("no image given: pass --image (or a list of frames)")?;
 
-    let psf = read_psf(&flags.psf)?;
+    let psf = read_psf(psf_path)?;
     // What the PSF alone can refuse, before the (larger) image is read.
     let specmin = cfg.extract.specmin;
     let nfiber = psf.nfiber();
     if specmin >= nfiber {
         bail!(
             "specmin {specmin} is past the last fiber of the PSF {}, which has {nfiber} fibers",
-            flags.psf.display()
+            psf_path.display()
         );
     }
     let nspec = match cfg.extract.nspec {
@@ -109,7 +121,7 @@ pub fn prepare(flags: &ExtractionFlags, model_image: bool) -> Result<Prepared> {
         n if specmin + n > nfiber => bail!(
             "fibers {specmin}..{} requested but the PSF {} has {nfiber} fibers",
             specmin + n,
-            flags.psf.display()
+            psf_path.display()
         ),
         n => n,
     };
@@ -118,15 +130,15 @@ pub fn prepare(flags: &ExtractionFlags, model_image: bool) -> Result<Prepared> {
         [w[0], w[1], w[2]]
     });
     let grid_given = match given {
-        Some(w) => Some(wave_grid(w, &cfg, &psf, &flags.psf)?),
+        Some(w) => Some(wave_grid(w, &cfg, &psf, psf_path)?),
         None => None,
     };
 
     let t0 = Instant::now();
-    let preproc = read_preproc(&flags.image, cfg.extract.mask_bits)?;
+    let preproc = read_preproc(image_path, cfg.extract.mask_bits)?;
     info!(
         "read {} ({}x{}) in {:.2}s: {} pixels masked by MASK bits, {} NaN/Inf pixels treated as masked",
-        flags.image.display(),
+        image_path.display(),
         preproc.image.nrows(),
         preproc.image.ncols(),
         t0.elapsed().as_secs_f64(),
@@ -136,10 +148,10 @@ pub fn prepare(flags: &ExtractionFlags, model_image: bool) -> Result<Prepared> {
     if preproc.image.dim() != (psf.npix_y, psf.npix_x) {
         bail!(
             "{}: image is {} rows x {} columns but the PSF {} describes a {} x {} CCD",
-            flags.image.display(),
+            image_path.display(),
             preproc.image.nrows(),
             preproc.image.ncols(),
-            flags.psf.display(),
+            psf_path.display(),
             psf.npix_y,
             psf.npix_x
         );
@@ -151,10 +163,10 @@ pub fn prepare(flags: &ExtractionFlags, model_image: bool) -> Result<Prepared> {
             let w = config::camera_wavelength(&camera).with_context(|| {
                 format!(
                     "{}: no --wavelength given and CAMERA '{camera}' is not b, r or z",
-                    flags.image.display()
+                    image_path.display()
                 )
             })?;
-            wave_grid(w, &cfg, &psf, &flags.psf)?
+            wave_grid(w, &cfg, &psf, psf_path)?
         }
     };
     let plan = Plan::new(specmin, nspec, grid.wave.len(), psf.nfiber(), &cfg.patch);
@@ -175,6 +187,8 @@ pub fn prepare(flags: &ExtractionFlags, model_image: bool) -> Result<Prepared> {
             .progress
             .unwrap_or_else(|| std::io::stderr().is_terminal());
     Ok(Prepared {
+        psf_path: psf_path.to_path_buf(),
+        image_path: image_path.to_path_buf(),
         psf,
         preproc,
         grid,
@@ -286,9 +300,19 @@ pub fn check_output(path: &Path, overwrite: bool) -> Result<()> {
     Ok(())
 }
 
-/// `spextract extract`.
-pub fn run(args: &ExtractArgs) -> Result<()> {
-    check_output(&args.output, args.overwrite)?;
+/// `spextract extract`: one frame given by `--psf --image --output`, in this process; or many
+/// frames through the pipeline.
+pub fn run(args: &ExtractArgs) -> Result<bool> {
+    if args.flags.image.is_some() && args.output.is_some() && !args.select.any() {
+        single(args)?;
+        return Ok(true);
+    }
+    crate::pipeline::run::run(args)
+}
+
+fn single(args: &ExtractArgs) -> Result<()> {
+    let output = args.output.as_deref().expect("checked by run");
+    check_output(output, args.overwrite)?;
     if let Some(m) = &args.model_image {
         check_output(m, args.overwrite)?;
     }
@@ -317,11 +341,30 @@ pub fn run(args: &ExtractArgs) -> Result<()> {
         st.failed,
         st.dropped
     );
-    if st.failed + st.dropped >= prep.plan.npatch() {
+    check_extracted(&res, prep.plan.npatch())?;
+    write_outputs(
+        &prep,
+        &res,
+        output,
+        args.model_image.as_deref(),
+        args.overwrite,
+    )?;
+    info!(
+        "wrote {} in {:.2}s total",
+        output.display(),
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Refuses a frame in which nothing was extracted; warns about failed patches.
+pub fn check_extracted(res: &FrameResult, npatch: usize) -> Result<()> {
+    let st = &res.stats;
+    if st.failed + st.dropped >= npatch {
         bail!(
             "nothing was extracted: of {} patches, {} left the CCD and {} failed even with \
              regularisation; no output written",
-            prep.plan.npatch(),
+            npatch,
             st.dropped,
             st.failed
         );
@@ -332,16 +375,17 @@ pub fn run(args: &ExtractArgs) -> Result<()> {
             st.failed
         );
     }
-    write_outputs(&prep, &res, args)?;
-    info!(
-        "wrote {} in {:.2}s total",
-        args.output.display(),
-        start.elapsed().as_secs_f64()
-    );
     Ok(())
 }
 
-fn write_outputs(prep: &Prepared, res: &FrameResult, args: &ExtractArgs) -> Result<()> {
+/// Finalises and writes a frame (and the model image when one was computed).
+pub fn write_outputs(
+    prep: &Prepared,
+    res: &FrameResult,
+    output: &Path,
+    model_image: Option<&Path>,
+    overwrite: bool,
+) -> Result<()> {
     let fin = finalize(res, &prep.grid);
     let frame = Frame {
         specmin: res.specmin,
@@ -354,10 +398,10 @@ fn write_outputs(prep: &Prepared, res: &FrameResult, args: &ExtractArgs) -> Resu
     };
     let meta = FrameMeta {
         header: prep.preproc.header.clone(),
-        in_psf: args.flags.psf.display().to_string(),
-        in_img: args.flags.image.display().to_string(),
+        in_psf: prep.psf_path.display().to_string(),
+        in_img: prep.image_path.display().to_string(),
         orig_psf: prep.psf.in_psf.clone(),
-        fibermap_from: prep.preproc.has_fibermap.then(|| args.flags.image.clone()),
+        fibermap_from: prep.preproc.has_fibermap.then(|| prep.image_path.clone()),
         extra: vec![
             (
                 "PSFERR".into(),
@@ -371,9 +415,9 @@ fn write_outputs(prep: &Prepared, res: &FrameResult, args: &ExtractArgs) -> Resu
             ),
         ],
     };
-    write_frame(&args.output, &frame, &meta, args.overwrite)?;
-    if let (Some(path), Some(model)) = (&args.model_image, &res.model) {
-        write_model_image(path, model, args.overwrite)?;
+    write_frame(output, &frame, &meta, overwrite)?;
+    if let (Some(path), Some(model)) = (model_image, &res.model) {
+        write_model_image(path, model, overwrite)?;
     }
     Ok(())
 }

@@ -3,7 +3,9 @@
 
 pub mod bench;
 pub mod compare;
+pub mod doctor;
 pub mod extract;
+pub mod report;
 pub mod simulate;
 
 use std::path::PathBuf;
@@ -30,17 +32,21 @@ pub enum Command {
     Compare(compare::CompareArgs),
     /// Time the extraction of a frame at several thread counts.
     Bench(bench::BenchArgs),
+    /// Check the environment a run is about to use (MPI, threads, Slurm, GPUs, output folders).
+    Doctor(doctor::DoctorArgs),
+    /// Compare run reports (`extract --report`): a table and a bar chart of frames per node-hour.
+    Report(report::ReportArgs),
 }
 
 /// Options shared by `extract` and `bench`: what to extract and how.
 #[derive(Debug, Clone, Args)]
 pub struct ExtractionFlags {
-    /// The PSF (DESI GaussHermite, PSFVER 3).
+    /// The PSF (DESI GaussHermite, PSFVER 3) of a single frame.
     #[arg(short = 'p', long)]
-    pub psf: PathBuf,
-    /// The preproc image (IMAGE, IVAR, MASK[, FIBERMAP]); may be gzipped.
+    pub psf: Option<PathBuf>,
+    /// The preproc image (IMAGE, IVAR, MASK[, FIBERMAP]) of a single frame; may be gzipped.
     #[arg(short = 'i', long = "image", alias = "input")]
-    pub image: PathBuf,
+    pub image: Option<PathBuf>,
     /// Output grid `wmin,wmax,dw` in Ångström (default: the camera's, from CAMERA).
     #[arg(short = 'w', long, value_delimiter = ',')]
     pub wavelength: Option<Vec<f64>>,
@@ -91,13 +97,52 @@ pub struct ExtractArgs {
     /// Inputs and options.
     #[command(flatten)]
     pub flags: ExtractionFlags,
-    /// Output frame (desispec layout), written atomically.
+    /// Output frame of a single frame (desispec layout), written atomically.
     #[arg(short = 'o', long)]
-    pub output: PathBuf,
-    /// Also write the model image `A·flux` here.
+    pub output: Option<PathBuf>,
+    /// Many frames: a list file, a desispec night/exposure/camera pattern, or `[[frames]]` in
+    /// the configuration.
+    #[command(flatten)]
+    pub select: crate::pipeline::frames::FrameSelection,
+    /// Also write the model image `A·flux` here (single frame only).
     #[arg(short = 'm', long)]
     pub model_image: Option<PathBuf>,
-    /// Replace existing output files.
+    /// Replace existing output files (otherwise a complete output is skipped).
     #[arg(long)]
     pub overwrite: bool,
+    /// Pipeline layout and reporting.
+    #[command(flatten)]
+    pub run: RunFlags,
+}
+
+/// How a many-frame run is laid out over ranks and threads, and what it reports.
+#[derive(Debug, Clone, Default, Args)]
+pub struct RunFlags {
+    /// Which backend computes: auto (a GPU when one works, else the CPU), cpu or gpu.
+    #[arg(long)]
+    pub backend: Option<String>,
+    /// Reader ranks per node (group), each prefetching and cutting frames.
+    #[arg(long)]
+    pub readers_per_node: Option<usize>,
+    /// Writer ranks per node (group).
+    #[arg(long)]
+    pub writers_per_node: Option<usize>,
+    /// Frames each reader holds in memory ahead of the compute ranks.
+    #[arg(long)]
+    pub prefetch: Option<usize>,
+    /// Bundles per work unit handed to a compute rank.
+    #[arg(long)]
+    pub unit_bundles: Option<usize>,
+    /// Seconds without progress after which the watchdog reports who waits on what.
+    #[arg(long)]
+    pub watchdog: Option<f64>,
+    /// Write the run summary as JSON here.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Label of this run in reports (default "<backend> x<nodes>").
+    #[arg(long)]
+    pub label: Option<String>,
+    /// Write one log per rank into this folder (rank-NNNN.log).
+    #[arg(long)]
+    pub log_dir: Option<PathBuf>,
 }
