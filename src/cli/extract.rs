@@ -1,84 +1,22 @@
 //! `spextract extract`: one frame, one process, no MPI needed.
 
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use tracing::{info, warn};
 
 use super::{ExtractArgs, ExtractionFlags};
-use crate::config::{self, Config};
+use crate::config::Config;
 use crate::extract::cpu::CpuBackend;
-use crate::extract::ExtractOptions;
-use crate::io::frame::{write_frame, write_model_image, Frame, FrameMeta};
-use crate::io::image::{read_preproc, Preproc};
-use crate::io::psf::read_psf;
-use crate::patch::{PatchOptions, Plan, WaveGrid};
-use crate::pipeline::frame::{extract_frame, finalize, FrameResult};
-use crate::psf::Psf;
+use crate::pipeline::frame::{extract_frame, FrameResult};
+pub use crate::pipeline::prepare::{
+    check_extracted, frame_meta, header_value, prepare_frame, write_outputs, Prepared,
+};
 
-/// Everything resolved and loaded for one frame's extraction.
-pub struct Prepared {
-    /// Where the PSF came from.
-    pub psf_path: PathBuf,
-    /// Where the image came from.
-    pub image_path: PathBuf,
-    /// The PSF.
-    pub psf: Psf,
-    /// The image, ivar masked.
-    pub preproc: Preproc,
-    /// Output and padded grids.
-    pub grid: WaveGrid,
-    /// The patches.
-    pub plan: Plan,
-    /// Patch geometry options.
-    pub patch: PatchOptions,
-    /// Per-patch options.
-    pub opts: ExtractOptions,
-    /// Worker threads.
-    pub threads: usize,
-    /// Whether to draw a progress bar.
-    pub progress: bool,
-}
-
-/// The value of `key` in raw FITS header cards, without quotes.
-pub fn header_value(cards: &[String], key: &str) -> Option<String> {
-    cards.iter().find_map(|c| {
-        let (k, rest) = c.split_at(c.len().min(8));
-        if k.trim_end() != key || !rest.starts_with('=') {
-            return None;
-        }
-        let v = rest[1..].trim();
-        if let Some(stripped) = v.strip_prefix('\'') {
-            let end = stripped.find('\'').unwrap_or(stripped.len());
-            Some(stripped[..end].trim_end().to_string())
-        } else {
-            Some(v.split('/').next().unwrap_or("").trim().to_string())
-        }
-    })
-}
-
-/// The output grid `[wmin, wmax, dw]`, which must lie inside the PSF's wavelength range.
-fn wave_grid(w: [f64; 3], cfg: &Config, psf: &Psf, psf_path: &Path) -> Result<WaveGrid> {
-    let grid = WaveGrid::new(w[0], w[1], w[2], &cfg.patch).map_err(anyhow::Error::msg)?;
-    let (lo, hi) = psf.wave_range();
-    let (gmin, gmax) = (grid.wave[0], grid.wave[grid.wave.len() - 1]);
-    if gmin < lo || gmax > hi {
-        bail!(
-            "wavelength range {gmin:.2}..{gmax:.2} Å is outside the PSF {} range {lo}..{hi} Å",
-            psf_path.display()
-        );
-    }
-    let (pmin, pmax) = (grid.padded[0], grid.padded[grid.padded.len() - 1]);
-    if pmin < lo || pmax > hi {
-        warn!("patch padding {pmin:.2}..{pmax:.2} Å extrapolates the PSF beyond {lo}..{hi} Å");
-    }
-    Ok(grid)
-}
-
-/// Merges flags over the configuration file, validates, then reads the PSF and the image.
-pub fn prepare(flags: &ExtractionFlags, model_image: bool) -> Result<Prepared> {
+/// Merges flags over the configuration file and validates the result.
+pub fn resolve_config(flags: &ExtractionFlags) -> Result<Config> {
     let mut cfg = Config::load(flags.config.as_deref())?;
     let e = &mut cfg.extract;
     if let Some(w) = &flags.wavelength {
@@ -97,6 +35,12 @@ pub fn prepare(flags: &ExtractionFlags, model_image: bool) -> Result<Prepared> {
     p.pixpad_frac = flags.pixpad_frac.unwrap_or(p.pixpad_frac);
     cfg.run.threads = flags.threads.unwrap_or(cfg.run.threads);
     cfg.validate()?;
+    Ok(cfg)
+}
+
+/// Resolves the configuration, then reads the single frame named by `--psf` and `--image`.
+pub fn prepare(flags: &ExtractionFlags, model_image: bool) -> Result<Prepared> {
+    let cfg = resolve_config(flags)?;
     let psf_path = flags
         .psf
         .as_deref()
@@ -106,98 +50,12 @@ pub fn prepare(flags: &ExtractionFlags, model_image: bool) -> Result<Prepared> {
         .as_deref()
         .context("no image given: pass --image (or a list of frames)")?;
 
-    let psf = read_psf(psf_path)?;
-    // What the PSF alone can refuse, before the (larger) image is read.
-    let specmin = cfg.extract.specmin;
-    let nfiber = psf.nfiber();
-    if specmin >= nfiber {
-        bail!(
-            "specmin {specmin} is past the last fiber of the PSF {}, which has {nfiber} fibers",
-            psf_path.display()
-        );
-    }
-    let nspec = match cfg.extract.nspec {
-        0 => nfiber - specmin,
-        n if specmin + n > nfiber => bail!(
-            "fibers {specmin}..{} requested but the PSF {} has {nfiber} fibers",
-            specmin + n,
-            psf_path.display()
-        ),
-        n => n,
-    };
-    let given = (!cfg.extract.wavelength.is_empty()).then(|| {
-        let w = &cfg.extract.wavelength;
-        [w[0], w[1], w[2]]
-    });
-    let grid_given = match given {
-        Some(w) => Some(wave_grid(w, &cfg, &psf, psf_path)?),
-        None => None,
-    };
-
-    let t0 = Instant::now();
-    let preproc = read_preproc(image_path, cfg.extract.mask_bits)?;
-    info!(
-        "read {} ({}x{}) in {:.2}s: {} pixels masked by MASK bits, {} NaN/Inf pixels treated as masked",
-        image_path.display(),
-        preproc.image.nrows(),
-        preproc.image.ncols(),
-        t0.elapsed().as_secs_f64(),
-        preproc.masked_by_bits,
-        preproc.nonfinite
-    );
-    if preproc.image.dim() != (psf.npix_y, psf.npix_x) {
-        bail!(
-            "{}: image is {} rows x {} columns but the PSF {} describes a {} x {} CCD",
-            image_path.display(),
-            preproc.image.nrows(),
-            preproc.image.ncols(),
-            psf_path.display(),
-            psf.npix_y,
-            psf.npix_x
-        );
-    }
-    let grid = match grid_given {
-        Some(g) => g,
-        None => {
-            let camera = header_value(&preproc.header, "CAMERA").unwrap_or_default();
-            let w = config::camera_wavelength(&camera).with_context(|| {
-                format!(
-                    "{}: no --wavelength given and CAMERA '{camera}' is not b, r or z",
-                    image_path.display()
-                )
-            })?;
-            wave_grid(w, &cfg, &psf, psf_path)?
-        }
-    };
-    let plan = Plan::new(specmin, nspec, grid.wave.len(), psf.nfiber(), &cfg.patch);
-    let psferr = if cfg.extract.psferr >= 0.0 {
-        cfg.extract.psferr
-    } else {
-        psf.psferr.unwrap_or(0.01)
-    };
-    let opts = ExtractOptions {
-        regularize: cfg.extract.regularize,
-        psferr,
-        ndiag: psf.hsizey,
-        model_image,
-    };
     let progress = !flags.no_progress
         && cfg
             .run
             .progress
             .unwrap_or_else(|| std::io::stderr().is_terminal());
-    Ok(Prepared {
-        psf_path: psf_path.to_path_buf(),
-        image_path: image_path.to_path_buf(),
-        psf,
-        preproc,
-        grid,
-        plan,
-        patch: cfg.patch,
-        opts,
-        threads: config::resolve_threads(cfg.run.threads),
-        progress,
-    })
+    prepare_frame(&cfg, psf_path, image_path, model_image, progress)
 }
 
 /// Runs the extraction of a prepared frame on `threads` threads, with progress.
@@ -307,7 +165,169 @@ pub fn run(args: &ExtractArgs) -> Result<bool> {
         single(args)?;
         return Ok(true);
     }
-    crate::pipeline::run::run(args)
+    many(args)
+}
+
+/// Many frames through the pipeline (any number of ranks, or this process alone).
+fn many(args: &ExtractArgs) -> Result<bool> {
+    use crate::pipeline::frames::{self, FrameJob, OutputState};
+    use crate::pipeline::{env, run};
+    if args.model_image.is_some() {
+        bail!("--model-image is for a single frame (--psf, --image, --output), not a list");
+    }
+    let cfg = resolve_config(&args.flags)?;
+    let f = &args.flags;
+    let single = match (&f.image, &f.psf, &args.output) {
+        (Some(image), Some(psf), Some(output)) => Some(FrameJob {
+            image: image.clone(),
+            psf: psf.clone(),
+            output: output.clone(),
+        }),
+        (None, None, None) => None,
+        _ => bail!("--image, --psf and --output name one frame and go together"),
+    };
+    let config_dir = f.config.as_deref().and_then(Path::parent);
+    let jobs = frames::resolve(&args.select, &cfg.frames, config_dir, single)?;
+    let launch = env::launch();
+    let backend = match args.run.backend.as_deref().unwrap_or("auto") {
+        "auto" | "cpu" => "cpu".to_string(),
+        "gpu" => {
+            bail!("--backend gpu: this build has no GPU backend yet; use --backend cpu or auto")
+        }
+        other => bail!("--backend {other}: expected auto, cpu or gpu"),
+    };
+    let threads = env::resolve_threads(cfg.run.threads);
+    // Only rank 0 hands out frames, so only it looks at the outputs (each look reads a frame).
+    let mut skipped = Vec::new();
+    if launch.rank == 0 {
+        for (i, job) in jobs.iter().enumerate() {
+            for stale in frames::stale_temporaries(&job.output) {
+                match std::fs::remove_file(&stale) {
+                    Ok(()) => info!("removed {}, left by an interrupted run", stale.display()),
+                    Err(e) => warn!("could not remove {}: {e}", stale.display()),
+                }
+            }
+            if args.overwrite {
+                continue;
+            }
+            match frames::output_state(&job.output) {
+                OutputState::Complete => skipped.push(i),
+                OutputState::Missing => {}
+                OutputState::Incomplete(why) => warn!(
+                    "{} exists but is not a complete frame ({why}); it will be replaced",
+                    job.output.display()
+                ),
+            }
+        }
+        if let Some(msg) = env::oversubscription(launch.local_size, threads, env::node_cores()) {
+            warn!("{msg}");
+        }
+    }
+    let opts = run::RunOptions {
+        jobs,
+        skipped,
+        // A frame that was not skipped has no complete output: whatever is at its path (an
+        // incomplete file) is replaced, with or without --overwrite.
+        overwrite: true,
+        readers_per_node: args.run.readers_per_node.unwrap_or(1),
+        writers_per_node: args.run.writers_per_node.unwrap_or(1),
+        prefetch: args.run.prefetch.unwrap_or(2),
+        unit_bundles: args.run.unit_bundles.unwrap_or(2),
+        watchdog_s: args.run.watchdog.unwrap_or(600.0),
+        threads,
+        backend,
+        label: args.run.label.clone(),
+        report: args.run.report.clone(),
+        cfg,
+    };
+    let stop = run::StopSignal::install()?;
+    let Some(report) = run::execute(&opts, &stop)? else {
+        return Ok(true);
+    };
+    eprint!("{}", summary_text(&report));
+    if let Some(path) = &opts.report {
+        report
+            .write_json(path)
+            .with_context(|| format!("writing the report {}", path.display()))?;
+        info!("report written to {}", path.display());
+    }
+    Ok(report.frames.failed == 0 && report.frames.abandoned == 0)
+}
+
+/// The end-of-run summary printed on rank 0.
+pub fn summary_text(r: &crate::pipeline::report::RunReport) -> String {
+    use std::fmt::Write;
+    let f = &r.frames;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "\n{} frames: {} written, {} skipped (already complete), {} failed, {} abandoned{}",
+        f.listed,
+        f.written,
+        f.skipped,
+        f.failed,
+        f.abandoned,
+        if r.interrupted { " (interrupted)" } else { "" }
+    );
+    let moved = if r.ranks > 1 {
+        format!(
+            "{:.1} MB sent between ranks per frame",
+            r.bytes_per_frame / 1e6
+        )
+    } else {
+        format!(
+            "{:.1} MB of pixels in work units per frame (one process: nothing crosses MPI)",
+            r.bytes_per_frame / 1e6
+        )
+    };
+    let _ = writeln!(
+        s,
+        "wall {:.1} s on {} node(s), {} rank(s) x {} threads: {:.0} frames per node-hour; {moved}",
+        r.wall_s, r.nodes, r.ranks, r.threads_per_rank, r.frames_per_node_hour,
+    );
+    let _ = writeln!(
+        s,
+        "{:>5} {:>4} {:<22} {:>8} {:>10} {:>9} {:>8} {:>8} {:>6} {:>9}",
+        "rank",
+        "node",
+        "role",
+        "read s",
+        "transfer s",
+        "compute s",
+        "write s",
+        "idle s",
+        "units",
+        "peak MiB"
+    );
+    for t in &r.roles {
+        let _ = writeln!(
+            s,
+            "{:>5} {:>4} {:<22} {:>8.2} {:>10.2} {:>9.2} {:>8.2} {:>8.2} {:>6} {:>9.0}",
+            t.rank,
+            t.node,
+            t.role,
+            t.read_s,
+            t.transfer_s,
+            t.compute_s,
+            t.write_s,
+            t.idle_s,
+            t.units,
+            t.peak_rss_mib
+        );
+    }
+    if !r.failures.is_empty() {
+        let _ = writeln!(s, "failed frames:");
+        for fl in &r.failures {
+            let _ = writeln!(
+                s,
+                "  {}  ->  {}\n    {}",
+                fl.image.display(),
+                fl.output.display(),
+                fl.error
+            );
+        }
+    }
+    s
 }
 
 fn single(args: &ExtractArgs) -> Result<()> {
@@ -343,8 +363,9 @@ fn single(args: &ExtractArgs) -> Result<()> {
     );
     check_extracted(&res, prep.plan.npatch())?;
     write_outputs(
-        &prep,
         &res,
+        &prep.grid,
+        &frame_meta(&prep),
         output,
         args.model_image.as_deref(),
         args.overwrite,
@@ -355,85 +376,4 @@ fn single(args: &ExtractArgs) -> Result<()> {
         start.elapsed().as_secs_f64()
     );
     Ok(())
-}
-
-/// Refuses a frame in which nothing was extracted; warns about failed patches.
-pub fn check_extracted(res: &FrameResult, npatch: usize) -> Result<()> {
-    let st = &res.stats;
-    if st.failed + st.dropped >= npatch {
-        bail!(
-            "nothing was extracted: of {} patches, {} left the CCD and {} failed even with \
-             regularisation; no output written",
-            npatch,
-            st.dropped,
-            st.failed
-        );
-    }
-    if st.failed > 0 {
-        warn!(
-            "{} patches failed even with regularisation: their bins have ivar 0 and mask NODATA",
-            st.failed
-        );
-    }
-    Ok(())
-}
-
-/// Finalises and writes a frame (and the model image when one was computed).
-pub fn write_outputs(
-    prep: &Prepared,
-    res: &FrameResult,
-    output: &Path,
-    model_image: Option<&Path>,
-    overwrite: bool,
-) -> Result<()> {
-    let fin = finalize(res, &prep.grid);
-    let frame = Frame {
-        specmin: res.specmin,
-        wave: res.wave.clone(),
-        flux: fin.flux,
-        ivar: fin.ivar,
-        mask: fin.mask,
-        resolution: res.resolution.clone(),
-        chi2pix: res.chi2pix.clone(),
-    };
-    let meta = FrameMeta {
-        header: prep.preproc.header.clone(),
-        in_psf: prep.psf_path.display().to_string(),
-        in_img: prep.image_path.display().to_string(),
-        orig_psf: prep.psf.in_psf.clone(),
-        fibermap_from: prep.preproc.has_fibermap.then(|| prep.image_path.clone()),
-        extra: vec![
-            (
-                "PSFERR".into(),
-                format!("{}", prep.opts.psferr),
-                "PSF model error used by chi2pix".into(),
-            ),
-            (
-                "REGULARI".into(),
-                format!("{}", prep.opts.regularize),
-                "regularisation".into(),
-            ),
-        ],
-    };
-    write_frame(output, &frame, &meta, overwrite)?;
-    if let (Some(path), Some(model)) = (model_image, &res.model) {
-        write_model_image(path, model, overwrite)?;
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::header_value;
-
-    #[test]
-    fn header_values_lose_quotes_and_comments() {
-        let cards = vec![
-            format!("{:<80}", "CAMERA  = 'r0      '           / camera"),
-            format!("{:<80}", "EXPID   =                67784 / exposure"),
-        ];
-        assert_eq!(header_value(&cards, "CAMERA").as_deref(), Some("r0"));
-        assert_eq!(header_value(&cards, "EXPID").as_deref(), Some("67784"));
-        assert_eq!(header_value(&cards, "NIGHT"), None);
-    }
 }

@@ -25,7 +25,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Extract spectra from a preproc image with a PSF and write a desispec frame.
-    Extract(ExtractArgs),
+    Extract(Box<ExtractArgs>),
     /// Simulate a preproc image and its truth spectra through a PSF.
     Simulate(simulate::SimulateArgs),
     /// Judge a frame: alone, against another frame, and/or against the truth (extraction.md §8).

@@ -12,7 +12,7 @@ use crate::patch::{Patch, PixelWindow};
 use crate::psf::SpotSet;
 
 /// Options of the per-patch mathematics.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ExtractOptions {
     /// Extra Tikhonov term `regularize²` on every well-constrained unknown (default 0).
     pub regularize: f64,
@@ -50,8 +50,21 @@ impl<'a> PatchInput<'a> {
         ivar: ArrayView2<'a, f64>,
         spots: &'a SpotSet,
     ) -> PatchInput<'a> {
-        let rows = window.ymin as usize..window.ymax as usize;
-        let cols = window.xmin as usize..window.xmax as usize;
+        Self::from_region(patch, window, pix, ivar, (0, 0), spots)
+    }
+
+    /// The input of `patch` from arrays holding the CCD from row `origin.0` and column
+    /// `origin.1` on (a work unit's rectangle); the window must lie inside them.
+    pub fn from_region(
+        patch: Patch,
+        window: PixelWindow,
+        pix: ArrayView2<'a, f64>,
+        ivar: ArrayView2<'a, f64>,
+        origin: (usize, usize),
+        spots: &'a SpotSet,
+    ) -> PatchInput<'a> {
+        let rows = window.ymin as usize - origin.0..window.ymax as usize - origin.0;
+        let cols = window.xmin as usize - origin.1..window.xmax as usize - origin.1;
         PatchInput {
             patch,
             window,

@@ -65,7 +65,7 @@ impl Frame {
 }
 
 /// What a frame's header and FIBERMAP record about its inputs.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct FrameMeta {
     /// Cards of the input IMAGE header (`Preproc::header`), copied first.
     pub header: Vec<String>,

@@ -68,7 +68,7 @@ impl PatchOptions {
 }
 
 /// The extraction wavelength grid and its padded extension.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct WaveGrid {
     /// Output grid, `numpy.arange(wmin, wmax + dw/2, dw)`.
     pub wave: Vec<f64>,
@@ -128,7 +128,7 @@ impl WaveGrid {
 }
 
 /// One patch: core fibers × core wavelengths, with its padding.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Patch {
     /// Index of the bundle within the plan.
     pub bundle: usize,

@@ -22,7 +22,7 @@ pub mod specmask {
 }
 
 /// The extracted spectra of a frame, per bin (before per-Ångström units).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct FrameResult {
     /// First fiber.
     pub specmin: usize,
@@ -47,7 +47,7 @@ pub struct FrameResult {
 }
 
 /// Counts and stage timings of one frame's extraction.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct FrameStats {
     /// Patches extracted.
     pub patches: usize,
@@ -82,7 +82,50 @@ pub enum FrameError {
 /// Called after each bundle with (patches done, patches in all).
 pub type Progress<'a> = &'a mut dyn FnMut(usize, usize);
 
-/// Extracts fibers `plan.specmin ..` of an image (`pix`, `ivar` already masked) on `grid`.
+/// The CCD pixels a piece of work reads: `pix` and `ivar` (ivar already masked) hold CCD rows
+/// `y0..` and columns `x0..`: the whole CCD, or a work unit's rectangle.
+#[derive(Debug, Clone, Copy)]
+pub struct Region<'a> {
+    /// Image values.
+    pub pix: ArrayView2<'a, f64>,
+    /// Inverse variance, zero where masked.
+    pub ivar: ArrayView2<'a, f64>,
+    /// CCD row of the arrays' first row.
+    pub y0: usize,
+    /// CCD column of the arrays' first column.
+    pub x0: usize,
+}
+
+impl Region<'_> {
+    /// Whether `w` lies inside the region.
+    pub fn contains(&self, w: &pixels::PixelWindow) -> bool {
+        w.ymin >= self.y0 as i64
+            && w.xmin >= self.x0 as i64
+            && w.ymax <= (self.y0 + self.pix.nrows()) as i64
+            && w.xmax <= (self.x0 + self.pix.ncols()) as i64
+    }
+}
+
+/// A range of bundles to extract, and everything it reads.
+#[derive(Debug, Clone)]
+pub struct BundleWork<'a> {
+    /// The PSF; its row 0 is fiber `psf_fiber0` of the frame (a unit carries only its fibers).
+    pub psf: &'a Psf,
+    /// The frame fiber of the PSF's row 0.
+    pub psf_fiber0: usize,
+    /// The pixels, covering every on-CCD patch window of the bundles.
+    pub region: Region<'a>,
+    /// Output and padded wavelength grids.
+    pub grid: &'a WaveGrid,
+    /// The frame's patches.
+    pub plan: &'a Plan,
+    /// Which of `plan.bundles`.
+    pub bundles: std::ops::Range<usize>,
+    /// Fraction of the padding rows kept around a patch's core rows.
+    pub pixpad_frac: f64,
+}
+
+/// Extracts fibers `plan.specmin ..` of a whole-CCD image (`pix`, `ivar` already masked).
 #[allow(clippy::too_many_arguments)]
 pub fn extract_frame(
     psf: &Psf,
@@ -104,18 +147,50 @@ pub fn extract_frame(
             psf.npix_x
         )));
     }
-    if plan.specmin + plan.nspec > psf.nfiber() {
+    let work = BundleWork {
+        psf,
+        psf_fiber0: 0,
+        region: Region {
+            pix,
+            ivar,
+            y0: 0,
+            x0: 0,
+        },
+        grid,
+        plan,
+        bundles: 0..plan.bundles.len(),
+        pixpad_frac,
+    };
+    extract_bundles(&work, opts, backend, progress)
+}
+
+/// Extracts the fibers of `work.bundles`: spots per bundle → pixel windows → backend batches →
+/// assembly. The result covers those fibers only (its `specmin` is the first bundle's first
+/// fiber); a model image, when requested, covers the region.
+pub fn extract_bundles(
+    work: &BundleWork<'_>,
+    opts: &ExtractOptions,
+    backend: &mut dyn Backend,
+    progress: Progress<'_>,
+) -> Result<FrameResult, FrameError> {
+    let (psf, psf_fiber0, region, grid, plan) =
+        (work.psf, work.psf_fiber0, work.region, work.grid, work.plan);
+    let bundles = &plan.bundles[work.bundles.clone()];
+    let specmin = bundles.first().map_or(plan.specmin, |b| b.0);
+    let nspec: usize = bundles.iter().map(|b| b.1).sum();
+    if specmin < psf_fiber0 || specmin + nspec > psf_fiber0 + psf.nfiber() {
         return Err(FrameError::Input(format!(
-            "fibers {}..{} requested but the PSF has {} fibers",
-            plan.specmin,
-            plan.specmin + plan.nspec,
-            psf.nfiber()
+            "fibers {}..{} requested but the PSF holds fibers {}..{}",
+            specmin,
+            specmin + nspec,
+            psf_fiber0,
+            psf_fiber0 + psf.nfiber()
         )));
     }
-    let (nspec, nwave) = (plan.nspec, grid.wave.len());
+    let nwave = grid.wave.len();
     let ndiag = opts.ndiag;
     let mut out = FrameResult {
-        specmin: plan.specmin,
+        specmin,
         wave: grid.wave.clone(),
         flux: Array2::zeros((nspec, nwave)),
         ivar: Array2::zeros((nspec, nwave)),
@@ -123,37 +198,70 @@ pub fn extract_frame(
         chi2pix: Array2::zeros((nspec, nwave)),
         pixmask_fraction: Array2::zeros((nspec, nwave)),
         nodata: Array2::from_elem((nspec, nwave), false),
-        model: opts
-            .model_image
-            .then(|| Array2::zeros((psf.npix_y, psf.npix_x))),
+        model: opts.model_image.then(|| Array2::zeros(region.pix.dim())),
         stats: FrameStats::default(),
     };
-    let total = plan.npatch();
+    let total: usize = plan.patches[work.bundles.clone()]
+        .iter()
+        .map(Vec::len)
+        .sum();
     let mut done = 0;
-    let mut spots = spots::evaluate(psf, plan.specmin, 0, &[])?;
-    for patches in &plan.patches {
+    let mut spots = spots::evaluate(psf, 0, 0, &[])?;
+    for patches in &plan.patches[work.bundles.clone()] {
         if patches.is_empty() {
             continue;
         }
         let t0 = Instant::now();
         let (fmin, nfib) = plan::fiber_span(patches);
-        spots::evaluate_into(psf, fmin, nfib, &grid.padded, &mut spots)?;
+        if fmin < psf_fiber0 || fmin + nfib > psf_fiber0 + psf.nfiber() {
+            return Err(FrameError::Input(format!(
+                "patches need fibers {}..{} but the PSF holds fibers {}..{}",
+                fmin,
+                fmin + nfib,
+                psf_fiber0,
+                psf_fiber0 + psf.nfiber()
+            )));
+        }
+        spots::evaluate_into(psf, fmin - psf_fiber0, nfib, &grid.padded, &mut spots)?;
+        // Spot fibers are frame fibers from here on, as the patches count them.
+        spots.grid.fibermin = fmin;
         let t1 = Instant::now();
         let mut inputs = Vec::with_capacity(patches.len());
         for p in patches {
-            let window = pixels::window(p, &spots, pixpad_frac);
+            let window = pixels::window(p, &spots, work.pixpad_frac);
             if !window.on_ccd(psf.npix_y, psf.npix_x) {
                 out.stats.dropped += 1;
                 mark_nodata(&mut out, p.ispec, p.nspec, p.iwave, p.nwave_keep);
                 continue;
             }
-            inputs.push(PatchInput::from_ccd(*p, window, pix, ivar, &spots));
+            if !region.contains(&window) {
+                return Err(FrameError::Input(format!(
+                    "patch at fiber {}, bin {} reads CCD rows {}..{}, columns {}..{}, outside \
+                     the pixels it was given (rows {}.., columns {}..)",
+                    p.ispec,
+                    p.iwave,
+                    window.ymin,
+                    window.ymax,
+                    window.xmin,
+                    window.xmax,
+                    region.y0,
+                    region.x0
+                )));
+            }
+            inputs.push(PatchInput::from_region(
+                *p,
+                window,
+                region.pix,
+                region.ivar,
+                (region.y0, region.x0),
+                &spots,
+            ));
         }
         let results = backend.extract_batch(&inputs, opts)?;
         let t2 = Instant::now();
         for (inp, r) in inputs.iter().zip(results) {
             let p = &inp.patch;
-            let f = p.ispec - plan.specmin;
+            let f = p.ispec - specmin;
             let (w0, nk) = (p.iwave, p.nwave_keep);
             out.stats.retried += usize::from(r.info.retried);
             if r.info.failed {
@@ -175,10 +283,8 @@ pub fn extract_frame(
                 .assign(&r.resolution);
             if let (Some(model), Some(m)) = (out.model.as_mut(), r.model.as_ref()) {
                 let w = inp.window;
-                let mut dst = model.slice_mut(s![
-                    w.ymin as usize..w.ymax as usize,
-                    w.xmin as usize..w.xmax as usize
-                ]);
+                let (ry, rx) = (w.ymin as usize - region.y0, w.xmin as usize - region.x0);
+                let mut dst = model.slice_mut(s![ry..ry + w.ny(), rx..rx + w.nx()]);
                 dst += m;
             }
         }

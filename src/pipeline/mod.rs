@@ -1,8 +1,11 @@
 //! Frames to spectra at scale: one frame in memory (`frame`), the list of frames a run must
 //! do (`frames`), the process environment (`env`), and the end-of-run summary (`report`).
 
+pub mod comm;
 pub mod env;
 pub mod frame;
 pub mod frames;
+pub mod prepare;
 pub mod report;
 pub mod run;
+pub mod unit;

@@ -80,6 +80,9 @@ pub struct RoleTimes {
     pub units: usize,
     /// Bytes this rank sent to other ranks.
     pub bytes_sent: u64,
+    /// Peak resident memory of the rank (MiB), which the prefetch depth bounds on readers.
+    #[serde(default)]
+    pub peak_rss_mib: f64,
 }
 
 /// A frame that did not make it, and why.
@@ -128,6 +131,20 @@ impl RunReport {
             0.0
         }
     }
+}
+
+/// Peak resident memory of this process so far, in MiB (Linux `ru_maxrss`).
+pub fn peak_rss_mib() -> f64 {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes a `rusage` into the pointer we pass; it is zero-initialised
+    // storage of the right type and size that outlives the call.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) };
+    if rc != 0 {
+        return f64::NAN;
+    }
+    // SAFETY: getrusage returned 0, so it filled the struct.
+    let usage = unsafe { usage.assume_init() };
+    usage.ru_maxrss as f64 / 1024.0
 }
 
 #[cfg(test)]

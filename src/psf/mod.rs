@@ -37,7 +37,7 @@ pub enum PsfError {
 
 /// A set of Legendre series, one per fiber, over one wavelength range `[wavemin, wavemax]`
 /// (each PSF HDU carries its own range: extraction.md §3).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LegendreSet {
     /// Lower end of the range mapped onto u = -1.
     pub wavemin: f64,
@@ -65,7 +65,7 @@ impl LegendreSet {
 }
 
 /// One row of the PSF parameter table.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PsfParam {
     /// Parameter name as in the file (`GHSIGX`, `GH-2-3`, `TAILAMP`, …), without padding.
     pub name: String,
@@ -74,7 +74,7 @@ pub struct PsfParam {
 }
 
 /// A DESI Gauss–Hermite PSF (PSFVER 3).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Psf {
     /// CCD width in pixels.
     pub npix_x: usize,
@@ -127,6 +127,56 @@ pub const MAX_NPIX: usize = 100_000;
 pub const MAX_NFIBER: usize = 100_000;
 
 impl Psf {
+    /// The PSF of fibers `first .. first + n` only (rows of every table), for shipping to a
+    /// rank that extracts just those fibers: its fiber 0 is this PSF's fiber `first`.
+    pub fn subset(&self, first: usize, n: usize) -> Psf {
+        let rows = |set: &LegendreSet| LegendreSet {
+            wavemin: set.wavemin,
+            wavemax: set.wavemax,
+            coeff: set
+                .coeff
+                .slice(ndarray::s![first..first + n, ..])
+                .to_owned(),
+        };
+        Psf {
+            xtrace: rows(&self.xtrace),
+            ytrace: rows(&self.ytrace),
+            params: self
+                .params
+                .iter()
+                .map(|p| PsfParam {
+                    name: p.name.clone(),
+                    series: rows(&p.series),
+                })
+                .collect(),
+            fibermin: self.fibermin + first,
+            ..self.clone_header()
+        }
+    }
+
+    fn clone_header(&self) -> Psf {
+        let empty = LegendreSet {
+            wavemin: 0.0,
+            wavemax: 1.0,
+            coeff: Array2::zeros((0, 1)),
+        };
+        Psf {
+            npix_x: self.npix_x,
+            npix_y: self.npix_y,
+            hsizex: self.hsizex,
+            hsizey: self.hsizey,
+            ghdegx: self.ghdegx,
+            ghdegy: self.ghdegy,
+            legdeg: self.legdeg,
+            fibermin: self.fibermin,
+            xtrace: empty.clone(),
+            ytrace: empty,
+            params: Vec::new(),
+            psferr: self.psferr,
+            in_psf: self.in_psf.clone(),
+        }
+    }
+
     /// Number of fibers described by the traces.
     pub fn nfiber(&self) -> usize {
         self.xtrace.nfiber()

@@ -143,6 +143,73 @@ pub fn evaluate_into(
     Ok(())
 }
 
+/// The corners of the spots of fibers `fibermin .. fibermin + nfiber` at `waves`, from the
+/// traces alone (`values` stays empty): what a reader needs to cut the pixel rectangle of a
+/// work unit without paying for the spots themselves.
+pub fn corners(
+    psf: &Psf,
+    fibermin: usize,
+    nfiber: usize,
+    waves: &[f64],
+) -> Result<SpotSet, PsfError> {
+    if fibermin + nfiber > psf.nfiber() {
+        return Err(PsfError::OutOfRange(format!(
+            "fibers {}..{} requested from a PSF of {} fibers",
+            fibermin,
+            fibermin + nfiber,
+            psf.nfiber()
+        )));
+    }
+    let nwave = waves.len();
+    let mut set = SpotSet {
+        grid: SpotGrid {
+            fibermin,
+            nfiber,
+            nwave,
+        },
+        ny: psf.spot_ny(),
+        nx: psf.spot_nx(),
+        values: Vec::new(),
+        xc: Vec::with_capacity(nfiber * nwave),
+        yc: Vec::with_capacity(nfiber * nwave),
+        x: Vec::with_capacity(nfiber * nwave),
+        y: Vec::with_capacity(nfiber * nwave),
+    };
+    let mut leg = vec![0.0; psf.xtrace.coeff.ncols().max(psf.ytrace.coeff.ncols())];
+    for f in fibermin..fibermin + nfiber {
+        for &wave in waves {
+            let x = trace_series(&psf.xtrace, f, wave, &mut leg);
+            let y = trace_series(&psf.ytrace, f, wave, &mut leg);
+            let (xc, yc) = corner(psf, x, y);
+            set.x.push(x);
+            set.y.push(y);
+            set.xc.push(xc);
+            set.yc.push(yc);
+        }
+    }
+    Ok(set)
+}
+
+/// A trace series at `wave`, summed exactly as the spot evaluator sums it, so that the corners
+/// a reader computes are the corners the compute rank finds (`leg` is scratch).
+fn trace_series(set: &super::LegendreSet, fiber: usize, wave: f64, leg: &mut [f64]) -> f64 {
+    let n = set.coeff.ncols();
+    legendre::vander(set.reduced(wave), &mut leg[..n]);
+    set.coeff
+        .row(fiber)
+        .iter()
+        .zip(&leg[..n])
+        .map(|(c, p)| c * p)
+        .sum()
+}
+
+/// The first pixel of the spot centred at `(x, y)`.
+fn corner(psf: &Psf, x: f64, y: f64) -> (i64, i64) {
+    let xc = (x - psf.hsizex as f64 + 0.5).floor();
+    let yc = (y - psf.hsizey as f64 + 0.5).floor();
+    (xc as i64, yc as i64)
+}
+
 /// Scratch space and resolved indices for evaluating one spot at a time.
 pub struct SpotEvaluator<'a> {
     psf: &'a Psf,
@@ -187,14 +254,7 @@ impl<'a> SpotEvaluator<'a> {
     }
 
     fn series(&mut self, set: &super::LegendreSet, fiber: usize, wave: f64) -> f64 {
-        let n = set.coeff.ncols();
-        legendre::vander(set.reduced(wave), &mut self.leg[..n]);
-        set.coeff
-            .row(fiber)
-            .iter()
-            .zip(&self.leg[..n])
-            .map(|(c, p)| c * p)
-            .sum()
+        trace_series(set, fiber, wave, &mut self.leg)
     }
 
     /// Writes the normalised spot of `fiber` at `wave` into `out` (`ny × nx`), returning the
@@ -230,8 +290,7 @@ impl<'a> SpotEvaluator<'a> {
         for (g, v) in self.gh.iter_mut().zip(values) {
             *g = v;
         }
-        let xc = (x - psf.hsizex as f64 + 0.5).floor();
-        let yc = (y - psf.hsizey as f64 + 0.5).floor();
+        let (xc, yc) = corner(psf, x, y);
         let offx = x - (x + 0.5).floor();
         let offy = y - (y + 0.5).floor();
         hermite::pixel_integrals(nx, offx, sigx, psf.ghdegx, &mut self.px, &mut self.scratch);
@@ -269,6 +328,6 @@ impl<'a> SpotEvaluator<'a> {
         if sum > 0.0 {
             out.iter_mut().for_each(|v| *v /= sum);
         }
-        (x, y, xc as i64, yc as i64)
+        (x, y, xc, yc)
     }
 }

@@ -15,6 +15,7 @@ mod common;
 
 mod cli;
 mod format;
+mod pipeline;
 mod real_data;
 mod structure;
 mod synthetic;

@@ -1,0 +1,259 @@
+//! One frame from files to a plan, and from results back to a file: what the single-frame
+//! command and the pipeline's reader and writer share.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use tracing::{info, warn};
+
+use crate::config::{self, Config};
+use crate::extract::ExtractOptions;
+use crate::io::frame::{write_frame, write_model_image, Frame, FrameMeta};
+use crate::io::image::{read_preproc, Preproc};
+use crate::io::psf::read_psf;
+use crate::patch::{PatchOptions, Plan, WaveGrid};
+use crate::pipeline::frame::{finalize, FrameResult};
+use crate::psf::Psf;
+
+/// Everything resolved and loaded for one frame's extraction.
+pub struct Prepared {
+    /// Where the PSF came from.
+    pub psf_path: PathBuf,
+    /// Where the image came from.
+    pub image_path: PathBuf,
+    /// The PSF.
+    pub psf: Psf,
+    /// The image, ivar masked.
+    pub preproc: Preproc,
+    /// Output and padded grids.
+    pub grid: WaveGrid,
+    /// The patches.
+    pub plan: Plan,
+    /// Patch geometry options.
+    pub patch: PatchOptions,
+    /// Per-patch options.
+    pub opts: ExtractOptions,
+    /// Worker threads.
+    pub threads: usize,
+    /// Whether to draw a progress bar.
+    pub progress: bool,
+}
+
+/// The value of `key` in raw FITS header cards, without quotes.
+pub fn header_value(cards: &[String], key: &str) -> Option<String> {
+    cards.iter().find_map(|c| {
+        let (k, rest) = c.split_at(c.len().min(8));
+        if k.trim_end() != key || !rest.starts_with('=') {
+            return None;
+        }
+        let v = rest[1..].trim();
+        if let Some(stripped) = v.strip_prefix('\'') {
+            let end = stripped.find('\'').unwrap_or(stripped.len());
+            Some(stripped[..end].trim_end().to_string())
+        } else {
+            Some(v.split('/').next().unwrap_or("").trim().to_string())
+        }
+    })
+}
+
+/// The output grid `[wmin, wmax, dw]`, which must lie inside the PSF's wavelength range.
+fn wave_grid(w: [f64; 3], cfg: &Config, psf: &Psf, psf_path: &Path) -> Result<WaveGrid> {
+    let grid = WaveGrid::new(w[0], w[1], w[2], &cfg.patch).map_err(anyhow::Error::msg)?;
+    let (lo, hi) = psf.wave_range();
+    let (gmin, gmax) = (grid.wave[0], grid.wave[grid.wave.len() - 1]);
+    if gmin < lo || gmax > hi {
+        bail!(
+            "wavelength range {gmin:.2}..{gmax:.2} Å is outside the PSF {} range {lo}..{hi} Å",
+            psf_path.display()
+        );
+    }
+    let (pmin, pmax) = (grid.padded[0], grid.padded[grid.padded.len() - 1]);
+    if pmin < lo || pmax > hi {
+        warn!("patch padding {pmin:.2}..{pmax:.2} Å extrapolates the PSF beyond {lo}..{hi} Å");
+    }
+    Ok(grid)
+}
+
+/// Reads the PSF and the image of one frame and plans it under `cfg` (already validated).
+pub fn prepare_frame(
+    cfg: &Config,
+    psf_path: &Path,
+    image_path: &Path,
+    model_image: bool,
+    progress: bool,
+) -> Result<Prepared> {
+    let psf = read_psf(psf_path)?;
+    // What the PSF alone can refuse, before the (larger) image is read.
+    let specmin = cfg.extract.specmin;
+    let nfiber = psf.nfiber();
+    if specmin >= nfiber {
+        bail!(
+            "specmin {specmin} is past the last fiber of the PSF {}, which has {nfiber} fibers",
+            psf_path.display()
+        );
+    }
+    let nspec = match cfg.extract.nspec {
+        0 => nfiber - specmin,
+        n if specmin + n > nfiber => bail!(
+            "fibers {specmin}..{} requested but the PSF {} has {nfiber} fibers",
+            specmin + n,
+            psf_path.display()
+        ),
+        n => n,
+    };
+    let given = (!cfg.extract.wavelength.is_empty()).then(|| {
+        let w = &cfg.extract.wavelength;
+        [w[0], w[1], w[2]]
+    });
+    let grid_given = match given {
+        Some(w) => Some(wave_grid(w, cfg, &psf, psf_path)?),
+        None => None,
+    };
+
+    let t0 = Instant::now();
+    let preproc = read_preproc(image_path, cfg.extract.mask_bits)?;
+    info!(
+        "read {} ({}x{}) in {:.2}s: {} pixels masked by MASK bits, {} NaN/Inf pixels treated as masked",
+        image_path.display(),
+        preproc.image.nrows(),
+        preproc.image.ncols(),
+        t0.elapsed().as_secs_f64(),
+        preproc.masked_by_bits,
+        preproc.nonfinite
+    );
+    if preproc.image.dim() != (psf.npix_y, psf.npix_x) {
+        bail!(
+            "{}: image is {} rows x {} columns but the PSF {} describes a {} x {} CCD",
+            image_path.display(),
+            preproc.image.nrows(),
+            preproc.image.ncols(),
+            psf_path.display(),
+            psf.npix_y,
+            psf.npix_x
+        );
+    }
+    let grid = match grid_given {
+        Some(g) => g,
+        None => {
+            let camera = header_value(&preproc.header, "CAMERA").unwrap_or_default();
+            let w = config::camera_wavelength(&camera).with_context(|| {
+                format!(
+                    "{}: no --wavelength given and CAMERA '{camera}' is not b, r or z",
+                    image_path.display()
+                )
+            })?;
+            wave_grid(w, cfg, &psf, psf_path)?
+        }
+    };
+    let plan = Plan::new(specmin, nspec, grid.wave.len(), psf.nfiber(), &cfg.patch);
+    let psferr = if cfg.extract.psferr >= 0.0 {
+        cfg.extract.psferr
+    } else {
+        psf.psferr.unwrap_or(0.01)
+    };
+    let opts = ExtractOptions {
+        regularize: cfg.extract.regularize,
+        psferr,
+        ndiag: psf.hsizey,
+        model_image,
+    };
+    Ok(Prepared {
+        psf_path: psf_path.to_path_buf(),
+        image_path: image_path.to_path_buf(),
+        psf,
+        preproc,
+        grid,
+        plan,
+        patch: cfg.patch.clone(),
+        opts,
+        threads: crate::pipeline::env::resolve_threads(cfg.run.threads),
+        progress,
+    })
+}
+
+/// Refuses a frame in which nothing was extracted; warns about failed patches.
+pub fn check_extracted(res: &FrameResult, npatch: usize) -> Result<()> {
+    let st = &res.stats;
+    if st.failed + st.dropped >= npatch {
+        bail!(
+            "nothing was extracted: of {} patches, {} left the CCD and {} failed even with \
+             regularisation; no output written",
+            npatch,
+            st.dropped,
+            st.failed
+        );
+    }
+    if st.failed > 0 {
+        warn!(
+            "{} patches failed even with regularisation: their bins have ivar 0 and mask NODATA",
+            st.failed
+        );
+    }
+    Ok(())
+}
+
+/// What the frame's header and FIBERMAP record about its inputs.
+pub fn frame_meta(prep: &Prepared) -> FrameMeta {
+    FrameMeta {
+        header: prep.preproc.header.clone(),
+        in_psf: prep.psf_path.display().to_string(),
+        in_img: prep.image_path.display().to_string(),
+        orig_psf: prep.psf.in_psf.clone(),
+        fibermap_from: prep.preproc.has_fibermap.then(|| prep.image_path.clone()),
+        extra: vec![
+            (
+                "PSFERR".into(),
+                format!("{}", prep.opts.psferr),
+                "PSF model error used by chi2pix".into(),
+            ),
+            (
+                "REGULARI".into(),
+                format!("{}", prep.opts.regularize),
+                "regularisation".into(),
+            ),
+        ],
+    }
+}
+
+/// Finalises and writes a frame (and the model image when one was computed), each atomically.
+pub fn write_outputs(
+    res: &FrameResult,
+    grid: &WaveGrid,
+    meta: &FrameMeta,
+    output: &Path,
+    model_image: Option<&Path>,
+    overwrite: bool,
+) -> Result<()> {
+    let fin = finalize(res, grid);
+    let frame = Frame {
+        specmin: res.specmin,
+        wave: res.wave.clone(),
+        flux: fin.flux,
+        ivar: fin.ivar,
+        mask: fin.mask,
+        resolution: res.resolution.clone(),
+        chi2pix: res.chi2pix.clone(),
+    };
+    write_frame(output, &frame, meta, overwrite)?;
+    if let (Some(path), Some(model)) = (model_image, &res.model) {
+        write_model_image(path, model, overwrite)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::header_value;
+
+    #[test]
+    fn header_values_lose_quotes_and_comments() {
+        let cards = vec![
+            format!("{:<80}", "CAMERA  = 'r0      '           / camera"),
+            format!("{:<80}", "EXPID   =                67784 / exposure"),
+        ];
+        assert_eq!(header_value(&cards, "CAMERA").as_deref(), Some("r0"));
+        assert_eq!(header_value(&cards, "EXPID").as_deref(), Some("67784"));
+        assert_eq!(header_value(&cards, "NIGHT"), None);
+    }
+}

@@ -1,0 +1,345 @@
+//! The many-frame pipeline: list in, frames out, under one process and under `mpirun`, with
+//! bad frames among good ones and a SIGTERM in the middle.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use spextract::io::frame::{read_frame, Frame};
+use spextract::io::write_psf;
+use spextract::pipeline::report::RunReport;
+use spextract::psf::synth::synthetic_psf;
+use spextract::simulate::write_simulation;
+
+use crate::common::{small_psf_options, small_sim_options, BIN, SMALL_GRID};
+
+/// Two bundles (50 fibers) on a small CCD, so that frames are cut into several units.
+fn two_bundle_psf(dir: &Path) -> PathBuf {
+    let mut o = small_psf_options();
+    o.nfiber = 50;
+    o.npix_x = 480;
+    let path = dir.join("psf.fits");
+    write_psf(&path, &synthetic_psf(&o)).unwrap();
+    path
+}
+
+/// `n` simulated exposures through `psf` (seeds 1..=n) and a list file naming their outputs
+/// under `dir/out`.
+fn frames(dir: &Path, psf: &Path, n: usize) -> PathBuf {
+    let p = spextract::io::read_psf(psf).unwrap();
+    let mut list = String::from("# image psf output\n");
+    for i in 1..=n {
+        let image = dir.join(format!("preproc-{i}.fits"));
+        let mut o = small_sim_options();
+        o.nspec = 50;
+        o.seed = i as u64;
+        write_simulation(&p, &o, &image, &dir.join(format!("truth-{i}.fits"))).unwrap();
+        list += &format!("preproc-{i}.fits psf.fits out/frame-{i}.fits\n");
+    }
+    let path = dir.join("frames.txt");
+    std::fs::write(&path, list).unwrap();
+    path
+}
+
+fn config(dir: &Path) -> PathBuf {
+    let path = dir.join("run.toml");
+    let g: Vec<&str> = SMALL_GRID.split(',').collect();
+    std::fs::write(
+        &path,
+        format!("[extract]\nwavelength = [{}, {}, {}]\n", g[0], g[1], g[2]),
+    )
+    .unwrap();
+    path
+}
+
+fn pipeline_cmd(launcher: Option<usize>, args: &[&dyn AsRef<std::ffi::OsStr>]) -> Command {
+    let mut cmd = match launcher {
+        Some(n) => {
+            let mut c = Command::new("mpirun");
+            c.args(["-n", &n.to_string(), BIN]);
+            c
+        }
+        None => Command::new(BIN),
+    };
+    cmd.arg("extract");
+    for a in args {
+        cmd.arg(a);
+    }
+    cmd.env("NO_COLOR", "1")
+        .env("OPENBLAS_NUM_THREADS", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_rmaps_base_oversubscribe", "1");
+    cmd
+}
+
+fn run_pipeline(launcher: Option<usize>, args: &[&dyn AsRef<std::ffi::OsStr>]) -> (i32, String) {
+    let out = pipeline_cmd(launcher, args)
+        .output()
+        .expect("cannot start spextract");
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    (out.status.code().unwrap_or(-1), text)
+}
+
+fn have_mpirun() -> bool {
+    let ok = Command::new("mpirun")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("skipping: mpirun not found (install openmpi-bin to run the multi-rank tests)");
+    }
+    ok
+}
+
+/// The arrays of a frame file, for equality (the files themselves differ in the time written
+/// into the CHECKSUM comment).
+fn same_frame(a: &Path, b: &Path) {
+    let (fa, fb): (Frame, Frame) = (read_frame(a).unwrap(), read_frame(b).unwrap());
+    assert_eq!(
+        fa.wave,
+        fb.wave,
+        "{} vs {}: WAVELENGTH",
+        a.display(),
+        b.display()
+    );
+    assert!(
+        fa.flux == fb.flux,
+        "{} vs {}: FLUX differs",
+        a.display(),
+        b.display()
+    );
+    assert!(
+        fa.ivar == fb.ivar,
+        "{} vs {}: IVAR differs",
+        a.display(),
+        b.display()
+    );
+    assert!(
+        fa.mask == fb.mask,
+        "{} vs {}: MASK differs",
+        a.display(),
+        b.display()
+    );
+    assert!(
+        fa.resolution == fb.resolution,
+        "{} vs {}: RESOLUTION differs",
+        a.display(),
+        b.display()
+    );
+    assert!(
+        fa.chi2pix == fb.chi2pix,
+        "{} vs {}: CHI2PIX differs",
+        a.display(),
+        b.display()
+    );
+}
+
+/// Single-frame extractions of frames 1..=n of `dir`, the reference the pipeline must match.
+fn single_frames(dir: &Path, n: usize) -> Vec<PathBuf> {
+    (1..=n)
+        .map(|i| {
+            let out = dir.join(format!("single-{i}.fits"));
+            run!(
+                "extract",
+                "--psf",
+                dir.join("psf.fits"),
+                "--image",
+                dir.join(format!("preproc-{i}.fits")),
+                "--output",
+                &out,
+                "--wavelength",
+                SMALL_GRID,
+                "--threads",
+                "1"
+            )
+            .ok();
+            out
+        })
+        .collect()
+}
+
+#[test]
+fn one_process_and_1_3_5_ranks_write_the_single_frame_results_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let psf = two_bundle_psf(d);
+    let list = frames(d, &psf, 3);
+    let cfg = config(d);
+    let reference = single_frames(d, 3);
+    let mut launchers = vec![None];
+    if have_mpirun() {
+        launchers.extend([Some(1), Some(3), Some(5)]);
+    }
+    for launcher in launchers {
+        let out = d.join("out");
+        let _ = std::fs::remove_dir_all(&out);
+        let report = d.join("report.json");
+        let (code, log) = run_pipeline(
+            launcher,
+            &[
+                &"--frames",
+                &list,
+                &"--config",
+                &cfg,
+                &"--threads",
+                &"1",
+                &"--unit-bundles",
+                &"1",
+                &"--report",
+                &report,
+            ],
+        );
+        assert_eq!(code, 0, "launcher {launcher:?}:\n{log}");
+        for (i, r) in reference.iter().enumerate() {
+            same_frame(r, &out.join(format!("frame-{}.fits", i + 1)));
+        }
+        let rep = RunReport::read_json(&report).unwrap();
+        assert_eq!(rep.frames.written, 3, "{log}");
+        assert_eq!(rep.ranks, launcher.unwrap_or(1));
+        assert!(rep.frames_per_node_hour > 0.0);
+        assert!(rep.bytes_per_frame > 0.0, "{log}");
+        // Every unit computed exactly once across the compute ranks: 2 bundles x 3 frames.
+        let units: usize = rep
+            .roles
+            .iter()
+            .filter(|r| r.role.contains("compute"))
+            .map(|r| r.units)
+            .sum();
+        assert_eq!(units, 6, "{log}");
+    }
+}
+
+#[test]
+fn a_bad_frame_fails_alone_and_the_run_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let psf = two_bundle_psf(d);
+    frames(d, &psf, 2);
+    let cfg = config(d);
+    // A truncated image and a missing PSF between the two good frames.
+    let bytes = std::fs::read(d.join("preproc-1.fits")).unwrap();
+    std::fs::write(d.join("truncated.fits"), &bytes[..bytes.len() / 3]).unwrap();
+    let list = d.join("mixed.txt");
+    std::fs::write(
+        &list,
+        "preproc-1.fits psf.fits out/good-1.fits\n\
+         truncated.fits psf.fits out/truncated.fits\n\
+         preproc-2.fits no-such-psf.fits out/nopsf.fits\n\
+         preproc-2.fits psf.fits out/good-2.fits\n",
+    )
+    .unwrap();
+    let mut launchers = vec![None];
+    if have_mpirun() {
+        launchers.push(Some(3));
+    }
+    for launcher in launchers {
+        let _ = std::fs::remove_dir_all(d.join("out"));
+        let (code, log) = run_pipeline(
+            launcher,
+            &[&"--frames", &list, &"--config", &cfg, &"--threads", &"1"],
+        );
+        assert_eq!(
+            code, 1,
+            "launcher {launcher:?}: a failed frame must fail the run\n{log}"
+        );
+        assert!(
+            log.contains("2 written") && log.contains("2 failed"),
+            "{log}"
+        );
+        assert!(log.contains("failed frames:"), "{log}");
+        assert!(
+            log.contains("truncated.fits") && log.contains("no-such-psf.fits"),
+            "{log}"
+        );
+        assert!(d.join("out/good-1.fits").is_file() && d.join("out/good-2.fits").is_file());
+        assert!(!d.join("out/truncated.fits").exists() && !d.join("out/nopsf.fits").exists());
+    }
+}
+
+#[test]
+fn sigterm_leaves_only_complete_frames_and_a_rerun_finishes_the_same_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let psf = two_bundle_psf(d);
+    let n = 10;
+    let list = frames(d, &psf, n);
+    let cfg = config(d);
+    let out = d.join("out");
+    let args: [&dyn AsRef<std::ffi::OsStr>; 8] = [
+        &"--frames",
+        &list,
+        &"--config",
+        &cfg,
+        &"--threads",
+        &"1",
+        &"--prefetch",
+        &"1",
+    ];
+    let child = pipeline_cmd(None, &args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // SIGTERM once the first frame is on disk, as Slurm does ahead of the time limit.
+    let t0 = Instant::now();
+    while !(out.join("frame-1.fits").exists() || t0.elapsed() > Duration::from_secs(120)) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: kill(2) on the pid of a child this test owns and has not yet reaped.
+    let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    let first = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&first.stderr);
+    let present: Vec<PathBuf> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(
+        present.len() < n,
+        "the run finished before the signal; it must be interrupted for this test\n{log}"
+    );
+    assert_ne!(
+        first.status.code(),
+        Some(0),
+        "an interrupted run exits non-zero\n{log}"
+    );
+    assert!(log.contains("abandoned"), "{log}");
+    for p in &present {
+        let name = p.file_name().unwrap().to_string_lossy();
+        assert!(
+            !name.starts_with('.'),
+            "temporary left behind: {}",
+            p.display()
+        );
+        read_frame(p).unwrap_or_else(|e| panic!("{} is not a complete frame: {e}", p.display()));
+    }
+    // The rerun skips what is done and writes the rest.
+    let (code, log) = run_pipeline(None, &args);
+    assert_eq!(code, 0, "{log}");
+    assert!(
+        log.contains(&format!("{} skipped", present.len())),
+        "the rerun must skip the {} frames already written\n{log}",
+        present.len()
+    );
+    // The same frames as an uninterrupted run.
+    let straight = d.join("straight");
+    std::fs::create_dir(&straight).unwrap();
+    let list2 = d.join("frames-straight.txt");
+    let text = std::fs::read_to_string(&list)
+        .unwrap()
+        .replace("out/", "straight/");
+    std::fs::write(&list2, text).unwrap();
+    let (code, log) = run_pipeline(
+        None,
+        &[&"--frames", &list2, &"--config", &cfg, &"--threads", &"1"],
+    );
+    assert_eq!(code, 0, "{log}");
+    for i in 1..=n {
+        let name = format!("frame-{i}.fits");
+        same_frame(&straight.join(&name), &out.join(&name));
+    }
+}
