@@ -41,6 +41,9 @@ pub struct Config {
     pub patch: PatchOptions,
     /// How the run uses the machine.
     pub run: RunConfig,
+    /// Frames to extract (`[[frames]]` with image, psf and output); relative paths are relative
+    /// to the configuration file's folder (see `pipeline::frames::resolve`).
+    pub frames: Vec<crate::pipeline::frames::FrameJob>,
 }
 
 /// The `[extract]` table.
@@ -76,13 +79,42 @@ impl Default for ExtractConfig {
 }
 
 /// The `[run]` table.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RunConfig {
-    /// Worker threads; 0 means SLURM_CPUS_PER_TASK, else the cores available.
+    /// Worker threads per compute rank; 0 means SLURM_CPUS_PER_TASK, else the cores available.
     pub threads: usize,
     /// Show a progress bar on a terminal.
     pub progress: Option<bool>,
+    /// Backend of the compute ranks: "auto", "cpu" or "gpu".
+    pub backend: String,
+    /// Reader ranks per node in an MPI job.
+    pub readers_per_node: usize,
+    /// Writer ranks per node in an MPI job.
+    pub writers_per_node: usize,
+    /// Frames each reader holds read and cut ahead of the compute ranks; 0 = strictly
+    /// sequential (read, extract, write, then the next frame; one process only).
+    pub prefetch: usize,
+    /// Bundles per work unit.
+    pub unit_bundles: usize,
+    /// Seconds without progress before a rank reports what it waits on (0: never); after
+    /// three such periods it ends the job.
+    pub watchdog: f64,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            threads: 0,
+            progress: None,
+            backend: "auto".into(),
+            readers_per_node: 1,
+            writers_per_node: 1,
+            prefetch: 2,
+            unit_bundles: 2,
+            watchdog: 600.0,
+        }
+    }
 }
 
 impl Config {
@@ -117,6 +149,21 @@ impl Config {
         }
         if !self.extract.regularize.is_finite() || self.extract.regularize < 0.0 {
             return Err(ConfigError::Invalid("regularize must be >= 0".into()));
+        }
+        let r = &self.run;
+        if r.readers_per_node == 0 || r.writers_per_node == 0 || r.unit_bundles == 0 {
+            return Err(ConfigError::Invalid(
+                "readers_per_node, writers_per_node and unit_bundles must be at least 1".into(),
+            ));
+        }
+        if !r.watchdog.is_finite() || r.watchdog < 0.0 {
+            return Err(ConfigError::Invalid("watchdog must be >= 0 seconds".into()));
+        }
+        if !["auto", "cpu", "gpu"].contains(&r.backend.as_str()) {
+            return Err(ConfigError::Invalid(format!(
+                "backend must be \"auto\", \"cpu\" or \"gpu\", got {:?}",
+                r.backend
+            )));
         }
         if !self.extract.psferr.is_finite() {
             return Err(ConfigError::Invalid("psferr must be finite".into()));

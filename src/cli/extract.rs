@@ -161,7 +161,8 @@ pub fn check_output(path: &Path, overwrite: bool) -> Result<()> {
 /// `spextract extract`: one frame given by `--psf --image --output`, in this process; or many
 /// frames through the pipeline.
 pub fn run(args: &ExtractArgs) -> Result<bool> {
-    if args.flags.image.is_some() && args.output.is_some() && !args.select.any() {
+    let config_frames = !resolve_config(&args.flags)?.frames.is_empty();
+    if args.flags.image.is_some() && args.output.is_some() && !args.select.any() && !config_frames {
         single(args)?;
         return Ok(true);
     }
@@ -175,7 +176,15 @@ fn many(args: &ExtractArgs) -> Result<bool> {
     if args.model_image.is_some() {
         bail!("--model-image is for a single frame (--psf, --image, --output), not a list");
     }
-    let cfg = resolve_config(&args.flags)?;
+    let mut cfg = resolve_config(&args.flags)?;
+    let (r, rc) = (&args.run, &mut cfg.run);
+    rc.backend = r.backend.clone().unwrap_or(rc.backend.clone());
+    rc.readers_per_node = r.readers_per_node.unwrap_or(rc.readers_per_node);
+    rc.writers_per_node = r.writers_per_node.unwrap_or(rc.writers_per_node);
+    rc.prefetch = r.prefetch.unwrap_or(rc.prefetch);
+    rc.unit_bundles = r.unit_bundles.unwrap_or(rc.unit_bundles);
+    rc.watchdog = r.watchdog.unwrap_or(rc.watchdog);
+    cfg.validate()?;
     let f = &args.flags;
     let single = match (&f.image, &f.psf, &args.output) {
         (Some(image), Some(psf), Some(output)) => Some(FrameJob {
@@ -189,7 +198,8 @@ fn many(args: &ExtractArgs) -> Result<bool> {
     let config_dir = f.config.as_deref().and_then(Path::parent);
     let jobs = frames::resolve(&args.select, &cfg.frames, config_dir, single)?;
     let launch = env::launch();
-    let backend = match args.run.backend.as_deref().unwrap_or("auto") {
+    let rc = cfg.run.clone();
+    let backend = match rc.backend.as_str() {
         "auto" | "cpu" => "cpu".to_string(),
         "gpu" => {
             bail!("--backend gpu: this build has no GPU backend yet; use --backend cpu or auto")
@@ -229,11 +239,11 @@ fn many(args: &ExtractArgs) -> Result<bool> {
         // A frame that was not skipped has no complete output: whatever is at its path (an
         // incomplete file) is replaced, with or without --overwrite.
         overwrite: true,
-        readers_per_node: args.run.readers_per_node.unwrap_or(1),
-        writers_per_node: args.run.writers_per_node.unwrap_or(1),
-        prefetch: args.run.prefetch.unwrap_or(2),
-        unit_bundles: args.run.unit_bundles.unwrap_or(2),
-        watchdog_s: args.run.watchdog.unwrap_or(600.0),
+        readers_per_node: rc.readers_per_node,
+        writers_per_node: rc.writers_per_node,
+        prefetch: rc.prefetch,
+        unit_bundles: rc.unit_bundles,
+        watchdog_s: rc.watchdog,
         threads,
         backend,
         label: args.run.label.clone(),

@@ -1,9 +1,32 @@
 //! The frames a run must do: from a list file, from `[[frames]]` in the configuration, or from
-//! a night/exposure/camera pattern over desispec's directory layout.
+//! a night/exposure/camera pattern over desispec's directory layout; and whether an output is
+//! already complete, so that a killed run restarts where it stopped.
+//!
+//! The pattern follows `desispec.io.meta.findfile` (desihub/desispec, py/desispec/io/meta.py):
+//!
+//! - `preproc  = {specprod_dir}/preproc/{night}/{expid:08d}/preproc-{camera}-{expid:08d}.fits`
+//!   (recent desispec names it `.fits.gz`; `findfile` then runs `checkgzip`, which accepts the
+//!   name with or without `.gz`, and so do we);
+//! - `psf      = {specprod_dir}/exposures/{night}/{expid:08d}/psf-{camera}-{expid:08d}.fits`;
+//! - `psfnight = {specprod_dir}/calibnight/{night}/psfnight-{camera}-{night}.fits`;
+//! - `frame    = {specprod_dir}/exposures/{night}/{expid:08d}/frame-{camera}-{expid:08d}.fits`
+//!   (recent desispec writes `.fits.gz`; `write_frame` writes plain FITS, so `.fits` it is).
+//!
+//! desi_proc (py/desispec/scripts/proc.py) extracts flats and science exposures with
+//! `findfile('psf', night, expid, camera)`: the night's psfnight (or the default calibration
+//! PSF when the night has none) with its traces re-fitted to this exposure by
+//! `desi_compute_trace_shifts`. That is our default; `--psf-source night` takes the psfnight
+//! itself, which skips the per-exposure trace shift.
+//!
+//! `findfile(..., outdir=DIR)` puts a file directly in DIR; `--output-dir` keeps the
+//! `{night}/{expid:08d}/` folders instead, so a many-night run stays browsable.
 
-use std::path::PathBuf;
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use tracing::warn;
 
 /// One frame to extract.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -17,17 +40,1260 @@ pub struct FrameJob {
     pub output: PathBuf,
 }
 
+/// Which PSF extracts a frame of a desispec production.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum PsfSource {
+    /// The exposure's own PSF, exposures/{night}/{expid}/psf-{camera}-{expid}.fits: the night's
+    /// PSF with its traces re-fitted to this exposure (what desi_proc extracts with).
+    #[default]
+    Exposure,
+    /// The night's PSF, calibnight/{night}/psfnight-{camera}-{night}.fits.
+    Night,
+}
+
+/// Exposures named by `--expid`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expids {
+    /// One exposure, which must be found.
+    One(u32),
+    /// Every exposure from the first to the last (inclusive) that the nights hold; gaps in the
+    /// numbering are normal (exposures of other nights, aborted exposures).
+    Range(u32, u32),
+}
+
+impl fmt::Display for Expids {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Expids::One(e) => write!(f, "{e}"),
+            Expids::Range(a, b) => write!(f, "{a}-{b}"),
+        }
+    }
+}
+
+/// Cameras named by `--camera`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CameraSpec {
+    /// One camera: arm (`b`, `r` or `z`) and spectrograph (0–9).
+    One(char, u8),
+    /// One arm of all ten spectrographs.
+    Arm(char),
+    /// All 30 cameras.
+    All,
+}
+
+const ARMS: [char; 3] = ['b', 'r', 'z'];
+const SPECTROGRAPHS: u8 = 10;
+
+impl CameraSpec {
+    /// The camera names, in desispec's order (`decode_camword`: b0, r0, z0, b1, …).
+    fn names(self) -> Vec<String> {
+        match self {
+            CameraSpec::One(arm, sp) => vec![format!("{arm}{sp}")],
+            CameraSpec::Arm(arm) => (0..SPECTROGRAPHS).map(|sp| format!("{arm}{sp}")).collect(),
+            CameraSpec::All => (0..SPECTROGRAPHS)
+                .flat_map(|sp| ARMS.iter().map(move |arm| format!("{arm}{sp}")))
+                .collect(),
+        }
+    }
+}
+
 /// The command-line ways of naming many frames (flattened into `spextract extract`).
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct FrameSelection {
-    /// A list of frames: one `image psf output` triple per line.
-    #[arg(long)]
+    /// A list of frames: one `image psf output` triple per line, separated by whitespace (so
+    /// paths cannot contain spaces); blank lines and `#` comments are skipped. Relative paths
+    /// are relative to the folder of the list file, not to the current directory.
+    #[arg(long, value_name = "LIST")]
     pub frames: Option<PathBuf>,
+    /// A desispec production ($DESI_SPECTRO_REDUX/$SPECPROD): extract the exposures named by
+    /// --night and --expid from its preproc/{night}/{expid}/preproc-{camera}-{expid}.fits[.gz],
+    /// writing exposures/{night}/{expid}/frame-{camera}-{expid}.fits.
+    #[arg(long, value_name = "DIR")]
+    pub specprod: Option<PathBuf>,
+    /// Night(s) of the --specprod exposures, YYYYMMDD, comma-separated.
+    #[arg(long, value_name = "YYYYMMDD", value_delimiter = ',', value_parser = parse_night)]
+    pub night: Vec<u32>,
+    /// Exposure ids under --night, comma-separated; A-B takes every exposure from A to B that
+    /// the nights hold (e.g. 67784,67790-67795). A single id must be found.
+    #[arg(long, value_name = "EXPIDS", value_delimiter = ',', value_parser = parse_expids)]
+    pub expid: Vec<Expids>,
+    /// Cameras, comma-separated: r0, b1, …; b, r or z for that arm of all ten spectrographs; all
+    /// for the 30 cameras (the default). A camera an exposure lacks is left out with a warning.
+    #[arg(long, value_name = "CAMERAS", value_delimiter = ',', value_parser = parse_camera)]
+    pub camera: Vec<CameraSpec>,
+    /// PSF of the --specprod frames (default: exposure).
+    #[arg(long, value_enum)]
+    pub psf_source: Option<PsfSource>,
+    /// Write the --specprod frames under DIR/{night}/{expid}/ instead of the production's
+    /// exposures/ folder.
+    #[arg(long, value_name = "DIR")]
+    pub output_dir: Option<PathBuf>,
 }
 
 impl FrameSelection {
     /// Whether any many-frame option was given.
     pub fn any(&self) -> bool {
-        self.frames.is_some()
+        self.frames.is_some() || self.specprod.is_some() || self.pattern_flags().is_some()
+    }
+
+    /// The first pattern flag given (other than `--specprod`), for error messages.
+    fn pattern_flags(&self) -> Option<&'static str> {
+        [
+            (!self.night.is_empty(), "--night"),
+            (!self.expid.is_empty(), "--expid"),
+            (!self.camera.is_empty(), "--camera"),
+            (self.psf_source.is_some(), "--psf-source"),
+            (self.output_dir.is_some(), "--output-dir"),
+        ]
+        .into_iter()
+        .find_map(|(given, flag)| given.then_some(flag))
+    }
+}
+
+/// Parses a night `YYYYMMDD`, checking that it is a calendar date.
+fn parse_night(s: &str) -> Result<u32, String> {
+    let s = s.trim();
+    let bad = || format!("{s:?} is not a night YYYYMMDD");
+    if s.len() != 8 || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let num = |r: std::ops::Range<usize>| s[r].parse::<u32>().map_err(|_| bad());
+    let (y, m, d) = (num(0..4)?, num(4..6)?, num(6..8)?);
+    let leap = y % 4 == 0 && (y % 100 != 0 || y % 400 == 0);
+    let days = match m {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if leap => 29,
+        2 => 28,
+        _ => 0,
+    };
+    if d == 0 || d > days {
+        return Err(format!("{s:?} is not a calendar date YYYYMMDD"));
+    }
+    num(0..8)
+}
+
+/// Most digits of an exposure id: desispec formats them `{expid:08d}`.
+const MAX_EXPID: u32 = 99_999_999;
+
+/// Parses `EXPID` or `FIRST-LAST`.
+fn parse_expids(s: &str) -> Result<Expids, String> {
+    let s = s.trim();
+    let one = |t: &str| -> Result<u32, String> {
+        let t = t.trim();
+        match t.parse::<u32>() {
+            Ok(e) if e <= MAX_EXPID && t.bytes().all(|b| b.is_ascii_digit()) => Ok(e),
+            _ => Err(format!(
+                "{t:?} in {s:?} is not an exposure id (0 to {MAX_EXPID}); use EXPID or FIRST-LAST"
+            )),
+        }
+    };
+    match s.split_once('-') {
+        None => Ok(Expids::One(one(s)?)),
+        Some((a, b)) => {
+            let (a, b) = (one(a)?, one(b)?);
+            if a > b {
+                return Err(format!("range {s:?} runs backwards"));
+            }
+            Ok(Expids::Range(a, b))
+        }
+    }
+}
+
+/// Parses a camera (`r0`), an arm (`r`) or `all`, in any case.
+fn parse_camera(s: &str) -> Result<CameraSpec, String> {
+    let t = s.trim().to_ascii_lowercase();
+    let mut chars = t.chars();
+    let spec = match (chars.next(), chars.next(), chars.next()) {
+        _ if t == "all" => Some(CameraSpec::All),
+        (Some(arm), None, None) if ARMS.contains(&arm) => Some(CameraSpec::Arm(arm)),
+        (Some(arm), Some(sp), None) if ARMS.contains(&arm) && sp.is_ascii_digit() => {
+            Some(CameraSpec::One(arm, sp as u8 - b'0'))
+        }
+        _ => None,
+    };
+    spec.ok_or_else(|| {
+        format!("{s:?} is not a camera: use b0…z9, an arm b, r or z (all ten), or all")
+    })
+}
+
+/// Errors naming the frames of a run.
+#[derive(Debug, thiserror::Error)]
+pub enum FramesError {
+    /// The list file could not be read.
+    #[error("{}: cannot read the frame list: {source}", .path.display())]
+    ReadList {
+        /// The list file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A line of the list file is not an `image psf output` triple.
+    #[error("{}:{line}: {msg}", .path.display())]
+    ListLine {
+        /// The list file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A `[[frames]]` entry of the configuration is unusable.
+    #[error("[[frames]] entry {index} of the configuration: {msg}")]
+    ConfigEntry {
+        /// 1-based entry number.
+        index: usize,
+        /// What is wrong.
+        msg: String,
+    },
+    /// The pattern flags do not name frames (a flag without the others it needs).
+    #[error("{0}")]
+    Pattern(String),
+    /// A folder of the production could not be listed.
+    #[error("{}: cannot list this folder: {source}", .path.display())]
+    ListDir {
+        /// The folder.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Exposures named by `--expid` are under none of the nights.
+    #[error(
+        "exposure(s) {expids} not found: no such {{expid:08d}} folder under {} for night(s) {nights}",
+        .preproc.display()
+    )]
+    ExposuresNotFound {
+        /// The single ids and ranges that found nothing.
+        expids: String,
+        /// `{specprod}/preproc`.
+        preproc: PathBuf,
+        /// The nights searched.
+        nights: String,
+    },
+    /// Exposures named by `--expid` have a folder but no preproc image of any wanted camera.
+    #[error("no preproc image of cameras {cameras} in {exposures}")]
+    NoCameras {
+        /// The exposure folders.
+        exposures: String,
+        /// The cameras looked for.
+        cameras: String,
+    },
+    /// Two frames would write the same file.
+    #[error("output {} is named twice: by {first} and by {second}", .path.display())]
+    DuplicateOutput {
+        /// The output.
+        path: PathBuf,
+        /// Where it was first named.
+        first: String,
+        /// Where it was named again.
+        second: String,
+    },
+    /// A frame's output is the image or PSF of a frame: writing it would destroy an input.
+    #[error("output {} of {by} is also an input of {input_of}", .path.display())]
+    OutputIsInput {
+        /// The output.
+        path: PathBuf,
+        /// Where it was named as an output.
+        by: String,
+        /// Where it was named as an image or PSF.
+        input_of: String,
+    },
+    /// Nothing to do.
+    #[error(
+        "no frames to extract{0}: name one with --image, --psf and --output; list them with \
+         --frames LIST (lines of `image psf output`) or [[frames]] entries in --config; or \
+         select a desispec production's with --specprod DIR --night YYYYMMDD --expid N[-M] \
+         [--camera r0,b,...]"
+    )]
+    NoFrames(String),
+}
+
+/// Where a frame was named, for error messages.
+#[derive(Debug, Clone)]
+enum Origin {
+    Single,
+    Config(usize),
+    List(PathBuf, usize),
+    Pattern(u32, u32, String),
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Single => write!(f, "--image/--psf/--output"),
+            Origin::Config(i) => write!(f, "[[frames]] entry {i} of the configuration"),
+            Origin::List(path, line) => write!(f, "{}:{line}", path.display()),
+            Origin::Pattern(night, expid, camera) => {
+                write!(f, "--specprod night {night} expid {expid} camera {camera}")
+            }
+        }
+    }
+}
+
+/// All the frames a run must do: the single frame of `--image/--psf/--output` (`single`), the
+/// configuration's `[[frames]]` (relative paths taken from `config_dir`, the configuration
+/// file's folder), the `--frames` list, then the `--specprod` pattern, in that order.
+///
+/// Two frames writing the same output, or an output that is another frame's input, are errors;
+/// so is an empty result.
+pub fn resolve(
+    sel: &FrameSelection,
+    config_frames: &[FrameJob],
+    config_dir: Option<&Path>,
+    single: Option<FrameJob>,
+) -> Result<Vec<FrameJob>, FramesError> {
+    let mut jobs: Vec<(FrameJob, Origin)> = Vec::new();
+    if let Some(job) = single {
+        jobs.push((job, Origin::Single));
+    }
+    let base = config_dir.unwrap_or(Path::new(""));
+    for (i, job) in config_frames.iter().enumerate() {
+        let index = i + 1;
+        for (key, p) in [
+            ("image", &job.image),
+            ("psf", &job.psf),
+            ("output", &job.output),
+        ] {
+            if p.as_os_str().is_empty() {
+                return Err(FramesError::ConfigEntry {
+                    index,
+                    msg: format!("{key} is empty"),
+                });
+            }
+        }
+        let job = FrameJob {
+            image: base.join(&job.image),
+            psf: base.join(&job.psf),
+            output: base.join(&job.output),
+        };
+        jobs.push((job, Origin::Config(index)));
+    }
+    let mut empty_list = None;
+    if let Some(list) = &sel.frames {
+        let listed = read_list(list)?;
+        if listed.is_empty() {
+            empty_list = Some(list);
+        }
+        jobs.extend(listed);
+    }
+    jobs.extend(pattern_frames(sel)?);
+    if jobs.is_empty() {
+        let detail = match (empty_list, &sel.specprod) {
+            (Some(p), _) => format!(" ({} has no frame lines)", p.display()),
+            (None, Some(root)) => format!(
+                " (the exposures found under {} have no preproc image of the cameras asked \
+                 for; see the warnings above)",
+                root.display()
+            ),
+            (None, None) => String::new(),
+        };
+        return Err(FramesError::NoFrames(detail));
+    }
+    check_outputs(&jobs)?;
+    Ok(jobs.into_iter().map(|(job, _)| job).collect())
+}
+
+/// Reads a `--frames` list.
+fn read_list(path: &Path) -> Result<Vec<(FrameJob, Origin)>, FramesError> {
+    let text = std::fs::read_to_string(path).map_err(|source| FramesError::ReadList {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse_list(&text, path)
+}
+
+/// Parses the text of the list file `path`; relative paths are joined to its folder.
+fn parse_list(text: &str, path: &Path) -> Result<Vec<(FrameJob, Origin)>, FramesError> {
+    let base = path.parent().unwrap_or(Path::new(""));
+    // Editors on some systems start UTF-8 files with a byte-order mark, which would otherwise
+    // become part of the first image path.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let mut jobs = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        // A `#` starts a comment only at the start of a field, so `a#1.fits` stays a path.
+        let fields: Vec<&str> = line
+            .split_whitespace()
+            .take_while(|f| !f.starts_with('#'))
+            .collect();
+        match fields[..] {
+            [] => {}
+            [image, psf, output] => {
+                let job = FrameJob {
+                    image: base.join(image),
+                    psf: base.join(psf),
+                    output: base.join(output),
+                };
+                jobs.push((job, Origin::List(path.to_path_buf(), i + 1)));
+            }
+            _ => {
+                return Err(FramesError::ListLine {
+                    path: path.to_path_buf(),
+                    line: i + 1,
+                    msg: format!(
+                        "expected 3 fields `image psf output`, found {}: {:?}",
+                        fields.len(),
+                        line.trim()
+                    ),
+                })
+            }
+        }
+    }
+    Ok(jobs)
+}
+
+/// The frames of the `--specprod` pattern; none without `--specprod`.
+fn pattern_frames(sel: &FrameSelection) -> Result<Vec<(FrameJob, Origin)>, FramesError> {
+    let Some(root) = &sel.specprod else {
+        return match sel.pattern_flags() {
+            Some(flag) => Err(FramesError::Pattern(format!(
+                "{flag} selects frames of a desispec production: it needs --specprod DIR"
+            ))),
+            None => Ok(Vec::new()),
+        };
+    };
+    if sel.night.is_empty() || sel.expid.is_empty() {
+        return Err(FramesError::Pattern(format!(
+            "--specprod {} needs --night YYYYMMDD and --expid N (comma lists; ranges N-M)",
+            root.display()
+        )));
+    }
+    let preproc = root.join("preproc");
+    if !preproc.is_dir() {
+        return Err(FramesError::Pattern(format!(
+            "--specprod {}: there is no folder {}; is this a desispec production?",
+            root.display(),
+            preproc.display()
+        )));
+    }
+    let cameras = camera_names(&sel.camera);
+    let nights = dedup(sel.night.iter().copied());
+
+    // (night, expid) in the order named, and whether --expid named it alone.
+    let mut exposures: Vec<(u32, u32, bool)> = Vec::new();
+    let mut index: HashMap<(u32, u32), usize> = HashMap::new();
+    let mut found = vec![false; sel.expid.len()];
+    for &night in &nights {
+        let night_dir = preproc.join(night.to_string());
+        let mut listing: Option<BTreeSet<u32>> = None;
+        for (k, spec) in sel.expid.iter().enumerate() {
+            let (ids, single): (Vec<u32>, bool) = match *spec {
+                Expids::One(e) => {
+                    let here = night_dir.join(format!("{e:08}")).is_dir();
+                    (if here { vec![e] } else { Vec::new() }, true)
+                }
+                Expids::Range(a, b) => {
+                    if listing.is_none() {
+                        listing = Some(list_exposures(&night_dir)?);
+                    }
+                    let all = listing.as_ref().map(|l| l.range(a..=b).copied().collect());
+                    (all.unwrap_or_default(), false)
+                }
+            };
+            found[k] |= !ids.is_empty();
+            for e in ids {
+                match index.get(&(night, e)) {
+                    Some(&i) => exposures[i].2 |= single,
+                    None => {
+                        index.insert((night, e), exposures.len());
+                        exposures.push((night, e, single));
+                    }
+                }
+            }
+        }
+    }
+    let missing: Vec<String> = sel
+        .expid
+        .iter()
+        .zip(&found)
+        .filter(|(_, &f)| !f)
+        .map(|(spec, _)| spec.to_string())
+        .collect();
+    if !missing.is_empty() {
+        return Err(FramesError::ExposuresNotFound {
+            expids: missing.join(", "),
+            preproc,
+            nights: join_display(&nights),
+        });
+    }
+
+    let psf_source = sel.psf_source.unwrap_or_default();
+    let mut jobs = Vec::new();
+    let mut empty_named = Vec::new();
+    let mut missing_psf = Vec::new();
+    for &(night, expid, single) in &exposures {
+        let exp_dir = preproc.join(night.to_string()).join(format!("{expid:08}"));
+        let mut absent = Vec::new();
+        let before = jobs.len();
+        for camera in &cameras {
+            let Some(image) =
+                existing_fits(&exp_dir.join(format!("preproc-{camera}-{expid:08}.fits")))
+            else {
+                absent.push(camera.as_str());
+                continue;
+            };
+            let psf = match psf_source {
+                PsfSource::Exposure => root
+                    .join("exposures")
+                    .join(night.to_string())
+                    .join(format!("{expid:08}"))
+                    .join(format!("psf-{camera}-{expid:08}.fits")),
+                PsfSource::Night => root
+                    .join("calibnight")
+                    .join(night.to_string())
+                    .join(format!("psfnight-{camera}-{night}.fits")),
+            };
+            let psf = existing_fits(&psf).unwrap_or_else(|| {
+                missing_psf.push(psf.clone());
+                psf
+            });
+            let name = format!("frame-{camera}-{expid:08}.fits");
+            let output = match &sel.output_dir {
+                Some(dir) => dir.join(night.to_string()).join(format!("{expid:08}")),
+                None => root
+                    .join("exposures")
+                    .join(night.to_string())
+                    .join(format!("{expid:08}")),
+            }
+            .join(name);
+            let origin = Origin::Pattern(night, expid, camera.clone());
+            jobs.push((FrameJob { image, psf, output }, origin));
+        }
+        if jobs.len() == before && single {
+            empty_named.push(exp_dir.display().to_string());
+        } else if !absent.is_empty() {
+            warn!(
+                "{}: no preproc image of camera(s) {}; those frames are left out",
+                exp_dir.display(),
+                absent.join(", ")
+            );
+        }
+    }
+    if !empty_named.is_empty() {
+        return Err(FramesError::NoCameras {
+            exposures: empty_named.join(", "),
+            cameras: cameras.join(","),
+        });
+    }
+    if let Some(first) = missing_psf.first() {
+        warn!(
+            "{} frame(s) have no PSF yet (first: {}); they will fail",
+            missing_psf.len(),
+            first.display()
+        );
+    }
+    Ok(jobs)
+}
+
+/// The camera names of `--camera`, without repeats; all 30 when none is given.
+fn camera_names(specs: &[CameraSpec]) -> Vec<String> {
+    if specs.is_empty() {
+        return CameraSpec::All.names();
+    }
+    dedup(specs.iter().flat_map(|s| s.names()))
+}
+
+/// The items in first-seen order, repeats dropped.
+fn dedup<T: Clone + Eq + std::hash::Hash>(items: impl IntoIterator<Item = T>) -> Vec<T> {
+    let mut seen = std::collections::HashSet::new();
+    items
+        .into_iter()
+        .filter(|x| seen.insert(x.clone()))
+        .collect()
+}
+
+fn join_display<T: fmt::Display>(items: &[T]) -> String {
+    items
+        .iter()
+        .map(|x| x.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The exposure folders (`{expid:08d}`, as desispec's `get_exposures` requires) of a night's
+/// preproc folder; none if the night has no folder.
+fn list_exposures(night_dir: &Path) -> Result<BTreeSet<u32>, FramesError> {
+    let list_err = |source| FramesError::ListDir {
+        path: night_dir.to_path_buf(),
+        source,
+    };
+    let entries = match std::fs::read_dir(night_dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeSet::new()),
+        Err(e) => return Err(list_err(e)),
+    };
+    let mut ids = BTreeSet::new();
+    for entry in entries {
+        let entry = entry.map_err(list_err)?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name.len() != 8 || !name.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        if let (Ok(e), true) = (name.parse::<u32>(), entry.path().is_dir()) {
+            ids.insert(e);
+        }
+    }
+    Ok(ids)
+}
+
+/// `path` if it is a file, else the same name with `.gz` if that is (desispec's `checkgzip`).
+fn existing_fits(path: &Path) -> Option<PathBuf> {
+    if path.is_file() {
+        return Some(path.to_path_buf());
+    }
+    let mut gz = path.as_os_str().to_owned();
+    gz.push(".gz");
+    let gz = PathBuf::from(gz);
+    gz.is_file().then_some(gz)
+}
+
+/// `path` made absolute against the current directory, `.` components dropped, so that
+/// `./out/f.fits` and `out/f.fits` compare equal. `..` is kept: folding it without the file
+/// system is wrong across symbolic links.
+fn path_key(path: &Path, cwd: Option<&Path>) -> PathBuf {
+    let abs = match cwd {
+        Some(cwd) if path.is_relative() => cwd.join(path),
+        _ => path.to_path_buf(),
+    };
+    abs.components()
+        .filter(|c| !matches!(c, Component::CurDir))
+        .collect()
+}
+
+/// No output written twice, and none that is some frame's input.
+fn check_outputs(jobs: &[(FrameJob, Origin)]) -> Result<(), FramesError> {
+    let cwd = std::env::current_dir().ok();
+    let cwd = cwd.as_deref();
+    let mut inputs: HashMap<PathBuf, usize> = HashMap::new();
+    for (i, (job, _)) in jobs.iter().enumerate() {
+        for p in [&job.image, &job.psf] {
+            inputs.entry(path_key(p, cwd)).or_insert(i);
+        }
+    }
+    let mut outputs: HashMap<PathBuf, usize> = HashMap::new();
+    for (i, (job, origin)) in jobs.iter().enumerate() {
+        let key = path_key(&job.output, cwd);
+        if let Some(&j) = inputs.get(&key) {
+            return Err(FramesError::OutputIsInput {
+                path: job.output.clone(),
+                by: origin.to_string(),
+                input_of: jobs[j].1.to_string(),
+            });
+        }
+        if let Some(&j) = outputs.get(&key) {
+            return Err(FramesError::DuplicateOutput {
+                path: job.output.clone(),
+                first: jobs[j].1.to_string(),
+                second: origin.to_string(),
+            });
+        }
+        outputs.insert(key, i);
+    }
+    Ok(())
+}
+
+/// Whether a frame's output is already there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutputState {
+    /// No file: the frame must be done.
+    Missing,
+    /// A readable frame with consistent HDUs: the frame can be skipped.
+    Complete,
+    /// A file that is not a usable frame (why); it must be redone.
+    Incomplete(String),
+}
+
+/// The state of an existing output, so that a restarted run skips what a killed one finished.
+///
+/// `write_frame` renames a fully written temporary into place, so a file at `path` is normally
+/// complete; this still reads it, since a file can be cut short by a full disk on a file system
+/// that does not order the rename after the data, or be someone else's file. It reads the whole
+/// frame with `read_frame`, which checks that FLUX, IVAR, MASK, WAVELENGTH, RESOLUTION and
+/// CHI2PIX are present and that their shapes agree (nspec x nwave; RESOLUTION nspec x ndiag x
+/// nwave), and fails on a truncated file when the data runs out. That takes about 0.1 s for a
+/// 500-fiber frame (500 x 2326 bins, 11 diagonals: 70 MB, measured with the file in the page
+/// cache; a cold parallel file system is slower); a header-only check would need a function in
+/// `io`, whose FITS wrapper is private to it. CHECKSUM/DATASUM are not verified: the wrapper
+/// writes them (`ffpcks`) but does not expose cfitsio's `ffvcks`.
+pub fn output_state(path: &Path) -> OutputState {
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return OutputState::Missing,
+        Err(e) => return OutputState::Incomplete(format!("cannot examine it: {e}")),
+        Ok(m) if !m.is_file() => {
+            return OutputState::Incomplete("it is not a regular file".into());
+        }
+        Ok(_) => {}
+    }
+    match crate::io::frame::read_frame(path) {
+        Ok(_) => OutputState::Complete,
+        Err(e) => OutputState::Incomplete(e.to_string()),
+    }
+}
+
+/// Temporaries of `output` left by a killed writer, for the runner to remove before redoing the
+/// frame.
+///
+/// `write_frame` writes through `io::write_atomic`, whose temporary is
+/// `.{file name}.tmp-{pid}-{counter}` beside the output. Temporaries of this process are left
+/// out: they may be writes in progress on another thread. Another live process writing the same
+/// output is not detected (its pid may belong to another node), so call this only for outputs
+/// this run owns. An unreadable folder gives none.
+pub fn stale_temporaries(output: &Path) -> Vec<PathBuf> {
+    let Some(name) = output.file_name() else {
+        return Vec::new();
+    };
+    // write_atomic builds the name with to_string_lossy, so compare the same way.
+    let prefix = format!(".{}.tmp-", name.to_string_lossy());
+    let own_pid = std::process::id().to_string();
+    let dir = match output.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut found: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .filter(|entry| {
+            let name = entry.file_name();
+            let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
+                return false;
+            };
+            let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+            match rest.split_once('-') {
+                Some((pid, n)) => digits(pid) && digits(n) && pid != own_pid,
+                None => false,
+            }
+        })
+        .map(|entry| output.with_file_name(entry.file_name()))
+        .collect();
+    found.sort();
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::frame::{write_frame, Frame, FrameMeta};
+    use ndarray::{Array2, Array3};
+
+    fn job(image: &str, psf: &str, output: &str) -> FrameJob {
+        FrameJob {
+            image: image.into(),
+            psf: psf.into(),
+            output: output.into(),
+        }
+    }
+
+    fn touch(path: &Path) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, b"").unwrap();
+    }
+
+    fn names(jobs: &[FrameJob], root: &Path) -> Vec<String> {
+        jobs.iter()
+            .map(|j| {
+                j.output
+                    .strip_prefix(root)
+                    .unwrap_or(&j.output)
+                    .display()
+                    .to_string()
+            })
+            .collect()
+    }
+
+    /// A production with night 20201214: exposure 67784 has r0, r1 (gzipped) and b0;
+    /// 67786 has r1 only; 67788 has a folder but no image; 67900 has r0. PSFs exist for
+    /// every image, psfnight for r0 and r1.
+    fn production() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let night = "20201214";
+        for (expid, cams) in [
+            (67784, &["r0", "r1", "b0"][..]),
+            (67786, &["r1"][..]),
+            (67788, &[][..]),
+            (67900, &["r0"][..]),
+        ] {
+            let exp = format!("{expid:08}");
+            std::fs::create_dir_all(root.join("preproc").join(night).join(&exp)).unwrap();
+            for cam in cams {
+                let gz = if *cam == "r1" { ".gz" } else { "" };
+                let pre = format!("preproc/{night}/{exp}/preproc-{cam}-{exp}.fits{gz}");
+                touch(&root.join(pre));
+                touch(&root.join(format!("exposures/{night}/{exp}/psf-{cam}-{exp}.fits")));
+            }
+        }
+        for cam in ["r0", "r1"] {
+            touch(&root.join(format!("calibnight/{night}/psfnight-{cam}-{night}.fits")));
+        }
+        // Not an exposure folder: ignored by range listing.
+        std::fs::create_dir_all(root.join("preproc").join(night).join("67785")).unwrap();
+        dir
+    }
+
+    fn pattern(root: &Path, expid: &[Expids], camera: &[CameraSpec]) -> FrameSelection {
+        FrameSelection {
+            specprod: Some(root.to_path_buf()),
+            night: vec![20201214],
+            expid: expid.to_vec(),
+            camera: camera.to_vec(),
+            ..FrameSelection::default()
+        }
+    }
+
+    #[test]
+    fn list_skips_comments_and_joins_relative_paths_to_its_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("lists");
+        std::fs::create_dir(&sub).unwrap();
+        let list = sub.join("frames.txt");
+        std::fs::write(
+            &list,
+            "\u{feff}# image psf output\n\n  \t\n\
+             a.fits.gz  p.fits\tout/f1.fits   # first\n\
+             /abs/b.fits ../p2.fits /abs/out/f2.fits\n\
+             c#1.fits p.fits f3.fits\n",
+        )
+        .unwrap();
+        let sel = FrameSelection {
+            frames: Some(list.clone()),
+            ..FrameSelection::default()
+        };
+        assert!(sel.any());
+        let jobs = resolve(&sel, &[], None, None).unwrap();
+        assert_eq!(
+            jobs,
+            vec![
+                FrameJob {
+                    image: sub.join("a.fits.gz"),
+                    psf: sub.join("p.fits"),
+                    output: sub.join("out/f1.fits"),
+                },
+                job(
+                    "/abs/b.fits",
+                    &sub.join("../p2.fits").to_string_lossy(),
+                    "/abs/out/f2.fits"
+                ),
+                FrameJob {
+                    image: sub.join("c#1.fits"),
+                    psf: sub.join("p.fits"),
+                    output: sub.join("f3.fits"),
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_list_line_names_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let list = dir.path().join("frames.txt");
+        std::fs::write(&list, "# header\na.fits p.fits o.fits\nb.fits p.fits\n").unwrap();
+        let sel = FrameSelection {
+            frames: Some(list.clone()),
+            ..FrameSelection::default()
+        };
+        let err = resolve(&sel, &[], None, None).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            matches!(err, FramesError::ListLine { line: 3, .. }),
+            "{msg}"
+        );
+        assert!(msg.starts_with(&format!("{}:3:", list.display())), "{msg}");
+        assert!(msg.contains("found 2"), "{msg}");
+
+        let missing = dir.path().join("nope.txt");
+        let sel = FrameSelection {
+            frames: Some(missing.clone()),
+            ..FrameSelection::default()
+        };
+        let msg = resolve(&sel, &[], None, None).unwrap_err().to_string();
+        assert!(msg.contains(&*missing.to_string_lossy()), "{msg}");
+    }
+
+    #[test]
+    fn list_with_only_comments_is_no_frames() {
+        let dir = tempfile::tempdir().unwrap();
+        let list = dir.path().join("frames.txt");
+        std::fs::write(&list, "# nothing yet\n\n").unwrap();
+        let sel = FrameSelection {
+            frames: Some(list.clone()),
+            ..FrameSelection::default()
+        };
+        let err = resolve(&sel, &[], None, None).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, FramesError::NoFrames(_)), "{msg}");
+        assert!(
+            msg.contains("has no frame lines") && msg.contains("--frames"),
+            "{msg}"
+        );
+        let err = resolve(&FrameSelection::default(), &[], None, None).unwrap_err();
+        assert!(err.to_string().contains("--specprod DIR --night"), "{err}");
+    }
+
+    #[test]
+    fn config_frames_are_relative_to_the_config_folder() {
+        let cfg = crate::config::Config::parse(
+            "[[frames]]\nimage = \"pre/a.fits\"\npsf = \"/psf/p.fits\"\noutput = \"out/a.fits\"\n\
+             [[frames]]\nimage = \"b.fits\"\npsf = \"p.fits\"\noutput = \"b-out.fits\"\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.frames.len(), 2);
+        let jobs = resolve(
+            &FrameSelection::default(),
+            &cfg.frames,
+            Some(Path::new("/etc/run")),
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            jobs,
+            vec![
+                job("/etc/run/pre/a.fits", "/psf/p.fits", "/etc/run/out/a.fits"),
+                job("/etc/run/b.fits", "/etc/run/p.fits", "/etc/run/b-out.fits"),
+            ]
+        );
+        assert!(crate::config::Config::parse("[[frames]]\nimage = \"a\"\npsf = \"p\"\n").is_err());
+        let err =
+            resolve(&FrameSelection::default(), &[job("a", "", "o")], None, None).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("[[frames]] entry 1 of the configuration: psf is empty"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn pattern_expands_ranges_arms_and_leaves_out_missing_cameras() {
+        let prod = production();
+        let root = prod.path();
+        let sel = pattern(
+            root,
+            &[Expids::Range(67780, 67790)],
+            &[CameraSpec::Arm('r')],
+        );
+        let jobs = resolve(&sel, &[], None, None).unwrap();
+        assert_eq!(
+            names(&jobs, root),
+            [
+                "exposures/20201214/00067784/frame-r0-00067784.fits",
+                "exposures/20201214/00067784/frame-r1-00067784.fits",
+                "exposures/20201214/00067786/frame-r1-00067786.fits",
+            ]
+        );
+        let e = "preproc/20201214/00067784";
+        assert_eq!(
+            jobs[0].image,
+            root.join(format!("{e}/preproc-r0-00067784.fits"))
+        );
+        // The .fits is absent, so the .fits.gz is taken.
+        assert_eq!(
+            jobs[1].image,
+            root.join(format!("{e}/preproc-r1-00067784.fits.gz"))
+        );
+        assert_eq!(
+            jobs[2].psf,
+            root.join("exposures/20201214/00067786/psf-r1-00067786.fits")
+        );
+
+        // Default cameras (all 30), a single id and a range; b0 comes first (desispec order).
+        let sel = pattern(
+            root,
+            &[Expids::One(67784), Expids::Range(67786, 67786)],
+            &[],
+        );
+        let jobs = resolve(&sel, &[], None, None).unwrap();
+        let cams: Vec<_> = jobs
+            .iter()
+            .map(|j| j.output.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            cams,
+            [
+                "frame-b0-00067784.fits",
+                "frame-r0-00067784.fits",
+                "frame-r1-00067784.fits",
+                "frame-r1-00067786.fits",
+            ]
+        );
+    }
+
+    #[test]
+    fn pattern_psf_night_and_output_dir() {
+        let prod = production();
+        let root = prod.path();
+        let mut sel = pattern(root, &[Expids::One(67784)], &[CameraSpec::One('r', 1)]);
+        sel.psf_source = Some(PsfSource::Night);
+        sel.output_dir = Some(PathBuf::from("/scratch/frames"));
+        let jobs = resolve(&sel, &[], None, None).unwrap();
+        assert_eq!(
+            jobs,
+            vec![FrameJob {
+                image: root.join("preproc/20201214/00067784/preproc-r1-00067784.fits.gz"),
+                psf: root.join("calibnight/20201214/psfnight-r1-20201214.fits"),
+                output: PathBuf::from("/scratch/frames/20201214/00067784/frame-r1-00067784.fits"),
+            }]
+        );
+    }
+
+    #[test]
+    fn pattern_errors_name_what_is_missing() {
+        let prod = production();
+        let root = prod.path();
+        // An exposure under none of the nights.
+        let sel = pattern(root, &[Expids::One(67784), Expids::One(67785)], &[]);
+        let err = resolve(&sel, &[], None, None).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            matches!(err, FramesError::ExposuresNotFound { .. }),
+            "{msg}"
+        );
+        assert!(msg.contains("67785") && msg.contains("20201214"), "{msg}");
+        // A range that holds nothing.
+        let sel = pattern(root, &[Expids::Range(1, 100)], &[]);
+        let msg = resolve(&sel, &[], None, None).unwrap_err().to_string();
+        assert!(msg.contains("1-100"), "{msg}");
+        // A named exposure without any of the cameras asked for ...
+        let sel = pattern(root, &[Expids::One(67786)], &[CameraSpec::Arm('z')]);
+        let err = resolve(&sel, &[], None, None).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, FramesError::NoCameras { .. }), "{msg}");
+        assert!(msg.contains("00067786") && msg.contains("z9"), "{msg}");
+        let sel = pattern(root, &[Expids::One(67788)], &[]);
+        assert!(matches!(
+            resolve(&sel, &[], None, None),
+            Err(FramesError::NoCameras { .. })
+        ));
+        // ... while in a range that exposure is only left out.
+        let sel = pattern(
+            root,
+            &[Expids::Range(67786, 67900)],
+            &[CameraSpec::One('r', 0)],
+        );
+        let jobs = resolve(&sel, &[], None, None).unwrap();
+        assert_eq!(
+            names(&jobs, root),
+            ["exposures/20201214/00067900/frame-r0-00067900.fits"]
+        );
+        // A range whose exposures all lack the cameras asked for.
+        let sel = pattern(
+            root,
+            &[Expids::Range(67786, 67788)],
+            &[CameraSpec::Arm('z')],
+        );
+        let err = resolve(&sel, &[], None, None).unwrap_err();
+        assert!(matches!(err, FramesError::NoFrames(_)), "{err}");
+        assert!(
+            err.to_string().contains("no preproc image of the cameras"),
+            "{err}"
+        );
+        // Flags that need each other.
+        let sel = FrameSelection {
+            night: vec![20201214],
+            ..FrameSelection::default()
+        };
+        let msg = resolve(&sel, &[], None, None).unwrap_err().to_string();
+        assert!(
+            msg.contains("--night") && msg.contains("--specprod"),
+            "{msg}"
+        );
+        let mut sel = pattern(root, &[], &[]);
+        sel.night.clear();
+        let msg = resolve(&sel, &[], None, None).unwrap_err().to_string();
+        assert!(msg.contains("needs --night"), "{msg}");
+        let sel = pattern(&root.join("missing"), &[Expids::One(1)], &[]);
+        let msg = resolve(&sel, &[], None, None).unwrap_err().to_string();
+        assert!(msg.contains("is this a desispec production"), "{msg}");
+    }
+
+    #[test]
+    fn sources_combine_and_duplicate_outputs_are_errors() {
+        let prod = production();
+        let root = prod.path();
+        let list = root.join("frames.txt");
+        let frame = "exposures/20201214/00067900/frame-r0-00067900.fits";
+        std::fs::write(&list, "a.fits p.fits extra.fits\n").unwrap();
+        let mut sel = pattern(root, &[Expids::One(67900)], &[]);
+        sel.frames = Some(list.clone());
+        let single = job("s.fits", "p.fits", "/tmp/single.fits");
+        let jobs = resolve(
+            &sel,
+            &[job("c.fits", "p.fits", "c-out.fits")],
+            Some(root),
+            Some(single),
+        )
+        .unwrap();
+        assert_eq!(
+            names(&jobs, root),
+            ["/tmp/single.fits", "c-out.fits", "extra.fits", frame]
+        );
+
+        // The list names the pattern's output again, spelled with `./`.
+        std::fs::write(&list, format!("# x\na.fits p.fits ./{frame}\n")).unwrap();
+        let err = resolve(&sel, &[], None, None).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, FramesError::DuplicateOutput { .. }), "{msg}");
+        assert!(msg.contains(&format!("{}:2", list.display())), "{msg}");
+        assert!(msg.contains("expid 67900 camera r0"), "{msg}");
+
+        // Configuration and single frame, one relative and one absolute.
+        let cwd = std::env::current_dir().unwrap();
+        let single = job("s.fits", "p.fits", &cwd.join("o.fits").to_string_lossy());
+        let err = resolve(
+            &FrameSelection::default(),
+            &[job("a.fits", "p.fits", "./o.fits")],
+            None,
+            Some(single),
+        )
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("--image/--psf/--output") && msg.contains("entry 1"),
+            "{msg}"
+        );
+
+        // An output that is another frame's input.
+        let err = resolve(
+            &FrameSelection::default(),
+            &[
+                job("a.fits", "p.fits", "b.fits"),
+                job("b.fits", "p.fits", "c.fits"),
+            ],
+            None,
+            None,
+        )
+        .unwrap_err();
+        assert!(matches!(err, FramesError::OutputIsInput { .. }), "{err}");
+    }
+
+    #[test]
+    fn command_line_flags_parse_into_the_selection() {
+        use clap::Parser;
+        let parse = |args: &[&str]| {
+            let argv = ["spextract", "extract"].iter().chain(args).copied();
+            crate::cli::Cli::try_parse_from(argv).map(|cli| match cli.command {
+                crate::cli::Command::Extract(a) => a.select,
+                _ => unreachable!("parsed as extract"),
+            })
+        };
+        let sel = parse(&[
+            "--specprod",
+            "/p",
+            "--night",
+            "20201214,20240229",
+            "--expid",
+            "67784, 67790-67795",
+            "--camera",
+            "R,b1,all",
+            "--psf-source",
+            "night",
+            "--output-dir",
+            "o",
+        ])
+        .unwrap();
+        assert!(sel.any());
+        assert_eq!(sel.night, [20201214, 20240229]);
+        assert_eq!(sel.expid, [Expids::One(67784), Expids::Range(67790, 67795)]);
+        assert_eq!(
+            sel.camera,
+            [
+                CameraSpec::Arm('r'),
+                CameraSpec::One('b', 1),
+                CameraSpec::All
+            ]
+        );
+        assert_eq!(sel.psf_source, Some(PsfSource::Night));
+        assert_eq!(camera_names(&sel.camera).len(), 30);
+        assert!(!parse(&[]).unwrap().any());
+        assert!(parse(&["--camera", "r"]).unwrap().any());
+        for bad in [
+            ["--night", "2020121"],
+            ["--night", "20230229"],
+            ["--night", "20201301"],
+            ["--expid", "67790-67784"],
+            ["--expid", "x"],
+            ["--expid", "123456789"],
+            ["--camera", "x1"],
+            ["--camera", "r10"],
+            ["--psf-source", "calib"],
+        ] {
+            assert!(parse(&bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    fn small_frame() -> Frame {
+        let (nspec, nwave) = (3, 20);
+        let grid = |k: f64| Array2::from_shape_fn((nspec, nwave), move |(s, w)| k * (s + w) as f64);
+        Frame {
+            specmin: 0,
+            wave: (0..nwave).map(|i| 5760.0 + 0.8 * i as f64).collect(),
+            flux: grid(1.0),
+            ivar: grid(0.5),
+            mask: Array2::zeros((nspec, nwave)),
+            resolution: Array3::from_elem((nspec, 5, nwave), 0.2),
+            chi2pix: grid(0.25),
+        }
+    }
+
+    #[test]
+    fn output_state_tells_missing_complete_and_cut_short() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("frame-r0-00067784.fits");
+        assert_eq!(output_state(&path), OutputState::Missing);
+        write_frame(&path, &small_frame(), &FrameMeta::default(), false).unwrap();
+        assert_eq!(output_state(&path), OutputState::Complete);
+
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(bytes.len() % 2880, 0);
+        for keep in [bytes.len() - 2880, bytes.len() / 2, 2880, 100, 0] {
+            let cut = dir.path().join(format!("cut-{keep}.fits"));
+            std::fs::write(&cut, &bytes[..keep]).unwrap();
+            let OutputState::Incomplete(why) = output_state(&cut) else {
+                panic!("{keep} of {} bytes passed as complete", bytes.len());
+            };
+            assert!(why.contains(&*cut.to_string_lossy()), "{why}");
+        }
+        // Not a frame at all.
+        let other = dir.path().join("other.fits");
+        crate::io::frame::write_model_image(&other, &Array2::zeros((4, 4)), false).unwrap();
+        let OutputState::Incomplete(why) = output_state(&other) else {
+            panic!("a model image passed as a frame");
+        };
+        assert!(why.contains("FLUX"), "{why}");
+        assert!(matches!(
+            output_state(dir.path()),
+            OutputState::Incomplete(_)
+        ));
+    }
+
+    #[test]
+    fn stale_temporaries_match_write_frame_names_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("frame-r0-00067784.fits");
+        let own = std::process::id();
+        let other_pid = if own == 4242 { 4243 } else { 4242 };
+        let stale = [
+            format!(".frame-r0-00067784.fits.tmp-{other_pid}-0"),
+            format!(".frame-r0-00067784.fits.tmp-{other_pid}-17"),
+        ];
+        let unrelated = [
+            "frame-r0-00067784.fits".to_string(),
+            ".frame-r1-00067784.fits.tmp-4242-0".into(),
+            ".frame-r0-00067784.fits.tmp-4242".into(),
+            ".frame-r0-00067784.fits.tmp-4242-x".into(),
+            ".frame-r0-00067784.fits.tmp--0".into(),
+            "frame-r0-00067784.fits.tmp-4242-0".into(),
+            format!(".frame-r0-00067784.fits.tmp-{own}-0"),
+        ];
+        for name in stale.iter().chain(&unrelated) {
+            std::fs::write(dir.path().join(name), b"x").unwrap();
+        }
+        let found = stale_temporaries(&out);
+        let want: Vec<PathBuf> = stale.iter().map(|n| dir.path().join(n)).collect();
+        assert_eq!(found, want);
+        // A completed write_frame leaves no temporary of its own behind.
+        write_frame(&out, &small_frame(), &FrameMeta::default(), true).unwrap();
+        assert_eq!(stale_temporaries(&out), want);
+        assert!(stale_temporaries(&dir.path().join("missing/frame.fits")).is_empty());
     }
 }

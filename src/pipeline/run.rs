@@ -391,6 +391,11 @@ fn run_rank(
         waiting: Mutex::new(String::new()),
     });
     start_watchdog(hb.clone(), rank, roles.name(), opts.watchdog_s, 3);
+    info!(
+        "rank {rank}: {} on node {node}, pid {}",
+        roles.name(),
+        std::process::id()
+    );
     if rank == 0 {
         let nranks: usize = layout.nodes.iter().map(Vec::len).sum();
         info!(
@@ -664,7 +669,15 @@ fn run_rank(
                 }
             }
             let buffered = r.queue.len() + r.reading;
-            if !r.exhausted && !r.requested && buffered < opts.prefetch.max(1) {
+            // prefetch 0, one process: the next frame only once the last one is written.
+            let sequential_wait = opts.prefetch == 0
+                && (compute
+                    .as_ref()
+                    .is_some_and(|c| c.busy || !c.pending.is_empty())
+                    || writer
+                        .as_ref()
+                        .is_some_and(|w| w.writing > 0 || !w.assemblies.is_empty()));
+            if !r.exhausted && !r.requested && buffered < opts.prefetch.max(1) && !sequential_wait {
                 times.bytes_sent += comm.send(0, Msg::ReqFrame).map_err(anyhow::Error::msg)?;
                 r.requested = true;
             }

@@ -90,6 +90,10 @@ fn have_mpirun() -> bool {
         .status()
         .is_ok_and(|s| s.success());
     if !ok {
+        // CI sets this so that a missing launcher fails instead of skipping the MPI tests.
+        if std::env::var_os("SPEXTRACT_REQUIRE_MPI").is_some() {
+            panic!("SPEXTRACT_REQUIRE_MPI is set but mpirun does not run");
+        }
         eprintln!("skipping: mpirun not found (install openmpi-bin to run the multi-rank tests)");
     }
     ok
@@ -341,5 +345,99 @@ fn sigterm_leaves_only_complete_frames_and_a_rerun_finishes_the_same_files() {
     for i in 1..=n {
         let name = format!("frame-{i}.fits");
         same_frame(&straight.join(&name), &out.join(&name));
+    }
+}
+
+/// The pid a rank logs at start in `--log-dir`.
+fn rank_pid(log_dir: &Path, rank: usize, timeout: Duration) -> Option<i32> {
+    let path = log_dir.join(format!("rank-{rank:04}.log"));
+    let t0 = Instant::now();
+    while t0.elapsed() < timeout {
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            if let Some(pid) = text
+                .lines()
+                .find_map(|l| l.split(", pid ").nth(1))
+                .and_then(|p| p.trim().parse().ok())
+            {
+                return Some(pid);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+/// Waits for `child` up to `timeout`; kills it and fails when it hangs.
+fn wait_or_fail(mut child: std::process::Child, timeout: Duration, what: &str) -> (i32, String) {
+    let t0 = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let out = child.wait_with_output().unwrap();
+            let log = String::from_utf8_lossy(&out.stderr).into_owned();
+            return (status.code().unwrap_or(-1), log);
+        }
+        if t0.elapsed() > timeout {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "{what}: the job still ran after {timeout:?}, it hangs\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A compute rank that dies (SIGKILL) or stops answering (SIGSTOP) ends the job with an error
+/// rather than a hang: MPI takes the job down in the first case, the other ranks' watchdogs in
+/// the second.
+#[test]
+fn a_dead_or_frozen_rank_fails_the_job_instead_of_hanging() {
+    if !have_mpirun() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let psf = two_bundle_psf(d);
+    let list = frames(d, &psf, 6);
+    let cfg = config(d);
+    for (signal, what) in [(libc::SIGKILL, "SIGKILL"), (libc::SIGSTOP, "SIGSTOP")] {
+        let logs = d.join(format!("logs-{what}"));
+        let child = pipeline_cmd(
+            Some(3),
+            &[
+                &"--frames",
+                &list,
+                &"--config",
+                &cfg,
+                &"--threads",
+                &"1",
+                &"--unit-bundles",
+                &"1",
+                &"--watchdog",
+                &"1",
+                &"--log-dir",
+                &logs,
+                &"--overwrite",
+            ],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+        let pid = rank_pid(&logs, 2, Duration::from_secs(60)).expect("rank 2 logs its pid");
+        // SAFETY: kill(2) on the pid the compute rank of this test's job reported.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+        let (code, log) = wait_or_fail(child, Duration::from_secs(90), what);
+        assert_ne!(code, 0, "{what}: the job must fail\n{log}");
+        if signal == libc::SIGSTOP {
+            assert!(
+                log.contains("watchdog"),
+                "the watchdog must say what it waits on\n{log}"
+            );
+            // The stopped rank is still there when its peers leave; make sure it goes.
+            // SAFETY: as above; the pid may be gone already, which kill reports harmlessly.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
     }
 }
