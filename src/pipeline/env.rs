@@ -144,6 +144,67 @@ pub fn pin_blas_threads() -> Vec<(String, String)> {
     kept
 }
 
+/// A process's GPUs as `CUDA_VISIBLE_DEVICES` names them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VisibleDevices {
+    /// The entries CUDA honours, in order: device indices, `GPU-…` UUIDs or `MIG-…` instances.
+    pub devices: Vec<String>,
+    /// The entries from the first one CUDA cannot parse on: CUDA ignores the whole tail, so
+    /// `0,1,x,2` shows only devices 0 and 1, and `-1` or `NoDevFiles` hide every device.
+    pub ignored: Vec<String>,
+}
+
+/// Parses the value of `CUDA_VISIBLE_DEVICES` (a comma list of indices or UUIDs). The empty
+/// string hides every GPU; an unset variable (not this function's concern) shows them all.
+pub fn parse_cuda_visible_devices(value: &str) -> VisibleDevices {
+    let mut out = VisibleDevices {
+        devices: Vec::new(),
+        ignored: Vec::new(),
+    };
+    if value.trim().is_empty() {
+        return out;
+    }
+    for entry in value.split(',').map(str::trim) {
+        let is_device = (!entry.is_empty() && entry.bytes().all(|b| b.is_ascii_digit()))
+            || entry.starts_with("GPU-")
+            || entry.starts_with("MIG-");
+        if is_device && out.ignored.is_empty() {
+            out.devices.push(entry.to_string());
+        } else {
+            out.ignored.push(entry.to_string());
+        }
+    }
+    out
+}
+
+/// The GPU a compute rank uses, as an index into the devices it sees; `None` when it gets none.
+///
+/// Compute ranks take the visible devices round-robin by their node-local compute index, so
+/// a node only partly filled with ranks still spreads them over every GPU; each device takes
+/// at most `ranks_per_gpu` ranks, and a rank past `visible_gpus × ranks_per_gpu` gets none.
+/// Where Slurm binds GPUs per task each rank sees only its own devices: pass index 0 then.
+pub fn gpu_binding(
+    compute_local_rank: usize,
+    visible_gpus: usize,
+    ranks_per_gpu: usize,
+) -> Option<usize> {
+    let slots = visible_gpus.saturating_mul(ranks_per_gpu);
+    (compute_local_rank < slots).then(|| compute_local_rank % visible_gpus)
+}
+
+/// Whether Slurm gave each task its own GPUs (`--gpus-per-task`, or a `--gpu-bind` other than
+/// `none`), from `SLURM_GPUS_PER_TASK` and `SLURM_GPU_BIND`. Each rank's
+/// `CUDA_VISIBLE_DEVICES` then lists only its own devices, so ranks must not index them by
+/// node-local rank.
+pub fn slurm_binds_gpus_per_task(gpus_per_task: Option<&str>, gpu_bind: Option<&str>) -> bool {
+    let per_task = gpus_per_task.is_some_and(|v| v.trim().parse::<usize>().is_ok_and(|n| n > 0));
+    // `--gpu-bind=[verbose,]<type>`: the verbose prefix changes nothing about the binding.
+    let bind = gpu_bind
+        .map(|v| v.trim().trim_start_matches("verbose,").trim())
+        .is_some_and(|v| !v.is_empty() && v != "none");
+    per_task || bind
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,5 +214,54 @@ mod tests {
         assert!(oversubscription(2, 8, 16).is_none());
         let msg = oversubscription(4, 8, 16).expect("32 > 16");
         assert!(msg.contains("32 threads on 16 cores"), "{msg}");
+    }
+
+    #[test]
+    fn cuda_visible_devices_lists_indices_and_uuids() {
+        let v = parse_cuda_visible_devices("0, 2,GPU-8932f937-d72c-4106-c12f-20bd9faed9f6");
+        assert_eq!(
+            v.devices,
+            ["0", "2", "GPU-8932f937-d72c-4106-c12f-20bd9faed9f6"]
+        );
+        assert!(v.ignored.is_empty());
+        let mig = parse_cuda_visible_devices("MIG-4b3d8c6e-6e7e-5b1a-9d7b-0a1b2c3d4e5f");
+        assert_eq!(mig.devices.len(), 1);
+    }
+
+    #[test]
+    fn cuda_visible_devices_empty_or_invalid_hides_gpus() {
+        let empty = parse_cuda_visible_devices("");
+        assert!(empty.devices.is_empty() && empty.ignored.is_empty());
+        assert!(parse_cuda_visible_devices("  ").devices.is_empty());
+        let none = parse_cuda_visible_devices("-1");
+        assert!(none.devices.is_empty());
+        assert_eq!(none.ignored, ["-1"]);
+        assert!(parse_cuda_visible_devices("NoDevFiles").devices.is_empty());
+        // CUDA stops at the first entry it cannot parse and ignores the rest, valid or not.
+        let tail = parse_cuda_visible_devices("0,1,x,2");
+        assert_eq!(tail.devices, ["0", "1"]);
+        assert_eq!(tail.ignored, ["x", "2"]);
+        assert_eq!(parse_cuda_visible_devices("0,,1").devices, ["0"]);
+    }
+
+    #[test]
+    fn gpu_binding_spreads_ranks_round_robin_up_to_capacity() {
+        let four: Vec<_> = (0..6).map(|r| gpu_binding(r, 4, 1)).collect();
+        assert_eq!(four, [Some(0), Some(1), Some(2), Some(3), None, None]);
+        let shared: Vec<_> = (0..5).map(|r| gpu_binding(r, 2, 2)).collect();
+        assert_eq!(shared, [Some(0), Some(1), Some(0), Some(1), None]);
+        assert_eq!(gpu_binding(0, 0, 4), None, "no GPU, no binding");
+        assert_eq!(gpu_binding(0, 1, 0), None, "zero ranks per GPU binds none");
+    }
+
+    #[test]
+    fn slurm_per_task_binding_is_read_from_its_variables() {
+        assert!(!slurm_binds_gpus_per_task(None, None));
+        assert!(slurm_binds_gpus_per_task(Some("1"), None));
+        assert!(!slurm_binds_gpus_per_task(Some("0"), None));
+        assert!(slurm_binds_gpus_per_task(None, Some("closest")));
+        assert!(slurm_binds_gpus_per_task(None, Some("verbose,map_gpu:0,1")));
+        assert!(!slurm_binds_gpus_per_task(None, Some("none")));
+        assert!(!slurm_binds_gpus_per_task(None, Some("verbose,none")));
     }
 }
