@@ -30,6 +30,10 @@ fn main() -> ExitCode {
         );
     }
     spextract::extract::cpu::lapack::single_threaded_blas();
+    tracing::debug!(
+        "OpenBLAS threads per call: {}",
+        spextract::extract::cpu::lapack::blas_threads()
+    );
     let code = match run(&args) {
         Ok(code) => code,
         Err(e) => {

@@ -420,3 +420,21 @@ fn compare_exit_codes() {
     // A missing file is an error: exit 2.
     run!("compare", out, "--truth", dir.path().join("none.fits")).fails_with(&["none.fits"]);
 }
+
+/// OpenBLAS sizes its thread pool when it is loaded, before `main`; without
+/// OPENBLAS_NUM_THREADS in the environment spextract must still bring it down to one thread per
+/// call, since its own threads already use every core (a threaded BLAS under them made a frame
+/// ten times slower).
+#[test]
+fn blas_is_single_threaded_without_the_environment_variable() {
+    let out = std::process::Command::new(crate::common::BIN)
+        .args(["compare", "/nonexistent/frame.fits"])
+        .env_remove("OPENBLAS_NUM_THREADS")
+        .env_remove("OMP_NUM_THREADS")
+        .env("SPEXTRACT_LOG", "debug")
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("OpenBLAS threads per call: 1"), "{log}");
+}

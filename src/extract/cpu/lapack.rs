@@ -124,6 +124,13 @@ pub fn syevd(n: usize, a: &mut [f64], w: &mut [f64], work: &mut SyevdWork) -> i3
 
 extern "C" {
     fn openblas_set_num_threads(n: c_int);
+    fn openblas_get_num_threads() -> c_int;
+}
+
+/// The number of threads OpenBLAS will use for one call.
+pub fn blas_threads() -> usize {
+    // SAFETY: a getter of OpenBLAS's thread setting; no arguments, no preconditions.
+    unsafe { openblas_get_num_threads() }.max(1) as usize
 }
 
 /// Keeps OpenBLAS single-threaded inside our own threads (its threads would oversubscribe the
@@ -133,7 +140,11 @@ extern "C" {
 pub fn single_threaded_blas() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        if std::env::var_os("OPENBLAS_NUM_THREADS").is_some() {
+        // OpenBLAS sized its pool from the environment when it was loaded, before `main`, so
+        // setting the variable later (as `env::pin_blas_threads` does) is not enough: a value
+        // of 1, or none, is applied here. Any other value is the user's explicit choice.
+        let requested = std::env::var("OPENBLAS_NUM_THREADS").ok();
+        if requested.as_deref().is_some_and(|v| v.trim() != "1") {
             return;
         }
         // SAFETY: openblas_set_num_threads takes a plain int and only adjusts OpenBLAS's own
