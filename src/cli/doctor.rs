@@ -299,18 +299,7 @@ fn mpi_findings(facts: &MpiFacts, built_cuda_aware: bool) -> Vec<Finding> {
     out
 }
 
-/// `MPIX_Query_cuda_support`, looked up at run time so that the binary also links against
-/// MPI libraries without it (MPICH).
-fn mpix_query_cuda_support() -> Option<unsafe extern "C" fn() -> c_int> {
-    // SAFETY: the name is a NUL-terminated literal; dlsym only reads it.
-    let sym = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"MPIX_Query_cuda_support".as_ptr()) };
-    if sym.is_null() {
-        return None;
-    }
-    // SAFETY: Open MPI's mpi-ext.h declares `int MPIX_Query_cuda_support(void)`, so the
-    // symbol is a C function of exactly this type.
-    Some(unsafe { std::mem::transmute::<*mut libc::c_void, unsafe extern "C" fn() -> c_int>(sym) })
-}
+use crate::pipeline::env::mpix_query_cuda_support;
 
 fn cuda_aware(mpi_initialised: bool) -> CudaAware {
     match mpix_query_cuda_support() {

@@ -199,13 +199,7 @@ fn many(args: &ExtractArgs) -> Result<bool> {
     let jobs = frames::resolve(&args.select, &cfg.frames, config_dir, single)?;
     let launch = env::launch();
     let rc = cfg.run.clone();
-    let backend = match rc.backend.as_str() {
-        "auto" | "cpu" => "cpu".to_string(),
-        "gpu" => {
-            bail!("--backend gpu: this build has no GPU backend yet; use --backend cpu or auto")
-        }
-        other => bail!("--backend {other}: expected auto, cpu or gpu"),
-    };
+    let backend = choose_backend(&rc.backend)?;
     let threads = env::resolve_threads(cfg.run.threads);
     // Only rank 0 hands out frames, so only it looks at the outputs (each look reads a frame).
     let mut skipped = Vec::new();
@@ -340,8 +334,25 @@ pub fn summary_text(r: &crate::pipeline::report::RunReport) -> String {
     s
 }
 
+/// Resolves `--backend` (else the configuration's) for this machine and logs the choice.
+fn choose_backend(requested: &str) -> Result<String> {
+    use crate::extract::gpu::device::{choose, Choice};
+    match choose(requested)? {
+        Choice::Cpu(why) => {
+            info!("backend: cpu ({why})");
+            Ok("cpu".into())
+        }
+    }
+}
+
 fn single(args: &ExtractArgs) -> Result<()> {
     let output = args.output.as_deref().expect("checked by run");
+    let requested = args
+        .run
+        .backend
+        .clone()
+        .unwrap_or(resolve_config(&args.flags)?.run.backend);
+    choose_backend(&requested)?;
     check_output(output, args.overwrite)?;
     if let Some(m) = &args.model_image {
         check_output(m, args.overwrite)?;

@@ -5,6 +5,7 @@
 //! against. Imports `psf` and `patch` only: no files, no MPI.
 
 pub mod cpu;
+pub mod gpu;
 
 use ndarray::{Array2, Array3, ArrayView2};
 

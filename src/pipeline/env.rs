@@ -205,6 +205,28 @@ pub fn slurm_binds_gpus_per_task(gpus_per_task: Option<&str>, gpu_bind: Option<&
     per_task || bind
 }
 
+/// `MPIX_Query_cuda_support`, looked up at run time so that the binary also links against
+/// MPI libraries without it (MPICH). Open MPI documents that it may only be called after
+/// MPI_Init.
+pub fn mpix_query_cuda_support() -> Option<unsafe extern "C" fn() -> std::ffi::c_int> {
+    // SAFETY: the name is a NUL-terminated literal; dlsym only reads it.
+    let sym = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"MPIX_Query_cuda_support".as_ptr()) };
+    if sym.is_null() {
+        return None;
+    }
+    // SAFETY: Open MPI's mpi-ext.h declares `int MPIX_Query_cuda_support(void)`, so the
+    // symbol is a C function of exactly this type.
+    Some(unsafe {
+        std::mem::transmute::<*mut libc::c_void, unsafe extern "C" fn() -> std::ffi::c_int>(sym)
+    })
+}
+
+/// After MPI_Init: whether the MPI library accepts device buffers (None: it cannot say).
+pub fn mpi_is_cuda_aware() -> Option<bool> {
+    // SAFETY: called only after MPI_Init (see the callers), the precondition Open MPI states.
+    mpix_query_cuda_support().map(|q| unsafe { q() } != 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

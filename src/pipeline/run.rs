@@ -291,6 +291,19 @@ pub fn execute(opts: &RunOptions, stop: &StopSignal) -> Result<Option<RunReport>
             bail!("the MPI library offers no MPI_THREAD_FUNNELED; spextract needs it");
         }
         let world = universe.world();
+        // The cuda-aware-mpi build hands device buffers to MPI; an MPI library that cannot
+        // take them would read device addresses as host memory, so refuse before any work.
+        if cfg!(feature = "cuda-aware-mpi") && super::env::mpi_is_cuda_aware() != Some(true) {
+            let why = match super::env::mpi_is_cuda_aware() {
+                Some(_) => "MPIX_Query_cuda_support() says this MPI library is not CUDA-aware",
+                None => "this MPI library cannot say whether it is CUDA-aware (no MPIX_Query_cuda_support)",
+            };
+            bail!(
+                "spextract was built with --features cuda-aware-mpi but {why}; rebuild without \
+                 the feature (host-staged transfers) or load a CUDA-aware MPI (spextract doctor \
+                 reports it)"
+            );
+        }
         let layout = mpi_layout(&world, opts);
         let mut comm = MpiComm::new(world);
         let rep = run_rank(&mut comm, &layout, opts, stop);

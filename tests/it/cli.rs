@@ -438,3 +438,48 @@ fn blas_is_single_threaded_without_the_environment_variable() {
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("OpenBLAS threads per call: 1"), "{log}");
 }
+
+/// Without a GPU (CI, this machine) `--backend gpu` fails before any work with the reason, and
+/// `auto` extracts on the CPU and says why. (On a GPU machine the first half asserts the
+/// backend's own message, until the GPU backend is complete.)
+#[test]
+fn backend_gpu_fails_clearly_and_auto_falls_back_to_the_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let ccd = crate::common::small_ccd(dir.path());
+    let out = dir.path().join("frame.fits");
+    run!(
+        "extract",
+        "-p",
+        ccd.psf,
+        "-i",
+        ccd.image,
+        "-o",
+        out,
+        "-w",
+        crate::common::SMALL_GRID,
+        "--backend",
+        "gpu"
+    )
+    .fails_with(&["--backend gpu:"]);
+    crate::common::assert_no_output(&out);
+    let r = run!(
+        "extract",
+        "-p",
+        ccd.psf,
+        "-i",
+        ccd.image,
+        "-o",
+        out,
+        "-w",
+        crate::common::SMALL_GRID,
+        "--backend",
+        "auto"
+    );
+    r.ok();
+    assert!(
+        r.stderr.contains("backend: cpu (auto: CPU ("),
+        "{}",
+        r.stderr
+    );
+    assert!(out.is_file());
+}

@@ -1,0 +1,228 @@
+//! The kernels' sources, embedded at build time, compiled to PTX with NVRTC at run time for the
+//! device's architecture, and cached on disk keyed by source, architecture, options and NVRTC
+//! version, so that only the first run on a machine pays the compile.
+
+use std::path::{Path, PathBuf};
+
+use super::GpuError;
+
+/// `(file name, source)` of every `kernels/*.cu` and `*.cuh`, from build.rs.
+pub const SOURCES: &[(&str, &str)] = include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+
+/// The kernel files (`*.cu`), each compiled as one program.
+pub fn kernel_files() -> impl Iterator<Item = &'static str> {
+    SOURCES
+        .iter()
+        .map(|(n, _)| *n)
+        .filter(|n| n.ends_with(".cu"))
+}
+
+fn source(name: &str) -> Result<&'static str, GpuError> {
+    SOURCES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, s)| *s)
+        .ok_or_else(|| GpuError::Kernel(format!("no kernel source {name} in this build")))
+}
+
+/// The source with its `#include "x.cuh"` lines replaced by the embedded headers, so that
+/// NVRTC needs no include path at run time.
+fn expanded(name: &str) -> Result<String, GpuError> {
+    let mut out = String::new();
+    for line in source(name)?.lines() {
+        let inc = line
+            .trim()
+            .strip_prefix("#include \"")
+            .and_then(|r| r.strip_suffix('"'));
+        match inc {
+            Some(h) => {
+                out += &expanded(h)?;
+                out.push('\n');
+            }
+            None => {
+                out += line;
+                out.push('\n');
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// FNV-1a, 64 bits: stable across builds and toolchains, unlike std's hasher.
+fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for &b in p.iter() {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        h ^= 0xff;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// Where compiled PTX is kept: `$SPEXTRACT_PTX_CACHE`, else `$XDG_CACHE_HOME/spextract/ptx`,
+/// else `~/.cache/spextract/ptx`; None when none can be named.
+pub fn cache_dir() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("SPEXTRACT_PTX_CACHE") {
+        return Some(PathBuf::from(d));
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("spextract").join("ptx"))
+}
+
+/// NVRTC's options for a device of compute capability `arch`.
+fn options(arch: (i32, i32)) -> Vec<String> {
+    vec![
+        format!("--gpu-architecture=compute_{}{}", arch.0, arch.1),
+        "--std=c++17".into(),
+        // The extraction is specified in f64 with IEEE division and square roots.
+        "--fmad=true".into(),
+        "--prec-div=true".into(),
+        "--prec-sqrt=true".into(),
+    ]
+}
+
+/// Whether the NVRTC library can be loaded (cudarc panics on a missing library).
+pub fn nvrtc_present() -> bool {
+    // SAFETY: is_culib_present only tries to dlopen the library by its known names.
+    std::panic::catch_unwind(|| unsafe { cudarc::nvrtc::sys::is_culib_present() }).unwrap_or(false)
+}
+
+fn nvrtc_version() -> Result<(i32, i32), GpuError> {
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: nvrtcVersion writes two ints through pointers to these live locals; the library
+    // was found loadable by `nvrtc_present` and catch_unwind guards a missing symbol.
+    let rc = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe {
+        cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor)
+    }))
+    .map_err(|_| GpuError::Library("NVRTC (libnvrtc) could not be loaded".into()))?;
+    if rc != cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS {
+        return Err(GpuError::Library(format!("nvrtcVersion failed: {rc:?}")));
+    }
+    Ok((major, minor))
+}
+
+/// The PTX of kernel file `name` for `arch`, from the cache or compiled now (and cached).
+pub fn ptx(name: &str, arch: (i32, i32)) -> Result<String, GpuError> {
+    ptx_in(name, arch, cache_dir().as_deref())
+}
+
+/// [`ptx`] with the cache in `cache` (None: no cache).
+pub fn ptx_in(name: &str, arch: (i32, i32), cache: Option<&Path>) -> Result<String, GpuError> {
+    if !nvrtc_present() {
+        return Err(GpuError::Library(
+            "NVRTC (libnvrtc.so) is not installed or not on LD_LIBRARY_PATH; it compiles the \
+             GPU kernels"
+                .into(),
+        ));
+    }
+    let src = expanded(name)?;
+    let opts = options(arch);
+    let (vmaj, vmin) = nvrtc_version()?;
+    let key = fnv1a(&[
+        src.as_bytes(),
+        opts.join(" ").as_bytes(),
+        format!("nvrtc {vmaj}.{vmin}").as_bytes(),
+    ]);
+    let stem = name.trim_end_matches(".cu");
+    let file = cache.map(|d| d.join(format!("{stem}-sm{}{}-{key:016x}.ptx", arch.0, arch.1)));
+    if let Some(text) = file
+        .as_deref()
+        .and_then(|f| std::fs::read_to_string(f).ok())
+    {
+        return Ok(text);
+    }
+    let compiled = compile(name, &src, &opts)?;
+    if let Some(f) = &file {
+        // A cache that cannot be written only costs the next run a compile.
+        let _ = store(f, &compiled);
+    }
+    Ok(compiled)
+}
+
+fn compile(name: &str, src: &str, opts: &[String]) -> Result<String, GpuError> {
+    let options = cudarc::nvrtc::CompileOptions {
+        options: opts.to_vec(),
+        name: Some(name.to_string()),
+        ..Default::default()
+    };
+    let res = std::panic::catch_unwind(|| cudarc::nvrtc::compile_ptx_with_opts(src, options))
+        .map_err(|_| GpuError::Library("NVRTC could not be loaded".into()))?;
+    match res {
+        Ok(ptx) => Ok(ptx.to_src()),
+        Err(e) => Err(GpuError::Kernel(format!(
+            "NVRTC could not compile {name}: {e}"
+        ))),
+    }
+}
+
+fn store(path: &Path, text: &str) -> std::io::Result<()> {
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    let tmp = path.with_extension(format!("ptx.tmp-{}", std::process::id()));
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kernel_is_embedded_with_its_headers_expanded() {
+        let files: Vec<_> = kernel_files().collect();
+        assert!(!files.is_empty(), "kernels/*.cu are embedded by build.rs");
+        for f in files {
+            let src = expanded(f).unwrap();
+            assert!(
+                !src.contains("#include \""),
+                "{f}: an include was left unexpanded"
+            );
+            assert!(
+                src.contains("extern \"C\" __global__"),
+                "{f}: no kernel entry point"
+            );
+        }
+    }
+
+    #[test]
+    fn the_cache_key_changes_with_source_and_architecture() {
+        let a = fnv1a(&[b"src", b"compute_90"]);
+        assert_ne!(a, fnv1a(&[b"src", b"compute_80"]));
+        assert_ne!(a, fnv1a(&[b"src2", b"compute_90"]));
+        assert_ne!(fnv1a(&[b"ab", b"c"]), fnv1a(&[b"a", b"bc"]));
+    }
+
+    /// Compiles every kernel through the same path the GPU backend takes, when libnvrtc can be
+    /// loaded (no GPU needed: CI points LD_LIBRARY_PATH at the nvidia-cuda-nvrtc wheel).
+    #[test]
+    fn every_kernel_compiles_with_nvrtc_when_present() {
+        if !nvrtc_present() {
+            // scripts/check-kernels.sh sets this, so that there a missing NVRTC fails.
+            assert!(
+                std::env::var_os("SPEXTRACT_REQUIRE_NVRTC").is_none(),
+                "SPEXTRACT_REQUIRE_NVRTC is set but libnvrtc cannot be loaded"
+            );
+            eprintln!("skipping: libnvrtc not loadable (scripts/check-kernels.sh sets it up)");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        for f in kernel_files() {
+            let text = ptx_in(f, (9, 0), Some(dir.path())).unwrap_or_else(|e| panic!("{f}: {e}"));
+            assert!(
+                text.contains(".version 9.0") || text.contains(".version"),
+                "{f}"
+            );
+            assert!(text.contains(".entry"), "{f}: PTX without an entry point");
+            // The second call is served from the cache.
+            let cached: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+            assert!(!cached.is_empty());
+            assert_eq!(ptx_in(f, (9, 0), Some(dir.path())).unwrap(), text);
+        }
+    }
+}
