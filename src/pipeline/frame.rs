@@ -178,15 +178,19 @@ pub fn extract_bundles(
     let bundles = &plan.bundles[work.bundles.clone()];
     let specmin = bundles.first().map_or(plan.specmin, |b| b.0);
     let nspec: usize = bundles.iter().map(|b| b.1).sum();
-    if specmin < psf_fiber0 || specmin + nspec > psf_fiber0 + psf.nfiber() {
-        return Err(FrameError::Input(format!(
-            "fibers {}..{} requested but the PSF holds fibers {}..{}",
-            specmin,
-            specmin + nspec,
-            psf_fiber0,
-            psf_fiber0 + psf.nfiber()
-        )));
-    }
+    let psf_holds = |what: &str, first: usize, n: usize| {
+        if first < psf_fiber0 || first + n > psf_fiber0 + psf.nfiber() {
+            return Err(FrameError::Input(format!(
+                "{what} fibers {}..{} but the PSF holds fibers {}..{}",
+                first,
+                first + n,
+                psf_fiber0,
+                psf_fiber0 + psf.nfiber()
+            )));
+        }
+        Ok(())
+    };
+    psf_holds("the bundles are", specmin, nspec)?;
     let nwave = grid.wave.len();
     let ndiag = opts.ndiag;
     let mut out = FrameResult {
@@ -213,15 +217,7 @@ pub fn extract_bundles(
         }
         let t0 = Instant::now();
         let (fmin, nfib) = plan::fiber_span(patches);
-        if fmin < psf_fiber0 || fmin + nfib > psf_fiber0 + psf.nfiber() {
-            return Err(FrameError::Input(format!(
-                "patches need fibers {}..{} but the PSF holds fibers {}..{}",
-                fmin,
-                fmin + nfib,
-                psf_fiber0,
-                psf_fiber0 + psf.nfiber()
-            )));
-        }
+        psf_holds("the patches need", fmin, nfib)?;
         spots::evaluate_into(psf, fmin - psf_fiber0, nfib, &grid.padded, &mut spots)?;
         // Spot fibers are frame fibers from here on, as the patches count them.
         spots.grid.fibermin = fmin;

@@ -51,6 +51,19 @@ impl SpotSet {
     }
 }
 
+/// Refuses fibers `fibermin .. fibermin + nfiber` beyond the PSF's.
+pub fn check_fibers(psf: &Psf, fibermin: usize, nfiber: usize) -> Result<(), PsfError> {
+    if fibermin + nfiber > psf.nfiber() {
+        return Err(PsfError::OutOfRange(format!(
+            "fibers {}..{} requested from a PSF of {} fibers",
+            fibermin,
+            fibermin + nfiber,
+            psf.nfiber()
+        )));
+    }
+    Ok(())
+}
+
 /// Evaluates spots for fibers `fibermin .. fibermin + nfiber` at `waves`.
 ///
 /// Fibers are evaluated in parallel (rayon); the result does not depend on the thread count.
@@ -88,14 +101,7 @@ pub fn evaluate_into(
     set: &mut SpotSet,
 ) -> Result<(), PsfError> {
     use rayon::prelude::*;
-    if fibermin + nfiber > psf.nfiber() {
-        return Err(PsfError::OutOfRange(format!(
-            "fibers {}..{} requested from a PSF of {} fibers",
-            fibermin,
-            fibermin + nfiber,
-            psf.nfiber()
-        )));
-    }
+    check_fibers(psf, fibermin, nfiber)?;
     // The evaluator relies on consistent tables (one coefficient count for every row).
     psf.validate()?;
     let index = psf.gh_index()?;
@@ -152,14 +158,7 @@ pub fn corners(
     nfiber: usize,
     waves: &[f64],
 ) -> Result<SpotSet, PsfError> {
-    if fibermin + nfiber > psf.nfiber() {
-        return Err(PsfError::OutOfRange(format!(
-            "fibers {}..{} requested from a PSF of {} fibers",
-            fibermin,
-            fibermin + nfiber,
-            psf.nfiber()
-        )));
-    }
+    check_fibers(psf, fibermin, nfiber)?;
     let nwave = waves.len();
     let mut set = SpotSet {
         grid: SpotGrid {

@@ -97,14 +97,7 @@ pub fn flatten(
     nfiber: usize,
     waves: &[f64],
 ) -> Result<SpotInputs, PsfError> {
-    if fibermin + nfiber > psf.nfiber() {
-        return Err(PsfError::OutOfRange(format!(
-            "fibers {}..{} requested from a PSF of {} fibers",
-            fibermin,
-            fibermin + nfiber,
-            psf.nfiber()
-        )));
-    }
+    crate::psf::spots::check_fibers(psf, fibermin, nfiber)?;
     psf.validate()?;
     let index = psf.gh_index()?;
     let sigx = &psf.params[index.sigx].series;
