@@ -56,7 +56,12 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let mut one_thread = None;
     for &threads in &args.thread_counts {
         let t = Instant::now();
-        let res = run_extraction(&prep, threads.max(1), false)?;
+        let res = run_extraction(
+            &prep,
+            threads.max(1),
+            false,
+            &mut crate::extract::cpu::CpuBackend,
+        )?;
         let wall = t.elapsed().as_secs_f64();
         if threads == 1 {
             one_thread = Some(wall);

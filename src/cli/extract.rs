@@ -9,7 +9,6 @@ use tracing::{info, warn};
 
 use super::{ExtractArgs, ExtractionFlags};
 use crate::config::Config;
-use crate::extract::cpu::CpuBackend;
 use crate::pipeline::frame::{extract_frame, FrameResult};
 pub use crate::pipeline::prepare::{
     check_extracted, frame_meta, header_value, prepare_frame, write_outputs, Prepared,
@@ -59,7 +58,12 @@ pub fn prepare(flags: &ExtractionFlags, model_image: bool) -> Result<Prepared> {
 }
 
 /// Runs the extraction of a prepared frame on `threads` threads, with progress.
-pub fn run_extraction(prep: &Prepared, threads: usize, progress: bool) -> Result<FrameResult> {
+pub fn run_extraction(
+    prep: &Prepared,
+    threads: usize,
+    progress: bool,
+    backend: &mut dyn crate::extract::Backend,
+) -> Result<FrameResult> {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
@@ -91,7 +95,6 @@ pub fn run_extraction(prep: &Prepared, threads: usize, progress: bool) -> Result
             ),
         }
     };
-    let mut backend = CpuBackend;
     let res = pool.install(|| {
         extract_frame(
             &prep.psf,
@@ -101,7 +104,7 @@ pub fn run_extraction(prep: &Prepared, threads: usize, progress: bool) -> Result
             &prep.plan,
             prep.patch.pixpad_frac,
             &prep.opts,
-            &mut backend,
+            backend,
             &mut report,
         )
     })?;
@@ -342,6 +345,10 @@ fn choose_backend(requested: &str) -> Result<String> {
             info!("backend: cpu ({why})");
             Ok("cpu".into())
         }
+        Choice::Gpu(why) => {
+            tracing::warn!("backend: gpu ({why})");
+            Ok("gpu".into())
+        }
     }
 }
 
@@ -352,7 +359,7 @@ fn single(args: &ExtractArgs) -> Result<()> {
         .backend
         .clone()
         .unwrap_or(resolve_config(&args.flags)?.run.backend);
-    choose_backend(&requested)?;
+    let backend = choose_backend(&requested)?;
     check_output(output, args.overwrite)?;
     if let Some(m) = &args.model_image {
         check_output(m, args.overwrite)?;
@@ -369,7 +376,8 @@ fn single(args: &ExtractArgs) -> Result<()> {
         prep.plan.npatch(),
         prep.threads
     );
-    let res = run_extraction(&prep, prep.threads, prep.progress)?;
+    let mut engine = crate::extract::gpu::device::backend_for(&backend, 0)?;
+    let res = run_extraction(&prep, prep.threads, prep.progress, engine.as_mut())?;
     let st = &res.stats;
     info!(
         "extracted {} patches in {:.2}s (spots {:.2}s, solve {:.2}s, assemble {:.2}s); {} retried, {} failed, {} dropped off the CCD",

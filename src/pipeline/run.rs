@@ -28,7 +28,6 @@ use super::prepare::{check_extracted, prepare_frame, write_outputs};
 use super::report::{FrameCounts, FrameFailure, RoleTimes, RunReport, REPORT_VERSION};
 use super::unit::{self, Assembly, FrameTicket, UnitInput, UnitOutput};
 use crate::config::Config;
-use crate::extract::cpu::CpuBackend;
 
 /// Everything a run needs, resolved from the command line and the configuration.
 #[derive(Debug, Clone)]
@@ -477,6 +476,11 @@ fn run_rank(
         let (units_tx, units_rx) = unbounded::<(UnitInput, usize)>();
         let (done_tx, done_rx) = unbounded::<(UnitOutput, usize, Duration)>();
         let threads = opts.threads;
+        let backend_name = opts.backend.clone();
+        let compute_index = layout.computes[node]
+            .iter()
+            .position(|&c| c == rank)
+            .expect("a compute rank");
         std::thread::Builder::new()
             .name("compute".into())
             .spawn(move || {
@@ -487,10 +491,17 @@ fn run_rank(
                         return;
                     }
                 };
-                let mut backend = CpuBackend;
+                let mut backend =
+                    match crate::extract::gpu::device::backend_for(&backend_name, compute_index) {
+                        Ok(b) => b,
+                        Err(e) => {
+                            error!("compute rank {rank}: {e}");
+                            return;
+                        }
+                    };
                 for (u, writer) in units_rx {
                     let t0 = Instant::now();
-                    let result = pool.install(|| unit::compute(&u, &mut backend));
+                    let result = pool.install(|| unit::compute(&u, backend.as_mut()));
                     let out = UnitOutput {
                         job: u.job,
                         unit: u.unit,

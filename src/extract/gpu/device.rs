@@ -104,37 +104,83 @@ impl Gpu {
 pub enum Choice {
     /// The CPU backend, with the reason when a GPU was asked for or looked for.
     Cpu(String),
+    /// The GPU backend (`GpuBackend`), on the devices found.
+    Gpu(String),
 }
 
-/// Resolves `--backend` ("auto", "cpu" or "gpu"): `auto` takes a GPU when one works and the
-/// GPU backend can run on it, else the CPU, saying which and why; `gpu` fails with the reason
-/// when it cannot be honoured.
+/// Resolves `--backend` ("auto", "cpu" or "gpu"). `gpu` takes the GPU backend when a device
+/// works and fails with the reason otherwise. `auto` stays on the CPU, saying why: the GPU
+/// backend's stages agree with the CPU through their host twins, but none has yet run on a
+/// GPU, and a science pipeline must not switch to unverified numbers by default.
 pub fn choose(requested: &str) -> Result<Choice, GpuError> {
+    let found = |devs: &[DeviceInfo]| {
+        format!(
+            "{} GPU(s): {}",
+            devs.len(),
+            devs.iter()
+                .map(|d| format!("{} sm_{}{}", d.name, d.arch.0, d.arch.1))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
     match requested {
         "cpu" => Ok(Choice::Cpu("--backend cpu".into())),
-        "auto" | "gpu" => {
-            let why = match probe() {
-                Err(e) => e.to_string(),
-                Ok(devs) => format!(
-                    "{} GPU(s) found ({}), but this build's GPU backend is not complete yet \
-                     (issue 4: kernels being ported)",
-                    devs.len(),
-                    devs.iter()
-                        .map(|d| format!("{} sm_{}{}", d.name, d.arch.0, d.arch.1))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            };
-            if requested == "gpu" {
-                Err(GpuError::NoDevice(format!("--backend gpu: {why}")))
-            } else {
-                Ok(Choice::Cpu(format!("auto: CPU ({why})")))
-            }
-        }
+        "gpu" => match probe() {
+            Ok(devs) => Ok(Choice::Gpu(format!(
+                "--backend gpu on {}; not yet verified against the CPU on a GPU (issue 4)",
+                found(&devs)
+            ))),
+            Err(e) => Err(GpuError::NoDevice(format!("--backend gpu: {e}"))),
+        },
+        "auto" => Ok(Choice::Cpu(match probe() {
+            Ok(devs) => format!(
+                "auto: CPU ({} found, but the GPU backend has not yet been verified on a GPU; \
+                 --backend gpu uses it)",
+                found(&devs)
+            ),
+            Err(e) => format!("auto: CPU ({e})"),
+        })),
         other => Err(GpuError::NoDevice(format!(
             "--backend {other}: expected auto, cpu or gpu"
         ))),
     }
+}
+
+/// The device a compute rank uses: compute ranks of a node take the visible GPUs in turn
+/// (`compute_index` is the rank's place among its node's compute ranks); under Slurm's
+/// per-task GPU binding each rank sees only its own GPU, device 0.
+pub fn ordinal_for(compute_index: usize, visible: usize) -> Result<usize, GpuError> {
+    use crate::pipeline::env;
+    let per_task = env::slurm_binds_gpus_per_task(
+        std::env::var("SLURM_GPUS_PER_TASK").ok().as_deref(),
+        std::env::var("SLURM_GPU_BIND").ok().as_deref(),
+    );
+    if per_task {
+        return Ok(0);
+    }
+    env::gpu_binding(compute_index, visible, 1).ok_or_else(|| {
+        GpuError::NoDevice(format!(
+            "compute rank {compute_index} of its node has no GPU: {visible} visible, one compute \
+             rank per GPU (start fewer ranks per node)"
+        ))
+    })
+}
+
+/// The backend a compute rank uses: `name` is "cpu" or "gpu" (from [`choose`]).
+pub fn backend_for(
+    name: &str,
+    compute_index: usize,
+) -> Result<Box<dyn crate::extract::Backend>, GpuError> {
+    if name != "gpu" {
+        return Ok(Box::new(crate::extract::cpu::CpuBackend));
+    }
+    let ordinal = ordinal_for(compute_index, probe()?.len())?;
+    let b = super::backend::GpuBackend::new(ordinal)?;
+    tracing::info!(
+        "compute rank {compute_index}: GPU {ordinal} ({})",
+        b.device().name
+    );
+    Ok(Box::new(b))
 }
 
 #[cfg(test)]
@@ -147,9 +193,14 @@ mod tests {
     fn backend_choice_falls_back_or_fails_clearly() {
         match choose("auto").unwrap() {
             Choice::Cpu(why) => assert!(why.starts_with("auto: CPU ("), "{why}"),
+            Choice::Gpu(why) => panic!("auto must not take the unverified GPU backend: {why}"),
         }
-        let err = choose("gpu").unwrap_err().to_string();
-        assert!(err.starts_with("--backend gpu: "), "{err}");
+        match choose("gpu") {
+            Err(e) => assert!(e.to_string().starts_with("--backend gpu: "), "{e}"),
+            // On a GPU machine the explicit request is honoured, with the caveat.
+            Ok(Choice::Gpu(why)) => assert!(why.contains("not yet verified"), "{why}"),
+            Ok(c) => panic!("--backend gpu gave {c:?}"),
+        }
         assert!(choose("cpu").is_ok());
         assert!(choose("tpu")
             .unwrap_err()

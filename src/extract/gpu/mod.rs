@@ -7,9 +7,13 @@
 //! `Backend` built on them are being ported; until they are, `--backend gpu` says so and `auto`
 //! uses the CPU.
 
+pub mod backend;
+pub mod chi2;
+pub mod decorrelate;
 pub mod device;
 pub mod normal;
 pub mod ptx;
+pub mod solve;
 pub mod spots;
 
 /// Why the GPU cannot be used, or what went wrong on it.

@@ -1,0 +1,304 @@
+// Model, per-pixel chi², chi2pix and pixmask fraction of a batch of patches (extraction.md §5
+// steps 7–9), and the optional core-only model image, from each patch's solution x.
+//
+// The host side (src/extract/gpu/chi2.rs) flattens the per-patch sizes and holds a plain-Rust
+// twin of the three kernels, line for line, so that the indexing and the arithmetic below are
+// tested against the CPU backend on machines without a GPU. Change one, change the other.
+//
+// Inputs: the batch as normal::BatchLayout flattens it (patch, win_off, pix, ivar, spots,
+// spot_off, geom; see kernels/normal.cu), plus per patch b two int4 of sizes:
+//   dims[2b]   = {nspecpad, nwavetot, core0 (first core fiber among the solved), ncore}
+//   dims[2b+1] = {wavepad, nkeep, nstep, 0}
+// and x[b·nmax + u] (fiber-major u = f·nwavetot + w, the solver's layout).
+// Outputs:
+//   model, chi2, valid: one value per window pixel, windows concatenated as pix is (win_off).
+//   chi2pix, pixmask:   [(b·ncmax + c)·nkmax + j] for core fiber c and kept bin j; the slots
+//                       past a patch's ncore or nkeep are written 0.
+//   image:              core-only model per window pixel (chi2_model_image).
+//
+// Determinism: the model is a *gather*, not a scatter. Each pixel is owned by one thread,
+// which sums the products x_u · spot_u(pixel) over the unknowns u whose spot covers it, in
+// increasing u (the order of cpu::chi2::add_spots). A scatter with atomicAdd would add the
+// same products in whatever order the scheduler ran the spots, so the model (and everything
+// after it) would change in the last bits from run to run. Likewise each projection is one
+// thread's sequential sum over the spot's pixels in the CPU's order (row sums in column
+// order, then the rows). The only atomics are integer min/max over the bin ranges below,
+// whose results do not depend on order. Every product and sum is an explicit rounding
+// intrinsic, so that --fmad=true cannot contract them: the results are the CPU's bit for bit.
+
+#include "normal_common.cuh"
+
+// Empty-range markers of a fiber's bin and column spans (min starts high, max starts low).
+#define SPAN_HIGH 0x7fffffff
+#define SPAN_LOW (-0x7fffffff - 1)
+
+// One row tile of one patch, staged by the block: every unknown's geometry, coefficient and
+// spot offset (so the per-pixel search reads shared memory), and per fiber f in [flo, fhi)
+// the range [span[4f], span[4f+1]) of its bins in [blo, bhi) whose spots reach rows
+// [r0, r1), with the column range [span[4f+2], span[4f+3]) those spots cover. The spans are
+// only a pruning: a pixel still tests each candidate's rows and columns, so the sums do not
+// depend on the tile size or on whether the traces are monotonic in wavelength.
+// Dynamic shared memory: int4 sg[nmax], double sc[nmax], long long so[nmax], int span[4·nsp].
+struct Tile {
+    const int4* sg;
+    const double* sc;
+    const long long* so;
+    const int* span;
+};
+
+__device__ __forceinline__ Tile stage_tile(
+    int nmax, int nx, int n, int nwt, int nsp, int flo, int fhi, int blo, int bhi,
+    int r0, int r1,
+    const int4* __restrict__ geom_b,        // geom + b·nmax
+    const double* __restrict__ coef_b,      // x (or the image coefficients) + b·nmax
+    const long long* __restrict__ soff_b)   // spot_off + b·nmax
+{
+    extern __shared__ int4 smem[];
+    int4* sg = smem;
+    double* sc = reinterpret_cast<double*>(sg + nmax);
+    long long* so = reinterpret_cast<long long*>(sc + nmax);
+    int* span = reinterpret_cast<int*>(so + nmax);
+    for (int u = threadIdx.x; u < n; u += blockDim.x) {
+        sg[u] = geom_b[u];
+        sc[u] = coef_b[u];
+        so[u] = soff_b[u];
+    }
+    for (int f = threadIdx.x; f < nsp; f += blockDim.x) {
+        span[4 * f + 0] = SPAN_HIGH;
+        span[4 * f + 1] = SPAN_LOW;
+        span[4 * f + 2] = SPAN_HIGH;
+        span[4 * f + 3] = SPAN_LOW;
+    }
+    __syncthreads();
+    for (int u = threadIdx.x; u < n; u += blockDim.x) {
+        const int f = u / nwt;
+        const int w = u - f * nwt;
+        if (f < flo || f >= fhi || w < blo || w >= bhi) {
+            continue;
+        }
+        const SpotGeom g = unpack_geom(sg[u]);
+        const int lo = max(g.row0 + g.iy0, r0);
+        const int hi = min(g.row0 + g.iy1, r1);
+        if (lo < hi) {
+            // Integer min/max: the result is the same whatever order the threads arrive in.
+            atomicMin(&span[4 * f + 0], w);
+            atomicMax(&span[4 * f + 1], w + 1);
+            atomicMin(&span[4 * f + 2], g.col0);
+            atomicMax(&span[4 * f + 3], g.col0 + nx);
+        }
+    }
+    __syncthreads();
+    Tile t;
+    t.sg = sg;
+    t.sc = sc;
+    t.so = so;
+    t.span = span;
+    return t;
+}
+
+// Σ coef_u · spot_u[r - row0_u, c - col0_u] over the staged unknowns of fibers [flo, fhi)
+// whose spot covers window pixel (r, c), in increasing u (fiber-major): cpu::chi2::add_spots'
+// order, whose `*d += a * v` is the __dmul_rn then __dadd_rn here. Unknowns that do not cover
+// the pixel add nothing on the CPU either, so skipping them leaves the sum bit-identical.
+__device__ __forceinline__ double gather_pixel(
+    const Tile& t, int r, int c, int nwt, int flo, int fhi, int nx,
+    const double* __restrict__ spots)
+{
+    double acc = 0.0;
+    for (int f = flo; f < fhi; ++f) {
+        if (c < t.span[4 * f + 2] || c >= t.span[4 * f + 3]) {
+            continue;  // no spot of this fiber reaches the column (or none reaches the tile)
+        }
+        const int whi = t.span[4 * f + 1];
+        for (int w = t.span[4 * f + 0]; w < whi; ++w) {
+            const int u = f * nwt + w;
+            const SpotGeom g = unpack_geom(t.sg[u]);
+            const int iy = r - g.row0;
+            if (iy < g.iy0 || iy >= g.iy1) {
+                continue;
+            }
+            const int ix = c - g.col0;
+            if (ix < 0 || ix >= nx) {
+                continue;
+            }
+            acc = __dadd_rn(acc, __dmul_rn(t.sc[u], spots[t.so[u] + iy * nx + ix]));
+        }
+    }
+    return acc;
+}
+
+// Mapping: one block per (row tile, patch): gridDim = (ceil(max window rows / tile_rows),
+// npatch). The block stages the patch's unknowns (stage_tile), then its threads stride over
+// the tile's pixels in row-major order (consecutive threads → consecutive columns: coalesced
+// reads of pix/ivar and writes of the three outputs), each thread gathering one pixel's model
+// and forming its chi² exactly as cpu::chi2::pixel_chi2. Tiles past the patch's window return
+// at once (uniformly, before any barrier). Every window pixel is in exactly one tile.
+extern "C" __global__ void chi2_pixels(
+    int tile_rows, int nmax, int nx, double psferr,
+    const int4* __restrict__ patch,           // [npatch] {n, window ny, window nx, 0}
+    const int4* __restrict__ dims,            // [2·npatch] see the header
+    const long long* __restrict__ win_off,    // [npatch]
+    const double* __restrict__ pix,
+    const double* __restrict__ ivar,
+    const double* __restrict__ spots,
+    const long long* __restrict__ spot_off,   // [npatch·nmax]
+    const int4* __restrict__ geom,            // [npatch·nmax]
+    const double* __restrict__ x,             // [npatch·nmax]
+    double* __restrict__ model,               // [window pixels]
+    double* __restrict__ chi2,
+    double* __restrict__ valid)
+{
+    const int b = blockIdx.y;
+    const int4 pb = patch[b];
+    const int n = pb.x;
+    const int wny = pb.y;
+    const int wnx = pb.z;
+    const int r0 = blockIdx.x * tile_rows;
+    if (r0 >= wny) {
+        return;
+    }
+    const int r1 = min(r0 + tile_rows, wny);
+    const int4 d0 = dims[2 * b];
+    const int nsp = d0.x;
+    const int nwt = d0.y;
+    const long long base = (long long)b * nmax;
+    const Tile t = stage_tile(nmax, nx, n, nwt, nsp, 0, nsp, 0, nwt, r0, r1,
+                              geom + base, x + base, spot_off + base);
+    const long long off = win_off[b];
+    const int npix = (r1 - r0) * wnx;
+    for (int k = threadIdx.x; k < npix; k += blockDim.x) {
+        const int r = r0 + k / wnx;
+        const int c = k - (k / wnx) * wnx;
+        const double m = gather_pixel(t, r, c, nwt, 0, nsp, nx, spots);
+        const long long p = off + (long long)r * wnx + c;
+        const double w = ivar[p];
+        // gpu_specter's CPU path: modelivar = (psferr·model + 1e-32)⁻², totivar = 1/(1/modelivar
+        // + 1/ivar) where both are positive, else 0.
+        const double tm = __dadd_rn(__dmul_rn(psferr, m), 1e-32);
+        const double modelivar = __ddiv_rn(1.0, __dmul_rn(tm, tm));
+        double tot = 0.0;
+        if (modelivar > 0.0 && w > 0.0) {
+            tot = __ddiv_rn(1.0, __dadd_rn(__ddiv_rn(1.0, modelivar), __ddiv_rn(1.0, w)));
+        }
+        const double dd = __dsub_rn(pix[p], m);
+        model[p] = m;
+        chi2[p] = __dmul_rn(__dmul_rn(dd, dd), tot);
+        valid[p] = (tot > 0.0) ? 1.0 : 0.0;
+    }
+}
+
+// Mapping: one thread per output slot (core fiber c, kept bin j) of patch b: gridDim =
+// (ceil(ncmax·nkmax / blockDim.x), npatch), slot t = c·nkmax + j (consecutive threads →
+// consecutive bins of one fiber: coalesced stores). The thread projects the masked-pixel
+// indicator, chi² and the valid indicator onto its unknown's spot, three sequential sums in
+// cpu::chi2::project's order (each spot row summed in column order, then added to the total),
+// so that chi2pix = Σ chi²·spot / Σ valid·spot and pixmask = Σ masked·spot are the CPU's bits.
+// Slots past the patch's ncore or nkeep are written 0. Runs after chi2_pixels (same stream).
+extern "C" __global__ void chi2_project(
+    int nmax, int nx, int ncmax, int nkmax,
+    const int4* __restrict__ patch,
+    const int4* __restrict__ dims,
+    const long long* __restrict__ win_off,
+    const double* __restrict__ ivar,
+    const double* __restrict__ spots,
+    const long long* __restrict__ spot_off,
+    const int4* __restrict__ geom,
+    const double* __restrict__ chi2,          // chi2_pixels' outputs
+    const double* __restrict__ valid,
+    double* __restrict__ chi2pix,             // [npatch·ncmax·nkmax]
+    double* __restrict__ pixmask)
+{
+    const int b = blockIdx.y;
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= ncmax * nkmax) {
+        return;
+    }
+    const int c = t / nkmax;
+    const int j = t - c * nkmax;
+    const long long o = (long long)b * ncmax * nkmax + t;
+    const int4 d0 = dims[2 * b];
+    const int4 d1 = dims[2 * b + 1];
+    const int nwt = d0.y;
+    const int core0 = d0.z;
+    const int ncore = d0.w;
+    const int wavepad = d1.x;
+    const int nkeep = d1.y;
+    if (c >= ncore || j >= nkeep) {
+        chi2pix[o] = 0.0;
+        pixmask[o] = 0.0;
+        return;
+    }
+    const long long slot = (long long)b * nmax + (long long)(core0 + c) * nwt + wavepad + j;
+    const SpotGeom g = unpack_geom(geom[slot]);
+    const double* s = spots + spot_off[slot];
+    const int wnx = patch[b].z;
+    const long long off = win_off[b];
+    double pm = 0.0;
+    double num = 0.0;
+    double den = 0.0;
+    for (int iy = g.iy0; iy < g.iy1; ++iy) {
+        const long long row = off + (long long)(g.row0 + iy) * wnx + g.col0;
+        double rp = 0.0;
+        double rn = 0.0;
+        double rd = 0.0;
+        for (int ix = 0; ix < nx; ++ix) {
+            const double sv = s[iy * nx + ix];
+            const long long p = row + ix;
+            const double masked = (ivar[p] == 0.0) ? 1.0 : 0.0;
+            rp = __dadd_rn(rp, __dmul_rn(sv, masked));
+            rn = __dadd_rn(rn, __dmul_rn(sv, chi2[p]));
+            rd = __dadd_rn(rd, __dmul_rn(sv, valid[p]));
+        }
+        pm = __dadd_rn(pm, rp);
+        num = __dadd_rn(num, rn);
+        den = __dadd_rn(den, rd);
+    }
+    pixmask[o] = pm;
+    chi2pix[o] = (den > 0.0) ? __ddiv_rn(num, den) : 0.0;
+}
+
+// The core fibers' model image (the CPU's model_image option): the same gather as chi2_pixels
+// restricted to the core fibers [core0, core0 + ncore) and their bins [wavepad, wavepad +
+// nstep), with coefficients coef[b·nmax + u] (the decorrelated flux of every core bin, all
+// nstep of them, at its unknown's slot; other slots are not read). Same mapping as
+// chi2_pixels; every window pixel is written (0 where no core spot reaches it).
+extern "C" __global__ void chi2_model_image(
+    int tile_rows, int nmax, int nx,
+    const int4* __restrict__ patch,
+    const int4* __restrict__ dims,
+    const long long* __restrict__ win_off,
+    const double* __restrict__ spots,
+    const long long* __restrict__ spot_off,
+    const int4* __restrict__ geom,
+    const double* __restrict__ coef,          // [npatch·nmax]
+    double* __restrict__ image)               // [window pixels]
+{
+    const int b = blockIdx.y;
+    const int4 pb = patch[b];
+    const int n = pb.x;
+    const int wny = pb.y;
+    const int wnx = pb.z;
+    const int r0 = blockIdx.x * tile_rows;
+    if (r0 >= wny) {
+        return;
+    }
+    const int r1 = min(r0 + tile_rows, wny);
+    const int4 d0 = dims[2 * b];
+    const int4 d1 = dims[2 * b + 1];
+    const int nsp = d0.x;
+    const int nwt = d0.y;
+    const int flo = d0.z;
+    const int fhi = d0.z + d0.w;
+    const int blo = d1.x;
+    const int bhi = d1.x + d1.z;
+    const long long base = (long long)b * nmax;
+    const Tile t = stage_tile(nmax, nx, n, nwt, nsp, flo, fhi, blo, bhi, r0, r1,
+                              geom + base, coef + base, spot_off + base);
+    const long long off = win_off[b];
+    const int npix = (r1 - r0) * wnx;
+    for (int k = threadIdx.x; k < npix; k += blockDim.x) {
+        const int r = r0 + k / wnx;
+        const int c = k - (k / wnx) * wnx;
+        image[off + (long long)r * wnx + c] = gather_pixel(t, r, c, nwt, flo, fhi, nx, spots);
+    }
+}

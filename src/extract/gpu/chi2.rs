@@ -1,0 +1,1505 @@
+//! Model, per-pixel χ², chi2pix, pixmask fraction and the core-only model image of a batch of
+//! patches on the GPU (`kernels/chi2.cu`; extraction.md §5 steps 7–9), from each patch's
+//! solution `x` left on the device by the solve.
+//!
+//! The batch's windows, spots and per-unknown geometry are [`BatchLayout`]'s (uploaded once
+//! and shared with the normal-equation stage); [`Chi2Layout`] adds each patch's fiber and bin
+//! counts. [`twin`] and [`twin_model_image`] run the kernels' per-thread algorithm on the host
+//! with the same indexing and the same roundings, and are tested bit for bit against the CPU
+//! backend; [`launch`] and [`launch_model_image`] queue the kernels on device buffers.
+//!
+//! Thread mapping and determinism (details in kernels/chi2.cu): `chi2_pixels` and
+//! `chi2_model_image` give each window pixel to one thread, which *gathers* the products
+//! `x_u · spot_u(pixel)` of the unknowns covering it in increasing `u`, the CPU's
+//! `add_spots` order; `chi2_project` gives each (core fiber, kept bin) to one thread, which
+//! sums over its spot's pixels in `cpu::chi2::project`'s order. No floating-point atomics, so
+//! the outputs do not depend on scheduling, and they equal the CPU backend's bits for the
+//! same `x`.
+//!
+//! Output layout: `model`, `chi2`, `valid` and the image hold one value per window pixel,
+//! windows concatenated as `BatchLayout::pix`; `chi2pix` and `pixmask` hold patch `b`'s core
+//! fiber `c`, kept bin `j` at `(b·ncmax + c)·nkmax + j` (zero past the patch's own counts).
+
+use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
+
+use super::device::Gpu;
+use super::normal::BatchLayout;
+use super::GpuError;
+use crate::extract::PatchInput;
+
+/// Window rows per block of `chi2_pixels` and `chi2_model_image`. A tile only bounds which
+/// bins a block considers (the sums do not depend on it): 8 rows of a ~50-column window are
+/// ~3 pixels per thread, and each pixel then tests the bins whose spots reach the tile's
+/// `8 + ny` rows, in the fibers whose spots reach its column.
+pub const TILE_ROWS: usize = 8;
+/// Threads per block of the two per-pixel kernels.
+pub const PIXEL_THREADS: u32 = 128;
+/// Threads per block of `chi2_project` (one output slot each).
+pub const PROJECT_THREADS: u32 = 128;
+/// The dynamic shared memory a block may take without opting in (a patch's unknowns are
+/// staged there).
+const MAX_DYNAMIC_SMEM: usize = 48 * 1024;
+/// `gridDim.y` (the patch index) is limited to 65535 by the hardware.
+const MAX_GRID_Y: usize = 65_535;
+
+fn bad(msg: String) -> GpuError {
+    GpuError::Kernel(format!("chi2.cu cannot take this batch: {msg}"))
+}
+
+fn cuda(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> GpuError {
+    move |e| GpuError::Cuda(format!("chi2: {what}: {e:?}"))
+}
+
+/// The per-patch sizes the chi2 kernels need beyond [`BatchLayout`], flattened (host side;
+/// uploaded by the launchers, 32 bytes a patch).
+///
+/// `dims[8b..8b+8] = {nspecpad, nwavetot, core0, ncore, wavepad, nkeep, nstep, 0}` (two
+/// `int4` on the device), `core0` being the first core fiber among the solved ones.
+#[derive(Debug, Clone)]
+pub struct Chi2Layout {
+    /// Patches.
+    pub npatch: usize,
+    /// Unknown slots per patch, as in the layout.
+    pub nmax: usize,
+    /// Window pixels of the whole batch (`BatchLayout::pix.len()`).
+    pub npix: usize,
+    /// The largest core-fiber count: chi2pix rows per patch.
+    pub ncmax: usize,
+    /// The largest kept-bin count: chi2pix columns per patch.
+    pub nkmax: usize,
+    /// The largest solved-fiber count (sizes the fiber spans in shared memory).
+    pub nspmax: usize,
+    /// The tallest window (sizes the grid of the per-pixel kernels).
+    pub max_wny: usize,
+    /// Eight ints per patch, see above.
+    pub dims: Vec<i32>,
+    /// The layout's `{n, window ny, window nx, 0}` per patch, to check a launch pairs these
+    /// dims with the layout they were built for.
+    sizes: Vec<i32>,
+    /// The layout's spot width.
+    nx: usize,
+}
+
+/// One patch's entry of [`Chi2Layout::dims`].
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    nsp: usize,
+    nwt: usize,
+    core0: usize,
+    ncore: usize,
+    wavepad: usize,
+    nkeep: usize,
+    nstep: usize,
+}
+
+impl Chi2Layout {
+    /// The sizes of `batch`, which `layout` flattens. Fails when they disagree or do not
+    /// describe a patch (core fibers outside the solved ones, kept bins beyond the core).
+    pub fn new(batch: &[PatchInput<'_>], layout: &BatchLayout) -> Result<Chi2Layout, GpuError> {
+        if batch.len() != layout.npatch {
+            return Err(bad(format!(
+                "{} patches for a layout of {}",
+                batch.len(),
+                layout.npatch
+            )));
+        }
+        let mut dims = Vec::with_capacity(8 * batch.len());
+        let (mut ncmax, mut nkmax, mut nspmax, mut max_wny) = (0, 0, 0, 0);
+        for (b, inp) in batch.iter().enumerate() {
+            let p = &inp.patch;
+            if layout.n(b) != p.nunknown() {
+                return Err(bad(format!(
+                    "patch {b} has {} unknowns, its layout slot {}",
+                    p.nunknown(),
+                    layout.n(b)
+                )));
+            }
+            let core0 = p.core_fiber_offset();
+            let nstep = p.nwavetot.checked_sub(2 * p.wavepad);
+            match nstep {
+                Some(nstep) if core0 + p.nspec <= p.nspecpad && p.nwave_keep <= nstep => {
+                    // Every value is ≤ n ≤ nmax, which BatchLayout checked fits i32.
+                    dims.extend(
+                        [
+                            p.nspecpad,
+                            p.nwavetot,
+                            core0,
+                            p.nspec,
+                            p.wavepad,
+                            p.nwave_keep,
+                            nstep,
+                            0,
+                        ]
+                        .map(|v| v as i32),
+                    );
+                }
+                _ => {
+                    return Err(bad(format!(
+                        "patch {b}: core fibers {core0}+{} of {}, {} kept of {} bins with \
+                         padding {}",
+                        p.nspec, p.nspecpad, p.nwave_keep, p.nwavetot, p.wavepad
+                    )))
+                }
+            }
+            ncmax = ncmax.max(p.nspec);
+            nkmax = nkmax.max(p.nwave_keep);
+            nspmax = nspmax.max(p.nspecpad);
+            max_wny = max_wny.max(layout.patch[4 * b + 1] as usize);
+        }
+        if ncmax == 0 || nkmax == 0 || layout.pix.is_empty() {
+            // CUDA refuses zero-byte allocations (and empty grids), and there would be nothing
+            // to compute.
+            return Err(bad(
+                "no core fiber, no kept bin or no window pixel in the batch".into(),
+            ));
+        }
+        if i32::try_from(ncmax * nkmax).is_err() {
+            return Err(bad(format!("{ncmax} × {nkmax} output slots overflow i32")));
+        }
+        Ok(Chi2Layout {
+            npatch: layout.npatch,
+            nmax: layout.nmax,
+            npix: layout.pix.len(),
+            ncmax,
+            nkmax,
+            nspmax,
+            max_wny,
+            dims,
+            sizes: layout.patch.clone(),
+            nx: layout.nx,
+        })
+    }
+
+    fn dims(&self, b: usize) -> Dims {
+        let d = &self.dims[8 * b..8 * b + 8];
+        Dims {
+            nsp: d[0] as usize,
+            nwt: d[1] as usize,
+            core0: d[2] as usize,
+            ncore: d[3] as usize,
+            wavepad: d[4] as usize,
+            nkeep: d[5] as usize,
+            nstep: d[6] as usize,
+        }
+    }
+
+    /// Output slots per patch.
+    pub fn slots(&self) -> usize {
+        self.ncmax * self.nkmax
+    }
+
+    /// Dynamic shared memory of the per-pixel kernels: `int4 sg[nmax]`, `double sc[nmax]`,
+    /// `long long so[nmax]`, `int span[4·nspmax]`.
+    fn smem(&self) -> usize {
+        self.nmax * (16 + 8 + 8) + 16 * self.nspmax
+    }
+
+    /// Row tiles per patch (gridDim.x of the per-pixel kernels).
+    fn tiles(&self) -> usize {
+        self.max_wny.div_ceil(TILE_ROWS)
+    }
+
+    /// Index of core fiber `c`, kept bin `j` of patch `b` in `chi2pix` and `pixmask`.
+    pub fn slot(&self, b: usize, c: usize, j: usize) -> usize {
+        (b * self.ncmax + c) * self.nkmax + j
+    }
+}
+
+/// The chi2 stage's results on the host (from [`twin`] or [`Chi2Batch::download`]).
+#[derive(Debug, Clone)]
+pub struct HostChi2 {
+    /// `A·x` per window pixel.
+    pub model: Vec<f64>,
+    /// Per-pixel χ² with the PSF error term.
+    pub chi2: Vec<f64>,
+    /// 1 where the total inverse variance is positive, else 0.
+    pub valid: Vec<f64>,
+    /// `[(b·ncmax + c)·nkmax + j]` (see [`Chi2Layout::slot`]).
+    pub chi2pix: Vec<f64>,
+    /// Same layout.
+    pub pixmask: Vec<f64>,
+}
+
+/// One unknown's spot placement, widened (the kernel's `SpotGeom`).
+#[derive(Debug, Clone, Copy)]
+struct Geom {
+    row0: i64,
+    col0: i64,
+    iy0: i64,
+    iy1: i64,
+}
+
+fn geom_of(l: &BatchLayout, slot: usize) -> Geom {
+    let g = &l.geom[4 * slot..4 * slot + 4];
+    Geom {
+        row0: g[0] as i64,
+        col0: g[1] as i64,
+        iy0: g[2] as i64,
+        iy1: g[3] as i64,
+    }
+}
+
+/// A fiber's span in a row tile: `[wlo, whi)` bins, `[cmin, cmax)` columns (`stage_tile`).
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    wlo: i64,
+    whi: i64,
+    cmin: i64,
+    cmax: i64,
+}
+
+const SPAN_HIGH: i64 = i32::MAX as i64;
+const SPAN_LOW: i64 = i32::MIN as i64;
+
+/// `stage_tile` of kernels/chi2.cu: per fiber in `[flo, fhi)`, the bins in `[blo, bhi)` whose
+/// spots reach rows `[r0, r1)` and the columns they cover (the kernel's integer atomics give
+/// the same min and max in any order). The staged copies of geometry, coefficients and spot
+/// offsets are the layout's own arrays here.
+#[allow(clippy::too_many_arguments)]
+fn twin_stage(
+    l: &BatchLayout,
+    base: usize,
+    d: Dims,
+    (flo, fhi): (usize, usize),
+    (blo, bhi): (usize, usize),
+    r0: i64,
+    r1: i64,
+) -> Vec<Span> {
+    let mut span = vec![
+        Span {
+            wlo: SPAN_HIGH,
+            whi: SPAN_LOW,
+            cmin: SPAN_HIGH,
+            cmax: SPAN_LOW,
+        };
+        d.nsp
+    ];
+    for u in 0..d.nsp * d.nwt {
+        let (f, w) = (u / d.nwt, u % d.nwt);
+        if f < flo || f >= fhi || w < blo || w >= bhi {
+            continue;
+        }
+        let g = geom_of(l, base + u);
+        let lo = (g.row0 + g.iy0).max(r0);
+        let hi = (g.row0 + g.iy1).min(r1);
+        if lo < hi {
+            let s = &mut span[f];
+            s.wlo = s.wlo.min(w as i64);
+            s.whi = s.whi.max(w as i64 + 1);
+            s.cmin = s.cmin.min(g.col0);
+            s.cmax = s.cmax.max(g.col0 + l.nx as i64);
+        }
+    }
+    span
+}
+
+/// `gather_pixel` of kernels/chi2.cu: `Σ coef_u · spot_u(r, c)` over the unknowns of fibers
+/// `[flo, fhi)` whose spot covers window pixel `(r, c)`, in increasing `u`.
+#[allow(clippy::too_many_arguments)]
+fn twin_gather(
+    l: &BatchLayout,
+    base: usize,
+    span: &[Span],
+    coef: &[f64],
+    r: i64,
+    c: i64,
+    nwt: usize,
+    (flo, fhi): (usize, usize),
+) -> f64 {
+    let nx = l.nx as i64;
+    let mut acc = 0.0f64;
+    for (f, s) in span.iter().enumerate().take(fhi).skip(flo) {
+        if c < s.cmin || c >= s.cmax {
+            continue;
+        }
+        for w in s.wlo..s.whi {
+            let u = f * nwt + w as usize;
+            let g = geom_of(l, base + u);
+            let iy = r - g.row0;
+            if iy < g.iy0 || iy >= g.iy1 {
+                continue;
+            }
+            let ix = c - g.col0;
+            if ix < 0 || ix >= nx {
+                continue;
+            }
+            let so = l.spot_off[base + u] as usize;
+            // `a * b` then `+` are the kernel's __dmul_rn and __dadd_rn.
+            acc += coef[base + u] * l.spots[so + (iy * nx + ix) as usize];
+        }
+    }
+    acc
+}
+
+/// Host twin of `chi2_pixels` followed by `chi2_project`: the same blocks, the same
+/// per-thread work in the same order, the same roundings. Every output starts as NaN so that
+/// an element the algorithm fails to write shows up, as the GPU test's poisoned buffers do.
+pub fn twin(layout: &BatchLayout, dims: &Chi2Layout, x: &[f64], psferr: f64) -> HostChi2 {
+    let l = layout;
+    assert_eq!(x.len(), l.npatch * l.nmax, "x is [npatch·nmax]");
+    let npix = dims.npix;
+    let mut out = HostChi2 {
+        model: vec![f64::NAN; npix],
+        chi2: vec![f64::NAN; npix],
+        valid: vec![f64::NAN; npix],
+        chi2pix: vec![f64::NAN; dims.npatch * dims.slots()],
+        pixmask: vec![f64::NAN; dims.npatch * dims.slots()],
+    };
+    for b in 0..l.npatch {
+        for tile in 0..dims.tiles() {
+            twin_pixels_block(l, dims, b, tile, x, psferr, &mut out);
+        }
+    }
+    for b in 0..l.npatch {
+        for t in 0..dims.slots() {
+            twin_project_thread(l, dims, b, t, &mut out);
+        }
+    }
+    out
+}
+
+/// Block `(tile, b)` of `chi2_pixels`.
+fn twin_pixels_block(
+    l: &BatchLayout,
+    dims: &Chi2Layout,
+    b: usize,
+    tile: usize,
+    x: &[f64],
+    psferr: f64,
+    out: &mut HostChi2,
+) {
+    let (wny, wnx) = (l.patch[4 * b + 1] as i64, l.patch[4 * b + 2] as i64);
+    let r0 = (tile * TILE_ROWS) as i64;
+    if r0 >= wny {
+        return;
+    }
+    let r1 = (r0 + TILE_ROWS as i64).min(wny);
+    let d = dims.dims(b);
+    let base = b * l.nmax;
+    let all = (0, d.nsp);
+    let span = twin_stage(l, base, d, all, (0, d.nwt), r0, r1);
+    let off = l.win_off[b];
+    // Thread k's pixels (threads stride over the tile; each pixel is independent).
+    for k in 0..(r1 - r0) * wnx {
+        let (r, c) = (r0 + k / wnx, k % wnx);
+        let m = twin_gather(l, base, &span, x, r, c, d.nwt, all);
+        let p = (off + r * wnx + c) as usize;
+        let w = l.ivar[p];
+        let tm = psferr * m + 1e-32;
+        let modelivar = 1.0 / (tm * tm);
+        let tot = if modelivar > 0.0 && w > 0.0 {
+            1.0 / (1.0 / modelivar + 1.0 / w)
+        } else {
+            0.0
+        };
+        let dd = l.pix[p] - m;
+        out.model[p] = m;
+        out.chi2[p] = dd * dd * tot;
+        out.valid[p] = if tot > 0.0 { 1.0 } else { 0.0 };
+    }
+}
+
+/// Thread `t` of block row `b` of `chi2_project`.
+fn twin_project_thread(l: &BatchLayout, dims: &Chi2Layout, b: usize, t: usize, out: &mut HostChi2) {
+    let (c, j) = (t / dims.nkmax, t % dims.nkmax);
+    let o = b * dims.slots() + t;
+    let d = dims.dims(b);
+    if c >= d.ncore || j >= d.nkeep {
+        out.chi2pix[o] = 0.0;
+        out.pixmask[o] = 0.0;
+        return;
+    }
+    let slot = b * l.nmax + (d.core0 + c) * d.nwt + d.wavepad + j;
+    let g = geom_of(l, slot);
+    let s = &l.spots[l.spot_off[slot] as usize..];
+    let wnx = l.patch[4 * b + 2] as i64;
+    let off = l.win_off[b];
+    let nx = l.nx;
+    let (mut pm, mut num, mut den) = (0.0f64, 0.0f64, 0.0f64);
+    for iy in g.iy0..g.iy1 {
+        let row = (off + (g.row0 + iy) * wnx + g.col0) as usize;
+        let (mut rp, mut rn, mut rd) = (0.0f64, 0.0f64, 0.0f64);
+        for ix in 0..nx {
+            let sv = s[iy as usize * nx + ix];
+            let p = row + ix;
+            let masked = if l.ivar[p] == 0.0 { 1.0 } else { 0.0 };
+            rp += sv * masked;
+            rn += sv * out.chi2[p];
+            rd += sv * out.valid[p];
+        }
+        pm += rp;
+        num += rn;
+        den += rd;
+    }
+    out.pixmask[o] = pm;
+    out.chi2pix[o] = if den > 0.0 { num / den } else { 0.0 };
+}
+
+/// Host twin of `chi2_model_image`: the core fibers' model per window pixel from `coef`
+/// (`[npatch·nmax]`, the flux of every core bin `wavepad..wavepad + nstep` at its unknown's
+/// slot; no other slot is read). Starts as NaN, like the twin above.
+pub fn twin_model_image(layout: &BatchLayout, dims: &Chi2Layout, coef: &[f64]) -> Vec<f64> {
+    let l = layout;
+    assert_eq!(coef.len(), l.npatch * l.nmax, "coef is [npatch·nmax]");
+    let mut image = vec![f64::NAN; dims.npix];
+    for b in 0..l.npatch {
+        let (wny, wnx) = (l.patch[4 * b + 1] as i64, l.patch[4 * b + 2] as i64);
+        let d = dims.dims(b);
+        let base = b * l.nmax;
+        let fibers = (d.core0, d.core0 + d.ncore);
+        let bins = (d.wavepad, d.wavepad + d.nstep);
+        for tile in 0..dims.tiles() {
+            let r0 = (tile * TILE_ROWS) as i64;
+            if r0 >= wny {
+                continue;
+            }
+            let r1 = (r0 + TILE_ROWS as i64).min(wny);
+            let span = twin_stage(l, base, d, fibers, bins, r0, r1);
+            for k in 0..(r1 - r0) * wnx {
+                let (r, c) = (r0 + k / wnx, k % wnx);
+                image[(l.win_off[b] + r * wnx + c) as usize] =
+                    twin_gather(l, base, &span, coef, r, c, d.nwt, fibers);
+            }
+        }
+    }
+    image
+}
+
+/// The three kernels of chi2.cu, loaded once and reused batch after batch.
+pub struct Kernels {
+    pixels: CudaFunction,
+    project: CudaFunction,
+    image: CudaFunction,
+}
+
+impl Kernels {
+    /// Compiles (or takes from the PTX cache) and loads chi2.cu on `gpu`.
+    pub fn load(gpu: &Gpu) -> Result<Kernels, GpuError> {
+        let module = gpu.module("chi2.cu")?;
+        let get = |name: &str| {
+            module
+                .load_function(name)
+                .map_err(|e| GpuError::Kernel(format!("chi2.cu has no {name}: {e:?}")))
+        };
+        Ok(Kernels {
+            pixels: get("chi2_pixels")?,
+            project: get("chi2_project")?,
+            image: get("chi2_model_image")?,
+        })
+    }
+}
+
+/// A [`BatchLayout`]'s arrays on the device, borrowed from whichever stage uploaded them.
+pub struct LayoutBuffers<'a> {
+    npatch: usize,
+    nmax: usize,
+    nx: usize,
+    npix: usize,
+    sizes: Vec<i32>,
+    patch: &'a CudaSlice<i32>,
+    win_off: &'a CudaSlice<i64>,
+    pix: &'a CudaSlice<f64>,
+    ivar: &'a CudaSlice<f64>,
+    spots: &'a CudaSlice<f64>,
+    spot_off: &'a CudaSlice<i64>,
+    geom: &'a CudaSlice<i32>,
+}
+
+impl<'a> LayoutBuffers<'a> {
+    /// Borrows the device copies of `layout`'s arrays (same names), checking their lengths.
+    ///
+    /// # Safety
+    /// Each buffer must hold exactly the contents of `layout`'s array of the same name (as
+    /// uploaded by `clone_htod`): the kernels index the spots and windows through the offsets
+    /// and geometry stored there, trusting the bounds [`BatchLayout::new`] established.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn from_parts(
+        layout: &BatchLayout,
+        patch: &'a CudaSlice<i32>,
+        win_off: &'a CudaSlice<i64>,
+        pix: &'a CudaSlice<f64>,
+        ivar: &'a CudaSlice<f64>,
+        spots: &'a CudaSlice<f64>,
+        spot_off: &'a CudaSlice<i64>,
+        geom: &'a CudaSlice<i32>,
+    ) -> Result<LayoutBuffers<'a>, GpuError> {
+        let l = layout;
+        let lengths = [
+            (patch.len(), l.patch.len()),
+            (win_off.len(), l.win_off.len()),
+            (pix.len(), l.pix.len()),
+            (ivar.len(), l.ivar.len()),
+            (spots.len(), l.spots.len()),
+            (spot_off.len(), l.spot_off.len()),
+            (geom.len(), l.geom.len()),
+        ];
+        if lengths.iter().any(|(have, want)| have != want) {
+            return Err(bad(format!(
+                "device buffers disagree with the layout: (length, expected) {lengths:?}"
+            )));
+        }
+        Ok(LayoutBuffers {
+            npatch: l.npatch,
+            nmax: l.nmax,
+            nx: l.nx,
+            npix: l.pix.len(),
+            sizes: l.patch.clone(),
+            patch,
+            win_off,
+            pix,
+            ivar,
+            spots,
+            spot_off,
+            geom,
+        })
+    }
+}
+
+/// A [`BatchLayout`] uploaded by this module (tests, or a caller with no upload of its own).
+pub struct UploadedLayout {
+    layout_patch: Vec<i32>,
+    npatch: usize,
+    nmax: usize,
+    nx: usize,
+    patch: CudaSlice<i32>,
+    win_off: CudaSlice<i64>,
+    pix: CudaSlice<f64>,
+    ivar: CudaSlice<f64>,
+    spots: CudaSlice<f64>,
+    spot_off: CudaSlice<i64>,
+    geom: CudaSlice<i32>,
+}
+
+impl UploadedLayout {
+    /// Copies `layout`'s arrays to the device.
+    pub fn upload(gpu: &Gpu, layout: &BatchLayout) -> Result<UploadedLayout, GpuError> {
+        let st = &gpu.stream;
+        Ok(UploadedLayout {
+            layout_patch: layout.patch.clone(),
+            npatch: layout.npatch,
+            nmax: layout.nmax,
+            nx: layout.nx,
+            patch: st
+                .clone_htod(&layout.patch)
+                .map_err(cuda("uploading patch sizes"))?,
+            win_off: st
+                .clone_htod(&layout.win_off)
+                .map_err(cuda("uploading window offsets"))?,
+            pix: st
+                .clone_htod(&layout.pix)
+                .map_err(cuda("uploading pixels"))?,
+            ivar: st
+                .clone_htod(&layout.ivar)
+                .map_err(cuda("uploading ivar"))?,
+            spots: st
+                .clone_htod(&layout.spots)
+                .map_err(cuda("uploading spots"))?,
+            spot_off: st
+                .clone_htod(&layout.spot_off)
+                .map_err(cuda("uploading spot offsets"))?,
+            geom: st
+                .clone_htod(&layout.geom)
+                .map_err(cuda("uploading spot geometry"))?,
+        })
+    }
+
+    /// The buffers as the launchers take them.
+    pub fn buffers(&self) -> LayoutBuffers<'_> {
+        LayoutBuffers {
+            npatch: self.npatch,
+            nmax: self.nmax,
+            nx: self.nx,
+            npix: self.pix.len(),
+            sizes: self.layout_patch.clone(),
+            patch: &self.patch,
+            win_off: &self.win_off,
+            pix: &self.pix,
+            ivar: &self.ivar,
+            spots: &self.spots,
+            spot_off: &self.spot_off,
+            geom: &self.geom,
+        }
+    }
+}
+
+/// The chi2 stage's outputs on the device, in the layout of the module docs.
+pub struct Chi2Batch {
+    /// `A·x` per window pixel.
+    pub model: CudaSlice<f64>,
+    /// Per-pixel χ².
+    pub chi2: CudaSlice<f64>,
+    /// Per-pixel validity (1 or 0).
+    pub valid: CudaSlice<f64>,
+    /// chi2pix, `[npatch·ncmax·nkmax]`.
+    pub chi2pix: CudaSlice<f64>,
+    /// pixmask fraction, same layout.
+    pub pixmask: CudaSlice<f64>,
+}
+
+impl Chi2Batch {
+    /// Device buffers sized for `dims` (zeroed only so that they hold defined values; the
+    /// kernels write every element).
+    pub fn alloc(gpu: &Gpu, dims: &Chi2Layout) -> Result<Chi2Batch, GpuError> {
+        let st = &gpu.stream;
+        let (npix, nslot) = (dims.npix, dims.npatch * dims.slots());
+        Ok(Chi2Batch {
+            model: st.alloc_zeros(npix).map_err(cuda("allocating the model"))?,
+            chi2: st.alloc_zeros(npix).map_err(cuda("allocating chi2"))?,
+            valid: st.alloc_zeros(npix).map_err(cuda("allocating valid"))?,
+            chi2pix: st.alloc_zeros(nslot).map_err(cuda("allocating chi2pix"))?,
+            pixmask: st.alloc_zeros(nslot).map_err(cuda("allocating pixmask"))?,
+        })
+    }
+
+    /// Copies the results back (waits for the kernels).
+    pub fn download(&self, gpu: &Gpu) -> Result<HostChi2, GpuError> {
+        let st = &gpu.stream;
+        Ok(HostChi2 {
+            model: st.clone_dtoh(&self.model).map_err(cuda("downloading"))?,
+            chi2: st.clone_dtoh(&self.chi2).map_err(cuda("downloading"))?,
+            valid: st.clone_dtoh(&self.valid).map_err(cuda("downloading"))?,
+            chi2pix: st.clone_dtoh(&self.chi2pix).map_err(cuda("downloading"))?,
+            pixmask: st.clone_dtoh(&self.pixmask).map_err(cuda("downloading"))?,
+        })
+    }
+}
+
+/// Checks that `buf` and `dims` describe the same batch and that the per-pixel kernels can
+/// be launched for it; returns the shared-memory bytes of those kernels.
+fn check_shapes(buf: &LayoutBuffers<'_>, dims: &Chi2Layout) -> Result<usize, GpuError> {
+    if buf.npatch != dims.npatch
+        || buf.nmax != dims.nmax
+        || buf.npix != dims.npix
+        || buf.nx != dims.nx
+        || buf.sizes != dims.sizes
+    {
+        return Err(bad(format!(
+            "sizes built for {} patches × {} unknowns and {} pixels, buffers of {} × {} and {}",
+            dims.npatch, dims.nmax, dims.npix, buf.npatch, buf.nmax, buf.npix
+        )));
+    }
+    if dims.npatch > MAX_GRID_Y {
+        return Err(bad(format!(
+            "{} patches, at most {MAX_GRID_Y} per launch",
+            dims.npatch
+        )));
+    }
+    let smem = dims.smem();
+    if smem > MAX_DYNAMIC_SMEM {
+        return Err(bad(format!(
+            "{} unknowns need {smem} bytes of shared memory, over {MAX_DYNAMIC_SMEM}",
+            dims.nmax
+        )));
+    }
+    Ok(smem)
+}
+
+/// Queues `chi2_pixels` then `chi2_project` for the batch of `buf` with solutions `x`
+/// (`[npatch·nmax]`, fiber-major, as the solve leaves them) into `out`.
+pub fn launch(
+    gpu: &Gpu,
+    kernels: &Kernels,
+    buf: &LayoutBuffers<'_>,
+    dims: &Chi2Layout,
+    x: &CudaSlice<f64>,
+    psferr: f64,
+    out: &mut Chi2Batch,
+) -> Result<(), GpuError> {
+    let smem = check_shapes(buf, dims)?;
+    let (npix, nslot) = (dims.npix, dims.npatch * dims.slots());
+    if x.len() != dims.npatch * dims.nmax
+        || [out.model.len(), out.chi2.len(), out.valid.len()] != [npix; 3]
+        || [out.chi2pix.len(), out.pixmask.len()] != [nslot; 2]
+    {
+        return Err(bad(format!(
+            "x of {} values, outputs of {} pixels and {} slots, for {} × {} unknowns, {npix} \
+             pixels and {nslot} slots",
+            x.len(),
+            out.model.len(),
+            out.chi2pix.len(),
+            dims.npatch,
+            dims.nmax
+        )));
+    }
+    let st = &gpu.stream;
+    let dims_d = st
+        .clone_htod(&dims.dims)
+        .map_err(cuda("uploading patch dims"))?;
+    // All fit i32: nmax and ny·nx by BatchLayout::new, the slot count by Chi2Layout::new.
+    let (tile, nmax, nx) = (TILE_ROWS as i32, dims.nmax as i32, dims.nx as i32);
+    let (ncmax, nkmax) = (dims.ncmax as i32, dims.nkmax as i32);
+
+    let cfg = LaunchConfig {
+        grid_dim: (dims.tiles() as u32, dims.npatch as u32, 1),
+        block_dim: (PIXEL_THREADS, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    let mut l = st.launch_builder(&kernels.pixels);
+    l.arg(&tile)
+        .arg(&nmax)
+        .arg(&nx)
+        .arg(&psferr)
+        .arg(buf.patch)
+        .arg(&dims_d)
+        .arg(buf.win_off)
+        .arg(buf.pix)
+        .arg(buf.ivar)
+        .arg(buf.spots)
+        .arg(buf.spot_off)
+        .arg(buf.geom)
+        .arg(x)
+        .arg(&mut out.model)
+        .arg(&mut out.chi2)
+        .arg(&mut out.valid);
+    // SAFETY: 16 arguments in chi2_pixels' order and types: int tile_rows, nmax, nx (i32),
+    // double psferr; patch (i32 × 4 per patch, read as int4: device allocations are 256-byte
+    // aligned), dims (i32 × 8 per patch, two int4), win_off (i64 = long long), pix, ivar,
+    // spots (f64), spot_off (i64), geom (i32 × 4 per unknown, int4), x (f64); model, chi2,
+    // valid (f64, written). Bounds: the grid is (tiles, npatch); block (tile, b) reads
+    // patch[b], dims[2b..2b+2] (uploaded from Chi2Layout, built for this layout: same sizes,
+    // checked above), and slots b·nmax + u for u < n_b = nspecpad·nwavetot ≤ nmax of
+    // geom/spot_off/x (x's length checked above); it returns unless its rows lie in the
+    // window, and writes pixels win_off[b] + r·wnx + c of that window only (< npix, the output
+    // lengths checked above). Spot reads stay in the spot's ny·nx values because iy is kept in
+    // [iy0, iy1) ⊆ [0, ny) and ix in [0, nx); the offsets and geometry are BatchLayout::new's
+    // (LayoutBuffers' contract). Shared memory: smem bytes as Chi2Layout::smem lays them out,
+    // with span indexed by fibers < nspecpad ≤ nspmax.
+    unsafe { l.launch(cfg) }.map_err(cuda("launching chi2_pixels"))?;
+
+    let cfg = LaunchConfig {
+        grid_dim: (
+            dims.slots().div_ceil(PROJECT_THREADS as usize) as u32,
+            dims.npatch as u32,
+            1,
+        ),
+        block_dim: (PROJECT_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut l = st.launch_builder(&kernels.project);
+    l.arg(&nmax)
+        .arg(&nx)
+        .arg(&ncmax)
+        .arg(&nkmax)
+        .arg(buf.patch)
+        .arg(&dims_d)
+        .arg(buf.win_off)
+        .arg(buf.ivar)
+        .arg(buf.spots)
+        .arg(buf.spot_off)
+        .arg(buf.geom)
+        .arg(&out.chi2)
+        .arg(&out.valid)
+        .arg(&mut out.chi2pix)
+        .arg(&mut out.pixmask);
+    // SAFETY: 15 arguments in chi2_project's order and types: int nmax, nx, ncmax, nkmax
+    // (i32); patch, dims (int4 as above), win_off (i64), ivar, spots (f64), spot_off (i64),
+    // geom (int4), chi2, valid (f64, read: written by chi2_pixels earlier on this stream);
+    // chi2pix, pixmask (f64, written). Thread t < ncmax·nkmax of patch b < npatch writes slot
+    // b·ncmax·nkmax + t < nslot (lengths checked above); for c < ncore, j < nkeep it reads
+    // unknown (core0 + c)·nwavetot + wavepad + j < n_b (Chi2Layout::new: core0 + ncore ≤
+    // nspecpad, nkeep ≤ nstep, wavepad + nstep ≤ nwavetot) and its spot's in-window pixels.
+    unsafe { l.launch(cfg) }.map_err(cuda("launching chi2_project"))?;
+    // dims_d drops here: cudarc frees it in stream order, after the kernels.
+    Ok(())
+}
+
+/// Queues `chi2_model_image`: the core fibers' model per window pixel into `image`
+/// (`[npix]`), from `coef` (`[npatch·nmax]`: the decorrelated flux of every core bin
+/// `wavepad..wavepad + nstep` at its unknown's slot, as the CPU's model image uses).
+pub fn launch_model_image(
+    gpu: &Gpu,
+    kernels: &Kernels,
+    buf: &LayoutBuffers<'_>,
+    dims: &Chi2Layout,
+    coef: &CudaSlice<f64>,
+    image: &mut CudaSlice<f64>,
+) -> Result<(), GpuError> {
+    let smem = check_shapes(buf, dims)?;
+    if coef.len() != dims.npatch * dims.nmax || image.len() != dims.npix {
+        return Err(bad(format!(
+            "coefficients of {} values and an image of {} pixels for {} × {} unknowns and {} \
+             pixels",
+            coef.len(),
+            image.len(),
+            dims.npatch,
+            dims.nmax,
+            dims.npix
+        )));
+    }
+    let st = &gpu.stream;
+    let dims_d = st
+        .clone_htod(&dims.dims)
+        .map_err(cuda("uploading patch dims"))?;
+    let (tile, nmax, nx) = (TILE_ROWS as i32, dims.nmax as i32, dims.nx as i32);
+    let cfg = LaunchConfig {
+        grid_dim: (dims.tiles() as u32, dims.npatch as u32, 1),
+        block_dim: (PIXEL_THREADS, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    let mut l = st.launch_builder(&kernels.image);
+    l.arg(&tile)
+        .arg(&nmax)
+        .arg(&nx)
+        .arg(buf.patch)
+        .arg(&dims_d)
+        .arg(buf.win_off)
+        .arg(buf.spots)
+        .arg(buf.spot_off)
+        .arg(buf.geom)
+        .arg(coef)
+        .arg(image);
+    // SAFETY: 11 arguments in chi2_model_image's order and types: int tile_rows, nmax, nx
+    // (i32); patch, dims (int4, aligned as above), win_off (i64), spots (f64), spot_off
+    // (i64), geom (int4), coef (f64, read), image (f64, written). The same grid, bounds and
+    // shared memory as chi2_pixels in `launch` (coef has x's length, checked above); the
+    // fibers and bins it gathers over are a subset of the patch's unknowns (Chi2Layout::new).
+    unsafe { l.launch(cfg) }.map_err(cuda("launching chi2_model_image"))?;
+    Ok(())
+}
+
+/// Uploads `batch`, `x` and (optionally) the image coefficients, runs the stage and
+/// downloads its results: the host-side convenience for tests and diagnostics.
+pub fn run(
+    gpu: &Gpu,
+    batch: &[PatchInput<'_>],
+    x: &[f64],
+    psferr: f64,
+    coef: Option<&[f64]>,
+) -> Result<(HostChi2, Option<Vec<f64>>), GpuError> {
+    let layout = BatchLayout::new(batch)?;
+    let dims = Chi2Layout::new(batch, &layout)?;
+    let kernels = Kernels::load(gpu)?;
+    let up = UploadedLayout::upload(gpu, &layout)?;
+    let buf = up.buffers();
+    let st = &gpu.stream;
+    let xd = st.clone_htod(x).map_err(cuda("uploading x"))?;
+    let mut out = Chi2Batch::alloc(gpu, &dims)?;
+    launch(gpu, &kernels, &buf, &dims, &xd, psferr, &mut out)?;
+    let image = match coef {
+        Some(coef) => {
+            let cd = st
+                .clone_htod(coef)
+                .map_err(cuda("uploading the image coefficients"))?;
+            let mut img = st
+                .alloc_zeros(dims.npix)
+                .map_err(cuda("allocating the image"))?;
+            launch_model_image(gpu, &kernels, &buf, &dims, &cd, &mut img)?;
+            Some(st.clone_dtoh(&img).map_err(cuda("downloading the image"))?)
+        }
+        None => None,
+    };
+    Ok((out.download(gpu)?, image))
+}
+
+// The CPU backend's own modules, compiled a second time for the tests (they are private to
+// `cpu`), so that the reference is the CPU's exact code, not a copy: `normal` keeps its name
+// because cpu/chi2.rs refers to `super::normal`, and cpu/decorrelate.rs finds `super::lapack`
+// (the CPU's public module, imported here) and `super::simd`.
+#[cfg(test)]
+#[path = "../cpu/chi2.rs"]
+#[allow(clippy::duplicate_mod)]
+mod cpu_chi2;
+#[cfg(test)]
+#[path = "../cpu/decorrelate.rs"]
+#[allow(clippy::duplicate_mod)]
+mod cpu_decorrelate;
+#[cfg(test)]
+#[path = "../cpu/normal.rs"]
+#[allow(clippy::duplicate_mod)] // on purpose: the reference must be the CPU's own code
+mod normal;
+#[cfg(test)]
+#[path = "../cpu/simd.rs"]
+#[allow(clippy::duplicate_mod)]
+mod simd;
+#[cfg(test)]
+use crate::extract::cpu::lapack;
+
+#[cfg(test)]
+mod tests {
+    use ndarray::Array2;
+    use rand::{Rng, SeedableRng};
+    use rayon::prelude::*;
+
+    use super::*;
+    use super::{cpu_chi2, cpu_decorrelate as decorrelate, normal as cpu_normal};
+    use crate::extract::cpu::tests::toy_psf;
+    use crate::extract::cpu::{extract_patch, Workspace};
+    use crate::extract::gpu::device;
+    use crate::extract::ExtractOptions;
+    use crate::patch::{pixels, Patch, PatchOptions, PixelWindow, Plan, WaveGrid};
+    use crate::psf::{spots, Psf, SpotSet};
+
+    /// Spots plus a simulated exposure over the union of some patches' windows.
+    struct Scene {
+        spots: SpotSet,
+        pix: Array2<f64>,
+        ivar: Array2<f64>,
+        origin: (usize, usize),
+        items: Vec<(Patch, PixelWindow)>,
+    }
+
+    impl Scene {
+        /// `patches` with their windows, plus a copy of `patches[trim]` whose window loses
+        /// at least `ny + 2` rows at the top and 3 at the bottom (spots cut by the window's
+        /// edge, kept core ones included, and some wholly outside it). The image is every spot
+        /// of the set at a random flux plus Gaussian noise of variance 9 + signal, so that the
+        /// solve is well posed and χ² ~ 1; ~3 % of the pixels and every 41st row are masked,
+        /// and so is every pixel of one core spot of the first patch (its chi2pix has no valid
+        /// pixel: the `den = 0` branch).
+        fn new(
+            spots: SpotSet,
+            patches: &[Patch],
+            trim: usize,
+            pixpad_frac: f64,
+            seed: u64,
+        ) -> Scene {
+            let mut items: Vec<(Patch, PixelWindow)> = patches
+                .iter()
+                .map(|p| (*p, pixels::window(p, &spots, pixpad_frac)))
+                .collect();
+            // The top cut reaches into the first kept core bin's spot (the wavelength padding
+            // alone spans more than ny rows on the real PSF), so that kept outputs see it.
+            let (p, w) = items[trim];
+            let first = spots.index(p.ispec - spots.grid.fibermin, p.iwave + p.wavepad);
+            let cut = PixelWindow {
+                ymin: (w.ymin + spots.ny as i64 + 2).max(spots.yc[first] + spots.ny as i64 / 2),
+                ymax: w.ymax - 3,
+                ..w
+            };
+            items.push((p, cut));
+            let ymin = items.iter().map(|(_, w)| w.ymin).min().unwrap();
+            let ymax = items.iter().map(|(_, w)| w.ymax).max().unwrap();
+            let xmin = items.iter().map(|(_, w)| w.xmin).min().unwrap();
+            let xmax = items.iter().map(|(_, w)| w.xmax).max().unwrap();
+            assert!(ymin >= 0 && xmin >= 0, "windows start at ({ymin}, {xmin})");
+            let (nyr, nxr) = ((ymax - ymin) as usize, (xmax - xmin) as usize);
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+            let (ny, nx) = (spots.ny, spots.nx);
+            let mut img = Array2::<f64>::zeros((nyr, nxr));
+            for i in 0..spots.xc.len() {
+                let flux = rng.gen_range(20.0..400.0);
+                for iy in 0..ny {
+                    for ix in 0..nx {
+                        let (r, c) = (
+                            spots.yc[i] + iy as i64 - ymin,
+                            spots.xc[i] + ix as i64 - xmin,
+                        );
+                        if (0..nyr as i64).contains(&r) && (0..nxr as i64).contains(&c) {
+                            img[[r as usize, c as usize]] +=
+                                flux * spots.values[i * ny * nx + iy * nx + ix];
+                        }
+                    }
+                }
+            }
+            let mut ivar = Array2::zeros((nyr, nxr));
+            let mut pix = Array2::zeros((nyr, nxr));
+            for ((r, c), &m) in img.indexed_iter() {
+                let var = 9.0 + m.max(0.0);
+                let z: f64 = rng.sample(rand_distr::StandardNormal);
+                pix[[r, c]] = m + var.sqrt() * z;
+                let masked = r % 41 == 7 || rng.gen::<f64>() < 0.03;
+                ivar[[r, c]] = if masked { 0.0 } else { 1.0 / var };
+            }
+            let (p, _) = items[0];
+            let i = spots.index(
+                p.ispec - spots.grid.fibermin,
+                p.iwave + p.wavepad + p.nwave_keep / 2,
+            );
+            let (r0, c0) = ((spots.yc[i] - ymin) as usize, (spots.xc[i] - xmin) as usize);
+            ivar.slice_mut(ndarray::s![r0..r0 + ny, c0..c0 + nx])
+                .fill(0.0);
+            Scene {
+                spots,
+                pix,
+                ivar,
+                origin: (ymin as usize, xmin as usize),
+                items,
+            }
+        }
+
+        fn inputs(&self) -> Vec<PatchInput<'_>> {
+            self.items
+                .iter()
+                .map(|(p, w)| {
+                    PatchInput::from_region(
+                        *p,
+                        *w,
+                        self.pix.view(),
+                        self.ivar.view(),
+                        self.origin,
+                        &self.spots,
+                    )
+                })
+                .collect()
+        }
+    }
+
+    /// 12 toy fibers in 3 subbundles (5, 6 and 5 fibers solved: mixed sizes, so padding), four
+    /// wavelength patches each (the last keeps fewer bins than it solves), and a trimmed copy
+    /// of a middle patch.
+    fn toy_scene(seed: u64) -> Scene {
+        let psf = toy_psf(12, 2);
+        let popts = PatchOptions {
+            bundlesize: 12,
+            nsubbundles: 3,
+            nwavestep: 20,
+            wavepad: 5,
+            ..Default::default()
+        };
+        let grid = WaveGrid::new(5200.0, 5260.0, 1.0, &popts).unwrap();
+        let plan = Plan::new(0, 12, grid.wave.len(), psf.nfiber(), &popts);
+        let spots = spots::evaluate(&psf, 0, 12, &grid.padded).unwrap();
+        Scene::new(spots, &plan.patches[0], 5, popts.pixpad_frac, seed)
+    }
+
+    /// A whole bundle at the real size (25 fibers, subbundles of 6 or 7 fibers × 74 bins): on
+    /// the real PSF when the shared data is there, else on a toy PSF of 25 fibers.
+    fn bundle_scene(picks: Option<&[usize]>, seed: u64) -> (Scene, usize, &'static str) {
+        let popts = PatchOptions::default();
+        let (psf, grid, what): (Psf, _, _) = match crate::io::shared_data("psf-r0-00067784.fits") {
+            Some(path) => (
+                crate::io::psf::read_psf(&path).unwrap(),
+                WaveGrid::new(5760.0, 7620.0, 0.8, &popts).unwrap(),
+                "real PSF",
+            ),
+            None => (
+                toy_psf(25, 2),
+                WaveGrid::new(5100.0, 5900.0, 1.0, &popts).unwrap(),
+                "toy PSF",
+            ),
+        };
+        let plan = Plan::new(0, 25, grid.wave.len(), psf.nfiber(), &popts);
+        let spots = spots::evaluate(&psf, 0, 25, &grid.padded).unwrap();
+        let all = &plan.patches[0];
+        let patches: Vec<Patch> = match picks {
+            Some(k) => k.iter().map(|&k| all[k.min(all.len() - 1)]).collect(),
+            None => all.clone(),
+        };
+        let trim = patches.len() / 2;
+        (
+            Scene::new(spots, &patches, trim, popts.pixpad_frac, seed),
+            psf.hsizey,
+            what,
+        )
+    }
+
+    /// What `cpu::extract_patch` solves for: `x` (fiber-major) and the flux of every core bin
+    /// (`[c·nstep + j]`, all nstep of them, which the model image needs).
+    struct CpuSolution {
+        x: Vec<f64>,
+        flux: Vec<f64>,
+        retried: bool,
+    }
+
+    /// cpu::solve's steps up to the flux, with the CPU's own modules: the same x bit for bit
+    /// as extract_patch, which does not expose it.
+    fn cpu_solve(
+        inp: &PatchInput<'_>,
+        ndiag: usize,
+        reg: f64,
+        eps: f64,
+    ) -> Option<(Vec<f64>, Vec<f64>)> {
+        lapack::single_threaded_blas();
+        let p = inp.patch;
+        let nps = inp.spots.ny * inp.spots.nx;
+        let mut geom = Vec::new();
+        cpu_normal::geometry(inp, &mut geom);
+        let n = geom.len();
+        let (mut pairs, mut rhs, mut fw) = (Vec::new(), vec![0.0; n], vec![0.0; n]);
+        let mut wspot = vec![0.0; n * nps];
+        let kd = cpu_normal::build(
+            inp,
+            &geom,
+            &mut cpu_normal::Normal {
+                pairs: &mut pairs,
+                rhs: &mut rhs,
+                fluxweight: &mut fw,
+                wspot: &mut wspot,
+            },
+        );
+        let mut diag = Vec::new();
+        cpu_normal::regularization(&fw, reg, eps, &mut diag);
+        let nwt = p.nwavetot;
+        let nstep = nwt - 2 * p.wavepad;
+        let layout = decorrelate::Layout {
+            nspecpad: p.nspecpad,
+            nwavetot: nwt,
+            core_fiber: p.core_fiber_offset(),
+            ncore: p.nspec,
+            row_lo: p.wavepad.saturating_sub(ndiag),
+            row_hi: (p.wavepad + nstep + ndiag).min(nwt),
+        };
+        let system = decorrelate::BandSystem {
+            pairs: &pairs,
+            diag: &diag,
+            rhs: &rhs,
+            kd,
+        };
+        let (mut r, mut s) = (Vec::new(), Vec::new());
+        let mut work = decorrelate::DecorrWork::default();
+        let x = work.run(layout, &system, &mut r, &mut s).ok()?.to_vec();
+        let nrow = layout.row_hi - layout.row_lo;
+        let mut flux = vec![0.0; p.nspec * nstep];
+        for c in 0..p.nspec {
+            let f = layout.core_fiber + c;
+            let xf = &x[f * nwt..(f + 1) * nwt];
+            for j in 0..nstep {
+                let ri = p.wavepad + j - layout.row_lo;
+                let row = &r[(c * nrow + ri) * nwt..(c * nrow + ri + 1) * nwt];
+                flux[c * nstep + j] = row.iter().zip(xf).map(|(a, b)| a * b).sum();
+            }
+        }
+        flux.iter().all(|v| v.is_finite()).then_some((x, flux))
+    }
+
+    /// extract_patch's attempts: the options' regularisation with ε = 1e-15, then the retry
+    /// (regularize ≥ 1e-4, ε = 1e-8), as cpu/mod.rs does.
+    fn cpu_solution(inp: &PatchInput<'_>, opts: &ExtractOptions) -> CpuSolution {
+        let tries = [
+            (opts.regularize, 1e-15, false),
+            (opts.regularize.max(1e-4), 1e-8, true),
+        ];
+        for (reg, eps, retried) in tries {
+            if let Some((x, flux)) = cpu_solve(inp, opts.ndiag, reg, eps) {
+                return CpuSolution { x, flux, retried };
+            }
+        }
+        panic!("the CPU cannot solve patch {:?}", inp.patch);
+    }
+
+    /// x of every patch in the batch layout (`[b·nmax + u]`), padding slots NaN, and the model
+    /// image coefficients (core bins' flux at their slots, every other slot NaN): NaN where the
+    /// kernels must not read, so that a stray read poisons an output.
+    fn batch_vectors(
+        layout: &BatchLayout,
+        inputs: &[PatchInput<'_>],
+        sols: &[CpuSolution],
+    ) -> (Vec<f64>, Vec<f64>) {
+        let nmax = layout.nmax;
+        let mut x = vec![f64::NAN; layout.npatch * nmax];
+        let mut coef = vec![f64::NAN; layout.npatch * nmax];
+        for (b, (inp, s)) in inputs.iter().zip(sols).enumerate() {
+            let p = inp.patch;
+            x[b * nmax..b * nmax + s.x.len()].copy_from_slice(&s.x);
+            let nstep = p.nwavetot - 2 * p.wavepad;
+            for c in 0..p.nspec {
+                let u0 = (p.core_fiber_offset() + c) * p.nwavetot + p.wavepad;
+                coef[b * nmax + u0..b * nmax + u0 + nstep]
+                    .copy_from_slice(&s.flux[c * nstep..(c + 1) * nstep]);
+            }
+        }
+        (x, coef)
+    }
+
+    /// Largest |a − b| relative to the largest |b|, and how many elements differ in any bit.
+    #[derive(Debug, Default, Clone, Copy)]
+    struct Diff {
+        rel: f64,
+        differ: usize,
+        count: usize,
+    }
+
+    impl Diff {
+        fn of(a: &[f64], b: &[f64]) -> Diff {
+            assert_eq!(a.len(), b.len());
+            let scale = b
+                .iter()
+                .fold(0.0f64, |m, v| m.max(v.abs()))
+                .max(f64::MIN_POSITIVE);
+            let mut d = Diff {
+                count: a.len(),
+                ..Diff::default()
+            };
+            for (x, y) in a.iter().zip(b) {
+                if x.to_bits() != y.to_bits() {
+                    d.differ += 1;
+                    d.rel = d.rel.max((x - y).abs() / scale);
+                    if x.is_nan() || y.is_nan() {
+                        d.rel = f64::INFINITY;
+                    }
+                }
+            }
+            d
+        }
+
+        fn add(&mut self, o: Diff) {
+            self.rel = self.rel.max(o.rel);
+            self.differ += o.differ;
+            self.count += o.count;
+        }
+    }
+
+    /// The twin against the CPU backend on `scene`: per patch, the model and per-pixel χ²
+    /// against cpu::chi2 for the CPU's own x, chi2pix, pixmask fraction and the model image
+    /// against `extract_patch` itself. Returns the differences [model, χ², chi2pix, pixmask,
+    /// image] and asserts what the scene must exercise.
+    fn compare_twin_with_cpu(scene: &Scene, opts: &ExtractOptions) -> [Diff; 5] {
+        let inputs = scene.inputs();
+        let layout = BatchLayout::new(&inputs).unwrap();
+        let dims = Chi2Layout::new(&inputs, &layout).unwrap();
+        let sols: Vec<CpuSolution> = inputs.iter().map(|i| cpu_solution(i, opts)).collect();
+        let (x, coef) = batch_vectors(&layout, &inputs, &sols);
+        let got = twin(&layout, &dims, &x, opts.psferr);
+        let image = twin_model_image(&layout, &dims, &coef);
+        // Every output written, and nothing read from x's or coef's NaN slots.
+        for (name, v) in [
+            ("model", &got.model),
+            ("chi2", &got.chi2),
+            ("valid", &got.valid),
+            ("chi2pix", &got.chi2pix),
+            ("pixmask", &got.pixmask),
+            ("image", &image),
+        ] {
+            assert!(
+                v.iter().all(|x| x.is_finite()),
+                "{name} has a non-finite value"
+            );
+        }
+        let mut d = [Diff::default(); 5];
+        let (mut cut, mut den_zero, mut partial) = (0, 0, 0);
+        let mut ws = Workspace::default();
+        let mut geom = Vec::new();
+        let (mut m, mut c2, mut val) = (Vec::new(), Vec::new(), Vec::new());
+        for (b, (inp, sol)) in inputs.iter().zip(&sols).enumerate() {
+            let p = inp.patch;
+            let res = extract_patch(inp, opts, &mut ws);
+            assert!(!res.info.failed, "patch {b} failed on the CPU");
+            assert_eq!(res.info.retried, sol.retried, "patch {b}");
+            // The reproduced solve is extract_patch's: its kept flux is the same to the bit.
+            let nstep = p.nwavetot - 2 * p.wavepad;
+            for c in 0..p.nspec {
+                for j in 0..p.nwave_keep {
+                    assert_eq!(
+                        res.flux[[c, j]].to_bits(),
+                        sol.flux[c * nstep + j].to_bits(),
+                        "patch {b} flux ({c}, {j})"
+                    );
+                }
+            }
+            cpu_normal::geometry(inp, &mut geom);
+            cpu_chi2::model(inp, &geom, &sol.x, &mut m);
+            cpu_chi2::pixel_chi2(inp, &m, opts.psferr, &mut c2, &mut val);
+            let off = layout.win_off[b] as usize;
+            let win = off..off + m.len();
+            d[0].add(Diff::of(&got.model[win.clone()], &m));
+            d[1].add(Diff::of(&got.chi2[win.clone()], &c2));
+            d[1].add(Diff::of(&got.valid[win.clone()], &val));
+            let cpu_img = res.model.as_ref().expect("model_image is on");
+            d[4].add(Diff::of(&image[win], cpu_img.as_slice().unwrap()));
+            let mut ours = (Vec::new(), Vec::new());
+            for c in 0..dims.ncmax {
+                for j in 0..dims.nkmax {
+                    let o = dims.slot(b, c, j);
+                    if c < p.nspec && j < p.nwave_keep {
+                        ours.0.push(got.chi2pix[o]);
+                        ours.1.push(got.pixmask[o]);
+                        let g = geom[(p.core_fiber_offset() + c) * p.nwavetot + p.wavepad + j];
+                        cut += usize::from(g.iy0 > 0 || g.iy1 < inp.spots.ny);
+                        let den = cpu_chi2::project(inp, &g, &val);
+                        den_zero += usize::from(den == 0.0 && got.pixmask[o] > 0.5);
+                        partial += usize::from(got.pixmask[o] > 0.0 && got.pixmask[o] < 0.5);
+                    } else {
+                        assert_eq!((got.chi2pix[o], got.pixmask[o]), (0.0, 0.0), "padding slot");
+                    }
+                }
+            }
+            d[2].add(Diff::of(&ours.0, res.chi2pix.as_slice().unwrap()));
+            d[3].add(Diff::of(&ours.1, res.pixmask_fraction.as_slice().unwrap()));
+        }
+        assert!(
+            cut > 0 && den_zero > 0 && partial > 0,
+            "the scene must have cut spots ({cut}), a wholly masked spot ({den_zero}) and \
+             partly masked ones ({partial}) among the outputs"
+        );
+        assert!(
+            layout.n(0) != layout.nmax || inputs.iter().any(|i| i.patch.nunknown() < layout.nmax)
+        );
+        assert!(inputs
+            .iter()
+            .any(|i| i.patch.nwave_keep < i.patch.nwavetot - 2 * i.patch.wavepad));
+        d
+    }
+
+    fn report(what: &str, d: &[Diff; 5]) {
+        let names = ["model", "chi2/valid", "chi2pix", "pixmask", "model image"];
+        let parts: Vec<String> = names
+            .iter()
+            .zip(d)
+            .map(|(n, d)| {
+                format!(
+                    "{n} {}/{} differ (max rel {:.1e})",
+                    d.differ, d.count, d.rel
+                )
+            })
+            .collect();
+        eprintln!("twin vs CPU, {what}: {}", parts.join(", "));
+    }
+
+    #[test]
+    fn twin_matches_the_cpu_backend_bit_for_bit_on_toy_patches() {
+        let scene = toy_scene(11);
+        let opts = ExtractOptions {
+            regularize: 0.0,
+            psferr: 0.01,
+            ndiag: 3,
+            model_image: true,
+        };
+        let d = compare_twin_with_cpu(&scene, &opts);
+        report("toy PSF", &d);
+        // The twin rounds exactly as cpu::chi2 does, in the same order, on the CPU's own x.
+        assert!(d.iter().all(|d| d.differ == 0), "{d:?}");
+    }
+
+    #[test]
+    fn twin_matches_the_cpu_backend_bit_for_bit_on_the_real_psf() {
+        if crate::io::shared_data("psf-r0-00067784.fits").is_none() {
+            eprintln!("skipping: the real PSF is not in ../shared/data");
+            return;
+        }
+        // Bundle-edge subbundles (6 fibers), middle ones (7), the first and last bins.
+        let picks = [0usize, 20, 46, 47 + 23, 2 * 47 + 46, 4 * 47 + 10];
+        let (scene, ndiag, what) = bundle_scene(Some(&picks), 12);
+        assert_eq!(what, "real PSF");
+        let opts = ExtractOptions {
+            regularize: 0.0,
+            psferr: 0.01,
+            ndiag,
+            model_image: true,
+        };
+        let d = compare_twin_with_cpu(&scene, &opts);
+        report("real PSF", &d);
+        assert!(d.iter().all(|d| d.differ == 0), "{d:?}");
+    }
+
+    #[test]
+    fn layout_refuses_mismatched_batches() {
+        let scene = toy_scene(13);
+        let inputs = scene.inputs();
+        let layout = BatchLayout::new(&inputs).unwrap();
+        let err = Chi2Layout::new(&inputs[1..], &layout)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("patches for a layout"), "{err}");
+        // A patch swapped for one of another size no longer matches its slot.
+        let mut other = scene.inputs();
+        let big = (0..other.len())
+            .find(|&k| other[k].patch.nunknown() != other[0].patch.nunknown())
+            .expect("the toy scene mixes patch sizes");
+        other.swap(0, big);
+        let err = Chi2Layout::new(&other, &layout).unwrap_err().to_string();
+        assert!(err.contains("unknowns, its layout slot"), "{err}");
+        let dims = Chi2Layout::new(&inputs, &layout).unwrap();
+        assert_eq!(
+            dims.ncmax,
+            inputs.iter().map(|i| i.patch.nspec).max().unwrap()
+        );
+        assert_eq!(
+            dims.nkmax,
+            inputs.iter().map(|i| i.patch.nwave_keep).max().unwrap()
+        );
+        assert!(dims.smem() <= MAX_DYNAMIC_SMEM);
+    }
+
+    /// chi2.cu on GPU 0 against the twin (≤ 1e-12 relative; the kernels use only explicitly
+    /// rounded IEEE operations in the twin's order, so the expected difference is none), on a
+    /// whole bundle at the real size, outputs poisoned with NaN before each run, and a second
+    /// run giving the same bits (no dependence on scheduling).
+    #[test]
+    fn gpu_matches_the_twin() {
+        if let Err(e) = device::probe() {
+            eprintln!("skipping: no GPU ({e})");
+            return;
+        }
+        let gpu = Gpu::open(0).expect("GPU 0 opens");
+        let kernels = Kernels::load(&gpu).expect("chi2.cu compiles and loads");
+        let (scene, ndiag, what) = bundle_scene(None, 14);
+        let inputs = scene.inputs();
+        let opts = ExtractOptions {
+            regularize: 0.0,
+            psferr: 0.01,
+            ndiag,
+            model_image: true,
+        };
+        let layout = BatchLayout::new(&inputs).unwrap();
+        let dims = Chi2Layout::new(&inputs, &layout).unwrap();
+        assert_eq!(layout.nmax, 7 * 74);
+        let sols: Vec<CpuSolution> = inputs.par_iter().map(|i| cpu_solution(i, &opts)).collect();
+        let (x, coef) = batch_vectors(&layout, &inputs, &sols);
+        let tw = twin(&layout, &dims, &x, opts.psferr);
+        let tw_image = twin_model_image(&layout, &dims, &coef);
+
+        let up = UploadedLayout::upload(&gpu, &layout).unwrap();
+        let buf = up.buffers();
+        let st = &gpu.stream;
+        let xd = st.clone_htod(&x).unwrap();
+        let cd = st.clone_htod(&coef).unwrap();
+        let mut out = Chi2Batch::alloc(&gpu, &dims).unwrap();
+        let mut image = st.alloc_zeros::<f64>(dims.npix).unwrap();
+        let mut runs = Vec::new();
+        for _ in 0..2 {
+            for b in [&mut out.model, &mut out.chi2, &mut out.valid, &mut image] {
+                st.memcpy_htod(&vec![f64::NAN; dims.npix], b).unwrap();
+            }
+            let nslot = dims.npatch * dims.slots();
+            for b in [&mut out.chi2pix, &mut out.pixmask] {
+                st.memcpy_htod(&vec![f64::NAN; nslot], b).unwrap();
+            }
+            launch(&gpu, &kernels, &buf, &dims, &xd, opts.psferr, &mut out).unwrap();
+            launch_model_image(&gpu, &kernels, &buf, &dims, &cd, &mut image).unwrap();
+            let got = out.download(&gpu).unwrap();
+            let img = st.clone_dtoh(&image).unwrap();
+            // The poison and the twin's initial values are the same NaN: require every
+            // element written, so that one left unwritten by both cannot compare equal.
+            for v in [
+                &got.model,
+                &got.chi2,
+                &got.valid,
+                &got.chi2pix,
+                &got.pixmask,
+                &img,
+            ] {
+                assert!(
+                    v.iter().all(|x| x.is_finite()),
+                    "an output was left unwritten"
+                );
+            }
+            let d = [
+                Diff::of(&got.model, &tw.model),
+                {
+                    let mut d = Diff::of(&got.chi2, &tw.chi2);
+                    d.add(Diff::of(&got.valid, &tw.valid));
+                    d
+                },
+                Diff::of(&got.chi2pix, &tw.chi2pix),
+                Diff::of(&got.pixmask, &tw.pixmask),
+                Diff::of(&img, &tw_image),
+            ];
+            eprintln!(
+                "GPU ({}) vs twin, {} patches, {what}, {:.1} M window pixels:",
+                gpu.info.name,
+                inputs.len(),
+                dims.npix as f64 / 1e6
+            );
+            report("GPU", &d);
+            for (k, d) in d.iter().enumerate() {
+                // A NaN (an element left unwritten) makes rel infinite.
+                assert!(d.rel <= 1e-12, "output {k}: {d:?}");
+            }
+            runs.push((got, img));
+        }
+        let ((a, ai), (b, bi)) = (&runs[0], &runs[1]);
+        for (x, y) in [
+            (&a.model, &b.model),
+            (&a.chi2, &b.chi2),
+            (&a.chi2pix, &b.chi2pix),
+            (&a.pixmask, &b.pixmask),
+            (ai, bi),
+        ] {
+            assert_eq!(Diff::of(x, y).differ, 0, "two runs differ");
+        }
+        // The one-call convenience gives the same results.
+        let (once, once_img) = run(&gpu, &inputs, &x, opts.psferr, Some(&coef)).unwrap();
+        assert_eq!(Diff::of(&once.chi2pix, &a.chi2pix).differ, 0);
+        assert_eq!(Diff::of(&once_img.unwrap(), ai).differ, 0);
+    }
+}
