@@ -2,10 +2,12 @@
 //! runs where there is no GPU or no CUDA library, and every library is checked for before use
 //! (cudarc panics on a missing one).
 //!
-//! What exists so far (issue 4, in progress): the kernels' NVRTC compilation with an on-disk
-//! PTX cache (`ptx`), device discovery and binding (`device`). The per-patch kernels and the
-//! `Backend` built on them are being ported; until they are, `--backend gpu` says so and `auto`
-//! uses the CPU.
+//! One module per stage (`spots`, `normal`, `solve`, `decorrelate`, `chi2`), each with its
+//! launcher and a host twin that mirrors the kernel so that its logic is tested against the CPU
+//! backend on machines without a GPU; `backend` chains them into [`backend::GpuBackend`];
+//! `ptx` compiles the embedded kernels with NVRTC and caches the PTX; `device` finds devices,
+//! binds compute ranks to them and resolves `--backend`. No kernel has yet run on a GPU, so
+//! `--backend auto` stays on the CPU and `--backend gpu` is logged as unverified.
 
 pub mod backend;
 pub mod chi2;
