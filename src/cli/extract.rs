@@ -39,7 +39,11 @@ pub fn resolve_config(flags: &ExtractionFlags) -> Result<Config> {
 
 /// Resolves the configuration, then reads the single frame named by `--psf` and `--image`.
 pub fn prepare(flags: &ExtractionFlags, model_image: bool) -> Result<Prepared> {
-    let cfg = resolve_config(flags)?;
+    prepare_with(&resolve_config(flags)?, flags, model_image)
+}
+
+/// [`prepare`] under an already resolved configuration.
+fn prepare_with(cfg: &Config, flags: &ExtractionFlags, model_image: bool) -> Result<Prepared> {
     let psf_path = flags
         .psf
         .as_deref()
@@ -54,7 +58,7 @@ pub fn prepare(flags: &ExtractionFlags, model_image: bool) -> Result<Prepared> {
             .run
             .progress
             .unwrap_or_else(|| std::io::stderr().is_terminal());
-    prepare_frame(&cfg, psf_path, image_path, model_image, progress)
+    prepare_frame(cfg, psf_path, image_path, model_image, progress)
 }
 
 /// Runs the extraction of a prepared frame on `threads` threads, with progress.
@@ -164,22 +168,25 @@ pub fn check_output(path: &Path, overwrite: bool) -> Result<()> {
 /// `spextract extract`: one frame given by `--psf --image --output`, in this process; or many
 /// frames through the pipeline.
 pub fn run(args: &ExtractArgs) -> Result<bool> {
-    let config_frames = !resolve_config(&args.flags)?.frames.is_empty();
-    if args.flags.image.is_some() && args.output.is_some() && !args.select.any() && !config_frames {
-        single(args)?;
+    let cfg = resolve_config(&args.flags)?;
+    if args.flags.image.is_some()
+        && args.output.is_some()
+        && !args.select.any()
+        && cfg.frames.is_empty()
+    {
+        single(args, &cfg)?;
         return Ok(true);
     }
-    many(args)
+    many(args, cfg)
 }
 
 /// Many frames through the pipeline (any number of ranks, or this process alone).
-fn many(args: &ExtractArgs) -> Result<bool> {
+fn many(args: &ExtractArgs, mut cfg: Config) -> Result<bool> {
     use crate::pipeline::frames::{self, FrameJob, OutputState};
     use crate::pipeline::{env, run};
     if args.model_image.is_some() {
         bail!("--model-image is for a single frame (--psf, --image, --output), not a list");
     }
-    let mut cfg = resolve_config(&args.flags)?;
     let (r, rc) = (&args.run, &mut cfg.run);
     rc.backend = r.backend.clone().unwrap_or(rc.backend.clone());
     rc.readers_per_node = r.readers_per_node.unwrap_or(rc.readers_per_node);
@@ -352,20 +359,15 @@ fn choose_backend(requested: &str) -> Result<String> {
     }
 }
 
-fn single(args: &ExtractArgs) -> Result<()> {
+fn single(args: &ExtractArgs, cfg: &Config) -> Result<()> {
     let output = args.output.as_deref().expect("checked by run");
-    let requested = args
-        .run
-        .backend
-        .clone()
-        .unwrap_or(resolve_config(&args.flags)?.run.backend);
-    let backend = choose_backend(&requested)?;
+    let backend = choose_backend(args.run.backend.as_deref().unwrap_or(&cfg.run.backend))?;
     check_output(output, args.overwrite)?;
     if let Some(m) = &args.model_image {
         check_output(m, args.overwrite)?;
     }
     let start = Instant::now();
-    let prep = prepare(&args.flags, args.model_image.is_some())?;
+    let prep = prepare_with(cfg, &args.flags, args.model_image.is_some())?;
     info!(
         "extracting fibers {}..{} on {} bins ({}..{} Å) in {} patches with {} threads",
         prep.plan.specmin,

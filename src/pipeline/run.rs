@@ -60,11 +60,9 @@ pub struct RunOptions {
     pub report: Option<PathBuf>,
 }
 
-/// What a rank does.
+/// What a rank does besides coordinating (world rank 0 always hands out the frames).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Roles {
-    /// Hands out frames (world rank 0).
-    pub coordinator: bool,
     /// Reads and cuts frames.
     pub reader: bool,
     /// Writes frames.
@@ -150,7 +148,6 @@ impl Layout {
     fn roles(&self, rank: usize) -> Roles {
         let node = self.node_of(rank);
         Roles {
-            coordinator: rank == 0,
             reader: self.readers[node].contains(&rank),
             writer: self.writers[node].contains(&rank),
             compute: self.computes[node].contains(&rank),
@@ -1055,7 +1052,6 @@ mod tests {
         assert_eq!(
             l.roles(0),
             Roles {
-                coordinator: true,
                 reader: true,
                 writer: true,
                 compute: true

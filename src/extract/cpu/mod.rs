@@ -1,10 +1,12 @@
 //! The CPU backend: the reference implementation of extraction.md §5, threaded over patches
 //! with rayon while BLAS stays single-threaded.
 
-mod chi2;
-mod decorrelate;
+// The stages are crate-visible so that the GPU backend's tests compare its twins with the
+// CPU's own code rather than a copy.
+pub(crate) mod chi2;
+pub(crate) mod decorrelate;
 pub mod lapack;
-mod normal;
+pub(crate) mod normal;
 pub mod oracle;
 mod simd;
 
@@ -43,7 +45,7 @@ thread_local! {
 /// Regularisation used when a patch's first solve fails (gpu_specter's CPU retry).
 const RETRY_REGULARIZE: f64 = 1e-4;
 /// Diagonal term added on every unknown; the retry adds 1e-8 instead.
-const DIAG_EPSILON: f64 = 1e-15;
+pub(crate) const DIAG_EPSILON: f64 = 1e-15;
 const RETRY_DIAG_EPSILON: f64 = 1e-8;
 
 /// Extracts one patch on the calling thread.

@@ -17,11 +17,8 @@ use super::device::Gpu;
 use super::normal::{self, BatchLayout};
 use super::solve::{self, HostSolve, PatchShape, Solver};
 use super::{chi2, GpuError};
-use crate::extract::cpu::{self, CpuBackend};
+use crate::extract::cpu::{self, CpuBackend, DIAG_EPSILON};
 use crate::extract::{Backend, ExtractError, ExtractOptions, PatchInfo, PatchInput, PatchResult};
-
-/// The diagonal term every unknown gets on the first solve (the CPU backend's).
-const DIAG_EPSILON: f64 = 1e-15;
 
 /// The per-patch outputs of a chain, wherever it ran.
 struct ChainOutputs {
@@ -125,14 +122,6 @@ fn assemble(
                 res.chi2pix[[c, j]] = out.c2.chi2pix[out.dims.slot(b, c, j)];
                 res.pixmask_fraction[[c, j]] = out.c2.pixmask[out.dims.slot(b, c, j)];
             }
-        }
-    }
-    for r in results.iter_mut() {
-        let bad = r.as_ref().is_some_and(|res| {
-            res.flux.iter().any(|v| !v.is_finite()) || res.fluxivar.iter().any(|v| !v.is_finite())
-        });
-        if bad {
-            *r = None;
         }
     }
     results

@@ -891,26 +891,6 @@ pub fn run(
     Ok((out.download(gpu)?, image))
 }
 
-// The CPU backend's own modules, compiled a second time for the tests (they are private to
-// `cpu`), so that the reference is the CPU's exact code, not a copy: `normal` keeps its name
-// because cpu/chi2.rs refers to `super::normal`, and cpu/decorrelate.rs finds `super::lapack`
-// (the CPU's public module, imported here) and `super::simd`.
-#[cfg(test)]
-#[path = "../cpu/chi2.rs"]
-#[allow(clippy::duplicate_mod)]
-mod cpu_chi2;
-#[cfg(test)]
-#[path = "../cpu/decorrelate.rs"]
-#[allow(clippy::duplicate_mod)]
-mod cpu_decorrelate;
-#[cfg(test)]
-#[path = "../cpu/normal.rs"]
-#[allow(clippy::duplicate_mod)] // on purpose: the reference must be the CPU's own code
-mod normal;
-#[cfg(test)]
-#[path = "../cpu/simd.rs"]
-#[allow(clippy::duplicate_mod)]
-mod simd;
 #[cfg(test)]
 use crate::extract::cpu::lapack;
 
@@ -921,8 +901,8 @@ mod tests {
     use rayon::prelude::*;
 
     use super::*;
-    use super::{cpu_chi2, cpu_decorrelate as decorrelate, normal as cpu_normal};
     use crate::extract::cpu::tests::toy_psf;
+    use crate::extract::cpu::{chi2 as cpu_chi2, decorrelate, normal as cpu_normal};
     use crate::extract::cpu::{extract_patch, Workspace};
     use crate::extract::gpu::device;
     use crate::extract::ExtractOptions;

@@ -921,9 +921,7 @@ mod cpu_decorrelate;
 
 /// The CPU path's normal equations (for the systems `cpu_decorrelate` solves).
 #[cfg(test)]
-#[path = "../cpu/normal.rs"]
-#[allow(clippy::duplicate_mod)]
-mod cpu_normal;
+use crate::extract::cpu::normal as cpu_normal;
 
 /// `cpu_decorrelate`'s `super::simd`: the CPU's own file.
 #[cfg(test)]

@@ -576,12 +576,8 @@ pub fn build_into(
     Ok(())
 }
 
-/// The CPU path's module, compiled a second time for the tests: `cpu::normal` is private to the
-/// CPU backend, and this is its exact code, not a copy of it.
 #[cfg(test)]
-#[path = "../cpu/normal.rs"]
-#[allow(clippy::duplicate_mod)] // on purpose: the reference must be the CPU's own code
-mod cpu_normal;
+use crate::extract::cpu::normal as cpu_normal;
 
 #[cfg(test)]
 mod tests {
