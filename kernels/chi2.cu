@@ -5,13 +5,16 @@
 // twin of the three kernels, line for line, so that the indexing and the arithmetic below are
 // tested against the CPU backend on machines without a GPU. Change one, change the other.
 //
-// Inputs: the batch as normal::BatchLayout flattens it (patch, win_off, pix, ivar, spots,
-// spot_off, geom; see kernels/normal.cu), plus per patch b two int4 of sizes:
+// Inputs: the batch as normal::BatchLayout flattens it (patch, win_off, scr_off, pix, ivar,
+// spots, spot_off, geom; see kernels/normal.cu: window b's pixel (r, c) is
+// pix[win_off[b] + r·ld + c], ld = patch[b].w), plus per patch b two int4 of sizes:
 //   dims[2b]   = {nspecpad, nwavetot, core0 (first core fiber among the solved), ncore}
 //   dims[2b+1] = {wavepad, nkeep, nstep, 0}
 // and x[b·nmax + u] (fiber-major u = f·nwavetot + w, the solver's layout).
 // Outputs:
-//   model, chi2, valid: one value per window pixel, windows concatenated as pix is (win_off).
+//   model, chi2, valid: one value per window pixel, windows concatenated and contiguous:
+//                       pixel (r, c) of window b at scr_off[b] + r·wnx + c. (The windows may
+//                       overlap in pix, being cut from one work unit; these are per patch.)
 //   chi2pix, pixmask:   [(b·ncmax + c)·nkmax + j] for core fiber c and kept bin j; the slots
 //                       past a patch's ncore or nkeep are written 0.
 //   image:              core-only model per window pixel (chi2_model_image).
@@ -135,9 +138,10 @@ __device__ __forceinline__ double gather_pixel(
 // at once (uniformly, before any barrier). Every window pixel is in exactly one tile.
 extern "C" __global__ void chi2_pixels(
     int tile_rows, int nmax, int nx, double psferr,
-    const int4* __restrict__ patch,           // [npatch] {n, window ny, window nx, 0}
+    const int4* __restrict__ patch,           // [npatch] {n, window ny, window nx, ld}
     const int4* __restrict__ dims,            // [2·npatch] see the header
     const long long* __restrict__ win_off,    // [npatch]
+    const long long* __restrict__ scr_off,    // [npatch]
     const double* __restrict__ pix,
     const double* __restrict__ ivar,
     const double* __restrict__ spots,
@@ -153,6 +157,7 @@ extern "C" __global__ void chi2_pixels(
     const int n = pb.x;
     const int wny = pb.y;
     const int wnx = pb.z;
+    const int ld = pb.w;
     const int r0 = blockIdx.x * tile_rows;
     if (r0 >= wny) {
         return;
@@ -165,12 +170,14 @@ extern "C" __global__ void chi2_pixels(
     const Tile t = stage_tile(nmax, nx, n, nwt, nsp, 0, nsp, 0, nwt, r0, r1,
                               geom + base, x + base, spot_off + base);
     const long long off = win_off[b];
+    const long long soff = scr_off[b];
     const int npix = (r1 - r0) * wnx;
     for (int k = threadIdx.x; k < npix; k += blockDim.x) {
         const int r = r0 + k / wnx;
         const int c = k - (k / wnx) * wnx;
         const double m = gather_pixel(t, r, c, nwt, 0, nsp, nx, spots);
-        const long long p = off + (long long)r * wnx + c;
+        const long long p = off + (long long)r * ld + c;
+        const long long q = soff + (long long)r * wnx + c;
         const double w = ivar[p];
         // gpu_specter's CPU path: modelivar = (psferr·model + 1e-32)⁻², totivar = 1/(1/modelivar
         // + 1/ivar) where both are positive, else 0.
@@ -181,9 +188,9 @@ extern "C" __global__ void chi2_pixels(
             tot = __ddiv_rn(1.0, __dadd_rn(__ddiv_rn(1.0, modelivar), __ddiv_rn(1.0, w)));
         }
         const double dd = __dsub_rn(pix[p], m);
-        model[p] = m;
-        chi2[p] = __dmul_rn(__dmul_rn(dd, dd), tot);
-        valid[p] = (tot > 0.0) ? 1.0 : 0.0;
+        model[q] = m;
+        chi2[q] = __dmul_rn(__dmul_rn(dd, dd), tot);
+        valid[q] = (tot > 0.0) ? 1.0 : 0.0;
     }
 }
 
@@ -199,6 +206,7 @@ extern "C" __global__ void chi2_project(
     const int4* __restrict__ patch,
     const int4* __restrict__ dims,
     const long long* __restrict__ win_off,
+    const long long* __restrict__ scr_off,
     const double* __restrict__ ivar,
     const double* __restrict__ spots,
     const long long* __restrict__ spot_off,
@@ -232,22 +240,24 @@ extern "C" __global__ void chi2_project(
     const SpotGeom g = unpack_geom(geom[slot]);
     const double* s = spots + spot_off[slot];
     const int wnx = patch[b].z;
+    const int ld = patch[b].w;
     const long long off = win_off[b];
+    const long long soff = scr_off[b];
     double pm = 0.0;
     double num = 0.0;
     double den = 0.0;
     for (int iy = g.iy0; iy < g.iy1; ++iy) {
-        const long long row = off + (long long)(g.row0 + iy) * wnx + g.col0;
+        const long long row = off + (long long)(g.row0 + iy) * ld + g.col0;
+        const long long srow = soff + (long long)(g.row0 + iy) * wnx + g.col0;
         double rp = 0.0;
         double rn = 0.0;
         double rd = 0.0;
         for (int ix = 0; ix < nx; ++ix) {
             const double sv = s[iy * nx + ix];
-            const long long p = row + ix;
-            const double masked = (ivar[p] == 0.0) ? 1.0 : 0.0;
+            const double masked = (ivar[row + ix] == 0.0) ? 1.0 : 0.0;
             rp = __dadd_rn(rp, __dmul_rn(sv, masked));
-            rn = __dadd_rn(rn, __dmul_rn(sv, chi2[p]));
-            rd = __dadd_rn(rd, __dmul_rn(sv, valid[p]));
+            rn = __dadd_rn(rn, __dmul_rn(sv, chi2[srow + ix]));
+            rd = __dadd_rn(rd, __dmul_rn(sv, valid[srow + ix]));
         }
         pm = __dadd_rn(pm, rp);
         num = __dadd_rn(num, rn);
@@ -266,7 +276,7 @@ extern "C" __global__ void chi2_model_image(
     int tile_rows, int nmax, int nx,
     const int4* __restrict__ patch,
     const int4* __restrict__ dims,
-    const long long* __restrict__ win_off,
+    const long long* __restrict__ scr_off,
     const double* __restrict__ spots,
     const long long* __restrict__ spot_off,
     const int4* __restrict__ geom,
@@ -294,11 +304,11 @@ extern "C" __global__ void chi2_model_image(
     const long long base = (long long)b * nmax;
     const Tile t = stage_tile(nmax, nx, n, nwt, nsp, flo, fhi, blo, bhi, r0, r1,
                               geom + base, coef + base, spot_off + base);
-    const long long off = win_off[b];
+    const long long soff = scr_off[b];
     const int npix = (r1 - r0) * wnx;
     for (int k = threadIdx.x; k < npix; k += blockDim.x) {
         const int r = r0 + k / wnx;
         const int c = k - (k / wnx) * wnx;
-        image[off + (long long)r * wnx + c] = gather_pixel(t, r, c, nwt, flo, fhi, nx, spots);
+        image[soff + (long long)r * wnx + c] = gather_pixel(t, r, c, nwt, flo, fhi, nx, spots);
     }
 }

@@ -7,6 +7,8 @@
 // machines without a GPU. Change one, change the other.
 //
 // Layout (b = patch, u, v = unknowns, nmax = the largest n of the batch):
+//   window b's pixel (r, c) is pix[win_off[b] + r·ld + c], ld = patch[b].w: the windows
+//   concatenated (ld = window width) or one work unit's pixels that every window is cut from.
 //   ata[(b·nmax + u)·nmax + v]  = (AᵀWA)[v, u]; column-major, both triangles.
 //   atp[b·nmax + u], atw1[b·nmax + u].
 //   Unknowns u ≥ n_b of a smaller patch are padding: identity column, atp = atw1 = 0, so that
@@ -28,9 +30,9 @@
 // the kernel free of cross-block dependencies; the pair work is small beside the nmax² stores.
 extern "C" __global__ void normal_dense(
     int nmax, int ny, int nx,
-    const int4* __restrict__ patch,           // [npatch] {n, window ny, window nx, 0}
+    const int4* __restrict__ patch,           // [npatch] {n, window ny, window nx, ld}
     const long long* __restrict__ win_off,    // [npatch] offset of the window in pix/ivar
-    const double* __restrict__ pix,           // concatenated windows, row-major each
+    const double* __restrict__ pix,           // windows, row-major, rows ld apart
     const double* __restrict__ ivar,
     const double* __restrict__ spots,         // the batch's spots, ny·nx each, row-major
     const long long* __restrict__ spot_off,   // [npatch·nmax] offset of unknown u's spot
@@ -44,7 +46,7 @@ extern "C" __global__ void normal_dense(
     const int b = blockIdx.y;
     const int4 pb = patch[b];
     const int n = pb.x;
-    const int wnx = pb.z;
+    const int ld = pb.w;
     const long long base = (long long)b * nmax;
     double* col = ata + (base + u) * nmax;
     if (u >= n) {
@@ -71,7 +73,7 @@ extern "C" __global__ void normal_dense(
         double a = 0.0;
         if (v < n) {
             const SpotGeom gv = unpack_geom(geom[base + v]);
-            a = pair_sum(su, spots + spot_off[base + v], gu, gv, ny, nx, W, wnx);
+            a = pair_sum(su, spots + spot_off[base + v], gu, gv, ny, nx, W, ld);
         }
         col[v] = a;
     }
@@ -79,7 +81,7 @@ extern "C" __global__ void normal_dense(
         double rhs = 0.0;
         double fw = 0.0;
         for (int iy = gu.iy0; iy < gu.iy1; ++iy) {
-            const long long r = (long long)(gu.row0 + iy) * wnx + gu.col0;
+            const long long r = (long long)(gu.row0 + iy) * ld + gu.col0;
             for (int ix = 0; ix < nx; ++ix) {
                 const double ws = __dmul_rn(su[iy * nx + ix], W[r + ix]);
                 rhs = fma(ws, P[r + ix], rhs);

@@ -24,12 +24,12 @@ __device__ __forceinline__ SpotGeom unpack_geom(int4 g)
 }
 
 // Σ su·sv·w over the pixels where both spots lie in the window (W: the window's ivar, row
-// stride wnx). Spots more than a spot apart share no pixel and give exactly 0 without a visit.
+// stride ld). Spots more than a spot apart share no pixel and give exactly 0 without a visit.
 // The two spot values are multiplied first and the overlap is walked in window row-major
 // order, so swapping u and v gives the bit-identical sum.
 __device__ __forceinline__ double pair_sum(
     const double* su, const double* __restrict__ sv, SpotGeom gu, SpotGeom gv,
-    int ny, int nx, const double* __restrict__ W, int wnx)
+    int ny, int nx, const double* __restrict__ W, int ld)
 {
     const int dy = gv.row0 - gu.row0;
     const int dx = gv.col0 - gu.col0;
@@ -45,7 +45,7 @@ __device__ __forceinline__ double pair_sum(
     for (int r = rlo; r < rhi; ++r) {
         const int ru = (r - gu.row0) * nx - gu.col0;
         const int rv = (r - gv.row0) * nx - gv.col0;
-        const long long rw = (long long)r * wnx;
+        const long long rw = (long long)r * ld;
         for (int c = clo; c < chi; ++c) {
             acc = fma(__dmul_rn(su[ru + c], sv[rv + c]), W[rw + c], acc);
         }

@@ -74,11 +74,14 @@ started=$(date +%s)
 # GPU and none on another.
 # --cpus-per-task is given to srun again because Slurm 22.05 and later no longer pass sbatch's
 # value on to srun; --cpu-bind=cores then pins each rank to cores of its own.
+# --unit-bundles 10: a GPU rank extracts a work unit as few batches as its memory allows, and a
+# unit of half a frame (10 of its 20 bundles) fills an 80 GB GPU; the CPU default of 2 would
+# leave it idle between small batches. Two units per frame keep the reader's cut overlapping.
 rc=0
 srun --cpu-bind=cores --cpus-per-task="$SLURM_CPUS_PER_TASK" --gpu-bind=none \
     "$SPEXTRACT" extract --frames "$FRAMES" ${CONFIG:+--config "$CONFIG"} \
     --threads "$SLURM_CPUS_PER_TASK" --readers-per-node 1 --writers-per-node 1 --prefetch 2 \
-    --backend gpu --report "$REPORT" --label "$LABEL" --log-dir "$OUTDIR/logs-$SLURM_JOB_ID" ||
+    --unit-bundles 10 --backend gpu --report "$REPORT" --label "$LABEL" --log-dir "$OUTDIR/logs-$SLURM_JOB_ID" ||
     rc=$?
 
 if [ -f "$REPORT" ] && [ "$(stat -c %Y "$REPORT")" -ge "$started" ] &&

@@ -10,6 +10,7 @@ use clap::Args;
 use super::extract::{prepare, run_extraction};
 use super::ExtractionFlags;
 use crate::extract::cpu::oracle;
+use crate::extract::gpu::cost;
 use crate::extract::PatchInput;
 use crate::patch::pixels;
 use crate::psf::spots;
@@ -33,6 +34,12 @@ pub struct BenchArgs {
 }
 
 pub use crate::pipeline::report::peak_rss_mib;
+
+/// The node the benchmark runs on, for frames per node-hour.
+struct Node {
+    cores: usize,
+    gpus: usize,
+}
 
 /// `spextract bench`.
 pub fn run(args: &BenchArgs) -> Result<()> {
@@ -60,19 +67,42 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     );
     println!("|---|---|---|---|---|---|---|---|---|");
     let mut one_thread = None;
+    // Per backend: the best frame time per core or per GPU used (a node-hour holds
+    // cores / threads CPU runs side by side, or one run per GPU).
     let mut best: Vec<(String, f64)> = Vec::new();
+    let mut best_node: Vec<(String, f64)> = Vec::new();
+    let mut gpu_stages: Vec<(&'static str, f64)> = Vec::new();
+    let mut gpu_bundles = 1;
+    let node = Node {
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        gpus: crate::extract::gpu::device::probe().map_or(0, |d| d.len()),
+    };
     for name in &args.backend {
         // Opening the GPU (and compiling its kernels on first use) is not part of the timing.
         let mut engine = crate::extract::gpu::device::backend_for(name, 0)?;
+        // The GPU runs the frame twice at the first thread count: the first run pays for the
+        // libraries' lazy set-up and the memory pool's growth, the second is the steady state.
         let counts: Vec<usize> = if name == "gpu" {
-            args.thread_counts.iter().take(1).copied().collect()
+            let first = args.thread_counts.first().copied().unwrap_or(1);
+            vec![first, first]
         } else {
             args.thread_counts.clone()
         };
-        for threads in counts {
+        for (run, threads) in counts.into_iter().enumerate() {
+            engine.take_stage_times();
             let t = Instant::now();
             let res = run_extraction(&prep, threads.max(1), false, engine.as_mut())?;
             let wall = t.elapsed().as_secs_f64();
+            let stages = engine.take_stage_times();
+            if name == "gpu" && run == 1 {
+                gpu_stages = stages;
+                gpu_bundles = engine.bundles_per_batch();
+            }
+            let name = if name == "gpu" && run == 0 {
+                "gpu (first run)"
+            } else {
+                name.as_str()
+            };
             if threads == 1 && name == "cpu" {
                 one_thread = Some(wall);
             }
@@ -92,9 +122,67 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             let per_frame = wall * full;
             match best.iter_mut().find(|(n, _)| n == name) {
                 Some((_, b)) => *b = b.min(per_frame),
-                None => best.push((name.clone(), per_frame)),
+                None => best.push((name.to_string(), per_frame)),
+            }
+            // Frames per node-hour: a CPU node runs cores / threads frames at once, a GPU
+            // node one per GPU.
+            let side_by_side = if name == "cpu" {
+                node.cores as f64 / threads.max(1) as f64
+            } else {
+                node.gpus.max(1) as f64
+            };
+            let per_node_hour = 3600.0 / per_frame * side_by_side;
+            match best_node.iter_mut().find(|(n, _)| n == name) {
+                Some((_, b)) => *b = b.max(per_node_hour),
+                None => best_node.push((name.to_string(), per_node_hour)),
             }
         }
+    }
+    if !gpu_stages.is_empty() {
+        let total: f64 = gpu_stages.iter().map(|(_, s)| s).sum();
+        println!("GPU time per stage, steady-state run (CUDA events on the stream):");
+        println!("| stage | GPU s | share |");
+        println!("|---|---|---|");
+        for (stage, secs) in &gpu_stages {
+            println!(
+                "| {stage} | {secs:.3} | {:.1} % |",
+                100.0 * secs / total.max(1e-12)
+            );
+        }
+        println!("| all | {total:.3} | |");
+        // The same stages against the floor the card's FP64 rate and bandwidths set for this
+        // frame (BENCHMARKS.md, "the floor an H100 sets").
+        let device = crate::extract::gpu::device::probe()
+            .ok()
+            .and_then(|d| d.first().map(|d| d.name.clone()))
+            .unwrap_or_default();
+        match cost::CardPeak::from_device_name(&device) {
+            Some(card) => {
+                let shape = cost::FrameShape::of_plan(
+                    &prep.psf,
+                    &prep.plan,
+                    &prep.grid,
+                    prep.patch.pixpad_frac,
+                    prep.opts.ndiag,
+                    gpu_bundles,
+                )?;
+                let costs = cost::frame_costs(&shape);
+                println!("{}", cost::render_table(&costs, &card, &gpu_stages));
+            }
+            None => println!("no peak figures for {device:?}: floor table skipped"),
+        }
+    }
+    for (name, fph) in &best_node {
+        println!(
+            "{name}: {fph:.0} frames per node-hour on this node ({} cores, {} GPUs)",
+            node.cores, node.gpus
+        );
+    }
+    if let (Some((_, cpu)), Some((_, gpu))) = (
+        best_node.iter().find(|(n, _)| n == "cpu"),
+        best_node.iter().find(|(n, _)| n == "gpu"),
+    ) {
+        println!("per node-hour: gpu {:.1}x cpu", gpu / cpu);
     }
     if let (Some((_, cpu)), Some((_, gpu))) = (
         best.iter().find(|(n, _)| n == "cpu"),

@@ -84,17 +84,17 @@ pub fn run_extraction(
         bar
     });
     let nbundle = prep.plan.bundles.len();
-    let mut bundles_done = 0;
     let start = Instant::now();
+    // Called per batch: one bundle on the CPU, several on a GPU.
     let mut report = |done: usize, total: usize| {
-        bundles_done += 1;
+        let bundles = nbundle * done / total.max(1);
         match &bar {
             Some(bar) => {
                 bar.set_position(done as u64);
-                bar.set_message(format!("bundle {bundles_done}/{nbundle}"));
+                bar.set_message(format!("{bundles}/{nbundle} bundles"));
             }
             None => info!(
-                "bundle {bundles_done}/{nbundle}: {done}/{total} patches, {:.1} patches/s",
+                "{bundles}/{nbundle} bundles: {done}/{total} patches, {:.1} patches/s",
                 done as f64 / start.elapsed().as_secs_f64().max(1e-9)
             ),
         }

@@ -10,7 +10,7 @@ pub mod gpu;
 use ndarray::{Array2, Array3, ArrayView2};
 
 use crate::patch::{Patch, PixelWindow};
-use crate::psf::SpotSet;
+use crate::psf::{Psf, PsfError, SpotSet};
 
 /// Options of the per-patch mathematics.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -124,6 +124,9 @@ impl PatchResult {
 /// Errors a backend reports: device, configuration or resource faults, not bad patches.
 #[derive(Debug, thiserror::Error)]
 pub enum ExtractError {
+    /// The PSF cannot give the spots asked for.
+    #[error(transparent)]
+    Psf(#[from] PsfError),
     /// The backend could not be set up or run.
     #[error("{backend} backend: {msg}")]
     Backend {
@@ -156,4 +159,43 @@ pub trait Backend: Send {
         batch: &[PatchInput<'_>],
         opts: &ExtractOptions,
     ) -> Result<Vec<PatchResult>, ExtractError>;
+
+    /// Evaluates the spots of PSF fibers `fibermin .. fibermin + nfiber` at `waves` into
+    /// `set`, for the batches that follow. A device backend may evaluate them there and leave
+    /// the values there (`set.values` empty, the geometry on the host): such a set is good for
+    /// that backend's batches only, until its next call.
+    fn evaluate_spots(
+        &mut self,
+        psf: &Psf,
+        fibermin: usize,
+        nfiber: usize,
+        waves: &[f64],
+        set: &mut SpotSet,
+    ) -> Result<(), ExtractError> {
+        Ok(crate::psf::spots::evaluate_into(
+            psf, fibermin, nfiber, waves, set,
+        )?)
+    }
+
+    /// The pixels that the windows of the coming batches are cut from (a work unit's, or the
+    /// CCD's): a device backend copies them once here instead of once per patch.
+    fn load_pixels(
+        &mut self,
+        _pix: ArrayView2<'_, f64>,
+        _ivar: ArrayView2<'_, f64>,
+    ) -> Result<(), ExtractError> {
+        Ok(())
+    }
+
+    /// How many bundles' patches this backend takes per batch: one on the CPU, whose threads
+    /// share a batch; as many as fill a GPU.
+    fn bundles_per_batch(&self) -> usize {
+        1
+    }
+
+    /// Device seconds per stage since the last call, for `bench` (none on the CPU, whose
+    /// stages the frame's own timings cover).
+    fn take_stage_times(&mut self) -> Vec<(&'static str, f64)> {
+        Vec::new()
+    }
 }

@@ -211,19 +211,22 @@ pub fn extract_bundles(
         .sum();
     let mut done = 0;
     let mut spots = spots::evaluate(psf, 0, 0, &[])?;
-    for patches in &plan.patches[work.bundles.clone()] {
+    backend.load_pixels(region.pix, region.ivar)?;
+    let per_batch = backend.bundles_per_batch().max(1);
+    for group in plan.patches[work.bundles.clone()].chunks(per_batch) {
+        let patches: Vec<_> = group.iter().flatten().copied().collect();
         if patches.is_empty() {
             continue;
         }
         let t0 = Instant::now();
-        let (fmin, nfib) = plan::fiber_span(patches);
+        let (fmin, nfib) = plan::fiber_span(&patches);
         psf_holds("the patches need", fmin, nfib)?;
-        spots::evaluate_into(psf, fmin - psf_fiber0, nfib, &grid.padded, &mut spots)?;
+        backend.evaluate_spots(psf, fmin - psf_fiber0, nfib, &grid.padded, &mut spots)?;
         // Spot fibers are frame fibers from here on, as the patches count them.
         spots.grid.fibermin = fmin;
         let t1 = Instant::now();
         let mut inputs = Vec::with_capacity(patches.len());
-        for p in patches {
+        for p in &patches {
             let window = pixels::window(p, &spots, work.pixpad_frac);
             if !window.on_ccd(psf.npix_y, psf.npix_x) {
                 out.stats.dropped += 1;
@@ -367,5 +370,130 @@ pub fn median(values: impl Iterator<Item = f64>) -> f64 {
         v[n / 2]
     } else {
         0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::extract::cpu::{tests::toy_psf, CpuBackend};
+    use crate::extract::PatchResult;
+    use crate::patch::PatchOptions;
+    use crate::psf::SpotSet;
+
+    /// The CPU backend taking `per_batch` bundles at a time, as a GPU does, and recording
+    /// the calls it gets.
+    struct Grouped {
+        per_batch: usize,
+        batches: Vec<usize>,
+        loads: usize,
+        spot_sets: Vec<usize>,
+    }
+
+    impl Backend for Grouped {
+        fn name(&self) -> &'static str {
+            "grouped"
+        }
+
+        fn extract_batch(
+            &mut self,
+            batch: &[PatchInput<'_>],
+            opts: &ExtractOptions,
+        ) -> Result<Vec<PatchResult>, ExtractError> {
+            self.batches.push(batch.len());
+            CpuBackend.extract_batch(batch, opts)
+        }
+
+        fn evaluate_spots(
+            &mut self,
+            psf: &Psf,
+            fibermin: usize,
+            nfiber: usize,
+            waves: &[f64],
+            set: &mut SpotSet,
+        ) -> Result<(), ExtractError> {
+            self.spot_sets.push(nfiber);
+            Ok(spots::evaluate_into(psf, fibermin, nfiber, waves, set)?)
+        }
+
+        fn load_pixels(
+            &mut self,
+            _pix: ArrayView2<'_, f64>,
+            _ivar: ArrayView2<'_, f64>,
+        ) -> Result<(), ExtractError> {
+            self.loads += 1;
+            Ok(())
+        }
+
+        fn bundles_per_batch(&self) -> usize {
+            self.per_batch
+        }
+    }
+
+    /// A backend that takes several bundles per batch (one spot set for all of them, the
+    /// pixels announced once) gives the frame of one bundle per batch, bit for bit.
+    #[test]
+    fn bundles_grouped_per_batch_give_the_same_frame() {
+        let psf = toy_psf(20, 3);
+        let popts = PatchOptions {
+            bundlesize: 5,
+            nsubbundles: 1,
+            nwavestep: 20,
+            ..PatchOptions::default()
+        };
+        let grid = WaveGrid::new(5200.0, 5300.0, 1.0, &popts).unwrap();
+        let plan = Plan::new(0, 20, grid.wave.len(), psf.nfiber(), &popts);
+        assert_eq!(plan.bundles.len(), 4);
+        let (ny, nx) = (psf.npix_y, psf.npix_x);
+        let pix = Array2::from_shape_fn((ny, nx), |(r, c)| 10.0 + ((r * 7 + c * 3) % 11) as f64);
+        let ivar =
+            Array2::from_shape_fn((ny, nx), |(r, c)| if (r + c) % 53 == 0 { 0.0 } else { 1.0 });
+        let opts = ExtractOptions {
+            regularize: 0.0,
+            psferr: 0.01,
+            ndiag: psf.hsizey,
+            model_image: false,
+        };
+        let run = |backend: &mut dyn Backend| {
+            extract_frame(
+                &psf,
+                pix.view(),
+                ivar.view(),
+                &grid,
+                &plan,
+                popts.pixpad_frac,
+                &opts,
+                backend,
+                &mut |_, _| {},
+            )
+            .unwrap()
+        };
+        let one = run(&mut CpuBackend);
+        let mut grouped = Grouped {
+            per_batch: 3,
+            batches: Vec::new(),
+            loads: 0,
+            spot_sets: Vec::new(),
+        };
+        let three = run(&mut grouped);
+        assert_eq!(grouped.loads, 1);
+        assert_eq!(grouped.spot_sets.len(), 2, "bundles 0-2, then 3");
+        assert_eq!(grouped.batches.len(), 2);
+        assert_eq!(
+            grouped.batches.iter().sum::<usize>() + three.stats.dropped,
+            plan.npatch()
+        );
+        let bits = |a: &Array2<f64>| a.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&one.flux), bits(&three.flux));
+        assert_eq!(bits(&one.ivar), bits(&three.ivar));
+        assert_eq!(bits(&one.chi2pix), bits(&three.chi2pix));
+        assert_eq!(bits(&one.pixmask_fraction), bits(&three.pixmask_fraction));
+        assert_eq!(one.nodata, three.nodata);
+        assert!(one
+            .resolution
+            .iter()
+            .zip(&three.resolution)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+        assert!(one.flux.iter().any(|&f| f != 0.0));
     }
 }

@@ -23,7 +23,7 @@
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::device::Gpu;
-use super::normal::BatchLayout;
+use super::normal::{BatchLayout, LayoutBuffers, OnDevice, UploadedLayout};
 use super::GpuError;
 use crate::extract::PatchInput;
 
@@ -61,7 +61,7 @@ pub struct Chi2Layout {
     pub npatch: usize,
     /// Unknown slots per patch, as in the layout.
     pub nmax: usize,
-    /// Window pixels of the whole batch (`BatchLayout::pix.len()`).
+    /// Window pixels of the whole batch (`BatchLayout::npix`).
     pub npix: usize,
     /// The largest core-fiber count: chi2pix rows per patch.
     pub ncmax: usize,
@@ -146,7 +146,7 @@ impl Chi2Layout {
             nspmax = nspmax.max(p.nspecpad);
             max_wny = max_wny.max(layout.patch[4 * b + 1] as usize);
         }
-        if ncmax == 0 || nkmax == 0 || layout.pix.is_empty() {
+        if ncmax == 0 || nkmax == 0 || layout.npix == 0 {
             // CUDA refuses zero-byte allocations (and empty grids), and there would be nothing
             // to compute.
             return Err(bad(
@@ -159,7 +159,7 @@ impl Chi2Layout {
         Ok(Chi2Layout {
             npatch: layout.npatch,
             nmax: layout.nmax,
-            npix: layout.pix.len(),
+            npix: layout.npix,
             ncmax,
             nkmax,
             nspmax,
@@ -378,12 +378,14 @@ fn twin_pixels_block(
     let base = b * l.nmax;
     let all = (0, d.nsp);
     let span = twin_stage(l, base, d, all, (0, d.nwt), r0, r1);
-    let off = l.win_off[b];
+    let (off, soff) = (l.win_off[b], l.scr_off[b]);
+    let ld = l.patch[4 * b + 3] as i64;
     // Thread k's pixels (threads stride over the tile; each pixel is independent).
     for k in 0..(r1 - r0) * wnx {
         let (r, c) = (r0 + k / wnx, k % wnx);
         let m = twin_gather(l, base, &span, x, r, c, d.nwt, all);
-        let p = (off + r * wnx + c) as usize;
+        let p = (off + r * ld + c) as usize;
+        let q = (soff + r * wnx + c) as usize;
         let w = l.ivar[p];
         let tm = psferr * m + 1e-32;
         let modelivar = 1.0 / (tm * tm);
@@ -393,9 +395,9 @@ fn twin_pixels_block(
             0.0
         };
         let dd = l.pix[p] - m;
-        out.model[p] = m;
-        out.chi2[p] = dd * dd * tot;
-        out.valid[p] = if tot > 0.0 { 1.0 } else { 0.0 };
+        out.model[q] = m;
+        out.chi2[q] = dd * dd * tot;
+        out.valid[q] = if tot > 0.0 { 1.0 } else { 0.0 };
     }
 }
 
@@ -412,20 +414,20 @@ fn twin_project_thread(l: &BatchLayout, dims: &Chi2Layout, b: usize, t: usize, o
     let slot = b * l.nmax + (d.core0 + c) * d.nwt + d.wavepad + j;
     let g = geom_of(l, slot);
     let s = &l.spots[l.spot_off[slot] as usize..];
-    let wnx = l.patch[4 * b + 2] as i64;
-    let off = l.win_off[b];
+    let (wnx, ld) = (l.patch[4 * b + 2] as i64, l.patch[4 * b + 3] as i64);
+    let (off, soff) = (l.win_off[b], l.scr_off[b]);
     let nx = l.nx;
     let (mut pm, mut num, mut den) = (0.0f64, 0.0f64, 0.0f64);
     for iy in g.iy0..g.iy1 {
-        let row = (off + (g.row0 + iy) * wnx + g.col0) as usize;
+        let row = (off + (g.row0 + iy) * ld + g.col0) as usize;
+        let srow = (soff + (g.row0 + iy) * wnx + g.col0) as usize;
         let (mut rp, mut rn, mut rd) = (0.0f64, 0.0f64, 0.0f64);
         for ix in 0..nx {
             let sv = s[iy as usize * nx + ix];
-            let p = row + ix;
-            let masked = if l.ivar[p] == 0.0 { 1.0 } else { 0.0 };
+            let masked = if l.ivar[row + ix] == 0.0 { 1.0 } else { 0.0 };
             rp += sv * masked;
-            rn += sv * out.chi2[p];
-            rd += sv * out.valid[p];
+            rn += sv * out.chi2[srow + ix];
+            rd += sv * out.valid[srow + ix];
         }
         pm += rp;
         num += rn;
@@ -457,7 +459,7 @@ pub fn twin_model_image(layout: &BatchLayout, dims: &Chi2Layout, coef: &[f64]) -
             let span = twin_stage(l, base, d, fibers, bins, r0, r1);
             for k in 0..(r1 - r0) * wnx {
                 let (r, c) = (r0 + k / wnx, k % wnx);
-                image[(l.win_off[b] + r * wnx + c) as usize] =
+                image[(l.scr_off[b] + r * wnx + c) as usize] =
                     twin_gather(l, base, &span, coef, r, c, d.nwt, fibers);
             }
         }
@@ -486,139 +488,6 @@ impl Kernels {
             project: get("chi2_project")?,
             image: get("chi2_model_image")?,
         })
-    }
-}
-
-/// A [`BatchLayout`]'s arrays on the device, borrowed from whichever stage uploaded them.
-pub struct LayoutBuffers<'a> {
-    npatch: usize,
-    nmax: usize,
-    nx: usize,
-    npix: usize,
-    sizes: Vec<i32>,
-    patch: &'a CudaSlice<i32>,
-    win_off: &'a CudaSlice<i64>,
-    pix: &'a CudaSlice<f64>,
-    ivar: &'a CudaSlice<f64>,
-    spots: &'a CudaSlice<f64>,
-    spot_off: &'a CudaSlice<i64>,
-    geom: &'a CudaSlice<i32>,
-}
-
-impl<'a> LayoutBuffers<'a> {
-    /// Borrows the device copies of `layout`'s arrays (same names), checking their lengths.
-    ///
-    /// # Safety
-    /// Each buffer must hold exactly the contents of `layout`'s array of the same name (as
-    /// uploaded by `clone_htod`): the kernels index the spots and windows through the offsets
-    /// and geometry stored there, trusting the bounds [`BatchLayout::new`] established.
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn from_parts(
-        layout: &BatchLayout,
-        patch: &'a CudaSlice<i32>,
-        win_off: &'a CudaSlice<i64>,
-        pix: &'a CudaSlice<f64>,
-        ivar: &'a CudaSlice<f64>,
-        spots: &'a CudaSlice<f64>,
-        spot_off: &'a CudaSlice<i64>,
-        geom: &'a CudaSlice<i32>,
-    ) -> Result<LayoutBuffers<'a>, GpuError> {
-        let l = layout;
-        let lengths = [
-            (patch.len(), l.patch.len()),
-            (win_off.len(), l.win_off.len()),
-            (pix.len(), l.pix.len()),
-            (ivar.len(), l.ivar.len()),
-            (spots.len(), l.spots.len()),
-            (spot_off.len(), l.spot_off.len()),
-            (geom.len(), l.geom.len()),
-        ];
-        if lengths.iter().any(|(have, want)| have != want) {
-            return Err(bad(format!(
-                "device buffers disagree with the layout: (length, expected) {lengths:?}"
-            )));
-        }
-        Ok(LayoutBuffers {
-            npatch: l.npatch,
-            nmax: l.nmax,
-            nx: l.nx,
-            npix: l.pix.len(),
-            sizes: l.patch.clone(),
-            patch,
-            win_off,
-            pix,
-            ivar,
-            spots,
-            spot_off,
-            geom,
-        })
-    }
-}
-
-/// A [`BatchLayout`] uploaded by this module (tests, or a caller with no upload of its own).
-pub struct UploadedLayout {
-    layout_patch: Vec<i32>,
-    npatch: usize,
-    nmax: usize,
-    nx: usize,
-    patch: CudaSlice<i32>,
-    win_off: CudaSlice<i64>,
-    pix: CudaSlice<f64>,
-    ivar: CudaSlice<f64>,
-    spots: CudaSlice<f64>,
-    spot_off: CudaSlice<i64>,
-    geom: CudaSlice<i32>,
-}
-
-impl UploadedLayout {
-    /// Copies `layout`'s arrays to the device.
-    pub fn upload(gpu: &Gpu, layout: &BatchLayout) -> Result<UploadedLayout, GpuError> {
-        let st = &gpu.stream;
-        Ok(UploadedLayout {
-            layout_patch: layout.patch.clone(),
-            npatch: layout.npatch,
-            nmax: layout.nmax,
-            nx: layout.nx,
-            patch: st
-                .clone_htod(&layout.patch)
-                .map_err(cuda("uploading patch sizes"))?,
-            win_off: st
-                .clone_htod(&layout.win_off)
-                .map_err(cuda("uploading window offsets"))?,
-            pix: st
-                .clone_htod(&layout.pix)
-                .map_err(cuda("uploading pixels"))?,
-            ivar: st
-                .clone_htod(&layout.ivar)
-                .map_err(cuda("uploading ivar"))?,
-            spots: st
-                .clone_htod(&layout.spots)
-                .map_err(cuda("uploading spots"))?,
-            spot_off: st
-                .clone_htod(&layout.spot_off)
-                .map_err(cuda("uploading spot offsets"))?,
-            geom: st
-                .clone_htod(&layout.geom)
-                .map_err(cuda("uploading spot geometry"))?,
-        })
-    }
-
-    /// The buffers as the launchers take them.
-    pub fn buffers(&self) -> LayoutBuffers<'_> {
-        LayoutBuffers {
-            npatch: self.npatch,
-            nmax: self.nmax,
-            nx: self.nx,
-            npix: self.pix.len(),
-            sizes: self.layout_patch.clone(),
-            patch: &self.patch,
-            win_off: &self.win_off,
-            pix: &self.pix,
-            ivar: &self.ivar,
-            spots: &self.spots,
-            spot_off: &self.spot_off,
-            geom: &self.geom,
-        }
     }
 }
 
@@ -651,6 +520,19 @@ impl Chi2Batch {
         })
     }
 
+    /// Copies back chi2pix and the pixmask fraction only, all the chain keeps (the per-pixel
+    /// arrays are scratch); `model`, `chi2` and `valid` come back empty.
+    pub fn download_slots(&self, gpu: &Gpu) -> Result<HostChi2, GpuError> {
+        let st = &gpu.stream;
+        Ok(HostChi2 {
+            model: Vec::new(),
+            chi2: Vec::new(),
+            valid: Vec::new(),
+            chi2pix: st.clone_dtoh(&self.chi2pix).map_err(cuda("downloading"))?,
+            pixmask: st.clone_dtoh(&self.pixmask).map_err(cuda("downloading"))?,
+        })
+    }
+
     /// Copies the results back (waits for the kernels).
     pub fn download(&self, gpu: &Gpu) -> Result<HostChi2, GpuError> {
         let st = &gpu.stream;
@@ -671,7 +553,7 @@ fn check_shapes(buf: &LayoutBuffers<'_>, dims: &Chi2Layout) -> Result<usize, Gpu
         || buf.nmax != dims.nmax
         || buf.npix != dims.npix
         || buf.nx != dims.nx
-        || buf.sizes != dims.sizes
+        || buf.sizes != dims.sizes.as_slice()
     {
         return Err(bad(format!(
             "sizes built for {} patches × {} unknowns and {} pixels, buffers of {} × {} and {}",
@@ -742,6 +624,7 @@ pub fn launch(
         .arg(buf.patch)
         .arg(&dims_d)
         .arg(buf.win_off)
+        .arg(buf.scr_off)
         .arg(buf.pix)
         .arg(buf.ivar)
         .arg(buf.spots)
@@ -751,16 +634,17 @@ pub fn launch(
         .arg(&mut out.model)
         .arg(&mut out.chi2)
         .arg(&mut out.valid);
-    // SAFETY: 16 arguments in chi2_pixels' order and types: int tile_rows, nmax, nx (i32),
+    // SAFETY: 17 arguments in chi2_pixels' order and types: int tile_rows, nmax, nx (i32),
     // double psferr; patch (i32 × 4 per patch, read as int4: device allocations are 256-byte
-    // aligned), dims (i32 × 8 per patch, two int4), win_off (i64 = long long), pix, ivar,
+    // aligned), dims (i32 × 8 per patch, two int4), win_off, scr_off (i64 = long long), pix, ivar,
     // spots (f64), spot_off (i64), geom (i32 × 4 per unknown, int4), x (f64); model, chi2,
     // valid (f64, written). Bounds: the grid is (tiles, npatch); block (tile, b) reads
     // patch[b], dims[2b..2b+2] (uploaded from Chi2Layout, built for this layout: same sizes,
     // checked above), and slots b·nmax + u for u < n_b = nspecpad·nwavetot ≤ nmax of
     // geom/spot_off/x (x's length checked above); it returns unless its rows lie in the
-    // window, and writes pixels win_off[b] + r·wnx + c of that window only (< npix, the output
-    // lengths checked above). Spot reads stay in the spot's ny·nx values because iy is kept in
+    // window; it reads pix/ivar at win_off[b] + r·ld + c (inside pix_len, LayoutBuffers'
+    // contract) and writes scratch pixels scr_off[b] + r·wnx + c of that window only (< npix,
+    // the output lengths checked above). Spot reads stay in the spot's ny·nx values because iy is kept in
     // [iy0, iy1) ⊆ [0, ny) and ix in [0, nx); the offsets and geometry are BatchLayout::new's
     // (LayoutBuffers' contract). Shared memory: smem bytes as Chi2Layout::smem lays them out,
     // with span indexed by fibers < nspecpad ≤ nspmax.
@@ -783,6 +667,7 @@ pub fn launch(
         .arg(buf.patch)
         .arg(&dims_d)
         .arg(buf.win_off)
+        .arg(buf.scr_off)
         .arg(buf.ivar)
         .arg(buf.spots)
         .arg(buf.spot_off)
@@ -791,8 +676,8 @@ pub fn launch(
         .arg(&out.valid)
         .arg(&mut out.chi2pix)
         .arg(&mut out.pixmask);
-    // SAFETY: 15 arguments in chi2_project's order and types: int nmax, nx, ncmax, nkmax
-    // (i32); patch, dims (int4 as above), win_off (i64), ivar, spots (f64), spot_off (i64),
+    // SAFETY: 16 arguments in chi2_project's order and types: int nmax, nx, ncmax, nkmax
+    // (i32); patch, dims (int4 as above), win_off, scr_off (i64), ivar, spots (f64), spot_off (i64),
     // geom (int4), chi2, valid (f64, read: written by chi2_pixels earlier on this stream);
     // chi2pix, pixmask (f64, written). Thread t < ncmax·nkmax of patch b < npatch writes slot
     // b·ncmax·nkmax + t < nslot (lengths checked above); for c < ncore, j < nkeep it reads
@@ -842,14 +727,14 @@ pub fn launch_model_image(
         .arg(&nx)
         .arg(buf.patch)
         .arg(&dims_d)
-        .arg(buf.win_off)
+        .arg(buf.scr_off)
         .arg(buf.spots)
         .arg(buf.spot_off)
         .arg(buf.geom)
         .arg(coef)
         .arg(image);
     // SAFETY: 11 arguments in chi2_model_image's order and types: int tile_rows, nmax, nx
-    // (i32); patch, dims (int4, aligned as above), win_off (i64), spots (f64), spot_off
+    // (i32); patch, dims (int4, aligned as above), scr_off (i64), spots (f64), spot_off
     // (i64), geom (int4), coef (f64, read), image (f64, written). The same grid, bounds and
     // shared memory as chi2_pixels in `launch` (coef has x's length, checked above); the
     // fibers and bins it gathers over are a subset of the patch's unknowns (Chi2Layout::new).
@@ -869,7 +754,7 @@ pub fn run(
     let layout = BatchLayout::new(batch)?;
     let dims = Chi2Layout::new(batch, &layout)?;
     let kernels = Kernels::load(gpu)?;
-    let up = UploadedLayout::upload(gpu, &layout)?;
+    let up = UploadedLayout::upload(gpu, &layout, OnDevice::default())?;
     let buf = up.buffers();
     let st = &gpu.stream;
     let xd = st.clone_htod(x).map_err(cuda("uploading x"))?;
@@ -1408,7 +1293,7 @@ mod tests {
         let tw = twin(&layout, &dims, &x, opts.psferr);
         let tw_image = twin_model_image(&layout, &dims, &coef);
 
-        let up = UploadedLayout::upload(&gpu, &layout).unwrap();
+        let up = UploadedLayout::upload(&gpu, &layout, OnDevice::default()).unwrap();
         let buf = up.buffers();
         let st = &gpu.stream;
         let xd = st.clone_htod(&x).unwrap();

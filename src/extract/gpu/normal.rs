@@ -21,6 +21,8 @@ use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 use super::device::Gpu;
 use super::GpuError;
 use crate::extract::PatchInput;
+use crate::psf::SpotSet;
+use ndarray::ArrayView2;
 
 /// Threads per block of `normal_dense`: a column of 518 rows takes five strides; more threads
 /// would idle on the ~89 % of rows that do not overlap column u's spot.
@@ -41,13 +43,22 @@ fn cuda(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> GpuError 
     move |e| GpuError::Cuda(format!("normal equations: {what}: {e:?}"))
 }
 
-/// A batch flattened into the kernels' input arrays (all host-side; uploaded by [`build_into`]).
+/// A batch flattened into the kernels' input arrays (host-side; uploaded by
+/// [`UploadedLayout::upload`]).
 ///
-/// Per patch `b`: `patch[4b..4b+4] = {n, window ny, window nx, 0}` (an `int4` on the device)
-/// and `win_off[b]`, the window's offset in `pix` and `ivar` (each window row-major, contiguous).
+/// Per patch `b`: `patch[4b..4b+4] = {n, window ny, window nx, ld}` (an `int4` on the device),
+/// `win_off[b]`, the offset of the window's first pixel in `pix` and `ivar`, whose rows are `ld`
+/// apart, and `scr_off[b]`, the offset of its pixels in the per-pixel scratch arrays of the
+/// chi2 stage (windows concatenated, each row-major and contiguous).
 /// Per unknown slot `b·nmax + u` (fiber-major `u`; slots `u ≥ n` are padding and hold zeros):
 /// `spot_off`, the offset of its spot (`ny·nx` row-major values) in `spots`, and `geom[4·slot..]
 /// = {row0, col0, iy0, iy1}` as in `cpu::normal::SpotGeom`.
+///
+/// `pix`/`ivar` and `spots` are either the batch's own copies (the windows concatenated, `ld`
+/// = window width; the spots it uses, each once) or empty, when the layout indexes arrays
+/// already on the device ([`Resident`]): a work unit's pixels uploaded once for all its
+/// patches, a spot set evaluated on the device. Then `win_off` and `spot_off` are offsets
+/// into those arrays.
 #[derive(Debug, Clone)]
 pub struct BatchLayout {
     /// Patches in the batch.
@@ -58,26 +69,175 @@ pub struct BatchLayout {
     pub ny: usize,
     /// Spot columns.
     pub nx: usize,
-    /// `{n, window ny, window nx, 0}` per patch.
+    /// `{n, window ny, window nx, ld}` per patch.
     pub patch: Vec<i32>,
     /// Offset of each patch's window in `pix` and `ivar`.
     pub win_off: Vec<i64>,
-    /// The windows' image values, concatenated.
+    /// Offset of each patch's window in the per-pixel scratch arrays.
+    pub scr_off: Vec<i64>,
+    /// Window pixels of the batch: the scratch arrays' length.
+    pub npix: usize,
+    /// The windows' image values, concatenated (empty when the pixels are resident).
     pub pix: Vec<f64>,
-    /// The windows' inverse variances, concatenated.
+    /// The windows' inverse variances, concatenated (likewise).
     pub ivar: Vec<f64>,
-    /// Every distinct spot the batch uses, once.
+    /// Every distinct spot the batch uses, once (empty when the spots are resident).
     pub spots: Vec<f64>,
+    /// Elements `pix` and `ivar` must hold on the device: every window ends before it.
+    pub pix_len: usize,
+    /// Elements the spot array must hold on the device.
+    pub spots_len: usize,
+    /// Whether `win_off` indexes the resident pixels rather than `pix`.
+    pub pixels_resident: bool,
+    /// Which resident pixels, when it does.
+    pub pixels_key: Option<ResidentPixels>,
+    /// Whether `spot_off` indexes the resident spot set rather than `spots`.
+    pub spots_resident: bool,
     /// Offset in `spots` of each unknown's spot, `[npatch·nmax]`.
     pub spot_off: Vec<i64>,
     /// `{row0, col0, iy0, iy1}` per unknown, `[npatch·nmax·4]`.
     pub geom: Vec<i32>,
 }
 
+/// Host arrays whose copies are already on the device, which a batch indexes instead of
+/// carrying its own ([`BatchLayout::with_resident`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Resident<'a> {
+    /// A work unit's pixels.
+    pub pixels: Option<ResidentPixels>,
+    /// A spot set evaluated on the device.
+    pub spots: Option<&'a ResidentSpots>,
+}
+
+/// Identifies the host image and ivar arrays (row-major, contiguous, same shape) whose copies
+/// are on the device: a window view that is a slice of them is found there at the same
+/// offset. Holds addresses only to compare them; nothing is read through them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResidentPixels {
+    pix: usize,
+    ivar: usize,
+    nrows: usize,
+    ncols: usize,
+}
+
+impl ResidentPixels {
+    /// The identity of `pix` and `ivar`, when both are contiguous row-major arrays of one
+    /// non-empty shape (the layout the device copy has).
+    pub fn of(pix: ArrayView2<'_, f64>, ivar: ArrayView2<'_, f64>) -> Option<ResidentPixels> {
+        let ok = pix.is_standard_layout()
+            && ivar.is_standard_layout()
+            && pix.dim() == ivar.dim()
+            && !pix.is_empty();
+        ok.then(|| ResidentPixels {
+            pix: pix.as_ptr() as usize,
+            ivar: ivar.as_ptr() as usize,
+            nrows: pix.nrows(),
+            ncols: pix.ncols(),
+        })
+    }
+
+    /// Elements of each array.
+    pub fn len(&self) -> usize {
+        self.nrows * self.ncols
+    }
+
+    /// Whether the arrays are empty (never: `of` refuses them).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Row stride.
+    pub fn ld(&self) -> usize {
+        self.ncols
+    }
+
+    /// The offset of `inp`'s window in the arrays, when its views are slices of them (same
+    /// address offset in both, rows `ld` apart, wholly inside).
+    fn offset_of(&self, inp: &PatchInput<'_>) -> Option<usize> {
+        let ld = self.ncols as isize;
+        let (wny, wnx) = inp.pix.dim();
+        if wny == 0 || wnx == 0 || inp.pix.strides() != [ld, 1] || inp.ivar.strides() != [ld, 1] {
+            return None;
+        }
+        let p = (inp.pix.as_ptr() as usize).checked_sub(self.pix)?;
+        let q = (inp.ivar.as_ptr() as usize).checked_sub(self.ivar)?;
+        let size = std::mem::size_of::<f64>();
+        if p != q || p % size != 0 {
+            return None;
+        }
+        let off = p / size;
+        let (r, c) = (off / self.ncols, off % self.ncols);
+        (r + wny <= self.nrows && c + wnx <= self.ncols).then_some(off)
+    }
+}
+
+/// The geometry of a spot set whose values are on the device only: a [`SpotSet`] with no
+/// values and this geometry is taken to be that set (the GPU backend's `evaluate_spots` leaves
+/// exactly that on the host).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResidentSpots {
+    /// Fibers and wavelengths (`fibermin` is not compared: callers renumber it).
+    pub nfiber: usize,
+    /// Wavelengths per fiber.
+    pub nwave: usize,
+    /// Spot rows.
+    pub ny: usize,
+    /// Spot columns.
+    pub nx: usize,
+    /// Each spot's first column.
+    pub xc: Vec<i64>,
+    /// Each spot's first row.
+    pub yc: Vec<i64>,
+}
+
+impl ResidentSpots {
+    /// The geometry of `set`.
+    pub fn of(set: &SpotSet) -> ResidentSpots {
+        ResidentSpots {
+            nfiber: set.grid.nfiber,
+            nwave: set.grid.nwave,
+            ny: set.ny,
+            nx: set.nx,
+            xc: set.xc.clone(),
+            yc: set.yc.clone(),
+        }
+    }
+
+    /// Values on the device.
+    pub fn len(&self) -> usize {
+        self.nfiber * self.nwave * self.ny * self.nx
+    }
+
+    /// Whether the set has no spot.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether `set` is this one: values left on the device, the same geometry.
+    pub fn holds(&self, set: &SpotSet) -> bool {
+        set.values.is_empty()
+            && (set.grid.nfiber, set.grid.nwave, set.ny, set.nx)
+                == (self.nfiber, self.nwave, self.ny, self.nx)
+            && set.xc == self.xc
+            && set.yc == self.yc
+    }
+}
+
 impl BatchLayout {
-    /// Flattens `batch`. Fails on what the kernels cannot index: an empty batch, spots of
-    /// different sizes, a spot column outside its window, or sizes beyond `i32`.
+    /// Flattens `batch` with its own copies of the windows and spots.
     pub fn new(batch: &[PatchInput<'_>]) -> Result<BatchLayout, GpuError> {
+        Self::with_resident(batch, &Resident::default())
+    }
+
+    /// Flattens `batch`, indexing the resident pixels when every window is a slice of them
+    /// and the resident spots when every patch's set is that one; otherwise the batch carries
+    /// its own copies. Fails on what the kernels cannot index: an empty batch, spots of
+    /// different sizes, a spot column outside its window, sizes beyond `i32`, or spots whose
+    /// values are on the device but not the resident set.
+    pub fn with_resident(
+        batch: &[PatchInput<'_>],
+        resident: &Resident,
+    ) -> Result<BatchLayout, GpuError> {
         let first = batch
             .first()
             .ok_or_else(|| bad("the batch is empty".into()))?;
@@ -96,6 +256,32 @@ impl BatchLayout {
         }
         let npatch = batch.len();
         let nps = ny * nx;
+        // Resident pixels: every window must be a slice of them, else the batch copies all.
+        let pix_offsets: Option<Vec<usize>> = resident
+            .pixels
+            .as_ref()
+            .and_then(|r| batch.iter().map(|inp| r.offset_of(inp)).collect());
+        // A batch's patches share a few sets: compare each set with the resident one once.
+        let mut held: Vec<(usize, bool)> = Vec::new();
+        let spots_resident = match resident.spots {
+            Some(r) => batch.iter().all(|inp| {
+                let key = inp.spots as *const SpotSet as usize;
+                match held.iter().find(|(k, _)| *k == key) {
+                    Some(&(_, h)) => h,
+                    None => {
+                        let h = r.holds(inp.spots);
+                        held.push((key, h));
+                        h
+                    }
+                }
+            }),
+            None => false,
+        };
+        if !spots_resident && batch.iter().any(|inp| inp.spots.values.is_empty()) {
+            return Err(bad(
+                "a spot set whose values are on the device is not the one resident there".into(),
+            ));
+        }
         let mut out = BatchLayout {
             npatch,
             nmax,
@@ -103,9 +289,16 @@ impl BatchLayout {
             nx,
             patch: Vec::with_capacity(4 * npatch),
             win_off: Vec::with_capacity(npatch),
+            scr_off: Vec::with_capacity(npatch),
+            npix: 0,
             pix: Vec::new(),
             ivar: Vec::new(),
             spots: Vec::new(),
+            pix_len: 0,
+            spots_len: 0,
+            pixels_resident: pix_offsets.is_some(),
+            pixels_key: resident.pixels.filter(|_| pix_offsets.is_some()),
+            spots_resident,
             spot_off: vec![0; npatch * nmax],
             geom: vec![0; 4 * npatch * nmax],
         };
@@ -126,14 +319,28 @@ impl BatchLayout {
             if !fits(wny) || !fits(wnx) {
                 return Err(bad(format!("a {wny}×{wnx} window overflows i32")));
             }
+            let ld = match (&pix_offsets, &resident.pixels) {
+                (Some(offs), Some(r)) => {
+                    out.win_off.push(offs[b] as i64);
+                    r.ld()
+                }
+                _ => {
+                    out.win_off.push(out.pix.len() as i64);
+                    // `iter` walks a view in logical row-major order, whatever its strides (a
+                    // window is a slice of the CCD), which is the contiguous layout indexed.
+                    out.pix.extend(inp.pix.iter());
+                    out.ivar.extend(inp.ivar.iter());
+                    wnx
+                }
+            };
+            if !fits(ld) {
+                return Err(bad(format!("a row stride of {ld} overflows i32")));
+            }
             let p = &inp.patch;
             out.patch
-                .extend([p.nunknown() as i32, wny as i32, wnx as i32, 0]);
-            out.win_off.push(out.pix.len() as i64);
-            // `iter` walks a view in logical row-major order, whatever its strides (a window
-            // is a slice of the CCD), which is the contiguous layout the kernel indexes.
-            out.pix.extend(inp.pix.iter());
-            out.ivar.extend(inp.ivar.iter());
+                .extend([p.nunknown() as i32, wny as i32, wnx as i32, ld as i32]);
+            out.scr_off.push(out.npix as i64);
+            out.npix += wny * wnx;
             let set = s as *const crate::psf::SpotSet as usize;
             let f0 = p.specmin - s.grid.fibermin;
             let (sny, snx, nyw) = (ny as i64, nx as i64, wny as i64);
@@ -165,15 +372,27 @@ impl BatchLayout {
                         iy0 as i32,
                         iy1 as i32,
                     ]);
-                    out.spot_off[slot] = *seen.entry((set, i)).or_insert_with(|| {
-                        let off = out.spots.len() as i64;
-                        out.spots
-                            .extend_from_slice(&s.values[i * nps..(i + 1) * nps]);
-                        off
-                    });
+                    out.spot_off[slot] = if spots_resident {
+                        (i * nps) as i64
+                    } else {
+                        *seen.entry((set, i)).or_insert_with(|| {
+                            let off = out.spots.len() as i64;
+                            out.spots
+                                .extend_from_slice(&s.values[i * nps..(i + 1) * nps]);
+                            off
+                        })
+                    };
                 }
             }
         }
+        out.pix_len = match &resident.pixels {
+            Some(r) if out.pixels_resident => r.len(),
+            _ => out.pix.len(),
+        };
+        out.spots_len = match resident.spots {
+            Some(r) if spots_resident => r.len(),
+            _ => out.spots.len(),
+        };
         Ok(out)
     }
 
@@ -252,7 +471,7 @@ pub fn twin(layout: &BatchLayout, regularize: f64, epsilon: f64) -> HostDense {
 fn twin_dense_block(l: &BatchLayout, b: usize, u: usize, out: &mut HostDense) {
     let nmax = l.nmax;
     let n = l.n(b);
-    let wnx = l.patch[4 * b + 2] as i64;
+    let ld = l.patch[4 * b + 3] as i64;
     let base = b * nmax;
     let col = &mut out.ata[(base + u) * nmax..(base + u + 1) * nmax];
     if u >= n {
@@ -277,14 +496,14 @@ fn twin_dense_block(l: &BatchLayout, b: usize, u: usize, out: &mut HostDense) {
         if v < n {
             let gv = l.geom(base + v);
             let sv = &l.spots[l.spot_off[base + v] as usize..];
-            a = pair_sum(su, sv, gu, gv, ny, nx, w, wnx);
+            a = pair_sum(su, sv, gu, gv, ny, nx, w, ld);
         }
         *c = a;
     }
     // Thread 0: AᵀWp and AᵀW1 of u.
     let (mut rhs, mut fw) = (0.0f64, 0.0f64);
     for iy in gu.iy0..gu.iy1 {
-        let r = (gu.row0 + iy) * wnx + gu.col0;
+        let r = (gu.row0 + iy) * ld + gu.col0;
         for ix in 0..nx {
             let ws = su[(iy * nx + ix) as usize] * w[(r + ix) as usize];
             rhs = ws.mul_add(pix[(r + ix) as usize], rhs);
@@ -296,7 +515,8 @@ fn twin_dense_block(l: &BatchLayout, b: usize, u: usize, out: &mut HostDense) {
 }
 
 /// `pair_sum` of kernels/normal_common.cuh: `Σ su·sv·w` over the window pixels both spots
-/// cover, multiplying the spots first and walking the overlap in window row-major order.
+/// cover (`w`'s rows `ld` apart), multiplying the spots first and walking the overlap in
+/// window row-major order.
 #[allow(clippy::too_many_arguments)]
 fn pair_sum(
     su: &[f64],
@@ -306,7 +526,7 @@ fn pair_sum(
     ny: i64,
     nx: i64,
     w: &[f64],
-    wnx: i64,
+    ld: i64,
 ) -> f64 {
     let dy = gv.row0 - gu.row0;
     let dx = gv.col0 - gu.col0;
@@ -321,7 +541,7 @@ fn pair_sum(
     for r in rlo..rhi {
         let ru = (r - gu.row0) * nx - gu.col0;
         let rv = (r - gv.row0) * nx - gv.col0;
-        let rw = r * wnx;
+        let rw = r * ld;
         for c in clo..chi {
             acc =
                 (su[(ru + c) as usize] * sv[(rv + c) as usize]).mul_add(w[(rw + c) as usize], acc);
@@ -447,6 +667,204 @@ impl DenseBatch {
     }
 }
 
+/// A work unit's pixels on the device, uploaded once for all the batches cut from them.
+pub struct DevicePixels {
+    /// Which host arrays they are copies of.
+    pub key: ResidentPixels,
+    /// Image values, row-major.
+    pub pix: CudaSlice<f64>,
+    /// Inverse variance, row-major.
+    pub ivar: CudaSlice<f64>,
+}
+
+impl DevicePixels {
+    /// Copies `pix` and `ivar` to the device; None when they are not contiguous row-major
+    /// arrays of one shape (the batches then carry their own windows).
+    pub fn upload(
+        gpu: &Gpu,
+        pix: ArrayView2<'_, f64>,
+        ivar: ArrayView2<'_, f64>,
+    ) -> Result<Option<DevicePixels>, GpuError> {
+        let (Some(key), Some(p), Some(w)) = (
+            ResidentPixels::of(pix.view(), ivar.view()),
+            pix.as_slice(),
+            ivar.as_slice(),
+        ) else {
+            return Ok(None);
+        };
+        let st = &gpu.stream;
+        Ok(Some(DevicePixels {
+            key,
+            pix: st
+                .clone_htod(p)
+                .map_err(cuda("uploading the unit's pixels"))?,
+            ivar: st
+                .clone_htod(w)
+                .map_err(cuda("uploading the unit's ivar"))?,
+        }))
+    }
+}
+
+/// The arrays already on the device that a layout built with [`Resident`] indexes.
+#[derive(Clone, Copy, Default)]
+pub struct OnDevice<'a> {
+    /// A work unit's pixels.
+    pub pixels: Option<&'a DevicePixels>,
+    /// The values of the resident spot set, `[(fiber·nwave + wave)·ny·nx + …]`.
+    pub spots: Option<&'a CudaSlice<f64>>,
+}
+
+/// A [`BatchLayout`]'s arrays on the device, as the kernels of normal.cu and chi2.cu take
+/// them. Built only by [`UploadedLayout::buffers`], which establishes what the launchers'
+/// SAFETY notes rely on: `patch`, `win_off`, `scr_off`, `spot_off` and `geom` hold the
+/// layout's arrays, `pix`/`ivar` hold at least `pix_len` elements and `spots` at least
+/// `spots_len`, every window and spot the layout indexes lying inside them
+/// ([`BatchLayout::with_resident`]'s bounds).
+pub struct LayoutBuffers<'a> {
+    pub(super) npatch: usize,
+    pub(super) nmax: usize,
+    pub(super) ny: usize,
+    pub(super) nx: usize,
+    pub(super) npix: usize,
+    pub(super) sizes: &'a [i32],
+    pub(super) n: Vec<usize>,
+    pub(super) patch: &'a CudaSlice<i32>,
+    pub(super) win_off: &'a CudaSlice<i64>,
+    pub(super) scr_off: &'a CudaSlice<i64>,
+    pub(super) pix: &'a CudaSlice<f64>,
+    pub(super) ivar: &'a CudaSlice<f64>,
+    pub(super) spots: &'a CudaSlice<f64>,
+    pub(super) spot_off: &'a CudaSlice<i64>,
+    pub(super) geom: &'a CudaSlice<i32>,
+}
+
+/// A [`BatchLayout`] on the device: its own arrays uploaded, the resident ones borrowed.
+pub struct UploadedLayout<'a> {
+    npatch: usize,
+    nmax: usize,
+    ny: usize,
+    nx: usize,
+    npix: usize,
+    sizes: Vec<i32>,
+    n: Vec<usize>,
+    patch: CudaSlice<i32>,
+    win_off: CudaSlice<i64>,
+    scr_off: CudaSlice<i64>,
+    spot_off: CudaSlice<i64>,
+    geom: CudaSlice<i32>,
+    pix: Source<'a>,
+    ivar: Source<'a>,
+    spots: Source<'a>,
+}
+
+/// A buffer the layout uploaded itself, or one already on the device.
+enum Source<'a> {
+    Own(CudaSlice<f64>),
+    Resident(&'a CudaSlice<f64>),
+}
+
+impl Source<'_> {
+    fn get(&self) -> &CudaSlice<f64> {
+        match self {
+            Source::Own(b) => b,
+            Source::Resident(b) => b,
+        }
+    }
+}
+
+impl<'a> UploadedLayout<'a> {
+    /// Copies `layout`'s arrays to the device, borrowing the resident ones it indexes from
+    /// `on_device`. Fails when those are missing or are not the arrays (or sizes) the layout
+    /// was built against.
+    pub fn upload(
+        gpu: &Gpu,
+        layout: &BatchLayout,
+        on_device: OnDevice<'a>,
+    ) -> Result<UploadedLayout<'a>, GpuError> {
+        let st = &gpu.stream;
+        let own = |v: &[f64], what: &'static str| -> Result<Source<'a>, GpuError> {
+            Ok(Source::Own(st.clone_htod(v).map_err(cuda(what))?))
+        };
+        let (pix, ivar) = if layout.pixels_resident {
+            match on_device.pixels {
+                Some(d) if Some(d.key) == layout.pixels_key && d.key.len() >= layout.pix_len => {
+                    (Source::Resident(&d.pix), Source::Resident(&d.ivar))
+                }
+                _ => {
+                    return Err(bad(
+                        "the layout indexes a unit's pixels that are not on the device".into(),
+                    ))
+                }
+            }
+        } else {
+            (
+                own(&layout.pix, "uploading pixels")?,
+                own(&layout.ivar, "uploading ivar")?,
+            )
+        };
+        let spots = if layout.spots_resident {
+            match on_device.spots {
+                Some(v) if v.len() >= layout.spots_len => Source::Resident(v),
+                _ => {
+                    return Err(bad(
+                        "the layout indexes a spot set that is not on the device".into(),
+                    ))
+                }
+            }
+        } else {
+            own(&layout.spots, "uploading spots")?
+        };
+        Ok(UploadedLayout {
+            npatch: layout.npatch,
+            nmax: layout.nmax,
+            ny: layout.ny,
+            nx: layout.nx,
+            npix: layout.npix,
+            sizes: layout.patch.clone(),
+            n: (0..layout.npatch).map(|b| layout.n(b)).collect(),
+            patch: st
+                .clone_htod(&layout.patch)
+                .map_err(cuda("uploading patch sizes"))?,
+            win_off: st
+                .clone_htod(&layout.win_off)
+                .map_err(cuda("uploading window offsets"))?,
+            scr_off: st
+                .clone_htod(&layout.scr_off)
+                .map_err(cuda("uploading scratch offsets"))?,
+            spot_off: st
+                .clone_htod(&layout.spot_off)
+                .map_err(cuda("uploading spot offsets"))?,
+            geom: st
+                .clone_htod(&layout.geom)
+                .map_err(cuda("uploading spot geometry"))?,
+            pix,
+            ivar,
+            spots,
+        })
+    }
+
+    /// The buffers as the launchers take them.
+    pub fn buffers(&self) -> LayoutBuffers<'_> {
+        LayoutBuffers {
+            npatch: self.npatch,
+            nmax: self.nmax,
+            ny: self.ny,
+            nx: self.nx,
+            npix: self.npix,
+            sizes: &self.sizes,
+            n: self.n.clone(),
+            patch: &self.patch,
+            win_off: &self.win_off,
+            scr_off: &self.scr_off,
+            pix: self.pix.get(),
+            ivar: self.ivar.get(),
+            spots: self.spots.get(),
+            spot_off: &self.spot_off,
+            geom: &self.geom,
+        }
+    }
+}
+
 /// Builds the regularised normal equations of `batch` on `gpu` (queued on its stream; the
 /// buffers stay on the device for the batched Cholesky).
 pub fn build(
@@ -457,21 +875,23 @@ pub fn build(
 ) -> Result<DenseBatch, GpuError> {
     let layout = BatchLayout::new(batch)?;
     let kernels = Kernels::load(gpu)?;
+    let up = UploadedLayout::upload(gpu, &layout, OnDevice::default())?;
     let mut out = DenseBatch::alloc(gpu, &layout)?;
-    build_into(gpu, &kernels, &layout, regularize, epsilon, &mut out)?;
+    build_into(gpu, &kernels, &up.buffers(), regularize, epsilon, &mut out)?;
     Ok(out)
 }
 
-/// [`build`] into existing buffers (a pipeline reuses them from batch to batch).
+/// [`build`] from an uploaded layout into existing buffers (a pipeline reuses them from batch
+/// to batch).
 pub fn build_into(
     gpu: &Gpu,
     kernels: &Kernels,
-    layout: &BatchLayout,
+    buf: &LayoutBuffers<'_>,
     regularize: f64,
     epsilon: f64,
     out: &mut DenseBatch,
 ) -> Result<(), GpuError> {
-    let (npatch, nmax) = (layout.npatch, layout.nmax);
+    let (npatch, nmax) = (buf.npatch, buf.nmax);
     if out.npatch != npatch
         || out.nmax != nmax
         || out.ata.len() != npatch * nmax * nmax
@@ -488,38 +908,26 @@ pub fn build_into(
             "{npatch} patches, at most {MAX_GRID_Y} per launch"
         )));
     }
-    let smem = layout.ny * layout.nx * std::mem::size_of::<f64>();
+    let smem = buf.ny * buf.nx * std::mem::size_of::<f64>();
     if smem > MAX_DYNAMIC_SMEM {
         return Err(bad(format!(
             "a {}×{} spot needs {smem} bytes of shared memory, over {MAX_DYNAMIC_SMEM}",
-            layout.ny, layout.nx
+            buf.ny, buf.nx
         )));
     }
-    out.n = (0..npatch).map(|b| layout.n(b)).collect();
+    out.n = buf.n.clone();
     let st = &gpu.stream;
-    let patch = st
-        .clone_htod(&layout.patch)
-        .map_err(cuda("uploading patch sizes"))?;
-    let win_off = st
-        .clone_htod(&layout.win_off)
-        .map_err(cuda("uploading window offsets"))?;
-    let pix = st
-        .clone_htod(&layout.pix)
-        .map_err(cuda("uploading pixels"))?;
-    let ivar = st
-        .clone_htod(&layout.ivar)
-        .map_err(cuda("uploading ivar"))?;
-    let spots = st
-        .clone_htod(&layout.spots)
-        .map_err(cuda("uploading spots"))?;
-    let spot_off = st
-        .clone_htod(&layout.spot_off)
-        .map_err(cuda("uploading spot offsets"))?;
-    let geom = st
-        .clone_htod(&layout.geom)
-        .map_err(cuda("uploading spot geometry"))?;
-    // Checked above or by BatchLayout::new (nmax, ny·nx fit i32).
-    let (nmax_i, ny_i, nx_i) = (nmax as i32, layout.ny as i32, layout.nx as i32);
+    let (patch, win_off, pix, ivar, spots, spot_off, geom) = (
+        buf.patch,
+        buf.win_off,
+        buf.pix,
+        buf.ivar,
+        buf.spots,
+        buf.spot_off,
+        buf.geom,
+    );
+    // Checked by BatchLayout::with_resident (nmax, ny·nx fit i32).
+    let (nmax_i, ny_i, nx_i) = (nmax as i32, buf.ny as i32, buf.nx as i32);
 
     let cfg = LaunchConfig {
         grid_dim: (nmax as u32, npatch as u32, 1),
@@ -531,13 +939,13 @@ pub fn build_into(
         .arg(&nmax_i)
         .arg(&ny_i)
         .arg(&nx_i)
-        .arg(&patch)
-        .arg(&win_off)
-        .arg(&pix)
-        .arg(&ivar)
-        .arg(&spots)
-        .arg(&spot_off)
-        .arg(&geom)
+        .arg(patch)
+        .arg(win_off)
+        .arg(pix)
+        .arg(ivar)
+        .arg(spots)
+        .arg(spot_off)
+        .arg(geom)
         .arg(&mut out.ata)
         .arg(&mut out.atp)
         .arg(&mut out.atw1);
@@ -547,9 +955,10 @@ pub fn build_into(
     // int4); ata, atp, atw1 (f64, written). Bounds: the grid is (nmax, npatch) and every block
     // reads patch[b] < npatch, slots b·nmax + u < npatch·nmax of spot_off/geom and writes
     // column (b·nmax + u) of ata (length nmax) and slot b·nmax + u of atp/atw1, sizes checked
-    // above. BatchLayout::new guarantees each spot offset + ny·nx ≤ spots.len() and that every
-    // pixel read (rows clamped to the window by iy0/iy1, columns inside it by the col0 check)
-    // lies in its window at win_off. Shared memory: ny·nx doubles, passed as smem.
+    // above. LayoutBuffers' contract: each spot offset + ny·nx ≤ spots.len(), and every pixel
+    // read (rows clamped to the window by iy0/iy1, columns inside it by the col0 check) lies in
+    // its window at win_off with rows ld apart, inside pix/ivar. Shared memory: ny·nx doubles,
+    // passed as smem.
     unsafe { launch.launch(cfg) }.map_err(cuda("launching normal_dense"))?;
 
     let cfg = LaunchConfig {
@@ -560,7 +969,7 @@ pub fn build_into(
     let mut launch = st.launch_builder(&kernels.regularize);
     launch
         .arg(&nmax_i)
-        .arg(&patch)
+        .arg(patch)
         .arg(&out.atw1)
         .arg(&regularize)
         .arg(&epsilon)
@@ -572,7 +981,6 @@ pub fn build_into(
     // (b·nmax + u)·nmax + u for u < n_b ≤ nmax, inside the buffers checked above. Same stream
     // as normal_dense, so it runs after the AᵀW1 it reads is written.
     unsafe { launch.launch(cfg) }.map_err(cuda("launching normal_regularize"))?;
-    // The uploaded inputs drop here: cudarc frees them in stream order, after the kernels.
     Ok(())
 }
 
@@ -995,7 +1403,8 @@ mod tests {
                 .unwrap();
             st.memcpy_htod(&vec![f64::NAN; out.atw1.len()], &mut out.atw1)
                 .unwrap();
-            build_into(&gpu, &kernels, &layout, reg, eps, &mut out).unwrap();
+            let up = UploadedLayout::upload(&gpu, &layout, OnDevice::default()).unwrap();
+            build_into(&gpu, &kernels, &up.buffers(), reg, eps, &mut out).unwrap();
             let got = out.download(&gpu).unwrap();
             let worst = compare_with_cpu(&got, &inputs, reg, eps);
             let tw = twin(&layout, reg, eps);

@@ -679,6 +679,24 @@ impl SolveBatch {
 
     /// Copies the outputs back (waits for the stage), failing if potrs refused an argument.
     pub fn download(&self, gpu: &Gpu) -> Result<HostSolve, GpuError> {
+        let info = self.download_info(gpu)?;
+        let st = &gpu.stream;
+        Ok(HostSolve {
+            npatch: self.npatch,
+            nmax: self.nmax,
+            nw: self.nw,
+            ncore_max: self.ncore_max,
+            x: st.clone_dtoh(&self.x).map_err(cuda("downloading x"))?,
+            blocks: st
+                .clone_dtoh(&self.blocks)
+                .map_err(cuda("downloading the blocks"))?,
+            info,
+        })
+    }
+
+    /// potrf's info per patch, all the chain needs on the host (x and the blocks stay on the
+    /// device for the next stages); fails when potrs reports an invalid argument.
+    pub fn download_info(&self, gpu: &Gpu) -> Result<Vec<i32>, GpuError> {
         let st = &gpu.stream;
         let potrs = st
             .clone_dtoh(&self.potrs_info)
@@ -689,19 +707,7 @@ impl SolveBatch {
                 -potrs[0]
             )));
         }
-        Ok(HostSolve {
-            npatch: self.npatch,
-            nmax: self.nmax,
-            nw: self.nw,
-            ncore_max: self.ncore_max,
-            x: st.clone_dtoh(&self.x).map_err(cuda("downloading x"))?,
-            blocks: st
-                .clone_dtoh(&self.blocks)
-                .map_err(cuda("downloading the blocks"))?,
-            info: st
-                .clone_dtoh(&self.info)
-                .map_err(cuda("downloading info"))?,
-        })
+        st.clone_dtoh(&self.info).map_err(cuda("downloading info"))
     }
 }
 
@@ -1673,7 +1679,8 @@ mod tests {
         let layout = normal::BatchLayout::new(&inputs).unwrap();
         assert_eq!(layout.nmax, 7 * 74);
         let mut dense = normal::DenseBatch::alloc(&gpu, &layout).unwrap();
-        normal::build_into(&gpu, &kernels, &layout, 0.0, 1e-15, &mut dense).unwrap();
+        let up = normal::UploadedLayout::upload(&gpu, &layout, Default::default()).unwrap();
+        normal::build_into(&gpu, &kernels, &up.buffers(), 0.0, 1e-15, &mut dense).unwrap();
         let host = dense.download(&gpu).unwrap();
         let nmax = host.nmax;
 
@@ -1740,7 +1747,8 @@ mod tests {
         let shapes = scene.shapes();
         let layout = normal::BatchLayout::new(&inputs).unwrap();
         let mut dense = normal::DenseBatch::alloc(&gpu, &layout).unwrap();
-        normal::build_into(&gpu, &kernels, &layout, 0.0, 1e-15, &mut dense).unwrap();
+        let up = normal::UploadedLayout::upload(&gpu, &layout, Default::default()).unwrap();
+        normal::build_into(&gpu, &kernels, &up.buffers(), 0.0, 1e-15, &mut dense).unwrap();
         let host = dense.download(&gpu).unwrap();
         let tw = twin(&host, &shapes).unwrap();
         let mut out = SolveBatch::alloc(&gpu, &dense, &shapes).unwrap();

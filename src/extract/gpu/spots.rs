@@ -595,6 +595,23 @@ impl DeviceSpots {
         &self.values
     }
 
+    /// Copies the set's geometry back to the host, leaving `values` empty: the set as the
+    /// GPU backend hands it to the pipeline, whose windows need the corners only (waits for
+    /// the stream).
+    pub fn download_geometry(&self, gpu: &Gpu) -> Result<SpotSet, GpuError> {
+        let s = &gpu.stream;
+        Ok(SpotSet {
+            grid: self.grid,
+            ny: self.ny,
+            nx: self.nx,
+            values: Vec::new(),
+            xc: s.clone_dtoh(&self.xc).map_err(cuda("downloading xc"))?,
+            yc: s.clone_dtoh(&self.yc).map_err(cuda("downloading yc"))?,
+            x: s.clone_dtoh(&self.x).map_err(cuda("downloading x"))?,
+            y: s.clone_dtoh(&self.y).map_err(cuda("downloading y"))?,
+        })
+    }
+
     /// Copies the set back to the host (waits for the stream).
     pub fn download(&self, gpu: &Gpu) -> Result<SpotSet, GpuError> {
         let s = &gpu.stream;

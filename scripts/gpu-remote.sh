@@ -1,0 +1,186 @@
+#!/usr/bin/env bash
+# The GPU checks, run ON the GPU machine (no Rust there) from the repository root, with the
+# folder .gpu/ that scripts/gpu-session.sh staged here and the device tool carried there:
+#   run(command="bash scripts/gpu-remote.sh", carry=[".gpu"])
+# Steps, in order of importance; each runs even if the one before failed, under `timeout`,
+# and the whole script keeps within GPU_REMOTE_BUDGET_S seconds (default 480):
+#   env.log        nvidia-smi, the libraries the binaries resolve, `spextract doctor`
+#   gpu-tests.log  the library's GPU unit tests (extract::gpu), one thread, --nocapture
+#   parity.log     bundle 0 of the shared preproc extracted on the CPU and on the GPU;
+#                  GPU vs CPU, GPU vs gpu_specter's frame and vs the truth (`spextract compare`)
+#   bench.log      a full 500-fiber r frame simulated through the real PSF, then
+#                  `spextract bench --backend cpu,gpu` on it (as BENCHMARKS.md)
+#   full.log       that frame extracted on the GPU and on the CPU, compared (and vs the truth)
+#   summary.txt    each step's exit code and seconds, and the tests' "skipping" lines
+#   frame-b00-gpu.fits  the GPU's frame of bundle 0
+# Logs go to $OUT (the tool's; elsewhere default /tmp/spextract-gpu-out). Without a GPU the
+# GPU steps fail or skip with the reason; the exit code is 1 when any step failed.
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 2
+root=$PWD
+stage=$root/.gpu
+out=${OUT:-/tmp/spextract-gpu-out}
+scratch=${GPU_SCRATCH:-/tmp/spextract-gpu}
+budget=${GPU_REMOTE_BUDGET_S:-480}
+grid=5760,7620,0.8
+mkdir -p "$out"
+summary=$out/summary.txt
+: >"$summary"
+failed=0
+
+chmod +x "$stage"/bin/* 2>/dev/null # in case the copy lost the mode
+if [ ! -x "$stage/bin/spextract" ] || [ ! -f "$stage/lib.tar.gz" ]; then
+    echo "gpu-remote: $stage is not staged: run scripts/gpu-session.sh here and carry \".gpu\"" |
+        tee -a "$summary" >&2
+    exit 2
+fi
+
+# Seconds a step may take: its own limit, cut to what is left of the budget (minus a reserve
+# for the summary). Prints 0 when nothing is left.
+allowance() {
+    local left=$((budget - SECONDS - 15))
+    if [ "$left" -lt 5 ]; then echo 0; elif [ "$1" -lt "$left" ]; then echo "$1"; else echo "$left"; fi
+}
+
+# step LOG LIMIT_S LABEL CMD...: runs CMD under timeout, stdout and stderr appended to
+# $out/LOG, records the exit code in the summary.
+step() {
+    local log=$out/$1 limit label=$3 t0 rc
+    limit=$(allowance "$2")
+    shift 3
+    if [ "$limit" = 0 ]; then
+        echo "SKIP  $label (budget of ${budget}s spent)" | tee -a "$summary" "$log"
+        failed=1
+        return 1
+    fi
+    local shown=("$@")
+    [ "$1" = env ] && shown=("${@:3}") # the LD_LIBRARY_PATH is in env.log
+    printf '\n== %s (limit %ss)\n$ %s\n' "$label" "$limit" "${shown[*]}" | tee -a "$log"
+    t0=$SECONDS
+    timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$log"
+    rc=${PIPESTATUS[0]}
+    local what=ok
+    if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then what="TIMEOUT"; elif [ "$rc" != 0 ]; then what="FAIL"; fi
+    [ "$rc" = 0 ] || failed=1
+    printf '%-7s rc=%-3s %4ss  %s\n' "$what" "$rc" "$((SECONDS - t0))" "$label" | tee -a "$summary"
+    return "$rc"
+}
+
+# The CUDA libraries: the pip wheels' folders (nvidia/<pkg>/lib, or nvidia/cu13/lib for the
+# CUDA 13 wheels), asked of python3 before LD_LIBRARY_PATH points at the staged libraries,
+# then the toolkit's and the driver's folder (libcuda, also found through the loader's cache).
+cuda_dirs=$(python3 - 2>/dev/null <<'PY'
+import glob, os
+try:
+    import nvidia
+    roots = list(nvidia.__path__)
+except Exception:
+    roots = []
+dirs = []
+for r in roots:
+    for d in sorted(glob.glob(os.path.join(r, "*", "lib"))):
+        # cu13 (CUDA 13 layout) first, then the per-package folders
+        if os.path.isdir(d) and d not in dirs:
+            dirs.append(d)
+dirs.sort(key=lambda d: 0 if os.path.basename(os.path.dirname(d)).startswith("cu") else 1)
+print(":".join(dirs))
+PY
+)
+if [ -z "$cuda_dirs" ]; then
+    cuda_dirs=$(find /opt /usr/local/lib /usr/lib/python3* /root/.local -maxdepth 7 -type d \
+        -path '*-packages/nvidia/*/lib' 2>/dev/null | sort | paste -sd: -)
+fi
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/local/nvidia/lib64; do
+    [ -d "$d" ] && cuda_dirs=${cuda_dirs:+$cuda_dirs:}$d
+done
+
+rm -rf "$scratch"
+mkdir -p "$scratch/ptx"
+tar -C "$scratch" -xzf "$stage/lib.tar.gz"
+libpath=$scratch/lib${cuda_dirs:+:$cuda_dirs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+sx=(env "LD_LIBRARY_PATH=$libpath" "$stage/bin/spextract")
+tests=(env "LD_LIBRARY_PATH=$libpath" "$stage/bin/spextract-lib-tests")
+
+# One process, no MPI launcher: spextract calls MPI_Init only under one.
+unset OMPI_COMM_WORLD_SIZE OMPI_COMM_WORLD_RANK OMPI_COMM_WORLD_LOCAL_RANK \
+    OMPI_COMM_WORLD_LOCAL_SIZE PMIX_RANK PMIX_SIZE PMI_RANK PMI_SIZE SLURM_STEP_ID
+ncpu=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc) # GNU nproc obeys these
+export OPENBLAS_NUM_THREADS=1 RUST_BACKTRACE=1 NO_COLOR=1
+export SPEXTRACT_TEST_DATA=$stage/data SPEXTRACT_PTX_CACHE=$scratch/ptx SPEXTRACT_REQUIRE_NVRTC=1
+data=$stage/data
+psf=$data/psf-r0-00067784.fits
+
+# --- environment ---
+{
+    echo "== $(date -u +%FT%TZ) $(hostname), $ncpu cores, $(uname -r)"
+    cat "$stage/MANIFEST"
+    echo "== glibc here: $(ldd --version 2>&1 | head -1)"
+    echo "== LD_LIBRARY_PATH of spextract: $libpath"
+    echo "== CUDA library folders: ${cuda_dirs:-none found}"
+    for d in ${cuda_dirs//:/ }; do
+        for f in "$d"/lib{cublas,cublasLt,cusolver,cusparse,nvJitLink,nvrtc,cudart}.so*; do
+            [ -e "$f" ] && echo "  $f"
+        done
+    done
+    echo "== libcuda: $(ldconfig -p 2>/dev/null | grep -m1 'libcuda\.so\.1' || echo 'not in the loader cache')"
+} 2>&1 | tee -a "$out/env.log"
+step env.log 30 "nvidia-smi" nvidia-smi
+# shellcheck disable=SC2016 # expanded by the inner bash
+step env.log 20 "staged libraries resolve (ldd)" bash -c '
+    rc=0
+    for b in "$1/bin/spextract" "$1/bin/spextract-lib-tests"; do
+        r=$(LD_LIBRARY_PATH=$2 ldd "$b")
+        echo "$(basename "$b"): $(grep -c "=> $3/lib/" <<<"$r") staged libraries; from the system:"
+        grep "=>" <<<"$r" | grep -v "=> $3/lib/" | sed "s/^/  /"
+        grep -q "not found" <<<"$r" && rc=1
+    done
+    for l in libcublas.so.13 libcusolver.so.12 libnvrtc.so.13; do
+        f=$(IFS=:; for d in $2; do [ -e "$d/$l" ] && { echo "$d/$l"; break; }; done)
+        if [ -z "$f" ]; then echo "$l: not on LD_LIBRARY_PATH"; continue; fi
+        echo "$l: $f"
+        LD_LIBRARY_PATH=$2 ldd "$f" | grep "not found" && rc=1
+    done
+    exit $rc' _ "$stage" "$libpath" "$scratch"
+step env.log 60 "spextract doctor" "${sx[@]}" doctor
+
+# --- the GPU unit tests ---
+step gpu-tests.log 240 "GPU unit tests (extract::gpu)" \
+    "${tests[@]}" extract::gpu --nocapture --test-threads=1
+
+# --- parity on the shared data: bundle 0 ---
+b00=(-p "$psf" -i "$data/preproc-r0-b00.fits.gz" -w "$grid" -s 0 -n 25 --no-progress --overwrite)
+step parity.log 90 "extract bundle 0, GPU" "${sx[@]}" extract "${b00[@]}" --backend gpu \
+    -o "$scratch/frame-b00-gpu.fits" && cp "$scratch/frame-b00-gpu.fits" "$out/"
+step parity.log 90 "extract bundle 0, CPU" "${sx[@]}" extract "${b00[@]}" --backend cpu \
+    -o "$scratch/frame-b00-cpu.fits"
+step parity.log 30 "compare bundle 0: GPU vs CPU" \
+    "${sx[@]}" compare "$scratch/frame-b00-gpu.fits" "$scratch/frame-b00-cpu.fits"
+step parity.log 30 "compare bundle 0: GPU vs gpu_specter, and vs the truth" \
+    "${sx[@]}" compare "$scratch/frame-b00-gpu.fits" "$data/frame-r0-b00-gpu_specter.fits.gz" \
+    --truth "$data/truth-r0-b00.fits.gz"
+
+# --- benchmark: a full r frame, as BENCHMARKS.md ---
+step bench.log 120 "simulate a full 500-fiber r frame" "${sx[@]}" simulate -p "$psf" \
+    -i "$scratch/full.fits" -t "$scratch/full-truth.fits" -n 500 -w "$grid" --overwrite
+step bench.log 200 "bench --backend cpu,gpu (threads $ncpu,1)" "${sx[@]}" bench -p "$psf" \
+    -i "$scratch/full.fits" -w "$grid" --thread-counts "$ncpu,1" --oracle-patches 3 \
+    --backend cpu,gpu --no-progress
+
+# --- the full frame on both backends, compared ---
+full=(-p "$psf" -i "$scratch/full.fits" -w "$grid" --no-progress --overwrite)
+step full.log 120 "extract the full frame, GPU" "${sx[@]}" extract "${full[@]}" --backend gpu \
+    -o "$scratch/full-gpu.fits"
+step full.log 120 "extract the full frame, CPU ($ncpu threads)" "${sx[@]}" extract "${full[@]}" \
+    --backend cpu -o "$scratch/full-cpu.fits"
+step full.log 60 "compare the full frame: GPU vs CPU, and vs the truth" "${sx[@]}" compare \
+    "$scratch/full-gpu.fits" "$scratch/full-cpu.fits" --truth "$scratch/full-truth.fits"
+
+# --- summary ---
+{
+    echo "== skipped inside the GPU unit tests:"
+    grep -o 'skipping: .*' "$out/gpu-tests.log" 2>/dev/null | sort | uniq -c || echo "  none"
+    grep -E '^test result:' "$out/gpu-tests.log" 2>/dev/null
+    echo "== total ${SECONDS}s of a ${budget}s budget; $( [ "$failed" = 0 ] && echo 'every step passed' || echo 'some steps FAILED' )"
+} | tee -a "$summary"
+rm -rf "$scratch"
+exit "$failed"
