@@ -225,4 +225,80 @@ mod tests {
             assert_eq!(ptx_in(f, (9, 0), Some(dir.path())).unwrap(), text);
         }
     }
+
+    /// Every kernel's parameters as its launcher passes them, in order: `i` a 32-bit int, `d`
+    /// a double, `p` a device pointer. Kept beside the launch builders' `.arg` sequences
+    /// (spots.rs, normal.rs, chi2.rs, decorrelate.rs): a change to a kernel's signature
+    /// that its launcher does not follow would launch with shifted arguments, which nothing
+    /// short of a GPU run would otherwise notice.
+    const LAUNCH_ABI: [(&str, &str, &str); 7] = [
+        ("spots.cu", "spots", "pipipippiiiiiiippppp"),
+        ("normal.cu", "normal_dense", "iiipppppppppp"),
+        ("normal.cu", "normal_regularize", "ippddp"),
+        ("chi2.cu", "chi2_pixels", "iiidppppppppppppp"),
+        ("chi2.cu", "chi2_project", "iiiipppppppppppp"),
+        ("chi2.cu", "chi2_model_image", "iiipppppppp"),
+        ("decorrelate.cu", "decorrelate", "iiiipppppppppp"),
+    ];
+
+    /// The parameter kinds of entry `name` in `ptx` (as LAUNCH_ABI writes them), or None
+    /// when there is no such entry.
+    fn entry_params(ptx: &str, name: &str) -> Option<String> {
+        let head = format!(".entry {name}(");
+        let start = ptx.find(&head)? + head.len();
+        let end = start + ptx[start..].find(')')?;
+        let kinds = ptx[start..end]
+            .split(',')
+            .filter(|p| p.contains(".param"))
+            .map(|p| {
+                let ty = p
+                    .split_whitespace()
+                    .find(|t| [".u32", ".s32", ".b32", ".f64", ".u64", ".s64", ".b64"].contains(t));
+                match ty {
+                    Some(".u32" | ".s32" | ".b32") => 'i',
+                    Some(".f64") => 'd',
+                    Some(_) => 'p',
+                    None => '?',
+                }
+            })
+            .collect();
+        Some(kinds)
+    }
+
+    #[test]
+    fn entry_params_reads_ptx_parameter_lists() {
+        let ptx = ".visible .entry k(\n\t.param .u32 k_param_0,\n\t.param .f64 k_param_1,\n\t\
+                   .param .u64 .ptr .global .align 8 k_param_2\n)\n{";
+        assert_eq!(entry_params(ptx, "k").as_deref(), Some("idp"));
+        assert_eq!(entry_params(ptx, "other"), None);
+    }
+
+    /// Each kernel's compiled parameter list is the one its launcher passes (LAUNCH_ABI), and
+    /// every entry point of every file is in the table.
+    #[test]
+    fn every_kernel_takes_the_arguments_its_launcher_passes() {
+        if !nvrtc_present() {
+            assert!(
+                std::env::var_os("SPEXTRACT_REQUIRE_NVRTC").is_none(),
+                "SPEXTRACT_REQUIRE_NVRTC is set but libnvrtc cannot be loaded"
+            );
+            eprintln!("skipping: libnvrtc not loadable (scripts/check-kernels.sh sets it up)");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        for f in kernel_files() {
+            let text = ptx_in(f, (9, 0), Some(dir.path())).unwrap_or_else(|e| panic!("{f}: {e}"));
+            let entries = text.matches(".entry ").count();
+            let listed = LAUNCH_ABI.iter().filter(|(file, _, _)| *file == f).count();
+            assert_eq!(
+                entries, listed,
+                "{f}: {entries} entry points, {listed} in LAUNCH_ABI"
+            );
+            for (_, name, kinds) in LAUNCH_ABI.iter().filter(|(file, _, _)| *file == f) {
+                let got = entry_params(&text, name)
+                    .unwrap_or_else(|| panic!("{f}: no entry point {name}"));
+                assert_eq!(&got, kinds, "{f}: {name}'s parameters");
+            }
+        }
+    }
 }
