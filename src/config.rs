@@ -97,6 +97,8 @@ pub struct RunConfig {
     pub prefetch: usize,
     /// Bundles per work unit.
     pub unit_bundles: usize,
+    /// Compute ranks sharing one GPU (several only under NVIDIA MPS).
+    pub ranks_per_gpu: usize,
     /// Seconds without progress before a rank reports what it waits on (0: never); after
     /// three such periods it ends the job.
     pub watchdog: f64,
@@ -112,6 +114,7 @@ impl Default for RunConfig {
             writers_per_node: 1,
             prefetch: 2,
             unit_bundles: 2,
+            ranks_per_gpu: 1,
             watchdog: 600.0,
         }
     }
@@ -151,9 +154,15 @@ impl Config {
             return Err(ConfigError::Invalid("regularize must be >= 0".into()));
         }
         let r = &self.run;
-        if r.readers_per_node == 0 || r.writers_per_node == 0 || r.unit_bundles == 0 {
+        if r.readers_per_node == 0
+            || r.writers_per_node == 0
+            || r.unit_bundles == 0
+            || r.ranks_per_gpu == 0
+        {
             return Err(ConfigError::Invalid(
-                "readers_per_node, writers_per_node and unit_bundles must be at least 1".into(),
+                "readers_per_node, writers_per_node, unit_bundles and ranks_per_gpu must be at \
+                 least 1"
+                    .into(),
             ));
         }
         if !r.watchdog.is_finite() || r.watchdog < 0.0 {

@@ -79,7 +79,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     };
     for name in &args.backend {
         // Opening the GPU (and compiling its kernels on first use) is not part of the timing.
-        let mut engine = crate::extract::gpu::device::backend_for(name, 0)?;
+        let mut engine = crate::extract::gpu::device::backend_for(name, 0, 1)?;
         // The GPU runs the frame twice at the first thread count: the first run pays for the
         // libraries' lazy set-up and the memory pool's growth, the second is the steady state.
         let counts: Vec<usize> = if name == "gpu" {

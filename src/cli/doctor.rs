@@ -38,7 +38,7 @@ pub struct DoctorArgs {
     /// Writer ranks per node of the launch checked, as `extract --writers-per-node`.
     #[arg(long, default_value_t = 1, value_name = "N", value_parser = at_least_one)]
     pub writers_per_node: usize,
-    /// Compute ranks that may share one GPU.
+    /// Compute ranks that may share one GPU, as `extract --ranks-per-gpu` (MPS).
     #[arg(long, default_value_t = 1, value_name = "N", value_parser = at_least_one)]
     pub ranks_per_gpu: usize,
     /// A folder the run will write to: checked to exist and accept new files (repeatable).

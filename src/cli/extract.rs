@@ -193,6 +193,7 @@ fn many(args: &ExtractArgs, mut cfg: Config) -> Result<bool> {
     rc.writers_per_node = r.writers_per_node.unwrap_or(rc.writers_per_node);
     rc.prefetch = r.prefetch.unwrap_or(rc.prefetch);
     rc.unit_bundles = r.unit_bundles.unwrap_or(rc.unit_bundles);
+    rc.ranks_per_gpu = r.ranks_per_gpu.unwrap_or(rc.ranks_per_gpu);
     rc.watchdog = r.watchdog.unwrap_or(rc.watchdog);
     cfg.validate()?;
     let f = &args.flags;
@@ -247,6 +248,7 @@ fn many(args: &ExtractArgs, mut cfg: Config) -> Result<bool> {
         writers_per_node: rc.writers_per_node,
         prefetch: rc.prefetch,
         unit_bundles: rc.unit_bundles,
+        ranks_per_gpu: rc.ranks_per_gpu,
         watchdog_s: rc.watchdog,
         threads,
         backend,
@@ -378,7 +380,7 @@ fn single(args: &ExtractArgs, cfg: &Config) -> Result<()> {
         prep.plan.npatch(),
         prep.threads
     );
-    let mut engine = crate::extract::gpu::device::backend_for(&backend, 0)?;
+    let mut engine = crate::extract::gpu::device::backend_for(&backend, 0, 1)?;
     let res = run_extraction(&prep, prep.threads, prep.progress, engine.as_mut())?;
     let st = &res.stats;
     info!(

@@ -133,6 +133,9 @@ pub struct RunFlags {
     /// Bundles per work unit handed to a compute rank.
     #[arg(long)]
     pub unit_bundles: Option<usize>,
+    /// Compute ranks sharing one GPU (more than 1 only under NVIDIA MPS).
+    #[arg(long)]
+    pub ranks_per_gpu: Option<usize>,
     /// Seconds without progress after which the watchdog reports who waits on what.
     #[arg(long)]
     pub watchdog: Option<f64>,

@@ -48,6 +48,8 @@ pub struct RunOptions {
     pub prefetch: usize,
     /// Bundles per work unit.
     pub unit_bundles: usize,
+    /// Compute ranks sharing a GPU.
+    pub ranks_per_gpu: usize,
     /// Seconds without progress before the watchdog reports.
     pub watchdog_s: f64,
     /// Threads per compute rank.
@@ -474,6 +476,7 @@ fn run_rank(
         let (done_tx, done_rx) = unbounded::<(UnitOutput, usize, Duration)>();
         let threads = opts.threads;
         let backend_name = opts.backend.clone();
+        let ranks_per_gpu = opts.ranks_per_gpu;
         let compute_index = layout.computes[node]
             .iter()
             .position(|&c| c == rank)
@@ -488,14 +491,17 @@ fn run_rank(
                         return;
                     }
                 };
-                let mut backend =
-                    match crate::extract::gpu::device::backend_for(&backend_name, compute_index) {
-                        Ok(b) => b,
-                        Err(e) => {
-                            error!("compute rank {rank}: {e}");
-                            return;
-                        }
-                    };
+                let mut backend = match crate::extract::gpu::device::backend_for(
+                    &backend_name,
+                    compute_index,
+                    ranks_per_gpu,
+                ) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        error!("compute rank {rank}: {e}");
+                        return;
+                    }
+                };
                 for (u, writer) in units_rx {
                     let t0 = Instant::now();
                     let result = pool.install(|| unit::compute(&u, backend.as_mut()));

@@ -146,10 +146,14 @@ pub fn choose(requested: &str) -> Result<Choice, GpuError> {
     }
 }
 
-/// The device a compute rank uses: compute ranks of a node take the visible GPUs in turn
-/// (`compute_index` is the rank's place among its node's compute ranks); under Slurm's
-/// per-task GPU binding each rank sees only its own GPU, device 0.
-pub fn ordinal_for(compute_index: usize, visible: usize) -> Result<usize, GpuError> {
+/// The device a compute rank uses: compute ranks of a node take the visible GPUs in turn,
+/// `ranks_per_gpu` to a GPU (`compute_index` is the rank's place among its node's compute
+/// ranks); under Slurm's per-task GPU binding each rank sees only its own GPU, device 0.
+pub fn ordinal_for(
+    compute_index: usize,
+    visible: usize,
+    ranks_per_gpu: usize,
+) -> Result<usize, GpuError> {
     use crate::pipeline::env;
     let per_task = env::slurm_binds_gpus_per_task(
         std::env::var("SLURM_GPUS_PER_TASK").ok().as_deref(),
@@ -158,10 +162,11 @@ pub fn ordinal_for(compute_index: usize, visible: usize) -> Result<usize, GpuErr
     if per_task {
         return Ok(0);
     }
-    env::gpu_binding(compute_index, visible, 1).ok_or_else(|| {
+    env::gpu_binding(compute_index, visible, ranks_per_gpu).ok_or_else(|| {
         GpuError::NoDevice(format!(
-            "compute rank {compute_index} of its node has no GPU: {visible} visible, one compute \
-             rank per GPU (start fewer ranks per node)"
+            "compute rank {compute_index} of its node has no GPU: {visible} visible, \
+             {ranks_per_gpu} compute rank(s) per GPU (start fewer ranks per node, or raise \
+             --ranks-per-gpu under MPS)"
         ))
     })
 }
@@ -170,11 +175,12 @@ pub fn ordinal_for(compute_index: usize, visible: usize) -> Result<usize, GpuErr
 pub fn backend_for(
     name: &str,
     compute_index: usize,
+    ranks_per_gpu: usize,
 ) -> Result<Box<dyn crate::extract::Backend>, GpuError> {
     if name != "gpu" {
         return Ok(Box::new(crate::extract::cpu::CpuBackend));
     }
-    let ordinal = ordinal_for(compute_index, probe()?.len())?;
+    let ordinal = ordinal_for(compute_index, probe()?.len(), ranks_per_gpu)?;
     let b = super::backend::GpuBackend::new(ordinal)?;
     tracing::info!(
         "compute rank {compute_index}: GPU {ordinal} ({})",
@@ -206,5 +212,22 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("expected auto, cpu or gpu"));
+    }
+
+    /// `--ranks-per-gpu` reaches the binding: two ranks per GPU fill two GPUs with four ranks,
+    /// and a fifth is refused with the way out named.
+    #[test]
+    fn ranks_per_gpu_shares_devices_and_refuses_the_excess() {
+        if std::env::var_os("SLURM_GPUS_PER_TASK").is_some()
+            || std::env::var_os("SLURM_GPU_BIND").is_some()
+        {
+            eprintln!("skipping: Slurm binds GPUs per task here");
+            return;
+        }
+        let got: Vec<usize> = (0..4).map(|k| ordinal_for(k, 2, 2).unwrap()).collect();
+        assert_eq!(got, [0, 1, 0, 1]);
+        let err = ordinal_for(4, 2, 2).unwrap_err().to_string();
+        assert!(err.contains("--ranks-per-gpu"), "{err}");
+        assert!(ordinal_for(1, 2, 1).is_ok() && ordinal_for(2, 2, 1).is_err());
     }
 }
