@@ -90,6 +90,21 @@ impl Gpu {
         Ok(Gpu { info, ctx, stream })
     }
 
+    /// The same device on a stream of its own (non-blocking). The first such stream puts the
+    /// context in cudarc's multi-stream mode, where every buffer records the events that make
+    /// a stream using it wait for the stream that wrote it, and a buffer is freed in the order
+    /// of the streams that used it.
+    pub fn on_new_stream(&self) -> Result<Gpu, GpuError> {
+        let stream = self.ctx.new_stream().map_err(|e| {
+            GpuError::Cuda(format!("creating a stream on {}: {e:?}", self.info.name))
+        })?;
+        Ok(Gpu {
+            info: self.info.clone(),
+            ctx: self.ctx.clone(),
+            stream,
+        })
+    }
+
     /// Compiles (or takes from the cache) and loads kernel file `name` (e.g. "spots.cu").
     pub fn module(&self, name: &str) -> Result<Arc<CudaModule>, GpuError> {
         let text = ptx::ptx(name, self.info.arch)?;

@@ -646,8 +646,9 @@ pub struct SolveBatch {
     pub blocks: CudaSlice<f64>,
     /// potrf's info per patch.
     pub info: CudaSlice<i32>,
-    /// potrs's single info (argument errors only), checked by [`SolveBatch::download`].
-    potrs_info: CudaSlice<i32>,
+    /// potrs's single info (argument errors only), checked by [`SolveBatch::download`] or,
+    /// copied back by the caller, by [`check_potrs_info`].
+    pub potrs_info: CudaSlice<i32>,
 }
 
 impl SolveBatch {
@@ -701,14 +702,21 @@ impl SolveBatch {
         let potrs = st
             .clone_dtoh(&self.potrs_info)
             .map_err(cuda("downloading potrs's info"))?;
-        if potrs[0] != 0 {
-            return Err(GpuError::Cuda(format!(
-                "cusolverDnDpotrsBatched: argument {} is invalid",
-                -potrs[0]
-            )));
-        }
+        check_potrs_info(potrs[0])?;
         st.clone_dtoh(&self.info).map_err(cuda("downloading info"))
     }
+}
+
+/// potrsBatched's single info: nonzero only when an argument was invalid (a bug here, not a
+/// bad patch).
+pub fn check_potrs_info(info: i32) -> Result<(), GpuError> {
+    if info != 0 {
+        return Err(GpuError::Cuda(format!(
+            "cusolverDnDpotrsBatched: argument {} is invalid",
+            -info
+        )));
+    }
+    Ok(())
 }
 
 /// Runs a cudarc call that may panic when a library or one of its symbols is missing.
