@@ -171,6 +171,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             }
             None => println!("no peak figures for {device:?}: floor table skipped"),
         }
+        print_library_choices(&prep)?;
     }
     for (name, fph) in &best_node {
         println!(
@@ -242,5 +243,53 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// The backend's two library choices timed on the first two bundles' patches (as one chunk):
+/// the batched Cholesky against one call per matrix, the Jacobi kernel against cuSOLVER's
+/// batched eigensolver (`extract::gpu::choice`).
+fn print_library_choices(prep: &crate::pipeline::prepare::Prepared) -> Result<()> {
+    use crate::extract::gpu::{choice, device::Gpu};
+    let patches: Vec<_> = prep
+        .plan
+        .patches
+        .iter()
+        .take(2)
+        .flatten()
+        .copied()
+        .collect();
+    if patches.is_empty() {
+        return Ok(());
+    }
+    let (fmin, nfib) = crate::patch::plan::fiber_span(&patches);
+    let sp = spots::evaluate(&prep.psf, fmin, nfib, &prep.grid.padded)?;
+    let (ny, nx) = (prep.psf.npix_y, prep.psf.npix_x);
+    let inputs: Vec<PatchInput<'_>> = patches
+        .iter()
+        .filter_map(|p| {
+            let w = pixels::window(p, &sp, prep.patch.pixpad_frac);
+            w.on_ccd(ny, nx).then(|| {
+                PatchInput::from_ccd(
+                    *p,
+                    w,
+                    prep.preproc.image.view(),
+                    prep.preproc.ivar.view(),
+                    &sp,
+                )
+            })
+        })
+        .collect();
+    if inputs.is_empty() {
+        return Ok(());
+    }
+    let gpu = Gpu::open(0)?;
+    let rows = choice::measure(&gpu, &inputs, &prep.opts)?;
+    println!(
+        "library choices on {} patches of bundles 0-1 ({}):",
+        inputs.len(),
+        gpu.info.name
+    );
+    print!("{}", choice::Measured::table(&rows));
     Ok(())
 }

@@ -54,7 +54,7 @@ struct ChainOutputs {
 
 /// The decorrelation blocks of the patches whose factorisation succeeded: `(patch, core
 /// fiber)` of each, and their layout over the solve stage's buffers.
-fn blocks_of(
+pub(super) fn blocks_of(
     batch: &[PatchInput<'_>],
     sol_info: &[i32],
     nmax: usize,

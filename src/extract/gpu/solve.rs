@@ -802,7 +802,7 @@ fn blas_ok(routine: &str, s: cublas::cublasStatus_t) -> Result<(), GpuError> {
     }
 }
 
-fn solver_ok(routine: &str, s: cusolver::cusolverStatus_t) -> Result<(), GpuError> {
+pub(super) fn solver_ok(routine: &str, s: cusolver::cusolverStatus_t) -> Result<(), GpuError> {
     if s == cusolver::cusolverStatus_t::CUSOLVER_STATUS_SUCCESS {
         Ok(())
     } else {
@@ -821,6 +821,11 @@ pub struct Solver {
 }
 
 impl Solver {
+    /// The cuSOLVER handle, bound to this solver's stream (for `choice`'s measurements).
+    pub(super) fn dn_handle(&self) -> cusolver::cusolverDnHandle_t {
+        self.dn
+    }
+
     /// Creates the handles on `gpu`'s stream, after checking the libraries.
     pub fn new(gpu: &Gpu) -> Result<Solver, GpuError> {
         check_libraries()?;
