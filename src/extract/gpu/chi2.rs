@@ -781,121 +781,24 @@ use crate::extract::cpu::lapack;
 
 #[cfg(test)]
 mod tests {
-    use ndarray::Array2;
-    use rand::{Rng, SeedableRng};
     use rayon::prelude::*;
 
     use super::*;
-    use crate::extract::cpu::tests::toy_psf;
     use crate::extract::cpu::{chi2 as cpu_chi2, decorrelate, normal as cpu_normal};
     use crate::extract::cpu::{extract_patch, Workspace};
     use crate::extract::gpu::device;
+    use crate::extract::gpu::scene::{Bundle, Masked, Pixels, Recipe, Scene, Trim};
     use crate::extract::ExtractOptions;
-    use crate::patch::{pixels, Patch, PatchOptions, PixelWindow, Plan, WaveGrid};
-    use crate::psf::{spots, Psf, SpotSet};
 
-    /// Spots plus a simulated exposure over the union of some patches' windows.
-    struct Scene {
-        spots: SpotSet,
-        pix: Array2<f64>,
-        ivar: Array2<f64>,
-        origin: (usize, usize),
-        items: Vec<(Patch, PixelWindow)>,
-    }
-
-    impl Scene {
-        /// `patches` with their windows, plus a copy of `patches[trim]` whose window loses
-        /// at least `ny + 2` rows at the top and 3 at the bottom (spots cut by the window's
-        /// edge, kept core ones included, and some wholly outside it). The image is every spot
-        /// of the set at a random flux plus Gaussian noise of variance 9 + signal, so that the
-        /// solve is well posed and χ² ~ 1; ~3 % of the pixels and every 41st row are masked,
-        /// and so is every pixel of one core spot of the first patch (its chi2pix has no valid
-        /// pixel: the `den = 0` branch).
-        fn new(
-            spots: SpotSet,
-            patches: &[Patch],
-            trim: usize,
-            pixpad_frac: f64,
-            seed: u64,
-        ) -> Scene {
-            let mut items: Vec<(Patch, PixelWindow)> = patches
-                .iter()
-                .map(|p| (*p, pixels::window(p, &spots, pixpad_frac)))
-                .collect();
-            // The top cut reaches into the first kept core bin's spot (the wavelength padding
-            // alone spans more than ny rows on the real PSF), so that kept outputs see it.
-            let (p, w) = items[trim];
-            let first = spots.index(p.ispec - spots.grid.fibermin, p.iwave + p.wavepad);
-            let cut = PixelWindow {
-                ymin: (w.ymin + spots.ny as i64 + 2).max(spots.yc[first] + spots.ny as i64 / 2),
-                ymax: w.ymax - 3,
-                ..w
-            };
-            items.push((p, cut));
-            let ymin = items.iter().map(|(_, w)| w.ymin).min().unwrap();
-            let ymax = items.iter().map(|(_, w)| w.ymax).max().unwrap();
-            let xmin = items.iter().map(|(_, w)| w.xmin).min().unwrap();
-            let xmax = items.iter().map(|(_, w)| w.xmax).max().unwrap();
-            assert!(ymin >= 0 && xmin >= 0, "windows start at ({ymin}, {xmin})");
-            let (nyr, nxr) = ((ymax - ymin) as usize, (xmax - xmin) as usize);
-            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-            let (ny, nx) = (spots.ny, spots.nx);
-            let mut img = Array2::<f64>::zeros((nyr, nxr));
-            for i in 0..spots.xc.len() {
-                let flux = rng.gen_range(20.0..400.0);
-                for iy in 0..ny {
-                    for ix in 0..nx {
-                        let (r, c) = (
-                            spots.yc[i] + iy as i64 - ymin,
-                            spots.xc[i] + ix as i64 - xmin,
-                        );
-                        if (0..nyr as i64).contains(&r) && (0..nxr as i64).contains(&c) {
-                            img[[r as usize, c as usize]] +=
-                                flux * spots.values[i * ny * nx + iy * nx + ix];
-                        }
-                    }
-                }
-            }
-            let mut ivar = Array2::zeros((nyr, nxr));
-            let mut pix = Array2::zeros((nyr, nxr));
-            for ((r, c), &m) in img.indexed_iter() {
-                let var = 9.0 + m.max(0.0);
-                let z: f64 = rng.sample(rand_distr::StandardNormal);
-                pix[[r, c]] = m + var.sqrt() * z;
-                let masked = r % 41 == 7 || rng.gen::<f64>() < 0.03;
-                ivar[[r, c]] = if masked { 0.0 } else { 1.0 / var };
-            }
-            let (p, _) = items[0];
-            let i = spots.index(
-                p.ispec - spots.grid.fibermin,
-                p.iwave + p.wavepad + p.nwave_keep / 2,
-            );
-            let (r0, c0) = ((spots.yc[i] - ymin) as usize, (spots.xc[i] - xmin) as usize);
-            ivar.slice_mut(ndarray::s![r0..r0 + ny, c0..c0 + nx])
-                .fill(0.0);
-            Scene {
-                spots,
-                pix,
-                ivar,
-                origin: (ymin as usize, xmin as usize),
-                items,
-            }
-        }
-
-        fn inputs(&self) -> Vec<PatchInput<'_>> {
-            self.items
-                .iter()
-                .map(|(p, w)| {
-                    PatchInput::from_region(
-                        *p,
-                        *w,
-                        self.pix.view(),
-                        self.ivar.view(),
-                        self.origin,
-                        &self.spots,
-                    )
-                })
-                .collect()
+    /// A simulated exposure (every spot of the set at a random flux plus noise, so that the
+    /// solve is well posed and χ² ~ 1), a copy of `patches[trim]` whose window cuts spots
+    /// (kept core ones included) and leaves some wholly outside, and every pixel of one core
+    /// spot of the first patch masked (its chi2pix has no valid pixel: the `den = 0` branch).
+    fn recipe(trim: usize) -> Recipe {
+        Recipe {
+            trim: Some(Trim::IntoKept(trim)),
+            pixels: Pixels::Exposure,
+            masked: Some(Masked::MiddleKeptBin),
         }
     }
 
@@ -903,49 +806,16 @@ mod tests {
     /// wavelength patches each (the last keeps fewer bins than it solves), and a trimmed copy
     /// of a middle patch.
     fn toy_scene(seed: u64) -> Scene {
-        let psf = toy_psf(12, 2);
-        let popts = PatchOptions {
-            bundlesize: 12,
-            nsubbundles: 3,
-            nwavestep: 20,
-            wavepad: 5,
-            ..Default::default()
-        };
-        let grid = WaveGrid::new(5200.0, 5260.0, 1.0, &popts).unwrap();
-        let plan = Plan::new(0, 12, grid.wave.len(), psf.nfiber(), &popts);
-        let spots = spots::evaluate(&psf, 0, 12, &grid.padded).unwrap();
-        Scene::new(spots, &plan.patches[0], 5, popts.pixpad_frac, seed)
+        Bundle::toy(3).into_scene(seed, recipe(5))
     }
 
-    /// A whole bundle at the real size (25 fibers, subbundles of 6 or 7 fibers × 74 bins): on
-    /// the real PSF when the shared data is there, else on a toy PSF of 25 fibers.
+    /// `picks` of a whole bundle at the real size ([`Bundle::real_size`]), all of it for
+    /// `None`, and a trimmed copy of the middle one; with the PSF's `hsizey`.
     fn bundle_scene(picks: Option<&[usize]>, seed: u64) -> (Scene, usize, &'static str) {
-        let popts = PatchOptions::default();
-        let (psf, grid, what): (Psf, _, _) = match crate::io::shared_data("psf-r0-00067784.fits") {
-            Some(path) => (
-                crate::io::psf::read_psf(&path).unwrap(),
-                WaveGrid::new(5760.0, 7620.0, 0.8, &popts).unwrap(),
-                "real PSF",
-            ),
-            None => (
-                toy_psf(25, 2),
-                WaveGrid::new(5100.0, 5900.0, 1.0, &popts).unwrap(),
-                "toy PSF",
-            ),
-        };
-        let plan = Plan::new(0, 25, grid.wave.len(), psf.nfiber(), &popts);
-        let spots = spots::evaluate(&psf, 0, 25, &grid.padded).unwrap();
-        let all = &plan.patches[0];
-        let patches: Vec<Patch> = match picks {
-            Some(k) => k.iter().map(|&k| all[k.min(all.len() - 1)]).collect(),
-            None => all.clone(),
-        };
-        let trim = patches.len() / 2;
-        (
-            Scene::new(spots, &patches, trim, popts.pixpad_frac, seed),
-            psf.hsizey,
-            what,
-        )
+        let bundle = Bundle::real_size().pick(picks);
+        let (hsizey, what) = (bundle.psf.hsizey, bundle.what);
+        let recipe = recipe(bundle.patches.len() / 2);
+        (bundle.into_scene(seed, recipe), hsizey, what)
     }
 
     /// What `cpu::extract_patch` solves for: `x` (fiber-major) and the flux of every core bin

@@ -952,119 +952,42 @@ mod lapack {
 
 #[cfg(test)]
 mod tests {
-    use ndarray::Array2;
     use rand::{Rng, SeedableRng};
 
     use super::*;
     use crate::extract::cpu::lapack::{single_threaded_blas, syevd, SyevdWork};
-    use crate::extract::cpu::tests::toy_psf;
     use crate::extract::gpu::device;
+    use crate::extract::gpu::scene::{Bundle, Recipe, Scene};
     use crate::extract::{ExtractOptions, PatchInput};
-    use crate::patch::{pixels, PatchOptions, PixelWindow, Plan, WaveGrid};
-    use crate::psf::{spots, Psf, SpotSet};
 
     /// `cpu::DIAG_EPSILON` (private there). `cpu_reference` checks its results bit for bit
     /// against `cpu::extract_patch`, which would fail if this drifted from the CPU's value.
     const DIAG_EPSILON: f64 = 1e-15;
 
-    /// A bundle's spots and random pixels over the union of some of its patches' windows.
-    struct Scene {
-        spots: SpotSet,
-        pix: Array2<f64>,
-        ivar: Array2<f64>,
-        origin: (usize, usize),
-        items: Vec<(Patch, PixelWindow)>,
-        opts: ExtractOptions,
-        what: &'static str,
-    }
-
-    impl Scene {
-        /// Bundle 0 at the real size (25 fibers, 5 subbundles, 74-bin patches), on the real PSF
-        /// when the shared data is there, else on a toy PSF of 25 fibers. Every patch of the
-        /// bundle with `all_patches`, else five: the first, a middle and the last (short:
-        /// nkeep < nstep) of the first subbundle, a middle one of the second, the very last.
-        fn bundle(all_patches: bool, seed: u64) -> Scene {
-            let popts = PatchOptions::default();
-            let (psf, grid, what): (Psf, _, _) =
-                match crate::io::shared_data("psf-r0-00067784.fits") {
-                    Some(path) => (
-                        crate::io::psf::read_psf(&path).unwrap(),
-                        WaveGrid::new(5760.0, 7620.0, 0.8, &popts).unwrap(),
-                        "real PSF",
-                    ),
-                    None => (
-                        toy_psf(25, 2),
-                        WaveGrid::new(5100.0, 5900.0, 1.0, &popts).unwrap(),
-                        "toy PSF",
-                    ),
-                };
-            let plan = Plan::new(0, 25, grid.wave.len(), psf.nfiber(), &popts);
-            let spots = spots::evaluate(&psf, 0, 25, &grid.padded).unwrap();
-            let all = &plan.patches[0];
-            let patches: Vec<Patch> = if all_patches {
-                all.clone()
-            } else {
-                let last0 = all
-                    .iter()
-                    .position(|p| p.nwave_keep < popts.nwavestep)
-                    .expect("the grid does not end on a patch boundary");
-                [0, last0 / 2, last0, last0 + 1 + last0 / 2, all.len() - 1]
-                    .iter()
-                    .map(|&k| all[k])
-                    .collect()
-            };
-            let items: Vec<(Patch, PixelWindow)> = patches
+    /// Bundle 0 at the real size ([`Bundle::real_size`]) with random pixels (~3 % of them and
+    /// every 41st row masked: unevenly constrained bins make the covariance blocks less
+    /// benign), the options to extract it with, and which PSF it is on. Every patch of the
+    /// bundle with `all_patches`, else five: the first, a middle and the last (short: nkeep <
+    /// nstep) of the first subbundle, a middle one of the second, the very last.
+    fn bundle_scene(all_patches: bool, seed: u64) -> (Scene, ExtractOptions, &'static str) {
+        let mut bundle = Bundle::real_size();
+        if !all_patches {
+            let all = &bundle.patches;
+            let last0 = all
                 .iter()
-                .map(|p| (*p, pixels::window(p, &spots, popts.pixpad_frac)))
-                .collect();
-            let ymin = items.iter().map(|(_, w)| w.ymin).min().unwrap();
-            let ymax = items.iter().map(|(_, w)| w.ymax).max().unwrap();
-            let xmin = items.iter().map(|(_, w)| w.xmin).min().unwrap();
-            let xmax = items.iter().map(|(_, w)| w.xmax).max().unwrap();
-            assert!(ymin >= 0 && xmin >= 0, "windows start at ({ymin}, {xmin})");
-            let shape = ((ymax - ymin) as usize, (xmax - xmin) as usize);
-            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-            let pix = Array2::from_shape_fn(shape, |_| rng.gen_range(-20.0..400.0));
-            // ~3 % masked pixels and a masked row every 41, as cosmics and bad rows leave:
-            // unevenly constrained bins make the covariance blocks less benign.
-            let ivar = Array2::from_shape_fn(shape, |(r, _)| {
-                if r % 41 == 7 || rng.gen::<f64>() < 0.03 {
-                    0.0
-                } else {
-                    rng.gen_range(0.002..0.05)
-                }
-            });
-            Scene {
-                opts: ExtractOptions {
-                    regularize: 0.0,
-                    psferr: 0.01,
-                    ndiag: psf.hsizey,
-                    model_image: false,
-                },
-                spots,
-                pix,
-                ivar,
-                origin: (ymin as usize, xmin as usize),
-                items,
-                what,
-            }
+                .position(|p| p.nwave_keep < bundle.popts.nwavestep)
+                .expect("the grid does not end on a patch boundary");
+            let picks = [0, last0 / 2, last0, last0 + 1 + last0 / 2, all.len() - 1];
+            bundle.patches = picks.iter().map(|&k| all[k]).collect();
         }
-
-        fn inputs(&self) -> Vec<PatchInput<'_>> {
-            self.items
-                .iter()
-                .map(|(p, w)| {
-                    PatchInput::from_region(
-                        *p,
-                        *w,
-                        self.pix.view(),
-                        self.ivar.view(),
-                        self.origin,
-                        &self.spots,
-                    )
-                })
-                .collect()
-        }
+        let opts = ExtractOptions {
+            regularize: 0.0,
+            psferr: 0.01,
+            ndiag: bundle.psf.hsizey,
+            model_image: false,
+        };
+        let what = bundle.what;
+        (bundle.into_scene(seed, Recipe::default()), opts, what)
     }
 
     /// The CPU path on one patch: its covariance blocks and solution (the kernel's inputs) and
@@ -1271,13 +1194,10 @@ mod tests {
 
     #[test]
     fn twin_matches_the_cpu_decorrelation() {
-        let scene = Scene::bundle(false, 11);
+        let (scene, opts, what) = bundle_scene(false, 11);
         let inputs = scene.inputs();
-        let ndiag = scene.opts.ndiag;
-        let refs: Vec<CpuRef> = inputs
-            .iter()
-            .map(|i| cpu_reference(i, &scene.opts))
-            .collect();
+        let ndiag = opts.ndiag;
+        let refs: Vec<CpuRef> = inputs.iter().map(|i| cpu_reference(i, &opts)).collect();
         assert!(refs
             .iter()
             .any(|r| r.patch.nwave_keep < r.patch.nwavetot - 2 * r.patch.wavepad));
@@ -1290,7 +1210,7 @@ mod tests {
         eprintln!(
             "twin vs CPU, {} ({} blocks of {}², ndiag {ndiag}): flux {:.1e}, fluxivar {:.1e}, \
              resolution {:.1e}; Jacobi sweeps {lo}..={hi} (mean {mean:.2})",
-            scene.what, layout.nblock, layout.ld, worst[0], worst[1], worst[2]
+            what, layout.nblock, layout.ld, worst[0], worst[1], worst[2]
         );
         assert!(worst.iter().all(|&w| w <= 1e-10), "{worst:?}");
         assert!(hi < MAX_SWEEPS as i32);
@@ -1754,13 +1674,10 @@ mod tests {
         }
         let gpu = Gpu::open(0).expect("GPU 0 opens");
         let kernels = Kernels::load(&gpu).expect("decorrelate.cu compiles and loads");
-        let scene = Scene::bundle(true, 12);
+        let (scene, opts, what) = bundle_scene(true, 12);
         let inputs = scene.inputs();
-        let ndiag = scene.opts.ndiag;
-        let refs: Vec<CpuRef> = inputs
-            .par_iter()
-            .map(|i| cpu_reference(i, &scene.opts))
-            .collect();
+        let ndiag = opts.ndiag;
+        let refs: Vec<CpuRef> = inputs.par_iter().map(|i| cpu_reference(i, &opts)).collect();
         let (blocks, cov, x) = flatten(&refs, ndiag);
         let layout = DecorrLayout::new(&blocks).unwrap();
         let st = &gpu.stream;
@@ -1804,7 +1721,7 @@ mod tests {
             gpu.info.name,
             layout.nblock,
             inputs.len(),
-            scene.what,
+            what,
             worst[0],
             worst[1],
             worst[2]

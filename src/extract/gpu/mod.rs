@@ -19,6 +19,8 @@ pub mod decorrelate;
 pub mod device;
 pub mod normal;
 pub mod ptx;
+#[cfg(test)]
+mod scene;
 pub mod solve;
 pub mod spots;
 

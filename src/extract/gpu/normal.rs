@@ -989,145 +989,33 @@ use crate::extract::cpu::normal as cpu_normal;
 
 #[cfg(test)]
 mod tests {
-    use ndarray::Array2;
-    use rand::{Rng, SeedableRng};
-
     use super::*;
-    use crate::extract::cpu::tests::toy_psf;
     use crate::extract::gpu::device;
-    use crate::patch::{pixels, Patch, PatchOptions, PixelWindow, Plan, WaveGrid};
-    use crate::psf::{spots, Psf, SpotSet};
+    use crate::extract::gpu::scene::{Bundle, Masked, Pixels, Recipe, Scene, Trim};
 
-    /// Spots plus random-ish pixels over the union of some patches' windows.
-    struct Scene {
-        spots: SpotSet,
-        pix: Array2<f64>,
-        ivar: Array2<f64>,
-        origin: (usize, usize),
-        items: Vec<(Patch, PixelWindow)>,
-    }
-
-    impl Scene {
-        /// `patches` with their windows, plus a copy of `patches[trim]` whose window loses
-        /// `ny + 2` rows at the top and 3 at the bottom, so that some of its spots are cut
-        /// (iy0 > 0, iy1 < ny) and some lie wholly outside it (iy1 ≤ iy0).
-        fn new(
-            spots: SpotSet,
-            patches: &[Patch],
-            trim: usize,
-            pixpad_frac: f64,
-            seed: u64,
-        ) -> Scene {
-            let mut items: Vec<(Patch, PixelWindow)> = patches
-                .iter()
-                .map(|p| (*p, pixels::window(p, &spots, pixpad_frac)))
-                .collect();
-            let (p, w) = items[trim];
-            let cut = PixelWindow {
-                ymin: w.ymin + spots.ny as i64 + 2,
-                ymax: w.ymax - 3,
-                ..w
-            };
-            items.push((p, cut));
-            let ymin = items.iter().map(|(_, w)| w.ymin).min().unwrap();
-            let ymax = items.iter().map(|(_, w)| w.ymax).max().unwrap();
-            let xmin = items.iter().map(|(_, w)| w.xmin).min().unwrap();
-            let xmax = items.iter().map(|(_, w)| w.xmax).max().unwrap();
-            assert!(ymin >= 0 && xmin >= 0, "windows start at ({ymin}, {xmin})");
-            let shape = ((ymax - ymin) as usize, (xmax - xmin) as usize);
-            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-            let pix = Array2::from_shape_fn(shape, |_| rng.gen_range(-20.0..400.0));
-            // ~3 % masked pixels and a masked row every 41, as cosmics and bad rows leave.
-            let ivar = Array2::from_shape_fn(shape, |(r, _)| {
-                if r % 41 == 7 || rng.gen::<f64>() < 0.03 {
-                    0.0
-                } else {
-                    rng.gen_range(0.002..0.05)
-                }
-            });
-            let mut scene = Scene {
-                spots,
-                pix,
-                ivar,
-                origin: (ymin as usize, xmin as usize),
-                items,
-            };
-            // One unknown of the first patch with every pixel of its spot masked: AᵀW1 = 0,
-            // below 1e-4·max, so the regularisation's first branch is exercised.
-            let (p, _) = scene.items[0];
-            let s = &scene.spots;
-            let i = s.index(p.specmin - s.grid.fibermin, p.iwave + p.nwavetot / 2);
-            let (r0, c0) = ((s.yc[i] - ymin) as usize, (s.xc[i] - xmin) as usize);
-            let (ny, nx) = (s.ny, s.nx);
-            scene
-                .ivar
-                .slice_mut(ndarray::s![r0..r0 + ny, c0..c0 + nx])
-                .fill(0.0);
-            scene
-        }
-
-        fn inputs(&self) -> Vec<PatchInput<'_>> {
-            self.items
-                .iter()
-                .map(|(p, w)| {
-                    PatchInput::from_region(
-                        *p,
-                        *w,
-                        self.pix.view(),
-                        self.ivar.view(),
-                        self.origin,
-                        &self.spots,
-                    )
-                })
-                .collect()
+    /// Random pixels, a copy of `patches[trim]` whose window cuts some of its spots and leaves
+    /// some wholly outside, and one unknown of the first patch with every pixel of its spot
+    /// masked: AᵀW1 = 0, below 1e-4·max, so the regularisation's first branch is exercised.
+    fn recipe(trim: usize) -> Recipe {
+        Recipe {
+            trim: Some(Trim::Rows(trim)),
+            pixels: Pixels::Random,
+            masked: Some(Masked::MiddleBin),
         }
     }
 
     /// 12 toy fibers in 3 subbundles (5, 6 and 5 fibers solved: mixed sizes, so padding), four
     /// wavelength patches each, and a trimmed copy of a middle patch.
     fn toy_scene(seed: u64) -> Scene {
-        let psf = toy_psf(12, 2);
-        let popts = PatchOptions {
-            bundlesize: 12,
-            nsubbundles: 3,
-            nwavestep: 20,
-            wavepad: 5,
-            ..Default::default()
-        };
-        let grid = WaveGrid::new(5200.0, 5260.0, 1.0, &popts).unwrap();
-        let plan = Plan::new(0, 12, grid.wave.len(), psf.nfiber(), &popts);
-        let spots = spots::evaluate(&psf, 0, 12, &grid.padded).unwrap();
-        Scene::new(spots, &plan.patches[0], 5, popts.pixpad_frac, seed)
+        Bundle::toy(3).into_scene(seed, recipe(5))
     }
 
-    /// A whole bundle at the real size (25 fibers, subbundles of 6 or 7 fibers × 74 bins): on
-    /// the real PSF when the shared data is there, else on a toy PSF of 25 fibers.
+    /// `picks` of a whole bundle at the real size ([`Bundle::real_size`]), all of it for
+    /// `None`, and a trimmed copy of the middle one.
     fn bundle_scene(picks: Option<&[usize]>, seed: u64) -> (Scene, &'static str) {
-        let popts = PatchOptions::default();
-        let (psf, grid, what): (Psf, _, _) = match crate::io::shared_data("psf-r0-00067784.fits") {
-            Some(path) => (
-                crate::io::psf::read_psf(&path).unwrap(),
-                WaveGrid::new(5760.0, 7620.0, 0.8, &popts).unwrap(),
-                "real PSF",
-            ),
-            None => (
-                toy_psf(25, 2),
-                WaveGrid::new(5100.0, 5900.0, 1.0, &popts).unwrap(),
-                "toy PSF",
-            ),
-        };
-        let plan = Plan::new(0, 25, grid.wave.len(), psf.nfiber(), &popts);
-        let spots = spots::evaluate(&psf, 0, 25, &grid.padded).unwrap();
-        let all = &plan.patches[0];
-        let patches: Vec<Patch> = match picks {
-            Some(k) => k.iter().map(|&k| all[k.min(all.len() - 1)]).collect(),
-            None => all.clone(),
-        };
-        let trim = patches.len() / 2;
-        (
-            Scene::new(spots, &patches, trim, popts.pixpad_frac, seed),
-            what,
-        )
+        let bundle = Bundle::real_size().pick(picks);
+        let (what, recipe) = (bundle.what, recipe(bundle.patches.len() / 2));
+        (bundle.into_scene(seed, recipe), what)
     }
 
     /// The CPU path's normal equations of one patch, scattered into a dense fiber-major

@@ -1123,89 +1123,27 @@ impl Drop for Solver {
 mod tests {
     use ndarray::{Array1, Array2, Axis};
     use ndarray_linalg::{Eigh, InverseC, SolveC, UPLO};
-    use rand::{Rng, SeedableRng};
 
     use super::*;
     use crate::extract::cpu::oracle;
-    use crate::extract::cpu::tests::toy_psf;
+    use crate::extract::gpu::scene::{Bundle, Masked, Pixels, Recipe, Scene};
     use crate::extract::gpu::{device, normal};
     use crate::extract::PatchInput;
-    use crate::patch::{pixels, PatchOptions, PixelWindow, Plan, WaveGrid};
-    use crate::psf::{spots, Psf, SpotSet};
+    use crate::patch::Plan;
 
-    /// Spots plus random-ish pixels over the union of some patches' windows.
-    struct Scene {
-        spots: SpotSet,
-        pix: Array2<f64>,
-        ivar: Array2<f64>,
-        origin: (usize, usize),
-        items: Vec<(Patch, PixelWindow)>,
+    /// Random pixels; with `mask_spot`, one unknown of the first patch with every pixel
+    /// masked: only the regularisation (λ = 1e-4 of the largest weight) holds it, and its
+    /// neighbours in wavelength lose most of their pixels, which with `regularize = 0` leaves
+    /// the patch with a condition number ~1e9 on the toy PSF.
+    fn recipe(mask_spot: bool) -> Recipe {
+        Recipe {
+            trim: None,
+            pixels: Pixels::Random,
+            masked: mask_spot.then_some(Masked::MiddleBin),
+        }
     }
 
     impl Scene {
-        fn new(
-            spots: SpotSet,
-            patches: &[Patch],
-            pixpad_frac: f64,
-            seed: u64,
-            mask_spot: bool,
-        ) -> Scene {
-            let items: Vec<(Patch, PixelWindow)> = patches
-                .iter()
-                .map(|p| (*p, pixels::window(p, &spots, pixpad_frac)))
-                .collect();
-            let ymin = items.iter().map(|(_, w)| w.ymin).min().unwrap();
-            let ymax = items.iter().map(|(_, w)| w.ymax).max().unwrap();
-            let xmin = items.iter().map(|(_, w)| w.xmin).min().unwrap();
-            let xmax = items.iter().map(|(_, w)| w.xmax).max().unwrap();
-            assert!(ymin >= 0 && xmin >= 0, "windows start at ({ymin}, {xmin})");
-            let shape = ((ymax - ymin) as usize, (xmax - xmin) as usize);
-            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-            let pix = Array2::from_shape_fn(shape, |_| rng.gen_range(-20.0..400.0));
-            // ~3 % masked pixels and a masked row every 41, as cosmics and bad rows leave.
-            let mut ivar = Array2::from_shape_fn(shape, |(r, _)| {
-                if r % 41 == 7 || rng.gen::<f64>() < 0.03 {
-                    0.0
-                } else {
-                    rng.gen_range(0.002..0.05)
-                }
-            });
-            // With `mask_spot`, one unknown of the first patch with every pixel masked: only the
-            // regularisation (λ = 1e-4 of the largest weight) holds it, and its neighbours in
-            // wavelength lose most of their pixels, which with `regularize = 0` leaves the
-            // patch with a condition number ~1e9 on the toy PSF.
-            let (p, _) = items[0];
-            let i = spots.index(p.specmin - spots.grid.fibermin, p.iwave + p.nwavetot / 2);
-            let (r0, c0) = ((spots.yc[i] - ymin) as usize, (spots.xc[i] - xmin) as usize);
-            if mask_spot {
-                ivar.slice_mut(ndarray::s![r0..r0 + spots.ny, c0..c0 + spots.nx])
-                    .fill(0.0);
-            }
-            Scene {
-                spots,
-                pix,
-                ivar,
-                origin: (ymin as usize, xmin as usize),
-                items,
-            }
-        }
-
-        fn inputs(&self) -> Vec<PatchInput<'_>> {
-            self.items
-                .iter()
-                .map(|(p, w)| {
-                    PatchInput::from_region(
-                        *p,
-                        *w,
-                        self.pix.view(),
-                        self.ivar.view(),
-                        self.origin,
-                        &self.spots,
-                    )
-                })
-                .collect()
-        }
-
         fn shapes(&self) -> Vec<PatchShape> {
             self.items.iter().map(|(p, _)| PatchShape::of(p)).collect()
         }
@@ -1214,18 +1152,7 @@ mod tests {
     /// 12 toy fibers in 5 subbundles of 3, 3, 2, 2, 2 core fibers solving 4, 5, 4, 4, 3 fibers
     /// (first core fiber 0 or 1), 32 bins, four wavelength patches each: every size varies.
     fn toy_scene(seed: u64, mask_spot: bool) -> Scene {
-        let psf = toy_psf(12, 2);
-        let popts = PatchOptions {
-            bundlesize: 12,
-            nsubbundles: 5,
-            nwavestep: 20,
-            wavepad: 5,
-            ..Default::default()
-        };
-        let grid = WaveGrid::new(5200.0, 5260.0, 1.0, &popts).unwrap();
-        let plan = Plan::new(0, 12, grid.wave.len(), psf.nfiber(), &popts);
-        let spots = spots::evaluate(&psf, 0, 12, &grid.padded).unwrap();
-        Scene::new(spots, &plan.patches[0], popts.pixpad_frac, seed, mask_spot)
+        Bundle::toy(5).into_scene(seed, recipe(mask_spot))
     }
 
     /// Patches of one bundle at the real sizes (74 bins, 6 or 7 fibers solved, nmax 518) on the
@@ -1233,38 +1160,17 @@ mod tests {
     /// bundle (all of it for `None`), plus two patches of a 23-fiber frame edge, whose last two
     /// subbundles have 4 core fibers.
     fn bundle_scene(picks: Option<&[usize]>, seed: u64, mask_spot: bool) -> (Scene, &'static str) {
-        let popts = PatchOptions::default();
-        let (psf, grid, what): (Psf, _, _) = match crate::io::shared_data("psf-r0-00067784.fits") {
-            Some(path) => (
-                crate::io::psf::read_psf(&path).unwrap(),
-                WaveGrid::new(5760.0, 7620.0, 0.8, &popts).unwrap(),
-                "real PSF",
-            ),
-            None => (
-                toy_psf(25, 2),
-                WaveGrid::new(5100.0, 5900.0, 1.0, &popts).unwrap(),
-                "toy PSF",
-            ),
-        };
-        let nwave = grid.wave.len();
-        let plan = Plan::new(0, 25, nwave, psf.nfiber(), &popts);
-        let edge = Plan::new(0, 23, nwave, psf.nfiber(), &popts);
-        let spots = spots::evaluate(&psf, 0, 25, &grid.padded).unwrap();
-        let all = &plan.patches[0];
-        let mut patches: Vec<Patch> = match picks {
-            Some(k) => k.iter().map(|&k| all[k.min(all.len() - 1)]).collect(),
-            None => all.clone(),
-        };
+        let mut bundle = Bundle::real_size().pick(picks);
+        let nwave = bundle.grid.wave.len();
+        let edge = Plan::new(0, 23, nwave, bundle.psf.nfiber(), &bundle.popts);
         let four: Vec<Patch> = edge.patches[0]
             .iter()
             .filter(|p| p.nspec == 4)
             .copied()
             .collect();
-        patches.extend([four[3], four[four.len() - 2]]);
-        (
-            Scene::new(spots, &patches, popts.pixpad_frac, seed, mask_spot),
-            what,
-        )
+        bundle.patches.extend([four[3], four[four.len() - 2]]);
+        let what = bundle.what;
+        (bundle.into_scene(seed, recipe(mask_spot)), what)
     }
 
     fn max_abs<'a>(v: impl IntoIterator<Item = &'a f64>) -> f64 {
