@@ -9,7 +9,6 @@
 //! the ranks' hostnames, and rank 0 reports what it sees.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::ffi::c_int;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
@@ -811,11 +810,7 @@ fn probe_gpus() -> GpuProbe {
 
 fn probe_driver() -> GpuProbe {
     use cudarc::driver::{sys, CudaContext};
-    let mut v: c_int = 0;
-    // SAFETY: cuDriverGetVersion writes one int through a pointer valid for the call; it
-    // needs no cuInit.
-    let rc = unsafe { sys::cuDriverGetVersion(&mut v) };
-    let driver = (rc == sys::CUresult::CUDA_SUCCESS).then_some((v / 1000, (v % 1000) / 10));
+    let driver = crate::extract::gpu::device::driver_version();
     let count = match CudaContext::device_count() {
         Ok(n) => usize::try_from(n).unwrap_or(0),
         Err(e) if e.0 == sys::CUresult::CUDA_ERROR_NO_DEVICE => {

@@ -272,6 +272,11 @@ struct ResidentSet {
 /// would hold the host until the stream reached it, and the host must be free to prepare the
 /// next chunk meanwhile. Not write-combined: the host reads it. Grown as chunks need, and
 /// reused chunk after chunk (the lane's previous chunk is collected before the next is queued).
+///
+/// The copy goes into the prefix the source fills, as a plain slice: cudarc copies the whole
+/// destination's length (`size_of_val(dst)`), so a copy into the whole, larger buffer would read
+/// past the end of the device buffer. A plain slice carries no event, so the copy is waited for
+/// by synchronising the lane's stream before [`Pinned::read`] (`GpuBackend::collect`).
 struct Pinned<T: DeviceRepr> {
     buf: Option<PinnedHostSlice<T>>,
 }
@@ -295,10 +300,12 @@ impl<T: DeviceRepr + ValidAsZeroBits + Copy> Pinned<T> {
             self.buf = Some(buf);
         }
         let buf = self.buf.as_mut().expect("allocated above");
-        gpu.stream.memcpy_dtoh(src, buf).map_err(cuda)
+        let dst = &mut buf.as_mut_slice().map_err(cuda)?[..src.len()];
+        gpu.stream.memcpy_dtoh(src, dst).map_err(cuda)
     }
 
-    /// The first `len` elements, once the copy into them is done.
+    /// The first `len` elements; the copy into them must have been waited for (the lane's
+    /// stream synchronised).
     fn read(&self, len: usize) -> Result<Vec<T>, GpuError> {
         let buf = self
             .buf
@@ -521,6 +528,12 @@ impl GpuBackend {
     /// Waits for a queued chunk and reads its results.
     fn collect(&mut self, q: Queued) -> Result<(Range<usize>, ChainOutputs), GpuError> {
         let lane = &self.lanes[q.lane];
+        // The copies into the pinned buffers carry no event of their own (see `Pinned`); the
+        // lane holds only this chunk, queued last.
+        lane.gpu
+            .stream
+            .synchronize()
+            .map_err(|e| GpuError::Cuda(format!("waiting for a chunk: {e:?}")))?;
         let (nb, ncol) = (q.nblock, q.ncol);
         solve::check_potrs_info(lane.potrs.read(1)?[0])?;
         let info = lane.info.read(q.npatch)?;
@@ -570,8 +583,24 @@ impl GpuBackend {
             opts,
             results: vec![None; batch.len()],
         };
-        schedule(&mut run, batch.len(), CHUNK_PATCHES, lanes)?;
-        Ok(run.results)
+        let scheduled = schedule(&mut run, batch.len(), CHUNK_PATCHES, lanes);
+        let results = run.results;
+        if let Err(e) = scheduled {
+            // A chunk still in flight on the other lane may read the resident pixels and
+            // spots, which the next unit frees: let it finish first.
+            self.settle_lanes();
+            return Err(e);
+        }
+        Ok(results)
+    }
+
+    /// Waits for whatever the lanes still run (after an error left chunks uncollected).
+    fn settle_lanes(&self) {
+        for lane in &self.lanes {
+            if let Err(e) = lane.gpu.stream.synchronize() {
+                tracing::warn!("GPU stream after an error: {e:?}");
+            }
+        }
     }
 }
 
@@ -692,6 +721,7 @@ impl Backend for GpuBackend {
         waves: &[f64],
         set: &mut SpotSet,
     ) -> Result<(), ExtractError> {
+        self.settle_lanes();
         self.resident = None;
         if nfiber == 0 || waves.is_empty() {
             // Nothing to evaluate, and CUDA refuses zero-byte buffers.
@@ -726,7 +756,9 @@ impl Backend for GpuBackend {
         pix: ArrayView2<'_, f64>,
         ivar: ArrayView2<'_, f64>,
     ) -> Result<(), ExtractError> {
-        // The previous unit's copy is freed first: two full CCDs need not fit at once.
+        // The previous unit's copy is freed first: two full CCDs need not fit at once. (No lane
+        // reads it any more: batches end collected, or settled after an error.)
+        self.settle_lanes();
         self.pixels = None;
         let up = |b: &mut GpuBackend| -> Result<Option<DevicePixels>, GpuError> {
             let mut marks = Marks::new();

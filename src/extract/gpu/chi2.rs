@@ -190,12 +190,12 @@ impl Chi2Layout {
 
     /// Dynamic shared memory of the per-pixel kernels: `int4 sg[nmax]`, `double sc[nmax]`,
     /// `long long so[nmax]`, `int span[4·nspmax]`.
-    fn smem(&self) -> usize {
+    pub(super) fn smem(&self) -> usize {
         self.nmax * (16 + 8 + 8) + 16 * self.nspmax
     }
 
     /// Row tiles per patch (gridDim.x of the per-pixel kernels).
-    fn tiles(&self) -> usize {
+    pub(super) fn tiles(&self) -> usize {
         self.max_wny.div_ceil(TILE_ROWS)
     }
 

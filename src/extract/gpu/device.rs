@@ -34,31 +34,66 @@ pub fn driver_present() -> bool {
     .unwrap_or(false)
 }
 
-/// The visible devices, or why there are none.
+/// The CUDA version of the driver (`cuDriverGetVersion`, which needs no `cuInit`), when the
+/// driver library loads.
+pub fn driver_version() -> Option<(i32, i32)> {
+    use cudarc::driver::sys;
+    if !driver_present() {
+        return None;
+    }
+    let mut v: std::ffi::c_int = 0;
+    // SAFETY: cuDriverGetVersion writes one int through a pointer valid for the call.
+    let rc = guarded("cuDriverGetVersion", || unsafe {
+        sys::cuDriverGetVersion(&mut v)
+    })
+    .ok()?;
+    (rc == sys::CUresult::CUDA_SUCCESS).then_some((v / 1000, (v % 1000) / 10))
+}
+
+/// The visible devices, or why there are none. Reads each device's properties without
+/// creating a context on it: a context costs memory on every GPU a rank sees, and a GPU in
+/// exclusive-process mode that another rank already holds would refuse one.
 pub fn probe() -> Result<Vec<DeviceInfo>, GpuError> {
+    use cudarc::driver::result as cu;
+    use cudarc::driver::sys::CUdevice_attribute as attr;
     if !driver_present() {
         return Err(GpuError::Library(
             "no CUDA driver library (libcuda.so): this machine has no NVIDIA GPU driver".into(),
         ));
     }
-    let n = guarded("cuDeviceGetCount", CudaContext::device_count)?
+    guarded("cuInit", cu::init)?
+        .map_err(|e| GpuError::NoDevice(format!("the CUDA driver does not start: {e:?}")))?;
+    let n = guarded("cuDeviceGetCount", cu::device::get_count)?
         .map_err(|e| GpuError::NoDevice(format!("no usable GPU: {e:?}")))?;
     if n <= 0 {
         return Err(GpuError::NoDevice(
             "the CUDA driver sees no GPU (check CUDA_VISIBLE_DEVICES and Slurm's --gpus)".into(),
         ));
     }
-    (0..n as usize)
+    (0..n)
         .map(|ordinal| {
-            let ctx = guarded("cuCtxCreate", || CudaContext::new(ordinal))?
-                .map_err(|e| GpuError::Cuda(format!("opening GPU {ordinal}: {e:?}")))?;
             let q =
                 |e: cudarc::driver::DriverError| GpuError::Cuda(format!("GPU {ordinal}: {e:?}"));
+            let dev = guarded("cuDeviceGet", || cu::device::get(ordinal))?.map_err(q)?;
+            // SAFETY: `dev` was returned by cuDeviceGet for this ordinal just above.
+            let (major, minor, total_mem) = guarded("cuDeviceGetAttribute", || unsafe {
+                (
+                    cu::device::get_attribute(
+                        dev,
+                        attr::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+                    ),
+                    cu::device::get_attribute(
+                        dev,
+                        attr::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
+                    ),
+                    cu::device::total_mem(dev),
+                )
+            })?;
             Ok(DeviceInfo {
-                ordinal,
-                name: ctx.name().map_err(q)?,
-                arch: ctx.compute_capability().map_err(q)?,
-                total_mem: ctx.total_mem().map_err(q)?,
+                ordinal: ordinal as usize,
+                name: guarded("cuDeviceGetName", || cu::device::get_name(dev))?.map_err(q)?,
+                arch: (major.map_err(q)?, minor.map_err(q)?),
+                total_mem: total_mem.map_err(q)?,
             })
         })
         .collect()
@@ -110,7 +145,20 @@ impl Gpu {
         let text = ptx::ptx(name, self.info.arch)?;
         self.ctx
             .load_module(cudarc::nvrtc::Ptx::from_src(text))
-            .map_err(|e| GpuError::Kernel(format!("loading {name} on {}: {e:?}", self.info.name)))
+            .map_err(|e| {
+                // A newer NVRTC than the driver writes PTX the driver cannot read: say which.
+                let hint = if format!("{e:?}").contains("UNSUPPORTED_PTX_VERSION") {
+                    format!(
+                        " (the PTX comes from NVRTC {:?}, the driver supports CUDA {:?}: put an \
+                         NVRTC no newer than the driver first on LD_LIBRARY_PATH)",
+                        ptx::nvrtc_version().ok(),
+                        driver_version()
+                    )
+                } else {
+                    String::new()
+                };
+                GpuError::Kernel(format!("loading {name} on {}: {e:?}{hint}", self.info.name))
+            })
     }
 }
 

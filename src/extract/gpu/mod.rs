@@ -17,6 +17,8 @@ pub mod choice;
 pub mod cost;
 pub mod decorrelate;
 pub mod device;
+#[cfg(test)]
+mod emu;
 pub mod normal;
 pub mod ptx;
 #[cfg(test)]

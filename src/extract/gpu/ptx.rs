@@ -26,8 +26,9 @@ fn source(name: &str) -> Result<&'static str, GpuError> {
 }
 
 /// The source with its `#include "x.cuh"` lines replaced by the embedded headers, so that
-/// NVRTC needs no include path at run time.
-fn expanded(name: &str) -> Result<String, GpuError> {
+/// NVRTC needs no include path at run time (and the CPU emulation tests, `emu`, compile the
+/// same text).
+pub(super) fn expanded(name: &str) -> Result<String, GpuError> {
     let mut out = String::new();
     for line in source(name)?.lines() {
         let inc = line
@@ -92,7 +93,7 @@ pub fn nvrtc_present() -> bool {
     std::panic::catch_unwind(|| unsafe { cudarc::nvrtc::sys::is_culib_present() }).unwrap_or(false)
 }
 
-fn nvrtc_version() -> Result<(i32, i32), GpuError> {
+pub(super) fn nvrtc_version() -> Result<(i32, i32), GpuError> {
     let (mut major, mut minor) = (0, 0);
     // SAFETY: nvrtcVersion writes two ints through pointers to these live locals; the library
     // was found loadable by `nvrtc_present` and catch_unwind guards a missing symbol.
@@ -169,6 +170,23 @@ fn store(path: &Path, text: &str) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+/// Every kernel's parameters as its launcher passes them, in order: `i` a 32-bit int, `d`
+/// a double, `p` a device pointer. Kept beside the launch builders' `.arg` sequences
+/// (spots.rs, normal.rs, chi2.rs, decorrelate.rs): a change to a kernel's signature
+/// that its launcher does not follow would launch with shifted arguments, which nothing
+/// short of a GPU run would otherwise notice. The CPU emulation tests (`emu`) call the kernels
+/// with these kinds too.
+#[cfg(test)]
+pub(super) const LAUNCH_ABI: [(&str, &str, &str); 7] = [
+    ("spots.cu", "spots", "pipipippiiiiiiippppp"),
+    ("normal.cu", "normal_dense", "iiipppppppppp"),
+    ("normal.cu", "normal_regularize", "ippddp"),
+    ("chi2.cu", "chi2_pixels", "iiidppppppppppppp"),
+    ("chi2.cu", "chi2_project", "iiiipppppppppppp"),
+    ("chi2.cu", "chi2_model_image", "iiipppppppp"),
+    ("decorrelate.cu", "decorrelate", "iiiipppppppppp"),
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,21 +243,6 @@ mod tests {
             assert_eq!(ptx_in(f, (9, 0), Some(dir.path())).unwrap(), text);
         }
     }
-
-    /// Every kernel's parameters as its launcher passes them, in order: `i` a 32-bit int, `d`
-    /// a double, `p` a device pointer. Kept beside the launch builders' `.arg` sequences
-    /// (spots.rs, normal.rs, chi2.rs, decorrelate.rs): a change to a kernel's signature
-    /// that its launcher does not follow would launch with shifted arguments, which nothing
-    /// short of a GPU run would otherwise notice.
-    const LAUNCH_ABI: [(&str, &str, &str); 7] = [
-        ("spots.cu", "spots", "pipipippiiiiiiippppp"),
-        ("normal.cu", "normal_dense", "iiipppppppppp"),
-        ("normal.cu", "normal_regularize", "ippddp"),
-        ("chi2.cu", "chi2_pixels", "iiidppppppppppppp"),
-        ("chi2.cu", "chi2_project", "iiiipppppppppppp"),
-        ("chi2.cu", "chi2_model_image", "iiipppppppp"),
-        ("decorrelate.cu", "decorrelate", "iiiipppppppppp"),
-    ];
 
     /// The parameter kinds of entry `name` in `ptx` (as LAUNCH_ABI writes them), or None
     /// when there is no such entry.

@@ -1,0 +1,1342 @@
+//! The CUDA C kernels themselves, run on the CPU: each kernel file is compiled with the host's
+//! C++ compiler against a small emulation layer (`kernels/emu/cuda_emu.h`: blocks one after
+//! the other, a block's threads as OS threads, `__syncthreads`/`__syncwarp` as barriers,
+//! shuffles, integer atomics, IEEE `__d*_rn` intrinsics, dynamic shared memory poisoned with
+//! NaN at every block) and launched with the grid, block and shared memory its launcher uses,
+//! on inputs built by the launchers' own layout code. Its outputs, poisoned with NaN
+//! beforehand, are compared with the host twins: bit for bit where the twin promises it
+//! (normal.cu, chi2.cu, decorrelate.cu), relative to each spot's peak for spots.cu (glibc's
+//! `erf` against the `libm` crate's).
+//!
+//! What this checks that the twin tests do not: that the CUDA source does what its twin does
+//! (indexing, barriers, shared-memory carve-up, argument order). What it cannot check: CUDA's
+//! own arithmetic (FMA contraction under `--fmad=true`, CUDA's `erf`/`exp`), timing-dependent
+//! races that the CPU schedule happens not to show, and anything about the real hardware.
+//!
+//! Without a C++ compiler the tests skip with a message; with `SPEXTRACT_REQUIRE_EMU=1` (CI)
+//! they fail instead. A launch that does not finish within its time limit (a barrier
+//! deadlock) fails the test.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+
+use super::ptx::{expanded, LAUNCH_ABI};
+
+/// The emulation layer, written next to each runner program.
+const HEADER: &str = include_str!("../../../kernels/emu/cuda_emu.h");
+/// How long one launch may run before it counts as hung.
+const LAUNCH_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// The C++ compiler and the flags the runners are built with.
+struct Toolchain {
+    cxx: String,
+    flags: Vec<&'static str>,
+}
+
+/// The compiler (`$CXX`, else g++, c++, clang++), with AddressSanitizer and UBSan when they
+/// link (out-of-bounds reads and writes, of shared memory too, and signed overflow then
+/// abort the launch). None when no compiler runs.
+fn toolchain() -> Option<&'static Toolchain> {
+    static TOOLCHAIN: OnceLock<Option<Toolchain>> = OnceLock::new();
+    TOOLCHAIN
+        .get_or_init(|| {
+            let candidates = std::env::var("CXX")
+                .ok()
+                .into_iter()
+                .chain(["g++", "c++", "clang++"].map(String::from));
+            let cxx = candidates.into_iter().find(|c| {
+                Command::new(c)
+                    .arg("--version")
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+            })?;
+            let mut flags = vec!["-std=c++20", "-O1", "-ffp-contract=off", "-pthread", "-g0"];
+            let sanitizers = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"];
+            let dir = tempfile::tempdir().ok()?;
+            let probe = dir.path().join("probe.cc");
+            std::fs::write(&probe, "#include <barrier>\nint main() { return 0; }\n").ok()?;
+            let links = Command::new(&cxx)
+                .args(&flags)
+                .args(sanitizers)
+                .arg(&probe)
+                .arg("-o")
+                .arg(dir.path().join("probe"))
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if links {
+                flags.extend(sanitizers);
+            } else {
+                eprintln!("emu: {cxx} cannot link the sanitizers; running without them");
+            }
+            Some(Toolchain { cxx, flags })
+        })
+        .as_ref()
+}
+
+/// The toolchain, or None after a skip message (a failure when `SPEXTRACT_REQUIRE_EMU=1`).
+fn toolchain_or_skip() -> Option<&'static Toolchain> {
+    let t = toolchain();
+    if t.is_none() {
+        assert!(
+            std::env::var("SPEXTRACT_REQUIRE_EMU").map_or(true, |v| v != "1"),
+            "SPEXTRACT_REQUIRE_EMU=1 but no C++ compiler (g++, c++, clang++ or $CXX) runs"
+        );
+        eprintln!("skipping: no C++ compiler to run the kernels on the CPU (install g++)");
+    }
+    t
+}
+
+/// A launch argument: an `int`, a `double`, or a buffer (its bytes; written back).
+enum Arg {
+    I(i32),
+    D(f64),
+    P(Vec<u8>),
+}
+
+impl Arg {
+    fn kind(&self) -> char {
+        match self {
+            Arg::I(_) => 'i',
+            Arg::D(_) => 'd',
+            Arg::P(_) => 'p',
+        }
+    }
+}
+
+fn int(v: usize) -> Arg {
+    Arg::I(i32::try_from(v).expect("an int argument overflows i32"))
+}
+
+fn f64s(v: &[f64]) -> Arg {
+    Arg::P(v.iter().flat_map(|x| x.to_ne_bytes()).collect())
+}
+
+fn i32s(v: &[i32]) -> Arg {
+    Arg::P(v.iter().flat_map(|x| x.to_ne_bytes()).collect())
+}
+
+fn i64s(v: &[i64]) -> Arg {
+    Arg::P(v.iter().flat_map(|x| x.to_ne_bytes()).collect())
+}
+
+fn nan(n: usize) -> Arg {
+    f64s(&vec![f64::NAN; n])
+}
+
+/// One kernel launch.
+struct Launch<'a> {
+    kernel: &'a str,
+    grid: (u32, u32, u32),
+    block: (u32, u32, u32),
+    smem: usize,
+    args: Vec<Arg>,
+}
+
+/// Every argument after the launch: the buffers as the kernel left them, None for scalars.
+struct Out(Vec<Option<Vec<u8>>>);
+
+impl Out {
+    fn bytes(&self, k: usize) -> &[u8] {
+        self.0[k]
+            .as_deref()
+            .unwrap_or_else(|| panic!("argument {k} is not a buffer"))
+    }
+
+    fn f64s(&self, k: usize) -> Vec<f64> {
+        self.bytes(k)
+            .chunks_exact(8)
+            .map(|c| f64::from_ne_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+
+    fn i32s(&self, k: usize) -> Vec<i32> {
+        self.bytes(k)
+            .chunks_exact(4)
+            .map(|c| i32::from_ne_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+
+    fn i64s(&self, k: usize) -> Vec<i64> {
+        self.bytes(k)
+            .chunks_exact(8)
+            .map(|c| i64::from_ne_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+}
+
+/// `extern __shared__ T name[];` (dynamic shared memory, which a function static cannot
+/// express) rewritten to a pointer into the launch's dynamic shared memory.
+fn rewrite_dynamic_shared(src: &str) -> String {
+    let mut out = String::with_capacity(src.len());
+    for line in src.lines() {
+        let t = line.trim_start();
+        if let Some(decl) = t.strip_prefix("extern __shared__ ") {
+            let indent = &line[..line.len() - t.len()];
+            let (ty, name) = decl
+                .trim()
+                .strip_suffix("[];")
+                .and_then(|d| d.rsplit_once(char::is_whitespace))
+                .unwrap_or_else(|| panic!("unexpected dynamic shared memory line: {line}"));
+            out += &format!(
+                "{indent}{ty}* const {name} = reinterpret_cast<{ty}*>(emu_dynamic_smem());\n"
+            );
+        } else {
+            out += line;
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// The runner program: the emulation header, the kernel source, and a `main` that reads a
+/// launch description, calls entry point `name` with its arguments (kinds as in LAUNCH_ABI)
+/// on every thread of the grid and writes the buffers back.
+fn runner_source(source: &str, entries: &[(String, String)]) -> String {
+    let mut s = String::from("#include \"cuda_emu.h\"\n#line 1 \"kernel.cu\"\n");
+    s += source;
+    s += "\n// ---- generated runner ----\nint main(int argc, char** argv)\n{\n";
+    s += "    if (argc != 3) { std::fprintf(stderr, \"usage: runner IN OUT\\n\"); return 2; }\n";
+    s += "    FILE* in = std::fopen(argv[1], \"rb\");\n";
+    s += "    if (!in) { std::perror(argv[1]); return 2; }\n";
+    s += "    EmuLaunch l = emu_read_launch(in);\n    std::fclose(in);\n";
+    for (name, kinds) in entries {
+        let n = kinds.len();
+        s += &format!("    if (l.name == \"{name}\") {{\n");
+        s += &format!(
+            "        if (l.args.size() != {n}) {{ std::fprintf(stderr, \"cuda_emu: {name} takes \
+             {n} arguments\\n\"); return 5; }}\n"
+        );
+        for (k, c) in kinds.chars().enumerate() {
+            s += &format!("        const auto a{k} = l.{c}({k});\n");
+        }
+        let call: Vec<String> = (0..n).map(|k| format!("a{k}")).collect();
+        s += &format!(
+            "        emu_launch(l.grid, l.block, l.smem, [&] {{ {name}({}); }});\n    }} else\n",
+            call.join(", ")
+        );
+    }
+    s += "    { std::fprintf(stderr, \"cuda_emu: no kernel %s\\n\", l.name.c_str()); return 7; }\n";
+    s += "    FILE* out = std::fopen(argv[2], \"wb\");\n";
+    s += "    if (!out) { std::perror(argv[2]); return 2; }\n";
+    s += "    emu_write_buffers(out, l);\n    return std::fclose(out) == 0 ? 0 : 2;\n}\n";
+    s
+}
+
+/// A compiled runner in a temporary directory (removed with it).
+struct Program {
+    dir: tempfile::TempDir,
+    exe: PathBuf,
+    entries: Vec<(String, String)>,
+}
+
+/// Runners alive in this process, by source hash, so that tests running at the same time
+/// compile a source once. Weak: a runner's directory goes when its last user drops it.
+type Compiled = Arc<Mutex<Weak<Program>>>;
+
+fn compiled() -> &'static Mutex<HashMap<u64, Compiled>> {
+    static CACHE: OnceLock<Mutex<HashMap<u64, Compiled>>> = OnceLock::new();
+    CACHE.get_or_init(Default::default)
+}
+
+impl Program {
+    /// Compiles `source` (a kernel file's text, includes expanded) with entry points
+    /// `entries` (name, LAUNCH_ABI kinds); cached by source within the process.
+    fn build(
+        tc: &Toolchain,
+        source: &str,
+        entries: &[(&str, &str)],
+    ) -> Result<Arc<Program>, String> {
+        let entries: Vec<(String, String)> = entries
+            .iter()
+            .map(|(n, k)| (n.to_string(), k.to_string()))
+            .collect();
+        let text = runner_source(&rewrite_dynamic_shared(source), &entries);
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        std::hash::Hash::hash(&(&text, HEADER, &tc.flags), &mut h);
+        let key = std::hash::Hasher::finish(&h);
+        let slot = compiled().lock().unwrap().entry(key).or_default().clone();
+        let mut slot = slot.lock().unwrap();
+        if let Some(p) = slot.upgrade() {
+            return Ok(p);
+        }
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        std::fs::write(dir.path().join("cuda_emu.h"), HEADER).map_err(|e| e.to_string())?;
+        let src = dir.path().join("runner.cc");
+        std::fs::write(&src, &text).map_err(|e| e.to_string())?;
+        let exe = dir.path().join("runner");
+        let t0 = Instant::now();
+        let out = Command::new(&tc.cxx)
+            .args(&tc.flags)
+            .arg("-I")
+            .arg(dir.path())
+            .arg(&src)
+            .arg("-o")
+            .arg(&exe)
+            .output()
+            .map_err(|e| format!("{}: {e}", tc.cxx))?;
+        if !out.status.success() {
+            return Err(format!(
+                "{} could not compile the runner:\n{}",
+                tc.cxx,
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let names: Vec<&str> = entries.iter().map(|e| e.0.as_str()).collect();
+        eprintln!(
+            "emu: compiled {} in {:.1} s",
+            names.join(", "),
+            t0.elapsed().as_secs_f64()
+        );
+        let p = Arc::new(Program { dir, exe, entries });
+        *slot = Arc::downgrade(&p);
+        Ok(p)
+    }
+
+    /// The runner of kernel file `file` (every entry point LAUNCH_ABI lists for it), its text
+    /// passed through `edit` first (the tests plant bugs that way).
+    fn kernel_file(
+        tc: &Toolchain,
+        file: &str,
+        edit: impl Fn(String) -> String,
+    ) -> Result<Arc<Program>, String> {
+        let src = edit(expanded(file).map_err(|e| e.to_string())?);
+        let entries: Vec<(&str, &str)> = LAUNCH_ABI
+            .iter()
+            .filter(|(f, _, _)| *f == file)
+            .map(|(_, n, k)| (*n, *k))
+            .collect();
+        assert!(!entries.is_empty(), "{file} is not in LAUNCH_ABI");
+        Program::build(tc, &src, &entries)
+    }
+
+    /// Runs `l` and returns every argument as the kernel left it; Err with the runner's
+    /// messages when it fails (a trap, a sanitizer report) or runs past `timeout`.
+    fn run(&self, l: &Launch, timeout: Duration) -> Result<Out, String> {
+        let kinds: String = l.args.iter().map(Arg::kind).collect();
+        match self.entries.iter().find(|(n, _)| n == l.kernel) {
+            Some((_, k)) if *k == kinds => {}
+            Some((_, k)) => panic!(
+                "{}: arguments of kinds {kinds}, the kernel takes {k}",
+                l.kernel
+            ),
+            None => panic!("no entry point {} in this program", l.kernel),
+        }
+        static SEQ: AtomicUsize = AtomicUsize::new(0);
+        let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+        let path = |what: &str| self.dir.path().join(format!("{what}-{seq}"));
+        let (inp, outp, errp) = (path("in"), path("out"), path("err"));
+        let mut f =
+            std::io::BufWriter::new(std::fs::File::create(&inp).map_err(|e| e.to_string())?);
+        let mut put = |b: &[u8]| f.write_all(b).map_err(|e| e.to_string());
+        put(&(l.kernel.len() as u32).to_ne_bytes())?;
+        put(l.kernel.as_bytes())?;
+        for v in [
+            l.grid.0, l.grid.1, l.grid.2, l.block.0, l.block.1, l.block.2,
+        ] {
+            put(&v.to_ne_bytes())?;
+        }
+        put(&(l.smem as u64).to_ne_bytes())?;
+        put(&(l.args.len() as u32).to_ne_bytes())?;
+        for a in &l.args {
+            put(&[a.kind() as u8])?;
+            match a {
+                Arg::I(v) => put(&v.to_ne_bytes())?,
+                Arg::D(v) => put(&v.to_ne_bytes())?,
+                Arg::P(b) => {
+                    put(&(b.len() as u64).to_ne_bytes())?;
+                    put(b)?;
+                }
+            }
+        }
+        f.flush().map_err(|e| e.to_string())?;
+        drop(f);
+        let t0 = Instant::now();
+        let mut child = Command::new(&self.exe)
+            .arg(&inp)
+            .arg(&outp)
+            .env("ASAN_OPTIONS", "detect_leaks=0:abort_on_error=0")
+            .env("UBSAN_OPTIONS", "print_stacktrace=1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&errp).map_err(|e| e.to_string())?)
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let status = loop {
+            if let Some(s) = child.try_wait().map_err(|e| e.to_string())? {
+                break s;
+            }
+            if t0.elapsed() > timeout {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "{}: no result after {timeout:?} (a barrier deadlock?)",
+                    l.kernel
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let stderr = std::fs::read_to_string(&errp).unwrap_or_default();
+        if !status.success() {
+            return Err(format!(
+                "{}: the runner failed ({status}):\n{stderr}",
+                l.kernel
+            ));
+        }
+        let bytes = std::fs::read(&outp).map_err(|e| e.to_string())?;
+        for p in [&inp, &outp, &errp] {
+            let _ = std::fs::remove_file(p);
+        }
+        let mut at = 0usize;
+        let mut out = Vec::with_capacity(l.args.len());
+        for a in &l.args {
+            out.push(match a {
+                Arg::P(b) => {
+                    let n = u64::from_ne_bytes(bytes[at..at + 8].try_into().unwrap()) as usize;
+                    assert_eq!(n, b.len(), "{}: a buffer came back resized", l.kernel);
+                    at += 8 + n;
+                    Some(bytes[at - n..at].to_vec())
+                }
+                _ => None,
+            });
+        }
+        assert_eq!(at, bytes.len(), "{}: trailing output", l.kernel);
+        Ok(Out(out))
+    }
+}
+
+/// Differences between an emulated output and the twin's.
+#[derive(Debug, Default, Clone, Copy)]
+struct Diff {
+    count: usize,
+    /// Elements whose bits differ (NaN matches any NaN).
+    differ: usize,
+    /// Largest |a − b| relative to the largest finite |b|.
+    rel: f64,
+    /// NaN where the twin has a number: left as poisoned, or computed from poisoned memory.
+    nan: usize,
+}
+
+impl Diff {
+    fn of(got: &[f64], want: &[f64]) -> Diff {
+        assert_eq!(got.len(), want.len());
+        let scale = want
+            .iter()
+            .filter(|v| v.is_finite())
+            .fold(0.0f64, |m, v| m.max(v.abs()))
+            .max(f64::MIN_POSITIVE);
+        let mut d = Diff {
+            count: got.len(),
+            ..Diff::default()
+        };
+        for (a, b) in got.iter().zip(want) {
+            if a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()) {
+                continue;
+            }
+            d.differ += 1;
+            d.nan += usize::from(a.is_nan());
+            d.rel = d.rel.max(if a.is_finite() && b.is_finite() {
+                (a - b).abs() / scale
+            } else {
+                f64::INFINITY
+            });
+        }
+        d
+    }
+
+    fn add(&mut self, o: Diff) {
+        self.count += o.count;
+        self.differ += o.differ;
+        self.rel = self.rel.max(o.rel);
+        self.nan += o.nan;
+    }
+
+    fn same(&self) -> bool {
+        self.differ == 0
+    }
+}
+
+impl std::fmt::Display for Diff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}/{} differ (max rel {:.1e}, {} NaN)",
+            self.differ, self.count, self.rel, self.nan
+        )
+    }
+}
+
+mod harness {
+    //! The emulation layer's own semantics, on small kernels written for it.
+    use super::*;
+
+    const SOURCE: &str = r#"
+// Warp shuffles (a tree sum into lane 0, then a broadcast), then `rounds` __syncthreads_or
+// whose only candidate thread is sel[r], with threads t >= cut leaving after round `leave`.
+extern "C" __global__ void emu_selftest(int rounds, int cut, int leave,
+                                        const int* __restrict__ sel, int* __restrict__ ors,
+                                        double* __restrict__ sums)
+{
+    const int t = threadIdx.x;
+    double x = (double)(blockIdx.x * blockDim.x + t);
+    for (int off = 16; off > 0; off >>= 1) {
+        x += __shfl_down_sync(0xffffffffu, x, off);
+    }
+    sums[blockIdx.x * blockDim.x + t] = __shfl_sync(0xffffffffu, x, 0);
+    for (int r = 0; r < rounds; ++r) {
+        if (r == leave && t >= cut) {
+            return;
+        }
+        const int v = __syncthreads_or(t == sel[r]);
+        if (t == 0) {
+            ors[blockIdx.x * rounds + r] = v;
+        }
+    }
+}
+
+// Reads dynamic shared memory nobody wrote.
+extern "C" __global__ void emu_poison(double* __restrict__ out)
+{
+    extern __shared__ double dyn[];
+    out[threadIdx.x] = dyn[threadIdx.x];
+}
+
+// Never finishes.
+extern "C" __global__ void emu_hang(int n, int* __restrict__ out)
+{
+    __shared__ int flag;
+    if (threadIdx.x == 0) {
+        flag = 0;
+    }
+    __syncthreads();
+    while (flag == 0) {
+        __syncthreads();
+    }
+    out[threadIdx.x] = n;
+}
+"#;
+
+    #[test]
+    fn barriers_shuffles_and_shared_memory_behave_as_on_a_gpu() {
+        let Some(tc) = toolchain_or_skip() else {
+            return;
+        };
+        let entries = [
+            ("emu_selftest", "iiippp"),
+            ("emu_poison", "p"),
+            ("emu_hang", "ip"),
+        ];
+        let prog = Program::build(tc, SOURCE, &entries).unwrap();
+        let (nt, nb, rounds, cut, leave) = (96usize, 3usize, 40usize, 40usize, 17usize);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        let sel: Vec<i32> = (0..rounds).map(|_| rng.gen_range(-5..110)).collect();
+        let l = Launch {
+            kernel: "emu_selftest",
+            grid: (nb as u32, 1, 1),
+            block: (nt as u32, 1, 1),
+            smem: 0,
+            args: vec![
+                int(rounds),
+                int(cut),
+                int(leave),
+                i32s(&sel),
+                i32s(&vec![-1; nb * rounds]),
+                nan(nb * nt),
+            ],
+        };
+        let out = prog.run(&l, LAUNCH_TIMEOUT).unwrap();
+        let ors = out.i32s(4);
+        for b in 0..nb {
+            for (r, &s) in sel.iter().enumerate() {
+                let alive = (0..nt as i32).contains(&s) && (r < leave || s < cut as i32);
+                assert_eq!(ors[b * rounds + r], i32::from(alive), "block {b} round {r}");
+            }
+        }
+        assert!(ors.contains(&1) && ors.contains(&0));
+        let sums = out.f64s(5);
+        for (i, &s) in sums.iter().enumerate() {
+            let w0 = i / 32 * 32;
+            let want: usize = (w0..w0 + 32).sum();
+            assert_eq!(s, want as f64, "thread {i}");
+        }
+        let l = Launch {
+            kernel: "emu_poison",
+            grid: (2, 1, 1),
+            block: (64, 1, 1),
+            smem: 64 * 8,
+            args: vec![f64s(&vec![0.0; 64])],
+        };
+        let out = prog.run(&l, LAUNCH_TIMEOUT).unwrap();
+        assert!(out.f64s(0).iter().all(|v| v.is_nan()));
+        let l = Launch {
+            kernel: "emu_hang",
+            grid: (1, 1, 1),
+            block: (64, 1, 1),
+            smem: 0,
+            args: vec![int(1), i32s(&[0; 64])],
+        };
+        let err = prog
+            .run(&l, Duration::from_secs(2))
+            .map(|_| ())
+            .unwrap_err();
+        assert!(err.contains("deadlock"), "{err}");
+    }
+}
+
+/// Which rows of the windows the scenes' layouts exercise.
+#[derive(Debug, Default)]
+struct Coverage {
+    cut_top: usize,
+    cut_bottom: usize,
+    outside: usize,
+    padded_patches: usize,
+}
+
+fn coverage(layout: &super::normal::BatchLayout) -> Coverage {
+    let ny = layout.ny as i32;
+    let mut c = Coverage::default();
+    for b in 0..layout.npatch {
+        c.padded_patches += usize::from(layout.n(b) < layout.nmax);
+        for u in 0..layout.n(b) {
+            let g = &layout.geom[4 * (b * layout.nmax + u)..][..4];
+            c.cut_top += usize::from(g[2] > 0 && g[2] < g[3]);
+            c.cut_bottom += usize::from(g[3] < ny && g[2] < g[3]);
+            c.outside += usize::from(g[3] <= g[2]);
+        }
+    }
+    c
+}
+
+/// The scenes the pixel-stage tests run on: the toy bundle (3 subbundles of 5, 6 and 5 solved
+/// fibers: mixed sizes, so padded unknowns), three of its patches and a trimmed copy of the
+/// second (spots cut at the top and bottom of its window, some wholly outside), the first
+/// patch with one spot wholly masked; as a batch of copies and as a batch indexing the scene's
+/// pixels and spots where they lie (rows `ld` > window width apart, `spot_off` into the set).
+mod scenes {
+    use super::super::normal::{BatchLayout, Resident, ResidentPixels, ResidentSpots};
+    use super::super::scene::{Bundle, Recipe, Scene};
+    use crate::extract::PatchInput;
+    use crate::psf::SpotSet;
+
+    pub(super) fn scene(recipe: Recipe, seed: u64) -> Scene {
+        Bundle::toy(3)
+            .pick(Some(&[0, 5, 11]))
+            .into_scene(seed, recipe)
+    }
+
+    /// The layout of `scene` with the batch's own copies.
+    pub(super) fn copies(scene: &Scene) -> (BatchLayout, Vec<PatchInput<'_>>) {
+        let inputs = scene.inputs();
+        (BatchLayout::new(&inputs).unwrap(), inputs)
+    }
+
+    /// The layout of `scene` indexing its pixels and spots in place, with the arrays the
+    /// device would hold filled in. `geometry` is the scene's spot set without values.
+    pub(super) fn resident<'a>(
+        scene: &'a Scene,
+        geometry: &'a SpotSet,
+    ) -> (BatchLayout, Vec<PatchInput<'a>>) {
+        let inputs: Vec<PatchInput<'a>> = scene
+            .items
+            .iter()
+            .map(|(p, w)| {
+                PatchInput::from_region(
+                    *p,
+                    *w,
+                    scene.pix.view(),
+                    scene.ivar.view(),
+                    scene.origin,
+                    geometry,
+                )
+            })
+            .collect();
+        let key = ResidentSpots::of(geometry);
+        let resident = Resident {
+            pixels: ResidentPixels::of(scene.pix.view(), scene.ivar.view()),
+            spots: Some(&key),
+        };
+        let mut layout = BatchLayout::with_resident(&inputs, &resident).unwrap();
+        assert!(layout.pixels_resident && layout.spots_resident);
+        assert!((0..layout.npatch).all(|b| layout.patch[4 * b + 3] > layout.patch[4 * b + 2]));
+        layout.pix = scene.pix.iter().copied().collect();
+        layout.ivar = scene.ivar.iter().copied().collect();
+        layout.spots = scene.spots.values.clone();
+        (layout, inputs)
+    }
+
+    pub(super) fn geometry_of(scene: &Scene) -> SpotSet {
+        let mut g = scene.spots.clone();
+        g.values.clear();
+        g
+    }
+}
+
+mod normal_cu {
+    //! normal.cu against `normal::twin`, which promises the kernel's bits.
+    use super::super::normal::{twin, BatchLayout, HostDense, DENSE_THREADS, REG_THREADS};
+    use super::super::scene::{Masked, Pixels, Recipe, Trim};
+    use super::*;
+
+    /// normal_dense then normal_regularize as `normal::build_into` launches them: grid
+    /// (nmax, npatch) × DENSE_THREADS with ny·nx doubles of dynamic shared memory, then
+    /// npatch × REG_THREADS; every output poisoned with NaN first.
+    fn run(prog: &Program, l: &BatchLayout, reg: f64, eps: f64) -> Result<HostDense, String> {
+        let (npatch, nmax) = (l.npatch, l.nmax);
+        let dense = Launch {
+            kernel: "normal_dense",
+            grid: (nmax as u32, npatch as u32, 1),
+            block: (DENSE_THREADS, 1, 1),
+            smem: l.ny * l.nx * std::mem::size_of::<f64>(),
+            args: vec![
+                int(nmax),
+                int(l.ny),
+                int(l.nx),
+                i32s(&l.patch),
+                i64s(&l.win_off),
+                f64s(&l.pix),
+                f64s(&l.ivar),
+                f64s(&l.spots),
+                i64s(&l.spot_off),
+                i32s(&l.geom),
+                nan(npatch * nmax * nmax),
+                nan(npatch * nmax),
+                nan(npatch * nmax),
+            ],
+        };
+        let out = prog.run(&dense, LAUNCH_TIMEOUT)?;
+        let (atp, atw1) = (out.f64s(11), out.f64s(12));
+        let regularize = Launch {
+            kernel: "normal_regularize",
+            grid: (npatch as u32, 1, 1),
+            block: (REG_THREADS, 1, 1),
+            smem: 0,
+            args: vec![
+                int(nmax),
+                i32s(&l.patch),
+                f64s(&atw1),
+                Arg::D(reg),
+                Arg::D(eps),
+                f64s(&out.f64s(10)),
+            ],
+        };
+        let out = prog.run(&regularize, LAUNCH_TIMEOUT)?;
+        Ok(HostDense {
+            npatch,
+            nmax,
+            ata: out.f64s(5),
+            atp,
+            atw1,
+        })
+    }
+
+    fn compare(got: &HostDense, want: &HostDense) -> [Diff; 3] {
+        [
+            Diff::of(&got.ata, &want.ata),
+            Diff::of(&got.atp, &want.atp),
+            Diff::of(&got.atw1, &want.atw1),
+        ]
+    }
+
+    #[test]
+    fn normal_cu_matches_its_twin_bit_for_bit() {
+        let Some(tc) = toolchain_or_skip() else {
+            return;
+        };
+        let prog = Program::kernel_file(tc, "normal.cu", |s| s).unwrap();
+        let recipe = Recipe {
+            trim: Some(Trim::Rows(1)),
+            pixels: Pixels::Random,
+            masked: Some(Masked::MiddleBin),
+        };
+        let scene = scenes::scene(recipe, 3);
+        let geometry = scenes::geometry_of(&scene);
+        let cases = [
+            ("copies", scenes::copies(&scene), 0.0, 1e-15),
+            ("resident", scenes::resident(&scene, &geometry), 0.05, 1e-8),
+        ];
+        for (what, (layout, _inputs), reg, eps) in cases {
+            let c = coverage(&layout);
+            assert!(
+                c.cut_top > 0 && c.cut_bottom > 0 && c.outside > 0 && c.padded_patches > 0,
+                "{c:?}"
+            );
+            let t0 = Instant::now();
+            let got = run(&prog, &layout, reg, eps).unwrap();
+            let want = twin(&layout, reg, eps);
+            // The wholly masked spot's AᵀW1 = 0 takes the regularisation's first branch.
+            assert!(want.atw1.contains(&0.0));
+            let d = compare(&got, &want);
+            eprintln!(
+                "normal.cu (emulated) vs twin, {what}, {} patches, nmax {}, {:.1} s: AᵀWA {}, \
+                 AᵀWp {}, AᵀW1 {}",
+                layout.npatch,
+                layout.nmax,
+                t0.elapsed().as_secs_f64(),
+                d[0],
+                d[1],
+                d[2]
+            );
+            assert!(d.iter().all(Diff::same), "{what}: {d:?}");
+            assert!(got.ata.iter().all(|v| v.is_finite()));
+        }
+    }
+}
+
+mod chi2_cu {
+    //! chi2.cu against `chi2::twin` and `chi2::twin_model_image`, which promise the kernels'
+    //! bits.
+    use super::super::chi2::{
+        twin, twin_model_image, Chi2Layout, HostChi2, PIXEL_THREADS, PROJECT_THREADS, TILE_ROWS,
+    };
+    use super::super::normal::BatchLayout;
+    use super::super::scene::{Masked, Pixels, Recipe, Trim};
+    use super::*;
+    use crate::extract::PatchInput;
+
+    /// The three kernels as `chi2::launch` and `chi2::launch_model_image` launch them, every
+    /// output poisoned with NaN first.
+    fn run(
+        prog: &Program,
+        l: &BatchLayout,
+        dims: &Chi2Layout,
+        x: &[f64],
+        psferr: f64,
+        coef: &[f64],
+    ) -> Result<(HostChi2, Vec<f64>), String> {
+        let (npatch, npix, nslot) = (l.npatch, dims.npix, dims.npatch * dims.slots());
+        let pixel_grid = (dims.tiles() as u32, npatch as u32, 1);
+        let pixels = Launch {
+            kernel: "chi2_pixels",
+            grid: pixel_grid,
+            block: (PIXEL_THREADS, 1, 1),
+            smem: dims.smem(),
+            args: vec![
+                int(TILE_ROWS),
+                int(l.nmax),
+                int(l.nx),
+                Arg::D(psferr),
+                i32s(&l.patch),
+                i32s(&dims.dims),
+                i64s(&l.win_off),
+                i64s(&l.scr_off),
+                f64s(&l.pix),
+                f64s(&l.ivar),
+                f64s(&l.spots),
+                i64s(&l.spot_off),
+                i32s(&l.geom),
+                f64s(x),
+                nan(npix),
+                nan(npix),
+                nan(npix),
+            ],
+        };
+        let out = prog.run(&pixels, LAUNCH_TIMEOUT)?;
+        let (model, chi2, valid) = (out.f64s(14), out.f64s(15), out.f64s(16));
+        let project = Launch {
+            kernel: "chi2_project",
+            grid: (
+                dims.slots().div_ceil(PROJECT_THREADS as usize) as u32,
+                npatch as u32,
+                1,
+            ),
+            block: (PROJECT_THREADS, 1, 1),
+            smem: 0,
+            args: vec![
+                int(l.nmax),
+                int(l.nx),
+                int(dims.ncmax),
+                int(dims.nkmax),
+                i32s(&l.patch),
+                i32s(&dims.dims),
+                i64s(&l.win_off),
+                i64s(&l.scr_off),
+                f64s(&l.ivar),
+                f64s(&l.spots),
+                i64s(&l.spot_off),
+                i32s(&l.geom),
+                f64s(&chi2),
+                f64s(&valid),
+                nan(nslot),
+                nan(nslot),
+            ],
+        };
+        let out = prog.run(&project, LAUNCH_TIMEOUT)?;
+        let (chi2pix, pixmask) = (out.f64s(14), out.f64s(15));
+        let image = Launch {
+            kernel: "chi2_model_image",
+            grid: pixel_grid,
+            block: (PIXEL_THREADS, 1, 1),
+            smem: dims.smem(),
+            args: vec![
+                int(TILE_ROWS),
+                int(l.nmax),
+                int(l.nx),
+                i32s(&l.patch),
+                i32s(&dims.dims),
+                i64s(&l.scr_off),
+                f64s(&l.spots),
+                i64s(&l.spot_off),
+                i32s(&l.geom),
+                f64s(coef),
+                nan(npix),
+            ],
+        };
+        let out = prog.run(&image, LAUNCH_TIMEOUT)?;
+        let host = HostChi2 {
+            model,
+            chi2,
+            valid,
+            chi2pix,
+            pixmask,
+        };
+        Ok((host, out.f64s(10)))
+    }
+
+    /// Random solutions and image coefficients: x on every unknown, the coefficients on the
+    /// core bins only; NaN on every slot the kernels must not read (padding unknowns, and for
+    /// the image every non-core slot), so that a stray read poisons an output.
+    fn vectors(l: &BatchLayout, inputs: &[PatchInput<'_>], seed: u64) -> (Vec<f64>, Vec<f64>) {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let nmax = l.nmax;
+        let mut x = vec![f64::NAN; l.npatch * nmax];
+        let mut coef = vec![f64::NAN; l.npatch * nmax];
+        for (b, inp) in inputs.iter().enumerate() {
+            let p = inp.patch;
+            for v in &mut x[b * nmax..b * nmax + l.n(b)] {
+                *v = rng.gen_range(-20.0..400.0);
+            }
+            let nstep = p.nwavetot - 2 * p.wavepad;
+            for c in 0..p.nspec {
+                let u0 = b * nmax + (p.core_fiber_offset() + c) * p.nwavetot + p.wavepad;
+                for v in &mut coef[u0..u0 + nstep] {
+                    *v = rng.gen_range(-20.0..400.0);
+                }
+            }
+        }
+        (x, coef)
+    }
+
+    /// [model, χ² and valid, chi2pix, pixmask, image] of the kernels against the twins.
+    fn compare(
+        prog: &Program,
+        l: &BatchLayout,
+        inputs: &[PatchInput<'_>],
+        seed: u64,
+    ) -> Result<[Diff; 5], String> {
+        let dims = Chi2Layout::new(inputs, l).unwrap();
+        let (x, coef) = vectors(l, inputs, seed);
+        let psferr = 0.01;
+        let (got, image) = run(prog, l, &dims, &x, psferr, &coef)?;
+        let want = twin(l, &dims, &x, psferr);
+        let want_image = twin_model_image(l, &dims, &coef);
+        let mut c2 = Diff::of(&got.chi2, &want.chi2);
+        c2.add(Diff::of(&got.valid, &want.valid));
+        Ok([
+            Diff::of(&got.model, &want.model),
+            c2,
+            Diff::of(&got.chi2pix, &want.chi2pix),
+            Diff::of(&got.pixmask, &want.pixmask),
+            Diff::of(&image, &want_image),
+        ])
+    }
+
+    fn report(d: &[Diff; 5]) -> String {
+        let names = ["model", "chi2/valid", "chi2pix", "pixmask", "model image"];
+        let parts: Vec<String> = names
+            .iter()
+            .zip(d)
+            .map(|(n, d)| format!("{n} {d}"))
+            .collect();
+        parts.join(", ")
+    }
+
+    /// A simulated exposure, a trimmed copy cutting kept core spots, one kept core spot
+    /// wholly masked (its chi2pix has no valid pixel).
+    fn recipe() -> Recipe {
+        Recipe {
+            trim: Some(Trim::IntoKept(1)),
+            pixels: Pixels::Exposure,
+            masked: Some(Masked::MiddleKeptBin),
+        }
+    }
+
+    #[test]
+    fn chi2_cu_matches_its_twins_bit_for_bit() {
+        let Some(tc) = toolchain_or_skip() else {
+            return;
+        };
+        let prog = Program::kernel_file(tc, "chi2.cu", |s| s).unwrap();
+        let scene = scenes::scene(recipe(), 11);
+        let geometry = scenes::geometry_of(&scene);
+        let cases = [
+            ("copies", scenes::copies(&scene)),
+            ("resident", scenes::resident(&scene, &geometry)),
+        ];
+        for (what, (layout, inputs)) in &cases {
+            let c = coverage(layout);
+            assert!(
+                c.cut_top > 0 && c.cut_bottom > 0 && c.outside > 0 && c.padded_patches > 0,
+                "{c:?}"
+            );
+            assert!(inputs
+                .iter()
+                .any(|i| i.patch.nwave_keep < i.patch.nwavetot - 2 * i.patch.wavepad));
+            let t0 = Instant::now();
+            let d = compare(&prog, layout, inputs, 12).unwrap();
+            eprintln!(
+                "chi2.cu (emulated) vs twins, {what}, {} patches, {:.1} s: {}",
+                layout.npatch,
+                t0.elapsed().as_secs_f64(),
+                report(&d)
+            );
+            assert!(d.iter().all(Diff::same), "{what}: {d:?}");
+        }
+    }
+
+    /// The comparison catches a kernel bug: chi2_pixels reading the pixels with the window's
+    /// width as row stride instead of `ld` (right for a batch of copies, wrong where the
+    /// windows index a unit's pixels).
+    #[test]
+    fn a_planted_stride_bug_in_chi2_cu_is_caught() {
+        let Some(tc) = toolchain_or_skip() else {
+            return;
+        };
+        let good = "const long long p = off + (long long)r * ld + c;";
+        let prog = Program::kernel_file(tc, "chi2.cu", |s| {
+            assert_eq!(
+                s.matches(good).count(),
+                1,
+                "chi2.cu changed: update the planted bug"
+            );
+            s.replace(good, "const long long p = off + (long long)r * wnx + c;")
+        })
+        .unwrap();
+        let scene = scenes::scene(recipe(), 13);
+        let geometry = scenes::geometry_of(&scene);
+        let (layout, inputs) = scenes::copies(&scene);
+        let d = compare(&prog, &layout, &inputs, 14).unwrap();
+        assert!(d.iter().all(Diff::same), "copies: {d:?}");
+        let (layout, inputs) = scenes::resident(&scene, &geometry);
+        let d = compare(&prog, &layout, &inputs, 14).unwrap();
+        eprintln!("chi2.cu with a planted bug, resident: {}", report(&d));
+        assert!(
+            !d[1].same() && !d[2].same(),
+            "the planted bug went unnoticed"
+        );
+    }
+}
+
+mod decorrelate_cu {
+    //! decorrelate.cu against `decorrelate::twin`, which means to give the kernel's bits (the
+    //! same rotations in the same order, the same fma and rounding, the same per-thread sums).
+    use super::super::decorrelate::{
+        twin, Block, DecorrLayout, HostDecorr, Status, MAX_SWEEPS, THREADS,
+    };
+    use super::*;
+
+    /// The kernel as `decorrelate::decorrelate_into` launches it: one block of THREADS per
+    /// covariance block, `smem_bytes(ld)` of dynamic shared memory; outputs poisoned (NaN,
+    /// status and sweeps -1).
+    fn run(
+        prog: &Program,
+        l: &DecorrLayout,
+        cov: &[f64],
+        x: &[f64],
+        max_sweeps: u32,
+    ) -> Result<HostDecorr, String> {
+        let (nb, ncol, nd2) = (l.nblock, l.ncol, l.nd2);
+        let launch = Launch {
+            kernel: "decorrelate",
+            grid: (nb as u32, 1, 1),
+            block: (THREADS, 1, 1),
+            smem: l.smem_bytes(),
+            args: vec![
+                int(l.ld),
+                int(ncol),
+                int(nd2),
+                int(max_sweeps as usize),
+                i32s(&l.params),
+                i64s(&l.offs),
+                f64s(cov),
+                f64s(x),
+                f64s(&l.basis),
+                nan(nb * ncol),
+                nan(nb * ncol),
+                nan(nb * nd2 * ncol),
+                i32s(&vec![-1; nb]),
+                i32s(&vec![-1; nb]),
+            ],
+        };
+        let out = prog.run(&launch, LAUNCH_TIMEOUT)?;
+        Ok(HostDecorr {
+            nblock: nb,
+            ncol,
+            nd2,
+            flux: out.f64s(9),
+            fluxivar: out.f64s(10),
+            resolution: out.f64s(11),
+            status: out.i32s(12),
+            sweeps: out.i32s(13),
+        })
+    }
+
+    /// An AR(1) covariance of neighbouring bins with a smooth σ and a small symmetric
+    /// perturbation (the shape of the real blocks), column-major.
+    fn covariance(n: usize, rng: &mut impl Rng) -> Vec<f64> {
+        let (amp, phase): (f64, f64) = (rng.gen_range(0.1..0.5), rng.gen_range(0.0..6.3));
+        let sigma: Vec<f64> = (0..n)
+            .map(|i| 1.0 + amp * (0.2 * i as f64 + phase).sin())
+            .collect();
+        let rho: f64 = rng.gen_range(0.5..0.9);
+        let mut c = vec![0.0; n * n];
+        for j in 0..n {
+            for i in j..n {
+                let noise = if i == j {
+                    0.0
+                } else {
+                    rng.gen_range(-0.003..0.003)
+                };
+                let v = sigma[i] * sigma[j] * (rho.powi((i - j) as i32) + noise);
+                c[j * n + i] = v;
+                c[i * n + j] = v;
+            }
+        }
+        c
+    }
+
+    /// Blocks of odd and even sizes (the odd ones padded), leading dimensions above their
+    /// sizes with NaN around and above the diagonal (only the lower triangle may be read),
+    /// then the failures: a negative diagonal entry (not positive definite), a NaN in the
+    /// lower triangle, a diagonal matrix, and an infinite x.
+    fn batch() -> (Vec<Block>, Vec<f64>, Vec<f64>, Vec<Status>) {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(21);
+        let (mut blocks, mut cov, mut x, mut want) = (vec![], vec![], vec![], vec![]);
+        let sizes = [1usize, 2, 3, 7, 20, 33, 74, 20, 20, 20, 20];
+        for (k, &n) in sizes.iter().enumerate() {
+            let mut c = covariance(n, &mut rng);
+            let mut xs: Vec<f64> = (0..n).map(|_| rng.gen_range(-50.0..500.0)).collect();
+            let status = match k {
+                7 => {
+                    c[0] = -c[0];
+                    Status::BadEigenvalue
+                }
+                8 => {
+                    c[3 * n + 11] = f64::NAN;
+                    Status::NonfiniteInput
+                }
+                9 => {
+                    for (e, v) in c.iter_mut().enumerate() {
+                        *v = if e % n == e / n {
+                            1.0 + (e / n) as f64
+                        } else {
+                            0.0
+                        };
+                    }
+                    Status::Ok
+                }
+                10 => {
+                    xs[9] = f64::INFINITY;
+                    Status::NonfiniteOutput
+                }
+                _ => Status::Ok,
+            };
+            let wavepad = n / 4;
+            let ndiag = wavepad.min(2);
+            let nstep = n - 2 * wavepad;
+            let nkeep = nstep - usize::from(nstep > 1);
+            let cov_ld = n + 3;
+            let cov_off = cov.len() + 5;
+            cov.resize(cov_off + n * cov_ld, f64::NAN);
+            for j in 0..n {
+                for i in j..n {
+                    cov[cov_off + j * cov_ld + i] = c[j * n + i];
+                }
+            }
+            let x_off = x.len() + 2;
+            x.resize(x_off, f64::NAN);
+            x.extend(xs);
+            blocks.push(Block {
+                n,
+                cov_off,
+                cov_ld,
+                x_off,
+                row_lo: wavepad - ndiag,
+                row_hi: (wavepad + nstep + ndiag).min(n),
+                wavepad,
+                nstep,
+                nkeep,
+                ndiag,
+            });
+            want.push(status);
+        }
+        (blocks, cov, x, want)
+    }
+
+    fn compare(got: &HostDecorr, want: &HostDecorr) -> [Diff; 3] {
+        [
+            Diff::of(&got.flux, &want.flux),
+            Diff::of(&got.fluxivar, &want.fluxivar),
+            Diff::of(&got.resolution, &want.resolution),
+        ]
+    }
+
+    #[test]
+    fn decorrelate_cu_matches_its_twin_bit_for_bit() {
+        let Some(tc) = toolchain_or_skip() else {
+            return;
+        };
+        let prog = Program::kernel_file(tc, "decorrelate.cu", |s| s).unwrap();
+        let (blocks, cov, x, statuses) = batch();
+        let layout = DecorrLayout::new(&blocks).unwrap();
+        for max_sweeps in [MAX_SWEEPS, 2] {
+            let t0 = Instant::now();
+            let got = run(&prog, &layout, &cov, &x, max_sweeps).unwrap();
+            let elapsed = t0.elapsed().as_secs_f64();
+            let want = twin(&layout, &cov, &x, max_sweeps);
+            if max_sweeps == MAX_SWEEPS {
+                let st: Vec<Status> = (0..layout.nblock)
+                    .map(|b| want.status(b).unwrap())
+                    .collect();
+                assert_eq!(st, statuses, "the batch's cases");
+            } else {
+                assert!(want.status.contains(&Status::NotConverged.code()));
+            }
+            let d = compare(&got, &want);
+            eprintln!(
+                "decorrelate.cu (emulated) vs twin, {} blocks (n up to {}), max_sweeps \
+                 {max_sweeps}, {elapsed:.1} s: flux {}, fluxivar {}, resolution {}; sweeps {:?}",
+                layout.nblock, layout.ld, d[0], d[1], d[2], got.sweeps
+            );
+            assert_eq!(got.status, want.status, "status");
+            assert_eq!(got.sweeps, want.sweeps, "sweeps");
+            assert!(d.iter().all(Diff::same), "{d:?}");
+        }
+    }
+}
+
+mod spots_cu {
+    //! spots.cu against `spots::twin`: x, y and the corners bit for bit; the values to ~1e-13
+    //! of each spot's peak (the emulation's erf is glibc's, the twin's the `libm` crate's; the
+    //! exp is glibc's on both sides, and -ffp-contract=off keeps the kernel's unfused
+    //! expressions as the twin writes them).
+    use super::super::spots::{flatten, launch_config, twin, SpotInputs};
+    use super::*;
+    use crate::psf::synth::{synthetic_psf, SynthPsfOptions};
+    use crate::psf::SpotSet;
+
+    /// The kernel as `SpotsKernel::launch` launches it (`launch_config`), outputs poisoned.
+    fn run(prog: &Program, inp: &SpotInputs) -> Result<SpotSet, String> {
+        let sh = &inp.shape;
+        let n = sh.nspot();
+        let (cfg, stride) = launch_config(sh).map_err(|e| e.to_string())?;
+        let launch = Launch {
+            kernel: "spots",
+            grid: cfg.grid_dim,
+            block: cfg.block_dim,
+            smem: cfg.shared_mem_bytes as usize,
+            args: vec![
+                f64s(&inp.xtrace),
+                int(sh.ncx),
+                f64s(&inp.ytrace),
+                int(sh.ncy),
+                f64s(&inp.params),
+                int(sh.ncp),
+                f64s(&inp.ranges),
+                f64s(&inp.waves),
+                int(sh.nfiber),
+                int(sh.nwave),
+                int(sh.hsizex),
+                int(sh.hsizey),
+                int(sh.ghdegx),
+                int(sh.ghdegy),
+                int(stride),
+                nan(n * sh.ny() * sh.nx()),
+                i64s(&vec![i64::MIN; n]),
+                i64s(&vec![i64::MIN; n]),
+                nan(n),
+                nan(n),
+            ],
+        };
+        let out = prog.run(&launch, LAUNCH_TIMEOUT)?;
+        let mut set = twin(inp);
+        set.values = out.f64s(15);
+        set.xc = out.i64s(16);
+        set.yc = out.i64s(17);
+        set.x = out.f64s(18);
+        set.y = out.f64s(19);
+        Ok(set)
+    }
+
+    /// Shapes that catch transposed or mis-strided indices (as the twin's own test): LEGDEG
+    /// ≠ the traces' 7 terms, ghdegx ≠ ghdegy, hsizex ≠ hsizey, a pure Gaussian along x,
+    /// and a spot wide enough (81 edges) for the Gaussian at every edge; spot counts that
+    /// leave the last block with idle warps.
+    #[test]
+    fn spots_cu_matches_its_twin() {
+        let Some(tc) = toolchain_or_skip() else {
+            return;
+        };
+        let prog = Program::kernel_file(tc, "spots.cu", |s| s).unwrap();
+        let shapes = [(4, 8, 5, 4, 6), (0, 40, 3, 0, 2), (6, 3, 9, 5, 1)];
+        for (legdeg, hsizex, hsizey, ghdegx, ghdegy) in shapes {
+            let psf = synthetic_psf(&SynthPsfOptions {
+                nfiber: 12,
+                legdeg,
+                hsizex,
+                hsizey,
+                ghdegx,
+                ghdegy,
+                gh_amplitude: 0.03,
+                ..Default::default()
+            });
+            let (lo, hi) = psf.wave_range();
+            // Past both ends of the range too.
+            let nwave = 23;
+            let waves: Vec<f64> = (0..nwave)
+                .map(|i| lo - 15.0 + (hi - lo + 30.0) * i as f64 / (nwave - 1) as f64)
+                .collect();
+            let inp = flatten(&psf, 3, 3, &waves).unwrap();
+            let (cfg, _) = launch_config(&inp.shape).unwrap();
+            let warps = cfg.block_dim.0 as usize / 32;
+            assert_ne!(
+                inp.shape.nspot() % warps,
+                0,
+                "no idle warp in the last block"
+            );
+            let t0 = Instant::now();
+            let got = run(&prog, &inp).unwrap();
+            let elapsed = t0.elapsed().as_secs_f64();
+            let want = twin(&inp);
+            assert_eq!(got.xc, want.xc, "xc");
+            assert_eq!(got.yc, want.yc, "yc");
+            assert_eq!(Diff::of(&got.x, &want.x).differ, 0, "x");
+            assert_eq!(Diff::of(&got.y, &want.y).differ, 0, "y");
+            let npix = inp.shape.ny() * inp.shape.nx();
+            let (mut worst, mut differ) = (0.0f64, 0usize);
+            for (a, b) in got.values.chunks(npix).zip(want.values.chunks(npix)) {
+                let peak = b.iter().fold(0.0f64, |m, v| m.max(*v));
+                assert!(peak > 0.0);
+                for (p, q) in a.iter().zip(b) {
+                    assert!(p.is_finite(), "a value left unwritten");
+                    differ += usize::from(p.to_bits() != q.to_bits());
+                    worst = worst.max((p - q).abs() / peak);
+                }
+            }
+            eprintln!(
+                "spots.cu (emulated) vs twin, LEGDEG {legdeg} HSIZE {hsizex}x{hsizey} GHDEG \
+                 {ghdegx}x{ghdegy}, {} spots in {} blocks of {warps} warps, {elapsed:.1} s: \
+                 x, y, corners identical; values {differ}/{} differ, max |diff|/peak {worst:.1e}",
+                inp.shape.nspot(),
+                cfg.grid_dim.0,
+                got.values.len()
+            );
+            assert!(worst <= 1e-13, "{worst:e}");
+        }
+    }
+}
