@@ -374,7 +374,7 @@ pub fn median(values: impl Iterator<Item = f64>) -> f64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::extract::cpu::{tests::toy_psf, CpuBackend};
     use crate::extract::PatchResult;
@@ -430,44 +430,76 @@ mod tests {
         }
     }
 
-    /// A backend that takes several bundles per batch (one spot set for all of them, the
-    /// pixels announced once) gives the frame of one bundle per batch, bit for bit.
-    #[test]
-    fn bundles_grouped_per_batch_give_the_same_frame() {
-        let psf = toy_psf(20, 3);
-        let popts = PatchOptions {
-            bundlesize: 5,
-            nsubbundles: 1,
-            nwavestep: 20,
-            ..PatchOptions::default()
-        };
-        let grid = WaveGrid::new(5200.0, 5300.0, 1.0, &popts).unwrap();
-        let plan = Plan::new(0, 20, grid.wave.len(), psf.nfiber(), &popts);
-        assert_eq!(plan.bundles.len(), 4);
-        let (ny, nx) = (psf.npix_y, psf.npix_x);
-        let pix = Array2::from_shape_fn((ny, nx), |(r, c)| 10.0 + ((r * 7 + c * 3) % 11) as f64);
-        let ivar =
-            Array2::from_shape_fn((ny, nx), |(r, c)| if (r + c) % 53 == 0 { 0.0 } else { 1.0 });
-        let opts = ExtractOptions {
-            regularize: 0.0,
-            psferr: 0.01,
-            ndiag: psf.hsizey,
-            model_image: false,
-        };
-        let run = |backend: &mut dyn Backend| {
+    /// A small frame for frame-level tests (here and the GPU backend's): 20 toy fibers in 4
+    /// bundles of 5, 100 bins, patterned pixels with every 53rd diagonal masked.
+    pub(crate) struct ToyFrame {
+        pub psf: Psf,
+        pub popts: PatchOptions,
+        pub grid: WaveGrid,
+        pub plan: Plan,
+        pub pix: Array2<f64>,
+        pub ivar: Array2<f64>,
+        pub opts: ExtractOptions,
+    }
+
+    impl ToyFrame {
+        pub fn new() -> ToyFrame {
+            let psf = toy_psf(20, 3);
+            let popts = PatchOptions {
+                bundlesize: 5,
+                nsubbundles: 1,
+                nwavestep: 20,
+                ..PatchOptions::default()
+            };
+            let grid = WaveGrid::new(5200.0, 5300.0, 1.0, &popts).unwrap();
+            let plan = Plan::new(0, 20, grid.wave.len(), psf.nfiber(), &popts);
+            let (ny, nx) = (psf.npix_y, psf.npix_x);
+            let pix =
+                Array2::from_shape_fn((ny, nx), |(r, c)| 10.0 + ((r * 7 + c * 3) % 11) as f64);
+            let ivar =
+                Array2::from_shape_fn((ny, nx), |(r, c)| if (r + c) % 53 == 0 { 0.0 } else { 1.0 });
+            let opts = ExtractOptions {
+                regularize: 0.0,
+                psferr: 0.01,
+                ndiag: psf.hsizey,
+                model_image: false,
+            };
+            ToyFrame {
+                psf,
+                popts,
+                grid,
+                plan,
+                pix,
+                ivar,
+                opts,
+            }
+        }
+
+        /// The frame through `backend`.
+        pub fn extract(&self, backend: &mut dyn Backend) -> FrameResult {
             extract_frame(
-                &psf,
-                pix.view(),
-                ivar.view(),
-                &grid,
-                &plan,
-                popts.pixpad_frac,
-                &opts,
+                &self.psf,
+                self.pix.view(),
+                self.ivar.view(),
+                &self.grid,
+                &self.plan,
+                self.popts.pixpad_frac,
+                &self.opts,
                 backend,
                 &mut |_, _| {},
             )
             .unwrap()
-        };
+        }
+    }
+
+    /// A backend that takes several bundles per batch (one spot set for all of them, the
+    /// pixels announced once) gives the frame of one bundle per batch, bit for bit.
+    #[test]
+    fn bundles_grouped_per_batch_give_the_same_frame() {
+        let toy = ToyFrame::new();
+        let plan = &toy.plan;
+        assert_eq!(plan.bundles.len(), 4);
+        let run = |backend: &mut dyn Backend| toy.extract(backend);
         let one = run(&mut CpuBackend);
         let mut grouped = Grouped {
             per_batch: 3,

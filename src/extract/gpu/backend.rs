@@ -1174,40 +1174,8 @@ mod tests {
             eprintln!("skipping: no GPU ({e})");
             return;
         }
-        use crate::pipeline::frame::extract_frame;
-        let psf = toy_psf(20, 3);
-        let popts = PatchOptions {
-            bundlesize: 5,
-            nsubbundles: 1,
-            nwavestep: 20,
-            ..PatchOptions::default()
-        };
-        let grid = WaveGrid::new(5200.0, 5300.0, 1.0, &popts).unwrap();
-        let plan = Plan::new(0, 20, grid.wave.len(), psf.nfiber(), &popts);
-        let (ny, nx) = (psf.npix_y, psf.npix_x);
-        let pix = Array2::from_shape_fn((ny, nx), |(r, c)| 10.0 + ((r * 7 + c * 3) % 11) as f64);
-        let ivar =
-            Array2::from_shape_fn((ny, nx), |(r, c)| if (r + c) % 53 == 0 { 0.0 } else { 1.0 });
-        let opts = ExtractOptions {
-            regularize: 0.0,
-            psferr: 0.01,
-            ndiag: psf.hsizey,
-            model_image: false,
-        };
-        let run = |backend: &mut dyn Backend| {
-            extract_frame(
-                &psf,
-                pix.view(),
-                ivar.view(),
-                &grid,
-                &plan,
-                popts.pixpad_frac,
-                &opts,
-                backend,
-                &mut |_, _| {},
-            )
-            .unwrap()
-        };
+        let toy = crate::pipeline::frame::tests::ToyFrame::new();
+        let run = |backend: &mut dyn Backend| toy.extract(backend);
         let cpu = run(&mut CpuBackend);
         let mut gpu = GpuBackend::new(0).expect("GPU backend");
         let got = run(&mut gpu);

@@ -216,17 +216,26 @@ mod tests {
         assert_ne!(fnv1a(&[b"ab", b"c"]), fnv1a(&[b"a", b"bc"]));
     }
 
+    /// Whether libnvrtc loads; if not, says the test skips (and fails it where
+    /// SPEXTRACT_REQUIRE_NVRTC is set, as scripts/check-kernels.sh does, so that there a
+    /// missing NVRTC is an error).
+    fn nvrtc_or_skip() -> bool {
+        if nvrtc_present() {
+            return true;
+        }
+        assert!(
+            std::env::var_os("SPEXTRACT_REQUIRE_NVRTC").is_none(),
+            "SPEXTRACT_REQUIRE_NVRTC is set but libnvrtc cannot be loaded"
+        );
+        eprintln!("skipping: libnvrtc not loadable (scripts/check-kernels.sh sets it up)");
+        false
+    }
+
     /// Compiles every kernel through the same path the GPU backend takes, when libnvrtc can be
     /// loaded (no GPU needed: CI points LD_LIBRARY_PATH at the nvidia-cuda-nvrtc wheel).
     #[test]
     fn every_kernel_compiles_with_nvrtc_when_present() {
-        if !nvrtc_present() {
-            // scripts/check-kernels.sh sets this, so that there a missing NVRTC fails.
-            assert!(
-                std::env::var_os("SPEXTRACT_REQUIRE_NVRTC").is_none(),
-                "SPEXTRACT_REQUIRE_NVRTC is set but libnvrtc cannot be loaded"
-            );
-            eprintln!("skipping: libnvrtc not loadable (scripts/check-kernels.sh sets it up)");
+        if !nvrtc_or_skip() {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
@@ -280,12 +289,7 @@ mod tests {
     /// every entry point of every file is in the table.
     #[test]
     fn every_kernel_takes_the_arguments_its_launcher_passes() {
-        if !nvrtc_present() {
-            assert!(
-                std::env::var_os("SPEXTRACT_REQUIRE_NVRTC").is_none(),
-                "SPEXTRACT_REQUIRE_NVRTC is set but libnvrtc cannot be loaded"
-            );
-            eprintln!("skipping: libnvrtc not loadable (scripts/check-kernels.sh sets it up)");
+        if !nvrtc_or_skip() {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
