@@ -287,7 +287,11 @@ fn print_library_choices(prep: &crate::pipeline::prepare::Prepared) -> Result<()
         return Ok(());
     }
     let gpu = Gpu::open(0)?;
-    let rows = choice::measure(&gpu, &inputs, &prep.opts)?;
+    // cudarc panics when a library lacks a symbol (XsyevBatched came with CUDA 12.6).
+    let rows = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        choice::measure(&gpu, &inputs, &prep.opts)
+    }))
+    .map_err(|_| anyhow::anyhow!("a CUDA library lacks a routine the measurement calls"))??;
     println!(
         "library choices on {} patches of bundles 0-1 ({}):",
         inputs.len(),
