@@ -6,10 +6,11 @@
 //! launcher and a host twin that mirrors the kernel so that its logic is tested against the CPU
 //! backend on machines without a GPU; `backend` chains them into [`backend::GpuBackend`];
 //! `cost` counts each stage's flops and bytes for the floor a card sets; `choice` times the
-//! library alternatives at the real sizes;
-//! `ptx` compiles the embedded kernels with NVRTC and caches the PTX; `device` finds devices,
-//! binds compute ranks to them and resolves `--backend`. No kernel has yet run on a GPU, so
-//! `--backend auto` stays on the CPU and `--backend gpu` is logged as unverified.
+//! library alternatives at the real sizes; `ptx` compiles the embedded kernels with NVRTC and
+//! caches the PTX; `device` finds devices, binds compute ranks to them and resolves
+//! `--backend`. In the tests, `emu` runs the CUDA C kernels on the CPU against their twins and
+//! `scene` is the stages' shared fixture. No kernel has yet run on a GPU, so `--backend auto`
+//! stays on the CPU and `--backend gpu` is logged as unverified.
 
 pub mod backend;
 pub mod chi2;
