@@ -12,8 +12,9 @@ use super::ExtractionFlags;
 use crate::extract::cpu::oracle;
 use crate::extract::gpu::cost;
 use crate::extract::PatchInput;
-use crate::patch::pixels;
-use crate::psf::spots;
+use crate::patch::{pixels, Patch, PixelWindow};
+use crate::pipeline::prepare::Prepared;
+use crate::psf::{spots, SpotSet};
 
 /// `spextract bench`.
 #[derive(Debug, Args)]
@@ -205,22 +206,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             .take(args.oracle_patches)
             .copied()
             .collect();
-        let (fmin, nfib) = crate::patch::plan::fiber_span(&patches);
-        let sp = spots::evaluate(&prep.psf, fmin, nfib, &prep.grid.padded)?;
+        let sample = Sample::of(&prep, &patches)?;
         let mut ws = crate::extract::cpu::Workspace::default();
         let (mut t_fast, mut t_dense, mut n) = (0.0, 0.0, 0usize);
-        for p in &patches {
-            let window = pixels::window(p, &sp, prep.patch.pixpad_frac);
-            if !window.on_ccd(prep.psf.npix_y, prep.psf.npix_x) {
-                continue;
-            }
-            let inp = PatchInput::from_ccd(
-                *p,
-                window,
-                prep.preproc.image.view(),
-                prep.preproc.ivar.view(),
-                &sp,
-            );
+        for inp in sample.inputs(&prep) {
             let t = Instant::now();
             let _ = crate::extract::cpu::extract_patch(&inp, &prep.opts, &mut ws);
             t_fast += t.elapsed().as_secs_f64();
@@ -252,7 +241,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 /// The backend's two library choices timed on the first two bundles' patches (as one chunk):
 /// the batched Cholesky against one call per matrix, the Jacobi kernel against cuSOLVER's
 /// batched eigensolver (`extract::gpu::choice`).
-fn print_library_choices(prep: &crate::pipeline::prepare::Prepared) -> Result<()> {
+fn print_library_choices(prep: &Prepared) -> Result<()> {
     use crate::extract::gpu::{choice, device::Gpu};
     let patches: Vec<_> = prep
         .plan
@@ -265,24 +254,8 @@ fn print_library_choices(prep: &crate::pipeline::prepare::Prepared) -> Result<()
     if patches.is_empty() {
         return Ok(());
     }
-    let (fmin, nfib) = crate::patch::plan::fiber_span(&patches);
-    let sp = spots::evaluate(&prep.psf, fmin, nfib, &prep.grid.padded)?;
-    let (ny, nx) = (prep.psf.npix_y, prep.psf.npix_x);
-    let inputs: Vec<PatchInput<'_>> = patches
-        .iter()
-        .filter_map(|p| {
-            let w = pixels::window(p, &sp, prep.patch.pixpad_frac);
-            w.on_ccd(ny, nx).then(|| {
-                PatchInput::from_ccd(
-                    *p,
-                    w,
-                    prep.preproc.image.view(),
-                    prep.preproc.ivar.view(),
-                    &sp,
-                )
-            })
-        })
-        .collect();
+    let sample = Sample::of(prep, &patches)?;
+    let inputs = sample.inputs(prep);
     if inputs.is_empty() {
         return Ok(());
     }
@@ -299,4 +272,39 @@ fn print_library_choices(prep: &crate::pipeline::prepare::Prepared) -> Result<()
     );
     print!("{}", choice::Measured::table(&rows));
     Ok(())
+}
+
+/// Some patches of the frame with their spots, the windows of those on the CCD.
+struct Sample {
+    spots: SpotSet,
+    items: Vec<(Patch, PixelWindow)>,
+}
+
+impl Sample {
+    fn of(prep: &Prepared, patches: &[Patch]) -> Result<Sample> {
+        let (fmin, nfib) = crate::patch::plan::fiber_span(patches);
+        let spots = spots::evaluate(&prep.psf, fmin, nfib, &prep.grid.padded)?;
+        let items = patches
+            .iter()
+            .map(|p| (*p, pixels::window(p, &spots, prep.patch.pixpad_frac)))
+            .filter(|(_, w)| w.on_ccd(prep.psf.npix_y, prep.psf.npix_x))
+            .collect();
+        Ok(Sample { spots, items })
+    }
+
+    /// The patches as a backend takes them, cut from the whole CCD.
+    fn inputs<'a>(&'a self, prep: &'a Prepared) -> Vec<PatchInput<'a>> {
+        self.items
+            .iter()
+            .map(|(p, w)| {
+                PatchInput::from_ccd(
+                    *p,
+                    *w,
+                    prep.preproc.image.view(),
+                    prep.preproc.ivar.view(),
+                    &self.spots,
+                )
+            })
+            .collect()
+    }
 }

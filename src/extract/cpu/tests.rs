@@ -167,37 +167,83 @@ fn resolution_rows_sum_to_one_and_the_band_keeps_them() {
     }
 }
 
+/// Bundle 0 of the real DESI PSF and the shared preproc image, on the r grid, for the tests
+/// that check a route against another on real patches.
+pub(crate) struct RealBundle0 {
+    pub img: crate::io::image::Preproc,
+    pub popts: PatchOptions,
+    pub plan: Plan,
+    pub spots: crate::psf::SpotSet,
+    pub opts: ExtractOptions,
+}
+
+/// Patches of [`RealBundle0`] at the bundle's lower edge (6 fibers), its middle (7) and the
+/// end of the grid.
+pub(crate) const EDGE_MIDDLE_END: [usize; 6] = [0, 20, 46, 47 + 23, 2 * 47 + 46, 4 * 47 + 10];
+
+impl RealBundle0 {
+    /// None, saying so, when ../shared/data is missing.
+    pub fn load() -> Option<RealBundle0> {
+        let (Some(psf_path), Some(img_path)) = (
+            crate::io::shared_data("psf-r0-00067784.fits"),
+            crate::io::shared_data("preproc-r0-b00.fits.gz"),
+        ) else {
+            eprintln!("skipping: the real PSF or preproc is not in ../shared/data");
+            return None;
+        };
+        let psf = crate::io::psf::read_psf(&psf_path).unwrap();
+        let img =
+            crate::io::image::read_preproc(&img_path, crate::io::image::EXTRACT_MASK_BITS).unwrap();
+        let popts = PatchOptions::default();
+        let grid = WaveGrid::new(5760.0, 7620.0, 0.8, &popts).unwrap();
+        let plan = Plan::new(0, 25, grid.wave.len(), psf.nfiber(), &popts);
+        let spots = spots::evaluate(&psf, 0, 25, &grid.padded).unwrap();
+        let opts = ExtractOptions {
+            regularize: 0.0,
+            psferr: 0.01,
+            ndiag: psf.hsizey,
+            model_image: false,
+        };
+        Some(RealBundle0 {
+            img,
+            popts,
+            plan,
+            spots,
+            opts,
+        })
+    }
+
+    /// Patches `picks` of the bundle, cut from the whole CCD.
+    pub fn inputs(&self, picks: &[usize]) -> Vec<PatchInput<'_>> {
+        picks
+            .iter()
+            .map(|&k| {
+                let p = self.plan.patches[0][k];
+                let w = pixels::window(&p, &self.spots, self.popts.pixpad_frac);
+                PatchInput::from_ccd(
+                    p,
+                    w,
+                    self.img.image.view(),
+                    self.img.ivar.view(),
+                    &self.spots,
+                )
+            })
+            .collect()
+    }
+}
+
 /// The acceptance check of the fast route: on the real DESI PSF and the shared preproc image,
 /// it agrees with the dense eigendecomposition oracle to a maximum pull of 1e-6, on patches at
 /// the bundle's lower edge (6 fibers), in its middle (7), and at the end of the grid.
 #[test]
 fn fast_path_matches_dense_oracle_on_the_real_psf() {
-    let (Some(psf_path), Some(img_path)) = (
-        crate::io::shared_data("psf-r0-00067784.fits"),
-        crate::io::shared_data("preproc-r0-b00.fits.gz"),
-    ) else {
+    let Some(real) = RealBundle0::load() else {
         return;
     };
-    let psf = crate::io::psf::read_psf(&psf_path).unwrap();
-    let img =
-        crate::io::image::read_preproc(&img_path, crate::io::image::EXTRACT_MASK_BITS).unwrap();
-    let popts = PatchOptions::default();
-    let grid = WaveGrid::new(5760.0, 7620.0, 0.8, &popts).unwrap();
-    let plan = Plan::new(0, 25, grid.wave.len(), psf.nfiber(), &popts);
-    let spots = spots::evaluate(&psf, 0, 25, &grid.padded).unwrap();
-    let opts = ExtractOptions {
-        regularize: 0.0,
-        psferr: 0.01,
-        ndiag: psf.hsizey,
-        model_image: false,
-    };
+    let opts = real.opts;
     let mut ws = Workspace::default();
-    let picks = [0usize, 20, 46, 47 + 23, 2 * 47 + 46, 4 * 47 + 10];
     let mut worst = 0.0f64;
-    for &k in &picks {
-        let p = plan.patches[0][k];
-        let window = pixels::window(&p, &spots, popts.pixpad_frac);
-        let inp = PatchInput::from_ccd(p, window, img.image.view(), img.ivar.view(), &spots);
+    for inp in real.inputs(&EDGE_MIDDLE_END) {
         let fast = extract_patch(&inp, &opts, &mut ws);
         let dense = oracle::extract_patch_dense(&inp, &opts).expect("oracle solves");
         for ((a, b), (ia, ib)) in fast

@@ -831,7 +831,7 @@ impl GpuBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::extract::cpu::tests::toy_psf;
+    use crate::extract::cpu::tests::{toy_psf, RealBundle0, EDGE_MIDDLE_END};
     use crate::patch::{pixels, Patch, PatchOptions, PixelWindow, Plan, WaveGrid};
     use crate::psf::spots;
     use ndarray::Array2;
@@ -1038,33 +1038,10 @@ mod tests {
     /// (6 fibers), its middle and the grid's end, as one batch through the chain of twins.
     #[test]
     fn the_chain_of_twins_matches_the_cpu_backend_on_the_real_psf() {
-        let (Some(psf_path), Some(img_path)) = (
-            crate::io::shared_data("psf-r0-00067784.fits"),
-            crate::io::shared_data("preproc-r0-b00.fits.gz"),
-        ) else {
+        let Some(real) = RealBundle0::load() else {
             return;
         };
-        let psf = crate::io::psf::read_psf(&psf_path).unwrap();
-        let img =
-            crate::io::image::read_preproc(&img_path, crate::io::image::EXTRACT_MASK_BITS).unwrap();
-        let popts = PatchOptions::default();
-        let grid = WaveGrid::new(5760.0, 7620.0, 0.8, &popts).unwrap();
-        let plan = Plan::new(0, 25, grid.wave.len(), psf.nfiber(), &popts);
-        let set = spots::evaluate(&psf, 0, 25, &grid.padded).unwrap();
-        let opts = ExtractOptions {
-            regularize: 0.0,
-            psferr: 0.01,
-            ndiag: psf.hsizey,
-            model_image: false,
-        };
-        let inputs: Vec<PatchInput<'_>> = [0usize, 20, 46, 47 + 23, 2 * 47 + 46, 4 * 47 + 10]
-            .iter()
-            .map(|&k| {
-                let p = plan.patches[0][k];
-                let w = pixels::window(&p, &set, popts.pixpad_frac);
-                PatchInput::from_ccd(p, w, img.image.view(), img.ivar.view(), &set)
-            })
-            .collect();
+        let (inputs, opts) = (real.inputs(&EDGE_MIDDLE_END), real.opts);
         let cpu = CpuBackend.extract_batch(&inputs, &opts).unwrap();
         let out = twin_chain(&inputs, &opts).expect("twin chain");
         let done = assemble(&inputs, &opts, &out);

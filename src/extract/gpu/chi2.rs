@@ -520,19 +520,6 @@ impl Chi2Batch {
         })
     }
 
-    /// Copies back chi2pix and the pixmask fraction only, all the chain keeps (the per-pixel
-    /// arrays are scratch); `model`, `chi2` and `valid` come back empty.
-    pub fn download_slots(&self, gpu: &Gpu) -> Result<HostChi2, GpuError> {
-        let st = &gpu.stream;
-        Ok(HostChi2 {
-            model: Vec::new(),
-            chi2: Vec::new(),
-            valid: Vec::new(),
-            chi2pix: st.clone_dtoh(&self.chi2pix).map_err(cuda("downloading"))?,
-            pixmask: st.clone_dtoh(&self.pixmask).map_err(cuda("downloading"))?,
-        })
-    }
-
     /// Copies the results back (waits for the kernels).
     pub fn download(&self, gpu: &Gpu) -> Result<HostChi2, GpuError> {
         let st = &gpu.stream;

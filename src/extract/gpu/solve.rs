@@ -680,8 +680,11 @@ impl SolveBatch {
 
     /// Copies the outputs back (waits for the stage), failing if potrs refused an argument.
     pub fn download(&self, gpu: &Gpu) -> Result<HostSolve, GpuError> {
-        let info = self.download_info(gpu)?;
         let st = &gpu.stream;
+        let potrs = st
+            .clone_dtoh(&self.potrs_info)
+            .map_err(cuda("downloading potrs's info"))?;
+        check_potrs_info(potrs[0])?;
         Ok(HostSolve {
             npatch: self.npatch,
             nmax: self.nmax,
@@ -691,19 +694,10 @@ impl SolveBatch {
             blocks: st
                 .clone_dtoh(&self.blocks)
                 .map_err(cuda("downloading the blocks"))?,
-            info,
+            info: st
+                .clone_dtoh(&self.info)
+                .map_err(cuda("downloading info"))?,
         })
-    }
-
-    /// potrf's info per patch, all the chain needs on the host (x and the blocks stay on the
-    /// device for the next stages); fails when potrs reports an invalid argument.
-    pub fn download_info(&self, gpu: &Gpu) -> Result<Vec<i32>, GpuError> {
-        let st = &gpu.stream;
-        let potrs = st
-            .clone_dtoh(&self.potrs_info)
-            .map_err(cuda("downloading potrs's info"))?;
-        check_potrs_info(potrs[0])?;
-        st.clone_dtoh(&self.info).map_err(cuda("downloading info"))
     }
 }
 

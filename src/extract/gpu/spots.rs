@@ -614,19 +614,12 @@ impl DeviceSpots {
 
     /// Copies the set back to the host (waits for the stream).
     pub fn download(&self, gpu: &Gpu) -> Result<SpotSet, GpuError> {
-        let s = &gpu.stream;
-        Ok(SpotSet {
-            grid: self.grid,
-            ny: self.ny,
-            nx: self.nx,
-            values: s
-                .clone_dtoh(&self.values)
-                .map_err(cuda("downloading spot values"))?,
-            xc: s.clone_dtoh(&self.xc).map_err(cuda("downloading xc"))?,
-            yc: s.clone_dtoh(&self.yc).map_err(cuda("downloading yc"))?,
-            x: s.clone_dtoh(&self.x).map_err(cuda("downloading x"))?,
-            y: s.clone_dtoh(&self.y).map_err(cuda("downloading y"))?,
-        })
+        let mut set = self.download_geometry(gpu)?;
+        set.values = gpu
+            .stream
+            .clone_dtoh(&self.values)
+            .map_err(cuda("downloading spot values"))?;
+        Ok(set)
     }
 }
 
