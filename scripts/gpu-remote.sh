@@ -11,8 +11,10 @@
 #   bench.log      a full 500-fiber r frame simulated through the real PSF, then
 #                  `spextract bench --backend cpu,gpu` on it (as BENCHMARKS.md)
 #   full.log       that frame extracted on the GPU and on the CPU, compared (and vs the truth)
+#   sidebyside.log another extractor on the same full frame, when .gpu/sidebyside/run.sh is
+#                  staged (e.g. gpu_specter: it stays outside the repository), compared
+#   sanitizer.log  bundle 0 on the GPU under compute-sanitizer memcheck, where it is installed
 #   summary.txt    each step's exit code and seconds, and the tests' "skipping" lines
-#   frame-b00-gpu.fits  the GPU's frame of bundle 0
 # Logs go to $OUT (the tool's; elsewhere default /tmp/spextract-gpu-out). Without a GPU the
 # GPU steps fail or skip with the reason; the exit code is 1 when any step failed.
 set -uo pipefail
@@ -90,7 +92,12 @@ if [ -z "$cuda_dirs" ]; then
     cuda_dirs=$(find /opt /usr/local/lib /usr/lib/python3* /root/.local -maxdepth 7 -type d \
         -path '*-packages/nvidia/*/lib' 2>/dev/null | sort | paste -sd: -)
 fi
-for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/local/nvidia/lib64; do
+# The toolkit's folder only when no wheel was found: cudarc tries the unversioned names
+# (libcublas.so) first, and a toolkit of another CUDA version there would load under the
+# CUDA 13 bindings. The driver's folder always (libcuda).
+toolkit_dirs=/usr/local/nvidia/lib64
+[ -n "$cuda_dirs" ] || toolkit_dirs="/usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib $toolkit_dirs"
+for d in $toolkit_dirs; do
     [ -d "$d" ] && cuda_dirs=${cuda_dirs:+$cuda_dirs:}$d
 done
 
@@ -143,14 +150,14 @@ step env.log 20 "staged libraries resolve (ldd)" bash -c '
     exit $rc' _ "$stage" "$libpath" "$scratch"
 step env.log 60 "spextract doctor" "${sx[@]}" doctor
 
-# --- the GPU unit tests ---
+# --- the GPU unit tests (the kernels' CPU emulation, `emu`, needs no GPU: CI runs it) ---
 step gpu-tests.log 240 "GPU unit tests (extract::gpu)" \
-    "${tests[@]}" extract::gpu --nocapture --test-threads=1
+    "${tests[@]}" extract::gpu --skip extract::gpu::emu --nocapture --test-threads=1
 
 # --- parity on the shared data: bundle 0 ---
 b00=(-p "$psf" -i "$data/preproc-r0-b00.fits.gz" -w "$grid" -s 0 -n 25 --no-progress --overwrite)
 step parity.log 90 "extract bundle 0, GPU" "${sx[@]}" extract "${b00[@]}" --backend gpu \
-    -o "$scratch/frame-b00-gpu.fits" && cp "$scratch/frame-b00-gpu.fits" "$out/"
+    -o "$scratch/frame-b00-gpu.fits"
 step parity.log 90 "extract bundle 0, CPU" "${sx[@]}" extract "${b00[@]}" --backend cpu \
     -o "$scratch/frame-b00-cpu.fits"
 step parity.log 30 "compare bundle 0: GPU vs CPU" \
@@ -174,6 +181,27 @@ step full.log 120 "extract the full frame, CPU ($ncpu threads)" "${sx[@]}" extra
     --backend cpu -o "$scratch/full-cpu.fits"
 step full.log 60 "compare the full frame: GPU vs CPU, and vs the truth" "${sx[@]}" compare \
     "$scratch/full-gpu.fits" "$scratch/full-cpu.fits" --truth "$scratch/full-truth.fits"
+
+# --- a side-by-side run, when one is staged (.gpu/sidebyside/run.sh: another extractor, not
+# part of this repository, run on the same full frame; it writes frame-other.fits) ---
+side=$stage/sidebyside/run.sh
+if [ -f "$side" ]; then
+    step sidebyside.log 200 "side-by-side extractor on the full frame" \
+        bash "$side" "$psf" "$scratch/full.fits" "$scratch"
+    step sidebyside.log 60 "compare the full frame: GPU vs the side-by-side extractor" \
+        "${sx[@]}" compare "$scratch/full-gpu.fits" "$scratch/frame-other.fits" \
+        --truth "$scratch/full-truth.fits"
+fi
+
+# --- bundle 0 on the GPU under compute-sanitizer's memcheck (out-of-bounds and misaligned
+# accesses, in our kernels and the libraries' calls), when the machine has it ---
+sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
+if [ -n "$sanitizer" ]; then
+    step sanitizer.log 120 "bundle 0 on the GPU under compute-sanitizer memcheck" \
+        env "LD_LIBRARY_PATH=$libpath" "$sanitizer" --tool memcheck --error-exitcode 3 \
+        --print-limit 20 "$stage/bin/spextract" extract "${b00[@]}" --backend gpu \
+        -o "$scratch/frame-b00-memcheck.fits"
+fi
 
 # --- summary ---
 {

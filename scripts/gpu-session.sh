@@ -9,6 +9,10 @@
 #   .gpu/data/                     the shared test data: PSF, preproc of bundle 0 (read by the
 #                                  GPU tests), gpu_specter's frame and the truth (gzipped)
 #   .gpu/MANIFEST                  commit, build time, libraries with their Debian packages
+#   .gpu/sidebyside/               when GPU_SIDEBYSIDE names a folder: a copy of it, whose run.sh
+#                                  gpu-remote.sh runs as `run.sh PSF PREPROC DIR` to extract the
+#                                  full frame with another extractor into DIR/frame-other.fits
+#                                  (e.g. gpu_specter with its wheels, kept outside the repository)
 # The full 500-fiber frame of the benchmark is not staged (a full-CCD preproc is ~140 MB):
 # gpu-remote.sh simulates it there with the staged binary.
 # Then, with the device tool: run(command="bash scripts/gpu-remote.sh", carry=[".gpu"]).
@@ -100,6 +104,11 @@ for f in frame-r0-b00-gpu_specter.fits truth-r0-b00.fits; do
         echo "gpu-session: warning: $data_src/$f is missing; the parity step will skip it" >&2
     fi
 done
+
+if [ -n "${GPU_SIDEBYSIDE:-}" ]; then
+    [ -f "$GPU_SIDEBYSIDE/run.sh" ] || { echo "gpu-session: $GPU_SIDEBYSIDE/run.sh is missing" >&2; exit 1; }
+    cp -r "$GPU_SIDEBYSIDE" "$stage/sidebyside"
+fi
 
 {
     echo "commit   $(git rev-parse --short HEAD)$([ -z "$(git status --porcelain -- src kernels tests Cargo.toml Cargo.lock build.rs)" ] || echo ' + uncommitted changes')"

@@ -549,6 +549,9 @@ struct CudaLib {
     file: &'static str,
     present: bool,
     version: Option<(i32, i32)>,
+    /// The file the process mapped it from: cudarc tries the unversioned name first, which
+    /// can find an older toolkit's library before the one the versions above came from.
+    path: Option<String>,
 }
 
 /// What loading the CUDA driver showed.
@@ -733,9 +736,15 @@ fn cuda_lib_findings(libs: &[CudaLib], driver: Option<(i32, i32)>) -> Vec<Findin
     let present: Vec<String> = libs
         .iter()
         .filter(|l| l.present)
-        .map(|l| match l.version {
-            Some((a, b)) => format!("{} {a}.{b}", l.name),
-            None => format!("{} (version unreadable)", l.name),
+        .map(|l| {
+            let v = match l.version {
+                Some((a, b)) => format!("{} {a}.{b}", l.name),
+                None => format!("{} (version unreadable)", l.name),
+            };
+            match &l.path {
+                Some(p) => format!("{v} from {p}"),
+                None => v,
+            }
         })
         .collect();
     if !present.is_empty() {
@@ -755,13 +764,15 @@ fn cuda_lib_findings(libs: &[CudaLib], driver: Option<(i32, i32)>) -> Vec<Findin
             "load the CUDA toolkit module, or add its lib64 folder to LD_LIBRARY_PATH",
         ));
     }
-    // NVRTC emits PTX of its own CUDA version, which an older driver refuses to load.
+    // NVRTC writes machine code and PTX of its own CUDA version. A driver of the same major
+    // version loads the machine code (minor-version compatibility); an older major loads
+    // neither.
     let nvrtc = libs
         .iter()
         .find(|l| l.name == "NVRTC" && l.present)
         .and_then(|l| l.version);
     if let (Some(n), Some(d)) = (nvrtc, driver) {
-        if n > d {
+        if n.0 > d.0 {
             out.push(Finding::warn(
                 "cuda-libs",
                 format!(
@@ -848,6 +859,21 @@ fn probe_device(ordinal: usize) -> Result<GpuDevice, String> {
     })
 }
 
+/// The file of the mapped library whose name starts with `soname` (e.g. "libcublas.so"), as
+/// this process's memory map shows it.
+fn mapped_from(soname: &str) -> Option<String> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    maps.lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|p| {
+            std::path::Path::new(p)
+                .file_name()
+                .and_then(|f| f.to_str())
+                .is_some_and(|f| f.starts_with(soname))
+        })
+        .map(str::to_string)
+}
+
 fn probe_cuda_libs() -> Vec<CudaLib> {
     fn lib(
         name: &'static str,
@@ -861,11 +887,13 @@ fn probe_cuda_libs() -> Vec<CudaLib> {
         } else {
             None
         };
+        let path = present.then(|| mapped_from(file)).flatten();
         CudaLib {
             name,
             file,
             present,
             version,
+            path,
         }
     }
     // SAFETY (the three is_culib_present calls): they dlopen and close the library's candidate
@@ -1751,7 +1779,15 @@ mod tests {
             file: "libx.so",
             present,
             version: present.then_some(version),
+            path: None,
         }
+    }
+
+    #[test]
+    fn a_mapped_library_is_found_by_its_soname() {
+        let libc = mapped_from("libc.so").expect("every Linux process maps libc");
+        assert!(libc.starts_with('/') && libc.contains("libc.so"), "{libc}");
+        assert_eq!(mapped_from("libspextract-no-such-library.so"), None);
     }
 
     #[test]

@@ -412,6 +412,7 @@ impl GpuBackend {
         // Streams of our own from the start, so that every buffer takes part in cudarc's
         // cross-stream ordering (see `Gpu::on_new_stream`).
         let gpu = Gpu::open(ordinal)?.on_new_stream()?;
+        gpu.keep_pool_memory()?;
         solve::check_libraries()?;
         let lanes = vec![Lane::new(&gpu)?, Lane::new(&gpu)?];
         Ok(GpuBackend {
@@ -613,6 +614,9 @@ trait Chunks {
     fn queue(&mut self, lane: usize, range: Range<usize>) -> Result<Self::Queued, GpuError>;
     /// Waits for a queued chunk and takes its results.
     fn collect(&mut self, q: Self::Queued) -> Result<(), GpuError>;
+    /// Waits for whatever `lane` still runs: a queue that failed partway may have left work
+    /// on it that reads buffers the retry would reuse.
+    fn settle(&mut self, lane: usize) -> Result<(), GpuError>;
 }
 
 /// Runs patches `0..n` in chunks of at most `chunk`, alternating over `lanes` lanes with at
@@ -636,7 +640,8 @@ fn schedule<C: Chunks>(c: &mut C, n: usize, chunk: usize, lanes: usize) -> Resul
                 flight.push_back(q);
                 next += 1;
             }
-            Err(GpuError::Cuda(msg)) if msg.contains("OUT_OF_MEMORY") && range.len() > 1 => {
+            Err(e) if e.is_out_of_memory() && range.len() > 1 => {
+                c.settle(lane)?;
                 while let Some(q) = flight.pop_front() {
                     c.collect(q)?;
                 }
@@ -677,6 +682,14 @@ impl Chunks for DeviceChunks<'_, '_> {
     fn queue(&mut self, lane: usize, range: Range<usize>) -> Result<Queued, GpuError> {
         let chunk = &self.batch[range.clone()];
         self.backend.queue(lane, range, chunk, self.opts)
+    }
+
+    fn settle(&mut self, lane: usize) -> Result<(), GpuError> {
+        self.backend.lanes[lane]
+            .gpu
+            .stream
+            .synchronize()
+            .map_err(|e| GpuError::Cuda(format!("waiting for lane {lane} after an error: {e:?}")))
     }
 
     fn collect(&mut self, q: Queued) -> Result<(), GpuError> {
@@ -1066,6 +1079,7 @@ mod tests {
         in_flight: Vec<(usize, Range<usize>)>,
         collected: Vec<usize>,
         most_in_flight: usize,
+        settled: Vec<usize>,
     }
 
     impl Chunks for Recorder {
@@ -1090,6 +1104,11 @@ mod tests {
             Ok((lane, range))
         }
 
+        fn settle(&mut self, lane: usize) -> Result<(), GpuError> {
+            self.settled.push(lane);
+            Ok(())
+        }
+
         fn collect(&mut self, q: Self::Queued) -> Result<(), GpuError> {
             let k = self.in_flight.iter().position(|x| *x == q).unwrap();
             self.in_flight.remove(k);
@@ -1108,6 +1127,7 @@ mod tests {
             in_flight: Vec::new(),
             collected: Vec::new(),
             most_in_flight: 0,
+            settled: Vec::new(),
         };
         schedule(&mut r, 1000, 470, 2).unwrap();
         assert_eq!(r.collected.len(), 1000);
@@ -1126,17 +1146,31 @@ mod tests {
             in_flight: Vec::new(),
             collected: Vec::new(),
             most_in_flight: 0,
+            settled: Vec::new(),
         };
         schedule(&mut r, 1000, 470, 2).unwrap();
         let mut seen = r.collected.clone();
         seen.sort_unstable();
         assert!(seen.iter().copied().eq(0..1000), "each patch once");
+        assert!(
+            !r.settled.is_empty(),
+            "the failing lane is waited for before a retry"
+        );
+        for msg in [
+            "allocating: CUDA_ERROR_OUT_OF_MEMORY",
+            "potrfBatched: CUSOLVER_STATUS_ALLOC_FAILED",
+            "gemmBatched: CUBLAS_STATUS_ALLOC_FAILED",
+        ] {
+            assert!(GpuError::Cuda(msg.into()).is_out_of_memory(), "{msg}");
+        }
+        assert!(!GpuError::Cuda("CUDA_ERROR_ILLEGAL_ADDRESS".into()).is_out_of_memory());
 
         let mut r = Recorder {
             fits: 0,
             in_flight: Vec::new(),
             collected: Vec::new(),
             most_in_flight: 0,
+            settled: Vec::new(),
         };
         let err = schedule(&mut r, 5, 470, 2).unwrap_err();
         assert!(err.to_string().contains("OUT_OF_MEMORY"), "{err}");

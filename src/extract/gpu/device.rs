@@ -125,6 +125,36 @@ impl Gpu {
         Ok(Gpu { info, ctx, stream })
     }
 
+    /// Lets the device's memory pool keep what it has once held. Buffers come from the
+    /// stream-ordered pool (`cuMemAllocAsync`), whose default release threshold of 0 hands
+    /// its memory back to the driver at every synchronisation; the backend synchronises after
+    /// every chunk and would then acquire its ~2 GB afresh for the next one.
+    pub fn keep_pool_memory(&self) -> Result<(), GpuError> {
+        use cudarc::driver::{result, sys};
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| GpuError::Cuda(format!("{}: {e:?}", self.info.name)))?;
+        let mut threshold: u64 = u64::MAX;
+        // SAFETY: cu_device is the context's own device; cuMemPoolSetAttribute reads one u64
+        // through the pointer, which is valid for the call, for this attribute.
+        let rc = guarded("cuMemPoolSetAttribute", || unsafe {
+            result::device::get_mem_pool(self.ctx.cu_device()).and_then(|pool| {
+                sys::cuMemPoolSetAttribute(
+                    pool,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                    (&mut threshold as *mut u64).cast(),
+                )
+                .result()
+            })
+        })?;
+        rc.map_err(|e| {
+            GpuError::Cuda(format!(
+                "keeping the memory pool of {}: {e:?}",
+                self.info.name
+            ))
+        })
+    }
+
     /// The same device on a stream of its own (non-blocking). The first such stream puts the
     /// context in cudarc's multi-stream mode, where every buffer records the events that make
     /// a stream using it wait for the stream that wrote it, and a buffer is freed in the order
@@ -140,8 +170,23 @@ impl Gpu {
         })
     }
 
-    /// Compiles (or takes from the cache) and loads kernel file `name` (e.g. "spots.cu").
+    /// Compiles (or takes from the cache) and loads kernel file `name` (e.g. "spots.cu"): its
+    /// machine code, or its PTX where the machine code cannot be made or loaded.
     pub fn module(&self, name: &str) -> Result<Arc<CudaModule>, GpuError> {
+        let native = ptx::cubin(name, self.info.arch).and_then(|bin| {
+            self.ctx
+                .load_module(cudarc::nvrtc::Ptx::from_binary(bin))
+                .map_err(|e| GpuError::Kernel(format!("{e:?}")))
+        });
+        let cubin_err = match native {
+            Ok(m) => return Ok(m),
+            Err(e) => e,
+        };
+        tracing::warn!(
+            "{name}: the machine code for sm_{}{} did not load ({cubin_err}); loading its PTX",
+            self.info.arch.0,
+            self.info.arch.1
+        );
         let text = ptx::ptx(name, self.info.arch)?;
         self.ctx
             .load_module(cudarc::nvrtc::Ptx::from_src(text))

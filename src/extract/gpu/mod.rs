@@ -43,3 +43,11 @@ pub enum GpuError {
     #[error("CUDA: {0}")]
     Cuda(String),
 }
+
+impl GpuError {
+    /// Whether the device ran out of memory: the driver's allocation, or cuBLAS's or
+    /// cuSOLVER's own workspace allocation, failed. A smaller chunk may then fit.
+    pub fn is_out_of_memory(&self) -> bool {
+        matches!(self, GpuError::Cuda(m) if m.contains("OUT_OF_MEMORY") || m.contains("ALLOC_FAILED"))
+    }
+}

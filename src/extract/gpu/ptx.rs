@@ -1,6 +1,11 @@
-//! The kernels' sources, embedded at build time, compiled to PTX with NVRTC at run time for the
+//! The kernels' sources, embedded at build time, compiled with NVRTC at run time for the
 //! device's architecture, and cached on disk keyed by source, architecture, options and NVRTC
 //! version, so that only the first run on a machine pays the compile.
+//!
+//! Devices load machine code (a cubin for `sm_XY`): CUDA's minor-version compatibility lets a
+//! driver load a cubin from a newer NVRTC of its major version, but not that NVRTC's PTX, and
+//! machine code also spares the driver's compile at every module load. PTX (`compute_XY`) is
+//! the fallback, and what the launch-ABI checks read.
 
 use std::path::{Path, PathBuf};
 
@@ -75,10 +80,32 @@ pub fn cache_dir() -> Option<PathBuf> {
     Some(base.join("spextract").join("ptx"))
 }
 
+/// What NVRTC writes for the driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// Machine code for the device's architecture (`sm_XY`).
+    Cubin,
+    /// PTX for `compute_XY`, compiled by the driver when the module loads.
+    Ptx,
+}
+
+impl Target {
+    fn extension(self) -> &'static str {
+        match self {
+            Target::Cubin => "cubin",
+            Target::Ptx => "ptx",
+        }
+    }
+}
+
 /// NVRTC's options for a device of compute capability `arch`.
-fn options(arch: (i32, i32)) -> Vec<String> {
+fn options(arch: (i32, i32), target: Target) -> Vec<String> {
+    let virt = match target {
+        Target::Cubin => "sm",
+        Target::Ptx => "compute",
+    };
     vec![
-        format!("--gpu-architecture=compute_{}{}", arch.0, arch.1),
+        format!("--gpu-architecture={virt}_{}{}", arch.0, arch.1),
         "--std=c++17".into(),
         // The extraction is specified in f64 with IEEE division and square roots.
         "--fmad=true".into(),
@@ -114,6 +141,24 @@ pub fn ptx(name: &str, arch: (i32, i32)) -> Result<String, GpuError> {
 
 /// [`ptx`] with the cache in `cache` (None: no cache).
 pub fn ptx_in(name: &str, arch: (i32, i32), cache: Option<&Path>) -> Result<String, GpuError> {
+    let bytes = compiled_in(name, arch, cache, Target::Ptx)?;
+    String::from_utf8(bytes)
+        .map_err(|_| GpuError::Kernel(format!("NVRTC wrote PTX for {name} that is not text")))
+}
+
+/// The machine code (cubin) of kernel file `name` for `arch`, from the cache or compiled now.
+pub fn cubin(name: &str, arch: (i32, i32)) -> Result<Vec<u8>, GpuError> {
+    compiled_in(name, arch, cache_dir().as_deref(), Target::Cubin)
+}
+
+/// Kernel file `name` compiled for `arch` as `target`, with the cache in `cache` (None: no
+/// cache).
+pub fn compiled_in(
+    name: &str,
+    arch: (i32, i32),
+    cache: Option<&Path>,
+    target: Target,
+) -> Result<Vec<u8>, GpuError> {
     if !nvrtc_present() {
         return Err(GpuError::Library(
             "NVRTC (libnvrtc.so) is not installed or not on LD_LIBRARY_PATH; it compiles the \
@@ -122,7 +167,7 @@ pub fn ptx_in(name: &str, arch: (i32, i32), cache: Option<&Path>) -> Result<Stri
         ));
     }
     let src = expanded(name)?;
-    let opts = options(arch);
+    let opts = options(arch, target);
     let (vmaj, vmin) = nvrtc_version()?;
     let key = fnv1a(&[
         src.as_bytes(),
@@ -130,14 +175,18 @@ pub fn ptx_in(name: &str, arch: (i32, i32), cache: Option<&Path>) -> Result<Stri
         format!("nvrtc {vmaj}.{vmin}").as_bytes(),
     ]);
     let stem = name.trim_end_matches(".cu");
-    let file = cache.map(|d| d.join(format!("{stem}-sm{}{}-{key:016x}.ptx", arch.0, arch.1)));
-    if let Some(text) = file
-        .as_deref()
-        .and_then(|f| std::fs::read_to_string(f).ok())
-    {
-        return Ok(text);
+    let file = cache.map(|d| {
+        d.join(format!(
+            "{stem}-sm{}{}-{key:016x}.{}",
+            arch.0,
+            arch.1,
+            target.extension()
+        ))
+    });
+    if let Some(bytes) = file.as_deref().and_then(|f| std::fs::read(f).ok()) {
+        return Ok(bytes);
     }
-    let compiled = compile(name, &src, &opts)?;
+    let compiled = compile(name, &src, &opts, target)?;
     if let Some(f) = &file {
         // A cache that cannot be written only costs the next run a compile.
         let _ = store(f, &compiled);
@@ -145,27 +194,62 @@ pub fn ptx_in(name: &str, arch: (i32, i32), cache: Option<&Path>) -> Result<Stri
     Ok(compiled)
 }
 
-fn compile(name: &str, src: &str, opts: &[String]) -> Result<String, GpuError> {
-    let options = cudarc::nvrtc::CompileOptions {
-        options: opts.to_vec(),
-        name: Some(name.to_string()),
-        ..Default::default()
+fn compile(name: &str, src: &str, opts: &[String], target: Target) -> Result<Vec<u8>, GpuError> {
+    use cudarc::nvrtc::{result, sys};
+    let fail = |what: String| GpuError::Kernel(format!("NVRTC could not compile {name}: {what}"));
+    let c_src = std::ffi::CString::new(src).map_err(|_| fail("a NUL byte in the source".into()))?;
+    let c_name = std::ffi::CString::new(name).map_err(|_| fail("a NUL byte in the name".into()))?;
+    let run = || -> Result<Vec<u8>, GpuError> {
+        let prog =
+            result::create_program(&c_src, Some(&c_name)).map_err(|e| fail(e.to_string()))?;
+        // SAFETY: `prog` was created just above from `c_src` and `c_name`, which outlive it, and
+        // is destroyed once, at the end of this block; the output buffers are sized by the
+        // matching Size call before NVRTC writes into them.
+        unsafe {
+            let out = result::compile_program(prog, opts).and_then(|()| match target {
+                Target::Ptx => result::get_ptx(prog).map(|t| {
+                    let bytes: Vec<u8> = t.iter().map(|&c| c as u8).collect();
+                    // NVRTC's size counts the terminating NUL.
+                    bytes.split(|&b| b == 0).next().unwrap_or(&[]).to_vec()
+                }),
+                Target::Cubin => {
+                    let mut size = 0usize;
+                    sys::nvrtcGetCUBINSize(prog, &mut size).result()?;
+                    let mut bin = vec![0u8; size];
+                    sys::nvrtcGetCUBIN(prog, bin.as_mut_ptr().cast()).result()?;
+                    Ok(bin)
+                }
+            });
+            let out = out.map_err(|e| {
+                let log = result::get_program_log(prog)
+                    .map(|l| {
+                        let b: Vec<u8> = l
+                            .iter()
+                            .take_while(|&&c| c != 0)
+                            .map(|&c| c as u8)
+                            .collect();
+                        String::from_utf8_lossy(&b).into_owned()
+                    })
+                    .unwrap_or_default();
+                fail(format!(
+                    "{e} (options {}){}{log}",
+                    opts.join(" "),
+                    if log.is_empty() { "" } else { ":\n" }
+                ))
+            });
+            let _ = result::destroy_program(prog);
+            out
+        }
     };
-    let res = std::panic::catch_unwind(|| cudarc::nvrtc::compile_ptx_with_opts(src, options))
-        .map_err(|_| GpuError::Library("NVRTC could not be loaded".into()))?;
-    match res {
-        Ok(ptx) => Ok(ptx.to_src()),
-        Err(e) => Err(GpuError::Kernel(format!(
-            "NVRTC could not compile {name}: {e}"
-        ))),
-    }
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
+        .map_err(|_| GpuError::Library("NVRTC could not be loaded".into()))?
 }
 
-fn store(path: &Path, text: &str) -> std::io::Result<()> {
+fn store(path: &Path, text: &[u8]) -> std::io::Result<()> {
     if let Some(d) = path.parent() {
         std::fs::create_dir_all(d)?;
     }
-    let tmp = path.with_extension(format!("ptx.tmp-{}", std::process::id()));
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
     std::fs::write(&tmp, text)?;
     std::fs::rename(&tmp, path)
 }
@@ -250,6 +334,28 @@ mod tests {
             let cached: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
             assert!(!cached.is_empty());
             assert_eq!(ptx_in(f, (9, 0), Some(dir.path())).unwrap(), text);
+        }
+    }
+
+    /// The machine code devices load: an ELF image for sm_90, cached beside the PTX under a
+    /// key of its own.
+    #[test]
+    fn every_kernel_compiles_to_machine_code_when_nvrtc_is_present() {
+        if !nvrtc_or_skip() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        for f in kernel_files() {
+            let bin = compiled_in(f, (9, 0), Some(dir.path()), Target::Cubin)
+                .unwrap_or_else(|e| panic!("{f}: {e}"));
+            assert_eq!(&bin[..4], b"\x7fELF", "{f}: not an ELF cubin");
+            let ptx = compiled_in(f, (9, 0), Some(dir.path()), Target::Ptx).unwrap();
+            assert_ne!(bin, ptx, "{f}: the PTX was served for the cubin");
+            assert_eq!(
+                compiled_in(f, (9, 0), Some(dir.path()), Target::Cubin).unwrap(),
+                bin,
+                "{f}: the cached cubin differs"
+            );
         }
     }
 
