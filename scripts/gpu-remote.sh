@@ -15,6 +15,8 @@
 #                  staged (e.g. gpu_specter: it stays outside the repository), compared
 #   sanitizer.log  bundle 0 on the GPU under compute-sanitizer memcheck, where it is installed
 #   summary.txt    each step's exit code and seconds, and the tests' "skipping" lines
+# GPU_REMOTE_STEPS picks groups of steps (env tests parity bench full side sanitizer; default
+# all); the full frame is simulated whenever bench, full or side runs.
 # Logs go to $OUT (the tool's; elsewhere default /tmp/spextract-gpu-out). Without a GPU the
 # GPU steps fail or skip with the reason; the exit code is 1 when any step failed.
 set -uo pipefail
@@ -25,6 +27,9 @@ out=${OUT:-/tmp/spextract-gpu-out}
 scratch=${GPU_SCRATCH:-/tmp/spextract-gpu}
 budget=${GPU_REMOTE_BUDGET_S:-480}
 grid=5760,7620,0.8
+# The groups of steps to run (default all): env tests parity bench full side sanitizer.
+steps=" ${GPU_REMOTE_STEPS:-env tests parity bench full side sanitizer} "
+want() { [[ "$steps" == *" $1 "* ]]; }
 mkdir -p "$out"
 summary=$out/summary.txt
 : >"$summary"
@@ -131,9 +136,9 @@ psf=$data/psf-r0-00067784.fits
     done
     echo "== libcuda: $(ldconfig -p 2>/dev/null | grep -m1 'libcuda\.so\.1' || echo 'not in the loader cache')"
 } 2>&1 | tee -a "$out/env.log"
-step env.log 30 "nvidia-smi" nvidia-smi
+want env && step env.log 30 "nvidia-smi" nvidia-smi
 # shellcheck disable=SC2016 # expanded by the inner bash
-step env.log 20 "staged libraries resolve (ldd)" bash -c '
+want env && step env.log 20 "staged libraries resolve (ldd)" bash -c '
     rc=0
     for b in "$1/bin/spextract" "$1/bin/spextract-lib-tests"; do
         r=$(LD_LIBRARY_PATH=$2 ldd "$b")
@@ -148,44 +153,44 @@ step env.log 20 "staged libraries resolve (ldd)" bash -c '
         LD_LIBRARY_PATH=$2 ldd "$f" | grep "not found" && rc=1
     done
     exit $rc' _ "$stage" "$libpath" "$scratch"
-step env.log 60 "spextract doctor" "${sx[@]}" doctor
+want env && step env.log 60 "spextract doctor" "${sx[@]}" doctor
 
 # --- the GPU unit tests (the kernels' CPU emulation, `emu`, needs no GPU: CI runs it) ---
-step gpu-tests.log 240 "GPU unit tests (extract::gpu)" \
+want tests && step gpu-tests.log 240 "GPU unit tests (extract::gpu)" \
     "${tests[@]}" extract::gpu --skip extract::gpu::emu --nocapture --test-threads=1
 
 # --- parity on the shared data: bundle 0 ---
 b00=(-p "$psf" -i "$data/preproc-r0-b00.fits.gz" -w "$grid" -s 0 -n 25 --no-progress --overwrite)
-step parity.log 90 "extract bundle 0, GPU" "${sx[@]}" extract "${b00[@]}" --backend gpu \
+want parity && step parity.log 90 "extract bundle 0, GPU" "${sx[@]}" extract "${b00[@]}" --backend gpu \
     -o "$scratch/frame-b00-gpu.fits"
-step parity.log 90 "extract bundle 0, CPU" "${sx[@]}" extract "${b00[@]}" --backend cpu \
+want parity && step parity.log 90 "extract bundle 0, CPU" "${sx[@]}" extract "${b00[@]}" --backend cpu \
     -o "$scratch/frame-b00-cpu.fits"
-step parity.log 30 "compare bundle 0: GPU vs CPU" \
+want parity && step parity.log 30 "compare bundle 0: GPU vs CPU" \
     "${sx[@]}" compare "$scratch/frame-b00-gpu.fits" "$scratch/frame-b00-cpu.fits"
-step parity.log 30 "compare bundle 0: GPU vs gpu_specter, and vs the truth" \
+want parity && step parity.log 30 "compare bundle 0: GPU vs gpu_specter, and vs the truth" \
     "${sx[@]}" compare "$scratch/frame-b00-gpu.fits" "$data/frame-r0-b00-gpu_specter.fits.gz" \
     --truth "$data/truth-r0-b00.fits.gz"
 
 # --- benchmark: a full r frame, as BENCHMARKS.md ---
-step bench.log 120 "simulate a full 500-fiber r frame" "${sx[@]}" simulate -p "$psf" \
+{ want bench || want full || want side; } && step bench.log 120 "simulate a full 500-fiber r frame" "${sx[@]}" simulate -p "$psf" \
     -i "$scratch/full.fits" -t "$scratch/full-truth.fits" -n 500 -w "$grid" --overwrite
-step bench.log 200 "bench --backend cpu,gpu (threads $ncpu,1)" "${sx[@]}" bench -p "$psf" \
+want bench && step bench.log 200 "bench --backend cpu,gpu (threads $ncpu,1)" "${sx[@]}" bench -p "$psf" \
     -i "$scratch/full.fits" -w "$grid" --thread-counts "$ncpu,1" --oracle-patches 3 \
     --backend cpu,gpu --no-progress
 
 # --- the full frame on both backends, compared ---
 full=(-p "$psf" -i "$scratch/full.fits" -w "$grid" --no-progress --overwrite)
-step full.log 120 "extract the full frame, GPU" "${sx[@]}" extract "${full[@]}" --backend gpu \
+want full && step full.log 120 "extract the full frame, GPU" "${sx[@]}" extract "${full[@]}" --backend gpu \
     -o "$scratch/full-gpu.fits"
-step full.log 120 "extract the full frame, CPU ($ncpu threads)" "${sx[@]}" extract "${full[@]}" \
+want full && step full.log 120 "extract the full frame, CPU ($ncpu threads)" "${sx[@]}" extract "${full[@]}" \
     --backend cpu -o "$scratch/full-cpu.fits"
-step full.log 60 "compare the full frame: GPU vs CPU, and vs the truth" "${sx[@]}" compare \
+want full && step full.log 60 "compare the full frame: GPU vs CPU, and vs the truth" "${sx[@]}" compare \
     "$scratch/full-gpu.fits" "$scratch/full-cpu.fits" --truth "$scratch/full-truth.fits"
 
 # --- a side-by-side run, when one is staged (.gpu/sidebyside/run.sh: another extractor, not
 # part of this repository, run on the same full frame; it writes frame-other.fits) ---
 side=$stage/sidebyside/run.sh
-if [ -f "$side" ]; then
+if want side && [ -f "$side" ]; then
     step sidebyside.log 200 "side-by-side extractor on the full frame" \
         bash "$side" "$psf" "$scratch/full.fits" "$scratch"
     step sidebyside.log 60 "compare the full frame: GPU vs the side-by-side extractor" \
@@ -196,7 +201,7 @@ fi
 # --- bundle 0 on the GPU under compute-sanitizer's memcheck (out-of-bounds and misaligned
 # accesses, in our kernels and the libraries' calls), when the machine has it ---
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
-if [ -n "$sanitizer" ]; then
+if want sanitizer && [ -n "$sanitizer" ]; then
     step sanitizer.log 120 "bundle 0 on the GPU under compute-sanitizer memcheck" \
         env "LD_LIBRARY_PATH=$libpath" "$sanitizer" --tool memcheck --error-exitcode 3 \
         --print-limit 20 "$stage/bin/spextract" extract "${b00[@]}" --backend gpu \

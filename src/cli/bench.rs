@@ -7,13 +7,15 @@ use std::time::Instant;
 use anyhow::Result;
 use clap::Args;
 
+use super::compare::diff_frames;
 use super::extract::{prepare, run_extraction};
 use super::ExtractionFlags;
 use crate::extract::cpu::oracle;
 use crate::extract::gpu::cost;
 use crate::extract::PatchInput;
 use crate::patch::{pixels, Patch, PixelWindow};
-use crate::pipeline::prepare::Prepared;
+use crate::pipeline::frame::FrameResult;
+use crate::pipeline::prepare::{frame_of, Prepared};
 use crate::psf::{spots, SpotSet};
 
 /// `spextract bench`.
@@ -78,6 +80,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
         gpus: crate::extract::gpu::device::probe().map_or(0, |d| d.len()),
     };
+    // The first CPU frame and the GPU's steady-state frame, compared in f64 at the end: the
+    // files store float32, whose rounding hides agreement below ~1e-7 relative.
+    let mut frames: Vec<(String, FrameResult)> = Vec::new();
     for name in &args.backend {
         // Opening the GPU (and compiling its kernels on first use) is not part of the timing.
         let mut engine = crate::extract::gpu::device::backend_for(name, 0, 1)?;
@@ -107,7 +112,12 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             if threads == 1 && name == "cpu" {
                 one_thread = Some(wall);
             }
-            let st = &res.stats;
+            let keep = (name == "cpu" || name == "gpu") && !frames.iter().any(|(n, _)| n == name);
+            let st = res.stats.clone();
+            if keep {
+                frames.push((name.to_string(), res));
+            }
+            let st = &st;
             println!(
                 "| {} | {} | {:.2} | {:.2e} | {:.2} | {:.2} | {:.2} | {:.0} | {:.0} |",
                 name,
@@ -198,6 +208,24 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             "per frame: cpu {cpu:.2} s, gpu {gpu:.2} s ({:.0} frames per GPU-hour): gpu {:.1}x cpu",
             3600.0 / gpu,
             cpu / gpu
+        );
+    }
+    if let (Some((_, cpu)), Some((_, gpu))) = (
+        frames.iter().find(|(n, _)| n == "cpu"),
+        frames.iter().find(|(n, _)| n == "gpu"),
+    ) {
+        let d = diff_frames(&frame_of(gpu, &prep.grid), &frame_of(cpu, &prep.grid))?;
+        println!(
+            "gpu vs cpu on this frame, in f64 (before the file's float32): {} bins, max pull \
+             {:.3e}, median pull {:.3e}, max |Δresolution| {:.3e}, max |Δivar|/ivar {:.3e}, \
+             ivar > 0 in one only {}, non-finite {}",
+            d.nbins,
+            d.max_pull,
+            d.median_pull,
+            d.max_dres,
+            d.max_divar,
+            d.ivar_disagree,
+            d.nonfinite
         );
     }
     if args.oracle_patches > 0 {

@@ -216,6 +216,20 @@ pub fn frame_meta(prep: &Prepared) -> FrameMeta {
     }
 }
 
+/// The frame as it is written, in f64 (the file stores float32).
+pub fn frame_of(res: &FrameResult, grid: &WaveGrid) -> Frame {
+    let fin = finalize(res, grid);
+    Frame {
+        specmin: res.specmin,
+        wave: res.wave.clone(),
+        flux: fin.flux,
+        ivar: fin.ivar,
+        mask: fin.mask,
+        resolution: res.resolution.clone(),
+        chi2pix: res.chi2pix.clone(),
+    }
+}
+
 /// Finalises and writes a frame (and the model image when one was computed), each atomically.
 pub fn write_outputs(
     res: &FrameResult,
@@ -225,17 +239,7 @@ pub fn write_outputs(
     model_image: Option<&Path>,
     overwrite: bool,
 ) -> Result<()> {
-    let fin = finalize(res, grid);
-    let frame = Frame {
-        specmin: res.specmin,
-        wave: res.wave.clone(),
-        flux: fin.flux,
-        ivar: fin.ivar,
-        mask: fin.mask,
-        resolution: res.resolution.clone(),
-        chi2pix: res.chi2pix.clone(),
-    };
-    write_frame(output, &frame, meta, overwrite)?;
+    write_frame(output, &frame_of(res, grid), meta, overwrite)?;
     if let (Some(path), Some(model)) = (model_image, &res.model) {
         write_model_image(path, model, overwrite)?;
     }
