@@ -139,6 +139,103 @@ __device__ void fill_failed(int b, int ncol, int nd2, double* flux, double* flux
     }
 }
 
+// The readout shared by both kernels, from C's eigenpairs: λ_k in A[k·m + k] and eigenvector
+// k in V's column k (rows i < n, leading dimension m), k < n. Checks λ, forms W = V Λ^{-1/4},
+// Q's rows row_lo.., s, R = Q/s, then flux, fluxivar and the resolution diagonals, and writes
+// status[b] and sweeps[b] (= sweep). Called by every thread of the block.
+__device__ void readout(int b, int n, int m, int row_lo, int nrow, int wavepad, int nstep,
+                        int nkeep, int ndiag, int ncol, int nd2, int sweep, double* A,
+                        double* V, double* aux, const double* __restrict__ xf,
+                        double* __restrict__ flux, double* __restrict__ fluxivar,
+                        double* __restrict__ resolution, int* __restrict__ status,
+                        int* __restrict__ sweeps)
+{
+    const int tid = threadIdx.x;
+    const int nt = blockDim.x;
+    int bad = 0;
+    // Eigenvalues λ_k = A[k, k] (k < n: the Jacobi's padding 1 is not one of C's).
+    for (int k = tid; k < n; k += nt) {
+        const double lam = A[k * m + k];
+        bad |= !(lam > 0.0) || !isfinite(lam);
+        aux[k] = __ddiv_rn(1.0, sqrt(sqrt(lam)));
+    }
+    if (__syncthreads_or(bad)) {
+        fill_failed(b, ncol, nd2, flux, fluxivar, resolution);
+        if (tid == 0) {
+            status[b] = DECORR_BAD_EIGENVALUE;
+            sweeps[b] = sweep;
+        }
+        return;
+    }
+    // W = V Λ^{-1/4} in place (rows i < n).
+    for (int e = tid; e < n * n; e += nt) {
+        const int i = e % n;
+        const int k = e / n;
+        V[k * m + i] = __dmul_rn(V[k * m + i], aux[k]);
+    }
+    __syncthreads();
+    // Q[row_lo + ri, j] = Σ_k W[row_lo + ri, k] W[j, k] into A[ri·n + j] (A is no longer
+    // needed: λ went into aux).
+    for (int e = tid; e < nrow * n; e += nt) {
+        const int ri = e / n;
+        const int j = e % n;
+        const int r = row_lo + ri;
+        double acc = 0.0;
+        for (int k = 0; k < n; ++k) {
+            acc = fma(V[k * m + r], V[k * m + j], acc);
+        }
+        A[e] = acc;
+    }
+    __syncthreads();
+    for (int ri = tid; ri < nrow; ri += nt) {
+        double s = 0.0;
+        for (int j = 0; j < n; ++j) {
+            s = __dadd_rn(s, A[ri * n + j]);
+        }
+        aux[ri] = s;
+    }
+    __syncthreads();
+    for (int e = tid; e < nrow * n; e += nt) {
+        A[e] = __ddiv_rn(A[e], aux[e / n]);
+    }
+    __syncthreads();
+
+    // Readout (cpu::solve): flux and fluxivar of every core bin, the kept bins' diagonals.
+    bad = 0;
+    for (int j = tid; j < ncol; j += nt) {
+        double f = 0.0;
+        double fi = 0.0;
+        if (j < nstep) {
+            const int ri = wavepad + j - row_lo;
+            const double* row = A + ri * n;
+            for (int w = 0; w < n; ++w) {
+                f = fma(row[w], xf[w], f);
+            }
+            fi = __dmul_rn(aux[ri], aux[ri]);
+            if (j < nkeep) {
+                bad |= !isfinite(f) || !isfinite(fi);
+            }
+        }
+        flux[(long long)b * ncol + j] = f;
+        fluxivar[(long long)b * ncol + j] = fi;
+    }
+    for (int e = tid; e < nd2 * ncol; e += nt) {
+        const int k = e / ncol;
+        const int j = e % ncol;
+        double v = 0.0;
+        if (k <= 2 * ndiag && j < nkeep) {
+            const int rr = wavepad + j + k - ndiag - row_lo;
+            v = A[rr * n + wavepad + j];
+        }
+        resolution[(long long)b * nd2 * ncol + e] = v;
+    }
+    bad = __syncthreads_or(bad);
+    if (tid == 0) {
+        status[b] = bad ? DECORR_NONFINITE_OUTPUT : DECORR_OK;
+        sweeps[b] = sweep;
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(DECORR_THREADS) decorrelate(
     int ld,                                   // shared-memory size parameter (even, ≥ every m)
     int ncol,                                 // output columns per block (largest nstep)
@@ -364,87 +461,96 @@ extern "C" __global__ void __launch_bounds__(DECORR_THREADS) decorrelate(
         return;
     }
 
-    // Eigenvalues λ_k = A[k, k] (k < n: the padding's 1 is not one of C's).
-    bad = 0;
-    for (int k = tid; k < n; k += nt) {
-        const double lam = A[k * m + k];
-        bad |= !(lam > 0.0) || !isfinite(lam);
-        aux[k] = __ddiv_rn(1.0, sqrt(sqrt(lam)));
+    readout(b, n, m, row_lo, nrow, wavepad, nstep, nkeep, ndiag, ncol, nd2, sweep, A, V, aux,
+            x + offs[3 * (long long)b + 1], flux, fluxivar, resolution, status, sweeps);
+}
+
+// The eigenpairs of C from cuSOLVER's XsyevBatched instead of the Jacobi above, then the same
+// readout. The solve lays the blocks out as slots of cov_ld × cov_ld (column-major, C in the
+// top-left n × n, zeros elsewhere), and syev overwrote them in place with their eigenvectors
+// (evec, same offsets as cov) and wrote the eigenvalues in ascending order (eval, cov_ld per
+// slot). A slot holds C ⊕ 0: C's n eigenvalues, all positive for a covariance, and cov_ld - n
+// zeros, which come first; so C's eigenpairs are the last n, and their vectors' rows i ≥ n
+// (zero up to rounding) are not C's. A non-positive eigenvalue of C moves into that range and
+// is caught: either the readout's check sees it, or (when it pushed a padding eigenpair into
+// the range) the padding vector's weight outside C's rows does. The host checks
+// cov_off % cov_ld² = 0 and n ≤ cov_ld.
+// Mapping and shared memory as `decorrelate` (A holds λ on its diagonal, V the vectors).
+extern "C" __global__ void __launch_bounds__(DECORR_THREADS) decorrelate_eigen(
+    int ld,                                   // shared-memory size parameter (even, ≥ every m)
+    int ncol,                                 // output columns per block (largest nstep)
+    int nd2,                                  // resolution rows per block (largest 2·ndiag+1)
+    const int* __restrict__ params,           // [nblock·8], as decorrelate
+    const long long* __restrict__ offs,       // [nblock·3] {slot, x, (unused) offsets}
+    const double* __restrict__ evec,          // syev's eigenvectors, in the slots
+    const double* __restrict__ eval,          // [nslot·cov_ld] ascending eigenvalues
+    const int* __restrict__ einfo,            // [nslot] syev's info
+    const double* __restrict__ x,
+    double* __restrict__ flux,                // [nblock·ncol]
+    double* __restrict__ fluxivar,            // [nblock·ncol]
+    double* __restrict__ resolution,          // [nblock·nd2·ncol]
+    int* __restrict__ status,                 // [nblock]
+    int* __restrict__ sweeps)                 // [nblock]
+{
+    extern __shared__ double sh[];
+    const int b = blockIdx.x;
+    const int tid = threadIdx.x;
+    const int nt = blockDim.x;
+    const int* P = params + 8 * (long long)b;
+    const int n = P[0];
+    const int cov_ld = P[1];
+    const int row_lo = P[2];
+    const int row_hi = P[3];
+    const int wavepad = P[4];
+    const int nstep = P[5];
+    const int nkeep = P[6];
+    const int ndiag = P[7];
+    const int m = n + (n & 1);
+    const int nrow = row_hi - row_lo;
+
+    double* A = sh;                   // [ld²]: λ on the diagonal, then Q and R rows
+    double* V = A + ld * ld;          // [ld²]: the eigenvectors, leading dimension m
+    double* aux = V + ld * ld + 3 * (ld / 2);  // where `decorrelate` keeps it
+
+    const long long off = offs[3 * (long long)b];
+    const long long slot = off / ((long long)cov_ld * cov_ld);
+    if (einfo[slot] != 0) {
+        fill_failed(b, ncol, nd2, flux, fluxivar, resolution);
+        if (tid == 0) {
+            status[b] = DECORR_NOT_CONVERGED;
+            sweeps[b] = 0;
+        }
+        return;
+    }
+    // A non-positive eigenvalue of C would move a padding eigenpair into the range: its vector
+    // lies in the padding rows (those of C's lie in the first n), which this catches.
+    const int k0 = cov_ld - n;
+    int bad = 0;
+    for (int t = tid; t < n && k0 > 0; t += nt) {
+        const double* vk = evec + off + (long long)(k0 + t) * cov_ld;
+        double pad = 0.0;
+        for (int i = n; i < cov_ld; ++i) {
+            pad = fma(vk[i], vk[i], pad);
+        }
+        bad |= !(pad < 0.5);
     }
     if (__syncthreads_or(bad)) {
         fill_failed(b, ncol, nd2, flux, fluxivar, resolution);
         if (tid == 0) {
             status[b] = DECORR_BAD_EIGENVALUE;
-            sweeps[b] = sweep;
+            sweeps[b] = 0;
         }
         return;
     }
-    // W = V Λ^{-1/4} in place (rows i < n).
     for (int e = tid; e < n * n; e += nt) {
         const int i = e % n;
-        const int k = e / n;
-        V[k * m + i] = __dmul_rn(V[k * m + i], aux[k]);
+        const int t = e / n;
+        V[t * m + i] = evec[off + (long long)(k0 + t) * cov_ld + i];
+    }
+    for (int t = tid; t < n; t += nt) {
+        A[t * m + t] = eval[slot * cov_ld + k0 + t];
     }
     __syncthreads();
-    // Q[row_lo + ri, j] = Σ_k W[row_lo + ri, k] W[j, k] into A[ri·n + j] (A is no longer
-    // needed: λ went into aux).
-    for (int e = tid; e < nrow * n; e += nt) {
-        const int ri = e / n;
-        const int j = e % n;
-        const int r = row_lo + ri;
-        double acc = 0.0;
-        for (int k = 0; k < n; ++k) {
-            acc = fma(V[k * m + r], V[k * m + j], acc);
-        }
-        A[e] = acc;
-    }
-    __syncthreads();
-    for (int ri = tid; ri < nrow; ri += nt) {
-        double s = 0.0;
-        for (int j = 0; j < n; ++j) {
-            s = __dadd_rn(s, A[ri * n + j]);
-        }
-        aux[ri] = s;
-    }
-    __syncthreads();
-    for (int e = tid; e < nrow * n; e += nt) {
-        A[e] = __ddiv_rn(A[e], aux[e / n]);
-    }
-    __syncthreads();
-
-    // Readout (cpu::solve): flux and fluxivar of every core bin, the kept bins' diagonals.
-    const double* xf = x + offs[3 * (long long)b + 1];
-    bad = 0;
-    for (int j = tid; j < ncol; j += nt) {
-        double f = 0.0;
-        double fi = 0.0;
-        if (j < nstep) {
-            const int ri = wavepad + j - row_lo;
-            const double* row = A + ri * n;
-            for (int w = 0; w < n; ++w) {
-                f = fma(row[w], xf[w], f);
-            }
-            fi = __dmul_rn(aux[ri], aux[ri]);
-            if (j < nkeep) {
-                bad |= !isfinite(f) || !isfinite(fi);
-            }
-        }
-        flux[(long long)b * ncol + j] = f;
-        fluxivar[(long long)b * ncol + j] = fi;
-    }
-    for (int e = tid; e < nd2 * ncol; e += nt) {
-        const int k = e / ncol;
-        const int j = e % ncol;
-        double v = 0.0;
-        if (k <= 2 * ndiag && j < nkeep) {
-            const int rr = wavepad + j + k - ndiag - row_lo;
-            v = A[rr * n + wavepad + j];
-        }
-        resolution[(long long)b * nd2 * ncol + e] = v;
-    }
-    bad = __syncthreads_or(bad);
-    if (tid == 0) {
-        status[b] = bad ? DECORR_NONFINITE_OUTPUT : DECORR_OK;
-        sweeps[b] = sweep;
-    }
+    readout(b, n, m, row_lo, nrow, wavepad, nstep, nkeep, ndiag, ncol, nd2, 0, A, V, aux,
+            x + offs[3 * (long long)b + 1], flux, fluxivar, resolution, status, sweeps);
 }

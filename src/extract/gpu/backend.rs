@@ -32,7 +32,9 @@ use cudarc::driver::{
 use ndarray::ArrayView2;
 
 use super::cost::STAGES;
-use super::decorrelate::{self as decor, Block, DecorrLayout, HostDecorr, Status, MAX_SWEEPS};
+use super::decorrelate::{
+    self as decor, Block, DecorrLayout, EigenRoute, HostDecorr, Status, MAX_SWEEPS,
+};
 use super::device::Gpu;
 use super::normal::{self, BatchLayout, DevicePixels, OnDevice, Resident, ResidentSpots};
 use super::solve::{self, PatchShape, Solver};
@@ -396,6 +398,8 @@ pub struct GpuBackend {
     pixels: Option<DevicePixels>,
     resident: Option<ResidentSet>,
     clock: StageClock,
+    /// How the decorrelation gets its eigenpairs.
+    eigen: EigenRoute,
 }
 
 /// Device memory a batch holds per bundle for its whole duration: the bundle's spots (25
@@ -424,8 +428,22 @@ impl GpuBackend {
             pixels: None,
             resident: None,
             clock: StageClock::new(),
+            eigen: if solve::syev_batched_present() {
+                EigenRoute::PREFERRED
+            } else {
+                tracing::warn!(
+                    "cuSOLVER lacks XsyevBatched (CUDA < 12.6?): the decorrelation takes the \
+                     Jacobi kernel"
+                );
+                EigenRoute::Jacobi
+            },
             gpu,
         })
+    }
+
+    /// The decorrelation's eigen route (the tests and `bench` take both).
+    pub fn set_eigen_route(&mut self, route: EigenRoute) {
+        self.eigen = route;
     }
 
     /// The device.
@@ -498,7 +516,22 @@ impl GpuBackend {
         // Freed in stream order, after the solve has read it.
         drop(dense);
         StageClock::mark(&mut marks, gpu, "solve")?;
-        let d = decor::decorrelate(gpu, &self.decor, &dl, &sol.blocks, &sol.x, MAX_SWEEPS)?;
+        let mut sol = sol;
+        let d = match self.eigen {
+            EigenRoute::Jacobi => {
+                decor::decorrelate(gpu, &self.decor, &dl, &sol.blocks, &sol.x, MAX_SWEEPS)?
+            }
+            EigenRoute::Syev => decor::decorrelate_by_syev(
+                gpu,
+                &self.decor,
+                &mut lane.solver,
+                &dl,
+                &mut sol.blocks,
+                sol.nw,
+                sol.npatch * sol.ncore_max,
+                &sol.x,
+            )?,
+        };
         StageClock::mark(&mut marks, gpu, "decorrelate")?;
         let mut c2 = chi2::Chi2Batch::alloc(gpu, &dims)?;
         chi2::launch(gpu, &self.chi2, &buf, &dims, &sol.x, opts.psferr, &mut c2)?;
@@ -1208,7 +1241,8 @@ mod tests {
         assert!(stages.iter().any(|(_, s)| *s > 0.0), "no stage was timed");
     }
 
-    /// On a GPU: the device backend agrees with the CPU backend at the same figures.
+    /// On a GPU: the device backend agrees with the CPU backend at the same figures, by either
+    /// eigen route of the decorrelation.
     #[test]
     fn gpu_backend_matches_the_cpu_backend() {
         if let Err(e) = super::super::device::probe() {
@@ -1216,7 +1250,15 @@ mod tests {
             return;
         }
         let mut backend = GpuBackend::new(0).expect("GPU backend");
-        let cell = std::cell::RefCell::new(&mut backend);
-        toy_batch_check(&|batch, opts| cell.borrow_mut().extract_batch(batch, opts).unwrap());
+        let mut routes = vec![EigenRoute::Jacobi];
+        if solve::syev_batched_present() {
+            routes.push(EigenRoute::Syev);
+        }
+        for route in routes {
+            eprintln!("decorrelation by the {}:", route.name());
+            backend.set_eigen_route(route);
+            let cell = std::cell::RefCell::new(&mut backend);
+            toy_batch_check(&|batch, opts| cell.borrow_mut().extract_batch(batch, opts).unwrap());
+        }
     }
 }

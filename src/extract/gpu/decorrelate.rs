@@ -25,6 +25,7 @@ use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
 
 use super::device::Gpu;
+use super::solve::{EigenBatch, Solver};
 use super::GpuError;
 use crate::patch::Patch;
 
@@ -47,6 +48,30 @@ fn bad(msg: String) -> GpuError {
 
 fn cuda(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> GpuError {
     move |e| GpuError::Cuda(format!("decorrelation: {what}: {e:?}"))
+}
+
+/// Where the decorrelation takes each block's eigenpairs from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EigenRoute {
+    /// This crate's Jacobi kernel (`decorrelate`): eigenpairs and readout in one launch.
+    Jacobi,
+    /// cuSOLVER's `XsyevBatched` on the solve's covariance slots, in place, then the readout
+    /// kernel (`decorrelate_eigen`).
+    Syev,
+}
+
+impl EigenRoute {
+    /// The route the backend takes where cuSOLVER has `XsyevBatched`: the faster of the two
+    /// on an H200 at the real size (`spextract bench`'s library choices; BENCHMARKS.md).
+    pub const PREFERRED: EigenRoute = EigenRoute::Syev;
+
+    /// Its name in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            EigenRoute::Jacobi => "Jacobi kernel",
+            EigenRoute::Syev => "XsyevBatched + readout kernel",
+        }
+    }
 }
 
 /// What happened to one block (`status[b]` of the kernel).
@@ -264,6 +289,25 @@ impl DecorrLayout {
         Ok(out)
     }
 
+    /// For the eigen route: the side `l` of the covariance slots and how many slots the
+    /// blocks reach, when every block's `cov_ld` is `l` and its `cov_off` a whole number of
+    /// `l × l` slots (the solve's layout, which `decorrelate_eigen` indexes eigenvalues by).
+    pub fn slots(&self) -> Result<(usize, usize), GpuError> {
+        let l = self.block(0).cov_ld;
+        let mut need = 0;
+        for b in 0..self.nblock {
+            let k = self.block(b);
+            if k.cov_ld != l || k.cov_off % (l * l) != 0 {
+                return Err(bad(format!(
+                    "block {b} is not a {l} × {l} slot (offset {}, leading dimension {})",
+                    k.cov_off, k.cov_ld
+                )));
+            }
+            need = need.max(k.cov_off / (l * l) + 1);
+        }
+        Ok((l, need))
+    }
+
     /// Dynamic shared memory of a launch.
     pub fn smem_bytes(&self) -> usize {
         smem_bytes(self.ld)
@@ -406,6 +450,19 @@ struct BlockOut {
     sweeps: usize,
 }
 
+impl BlockOut {
+    /// A failed block's outputs: NaN, as the kernels' `fill_failed` writes them.
+    fn failed(ncol: usize, nd2: usize, status: Status, sweeps: usize) -> BlockOut {
+        BlockOut {
+            flux: vec![f64::NAN; ncol],
+            fluxivar: vec![f64::NAN; ncol],
+            resolution: vec![f64::NAN; nd2 * ncol],
+            status,
+            sweeps,
+        }
+    }
+}
+
 /// Host twin of the kernel: every block run through the kernel's algorithm (blocks in
 /// parallel on the rayon pool; each block's arithmetic is sequential and fixed, as the
 /// kernel's per-thread work is). Panics if `cov` or `x` is shorter than the layout needs.
@@ -422,6 +479,11 @@ pub fn twin(layout: &DecorrLayout, cov: &[f64], x: &[f64], max_sweeps: u32) -> H
         .into_par_iter()
         .map(|b| twin_block(layout, b, cov, x, max_sweeps as usize))
         .collect();
+    collect_outs(layout, outs)
+}
+
+/// The blocks' outputs concatenated as the kernels write them.
+fn collect_outs(layout: &DecorrLayout, outs: Vec<BlockOut>) -> HostDecorr {
     let mut res = HostDecorr {
         nblock: layout.nblock,
         ncol: layout.ncol,
@@ -451,14 +513,7 @@ fn twin_block(l: &DecorrLayout, b: usize, cov: &[f64], x: &[f64], max_sweeps: us
     let n = k.n;
     let m = n + (n & 1);
     let h = m / 2;
-    let nrow = k.row_hi - k.row_lo;
-    let failed = |status: Status, sweeps: usize| BlockOut {
-        flux: vec![f64::NAN; ncol],
-        fluxivar: vec![f64::NAN; ncol],
-        resolution: vec![f64::NAN; nd2 * ncol],
-        status,
-        sweeps,
-    };
+    let failed = |status: Status, sweeps: usize| BlockOut::failed(ncol, nd2, status, sweeps);
 
     // Load: the lower triangle, mirrored; padding row/column of the identity.
     let c = &cov[k.cov_off..];
@@ -612,6 +667,25 @@ fn twin_block(l: &DecorrLayout, b: usize, cov: &[f64], x: &[f64], max_sweeps: us
         return failed(Status::NotConverged, sweep);
     }
 
+    twin_readout(&k, ncol, nd2, m, &mut a, &mut v, x, sweep)
+}
+
+/// The readout both kernels share (`readout` in the kernel file): λ_k in `a[k·m + k]`, the
+/// eigenvectors in the first `n` columns of `v` (leading dimension `m`).
+#[allow(clippy::too_many_arguments)]
+fn twin_readout(
+    k: &Params,
+    ncol: usize,
+    nd2: usize,
+    m: usize,
+    a: &mut [f64],
+    v: &mut [f64],
+    x: &[f64],
+    sweep: usize,
+) -> BlockOut {
+    let n = k.n;
+    let nrow = k.row_hi - k.row_lo;
+    let failed = |status: Status, sweeps: usize| BlockOut::failed(ncol, nd2, status, sweeps);
     let mut aux = vec![0.0f64; m];
     let mut bad = false;
     for t in 0..n {
@@ -682,9 +756,52 @@ fn twin_block(l: &DecorrLayout, b: usize, cov: &[f64], x: &[f64], max_sweeps: us
     out
 }
 
+/// Host twin of `decorrelate_eigen`: the readout from eigenpairs computed elsewhere (`evec`
+/// and `eval` in the layout of [`Solver::eigen_in_place`](super::solve::Solver::eigen_in_place)
+/// over slots of `cov_ld × cov_ld` at the blocks' covariance offsets, `einfo` per slot).
+pub fn twin_eigen(
+    layout: &DecorrLayout,
+    evec: &[f64],
+    eval: &[f64],
+    einfo: &[i32],
+    x: &[f64],
+) -> HostDecorr {
+    let outs: Vec<BlockOut> = (0..layout.nblock)
+        .into_par_iter()
+        .map(|b| {
+            let k = layout.block(b);
+            let (n, l) = (k.n, k.cov_ld);
+            let m = n + (n & 1);
+            let slot = k.cov_off / (l * l);
+            if einfo[slot] != 0 {
+                return BlockOut::failed(layout.ncol, layout.nd2, Status::NotConverged, 0);
+            }
+            let k0 = l - n;
+            let strays = (0..n).any(|t| {
+                let vk = &evec[k.cov_off + (k0 + t) * l..k.cov_off + (k0 + t + 1) * l];
+                let pad = vk[n..].iter().fold(0.0f64, |acc, v| v.mul_add(*v, acc));
+                !(pad < 0.5)
+            });
+            if k0 > 0 && strays {
+                return BlockOut::failed(layout.ncol, layout.nd2, Status::BadEigenvalue, 0);
+            }
+            let (mut a, mut v) = (vec![0.0f64; m * m], vec![0.0f64; m * m]);
+            for t in 0..n {
+                for i in 0..n {
+                    v[t * m + i] = evec[k.cov_off + (k0 + t) * l + i];
+                }
+                a[t * m + t] = eval[slot * l + k0 + t];
+            }
+            twin_readout(&k, layout.ncol, layout.nd2, m, &mut a, &mut v, x, 0)
+        })
+        .collect();
+    collect_outs(layout, outs)
+}
+
 /// The kernel, loaded once, with its dynamic shared-memory limit raised to the device's.
 pub struct Kernels {
     func: CudaFunction,
+    eigen: CudaFunction,
     /// The most dynamic shared memory a launch may request on this device.
     pub max_dynamic_smem: usize,
 }
@@ -695,24 +812,31 @@ impl Kernels {
     /// a kernel gets without opting in).
     pub fn load(gpu: &Gpu) -> Result<Kernels, GpuError> {
         let module = gpu.module("decorrelate.cu")?;
-        let func = module
-            .load_function("decorrelate")
-            .map_err(|e| GpuError::Kernel(format!("decorrelate.cu has no decorrelate: {e:?}")))?;
         let optin = gpu
             .ctx
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .map_err(cuda("querying the shared-memory limit"))?;
-        let fixed = func
-            .get_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
-            .map_err(cuda("querying the kernel's static shared memory"))?;
-        let max_dyn = optin - fixed;
-        func.set_attribute(
-            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            max_dyn,
-        )
-        .map_err(cuda("raising the dynamic shared-memory limit"))?;
+        let mut max_dyn = optin;
+        let mut load = |name: &str| -> Result<CudaFunction, GpuError> {
+            let func = module
+                .load_function(name)
+                .map_err(|e| GpuError::Kernel(format!("decorrelate.cu has no {name}: {e:?}")))?;
+            let fixed = func
+                .get_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
+                .map_err(cuda("querying the kernel's static shared memory"))?;
+            func.set_attribute(
+                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                optin - fixed,
+            )
+            .map_err(cuda("raising the dynamic shared-memory limit"))?;
+            max_dyn = max_dyn.min(optin - fixed);
+            Ok(func)
+        };
+        let func = load("decorrelate")?;
+        let eigen = load("decorrelate_eigen")?;
         Ok(Kernels {
             func,
+            eigen,
             max_dynamic_smem: max_dyn.max(0) as usize,
         })
     }
@@ -811,37 +935,9 @@ pub fn decorrelate_into(
     max_sweeps: u32,
     out: &mut DecorrBatch,
 ) -> Result<(), GpuError> {
+    check_launch(kernels, layout, cov, x, out)?;
     let (nb, ncol, nd2) = (layout.nblock, layout.ncol, layout.nd2);
-    if out.nblock != nb
-        || out.ncol != ncol
-        || out.nd2 != nd2
-        || out.flux.len() != nb * ncol
-        || out.fluxivar.len() != nb * ncol
-        || out.resolution.len() != nb * nd2 * ncol
-        || out.status.len() != nb
-        || out.sweeps.len() != nb
-    {
-        return Err(bad(format!(
-            "output buffers for {} blocks × {} × {}, layout of {nb} × {ncol} × {nd2}",
-            out.nblock, out.ncol, out.nd2
-        )));
-    }
-    if cov.len() < layout.cov_need || x.len() < layout.x_need {
-        return Err(bad(format!(
-            "covariance ({}) or solution ({}) buffer shorter than the blocks read ({}, {})",
-            cov.len(),
-            x.len(),
-            layout.cov_need,
-            layout.x_need
-        )));
-    }
     let smem = layout.smem_bytes();
-    if smem > kernels.max_dynamic_smem {
-        return Err(bad(format!(
-            "{0}×{0} blocks need {smem} bytes of shared memory, over this GPU's {1}",
-            layout.ld, kernels.max_dynamic_smem
-        )));
-    }
     let max_sweeps = i32::try_from(max_sweeps).map_err(|_| bad("max_sweeps > i32".into()))?;
     let st = &gpu.stream;
     let params = st
@@ -893,6 +989,135 @@ pub fn decorrelate_into(
     // __launch_bounds__.
     unsafe { launch.launch(cfg) }.map_err(cuda("launching decorrelate"))?;
     // params, offs and basis drop here: cudarc frees them in stream order, after the kernel.
+    Ok(())
+}
+
+/// The eigen route on a solve's outputs: `XsyevBatched` over every covariance slot of `blocks`
+/// (`nslot` of `nw × nw`, overwritten with eigenvectors), then the readout; queued on the
+/// stream of `gpu`, which must be `solver`'s.
+#[allow(clippy::too_many_arguments)]
+pub fn decorrelate_by_syev(
+    gpu: &Gpu,
+    kernels: &Kernels,
+    solver: &mut Solver,
+    layout: &DecorrLayout,
+    blocks: &mut CudaSlice<f64>,
+    nw: usize,
+    nslot: usize,
+    x: &CudaSlice<f64>,
+) -> Result<DecorrBatch, GpuError> {
+    let eig = solver.eigen_in_place(blocks, nw, nslot)?;
+    let mut out = DecorrBatch::alloc(gpu, layout)?;
+    decorrelate_eigen_into(gpu, kernels, layout, blocks, &eig, x, &mut out)?;
+    Ok(out)
+}
+
+/// The readout of `decorrelate_eigen` from the eigenpairs of the covariance slots, which
+/// [`Solver::eigen_in_place`](super::solve::Solver::eigen_in_place) wrote over them (`evec`)
+/// and into `eig`; queued on the GPU's stream into `out`.
+pub fn decorrelate_eigen_into(
+    gpu: &Gpu,
+    kernels: &Kernels,
+    layout: &DecorrLayout,
+    evec: &CudaSlice<f64>,
+    eig: &EigenBatch,
+    x: &CudaSlice<f64>,
+    out: &mut DecorrBatch,
+) -> Result<(), GpuError> {
+    check_launch(kernels, layout, evec, x, out)?;
+    let (l, nslot) = layout.slots()?;
+    if eig.values.len() < nslot * l || eig.info.len() < nslot {
+        return Err(bad(format!(
+            "{} eigenvalues and {} infos for {nslot} slots of {l}",
+            eig.values.len(),
+            eig.info.len()
+        )));
+    }
+    let (nb, ncol, nd2) = (layout.nblock, layout.ncol, layout.nd2);
+    let smem = layout.smem_bytes();
+    let st = &gpu.stream;
+    let params = st
+        .clone_htod(&layout.params)
+        .map_err(cuda("uploading block parameters"))?;
+    let offs = st
+        .clone_htod(&layout.offs)
+        .map_err(cuda("uploading block offsets"))?;
+    let (ld_i, ncol_i, nd2_i) = (layout.ld as i32, ncol as i32, nd2 as i32);
+    let cfg = LaunchConfig {
+        grid_dim: (nb as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    let mut launch = st.launch_builder(&kernels.eigen);
+    launch
+        .arg(&ld_i)
+        .arg(&ncol_i)
+        .arg(&nd2_i)
+        .arg(&params)
+        .arg(&offs)
+        .arg(evec)
+        .arg(&eig.values)
+        .arg(&eig.info)
+        .arg(x)
+        .arg(&mut out.flux)
+        .arg(&mut out.fluxivar)
+        .arg(&mut out.resolution)
+        .arg(&mut out.status)
+        .arg(&mut out.sweeps);
+    // SAFETY: 14 arguments in the order and types of `decorrelate_eigen` in
+    // kernels/decorrelate.cu: int ld, ncol, nd2 (i32, fit: DecorrLayout::new); params (i32, 8 a
+    // block) and offs (i64, 3 a block) for nblock = gridDim.x blocks; evec, eval (f64) and
+    // einfo (i32), read; x (f64), read; the outputs as `decorrelate`'s. Bounds: block b reads
+    // evec[cov_off + (k0 + t)·l + i] for t, i < n ≤ l, inside the slot at cov_off (≤ cov_need ≤
+    // evec.len(), check_launch), eval[slot·l + k0 + t] and einfo[slot] with slot = cov_off / l²
+    // < nslot (DecorrLayout::slots: every cov_off is a whole slot and cov_ld = l; lengths
+    // checked above), x and the outputs as `decorrelate` (check_launch). Shared memory as
+    // `decorrelate`'s, within the limit Kernels::load set for this kernel.
+    unsafe { launch.launch(cfg) }.map_err(cuda("launching decorrelate_eigen"))?;
+    Ok(())
+}
+
+/// What both kernels need of a launch: outputs of the layout's sizes, inputs as long as the
+/// blocks read (`cov` for the Jacobi, the eigenvectors for the eigen route: the same offsets),
+/// and shared memory within the device's limit.
+fn check_launch(
+    kernels: &Kernels,
+    layout: &DecorrLayout,
+    cov: &CudaSlice<f64>,
+    x: &CudaSlice<f64>,
+    out: &DecorrBatch,
+) -> Result<(), GpuError> {
+    let (nb, ncol, nd2) = (layout.nblock, layout.ncol, layout.nd2);
+    if out.nblock != nb
+        || out.ncol != ncol
+        || out.nd2 != nd2
+        || out.flux.len() != nb * ncol
+        || out.fluxivar.len() != nb * ncol
+        || out.resolution.len() != nb * nd2 * ncol
+        || out.status.len() != nb
+        || out.sweeps.len() != nb
+    {
+        return Err(bad(format!(
+            "output buffers for {} blocks × {} × {}, layout of {nb} × {ncol} × {nd2}",
+            out.nblock, out.ncol, out.nd2
+        )));
+    }
+    if cov.len() < layout.cov_need || x.len() < layout.x_need {
+        return Err(bad(format!(
+            "covariance ({}) or solution ({}) buffer shorter than the blocks read ({}, {})",
+            cov.len(),
+            x.len(),
+            layout.cov_need,
+            layout.x_need
+        )));
+    }
+    let smem = layout.smem_bytes();
+    if smem > kernels.max_dynamic_smem {
+        return Err(bad(format!(
+            "{0}×{0} blocks need {smem} bytes of shared memory, over this GPU's {1}",
+            layout.ld, kernels.max_dynamic_smem
+        )));
+    }
     Ok(())
 }
 
@@ -1129,6 +1354,47 @@ mod tests {
         (blocks, cov, x)
     }
 
+    /// The solve's layout of the same inputs, for the eigen route: one `l × l` slot per core
+    /// fiber (`l` the largest nwavetot plus `pad`), `C_ff` in its top-left corner, zeros
+    /// elsewhere; returns the blocks, the slots, the solutions and `l`.
+    fn flatten_slots(
+        refs: &[CpuRef],
+        ndiag: usize,
+        pad: usize,
+    ) -> (Vec<Block>, Vec<f64>, Vec<f64>, usize) {
+        let l = refs.iter().map(|r| r.patch.nwavetot).max().unwrap() + pad;
+        let (mut blocks, mut slots, mut x) = (Vec::new(), Vec::new(), Vec::new());
+        for r in refs {
+            let nwt = r.patch.nwavetot;
+            let x_patch = x.len();
+            x.extend_from_slice(&r.x);
+            for c in 0..r.patch.nspec {
+                let off = slots.len();
+                slots.resize(off + l * l, 0.0);
+                for j in 0..nwt {
+                    for i in 0..nwt {
+                        slots[off + j * l + i] = r.blocks[c * nwt * nwt + j * nwt + i];
+                    }
+                }
+                blocks.push(Block::for_patch(&r.patch, ndiag, c, off, l, x_patch));
+            }
+        }
+        (blocks, slots, x, l)
+    }
+
+    /// What `Solver::eigen_in_place` makes of the slots, by LAPACK's dsyevd: the eigenvectors
+    /// over the slots, the eigenvalues ascending, an info per slot.
+    fn host_eigen(slots: &mut [f64], l: usize) -> (Vec<f64>, Vec<i32>) {
+        let mut eval = vec![0.0; slots.len() / l];
+        let mut work = SyevdWork::default();
+        let info = slots
+            .chunks_mut(l * l)
+            .zip(eval.chunks_mut(l))
+            .map(|(a, w)| syevd(l, a, w, &mut work))
+            .collect();
+        (eval, info)
+    }
+
     fn max_abs(v: impl IntoIterator<Item = f64>) -> f64 {
         v.into_iter().fold(0.0f64, |m, x| m.max(x.abs()))
     }
@@ -1214,6 +1480,42 @@ mod tests {
         );
         assert!(worst.iter().all(|&w| w <= 1e-10), "{worst:?}");
         assert!(hi < MAX_SWEEPS as i32);
+    }
+
+    /// The eigen route's readout (`twin_eigen`) from LAPACK's eigenpairs of the solve's slots,
+    /// against the CPU backend: with slots of the blocks' own size and with three more rows of
+    /// padding (as a patch with fewer bins than its batch's largest gets); a block made
+    /// indefinite in a padded slot is caught, and a slot whose syev failed is reported as such.
+    #[test]
+    fn twin_eigen_matches_the_cpu_decorrelation() {
+        let (scene, opts, what) = bundle_scene(false, 11);
+        let inputs = scene.inputs();
+        let ndiag = opts.ndiag;
+        let refs: Vec<CpuRef> = inputs.iter().map(|i| cpu_reference(i, &opts)).collect();
+        for pad in [0, 3] {
+            let (blocks, mut slots, x, l) = flatten_slots(&refs, ndiag, pad);
+            let layout = DecorrLayout::new(&blocks).unwrap();
+            assert_eq!(layout.slots().unwrap(), (l, blocks.len()));
+            let (eval, info) = host_eigen(&mut slots, l);
+            let got = twin_eigen(&layout, &slots, &eval, &info, &x);
+            let worst = compare_with_cpu(&got, &refs, ndiag);
+            eprintln!(
+                "twin_eigen (dsyevd) vs CPU, {what}, slots of {l}: flux {:.1e}, fluxivar \
+                 {:.1e}, resolution {:.1e}",
+                worst[0], worst[1], worst[2]
+            );
+            assert!(worst.iter().all(|&w| w <= 1e-10), "{worst:?}");
+        }
+        let (blocks, mut slots, x, l) = flatten_slots(&refs, ndiag, 3);
+        slots[0] = -slots[0];
+        let layout = DecorrLayout::new(&blocks).unwrap();
+        let (eval, mut info) = host_eigen(&mut slots, l);
+        info[1] = 5;
+        let got = twin_eigen(&layout, &slots, &eval, &info, &x);
+        assert_eq!(got.status(0), Some(Status::BadEigenvalue));
+        assert_eq!(got.status(1), Some(Status::NotConverged));
+        assert!(got.flux[..2 * got.ncol].iter().all(|v| v.is_nan()));
+        assert!((2..got.nblock).all(|b| got.status(b) == Some(Status::Ok)));
     }
 
     /// A random symmetric positive-definite `n × n` matrix with eigenvalues spread
@@ -1751,6 +2053,98 @@ mod tests {
                     assert!(same, "max_sweeps {max}: {a} vs twin {b}");
                 }
             }
+        }
+    }
+
+    /// The eigen route on GPU 0 at the real size: XsyevBatched over the slots of a whole
+    /// bundle (plus three padding rows, so that every block sits in a larger slot, and one
+    /// block made indefinite), then `decorrelate_eigen` into poisoned outputs, against the CPU
+    /// (≤ 1e-10) and against `twin_eigen` fed the device's own eigenpairs (the same readout:
+    /// ≤ 1e-12, expected bit-identical).
+    #[test]
+    fn gpu_eigen_route_matches_the_cpu_and_its_twin() {
+        if let Err(e) = device::probe() {
+            eprintln!("skipping: no GPU ({e})");
+            return;
+        }
+        let gpu = Gpu::open(0).expect("GPU 0 opens");
+        if !crate::extract::gpu::solve::syev_batched_present() {
+            eprintln!("skipping: cuSOLVER has no XsyevBatched");
+            return;
+        }
+        let kernels = Kernels::load(&gpu).expect("decorrelate.cu compiles and loads");
+        let mut solver = Solver::new(&gpu).unwrap();
+        let (scene, opts, what) = bundle_scene(true, 12);
+        let inputs = scene.inputs();
+        let ndiag = opts.ndiag;
+        let refs: Vec<CpuRef> = inputs.par_iter().map(|i| cpu_reference(i, &opts)).collect();
+        for (pad, indefinite) in [(0, false), (3, true)] {
+            let (blocks, mut slots, x, l) = flatten_slots(&refs, ndiag, pad);
+            if indefinite {
+                slots[0] = -slots[0];
+            }
+            let layout = DecorrLayout::new(&blocks).unwrap();
+            let st = &gpu.stream;
+            let mut slots_d = st.clone_htod(&slots).unwrap();
+            let x_d = st.clone_htod(&x).unwrap();
+            let eig = solver
+                .eigen_in_place(&mut slots_d, l, blocks.len())
+                .unwrap();
+            let mut out = DecorrBatch::alloc(&gpu, &layout).unwrap();
+            st.memcpy_htod(&vec![f64::NAN; out.flux.len()], &mut out.flux)
+                .unwrap();
+            st.memcpy_htod(&vec![f64::NAN; out.fluxivar.len()], &mut out.fluxivar)
+                .unwrap();
+            st.memcpy_htod(&vec![f64::NAN; out.resolution.len()], &mut out.resolution)
+                .unwrap();
+            st.memcpy_htod(&vec![-1; layout.nblock], &mut out.status)
+                .unwrap();
+            st.memcpy_htod(&vec![-1; layout.nblock], &mut out.sweeps)
+                .unwrap();
+            decorrelate_eigen_into(&gpu, &kernels, &layout, &slots_d, &eig, &x_d, &mut out)
+                .unwrap();
+            let got = out.download(&gpu).unwrap();
+            let evec = st.clone_dtoh(&slots_d).unwrap();
+            let eval = st.clone_dtoh(&eig.values).unwrap();
+            let info = st.clone_dtoh(&eig.info).unwrap();
+            assert!(info.iter().all(|&i| i == 0), "syev info {info:?}");
+            let tw = twin_eigen(&layout, &evec, &eval, &info, &x);
+            assert_eq!(got.status, tw.status);
+            assert!(got.sweeps.iter().all(|&s| s == 0));
+            let (mut differ, mut twin_worst) = (0usize, 0.0f64);
+            for (g, t) in [
+                (&got.flux, &tw.flux),
+                (&got.fluxivar, &tw.fluxivar),
+                (&got.resolution, &tw.resolution),
+            ] {
+                let scale = max_abs(t.iter().copied().filter(|v| v.is_finite()));
+                for (a, b) in g.iter().zip(t.iter()) {
+                    let same = a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
+                    differ += usize::from(!same);
+                    if !same {
+                        twin_worst = twin_worst.max((a - b).abs() / scale);
+                    }
+                }
+            }
+            assert!(twin_worst <= 1e-12, "GPU vs twin {twin_worst:e}");
+            if indefinite {
+                assert_eq!(got.status(0), Some(Status::BadEigenvalue));
+                assert!((1..got.nblock).all(|b| got.status(b) == Some(Status::Ok)));
+                continue;
+            }
+            let worst = compare_with_cpu(&got, &refs, ndiag);
+            eprintln!(
+                "eigen route on GPU ({}) vs CPU, {} blocks ({} patches, {what}), slots of {l}: \
+                 flux {:.1e}, fluxivar {:.1e}, resolution {:.1e}; vs twin_eigen: {differ} \
+                 values differ, max {twin_worst:.1e}",
+                gpu.info.name,
+                layout.nblock,
+                inputs.len(),
+                worst[0],
+                worst[1],
+                worst[2]
+            );
+            assert!(worst.iter().all(|&w| w <= 1e-10), "{worst:?}");
         }
     }
 }

@@ -1036,9 +1036,10 @@ mod decorrelate_cu {
     //! decorrelate.cu against `decorrelate::twin`, which means to give the kernel's bits (the
     //! same rotations in the same order, the same fma and rounding, the same per-thread sums).
     use super::super::decorrelate::{
-        twin, Block, DecorrLayout, HostDecorr, Status, MAX_SWEEPS, THREADS,
+        twin, twin_eigen, Block, DecorrLayout, HostDecorr, Status, MAX_SWEEPS, THREADS,
     };
     use super::*;
+    use crate::extract::cpu::lapack::{syevd, SyevdWork};
 
     /// The kernel as `decorrelate::decorrelate_into` launches it: one block of THREADS per
     /// covariance block, `smem_bytes(ld)` of dynamic shared memory; outputs poisoned (NaN,
@@ -1066,6 +1067,52 @@ mod decorrelate_cu {
                 f64s(cov),
                 f64s(x),
                 f64s(&l.basis),
+                nan(nb * ncol),
+                nan(nb * ncol),
+                nan(nb * nd2 * ncol),
+                i32s(&vec![-1; nb]),
+                i32s(&vec![-1; nb]),
+            ],
+        };
+        let out = prog.run(&launch, LAUNCH_TIMEOUT)?;
+        Ok(HostDecorr {
+            nblock: nb,
+            ncol,
+            nd2,
+            flux: out.f64s(9),
+            fluxivar: out.f64s(10),
+            resolution: out.f64s(11),
+            status: out.i32s(12),
+            sweeps: out.i32s(13),
+        })
+    }
+
+    /// `decorrelate_eigen` as `decorrelate::decorrelate_eigen_into` launches it, from the
+    /// eigenpairs `evec`, `eval` and `einfo`; outputs poisoned.
+    fn run_eigen(
+        prog: &Program,
+        l: &DecorrLayout,
+        evec: &[f64],
+        eval: &[f64],
+        einfo: &[i32],
+        x: &[f64],
+    ) -> Result<HostDecorr, String> {
+        let (nb, ncol, nd2) = (l.nblock, l.ncol, l.nd2);
+        let launch = Launch {
+            kernel: "decorrelate_eigen",
+            grid: (nb as u32, 1, 1),
+            block: (THREADS, 1, 1),
+            smem: l.smem_bytes(),
+            args: vec![
+                int(l.ld),
+                int(ncol),
+                int(nd2),
+                i32s(&l.params),
+                i64s(&l.offs),
+                f64s(evec),
+                f64s(eval),
+                i32s(einfo),
+                f64s(x),
                 nan(nb * ncol),
                 nan(nb * ncol),
                 nan(nb * nd2 * ncol),
@@ -1217,6 +1264,71 @@ mod decorrelate_cu {
             assert_eq!(got.sweeps, want.sweeps, "sweeps");
             assert!(d.iter().all(Diff::same), "{d:?}");
         }
+    }
+
+    /// The batch's blocks moved into the solve's slots (one `l × l` slot each, `l` three
+    /// above the largest block, zeros around each block), their eigenpairs by LAPACK as
+    /// XsyevBatched would give them (one slot's info set as a failed syev), and
+    /// decorrelate_eigen emulated against `twin_eigen`: every status, and the values bit for bit.
+    #[test]
+    fn decorrelate_eigen_cu_matches_its_twin_bit_for_bit() {
+        let Some(tc) = toolchain_or_skip() else {
+            return;
+        };
+        let prog = Program::kernel_file(tc, "decorrelate.cu", |s| s).unwrap();
+        let (blocks, cov, x, _) = batch();
+        let l = blocks.iter().map(|b| b.n).max().unwrap() + 3;
+        let mut slots = vec![0.0; blocks.len() * l * l];
+        let slotted: Vec<Block> = blocks
+            .iter()
+            .enumerate()
+            .map(|(s, b)| {
+                for j in 0..b.n {
+                    for i in j..b.n {
+                        let v = cov[b.cov_off + j * b.cov_ld + i];
+                        slots[s * l * l + j * l + i] = v;
+                        slots[s * l * l + i * l + j] = v;
+                    }
+                }
+                Block {
+                    cov_off: s * l * l,
+                    cov_ld: l,
+                    ..*b
+                }
+            })
+            .collect();
+        let layout = DecorrLayout::new(&slotted).unwrap();
+        let mut eval = vec![0.0; blocks.len() * l];
+        let mut work = SyevdWork::default();
+        let mut einfo: Vec<i32> = slots
+            .chunks_mut(l * l)
+            .zip(eval.chunks_mut(l))
+            .map(|(a, w)| syevd(l, a, w, &mut work))
+            .collect();
+        einfo[4] = 3;
+        let want = twin_eigen(&layout, &slots, &eval, &einfo, &x);
+        let st: Vec<Status> = (0..layout.nblock)
+            .map(|b| want.status(b).unwrap())
+            .collect();
+        for (b, s) in st.iter().enumerate() {
+            let expect = match b {
+                4 => Status::NotConverged,
+                7 | 8 => Status::BadEigenvalue,
+                10 => Status::NonfiniteOutput,
+                _ => Status::Ok,
+            };
+            assert_eq!(*s, expect, "block {b}: {st:?}");
+        }
+        let got = run_eigen(&prog, &layout, &slots, &eval, &einfo, &x).unwrap();
+        let d = compare(&got, &want);
+        eprintln!(
+            "decorrelate_eigen (emulated) vs twin_eigen, {} blocks in slots of {l}: flux {}, \
+             fluxivar {}, resolution {}",
+            layout.nblock, d[0], d[1], d[2]
+        );
+        assert_eq!(got.status, want.status, "status");
+        assert_eq!(got.sweeps, want.sweeps, "sweeps");
+        assert!(d.iter().all(Diff::same), "{d:?}");
     }
 }
 
