@@ -11,7 +11,9 @@ use super::compare::diff_frames;
 use super::extract::{prepare, run_extraction};
 use super::ExtractionFlags;
 use crate::extract::cpu::oracle;
-use crate::extract::gpu::cost;
+use crate::extract::gpu::backend::GpuBackend;
+use crate::extract::gpu::decorrelate::EigenRoute;
+use crate::extract::gpu::{cost, solve};
 use crate::extract::PatchInput;
 use crate::patch::{pixels, Patch, PixelWindow};
 use crate::pipeline::frame::FrameResult;
@@ -85,27 +87,52 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let mut frames: Vec<(String, FrameResult)> = Vec::new();
     for name in &args.backend {
         // Opening the GPU (and compiling its kernels on first use) is not part of the timing.
-        let mut engine = crate::extract::gpu::device::backend_for(name, 0, 1)?;
+        let (mut gpu_engine, mut cpu_engine) = if name == "gpu" {
+            (Some(GpuBackend::new(0)?), None)
+        } else {
+            (
+                None,
+                Some(crate::extract::gpu::device::backend_for(name, 0, 1)?),
+            )
+        };
         // The GPU runs the frame twice at the first thread count: the first run pays for the
-        // libraries' lazy set-up and the memory pool's growth, the second is the steady state.
+        // libraries' lazy set-up and the memory pool's growth, the second is the steady state;
+        // a third takes the decorrelation's other eigen route, for the whole frame's time.
         let counts: Vec<usize> = if name == "gpu" {
             let first = args.thread_counts.first().copied().unwrap_or(1);
-            vec![first, first]
+            let runs = if solve::syev_batched_present() { 3 } else { 2 };
+            vec![first; runs]
         } else {
             args.thread_counts.clone()
         };
         for (run, threads) in counts.into_iter().enumerate() {
+            let other_route = match EigenRoute::PREFERRED {
+                EigenRoute::Syev => EigenRoute::Jacobi,
+                EigenRoute::Jacobi => EigenRoute::Syev,
+            };
+            if name == "gpu" && run == 2 {
+                if let Some(g) = gpu_engine.as_mut() {
+                    g.set_eigen_route(other_route);
+                }
+            }
+            let engine: &mut dyn crate::extract::Backend = match gpu_engine.as_mut() {
+                Some(g) => g,
+                None => cpu_engine.as_mut().expect("one engine").as_mut(),
+            };
             engine.take_stage_times();
             let t = Instant::now();
-            let res = run_extraction(&prep, threads.max(1), false, engine.as_mut())?;
+            let res = run_extraction(&prep, threads.max(1), false, engine)?;
             let wall = t.elapsed().as_secs_f64();
             let stages = engine.take_stage_times();
             if name == "gpu" && run == 1 {
                 gpu_stages = stages;
                 gpu_bundles = engine.bundles_per_batch();
             }
+            let other_label = format!("gpu ({})", other_route.name());
             let name = if name == "gpu" && run == 0 {
                 "gpu (first run)"
+            } else if name == "gpu" && run == 2 {
+                other_label.as_str()
             } else {
                 name.as_str()
             };

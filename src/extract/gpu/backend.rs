@@ -338,7 +338,7 @@ struct Lane {
 
 impl Lane {
     fn new(gpu: &Gpu) -> Result<Lane, GpuError> {
-        let gpu = gpu.on_new_stream()?;
+        let gpu = gpu.on_new_stream()?.with_staging();
         Ok(Lane {
             solver: Solver::new(&gpu)?,
             gpu,
@@ -486,6 +486,8 @@ impl GpuBackend {
 
         let lane = &mut self.lanes[li];
         let gpu = &lane.gpu;
+        // The lane's last chunk was collected: its stream is idle and its staging free.
+        gpu.restage()?;
         let mut marks = Marks::new();
         StageClock::mark(&mut marks, gpu, "start")?;
         let on_device = OnDevice {

@@ -591,8 +591,8 @@ pub fn launch(
         )));
     }
     let st = &gpu.stream;
-    let dims_d = st
-        .clone_htod(&dims.dims)
+    let dims_d = gpu
+        .upload(&dims.dims)
         .map_err(cuda("uploading patch dims"))?;
     // All fit i32: nmax and ny·nx by BatchLayout::new, the slot count by Chi2Layout::new.
     let (tile, nmax, nx) = (TILE_ROWS as i32, dims.nmax as i32, dims.nx as i32);
@@ -699,8 +699,8 @@ pub fn launch_model_image(
         )));
     }
     let st = &gpu.stream;
-    let dims_d = st
-        .clone_htod(&dims.dims)
+    let dims_d = gpu
+        .upload(&dims.dims)
         .map_err(cuda("uploading patch dims"))?;
     let (tile, nmax, nx) = (TILE_ROWS as i32, dims.nmax as i32, dims.nx as i32);
     let cfg = LaunchConfig {

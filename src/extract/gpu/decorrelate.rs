@@ -940,14 +940,14 @@ pub fn decorrelate_into(
     let smem = layout.smem_bytes();
     let max_sweeps = i32::try_from(max_sweeps).map_err(|_| bad("max_sweeps > i32".into()))?;
     let st = &gpu.stream;
-    let params = st
-        .clone_htod(&layout.params)
+    let params = gpu
+        .upload(&layout.params)
         .map_err(cuda("uploading block parameters"))?;
-    let offs = st
-        .clone_htod(&layout.offs)
+    let offs = gpu
+        .upload(&layout.offs)
         .map_err(cuda("uploading block offsets"))?;
-    let basis = st
-        .clone_htod(&layout.basis)
+    let basis = gpu
+        .upload(&layout.basis)
         .map_err(cuda("uploading the starting bases"))?;
     // Checked by DecorrLayout::new: ld (via smem_bytes), ncol, nd2 and nblock fit i32.
     let (ld_i, ncol_i, nd2_i) = (layout.ld as i32, ncol as i32, nd2 as i32);
@@ -1036,11 +1036,11 @@ pub fn decorrelate_eigen_into(
     let (nb, ncol, nd2) = (layout.nblock, layout.ncol, layout.nd2);
     let smem = layout.smem_bytes();
     let st = &gpu.stream;
-    let params = st
-        .clone_htod(&layout.params)
+    let params = gpu
+        .upload(&layout.params)
         .map_err(cuda("uploading block parameters"))?;
-    let offs = st
-        .clone_htod(&layout.offs)
+    let offs = gpu
+        .upload(&layout.offs)
         .map_err(cuda("uploading block offsets"))?;
     let (ld_i, ncol_i, nd2_i) = (layout.ld as i32, ncol as i32, nd2 as i32);
     let cfg = LaunchConfig {

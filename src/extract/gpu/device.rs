@@ -1,8 +1,10 @@
 //! Devices: what is there, and opening one for a compute rank.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaContext, CudaModule, CudaStream};
+use cudarc::driver::{
+    CudaContext, CudaModule, CudaSlice, CudaStream, DeviceRepr, DriverError, PinnedHostSlice,
+};
 
 use super::{ptx, GpuError};
 
@@ -107,6 +109,23 @@ pub struct Gpu {
     pub ctx: Arc<CudaContext>,
     /// The stream work is queued on.
     pub stream: Arc<CudaStream>,
+    /// Page-locked memory that [`Gpu::upload`] copies through, when this stream has it.
+    staging: Option<Mutex<Staging>>,
+}
+
+/// Page-locked host memory that a stream's uploads are copied through, so that they are
+/// asynchronous: the driver makes a copy from pageable memory wait for the stream's earlier
+/// work, which would hold the host in the middle of queueing a chunk until the stream caught up.
+/// Filled from the start in each round ([`Gpu::restage`]), when the stream has finished
+/// every copy out of it; an upload that does not fit goes from pageable memory, and the next
+/// round grows the buffer to what this one wanted.
+#[derive(Default)]
+struct Staging {
+    buf: Option<PinnedHostSlice<u64>>,
+    /// Words used in this round.
+    used: usize,
+    /// Words this round's uploads asked for, fitting or not.
+    wanted: usize,
 }
 
 impl Gpu {
@@ -122,7 +141,12 @@ impl Gpu {
         let ctx = guarded("cuCtxCreate", || CudaContext::new(ordinal))?
             .map_err(|e| GpuError::Cuda(format!("opening GPU {ordinal}: {e:?}")))?;
         let stream = ctx.default_stream();
-        Ok(Gpu { info, ctx, stream })
+        Ok(Gpu {
+            info,
+            ctx,
+            stream,
+            staging: None,
+        })
     }
 
     /// Lets the device's memory pool keep what it has once held. Buffers come from the
@@ -167,7 +191,75 @@ impl Gpu {
             info: self.info.clone(),
             ctx: self.ctx.clone(),
             stream,
+            staging: None,
         })
+    }
+
+    /// This stream with a staging buffer for its uploads (see [`Gpu::upload`]).
+    pub fn with_staging(mut self) -> Gpu {
+        self.staging = Some(Mutex::new(Staging::default()));
+        self
+    }
+
+    /// Copies `data` into a new device buffer, queued on the stream: through the staging
+    /// buffer where there is one and room in it (asynchronous), else straight from `data`.
+    pub fn upload<T: DeviceRepr + Copy>(&self, data: &[T]) -> Result<CudaSlice<T>, DriverError> {
+        let bytes = std::mem::size_of_val(data);
+        let words = bytes.div_ceil(8);
+        let Some(mut stage) = self.staging.as_ref().and_then(|m| m.lock().ok()) else {
+            return self.stream.clone_htod(data);
+        };
+        stage.wanted += words;
+        let used = stage.used;
+        let room = stage.buf.as_ref().map_or(0, |b| b.len());
+        if data.is_empty() || std::mem::align_of::<T>() > 8 || used + words > room {
+            return self.stream.clone_htod(data);
+        }
+        let buf = stage.buf.as_mut().expect("room above");
+        // The buffer's own event is never recorded (copies take plain slices of it), so this
+        // does not wait.
+        let base = buf.as_mut_ptr()?;
+        // SAFETY: words [used, used + words) of the buffer lie inside it (checked above) and no
+        // copy queued in this round reads them (each round hands out each word once; the
+        // previous round's copies finished before `restage`). The destination is 8-byte
+        // aligned, which covers T (checked above), and holds `bytes` = data.len() T's.
+        let src: &[T] = unsafe {
+            let dst = base.add(used).cast::<u8>();
+            std::ptr::copy_nonoverlapping(data.as_ptr().cast::<u8>(), dst, bytes);
+            std::slice::from_raw_parts(dst.cast::<T>(), data.len())
+        };
+        // SAFETY: every element is written by the copy queued next, before anything later on
+        // the stream reads it.
+        let mut out = unsafe { self.stream.alloc::<T>(data.len()) }?;
+        self.stream.memcpy_htod(src, &mut out)?;
+        stage.used = used + words;
+        Ok(out)
+    }
+
+    /// Starts a round of staged uploads. The stream must have finished every copy out of the
+    /// staging buffer (a lane calls this after collecting its last chunk); the buffer is grown
+    /// here, a quarter above what the last round wanted.
+    pub fn restage(&self) -> Result<(), GpuError> {
+        let Some(mut stage) = self.staging.as_ref().and_then(|m| m.lock().ok()) else {
+            return Ok(());
+        };
+        let room = stage.buf.as_ref().map_or(0, |b| b.len());
+        if stage.wanted > room {
+            let len = stage.wanted + stage.wanted / 4;
+            stage.buf = None;
+            // SAFETY: the memory is uninitialised; `upload` writes each word before a copy
+            // reads it. Not write-combined: `upload` writes it and nothing reads it on the host.
+            let buf = unsafe { self.ctx.alloc_pinned_with_flags::<u64>(len, 0) }.map_err(|e| {
+                GpuError::Cuda(format!(
+                    "page-locked staging of {} MB: {e:?}",
+                    len * 8 >> 20
+                ))
+            })?;
+            stage.buf = Some(buf);
+        }
+        stage.used = 0;
+        stage.wanted = 0;
+        Ok(())
     }
 
     /// Compiles (or takes from the cache) and loads kernel file `name` (e.g. "spots.cu"): its

@@ -781,9 +781,8 @@ impl<'a> UploadedLayout<'a> {
         layout: &BatchLayout,
         on_device: OnDevice<'a>,
     ) -> Result<UploadedLayout<'a>, GpuError> {
-        let st = &gpu.stream;
         let own = |v: &[f64], what: &'static str| -> Result<Source<'a>, GpuError> {
-            Ok(Source::Own(st.clone_htod(v).map_err(cuda(what))?))
+            Ok(Source::Own(gpu.upload(v).map_err(cuda(what))?))
         };
         let (pix, ivar) = if layout.pixels_resident {
             match on_device.pixels {
@@ -822,20 +821,20 @@ impl<'a> UploadedLayout<'a> {
             npix: layout.npix,
             sizes: layout.patch.clone(),
             n: (0..layout.npatch).map(|b| layout.n(b)).collect(),
-            patch: st
-                .clone_htod(&layout.patch)
+            patch: gpu
+                .upload(&layout.patch)
                 .map_err(cuda("uploading patch sizes"))?,
-            win_off: st
-                .clone_htod(&layout.win_off)
+            win_off: gpu
+                .upload(&layout.win_off)
                 .map_err(cuda("uploading window offsets"))?,
-            scr_off: st
-                .clone_htod(&layout.scr_off)
+            scr_off: gpu
+                .upload(&layout.scr_off)
                 .map_err(cuda("uploading scratch offsets"))?,
-            spot_off: st
-                .clone_htod(&layout.spot_off)
+            spot_off: gpu
+                .upload(&layout.spot_off)
                 .map_err(cuda("uploading spot offsets"))?,
-            geom: st
-                .clone_htod(&layout.geom)
+            geom: gpu
+                .upload(&layout.geom)
                 .map_err(cuda("uploading spot geometry"))?,
             pix,
             ivar,

@@ -1031,7 +1031,7 @@ impl Solver {
         shapes: &[PatchShape],
     ) -> Result<SolveBatch, GpuError> {
         let mut out = SolveBatch::alloc(gpu, dense, shapes)?;
-        self.solve_into(dense, shapes, &mut out)?;
+        self.solve_into(gpu, dense, shapes, &mut out)?;
         Ok(out)
     }
 
@@ -1040,10 +1040,16 @@ impl Solver {
     /// waited for; [`SolveBatch::download`] or a later stage on the same stream sees the results.
     pub fn solve_into(
         &mut self,
+        gpu: &Gpu,
         dense: &mut DenseBatch,
         shapes: &[PatchShape],
         out: &mut SolveBatch,
     ) -> Result<(), GpuError> {
+        if !Arc::ptr_eq(&gpu.stream, &self.stream) {
+            return Err(bad(
+                "the solver's handles are bound to another stream".into()
+            ));
+        }
         let plan = SolvePlan::new(dense.npatch, dense.nmax, &dense.n, shapes)?;
         let (npatch, nmax) = (plan.npatch, plan.nmax);
         if dense.ata.len() != npatch * nmax * nmax || dense.atp.len() != npatch * nmax {
@@ -1084,7 +1090,7 @@ impl Solver {
         }
         if self.ones.as_ref().is_none_or(|o| o.len() < plan.units()) {
             self.ones = Some(
-                st.clone_htod(&vec![1.0f64; plan.units()])
+                gpu.upload(&vec![1.0f64; plan.units()])
                     .map_err(cuda("uploading ones"))?,
             );
         }
@@ -1112,8 +1118,8 @@ impl Solver {
 
         // Every pointer array, in one upload.
         let arrays = PointerArrays::new(&plan, ata_p, x_p, y_p, blk_p);
-        let ptrs = st
-            .clone_htod(&arrays.host)
+        let ptrs = gpu
+            .upload(&arrays.host)
             .map_err(cuda("uploading the pointer arrays"))?;
         let (ptrs_p, _g_ptrs) = ptrs.device_ptr(&st);
         let parr = |off: usize| at::<u64>(ptrs_p, off);
@@ -1763,7 +1769,9 @@ mod tests {
         let (tw, tw_factor) = twin_factored(&host, &shapes).unwrap();
         let mut out = SolveBatch::alloc(&gpu, &dense, &shapes).unwrap();
         poison(&gpu, &mut out);
-        solver.solve_into(&mut dense, &shapes, &mut out).unwrap();
+        solver
+            .solve_into(&gpu, &mut dense, &shapes, &mut out)
+            .unwrap();
         let got = out.download(&gpu).unwrap();
         let (wx, wc) = worst(&compare_with_twin(&got, &tw, &shapes));
 
@@ -1797,7 +1805,9 @@ mod tests {
         bad.ata[(k * nmax + u) * nmax + u] *= -1.0;
         gpu.stream.memcpy_htod(&bad.ata, &mut dense.ata).unwrap();
         poison(&gpu, &mut out);
-        solver.solve_into(&mut dense, &shapes, &mut out).unwrap();
+        solver
+            .solve_into(&gpu, &mut dense, &shapes, &mut out)
+            .unwrap();
         let got = out.download(&gpu).unwrap();
         let tw_bad = twin(&bad, &shapes).unwrap();
         assert_eq!(tw_bad.info[k], u as i32 + 1);
@@ -1829,7 +1839,9 @@ mod tests {
         let tw = twin(&host, &shapes).unwrap();
         let mut out = SolveBatch::alloc(&gpu, &dense, &shapes).unwrap();
         poison(&gpu, &mut out);
-        solver.solve_into(&mut dense, &shapes, &mut out).unwrap();
+        solver
+            .solve_into(&gpu, &mut dense, &shapes, &mut out)
+            .unwrap();
         let got = out.download(&gpu).unwrap();
         let per_patch = compare_with_twin(&got, &tw, &shapes);
         for (b, (s, &(ex, ec))) in shapes.iter().zip(&per_patch).enumerate() {
