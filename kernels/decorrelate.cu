@@ -5,7 +5,9 @@
 //   C = V Λ Vᵀ (symmetric Jacobi), W = V Λ^{-1/4}, Q = W Wᵀ = C^{-1/2} (rows row_lo..row_hi),
 //   s_r = Σ_j Q[r, j], R = Q / s, flux_j = R[wavepad + j, :] · x_f, fluxivar_j = s²,
 //   Rdiag[k, j] = R[wavepad + j + k - ndiag, wavepad + j].
-// cuSOLVER's syevjBatched stops at n = 32, hence this kernel.
+// cuSOLVER's syevjBatched stops at n = 32, hence this kernel; where cuSOLVER has
+// XsyevBatched (CUDA 12.6 and later), the backend takes its eigenpairs instead and only the
+// readout runs here (decorrelate_eigen, at the end of this file), which is faster on an H200.
 //
 // The host side (src/extract/gpu/decorrelate.rs) flattens the batch (`DecorrLayout`) and holds
 // `twin`, a plain-Rust copy of this kernel's algorithm: the same rotation order, the same

@@ -215,5 +215,11 @@ fi
     grep -E '^test result:' "$out/gpu-tests.log" 2>/dev/null
     echo "== total ${SECONDS}s of a ${budget}s budget; $( [ "$failed" = 0 ] && echo 'every step passed' || echo 'some steps FAILED' )"
 } | tee -a "$summary"
+# Every log names the card, the driver and the commit in its first line.
+card=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)
+header="# card, driver: ${card:-none seen by nvidia-smi} | $(grep -m1 '^commit' "$stage/MANIFEST" | tr -s ' ') | $(date -u +%FT%TZ) $(hostname)"
+for f in "$out"/*.log "$summary"; do
+    [ -f "$f" ] && { printf '%s\n' "$header" | cat - "$f" >"$f.tmp" && mv "$f.tmp" "$f"; }
+done
 rm -rf "$scratch"
 exit "$failed"

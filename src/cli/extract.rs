@@ -346,7 +346,9 @@ pub fn summary_text(r: &crate::pipeline::report::RunReport) -> String {
     s
 }
 
-/// Resolves `--backend` (else the configuration's) for this machine and logs the choice.
+/// Resolves `--backend` (else the configuration's) for this machine and logs the choice: "cpu",
+/// or the request itself where it leads to the GPU ("auto" keeps its fallback to the CPU for
+/// a GPU backend that then fails to start, in `backend_for`).
 fn choose_backend(requested: &str) -> Result<String> {
     use crate::extract::gpu::device::{choose, Choice};
     match choose(requested)? {
@@ -355,8 +357,8 @@ fn choose_backend(requested: &str) -> Result<String> {
             Ok("cpu".into())
         }
         Choice::Gpu(why) => {
-            tracing::warn!("backend: gpu ({why})");
-            Ok("gpu".into())
+            info!("backend: gpu ({why})");
+            Ok(requested.to_string())
         }
     }
 }

@@ -252,7 +252,7 @@ impl Gpu {
             let buf = unsafe { self.ctx.alloc_pinned_with_flags::<u64>(len, 0) }.map_err(|e| {
                 GpuError::Cuda(format!(
                     "page-locked staging of {} MB: {e:?}",
-                    len * 8 >> 20
+                    (len * 8) >> 20
                 ))
             })?;
             stage.buf = Some(buf);
@@ -309,9 +309,9 @@ pub enum Choice {
 }
 
 /// Resolves `--backend` ("auto", "cpu" or "gpu"). `gpu` takes the GPU backend when a device
-/// works and fails with the reason otherwise. `auto` stays on the CPU, saying why: the GPU
-/// backend's stages agree with the CPU through their host twins, but none has yet run on a
-/// GPU, and a science pipeline must not switch to unverified numbers by default.
+/// works and fails with the reason otherwise. `auto` takes it when a device is visible and the
+/// CUDA libraries the backend needs load (and, in [`backend_for`], when the backend then
+/// starts), else the CPU, saying why.
 pub fn choose(requested: &str) -> Result<Choice, GpuError> {
     let found = |devs: &[DeviceInfo]| {
         format!(
@@ -326,20 +326,13 @@ pub fn choose(requested: &str) -> Result<Choice, GpuError> {
     match requested {
         "cpu" => Ok(Choice::Cpu("--backend cpu".into())),
         "gpu" => match probe() {
-            Ok(devs) => Ok(Choice::Gpu(format!(
-                "--backend gpu on {}; not yet verified against the CPU on a GPU (issue 4)",
-                found(&devs)
-            ))),
+            Ok(devs) => Ok(Choice::Gpu(format!("--backend gpu on {}", found(&devs)))),
             Err(e) => Err(GpuError::NoDevice(format!("--backend gpu: {e}"))),
         },
-        "auto" => Ok(Choice::Cpu(match probe() {
-            Ok(devs) => format!(
-                "auto: CPU ({} found, but the GPU backend has not yet been verified on a GPU; \
-                 --backend gpu uses it)",
-                found(&devs)
-            ),
-            Err(e) => format!("auto: CPU ({e})"),
-        })),
+        "auto" => Ok(match probe().and_then(|devs| libraries().map(|()| devs)) {
+            Ok(devs) => Choice::Gpu(format!("auto: GPU on {}", found(&devs))),
+            Err(e) => Choice::Cpu(format!("auto: CPU ({e})")),
+        }),
         other => Err(GpuError::NoDevice(format!(
             "--backend {other}: expected auto, cpu or gpu"
         ))),
@@ -377,16 +370,44 @@ pub fn backend_for(
     compute_index: usize,
     ranks_per_gpu: usize,
 ) -> Result<Box<dyn crate::extract::Backend>, GpuError> {
-    if name != "gpu" {
-        return Ok(Box::new(crate::extract::cpu::CpuBackend));
+    let cpu = || -> Box<dyn crate::extract::Backend> { Box::new(crate::extract::cpu::CpuBackend) };
+    match name {
+        "gpu" => {}
+        "auto" if matches!(choose("auto")?, Choice::Gpu(_)) => {}
+        _ => return Ok(cpu()),
     }
-    let ordinal = ordinal_for(compute_index, probe()?.len(), ranks_per_gpu)?;
-    let b = super::backend::GpuBackend::new(ordinal)?;
-    tracing::info!(
-        "compute rank {compute_index}: GPU {ordinal} ({})",
-        b.device().name
-    );
-    Ok(Box::new(b))
+    let started = ordinal_for(compute_index, probe()?.len(), ranks_per_gpu)
+        .and_then(|ordinal| Ok((ordinal, super::backend::GpuBackend::new(ordinal)?)));
+    match started {
+        Ok((ordinal, b)) => {
+            tracing::info!(
+                "compute rank {compute_index}: GPU {ordinal} ({})",
+                b.device().name
+            );
+            Ok(Box::new(b))
+        }
+        Err(e) if name == "auto" => {
+            tracing::warn!(
+                "compute rank {compute_index}: the GPU backend did not start ({e}); the CPU \
+                 backend runs instead (auto)"
+            );
+            Ok(cpu())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether the CUDA libraries the GPU backend calls load: cuBLAS and cuSOLVER with every
+/// routine it uses, and NVRTC.
+fn libraries() -> Result<(), GpuError> {
+    super::solve::check_libraries()?;
+    if ptx::nvrtc_present() {
+        Ok(())
+    } else {
+        Err(GpuError::Library(
+            "NVRTC (libnvrtc.so) is not installed or not on LD_LIBRARY_PATH".into(),
+        ))
+    }
 }
 
 #[cfg(test)]
@@ -394,18 +415,31 @@ mod tests {
     use super::*;
 
     /// Without a GPU (CI, most laptops) `auto` falls back to the CPU and says why; `gpu` is an
-    /// error naming the reason; with a GPU the same holds until the backend is complete.
+    /// error naming the reason. With a working GPU and its libraries, both take it.
     #[test]
     fn backend_choice_falls_back_or_fails_clearly() {
+        let gpu_works = probe().is_ok() && libraries().is_ok();
         match choose("auto").unwrap() {
-            Choice::Cpu(why) => assert!(why.starts_with("auto: CPU ("), "{why}"),
-            Choice::Gpu(why) => panic!("auto must not take the unverified GPU backend: {why}"),
+            Choice::Cpu(why) => {
+                assert!(
+                    !gpu_works,
+                    "auto stayed on the CPU beside a working GPU: {why}"
+                );
+                assert!(why.starts_with("auto: CPU ("), "{why}");
+            }
+            Choice::Gpu(why) => {
+                assert!(gpu_works, "{why}");
+                assert!(why.starts_with("auto: GPU on "), "{why}");
+            }
         }
         match choose("gpu") {
             Err(e) => assert!(e.to_string().starts_with("--backend gpu: "), "{e}"),
-            // On a GPU machine the explicit request is honoured, with the caveat.
-            Ok(Choice::Gpu(why)) => assert!(why.contains("not yet verified"), "{why}"),
+            Ok(Choice::Gpu(why)) => assert!(why.starts_with("--backend gpu on "), "{why}"),
             Ok(c) => panic!("--backend gpu gave {c:?}"),
+        }
+        if !gpu_works {
+            // Without a working GPU, auto hands out the CPU backend.
+            assert_eq!(backend_for("auto", 0, 1).unwrap().name(), "cpu");
         }
         assert!(choose("cpu").is_ok());
         assert!(choose("tpu")

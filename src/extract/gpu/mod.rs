@@ -7,10 +7,11 @@
 //! backend on machines without a GPU; `backend` chains them into [`backend::GpuBackend`];
 //! `cost` counts each stage's flops and bytes for the floor a card sets; `choice` times the
 //! library alternatives at the real sizes; `ptx` compiles the embedded kernels with NVRTC and
-//! caches the PTX; `device` finds devices, binds compute ranks to them and resolves
-//! `--backend`. In the tests, `emu` runs the CUDA C kernels on the CPU against their twins and
-//! `scene` is the stages' shared fixture. No kernel has yet run on a GPU, so `--backend auto`
-//! stays on the CPU and `--backend gpu` is logged as unverified.
+//! caches their machine code; `device` finds devices, binds compute ranks to them, stages
+//! uploads through page-locked memory and resolves `--backend`. In the tests, `emu` runs the
+//! CUDA C kernels on the CPU against their twins and `scene` is the stages' shared fixture.
+//! Verified on an NVIDIA H200 (BENCHMARKS.md, "Issue 9"): the device tests, and whole frames
+//! against the CPU backend and gpu_specter.
 
 pub mod backend;
 pub mod chi2;
