@@ -87,14 +87,12 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let mut frames: Vec<(String, FrameResult)> = Vec::new();
     for name in &args.backend {
         // Opening the GPU (and compiling its kernels on first use) is not part of the timing.
-        let (mut gpu_engine, mut cpu_engine) = if name == "gpu" {
-            (Some(GpuBackend::new(0)?), None)
+        let mut gpu_engine = if name == "gpu" {
+            Some(GpuBackend::new(0)?)
         } else {
-            (
-                None,
-                Some(crate::extract::gpu::device::backend_for(name, 0, 1)?),
-            )
+            None
         };
+        let mut cpu_engine = crate::extract::cpu::CpuBackend;
         // The GPU runs the frame twice at the first thread count: the first run pays for the
         // libraries' lazy set-up and the memory pool's growth, the second is the steady state;
         // a third takes the decorrelation's other eigen route, for the whole frame's time.
@@ -105,19 +103,17 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         } else {
             args.thread_counts.clone()
         };
+        let other_route = EigenRoute::PREFERRED.other();
+        let other_label = format!("gpu ({})", other_route.name());
         for (run, threads) in counts.into_iter().enumerate() {
-            let other_route = match EigenRoute::PREFERRED {
-                EigenRoute::Syev => EigenRoute::Jacobi,
-                EigenRoute::Jacobi => EigenRoute::Syev,
-            };
-            if name == "gpu" && run == 2 {
-                if let Some(g) = gpu_engine.as_mut() {
-                    g.set_eigen_route(other_route);
-                }
-            }
             let engine: &mut dyn crate::extract::Backend = match gpu_engine.as_mut() {
-                Some(g) => g,
-                None => cpu_engine.as_mut().expect("one engine").as_mut(),
+                Some(g) => {
+                    if run == 2 {
+                        g.set_eigen_route(other_route);
+                    }
+                    g
+                }
+                None => &mut cpu_engine,
             };
             engine.take_stage_times();
             let t = Instant::now();
@@ -128,7 +124,6 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 gpu_stages = stages;
                 gpu_bundles = engine.bundles_per_batch();
             }
-            let other_label = format!("gpu ({})", other_route.name());
             let name = if name == "gpu" && run == 0 {
                 "gpu (first run)"
             } else if name == "gpu" && run == 2 {
@@ -139,12 +134,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             if threads == 1 && name == "cpu" {
                 one_thread = Some(wall);
             }
-            let keep = (name == "cpu" || name == "gpu") && !frames.iter().any(|(n, _)| n == name);
-            let st = res.stats.clone();
-            if keep {
-                frames.push((name.to_string(), res));
-            }
-            let st = &st;
+            let st = &res.stats;
             println!(
                 "| {} | {} | {:.2} | {:.2e} | {:.2} | {:.2} | {:.2} | {:.0} | {:.0} |",
                 name,
@@ -157,6 +147,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 3600.0 / (wall * full),
                 peak_rss_mib()
             );
+            if (name == "cpu" || name == "gpu") && !frames.iter().any(|(n, _)| n == name) {
+                frames.push((name.to_string(), res));
+            }
             let per_frame = wall * full;
             match best.iter_mut().find(|(n, _)| n == name) {
                 Some((_, b)) => *b = b.min(per_frame),

@@ -275,10 +275,11 @@ pub fn measure(
         })
         .fold(0.0f64, f64::max);
     let statuses_agree = j.status == y.status;
-    let (route, other) = match EigenRoute::PREFERRED {
-        EigenRoute::Syev => ((EigenRoute::Syev, t_syev), (EigenRoute::Jacobi, t_jacobi)),
-        EigenRoute::Jacobi => ((EigenRoute::Jacobi, t_jacobi), (EigenRoute::Syev, t_syev)),
+    let time = |r: EigenRoute| match r {
+        EigenRoute::Syev => t_syev,
+        EigenRoute::Jacobi => t_jacobi,
     };
+    let (route, other) = (EigenRoute::PREFERRED, EigenRoute::PREFERRED.other());
     if !statuses_agree {
         tracing::warn!("the two eigen routes disagree on which blocks fail");
     }
@@ -286,8 +287,8 @@ pub fn measure(
         what: "74×74 fiber blocks (eigen + readout)",
         n: nw,
         batch: dl.nblock,
-        chosen: (route.0.name(), route.1),
-        other: (other.0.name(), other.1),
+        chosen: (route.name(), time(route)),
+        other: (other.name(), time(other)),
         agree: Some(if statuses_agree { agree } else { f64::NAN }),
     };
     Ok(vec![cholesky, eigen])

@@ -70,6 +70,14 @@ impl EigenRoute {
     /// on an H200 at the real size (`spextract bench`'s library choices; BENCHMARKS.md).
     pub const PREFERRED: EigenRoute = EigenRoute::Syev;
 
+    /// The other route.
+    pub fn other(self) -> EigenRoute {
+        match self {
+            EigenRoute::Jacobi => EigenRoute::Syev,
+            EigenRoute::Syev => EigenRoute::Jacobi,
+        }
+    }
+
     /// Its name in reports.
     pub fn name(self) -> &'static str {
         match self {
@@ -940,28 +948,19 @@ pub fn decorrelate_into(
     max_sweeps: u32,
     out: &mut DecorrBatch,
 ) -> Result<(), GpuError> {
-    check_launch(kernels, layout, cov, x, out)?;
-    let (nb, ncol, nd2) = (layout.nblock, layout.ncol, layout.nd2);
-    let smem = layout.smem_bytes();
     let max_sweeps = i32::try_from(max_sweeps).map_err(|_| bad("max_sweeps > i32".into()))?;
-    let st = &gpu.stream;
-    let params = gpu
-        .upload(&layout.params)
-        .map_err(cuda("uploading block parameters"))?;
-    let offs = gpu
-        .upload(&layout.offs)
-        .map_err(cuda("uploading block offsets"))?;
+    let LaunchArgs {
+        cfg,
+        ld_i,
+        ncol_i,
+        nd2_i,
+        params,
+        offs,
+    } = prepare_launch(gpu, kernels, layout, cov, x, out)?;
     let basis = gpu
         .upload(&layout.basis)
         .map_err(cuda("uploading the starting bases"))?;
-    // Checked by DecorrLayout::new: ld (via smem_bytes), ncol, nd2 and nblock fit i32.
-    let (ld_i, ncol_i, nd2_i) = (layout.ld as i32, ncol as i32, nd2 as i32);
-    let cfg = LaunchConfig {
-        grid_dim: (nb as u32, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: smem as u32,
-    };
-    let mut launch = st.launch_builder(&kernels.func);
+    let mut launch = gpu.stream.launch_builder(&kernels.func);
     launch
         .arg(&ld_i)
         .arg(&ncol_i)
@@ -1029,7 +1028,14 @@ pub fn decorrelate_eigen_into(
     x: &CudaSlice<f64>,
     out: &mut DecorrBatch,
 ) -> Result<(), GpuError> {
-    check_launch(kernels, layout, evec, x, out)?;
+    let LaunchArgs {
+        cfg,
+        ld_i,
+        ncol_i,
+        nd2_i,
+        params,
+        offs,
+    } = prepare_launch(gpu, kernels, layout, evec, x, out)?;
     let (l, nslot) = layout.slots()?;
     if eig.values.len() < nslot * l || eig.info.len() < nslot {
         return Err(bad(format!(
@@ -1038,22 +1044,7 @@ pub fn decorrelate_eigen_into(
             eig.info.len()
         )));
     }
-    let (nb, ncol, nd2) = (layout.nblock, layout.ncol, layout.nd2);
-    let smem = layout.smem_bytes();
-    let st = &gpu.stream;
-    let params = gpu
-        .upload(&layout.params)
-        .map_err(cuda("uploading block parameters"))?;
-    let offs = gpu
-        .upload(&layout.offs)
-        .map_err(cuda("uploading block offsets"))?;
-    let (ld_i, ncol_i, nd2_i) = (layout.ld as i32, ncol as i32, nd2 as i32);
-    let cfg = LaunchConfig {
-        grid_dim: (nb as u32, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: smem as u32,
-    };
-    let mut launch = st.launch_builder(&kernels.eigen);
+    let mut launch = gpu.stream.launch_builder(&kernels.eigen);
     launch
         .arg(&ld_i)
         .arg(&ncol_i)
@@ -1074,24 +1065,36 @@ pub fn decorrelate_eigen_into(
     // block) and offs (i64, 3 a block) for nblock = gridDim.x blocks; evec, eval (f64) and
     // einfo (i32), read; x (f64), read; the outputs as `decorrelate`'s. Bounds: block b reads
     // evec[cov_off + (k0 + t)·l + i] for t, i < n ≤ l, inside the slot at cov_off (≤ cov_need ≤
-    // evec.len(), check_launch), eval[slot·l + k0 + t] and einfo[slot] with slot = cov_off / l²
+    // evec.len(), prepare_launch), eval[slot·l + k0 + t] and einfo[slot] with slot = cov_off / l²
     // < nslot (DecorrLayout::slots: every cov_off is a whole slot and cov_ld = l; lengths
-    // checked above), x and the outputs as `decorrelate` (check_launch). Shared memory as
+    // checked above), x and the outputs as `decorrelate` (prepare_launch). Shared memory as
     // `decorrelate`'s, within the limit Kernels::load set for this kernel.
     unsafe { launch.launch(cfg) }.map_err(cuda("launching decorrelate_eigen"))?;
     Ok(())
 }
 
-/// What both kernels need of a launch: outputs of the layout's sizes, inputs as long as the
-/// blocks read (`cov` for the Jacobi, the eigenvectors for the eigen route: the same offsets),
-/// and shared memory within the device's limit.
-fn check_launch(
+/// What both kernels' launches share: the grid and the shared memory, the sizes they take
+/// as ints, and the blocks' parameters and offsets on the device.
+struct LaunchArgs {
+    cfg: LaunchConfig,
+    ld_i: i32,
+    ncol_i: i32,
+    nd2_i: i32,
+    params: CudaSlice<i32>,
+    offs: CudaSlice<i64>,
+}
+
+/// Checks what both kernels need of a launch (outputs of the layout's sizes, inputs as long as
+/// the blocks read: `cov` for the Jacobi, the eigenvectors for the eigen route, at the same
+/// offsets; shared memory within the device's limit), then uploads the blocks' parameters.
+fn prepare_launch(
+    gpu: &Gpu,
     kernels: &Kernels,
     layout: &DecorrLayout,
     cov: &CudaSlice<f64>,
     x: &CudaSlice<f64>,
     out: &DecorrBatch,
-) -> Result<(), GpuError> {
+) -> Result<LaunchArgs, GpuError> {
     let (nb, ncol, nd2) = (layout.nblock, layout.ncol, layout.nd2);
     if out.nblock != nb
         || out.ncol != ncol
@@ -1123,7 +1126,23 @@ fn check_launch(
             layout.ld, kernels.max_dynamic_smem
         )));
     }
-    Ok(())
+    // DecorrLayout::new checked that ld (via smem_bytes), ncol, nd2 and nblock fit i32.
+    Ok(LaunchArgs {
+        cfg: LaunchConfig {
+            grid_dim: (nb as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: smem as u32,
+        },
+        ld_i: layout.ld as i32,
+        ncol_i: ncol as i32,
+        nd2_i: nd2 as i32,
+        params: gpu
+            .upload(&layout.params)
+            .map_err(cuda("uploading block parameters"))?,
+        offs: gpu
+            .upload(&layout.offs)
+            .map_err(cuda("uploading block offsets"))?,
+    })
 }
 
 /// Uploads `cov` and `x`, decorrelates and downloads (tests, diagnostics and small batches).
