@@ -507,7 +507,7 @@ impl GpuBackend {
             &mut dense,
         )?;
         StageClock::mark(&mut marks, gpu, "normal")?;
-        let sol = lane.solver.solve(gpu, &mut dense, &shapes)?;
+        let mut sol = lane.solver.solve(gpu, &mut dense, &shapes)?;
         if (sol.nmax, sol.ncore_max, sol.nw) != (nmax, ncore_max, nw) {
             return Err(GpuError::Kernel(format!(
                 "the solve laid out {} × {} blocks of {}, the chain expected {nmax} × \
@@ -518,7 +518,6 @@ impl GpuBackend {
         // Freed in stream order, after the solve has read it.
         drop(dense);
         StageClock::mark(&mut marks, gpu, "solve")?;
-        let mut sol = sol;
         let d = match self.eigen {
             EigenRoute::Jacobi => {
                 decor::decorrelate(gpu, &self.decor, &dl, &sol.blocks, &sol.x, MAX_SWEEPS)?

@@ -790,12 +790,12 @@ pub fn twin_eigen(
                 return BlockOut::failed(layout.ncol, layout.nd2, Status::NotConverged, 0);
             }
             let k0 = l - n;
-            let strays = (0..n).any(|t| {
+            let stray = |t: usize| {
                 let vk = &evec[k.cov_off + (k0 + t) * l..k.cov_off + (k0 + t + 1) * l];
                 let pad = vk[n..].iter().fold(0.0f64, |acc, v| v.mul_add(*v, acc));
                 !(pad < 0.5)
-            });
-            if k0 > 0 && strays {
+            };
+            if k0 > 0 && (0..n).any(stray) {
                 return BlockOut::failed(layout.ncol, layout.nd2, Status::BadEigenvalue, 0);
             }
             let (mut a, mut v) = (vec![0.0f64; m * m], vec![0.0f64; m * m]);

@@ -248,7 +248,8 @@ impl Gpu {
             let len = stage.wanted + stage.wanted / 4;
             stage.buf = None;
             // SAFETY: the memory is uninitialised; `upload` writes each word before a copy
-            // reads it. Not write-combined: `upload` writes it and nothing reads it on the host.
+            // reads it. Plain page-locked memory, as run on the H200 (write-combined memory,
+            // which the host only writes here, is untried).
             let buf = unsafe { self.ctx.alloc_pinned_with_flags::<u64>(len, 0) }.map_err(|e| {
                 GpuError::Cuda(format!(
                     "page-locked staging of {} MB: {e:?}",
@@ -401,13 +402,7 @@ pub fn backend_for(
 /// routine it uses, and NVRTC.
 fn libraries() -> Result<(), GpuError> {
     super::solve::check_libraries()?;
-    if ptx::nvrtc_present() {
-        Ok(())
-    } else {
-        Err(GpuError::Library(
-            "NVRTC (libnvrtc.so) is not installed or not on LD_LIBRARY_PATH".into(),
-        ))
-    }
+    ptx::require_nvrtc()
 }
 
 #[cfg(test)]

@@ -1041,6 +1041,33 @@ mod decorrelate_cu {
     use super::*;
     use crate::extract::cpu::lapack::{syevd, SyevdWork};
 
+    /// The last five arguments of both kernels, poisoned: flux, fluxivar, resolution (NaN),
+    /// status and sweeps (-1).
+    fn poisoned_outputs(l: &DecorrLayout) -> [Arg; 5] {
+        let (nb, ncol, nd2) = (l.nblock, l.ncol, l.nd2);
+        [
+            nan(nb * ncol),
+            nan(nb * ncol),
+            nan(nb * nd2 * ncol),
+            i32s(&vec![-1; nb]),
+            i32s(&vec![-1; nb]),
+        ]
+    }
+
+    /// Those five arguments as the kernel left them (arguments 9 to 13 of both).
+    fn outputs(out: &Out, l: &DecorrLayout) -> HostDecorr {
+        HostDecorr {
+            nblock: l.nblock,
+            ncol: l.ncol,
+            nd2: l.nd2,
+            flux: out.f64s(9),
+            fluxivar: out.f64s(10),
+            resolution: out.f64s(11),
+            status: out.i32s(12),
+            sweeps: out.i32s(13),
+        }
+    }
+
     /// The kernel as `decorrelate::decorrelate_into` launches it: one block of THREADS per
     /// covariance block, `smem_bytes(ld)` of dynamic shared memory; outputs poisoned (NaN,
     /// status and sweeps -1).
@@ -1067,24 +1094,12 @@ mod decorrelate_cu {
                 f64s(cov),
                 f64s(x),
                 f64s(&l.basis),
-                nan(nb * ncol),
-                nan(nb * ncol),
-                nan(nb * nd2 * ncol),
-                i32s(&vec![-1; nb]),
-                i32s(&vec![-1; nb]),
-            ],
+            ]
+            .into_iter()
+            .chain(poisoned_outputs(l))
+            .collect(),
         };
-        let out = prog.run(&launch, LAUNCH_TIMEOUT)?;
-        Ok(HostDecorr {
-            nblock: nb,
-            ncol,
-            nd2,
-            flux: out.f64s(9),
-            fluxivar: out.f64s(10),
-            resolution: out.f64s(11),
-            status: out.i32s(12),
-            sweeps: out.i32s(13),
-        })
+        Ok(outputs(&prog.run(&launch, LAUNCH_TIMEOUT)?, l))
     }
 
     /// `decorrelate_eigen` as `decorrelate::decorrelate_eigen_into` launches it, from the
@@ -1113,24 +1128,12 @@ mod decorrelate_cu {
                 f64s(eval),
                 i32s(einfo),
                 f64s(x),
-                nan(nb * ncol),
-                nan(nb * ncol),
-                nan(nb * nd2 * ncol),
-                i32s(&vec![-1; nb]),
-                i32s(&vec![-1; nb]),
-            ],
+            ]
+            .into_iter()
+            .chain(poisoned_outputs(l))
+            .collect(),
         };
-        let out = prog.run(&launch, LAUNCH_TIMEOUT)?;
-        Ok(HostDecorr {
-            nblock: nb,
-            ncol,
-            nd2,
-            flux: out.f64s(9),
-            fluxivar: out.f64s(10),
-            resolution: out.f64s(11),
-            status: out.i32s(12),
-            sweeps: out.i32s(13),
-        })
+        Ok(outputs(&prog.run(&launch, LAUNCH_TIMEOUT)?, l))
     }
 
     /// An AR(1) covariance of neighbouring bins with a smooth σ and a small symmetric

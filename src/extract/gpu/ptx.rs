@@ -120,6 +120,19 @@ pub fn nvrtc_present() -> bool {
     std::panic::catch_unwind(|| unsafe { cudarc::nvrtc::sys::is_culib_present() }).unwrap_or(false)
 }
 
+/// [`nvrtc_present`], as an error that says what is missing.
+pub fn require_nvrtc() -> Result<(), GpuError> {
+    if nvrtc_present() {
+        Ok(())
+    } else {
+        Err(GpuError::Library(
+            "NVRTC (libnvrtc.so) is not installed or not on LD_LIBRARY_PATH; it compiles the \
+             GPU kernels"
+                .into(),
+        ))
+    }
+}
+
 pub(super) fn nvrtc_version() -> Result<(i32, i32), GpuError> {
     let (mut major, mut minor) = (0, 0);
     // SAFETY: nvrtcVersion writes two ints through pointers to these live locals; the library
@@ -159,13 +172,7 @@ pub fn compiled_in(
     cache: Option<&Path>,
     target: Target,
 ) -> Result<Vec<u8>, GpuError> {
-    if !nvrtc_present() {
-        return Err(GpuError::Library(
-            "NVRTC (libnvrtc.so) is not installed or not on LD_LIBRARY_PATH; it compiles the \
-             GPU kernels"
-                .into(),
-        ));
-    }
+    require_nvrtc()?;
     let src = expanded(name)?;
     let opts = options(arch, target);
     let (vmaj, vmin) = nvrtc_version()?;
