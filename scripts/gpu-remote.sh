@@ -14,9 +14,15 @@
 #   sidebyside.log another extractor on the same full frame, when .gpu/sidebyside/run.sh is
 #                  staged (e.g. gpu_specter: it stays outside the repository), compared
 #   sanitizer.log  bundle 0 on the GPU under compute-sanitizer memcheck, where it is installed
+#   mpi.log        when the cuda-aware-mpi binary and a CUDA-aware Open MPI are staged
+#                  (GPU_CUDA_MPI at staging): that MPI's CUDA support, `doctor` under it, then
+#                  a list of full frames under `mpirun -np 3` and `-np 4` with the host-staged
+#                  and the cuda-aware build, whose frames are compared bit for bit, with the
+#                  runs' JSON reports (GPU_MPI_FRAMES frames, default 6;
+#                  GPU_MPI_BACKEND and GPU_MPI_ARGS rehearse it elsewhere, e.g. cpu and -n 25)
 #   summary.txt    each step's exit code and seconds, and the tests' "skipping" lines
-# GPU_REMOTE_STEPS picks groups of steps (env tests parity bench full side sanitizer; default
-# all); the full frame is simulated whenever bench, full or side runs.
+# GPU_REMOTE_STEPS picks groups of steps (env tests parity bench full side sanitizer mpi;
+# default all); the full frame is simulated whenever bench, full, side or mpi runs.
 # Logs go to $OUT (the tool's; elsewhere default /tmp/spextract-gpu-out). Without a GPU the
 # GPU steps fail or skip with the reason; the exit code is 1 when any step failed.
 set -uo pipefail
@@ -28,7 +34,7 @@ scratch=${GPU_SCRATCH:-/tmp/spextract-gpu}
 budget=${GPU_REMOTE_BUDGET_S:-480}
 grid=5760,7620,0.8
 # The groups of steps to run (default all): env tests parity bench full side sanitizer.
-steps=" ${GPU_REMOTE_STEPS:-env tests parity bench full side sanitizer} "
+steps=" ${GPU_REMOTE_STEPS:-env tests parity bench full side sanitizer mpi} "
 want() { [[ "$steps" == *" $1 "* ]]; }
 mkdir -p "$out"
 summary=$out/summary.txt
@@ -172,7 +178,7 @@ want parity && step parity.log 30 "compare bundle 0: GPU vs gpu_specter, and vs 
     --truth "$data/truth-r0-b00.fits.gz"
 
 # --- benchmark: a full r frame, as BENCHMARKS.md ---
-{ want bench || want full || want side; } && step bench.log 120 "simulate a full 500-fiber r frame" "${sx[@]}" simulate -p "$psf" \
+{ want bench || want full || want side || want mpi; } && step bench.log 120 "simulate a full 500-fiber r frame" "${sx[@]}" simulate -p "$psf" \
     -i "$scratch/full.fits" -t "$scratch/full-truth.fits" -n 500 -w "$grid" --overwrite
 want bench && step bench.log 200 "bench --backend cpu,gpu (threads $ncpu,1)" "${sx[@]}" bench -p "$psf" \
     -i "$scratch/full.fits" -w "$grid" --thread-counts "$ncpu,1" --oracle-patches 3 \
@@ -206,6 +212,62 @@ if want sanitizer && [ -n "$sanitizer" ]; then
         env "LD_LIBRARY_PATH=$libpath" "$sanitizer" --tool memcheck --error-exitcode 3 \
         --print-limit 20 "$stage/bin/spextract" extract "${b00[@]}" --backend gpu \
         -o "$scratch/frame-b00-memcheck.fits"
+fi
+
+# --- CUDA-aware MPI (issue 11): the same list of frames through the host-staged and the
+# cuda-aware-mpi build, both under the staged CUDA-aware Open MPI ---
+ca_bin=$stage/bin/spextract-cuda-aware
+if want mpi && [ -x "$ca_bin" ] && [ -f "$stage/ompi.tar.gz" ]; then
+    ompi=$scratch/ompi
+    mkdir -p "$ompi"
+    tar -C "$ompi" -xzf "$stage/ompi.tar.gz"
+    export OPAL_PREFIX=$ompi OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 \
+        OMPI_MCA_rmaps_base_oversubscribe=1
+    mpilib=$ompi/lib:$libpath
+    mpirun=(env "LD_LIBRARY_PATH=$mpilib" "PATH=$ompi/bin:$PATH" "$ompi/bin/mpirun" --bind-to none
+        -x LD_LIBRARY_PATH -x OPAL_PREFIX -x OPENBLAS_NUM_THREADS -x SPEXTRACT_PTX_CACHE -x NO_COLOR)
+    step mpi.log 20 "ompi_info: the staged Open MPI's CUDA support" \
+        bash -c 'LD_LIBRARY_PATH=$1 "$2/bin/ompi_info" --parsable --all | grep -E "mpi_built_with_cuda_support:value|ompi:version:full"' \
+        _ "$mpilib" "$ompi"
+    step mpi.log 60 "doctor of the cuda-aware build under mpirun -np 1" "${mpirun[@]}" -np 1 "$ca_bin" doctor
+    nframes=${GPU_MPI_FRAMES:-6}
+    for np in 3 4; do
+        for build in host device; do
+            bin=$stage/bin/spextract
+            [ "$build" = device ] && bin=$ca_bin
+            dir=$scratch/mpi-$build-np$np
+            mkdir -p "$dir"
+            for i in $(seq 1 "$nframes"); do
+                echo "$scratch/full.fits $psf $dir/frame-$i.fits"
+            done >"$dir/list.txt"
+            step mpi.log 150 "$nframes full frames, $build build, mpirun -np $np" "${mpirun[@]}" -np "$np" \
+                "$bin" extract --frames "$dir/list.txt" -w "$grid" --backend "${GPU_MPI_BACKEND:-gpu}" \
+                --ranks-per-gpu $((np - 2)) --no-progress --report "$dir/report.json" ${GPU_MPI_ARGS:-}
+            { echo "== report of the $build build, -np $np:"; cat "$dir/report.json" 2>/dev/null; echo; } >>"$out/mpi.log"
+        done
+        # Byte for byte, except the CHECKSUM cards (cfitsio stamps them with the time of
+        # writing, and the checksum covers the header): the DATASUMs must agree too.
+        step mpi.log 60 "-np $np: cuda-aware frames vs host-staged frames, bit for bit" python3 -c '
+import glob, os, sys
+def cards(path):
+    b = bytearray(open(path, "rb").read())
+    for i in range(0, len(b), 80):
+        if b[i:i + 9] == b"CHECKSUM=":
+            b[i:i + 80] = b" " * 80
+        elif b[i:i + 9] == b"DATASUM =":
+            b[i + 30:i + 80] = b" " * 50
+    return bytes(b)
+rc = 0
+for f in sorted(glob.glob(os.path.join(sys.argv[1], "frame-*.fits"))):
+    g = os.path.join(sys.argv[2], os.path.basename(f))
+    a, b = cards(f), cards(g)
+    n = sum(x != y for x, y in zip(a, b)) + abs(len(a) - len(b))
+    print(f"{os.path.basename(f)}: {len(a)} bytes, {n} differ outside the CHECKSUM cards")
+    rc |= n != 0
+sys.exit(rc)' "$scratch/mpi-device-np$np" "$scratch/mpi-host-np$np"
+        step mpi.log 30 "-np $np: spextract compare of frame 1" "${sx[@]}" compare \
+            "$scratch/mpi-device-np$np/frame-1.fits" "$scratch/mpi-host-np$np/frame-1.fits"
+    done
 fi
 
 # --- summary ---

@@ -9,6 +9,11 @@
 #   .gpu/data/                     the shared test data: PSF, preproc of bundle 0 (read by the
 #                                  GPU tests), gpu_specter's frame and the truth (gzipped)
 #   .gpu/MANIFEST                  commit, build time, libraries with their Debian packages
+#   .gpu/bin/spextract-cuda-aware  when GPU_CUDA_MPI names a CUDA-aware Open MPI's install tree
+#   .gpu/ompi.tar.gz               (scripts/build-cuda-aware-ompi.sh makes one): the release
+#                                  binary built with --features cuda-aware-mpi against it, and
+#                                  the tree itself (no headers or manuals; with the non-glibc
+#                                  libraries it loads), which gpu-remote.sh runs with OPAL_PREFIX
 #   .gpu/sidebyside/               when GPU_SIDEBYSIDE names a folder: a copy of it, whose run.sh
 #                                  gpu-remote.sh runs as `run.sh PSF PREPROC DIR` to extract the
 #                                  full frame with another extractor into DIR/frame-other.fits
@@ -104,6 +109,35 @@ for f in frame-r0-b00-gpu_specter.fits truth-r0-b00.fits; do
         echo "gpu-session: warning: $data_src/$f is missing; the parity step will skip it" >&2
     fi
 done
+
+if [ -n "${GPU_CUDA_MPI:-}" ]; then
+    ompi=$GPU_CUDA_MPI
+    "$ompi/bin/ompi_info" --parsable --all | grep -q 'mpi_built_with_cuda_support:value:true' || {
+        echo "gpu-session: $ompi is not a CUDA-aware Open MPI (scripts/build-cuda-aware-ompi.sh)" >&2
+        exit 1
+    }
+    echo "== building the cuda-aware-mpi binary against $ompi"
+    PATH=$ompi/bin:$PATH cargo build --release --features cuda-aware-mpi --target-dir target/cuda-aware
+    objcopy --strip-debug target/cuda-aware/release/spextract "$stage/bin/spextract-cuda-aware"
+    tree=$(mktemp -d)
+    cp -a "$ompi/." "$tree/"
+    rm -rf "$tree/include" "$tree/share/man" "$tree/share/doc"
+    find "$tree" -name '*.la' -delete
+    find "$tree" -type f -perm -u+x -o -type f -name '*.so*' | while read -r f; do
+        strip --strip-unneeded "$f" 2>/dev/null || true
+    done
+    # What the tree loads from the system besides glibc and the driver goes with it.
+    # (ldd fails on the scripts among the executables: its status is not the point here.)
+    { find "$tree" -type f \( -name '*.so*' -o -perm -u+x \) -exec ldd {} + 2>/dev/null || true; } |
+        awk '$2 == "=>" && $3 ~ /^\// { print $1, $3 }' | sort -u | while read -r name path; do
+        if [[ "$name" =~ $skip ]] || [[ "$path" == "$ompi"* ]] || [ -e "$tree/lib/$name" ]; then continue; fi
+        cp -L "$path" "$tree/lib/$name"
+        echo "  ompi.tar.gz: + $name ($path)"
+    done
+    tar -C "$tree" -czf "$stage/ompi.tar.gz" .
+    rm -rf "$tree"
+    echo "  cuda-aware: $("$ompi/bin/ompi_info" | grep -m1 'Open MPI:' | xargs) from $ompi" >>"$stage/libs.txt"
+fi
 
 if [ -n "${GPU_SIDEBYSIDE:-}" ]; then
     [ -f "$GPU_SIDEBYSIDE/run.sh" ] || { echo "gpu-session: $GPU_SIDEBYSIDE/run.sh is missing" >&2; exit 1; }

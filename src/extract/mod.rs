@@ -84,6 +84,9 @@ pub struct PatchInfo {
     pub retried: bool,
     /// Even the retry failed: the patch's bins have ivar 0.
     pub failed: bool,
+    /// The numbers were written into the backend's unit arrays on the device, not into the
+    /// result (whose arrays are then empty; see `PatchResult::on_device`).
+    pub on_device: bool,
 }
 
 /// Per-patch results for the core fibers and the kept core bins.
@@ -106,6 +109,23 @@ pub struct PatchResult {
 }
 
 impl PatchResult {
+    /// A result whose numbers a device backend keeps in its unit arrays: no arrays here, the
+    /// model image (a host array) kept when there is one.
+    pub fn on_device(info: PatchInfo, model: Option<Array2<f64>>) -> PatchResult {
+        PatchResult {
+            flux: Array2::zeros((0, 0)),
+            fluxivar: Array2::zeros((0, 0)),
+            resolution: Array3::zeros((0, 0, 0)),
+            pixmask_fraction: Array2::zeros((0, 0)),
+            chi2pix: Array2::zeros((0, 0)),
+            model,
+            info: PatchInfo {
+                on_device: true,
+                ..info
+            },
+        }
+    }
+
     /// A result with every value 0, for patches that are dropped or failed.
     pub fn empty(patch: &Patch, ndiag: usize) -> PatchResult {
         let shape = (patch.nspec, patch.nwave_keep);

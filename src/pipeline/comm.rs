@@ -1,6 +1,11 @@
 //! Messages between roles, and the two ways they travel: a queue inside one process, or MPI
 //! between ranks (host-staged: every message is serialised into host memory).
 //!
+//! The cuda-aware-mpi build adds messages with *parts*: arrays of f64 that travel as MPI
+//! messages of their own (tag [`TAG_PART`]) right after their header, straight from or into
+//! device memory where they live there (a GPU compute rank's unit pixels and results). The
+//! header states each part's length, and the receiver checks what arrived against it.
+//!
 //! On the wire a message is one MPI message of bytes: a 16-byte header (magic, kind, payload
 //! length) and the bincode payload. The receiver checks the byte count it received against the
 //! header, and the payload against the kind, and reports a mismatch as an error naming the
@@ -38,6 +43,75 @@ pub enum Msg {
     ReaderDone,
     /// Every rank → rank 0, at the end.
     Summary(Box<RankSummary>),
+    /// Compute → reader: give me a unit, its pixels as parts for device memory.
+    #[cfg(feature = "cuda-aware-mpi")]
+    ReqWorkParts,
+    /// Reader → compute: a unit without its pixels, the writer, and the pixels as two parts
+    /// (image, ivar; row-major, `dims` rows × columns).
+    #[cfg(feature = "cuda-aware-mpi")]
+    WorkParts(Box<UnitInput>, usize, [usize; 2], Parts),
+    /// Compute → writer: a computed unit whose numbers travel as five parts (flux, ivar,
+    /// resolution, chi2pix, pixmask, as `UnitShape::part_lens` orders them).
+    #[cfg(feature = "cuda-aware-mpi")]
+    OutputParts(Box<UnitOutput>, crate::extract::gpu::unit::UnitShape, Parts),
+}
+
+/// The arrays that travel after a header: their lengths (in the header) and, at either end,
+/// where they are.
+#[cfg(feature = "cuda-aware-mpi")]
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Parts {
+    /// Values of each part.
+    pub lens: Vec<usize>,
+    /// The arrays: what the sender sends, what the receiver received.
+    #[serde(skip)]
+    pub data: Vec<Part>,
+}
+
+/// One part's array.
+#[cfg(feature = "cuda-aware-mpi")]
+pub enum Part {
+    /// In host memory.
+    Host(Vec<f64>),
+    /// In device memory; MPI reads or writes it there (CUDA-aware MPI).
+    Device(cudarc::driver::CudaSlice<f64>),
+}
+
+#[cfg(feature = "cuda-aware-mpi")]
+impl std::fmt::Debug for Part {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Part::Host(v) => write!(f, "Host({} values)", v.len()),
+            Part::Device(d) => write!(f, "Device({} values)", d.len()),
+        }
+    }
+}
+
+#[cfg(feature = "cuda-aware-mpi")]
+impl Part {
+    /// Values it holds.
+    pub fn len(&self) -> usize {
+        match self {
+            Part::Host(v) => v.len(),
+            Part::Device(d) => d.len(),
+        }
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(feature = "cuda-aware-mpi")]
+impl Parts {
+    /// Parts with their lengths, to send.
+    pub fn of(data: Vec<Part>) -> Parts {
+        Parts {
+            lens: data.iter().map(Part::len).collect(),
+            data,
+        }
+    }
 }
 
 impl Msg {
@@ -54,6 +128,12 @@ impl Msg {
             Msg::ComputeDone => 9,
             Msg::ReaderDone => 10,
             Msg::Summary(_) => 11,
+            #[cfg(feature = "cuda-aware-mpi")]
+            Msg::ReqWorkParts => 12,
+            #[cfg(feature = "cuda-aware-mpi")]
+            Msg::WorkParts(..) => 13,
+            #[cfg(feature = "cuda-aware-mpi")]
+            Msg::OutputParts(..) => 14,
         }
     }
 
@@ -71,6 +151,21 @@ impl Msg {
             Msg::ComputeDone => "compute done",
             Msg::ReaderDone => "reader done",
             Msg::Summary(_) => "rank summary",
+            #[cfg(feature = "cuda-aware-mpi")]
+            Msg::ReqWorkParts => "work request (device)",
+            #[cfg(feature = "cuda-aware-mpi")]
+            Msg::WorkParts(..) => "work unit (parts)",
+            #[cfg(feature = "cuda-aware-mpi")]
+            Msg::OutputParts(..) => "unit output (parts)",
+        }
+    }
+
+    /// The parts that travel after this message, when it has any.
+    #[cfg(feature = "cuda-aware-mpi")]
+    pub fn parts_mut(&mut self) -> Option<&mut Parts> {
+        match self {
+            Msg::WorkParts(.., p) | Msg::OutputParts(.., p) => Some(p),
+            _ => None,
         }
     }
 }
@@ -147,6 +242,16 @@ pub trait Comm {
     fn try_recv(&mut self) -> Result<Option<(usize, Msg)>, String>;
     /// Advances sends in flight; true when none is left.
     fn flush(&mut self) -> bool;
+    /// Seconds spent receiving each kind of message from other ranks, and how many.
+    fn receive_times(&self) -> Vec<(String, f64, usize)> {
+        Vec::new()
+    }
+    /// Whether units' pixels can be received into device memory allocated on `stream` (then
+    /// from now on they are).
+    #[cfg(feature = "cuda-aware-mpi")]
+    fn receive_pixels_on(&mut self, _stream: std::sync::Arc<cudarc::driver::CudaStream>) -> bool {
+        false
+    }
 }
 
 /// One process playing every role: messages are moved, never copied or serialised.
@@ -183,6 +288,14 @@ pub struct MpiComm {
     rank: usize,
     local: VecDeque<Msg>,
     in_flight: Vec<InFlight>,
+    /// Sends of device memory in flight.
+    #[cfg(feature = "cuda-aware-mpi")]
+    device_in_flight: Vec<DeviceSend>,
+    /// Where the parts of a unit's pixels land: device memory allocated on this stream.
+    #[cfg(feature = "cuda-aware-mpi")]
+    device: Option<std::sync::Arc<cudarc::driver::CudaStream>>,
+    /// Seconds spent receiving each kind of message, header and parts, and how many.
+    received: std::collections::BTreeMap<&'static str, (f64, usize)>,
 }
 
 /// A send in flight and the buffer it reads.
@@ -191,7 +304,23 @@ struct InFlight {
     buffer: *mut [u8],
 }
 
+/// A send of device memory in flight: the request, MPI's description of the memory (leaked,
+/// reclaimed with the request) and the memory itself, freed once MPI is done with it.
+#[cfg(feature = "cuda-aware-mpi")]
+struct DeviceSend {
+    request: mpi::request::Request<
+        'static,
+        mpi::datatype::DynBuffer<'static>,
+        mpi::request::StaticScope,
+    >,
+    buffer: *mut mpi::datatype::DynBuffer<'static>,
+    _memory: cudarc::driver::CudaSlice<f64>,
+}
+
 const TAG: mpi::Tag = 77;
+/// The tag of the parts that follow a header.
+#[cfg(feature = "cuda-aware-mpi")]
+pub const TAG_PART: mpi::Tag = 78;
 
 impl MpiComm {
     /// Wraps the world communicator.
@@ -203,25 +332,20 @@ impl MpiComm {
             rank,
             local: VecDeque::new(),
             in_flight: Vec::new(),
+            #[cfg(feature = "cuda-aware-mpi")]
+            device_in_flight: Vec::new(),
+            #[cfg(feature = "cuda-aware-mpi")]
+            device: None,
+            received: Default::default(),
         }
     }
-}
 
-impl Comm for MpiComm {
-    fn rank(&self) -> usize {
-        self.rank
-    }
-
-    fn send(&mut self, to: usize, msg: Msg) -> Result<u64, String> {
+    /// Posts a send of `buffer` to `to` with `tag`; the buffer is leaked here and reclaimed in
+    /// `flush` once MPI is done with it.
+    fn post(&mut self, to: usize, tag: mpi::Tag, buffer: Box<[u8]>) {
         use mpi::point_to_point::Destination;
         use mpi::topology::Communicator;
-        if to == self.rank {
-            self.local.push_back(msg);
-            return Ok(0);
-        }
-        let bytes = encode(&msg)?;
-        let n = bytes.len() as u64;
-        let buffer: &'static mut [u8] = Box::leak(bytes.into_boxed_slice());
+        let buffer: &'static mut [u8] = Box::leak(buffer);
         let ptr: *mut [u8] = buffer;
         // A non-blocking send, so that two ranks sending large messages to each other cannot
         // deadlock; the buffer is leaked here and reclaimed in `flush` once MPI is done with it.
@@ -230,11 +354,151 @@ impl Comm for MpiComm {
             .process_at_rank(to as mpi::Rank)
             // SAFETY of the 'static borrow: the buffer is freed only after the request
             // completes (see `flush`), so it outlives every MPI read of it.
-            .immediate_send_with_tag(mpi::request::StaticScope, &*buffer, TAG);
+            .immediate_send_with_tag(mpi::request::StaticScope, &*buffer, tag);
         self.in_flight.push(InFlight {
             request,
             buffer: ptr,
         });
+    }
+
+    /// Sends the parts of a message after its header.
+    #[cfg(feature = "cuda-aware-mpi")]
+    fn send_parts(&mut self, to: usize, parts: Vec<Part>) -> Result<u64, String> {
+        use mpi::point_to_point::Destination;
+        use mpi::topology::Communicator;
+        let mut n = 0u64;
+        for part in parts {
+            let bytes = part.len() * std::mem::size_of::<f64>();
+            if i32::try_from(bytes).is_err() {
+                return Err(format!("a part of {bytes} bytes is over MPI's count limit"));
+            }
+            n += bytes as u64;
+            match part {
+                Part::Host(v) => {
+                    let b: Vec<u8> = v.iter().flat_map(|x| x.to_ne_bytes()).collect();
+                    self.post(to, TAG_PART, b.into_boxed_slice());
+                }
+                Part::Device(d) => {
+                    // Open MPI finds the device memory's context as the thread's current one.
+                    d.stream()
+                        .context()
+                        .bind_to_thread()
+                        .map_err(|e| format!("binding the GPU's context to send a part: {e:?}"))?;
+                    let buffer: &'static mut mpi::datatype::DynBuffer<'static> =
+                        Box::leak(Box::new(device_buffer(&d).downgrade()));
+                    let ptr: *mut mpi::datatype::DynBuffer<'static> = buffer;
+                    let request = self
+                        .world
+                        .process_at_rank(to as mpi::Rank)
+                        // SAFETY of the 'static borrow: the description is freed, and the
+                        // device memory it describes, `d`, dropped, only once the request has
+                        // completed (see `flush`).
+                        .immediate_send_with_tag(mpi::request::StaticScope, &*buffer, TAG_PART);
+                    self.device_in_flight.push(DeviceSend {
+                        request,
+                        buffer: ptr,
+                        _memory: d,
+                    });
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// Receives the parts that `parts.lens` announces from `from`: into device memory for a
+    /// unit's pixels on a rank that asked for them there, else into host memory.
+    #[cfg(feature = "cuda-aware-mpi")]
+    fn receive_parts(
+        &mut self,
+        from: usize,
+        kind: &str,
+        parts: &mut Parts,
+        on_device: bool,
+    ) -> Result<(), String> {
+        use mpi::datatype::Equivalence;
+        use mpi::point_to_point::Source;
+        use mpi::topology::Communicator;
+        for (i, &len) in parts.lens.iter().enumerate() {
+            let (message, status) = self
+                .world
+                .process_at_rank(from as mpi::Rank)
+                .matched_probe_with_tag(TAG_PART);
+            let got = status.count(u8::equivalent_datatype()) as usize;
+            let want = len * std::mem::size_of::<f64>();
+            if got != want {
+                return Err(format!(
+                    "rank {from} sent {got} bytes for part {i} of a {kind}, whose header says \
+                     {len} values ({want} bytes)"
+                ));
+            }
+            let part = match (&self.device, on_device) {
+                (Some(stream), true) => {
+                    let mut d = stream.alloc_zeros::<f64>(len.max(1)).map_err(|e| {
+                        format!("allocating {want} bytes on the GPU for a {kind}: {e:?}")
+                    })?;
+                    // MPI writes outside the stream: the allocation must be done first.
+                    stream
+                        .synchronize()
+                        .map_err(|e| format!("allocating on the GPU for a {kind}: {e:?}"))?;
+                    let mut raw = device_buffer(&d);
+                    message.matched_receive_into(&mut raw);
+                    // cudarc records the write for its ordering of later users of `d`.
+                    let (_, written) = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut d, stream);
+                    drop(written);
+                    Part::Device(d)
+                }
+                _ => {
+                    let mut v = vec![0f64; len];
+                    message.matched_receive_into(&mut v[..]);
+                    Part::Host(v)
+                }
+            };
+            parts.data.push(part);
+        }
+        Ok(())
+    }
+}
+
+/// `d`'s device memory as an MPI buffer of f64 values, which a CUDA-aware MPI reads or
+/// writes there. The caller keeps `d` alive until MPI is done with the buffer.
+#[cfg(feature = "cuda-aware-mpi")]
+fn device_buffer(d: &cudarc::driver::CudaSlice<f64>) -> mpi::datatype::DynBufferMut<'static> {
+    use cudarc::driver::DevicePtr;
+    use mpi::datatype::Equivalence;
+    let (ptr, _sync) = d.device_ptr(d.stream());
+    // SAFETY: `ptr` is the start of a live device allocation of `d.len()` f64 values (the
+    // callers' and `send_parts`' checks keep the count within MPI's i32), described with the
+    // f64 datatype, so MPI touches exactly that memory. Only a CUDA-aware MPI may be handed it:
+    // `execute` refuses any other in this build. The datatype is a predefined one, valid for
+    // the whole program ('static).
+    unsafe {
+        mpi::datatype::DynBufferMut::from_raw(
+            ptr as *mut f64,
+            d.len() as mpi::Count,
+            f64::equivalent_datatype(),
+        )
+    }
+}
+
+impl Comm for MpiComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    #[allow(unused_mut)]
+    fn send(&mut self, to: usize, mut msg: Msg) -> Result<u64, String> {
+        if to == self.rank {
+            self.local.push_back(msg);
+            return Ok(0);
+        }
+        let bytes = encode(&msg)?;
+        let n = bytes.len() as u64;
+        self.post(to, TAG, bytes.into_boxed_slice());
+        #[cfg(feature = "cuda-aware-mpi")]
+        if let Some(parts) = msg.parts_mut() {
+            let data = std::mem::take(&mut parts.data);
+            return Ok(n + self.send_parts(to, data)?);
+        }
         Ok(n)
     }
 
@@ -252,6 +516,7 @@ impl Comm for MpiComm {
         else {
             return Ok(None);
         };
+        let t0 = std::time::Instant::now();
         let from = status.source_rank() as usize;
         let expected = status.count(u8::equivalent_datatype()) as usize;
         let (bytes, _) = (message, status).matched_receive_vec::<u8>();
@@ -261,7 +526,33 @@ impl Comm for MpiComm {
                 bytes.len()
             ));
         }
-        decode(&bytes, from).map(|m| Some((from, m)))
+        #[allow(unused_mut)]
+        let mut msg = decode(&bytes, from)?;
+        let kind = msg.name();
+        #[cfg(feature = "cuda-aware-mpi")]
+        {
+            let on_device = matches!(msg, Msg::WorkParts(..));
+            if let Some(parts) = msg.parts_mut() {
+                self.receive_parts(from, kind, parts, on_device)?;
+            }
+        }
+        let e = self.received.entry(kind).or_default();
+        e.0 += t0.elapsed().as_secs_f64();
+        e.1 += 1;
+        Ok(Some((from, msg)))
+    }
+
+    fn receive_times(&self) -> Vec<(String, f64, usize)> {
+        self.received
+            .iter()
+            .map(|(k, &(s, n))| (k.to_string(), s, n))
+            .collect()
+    }
+
+    #[cfg(feature = "cuda-aware-mpi")]
+    fn receive_pixels_on(&mut self, stream: std::sync::Arc<cudarc::driver::CudaStream>) -> bool {
+        self.device = Some(stream);
+        true
     }
 
     fn flush(&mut self) -> bool {
@@ -280,6 +571,24 @@ impl Comm for MpiComm {
             }
         }
         self.in_flight = still;
+        #[cfg(feature = "cuda-aware-mpi")]
+        {
+            let mut still = Vec::with_capacity(self.device_in_flight.len());
+            for f in self.device_in_flight.drain(..) {
+                match f.request.test() {
+                    Ok(_) => {
+                        // SAFETY: `buffer` came from Box::leak in `send_parts` and its request
+                        // has completed; the device memory drops with `f`.
+                        drop(unsafe { Box::from_raw(f.buffer) });
+                    }
+                    Err(request) => still.push(DeviceSend { request, ..f }),
+                }
+            }
+            self.device_in_flight = still;
+            if !self.device_in_flight.is_empty() {
+                return false;
+            }
+        }
         self.in_flight.is_empty()
     }
 }

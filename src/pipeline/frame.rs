@@ -268,18 +268,20 @@ pub fn extract_bundles(
                 mark_nodata(&mut out, p.ispec, p.nspec, p.iwave, nk);
                 continue;
             }
-            let cells = s![f..f + p.nspec, w0..w0 + nk];
-            for (dst, src) in [
-                (&mut out.flux, &r.flux),
-                (&mut out.ivar, &r.fluxivar),
-                (&mut out.chi2pix, &r.chi2pix),
-                (&mut out.pixmask_fraction, &r.pixmask_fraction),
-            ] {
-                dst.slice_mut(cells).assign(src);
+            if !r.info.on_device {
+                let cells = s![f..f + p.nspec, w0..w0 + nk];
+                for (dst, src) in [
+                    (&mut out.flux, &r.flux),
+                    (&mut out.ivar, &r.fluxivar),
+                    (&mut out.chi2pix, &r.chi2pix),
+                    (&mut out.pixmask_fraction, &r.pixmask_fraction),
+                ] {
+                    dst.slice_mut(cells).assign(src);
+                }
+                out.resolution
+                    .slice_mut(s![f..f + p.nspec, .., w0..w0 + nk])
+                    .assign(&r.resolution);
             }
-            out.resolution
-                .slice_mut(s![f..f + p.nspec, .., w0..w0 + nk])
-                .assign(&r.resolution);
             if let (Some(model), Some(m)) = (out.model.as_mut(), r.model.as_ref()) {
                 let w = inp.window;
                 let (ry, rx) = (w.ymin as usize - region.y0, w.xmin as usize - region.x0);

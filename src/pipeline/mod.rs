@@ -2,6 +2,8 @@
 //! do (`frames`), the process environment (`env`), and the end-of-run summary (`report`).
 
 pub mod comm;
+#[cfg(feature = "cuda-aware-mpi")]
+pub mod device_path;
 pub mod env;
 pub mod frame;
 pub mod frames;

@@ -83,6 +83,15 @@ pub struct RoleTimes {
     /// Peak resident memory of the rank (MiB), which the prefetch depth bounds on readers.
     #[serde(default)]
     pub peak_rss_mib: f64,
+    /// Units whose pixels came in GPU memory (the cuda-aware-mpi path).
+    #[serde(default)]
+    pub device_units: usize,
+    /// Of those, units whose pixels had to be downloaded to the host for a CPU retry.
+    #[serde(default)]
+    pub pixel_downloads: usize,
+    /// Seconds spent receiving each kind of MPI message (header and parts), and how many.
+    #[serde(default)]
+    pub received: Vec<(String, f64, usize)>,
 }
 
 /// A frame that did not make it, and why.

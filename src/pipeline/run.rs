@@ -361,14 +361,49 @@ struct ReaderState {
     computes: Vec<usize>,
     finished: Vec<usize>,
     done: bool,
+    /// Compute ranks that take their units' pixels as parts for device memory.
+    #[cfg(feature = "cuda-aware-mpi")]
+    device_ranks: std::collections::HashSet<usize>,
+}
+
+/// A unit's pixels in device memory, where the cuda-aware-mpi path delivered them there.
+#[cfg(feature = "cuda-aware-mpi")]
+type Landed = Option<super::device_path::LandedPixels>;
+#[cfg(not(feature = "cuda-aware-mpi"))]
+type Landed = ();
+
+/// A unit's results kept in device memory, for the cuda-aware-mpi path to send from there.
+#[cfg(feature = "cuda-aware-mpi")]
+type Kept = Option<crate::extract::gpu::unit::DeviceUnit>;
+#[cfg(not(feature = "cuda-aware-mpi"))]
+type Kept = ();
+
+/// A unit for the compute thread: the unit, its writer, its pixels if on the device.
+type Delivery = (UnitInput, usize, Landed);
+
+/// A unit the compute thread finished.
+struct UnitDone {
+    out: UnitOutput,
+    writer: usize,
+    took: Duration,
+    kept: Kept,
+    /// Its pixels came in device memory.
+    on_device: bool,
+    /// ... and the CPU needed them, so they were downloaded.
+    downloaded: bool,
 }
 
 struct ComputeState {
     reader: usize,
-    units_tx: Option<Sender<(UnitInput, usize)>>,
-    done_rx: Receiver<(UnitOutput, usize, Duration)>,
+    units_tx: Option<Sender<Delivery>>,
+    done_rx: Receiver<UnitDone>,
     busy: bool,
-    pending: VecDeque<(UnitInput, usize)>,
+    pending: VecDeque<Delivery>,
+    /// Whether units come with their pixels in device memory: None until the compute thread
+    /// has started its backend and said.
+    on_device: Option<bool>,
+    #[cfg(feature = "cuda-aware-mpi")]
+    stream_rx: Receiver<Option<Arc<cudarc::driver::CudaStream>>>,
     requested: bool,
     no_more: bool,
     done: bool,
@@ -383,6 +418,16 @@ struct WriterState {
     computes_left: usize,
     readers_left: usize,
     done: bool,
+}
+
+/// A computed unit to its frame's assembly (or kept until the frame's ticket arrives).
+fn take_output(writer: Option<&mut WriterState>, out: UnitOutput) -> Result<()> {
+    let w = writer.context("a unit output sent to a rank that does not write")?;
+    match w.assemblies.get_mut(&out.job) {
+        Some(a) => a.add(out).map_err(anyhow::Error::msg)?,
+        None => w.early.entry(out.job).or_default().push(out),
+    }
+    Ok(())
 }
 
 /// One rank's event loop.
@@ -469,11 +514,15 @@ fn run_rank(
             computes: layout.computes_of(rank),
             finished: Vec::new(),
             done: false,
+            #[cfg(feature = "cuda-aware-mpi")]
+            device_ranks: Default::default(),
         }
     });
     let mut compute = roles.compute.then(|| {
-        let (units_tx, units_rx) = unbounded::<(UnitInput, usize)>();
-        let (done_tx, done_rx) = unbounded::<(UnitOutput, usize, Duration)>();
+        let (units_tx, units_rx) = unbounded::<Delivery>();
+        let (done_tx, done_rx) = unbounded::<UnitDone>();
+        #[cfg(feature = "cuda-aware-mpi")]
+        let (stream_tx, stream_rx) = crossbeam_channel::bounded(1);
         let threads = opts.threads;
         let backend_name = opts.backend.clone();
         let ranks_per_gpu = opts.ranks_per_gpu;
@@ -491,7 +540,7 @@ fn run_rank(
                         return;
                     }
                 };
-                let mut backend = match crate::extract::gpu::device::backend_for(
+                let mut engine = match crate::extract::gpu::device::engine_for(
                     &backend_name,
                     compute_index,
                     ranks_per_gpu,
@@ -502,15 +551,70 @@ fn run_rank(
                         return;
                     }
                 };
-                for (u, writer) in units_rx {
+                // A GPU rank of the cuda-aware-mpi build takes its units' pixels in device
+                // memory, received on a stream of their own.
+                #[cfg(feature = "cuda-aware-mpi")]
+                {
+                    use crate::extract::gpu::device::Engine;
+                    let stream = match &engine {
+                        Engine::Gpu(g) => match g.gpu().ctx.new_stream() {
+                            Ok(s) => Some(s),
+                            Err(e) => {
+                                warn!(
+                                    "compute rank {rank}: no stream for MPI receives ({e:?}); \
+                                     units come through host memory"
+                                );
+                                None
+                            }
+                        },
+                        Engine::Cpu(_) => None,
+                    };
+                    let _ = stream_tx.send(stream);
+                }
+                for (u, writer, landed) in units_rx {
                     let t0 = Instant::now();
-                    let result = pool.install(|| unit::compute(&u, backend.as_mut()));
+                    #[cfg(feature = "cuda-aware-mpi")]
+                    let (result, kept, on_device, downloaded) = {
+                        use crate::extract::gpu::device::Engine;
+                        match (landed, &mut engine) {
+                            (Some(l), Engine::Gpu(g)) => {
+                                let before = g.pixel_downloads();
+                                let (r, kept) =
+                                    pool.install(|| super::device_path::compute(&u, l, g));
+                                (r, kept, true, g.pixel_downloads() > before)
+                            }
+                            (Some(_), Engine::Cpu(_)) => (
+                                Err("pixels in device memory sent to a CPU compute rank".into()),
+                                None,
+                                false,
+                                false,
+                            ),
+                            (None, e) => {
+                                let r = pool.install(|| unit::compute(&u, e.backend()));
+                                (r, None, false, false)
+                            }
+                        }
+                    };
+                    #[cfg(not(feature = "cuda-aware-mpi"))]
+                    let (result, kept, on_device, downloaded) = {
+                        let () = landed;
+                        let r = pool.install(|| unit::compute(&u, engine.backend()));
+                        (r, (), false, false)
+                    };
                     let out = UnitOutput {
                         job: u.job,
                         unit: u.unit,
                         result,
                     };
-                    if done_tx.send((out, writer, t0.elapsed())).is_err() {
+                    let done = UnitDone {
+                        out,
+                        writer,
+                        took: t0.elapsed(),
+                        kept,
+                        on_device,
+                        downloaded,
+                    };
+                    if done_tx.send(done).is_err() {
                         break;
                     }
                 }
@@ -522,6 +626,13 @@ fn run_rank(
             done_rx,
             busy: false,
             pending: VecDeque::new(),
+            on_device: if cfg!(feature = "cuda-aware-mpi") {
+                None
+            } else {
+                Some(false)
+            },
+            #[cfg(feature = "cuda-aware-mpi")]
+            stream_rx,
             requested: false,
             no_more: false,
             done: false,
@@ -593,12 +704,30 @@ fn run_rank(
                         .context("a work request sent to a rank that does not read")?;
                     r.waiting.push_back(from);
                 }
+                #[cfg(feature = "cuda-aware-mpi")]
+                Msg::ReqWorkParts => {
+                    let r = reader
+                        .as_mut()
+                        .context("a work request sent to a rank that does not read")?;
+                    r.waiting.push_back(from);
+                    r.device_ranks.insert(from);
+                }
                 Msg::Work(u, w) => {
                     let c = compute
                         .as_mut()
                         .context("work sent to a rank that does not compute")?;
                     c.requested = false;
-                    c.pending.push_back((*u, w));
+                    c.pending.push_back((*u, w, Landed::default()));
+                }
+                #[cfg(feature = "cuda-aware-mpi")]
+                Msg::WorkParts(u, w, dims, parts) => {
+                    let c = compute
+                        .as_mut()
+                        .context("work sent to a rank that does not compute")?;
+                    c.requested = false;
+                    let landed = super::device_path::land(&u, dims, parts)
+                        .map_err(|e| anyhow::anyhow!("from rank {from}: {e}"))?;
+                    c.pending.push_back((*u, w, Some(landed)));
                 }
                 Msg::NoWork => {
                     let c = compute
@@ -622,14 +751,12 @@ fn run_rank(
                     warn!("frame {} failed: {e}", describe(opts, job));
                     summary.failed.push((job, e));
                 }
-                Msg::Output(out) => {
-                    let w = writer
-                        .as_mut()
-                        .context("a unit output sent to a rank that does not write")?;
-                    match w.assemblies.get_mut(&out.job) {
-                        Some(a) => a.add(*out).map_err(anyhow::Error::msg)?,
-                        None => w.early.entry(out.job).or_default().push(*out),
-                    }
+                Msg::Output(out) => take_output(writer.as_mut(), *out)?,
+                #[cfg(feature = "cuda-aware-mpi")]
+                Msg::OutputParts(out, shape, parts) => {
+                    let out = super::device_path::output_from_parts(*out, shape, parts, from)
+                        .map_err(anyhow::Error::msg)?;
+                    take_output(writer.as_mut(), out)?;
                 }
                 Msg::ComputeDone => {
                     let w = writer
@@ -721,9 +848,16 @@ fn run_rank(
                         Some(u) => {
                             let w = layout.writer_of(node, u.job);
                             let t0 = Instant::now();
-                            times.bytes_sent += comm
-                                .send(c, Msg::Work(Box::new(u), w))
-                                .map_err(anyhow::Error::msg)?;
+                            #[cfg(feature = "cuda-aware-mpi")]
+                            let msg = if r.device_ranks.contains(&c) {
+                                let (bare, dims, parts) = super::device_path::strip_pixels(u);
+                                Msg::WorkParts(Box::new(bare), w, dims, parts)
+                            } else {
+                                Msg::Work(Box::new(u), w)
+                            };
+                            #[cfg(not(feature = "cuda-aware-mpi"))]
+                            let msg = Msg::Work(Box::new(u), w);
+                            times.bytes_sent += comm.send(c, msg).map_err(anyhow::Error::msg)?;
                             times.transfer_s += t0.elapsed().as_secs_f64();
                             r.waiting.pop_front();
                             moved = true;
@@ -753,16 +887,36 @@ fn run_rank(
 
         // Compute: results out, next unit in, one more requested ahead.
         if let Some(c) = compute.as_mut() {
-            while let Ok((out, w, took)) = c.done_rx.try_recv() {
+            while let Ok(done) = c.done_rx.try_recv() {
                 moved = true;
                 c.busy = false;
-                times.compute_s += took.as_secs_f64();
+                times.compute_s += done.took.as_secs_f64();
                 times.units += 1;
+                times.device_units += usize::from(done.on_device);
+                times.pixel_downloads += usize::from(done.downloaded);
                 let t0 = Instant::now();
-                times.bytes_sent += comm
-                    .send(w, Msg::Output(Box::new(out)))
-                    .map_err(anyhow::Error::msg)?;
+                #[cfg(feature = "cuda-aware-mpi")]
+                let msg = super::device_path::output_msg(done.out, done.kept);
+                #[cfg(not(feature = "cuda-aware-mpi"))]
+                let msg = {
+                    let () = done.kept;
+                    Msg::Output(Box::new(done.out))
+                };
+                times.bytes_sent += comm.send(done.writer, msg).map_err(anyhow::Error::msg)?;
                 times.transfer_s += t0.elapsed().as_secs_f64();
+            }
+            #[cfg(feature = "cuda-aware-mpi")]
+            if c.on_device.is_none() {
+                match c.stream_rx.try_recv() {
+                    Ok(Some(stream)) => c.on_device = Some(comm.receive_pixels_on(stream)),
+                    Ok(None) | Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                        c.on_device = Some(false)
+                    }
+                    Err(crossbeam_channel::TryRecvError::Empty) => {}
+                }
+                if c.on_device == Some(true) {
+                    info!("rank {rank}: units' pixels and results travel in GPU memory (CUDA-aware MPI)");
+                }
             }
             if !c.busy {
                 if let Some(job) = c.pending.pop_front() {
@@ -773,10 +927,21 @@ fn run_rank(
                     }
                 }
             }
-            if !c.no_more && !c.requested && c.pending.is_empty() {
-                times.bytes_sent += comm
-                    .send(c.reader, Msg::ReqWork)
-                    .map_err(anyhow::Error::msg)?;
+            if let (Some(on_device), false, false, true) =
+                (c.on_device, c.no_more, c.requested, c.pending.is_empty())
+            {
+                #[cfg(feature = "cuda-aware-mpi")]
+                let ask = if on_device {
+                    Msg::ReqWorkParts
+                } else {
+                    Msg::ReqWork
+                };
+                #[cfg(not(feature = "cuda-aware-mpi"))]
+                let ask = {
+                    let _ = on_device;
+                    Msg::ReqWork
+                };
+                times.bytes_sent += comm.send(c.reader, ask).map_err(anyhow::Error::msg)?;
                 c.requested = true;
             }
             if !c.done && c.no_more && !c.busy && c.pending.is_empty() {
@@ -855,6 +1020,7 @@ fn run_rank(
             summary_sent = true;
             let mut s = std::mem::take(&mut summary);
             times.peak_rss_mib = super::report::peak_rss_mib();
+            times.received = comm.receive_times();
             s.times = times.clone();
             comm.send(0, Msg::Summary(Box::new(s)))
                 .map_err(anyhow::Error::msg)?;

@@ -192,8 +192,29 @@ pub fn cut(
     Ok((ticket, units))
 }
 
+impl UnitInput {
+    /// The first fiber and the number of fibers of the unit's bundles.
+    pub fn fibers(&self) -> (usize, usize) {
+        let plan = self.setup.plan();
+        let bundles = plan.bundles.get(self.bundles.clone()).unwrap_or(&[]);
+        let specmin = bundles.first().map_or(plan.specmin, |b| b.0);
+        (specmin, bundles.iter().map(|b| b.1).sum())
+    }
+}
+
 /// Extracts a unit on the current rayon pool.
 pub fn compute(unit: &UnitInput, backend: &mut dyn Backend) -> Result<FrameResult, String> {
+    compute_on(unit, unit.pix.view(), unit.ivar.view(), backend)
+}
+
+/// Extracts a unit whose pixel rectangle is `pix` and `ivar` (the unit's own arrays, or views
+/// standing for a copy the backend holds).
+pub fn compute_on(
+    unit: &UnitInput,
+    pix: ndarray::ArrayView2<'_, f64>,
+    ivar: ndarray::ArrayView2<'_, f64>,
+    backend: &mut dyn Backend,
+) -> Result<FrameResult, String> {
     let plan = unit.setup.plan();
     if unit.bundles.end > plan.bundles.len() {
         return Err(format!(
@@ -208,8 +229,8 @@ pub fn compute(unit: &UnitInput, backend: &mut dyn Backend) -> Result<FrameResul
         psf: &unit.psf,
         psf_fiber0: unit.psf_fiber0,
         region: Region {
-            pix: unit.pix.view(),
-            ivar: unit.ivar.view(),
+            pix,
+            ivar,
             y0: unit.y0,
             x0: unit.x0,
         },

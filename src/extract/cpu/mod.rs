@@ -66,7 +66,7 @@ pub fn extract_patch(
                 Some(mut res) => {
                     res.info = PatchInfo {
                         retried: true,
-                        failed: false,
+                        ..PatchInfo::default()
                     };
                     res
                 }
@@ -75,6 +75,7 @@ pub fn extract_patch(
                     res.info = PatchInfo {
                         retried: true,
                         failed: true,
+                        ..PatchInfo::default()
                     };
                     res
                 }

@@ -19,6 +19,11 @@
 //! batch that asks for the model image (not ported yet). Those patches need the spot values
 //! on the host, which are then downloaded once per spot set.
 //!
+//! For the cuda-aware-mpi build the backend can also keep a work unit on the device at both
+//! ends: pixels that arrived there by MPI are adopted instead of uploaded ([`GpuBackend::
+//! adopt_pixels`], downloaded only when a CPU retry needs them), and the results go into the
+//! unit's arrays there ([`GpuBackend::begin_unit`], `unit.cu`) instead of coming back per chunk.
+//!
 //! The same chain runs on the host through each stage's twin ([`twin_chain`]): on machines
 //! without a GPU that is what the tests compare with the CPU backend, which checks how the
 //! stages fit together (layouts, offsets, which blocks belong to which fibers) end to end.
@@ -29,16 +34,19 @@ use std::ops::Range;
 use cudarc::driver::{
     sys::CUevent_flags, CudaEvent, CudaSlice, DeviceRepr, PinnedHostSlice, ValidAsZeroBits,
 };
-use ndarray::ArrayView2;
+use ndarray::{Array2, ArrayView2};
 
 use super::cost::STAGES;
 use super::decorrelate::{
     self as decor, Block, DecorrLayout, EigenRoute, HostDecorr, Status, MAX_SWEEPS,
 };
 use super::device::Gpu;
-use super::normal::{self, BatchLayout, DevicePixels, OnDevice, Resident, ResidentSpots};
+use super::normal::{
+    self, BatchLayout, DevicePixels, OnDevice, Resident, ResidentPixels, ResidentSpots,
+};
 use super::solve::{self, PatchShape, Solver};
 use super::spots::{self as gspots, DeviceSpots, SpotsKernel};
+use super::unit::{self, DeviceUnit, UnitShape};
 use super::{chi2, GpuError};
 use crate::extract::cpu::{self, CpuBackend, DIAG_EPSILON};
 use crate::extract::{Backend, ExtractError, ExtractOptions, PatchInfo, PatchInput, PatchResult};
@@ -52,6 +60,9 @@ struct ChainOutputs {
     dec: Option<HostDecorr>,
     c2: chi2::HostChi2,
     dims: chi2::Chi2Layout,
+    /// When the numbers went into the unit's arrays on the device: each block's decorrelation
+    /// status, all that comes back (`dec` and `c2` are then empty).
+    on_device: Option<Vec<i32>>,
 }
 
 /// The decorrelation blocks of the patches whose factorisation succeeded: `(patch, core
@@ -118,6 +129,7 @@ fn twin_chain_on(
         dec: Some(dec),
         c2,
         dims,
+        on_device: None,
     })
 }
 
@@ -132,6 +144,17 @@ fn assemble(
         .enumerate()
         .map(|(b, inp)| (out.info[b] == 0).then(|| PatchResult::empty(&inp.patch, opts.ndiag)))
         .collect();
+    if let Some(status) = &out.on_device {
+        for r in results.iter_mut().flatten() {
+            *r = PatchResult::on_device(PatchInfo::default(), None);
+        }
+        for (k, &(b, _)) in out.blocks.iter().enumerate() {
+            if status[k] != Status::Ok.code() {
+                results[b] = None;
+            }
+        }
+        return results;
+    }
     let nd2 = 2 * opts.ndiag + 1;
     if let Some(dec) = &out.dec {
         for (k, &(b, c)) in out.blocks.iter().enumerate() {
@@ -172,7 +195,10 @@ fn finish_on_cpu(
         .zip(batch)
         .map(|(r, inp)| match r {
             Some(mut r) => {
-                r.info = PatchInfo::default();
+                r.info = PatchInfo {
+                    on_device: r.info.on_device,
+                    ..PatchInfo::default()
+                };
                 r
             }
             None => cpu::extract_patch(inp, opts, &mut ws),
@@ -182,9 +208,13 @@ fn finish_on_cpu(
 
 /// `batch` with spot values on the host for the CPU: patches whose set is the resident one
 /// (values on the device) get its host copy, which the caller has downloaded.
+///
+/// With `pixels` (the adopted pixels' identity and their host copy), the windows are taken
+/// from that copy: the batch's own views then only stand for the device's pixels.
 fn with_host_spots<'c>(
     batch: &'c [PatchInput<'_>],
     resident: Option<(&'c ResidentSpots, &'c SpotSet)>,
+    pixels: Option<&'c HostPixels>,
 ) -> Result<Vec<PatchInput<'c>>, GpuError> {
     batch
         .iter()
@@ -203,16 +233,46 @@ fn with_host_spots<'c>(
                     }
                 }
             };
-            // PatchInput is invariant in its lifetime: rebuild it with views of this borrow.
+            let (pix, ivar) = match pixels {
+                Some(h) => h.window_of(inp)?,
+                // PatchInput is invariant in its lifetime: rebuild it with views of this borrow.
+                None => (inp.pix.view(), inp.ivar.view()),
+            };
             Ok(PatchInput {
                 patch: inp.patch,
                 window: inp.window,
-                pix: inp.pix.view(),
-                ivar: inp.ivar.view(),
+                pix,
+                ivar,
                 spots,
             })
         })
         .collect()
+}
+
+/// The host copy of adopted pixels, downloaded when the CPU first needs them.
+struct HostPixels {
+    key: ResidentPixels,
+    pix: Array2<f64>,
+    ivar: Array2<f64>,
+}
+
+impl HostPixels {
+    /// `inp`'s window in the copy: its views stand for the adopted pixels, at the same offset.
+    fn window_of(
+        &self,
+        inp: &PatchInput<'_>,
+    ) -> Result<(ArrayView2<'_, f64>, ArrayView2<'_, f64>), GpuError> {
+        let (ny, nx) = inp.pix.dim();
+        let off = self.key.offset_of(inp).ok_or_else(|| {
+            GpuError::Kernel(format!(
+                "patch at fiber {}, bin {}: its window is not in the pixels adopted from MPI",
+                inp.patch.ispec, inp.patch.iwave
+            ))
+        })?;
+        let (r, c) = (off / self.key.ld(), off % self.key.ld());
+        let cut = ndarray::s![r..r + ny, c..c + nx];
+        Ok((self.pix.slice(cut), self.ivar.slice(cut)))
+    }
 }
 
 /// Device time per stage, from events recorded on a stream between the stages. A stage's
@@ -365,6 +425,8 @@ struct Queued {
     ncol: usize,
     nd2: usize,
     marks: Marks,
+    /// The numbers went into the unit's arrays: only the statuses come back.
+    on_device: bool,
 }
 
 /// Patches per chunk: two bundles at the real sizes, enough to fill an H100 in every stage
@@ -400,6 +462,15 @@ pub struct GpuBackend {
     clock: StageClock,
     /// How the decorrelation gets its eigenpairs.
     eigen: EigenRoute,
+    unit_kernels: unit::Kernels,
+    /// The unit whose results stay on the device ([`GpuBackend::begin_unit`]).
+    unit: Option<DeviceUnit>,
+    /// Whether `pixels` were adopted (their host arrays are stand-ins, never read).
+    adopted: bool,
+    /// Their host copy, once a CPU retry needed it.
+    host_pixels: Option<HostPixels>,
+    /// Adopted units whose pixels had to be downloaded.
+    pixel_downloads: usize,
 }
 
 /// Device memory a batch holds per bundle for its whole duration: the bundle's spots (25
@@ -424,6 +495,11 @@ impl GpuBackend {
             normal: normal::Kernels::load(&gpu)?,
             decor: decor::Kernels::load(&gpu)?,
             chi2: chi2::Kernels::load(&gpu)?,
+            unit_kernels: unit::Kernels::load(&gpu)?,
+            unit: None,
+            adopted: false,
+            host_pixels: None,
+            pixel_downloads: 0,
             lanes,
             pixels: None,
             resident: None,
@@ -439,6 +515,46 @@ impl GpuBackend {
             },
             gpu,
         })
+    }
+
+    /// The GPU this backend runs on (for buffers that others fill, such as an MPI receive).
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    /// Takes `pixels` (filled elsewhere, e.g. received by CUDA-aware MPI) as the unit's
+    /// pixels: the batches whose windows are slices of the host arrays `pixels.key` names read
+    /// them there. Those host arrays only stand for the device copy and are never read; a
+    /// patch the CPU must retry gets its window from a host copy downloaded once per unit.
+    pub fn adopt_pixels(&mut self, pixels: DevicePixels) {
+        self.settle_lanes();
+        self.pixels = Some(pixels);
+        self.adopted = true;
+        self.host_pixels = None;
+    }
+
+    /// How many adopted units had their pixels downloaded for the CPU.
+    pub fn pixel_downloads(&self) -> usize {
+        self.pixel_downloads
+    }
+
+    /// From now until [`GpuBackend::take_unit`], batches write their results into zeroed unit
+    /// arrays of `shape` on the device, and return results marked `on_device` without numbers.
+    pub fn begin_unit(&mut self, shape: UnitShape) -> Result<(), ExtractError> {
+        self.settle_lanes();
+        self.unit = None;
+        self.unit = Some(DeviceUnit::zeros(&self.gpu, shape).map_err(|e| self.error(e))?);
+        Ok(())
+    }
+
+    /// The unit's arrays, complete (every stream that wrote them finished), ending unit mode.
+    pub fn take_unit(&mut self) -> Result<Option<DeviceUnit>, ExtractError> {
+        self.settle_lanes();
+        self.gpu
+            .stream
+            .synchronize()
+            .map_err(|e| self.error(GpuError::Cuda(format!("finishing the unit: {e:?}"))))?;
+        Ok(self.unit.take())
     }
 
     /// The decorrelation's eigen route (the tests and `bench` take both).
@@ -537,14 +653,34 @@ impl GpuBackend {
         let mut c2 = chi2::Chi2Batch::alloc(gpu, &dims)?;
         chi2::launch(gpu, &self.chi2, &buf, &dims, &sol.x, opts.psferr, &mut c2)?;
         StageClock::mark(&mut marks, gpu, "chi2")?;
+        let on_device = match self.unit.as_mut() {
+            Some(u) => {
+                let place = unit::placement(chunk, &ids, &u.shape)?;
+                unit::scatter(
+                    gpu,
+                    &self.unit_kernels,
+                    &place,
+                    &sol.info,
+                    &d,
+                    &c2,
+                    &dims,
+                    u,
+                )?;
+                StageClock::mark(&mut marks, gpu, "unit")?;
+                true
+            }
+            None => false,
+        };
         lane.info.download(gpu, &sol.info)?;
         lane.potrs.download(gpu, &sol.potrs_info)?;
         lane.status.download(gpu, &d.status)?;
-        lane.flux.download(gpu, &d.flux)?;
-        lane.fluxivar.download(gpu, &d.fluxivar)?;
-        lane.resolution.download(gpu, &d.resolution)?;
-        lane.chi2pix.download(gpu, &c2.chi2pix)?;
-        lane.pixmask.download(gpu, &c2.pixmask)?;
+        if !on_device {
+            lane.flux.download(gpu, &d.flux)?;
+            lane.fluxivar.download(gpu, &d.fluxivar)?;
+            lane.resolution.download(gpu, &d.resolution)?;
+            lane.chi2pix.download(gpu, &c2.chi2pix)?;
+            lane.pixmask.download(gpu, &c2.pixmask)?;
+        }
         StageClock::mark(&mut marks, gpu, "d2h")?;
         Ok(Queued {
             lane: li,
@@ -556,6 +692,7 @@ impl GpuBackend {
             ncol: d.ncol,
             nd2: d.nd2,
             marks,
+            on_device,
         })
         // The device buffers drop here, freed in stream order after the copies.
     }
@@ -572,6 +709,27 @@ impl GpuBackend {
         let (nb, ncol) = (q.nblock, q.ncol);
         solve::check_potrs_info(lane.potrs.read(1)?[0])?;
         let info = lane.info.read(q.npatch)?;
+        if q.on_device {
+            let status = lane.status.read(nb)?;
+            self.clock.settle(q.marks)?;
+            return Ok((
+                q.range,
+                ChainOutputs {
+                    info,
+                    blocks: q.blocks,
+                    dec: None,
+                    c2: chi2::HostChi2 {
+                        model: Vec::new(),
+                        chi2: Vec::new(),
+                        valid: Vec::new(),
+                        chi2pix: Vec::new(),
+                        pixmask: Vec::new(),
+                    },
+                    dims: q.dims,
+                    on_device: Some(status),
+                },
+            ));
+        }
         let dec = HostDecorr {
             nblock: nb,
             ncol,
@@ -600,6 +758,7 @@ impl GpuBackend {
                 dec: Some(dec),
                 c2,
                 dims: q.dims,
+                on_device: None,
             },
         ))
     }
@@ -752,12 +911,14 @@ impl Backend for GpuBackend {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        if opts.model_image {
+        let results = if opts.model_image {
             // The model image is not ported: the CPU computes such batches whole.
-            return self.cpu_batch(batch, opts, None);
-        }
-        let done = self.device_batch(batch, opts).map_err(|e| self.error(e))?;
-        self.cpu_batch(batch, opts, Some(done))
+            self.cpu_batch(batch, opts, None)?
+        } else {
+            let done = self.device_batch(batch, opts).map_err(|e| self.error(e))?;
+            self.cpu_batch(batch, opts, Some(done))?
+        };
+        self.to_unit(batch, results)
     }
 
     fn evaluate_spots(
@@ -803,10 +964,18 @@ impl Backend for GpuBackend {
         pix: ArrayView2<'_, f64>,
         ivar: ArrayView2<'_, f64>,
     ) -> Result<(), ExtractError> {
+        // Adopted pixels stay: `pix` and `ivar` are their stand-ins.
+        if self.adopted
+            && self.pixels.as_ref().map(|p| p.key) == ResidentPixels::of(pix.view(), ivar.view())
+        {
+            return Ok(());
+        }
         // The previous unit's copy is freed first: two full CCDs need not fit at once. (No lane
         // reads it any more: batches end collected, or settled after an error.)
         self.settle_lanes();
         self.pixels = None;
+        self.adopted = false;
+        self.host_pixels = None;
         let up = |b: &mut GpuBackend| -> Result<Option<DevicePixels>, GpuError> {
             let mut marks = Marks::new();
             StageClock::mark(&mut marks, &b.gpu, "start")?;
@@ -837,6 +1006,33 @@ impl Backend for GpuBackend {
 }
 
 impl GpuBackend {
+    /// In unit mode, the host results (the CPU's) uploaded over their patches' cells, and every
+    /// result marked as on the device; otherwise `results` as they are.
+    fn to_unit(
+        &mut self,
+        batch: &[PatchInput<'_>],
+        results: Vec<PatchResult>,
+    ) -> Result<Vec<PatchResult>, ExtractError> {
+        let Some(u) = self.unit.as_mut() else {
+            return Ok(results);
+        };
+        let mut out = Vec::with_capacity(results.len());
+        let mut failed = None;
+        for (inp, r) in batch.iter().zip(results) {
+            if !r.info.on_device {
+                if let Err(e) = u.upload_patch(&self.gpu, &inp.patch, &r) {
+                    failed = Some(e);
+                    break;
+                }
+            }
+            out.push(PatchResult::on_device(r.info, r.model));
+        }
+        match failed {
+            Some(e) => Err(self.error(e)),
+            None => Ok(out),
+        }
+    }
+
     /// The CPU's results for the patches of `batch` that `done` leaves out (all of them when
     /// `done` is None), with spot values brought to the host as the CPU needs them.
     fn cpu_batch(
@@ -863,11 +1059,35 @@ impl GpuBackend {
                 }
             }
         }
+        let to_download = self
+            .pixels
+            .as_ref()
+            .filter(|_| self.adopted && self.host_pixels.is_none());
+        if let Some(p) = to_download {
+            let (ny, nx) = (p.key.len() / p.key.ld(), p.key.ld());
+            let down = |v: &CudaSlice<f64>| -> Result<Array2<f64>, GpuError> {
+                let host = self.gpu.stream.clone_dtoh(v).map_err(|e| {
+                    GpuError::Cuda(format!("downloading the unit's pixels for the CPU: {e:?}"))
+                })?;
+                Array2::from_shape_vec((ny, nx), host)
+                    .map_err(|e| GpuError::Kernel(format!("the unit's pixels: {e}")))
+            };
+            let host = down(&p.pix).and_then(|pix| {
+                Ok(HostPixels {
+                    key: p.key,
+                    pix,
+                    ivar: down(&p.ivar)?,
+                })
+            });
+            self.host_pixels = Some(host.map_err(|e| self.error(e))?);
+            self.pixel_downloads += 1;
+        }
         let resident = self
             .resident
             .as_ref()
             .and_then(|r| Some((&r.key, r.host.as_ref()?)));
-        let hosted = with_host_spots(batch, resident).map_err(|e| self.error(e))?;
+        let pixels = self.host_pixels.as_ref().filter(|_| self.adopted);
+        let hosted = with_host_spots(batch, resident, pixels).map_err(|e| self.error(e))?;
         if done.iter().all(Option::is_none) && opts.model_image {
             return CpuBackend.extract_batch(&hosted, opts);
         }
@@ -1030,9 +1250,9 @@ mod tests {
         assert_eq!(bits(&on_device.c2.model), bits(&own.c2.model));
         assert_eq!(on_device.info, own.info);
         // And the CPU fallback gets the values back for such a set.
-        let hosted = with_host_spots(&inputs, Some((&key, &toy.set))).unwrap();
+        let hosted = with_host_spots(&inputs, Some((&key, &toy.set)), None).unwrap();
         assert!(hosted.iter().all(|i| std::ptr::eq(i.spots, &toy.set)));
-        assert!(with_host_spots(&inputs, None).is_err());
+        assert!(with_host_spots(&inputs, None, None).is_err());
     }
 
     /// What a layout refuses or falls back from: spots whose values are on the device but
@@ -1261,5 +1481,136 @@ mod tests {
             let cell = std::cell::RefCell::new(&mut backend);
             toy_batch_check(&|batch, opts| cell.borrow_mut().extract_batch(batch, opts).unwrap());
         }
+    }
+
+    /// `unit::twin` places each block's numbers where `assemble` puts the patch's: on a chain
+    /// of twins over a real-PSF-like toy batch, the unit arrays equal the per-patch results.
+    #[test]
+    fn the_unit_twin_places_what_assemble_returns() {
+        let toy = Toy::new();
+        let inputs = toy.inputs(&toy.set);
+        let opts = toy.opts;
+        let out = twin_chain(&inputs, &opts).unwrap();
+        let results = assemble(&inputs, &opts, &out);
+        let (specmin, last) = inputs.iter().fold((usize::MAX, 0), |(a, b), i| {
+            (a.min(i.patch.ispec), b.max(i.patch.ispec + i.patch.nspec))
+        });
+        let nwave = inputs
+            .iter()
+            .map(|i| i.patch.iwave + i.patch.nwave_keep)
+            .max()
+            .unwrap();
+        let shape = UnitShape {
+            specmin,
+            nspec: last - specmin,
+            nwave,
+            nd2: 2 * opts.ndiag + 1,
+        };
+        let place = unit::placement(&inputs, &out.blocks, &shape).unwrap();
+        let dec = out.dec.as_ref().unwrap();
+        let chunk = unit::HostChunk {
+            info: &out.info,
+            status: &dec.status,
+            ncol: dec.ncol,
+            flux: &dec.flux,
+            fluxivar: &dec.fluxivar,
+            resolution: &dec.resolution,
+            chi2pix: &out.c2.chi2pix,
+            pixmask: &out.c2.pixmask,
+            ncmax: out.dims.ncmax,
+            nkmax: out.dims.nkmax,
+        };
+        let mut arrays = shape.part_lens().map(|n| vec![f64::NAN; n]);
+        unit::twin(&place, &chunk, &shape, &mut arrays);
+        let mut checked = 0;
+        for (inp, r) in inputs.iter().zip(&results) {
+            let (p, r) = (
+                &inp.patch,
+                r.as_ref().expect("the toy's patches all factor"),
+            );
+            for c in 0..p.nspec {
+                for j in 0..p.nwave_keep {
+                    let u = (p.ispec - specmin + c) * nwave + p.iwave + j;
+                    assert_eq!(arrays[0][u].to_bits(), r.flux[[c, j]].to_bits());
+                    assert_eq!(arrays[1][u].to_bits(), r.fluxivar[[c, j]].to_bits());
+                    assert_eq!(arrays[3][u].to_bits(), r.chi2pix[[c, j]].to_bits());
+                    assert_eq!(arrays[4][u].to_bits(), r.pixmask_fraction[[c, j]].to_bits());
+                    for d in 0..shape.nd2 {
+                        let v = arrays[2]
+                            [((p.ispec - specmin + c) * shape.nd2 + d) * nwave + p.iwave + j];
+                        assert_eq!(v.to_bits(), r.resolution[[c, d, j]].to_bits());
+                    }
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked > 100, "{checked} cells");
+    }
+
+    /// On a GPU: a frame kept on the device at both ends (pixels adopted under the identity
+    /// of host arrays that hold only zeros, results scattered into the unit's arrays) gives
+    /// the host path's frame bit for bit.
+    #[test]
+    fn a_unit_kept_on_the_device_matches_the_host_path_bit_for_bit() {
+        if let Err(e) = super::super::device::probe() {
+            eprintln!("skipping: no GPU ({e})");
+            return;
+        }
+        let toy = crate::pipeline::frame::tests::ToyFrame::new();
+        let mut gpu = GpuBackend::new(0).expect("GPU backend");
+        let host = toy.extract(&mut gpu);
+        // Stand-ins whose values must never be read: zeros would give another frame.
+        let zeros = Array2::<f64>::zeros(toy.pix.dim());
+        let zeros_ivar = Array2::<f64>::zeros(toy.pix.dim());
+        let key = ResidentPixels::of(zeros.view(), zeros_ivar.view()).unwrap();
+        let st = gpu.gpu.stream.clone();
+        let pixels = DevicePixels {
+            key,
+            pix: st.clone_htod(toy.pix.as_slice().unwrap()).unwrap(),
+            ivar: st.clone_htod(toy.ivar.as_slice().unwrap()).unwrap(),
+        };
+        gpu.adopt_pixels(pixels);
+        let shape = UnitShape {
+            specmin: 0,
+            nspec: toy.plan.nspec,
+            nwave: toy.grid.wave.len(),
+            nd2: 2 * toy.opts.ndiag + 1,
+        };
+        gpu.begin_unit(shape).unwrap();
+        let fr = crate::pipeline::frame::extract_frame(
+            &toy.psf,
+            zeros.view(),
+            zeros_ivar.view(),
+            &toy.grid,
+            &toy.plan,
+            toy.popts.pixpad_frac,
+            &toy.opts,
+            &mut gpu,
+            &mut |_, _| {},
+        )
+        .unwrap();
+        let unit = gpu.take_unit().unwrap().expect("the unit's arrays");
+        let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let flat = |a: &ndarray::Array2<f64>| a.iter().copied().collect::<Vec<_>>();
+        let parts = unit.parts().map(|d| st.clone_dtoh(d).unwrap());
+        assert_eq!(bits(&parts[0]), bits(&flat(&host.flux)));
+        assert_eq!(bits(&parts[1]), bits(&flat(&host.ivar)));
+        assert_eq!(
+            bits(&parts[2]),
+            bits(&host.resolution.iter().copied().collect::<Vec<_>>())
+        );
+        assert_eq!(bits(&parts[3]), bits(&flat(&host.chi2pix)));
+        assert_eq!(bits(&parts[4]), bits(&flat(&host.pixmask_fraction)));
+        assert_eq!(fr.nodata, host.nodata);
+        assert_eq!(
+            (fr.stats.retried, fr.stats.failed),
+            (host.stats.retried, host.stats.failed)
+        );
+        eprintln!(
+            "unit kept on {}: identical to the host path; {} retried, pixels downloaded {} time(s)",
+            gpu.device().name,
+            fr.stats.retried,
+            gpu.pixel_downloads()
+        );
     }
 }

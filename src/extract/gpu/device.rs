@@ -371,7 +371,38 @@ pub fn backend_for(
     compute_index: usize,
     ranks_per_gpu: usize,
 ) -> Result<Box<dyn crate::extract::Backend>, GpuError> {
-    let cpu = || -> Box<dyn crate::extract::Backend> { Box::new(crate::extract::cpu::CpuBackend) };
+    Ok(match engine_for(name, compute_index, ranks_per_gpu)? {
+        Engine::Gpu(b) => b,
+        Engine::Cpu(c) => Box::new(c),
+    })
+}
+
+/// The backend a compute rank runs, held as what it is: the GPU's (whose device the
+/// cuda-aware-mpi path reaches into), or the CPU's.
+pub enum Engine {
+    /// The GPU backend.
+    Gpu(Box<super::backend::GpuBackend>),
+    /// The CPU backend.
+    Cpu(crate::extract::cpu::CpuBackend),
+}
+
+impl Engine {
+    /// As a backend.
+    pub fn backend(&mut self) -> &mut dyn crate::extract::Backend {
+        match self {
+            Engine::Gpu(b) => b.as_mut(),
+            Engine::Cpu(c) => c,
+        }
+    }
+}
+
+/// [`backend_for`]'s choice, as an [`Engine`].
+pub fn engine_for(
+    name: &str,
+    compute_index: usize,
+    ranks_per_gpu: usize,
+) -> Result<Engine, GpuError> {
+    let cpu = || Engine::Cpu(crate::extract::cpu::CpuBackend);
     match name {
         "gpu" => {}
         "auto" if matches!(choose("auto")?, Choice::Gpu(_)) => {}
@@ -385,7 +416,7 @@ pub fn backend_for(
                 "compute rank {compute_index}: GPU {ordinal} ({})",
                 b.device().name
             );
-            Ok(Box::new(b))
+            Ok(Engine::Gpu(Box::new(b)))
         }
         Err(e) if name == "auto" => {
             tracing::warn!(

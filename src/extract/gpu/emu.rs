@@ -1455,3 +1455,108 @@ mod spots_cu {
         }
     }
 }
+
+mod unit_cu {
+    //! unit.cu against `unit::twin`, bit for bit, on a chunk whose blocks include a patch that
+    //! did not factor and a block that did not decorrelate (both left alone), a short last
+    //! patch, and unit cells that no block covers (left as they were: NaN here).
+    use super::super::unit::{twin, HostChunk, UnitShape, SCATTER_THREADS};
+    use super::*;
+
+    #[test]
+    fn unit_cu_matches_its_twin_bit_for_bit() {
+        let Some(tc) = toolchain_or_skip() else {
+            return;
+        };
+        let prog = Program::kernel_file(tc, "unit.cu", |s| s).unwrap();
+        let (npatch, ncmax, nkmax, ncol, nd2) = (4usize, 3usize, 8usize, 9usize, 3usize);
+        let shape = UnitShape {
+            specmin: 40,
+            nspec: 9,
+            nwave: 30,
+            nd2,
+        };
+        // Patch b: fibers 3·(b % 3).., bins 10·(b / 3).., 8 kept bins (5 for the last).
+        let mut place = Vec::new();
+        for b in 0..npatch {
+            for c in 0..ncmax {
+                let nk = if b == npatch - 1 { 5 } else { 8 };
+                place.extend([b, c, 3 * (b % 3) + c, 10 * (b / 3), nk].map(|v| v as i32));
+            }
+        }
+        let nblock = place.len() / 5;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        let mut random = |n: usize| {
+            (0..n)
+                .map(|_| rng.gen_range(-2.0..2.0))
+                .collect::<Vec<f64>>()
+        };
+        let info = vec![0, 1, 0, 0];
+        let mut status = vec![0; nblock];
+        status[7] = 2;
+        let (flux, fluxivar) = (random(nblock * ncol), random(nblock * ncol));
+        let resolution = random(nblock * nd2 * ncol);
+        let (chi2pix, pixmask) = (
+            random(npatch * ncmax * nkmax),
+            random(npatch * ncmax * nkmax),
+        );
+        let lens = shape.part_lens();
+        let l = Launch {
+            kernel: "unit_scatter",
+            grid: (nblock as u32, 1, 1),
+            block: (SCATTER_THREADS, 1, 1),
+            smem: 0,
+            args: vec![
+                int(nblock),
+                int(ncol),
+                int(nd2),
+                int(shape.nwave),
+                int(ncmax),
+                int(nkmax),
+                i32s(&place),
+                i32s(&info),
+                i32s(&status),
+                f64s(&flux),
+                f64s(&fluxivar),
+                f64s(&resolution),
+                f64s(&chi2pix),
+                f64s(&pixmask),
+                nan(lens[0]),
+                nan(lens[1]),
+                nan(lens[2]),
+                nan(lens[3]),
+                nan(lens[4]),
+            ],
+        };
+        let out = prog.run(&l, LAUNCH_TIMEOUT).unwrap();
+        let chunk = HostChunk {
+            info: &info,
+            status: &status,
+            ncol,
+            flux: &flux,
+            fluxivar: &fluxivar,
+            resolution: &resolution,
+            chi2pix: &chi2pix,
+            pixmask: &pixmask,
+            ncmax,
+            nkmax,
+        };
+        let mut want = lens.map(|n| vec![f64::NAN; n]);
+        twin(&place, &chunk, &shape, &mut want);
+        let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let mut written = 0;
+        for (i, w) in want.iter().enumerate() {
+            let got = out.f64s(14 + i);
+            assert_eq!(bits(&got), bits(w), "array {i}");
+            written += w.iter().filter(|v| !v.is_nan()).count();
+        }
+        // Patch 1 did not factor and block 7 (patch 2, fiber 1) did not decorrelate; patch 3
+        // keeps 5 bins; the rest 8: (2·3 − 1)·8 + 3·5 cells of each of the four arrays, nd2
+        // times as many of the resolution.
+        let cells = 5 * 8 + 3 * 5;
+        assert_eq!(written, cells * (4 + nd2));
+        eprintln!(
+            "unit.cu (emulated) vs twin: {nblock} blocks, {written} values written, identical"
+        );
+    }
+}

@@ -5,7 +5,8 @@
 //! One module per stage (`spots`, `normal`, `solve`, `decorrelate`, `chi2`), each with its
 //! launcher and a host twin that mirrors the kernel so that its logic is tested against the CPU
 //! backend on machines without a GPU; `backend` chains them into [`backend::GpuBackend`];
-//! `cost` counts each stage's flops and bytes for the floor a card sets; `choice` times the
+//! `cost` counts each stage's flops and bytes for the floor a card sets; `unit` gathers a work
+//! unit's results on the device for the cuda-aware-mpi build; `choice` times the
 //! library alternatives at the real sizes; `ptx` compiles the embedded kernels with NVRTC and
 //! caches their machine code; `device` finds devices, binds compute ranks to them, stages
 //! uploads through page-locked memory and resolves `--backend`. In the tests, `emu` runs the
@@ -27,6 +28,7 @@ pub mod ptx;
 mod scene;
 pub mod solve;
 pub mod spots;
+pub mod unit;
 
 /// Why the GPU cannot be used, or what went wrong on it.
 #[derive(Debug, Clone, thiserror::Error)]

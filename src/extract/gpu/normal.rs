@@ -153,7 +153,7 @@ impl ResidentPixels {
 
     /// The offset of `inp`'s window in the arrays, when its views are slices of them (same
     /// address offset in both, rows `ld` apart, wholly inside).
-    fn offset_of(&self, inp: &PatchInput<'_>) -> Option<usize> {
+    pub fn offset_of(&self, inp: &PatchInput<'_>) -> Option<usize> {
         let ld = self.ncols as isize;
         let (wny, wnx) = inp.pix.dim();
         if wny == 0 || wnx == 0 || inp.pix.strides() != [ld, 1] || inp.ivar.strides() != [ld, 1] {
