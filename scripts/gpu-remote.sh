@@ -213,6 +213,13 @@ if want sanitizer && [ -n "$sanitizer" ]; then
         --print-limit 20 "$stage/bin/spextract" extract "${b00[@]}" --backend gpu \
         -o "$scratch/frame-b00-memcheck.fits"
 fi
+# ... and the unit kept on the device (unit.cu, adopted pixels), the cuda-aware path's kernel.
+if { want sanitizer || want mpi; } && [ -n "$sanitizer" ]; then
+    step sanitizer.log 90 "the unit-on-device GPU test under compute-sanitizer memcheck" \
+        env "LD_LIBRARY_PATH=$libpath" "$sanitizer" --tool memcheck --error-exitcode 3 \
+        --print-limit 20 "$stage/bin/spextract-lib-tests" a_unit_kept_on_the_device \
+        --nocapture --test-threads=1
+fi
 
 # --- CUDA-aware MPI (issue 11): the same list of frames through the host-staged and the
 # cuda-aware-mpi build, both under the staged CUDA-aware Open MPI ---
