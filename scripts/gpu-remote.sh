@@ -233,6 +233,7 @@ if want mpi && [ -x "$ca_bin" ] && [ -f "$stage/ompi.tar.gz" ]; then
     mpilib=$ompi/lib:$libpath
     mpirun=(env "LD_LIBRARY_PATH=$mpilib" "PATH=$ompi/bin:$PATH" "$ompi/bin/mpirun" --bind-to none
         -x LD_LIBRARY_PATH -x OPAL_PREFIX -x OPENBLAS_NUM_THREADS -x SPEXTRACT_PTX_CACHE -x NO_COLOR)
+    { echo "== Open MPI parameters from the environment:"; env | grep '^OMPI_MCA_' | sort; } >>"$out/mpi.log"
     step mpi.log 20 "ompi_info: the staged Open MPI's CUDA support" \
         bash -c 'LD_LIBRARY_PATH=$1 "$2/bin/ompi_info" --parsable --all | grep -E "mpi_built_with_cuda_support:value|ompi:version:full"' \
         _ "$mpilib" "$ompi"
