@@ -1053,7 +1053,14 @@ fn run_rank(
                 summaries.len(),
                 nranks,
             ));
-            std::thread::sleep(Duration::from_micros(200));
+            if flushed {
+                std::thread::sleep(Duration::from_micros(200));
+            } else {
+                // Sends in flight: a large one to a device buffer travels in fragments that
+                // each wait for this rank's next MPI call, so keep calling (flush) instead of
+                // sleeping between them.
+                std::thread::yield_now();
+            }
         }
     }
     if rank != 0 {
