@@ -331,6 +331,16 @@ pub fn summary_text(r: &crate::pipeline::report::RunReport) -> String {
             t.peak_rss_mib
         );
     }
+    let (device, downloaded): (usize, usize) = r.roles.iter().fold((0, 0), |(a, b), t| {
+        (a + t.device_units, b + t.pixel_downloads)
+    });
+    if device > 0 {
+        let _ = writeln!(
+            s,
+            "CUDA-aware MPI: {device} unit(s) received into GPU memory; {downloaded} of them \
+             downloaded to the host for CPU retries"
+        );
+    }
     if !r.failures.is_empty() {
         let _ = writeln!(s, "failed frames:");
         for fl in &r.failures {

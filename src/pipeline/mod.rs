@@ -1,5 +1,7 @@
 //! Frames to spectra at scale: one frame in memory (`frame`), the list of frames a run must
-//! do (`frames`), the process environment (`env`), and the end-of-run summary (`report`).
+//! do (`frames`), the process environment (`env`), work units (`unit`), the ranks and their
+//! messages (`run`, `comm`; `device_path` in the cuda-aware-mpi build, where a GPU rank's
+//! units travel in device memory), and the end-of-run summary (`report`).
 
 pub mod comm;
 #[cfg(feature = "cuda-aware-mpi")]

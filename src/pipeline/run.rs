@@ -293,13 +293,18 @@ pub fn execute(opts: &RunOptions, stop: &StopSignal) -> Result<Option<RunReport>
         // take them would read device addresses as host memory, so refuse before any work.
         if cfg!(feature = "cuda-aware-mpi") && super::env::mpi_is_cuda_aware() != Some(true) {
             let why = match super::env::mpi_is_cuda_aware() {
-                Some(_) => "MPIX_Query_cuda_support() says this MPI library is not CUDA-aware",
-                None => "this MPI library cannot say whether it is CUDA-aware (no MPIX_Query_cuda_support)",
+                Some(_) => "MPIX_Query_cuda_support() says it is not CUDA-aware",
+                None => "it cannot say whether it is CUDA-aware (no MPIX_Query_cuda_support)",
             };
+            let library = mpi::environment::library_version()
+                .map(|v| v.lines().next().unwrap_or("").trim().to_string())
+                .unwrap_or_else(|_| "MPI_Get_library_version failed".into());
             bail!(
-                "spextract was built with --features cuda-aware-mpi but {why}; rebuild without \
-                 the feature (host-staged transfers) or load a CUDA-aware MPI (spextract doctor \
-                 reports it)"
+                "spextract was built with --features cuda-aware-mpi but the MPI library it runs \
+                 with ({library}) is not usable for it: {why}. Rebuild without the feature \
+                 (host-staged transfers), or run with a CUDA-aware MPI, such as the Open MPI \
+                 that scripts/build-cuda-aware-ompi.sh builds (spextract doctor reports what \
+                 the MPI says)"
             );
         }
         let layout = mpi_layout(&world, opts);

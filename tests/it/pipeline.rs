@@ -83,6 +83,20 @@ fn run_pipeline(launcher: Option<usize>, args: &[&dyn AsRef<std::ffi::OsStr>]) -
 }
 
 fn have_mpirun() -> bool {
+    // A cuda-aware-mpi build refuses an MPI that is not CUDA-aware (tested below), so its
+    // multi-rank runs need one: say so with SPEXTRACT_CUDA_AWARE_MPI=1, its mpirun first on PATH.
+    if cfg!(feature = "cuda-aware-mpi") && std::env::var_os("SPEXTRACT_CUDA_AWARE_MPI").is_none() {
+        eprintln!(
+            "skipping: this cuda-aware-mpi build runs under a CUDA-aware MPI only (set \
+             SPEXTRACT_CUDA_AWARE_MPI=1 with one on PATH: scripts/build-cuda-aware-ompi.sh)"
+        );
+        return false;
+    }
+    mpirun_runs()
+}
+
+/// Whether `mpirun` runs here (a failure when CI requires it).
+fn mpirun_runs() -> bool {
     let ok = Command::new("mpirun")
         .arg("--version")
         .stdout(Stdio::null())
@@ -215,6 +229,37 @@ fn one_process_and_1_3_5_ranks_write_the_single_frame_results_bit_for_bit() {
             .sum();
         assert_eq!(units, 6, "{log}");
     }
+}
+
+/// A cuda-aware-mpi build under an MPI that is not CUDA-aware refuses to start before any
+/// work, naming the MPI library and the fix, instead of handing it device memory.
+#[cfg(feature = "cuda-aware-mpi")]
+#[test]
+fn a_cuda_aware_build_refuses_an_mpi_that_is_not() {
+    if std::env::var_os("SPEXTRACT_CUDA_AWARE_MPI").is_some() {
+        eprintln!("skipping: SPEXTRACT_CUDA_AWARE_MPI says the MPI here is CUDA-aware");
+        return;
+    }
+    if !mpirun_runs() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let psf = two_bundle_psf(d);
+    let list = frames(d, &psf, 1);
+    let cfg = config(d);
+    let (code, log) = run_pipeline(Some(2), &[&"--frames", &list, &"--config", &cfg]);
+    assert_ne!(code, 0, "{log}");
+    assert!(
+        log.contains("built with --features cuda-aware-mpi"),
+        "{log}"
+    );
+    assert!(
+        log.contains("Open MPI") || log.contains("MPICH"),
+        "names the library:\n{log}"
+    );
+    assert!(log.contains("scripts/build-cuda-aware-ompi.sh"), "{log}");
+    assert!(!d.join("out/frame-1.fits").exists(), "no frame is written");
 }
 
 #[test]

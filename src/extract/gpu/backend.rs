@@ -656,16 +656,13 @@ impl GpuBackend {
         let on_device = match self.unit.as_mut() {
             Some(u) => {
                 let place = unit::placement(chunk, &ids, &u.shape)?;
-                unit::scatter(
-                    gpu,
-                    &self.unit_kernels,
-                    &place,
-                    &sol.info,
-                    &d,
-                    &c2,
-                    &dims,
-                    u,
-                )?;
+                let outputs = unit::ChunkOutputs {
+                    info: &sol.info,
+                    dec: &d,
+                    chi2: &c2,
+                    dims: &dims,
+                };
+                unit::scatter(gpu, &self.unit_kernels, &place, &outputs, u)?;
                 StageClock::mark(&mut marks, gpu, "unit")?;
                 true
             }
@@ -918,7 +915,7 @@ impl Backend for GpuBackend {
             let done = self.device_batch(batch, opts).map_err(|e| self.error(e))?;
             self.cpu_batch(batch, opts, Some(done))?
         };
-        self.to_unit(batch, results)
+        self.keep_on_device(batch, results)
     }
 
     fn evaluate_spots(
@@ -1008,7 +1005,7 @@ impl Backend for GpuBackend {
 impl GpuBackend {
     /// In unit mode, the host results (the CPU's) uploaded over their patches' cells, and every
     /// result marked as on the device; otherwise `results` as they are.
-    fn to_unit(
+    fn keep_on_device(
         &mut self,
         batch: &[PatchInput<'_>],
         results: Vec<PatchResult>,

@@ -250,22 +250,32 @@ impl Kernels {
     }
 }
 
+/// A chunk's outputs on the device that `unit_scatter` reads.
+pub struct ChunkOutputs<'a> {
+    /// potrf's info per patch.
+    pub info: &'a CudaSlice<i32>,
+    /// The decorrelation's outputs.
+    pub dec: &'a DecorrBatch,
+    /// The chi2 stage's outputs.
+    pub chi2: &'a Chi2Batch,
+    /// Their slot layout.
+    pub dims: &'a Chi2Layout,
+}
+
 /// Queues `unit_scatter` for a chunk: its blocks (`place`, from [`placement`]) read from the
-/// decorrelation `d` and chi2 `c2` outputs (laid out by `dims`), gated by `info`, into `unit`.
+/// chunk's outputs, gated by potrf's info and the decorrelation's status, into `unit`.
 pub fn scatter(
     gpu: &Gpu,
     kernels: &Kernels,
     place: &[i32],
-    info: &CudaSlice<i32>,
-    d: &DecorrBatch,
-    c2: &Chi2Batch,
-    dims: &Chi2Layout,
+    chunk: &ChunkOutputs<'_>,
     unit: &mut DeviceUnit,
 ) -> Result<(), GpuError> {
+    let (info, d, c2, dims) = (chunk.info, chunk.dec, chunk.chi2, chunk.dims);
     let nblock = place.len() / 5;
     let s = unit.shape;
     let nslot = dims.npatch * dims.slots();
-    if place.len() % 5 != 0
+    if !place.len().is_multiple_of(5)
         || nblock != d.nblock
         || d.nd2 != s.nd2
         || info.len() != dims.npatch
