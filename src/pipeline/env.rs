@@ -227,6 +227,105 @@ pub fn mpi_is_cuda_aware() -> Option<bool> {
     mpix_query_cuda_support().map(|q| unsafe { q() } != 0)
 }
 
+// ---------------------------------------------------------------------------------------------
+// Facts for `spextract doctor`: what the MPI library says of itself, MPI initialised for a
+// report, the free space of a folder and the environment the process started with. Here so
+// that the cli calls no MPI or libc function itself.
+
+/// The thread levels of MPI_Init_thread, as rsmpi names them.
+pub use mpi::Threading;
+
+/// The MPI library's description of itself (`MPI_Get_library_version`, callable before
+/// MPI_Init), or why it cannot be read.
+pub fn mpi_library_version() -> Result<String, String> {
+    mpi::environment::library_version().map_err(|e| e.to_string())
+}
+
+/// The MPI standard the library implements (`MPI_Get_version`), as (major, minor).
+pub fn mpi_standard() -> (i32, i32) {
+    mpi::environment::version()
+}
+
+/// MPI initialised as `extract` initialises it, so that a report sees the thread level a run
+/// would get. Dropping it finalises MPI.
+pub struct MpiSession {
+    universe: mpi::environment::Universe,
+    /// The thread level the library granted (extract asks for MPI_THREAD_FUNNELED).
+    pub threading: Threading,
+}
+
+impl MpiSession {
+    /// Initialises MPI asking for MPI_THREAD_FUNNELED; None when it was already initialised.
+    pub fn init_funneled() -> Option<MpiSession> {
+        mpi::initialize_with_threading(Threading::Funneled).map(|(universe, threading)| {
+            MpiSession {
+                universe,
+                threading,
+            }
+        })
+    }
+
+    /// This process's rank in the world.
+    pub fn rank(&self) -> usize {
+        use mpi::traits::Communicator;
+        usize::try_from(self.universe.world().rank()).unwrap_or(0)
+    }
+
+    /// Every rank's hostname, in rank order (collective: every rank must call it).
+    pub fn hostnames(&self) -> Vec<String> {
+        use mpi::traits::{Communicator, CommunicatorCollectives};
+        // Fixed-width records keep the gather a single collective; MPI_MAX_PROCESSOR_NAME is
+        // 256 in Open MPI and 128 in MPICH, so nothing is cut.
+        const WIDTH: usize = 256;
+        let world = self.universe.world();
+        let name = mpi::environment::processor_name().unwrap_or_else(|_| "unnamed".to_string());
+        let mut mine = [0u8; WIDTH];
+        let n = name.len().min(WIDTH);
+        mine[..n].copy_from_slice(&name.as_bytes()[..n]);
+        let mut all = vec![0u8; WIDTH * world.size() as usize];
+        world.all_gather_into(&mine[..], &mut all[..]);
+        all.chunks(WIDTH)
+            .map(|c| {
+                let end = c.iter().position(|&b| b == 0).unwrap_or(c.len());
+                String::from_utf8_lossy(&c[..end]).into_owned()
+            })
+            .collect()
+    }
+}
+
+/// Bytes free to this user on the file system holding `dir` (quotas not included).
+pub fn free_bytes(dir: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `path` is NUL-terminated and outlives the call; `st` is writable memory of the
+    // struct's size, which statvfs fills when it returns 0.
+    if unsafe { libc::statvfs(path.as_ptr(), st.as_mut_ptr()) } != 0 {
+        return None;
+    }
+    // SAFETY: statvfs returned 0, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    // The field widths differ between platforms; u128 holds the product on all of them.
+    Some((st.f_bavail as u128 * st.f_frsize as u128).min(u64::MAX as u128) as u64)
+}
+
+/// A variable as this process started with it. `main` sets the unset BLAS thread variables
+/// to 1 ([`pin_blas_threads`]) before any subcommand runs, and doctor reports what the user
+/// set; Linux keeps the starting environment in /proc/self/environ, which setenv does not
+/// touch.
+pub fn initial_var(name: &str) -> Option<String> {
+    let Ok(environ) = std::fs::read("/proc/self/environ") else {
+        return std::env::var(name).ok();
+    };
+    environ.split(|&b| b == 0).find_map(|entry| {
+        let value = entry.strip_prefix(name.as_bytes())?.strip_prefix(b"=")?;
+        Some(String::from_utf8_lossy(value).into_owned())
+    })
+}
+
+// End of the facts for `spextract doctor`.
+// ---------------------------------------------------------------------------------------------
+
 #[cfg(test)]
 mod tests {
     use super::*;

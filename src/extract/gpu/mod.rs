@@ -22,6 +22,7 @@ pub mod decorrelate;
 pub mod device;
 #[cfg(test)]
 mod emu;
+pub mod facts;
 pub mod normal;
 pub mod ptx;
 #[cfg(test)]

@@ -1,0 +1,142 @@
+//! Gathering the GPU facts: the driver, the devices and the CUDA libraries, read through
+//! `extract::gpu::device` (which reads each device's properties without creating a context on
+//! it) and `extract::gpu::facts`, with cudarc's panics on a missing library turned into
+//! findings. Imports those two modules and the probe type of `gpu`; calls no CUDA function
+//! itself.
+
+use super::cuda_libs::CudaLib;
+use super::gpu::{GpuDevice, GpuProbe};
+use crate::extract::gpu::device::{self, DeviceInfo};
+use crate::extract::gpu::{facts, GpuError};
+
+/// Runs `f`, turning a panic into an error without printing it: cudarc panics when a library
+/// or symbol it loads lazily is missing, and doctor reports that as a finding instead.
+fn catch_quietly<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe) -> Result<T, String> {
+    // Swapping the process-wide hook is safe here: doctor runs no other Rust threads.
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = std::panic::catch_unwind(f);
+    std::panic::set_hook(hook);
+    result.map_err(|payload| {
+        payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "a panic without a message".to_string())
+    })
+}
+
+/// What the driver shows, read through `extract::gpu::device`, which reads each device's
+/// properties without creating a context on it.
+pub(super) fn probe_gpus() -> GpuProbe {
+    if catch_quietly(device::driver_present) != Ok(true) {
+        return GpuProbe::NoDriver;
+    }
+    let driver = catch_quietly(device::driver_version).ok().flatten();
+    let probed = catch_quietly(device::probe).unwrap_or_else(|e| Err(GpuError::Library(e)));
+    probe_from(driver, probed, || {
+        catch_quietly(facts::cuda_libraries).unwrap_or_default()
+    })
+}
+
+/// [`device::probe`]'s answer as a [`GpuProbe`]; `libs` is asked only when there are devices.
+/// The probe tells "no GPU" apart from a failing driver only in its message: the driver's
+/// CUDA_ERROR_NO_DEVICE, or a count of none.
+fn probe_from(
+    driver: Option<(i32, i32)>,
+    probed: Result<Vec<DeviceInfo>, GpuError>,
+    libs: impl FnOnce() -> Vec<CudaLib>,
+) -> GpuProbe {
+    match probed {
+        Ok(devices) if devices.is_empty() => GpuProbe::NoDevice { driver },
+        Ok(devices) => GpuProbe::Devices {
+            driver,
+            devices: devices
+                .into_iter()
+                .map(|d| {
+                    Ok(GpuDevice {
+                        name: d.name,
+                        capability: d.arch,
+                        total: d.total_mem as u64,
+                        // Free memory is a context's to read, and doctor creates none.
+                        free: None,
+                    })
+                })
+                .collect(),
+            libs: libs(),
+        },
+        Err(GpuError::NoDevice(m))
+            if m.contains("CUDA_ERROR_NO_DEVICE") || m.contains("sees no GPU") =>
+        {
+            GpuProbe::NoDevice { driver }
+        }
+        Err(e) => GpuProbe::DriverFailed {
+            driver,
+            error: e.to_string(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lib(name: &'static str, present: bool, version: (i32, i32)) -> CudaLib {
+        CudaLib {
+            name,
+            file: "libx.so",
+            present,
+            version: present.then_some(version),
+            path: None,
+        }
+    }
+
+    #[test]
+    fn the_device_probe_is_read_as_doctor_reports_it() {
+        let no_libs = || -> Vec<CudaLib> { panic!("libraries asked without devices") };
+        let h100 = DeviceInfo {
+            ordinal: 0,
+            name: "NVIDIA H100 80GB HBM3".to_string(),
+            arch: (9, 0),
+            total_mem: 80 << 30,
+        };
+        let p = probe_from(Some((13, 0)), Ok(vec![h100]), || {
+            vec![lib("NVRTC", true, (13, 0))]
+        });
+        let GpuProbe::Devices { devices, libs, .. } = &p else {
+            panic!("{p:?}");
+        };
+        assert_eq!(devices.len(), 1);
+        assert_eq!(libs.len(), 1);
+        let d = devices[0].as_ref().unwrap();
+        assert_eq!((d.capability, d.total, d.free), ((9, 0), 80 << 30, None));
+        for no_gpu in [
+            "the CUDA driver does not start: DriverError(CUDA_ERROR_NO_DEVICE)",
+            "the CUDA driver sees no GPU (check CUDA_VISIBLE_DEVICES and Slurm's --gpus)",
+        ] {
+            let p = probe_from(None, Err(GpuError::NoDevice(no_gpu.into())), no_libs);
+            assert_eq!(p, GpuProbe::NoDevice { driver: None }, "{no_gpu}");
+        }
+        let p = probe_from(
+            Some((12, 4)),
+            Err(GpuError::NoDevice(
+                "the CUDA driver does not start: DriverError(CUDA_ERROR_UNKNOWN)".into(),
+            )),
+            no_libs,
+        );
+        assert_eq!(
+            p,
+            GpuProbe::DriverFailed {
+                driver: Some((12, 4)),
+                error: "the CUDA driver does not start: DriverError(CUDA_ERROR_UNKNOWN)".into()
+            }
+        );
+    }
+
+    #[test]
+    fn panics_become_errors() {
+        assert_eq!(catch_quietly(|| 7), Ok(7));
+        let err = catch_quietly(|| -> i32 { panic!("no libcuda {}", 1) });
+        assert_eq!(err, Err("no libcuda 1".to_string()));
+    }
+}
