@@ -64,3 +64,15 @@ pub(super) fn cuda_lib_findings(libs: &[CudaLib], driver: Option<(i32, i32)>) ->
     }
     out
 }
+
+/// A library for the tests of the GPU findings, of the given presence and version.
+#[cfg(test)]
+pub(super) fn lib(name: &'static str, present: bool, version: (i32, i32)) -> CudaLib {
+    CudaLib {
+        name,
+        file: "libx.so",
+        present,
+        version: present.then_some(version),
+        path: None,
+    }
+}

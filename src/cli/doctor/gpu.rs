@@ -201,6 +201,7 @@ pub(super) fn gpu_findings(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cli::doctor::cuda_libs::lib;
     use crate::cli::doctor::{statuses, with_status, Status};
 
     fn device(free_gib: u64) -> Result<GpuDevice, String> {
@@ -210,16 +211,6 @@ mod tests {
             total: 80 << 30,
             free: Some(free_gib << 30),
         })
-    }
-
-    fn lib(name: &'static str, present: bool, version: (i32, i32)) -> CudaLib {
-        CudaLib {
-            name,
-            file: "libx.so",
-            present,
-            version: present.then_some(version),
-            path: None,
-        }
     }
 
     #[test]

@@ -80,16 +80,7 @@ fn probe_from(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn lib(name: &'static str, present: bool, version: (i32, i32)) -> CudaLib {
-        CudaLib {
-            name,
-            file: "libx.so",
-            present,
-            version: present.then_some(version),
-            path: None,
-        }
-    }
+    use crate::cli::doctor::cuda_libs::lib;
 
     #[test]
     fn the_device_probe_is_read_as_doctor_reports_it() {
