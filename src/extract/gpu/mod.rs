@@ -20,14 +20,12 @@ pub mod choice;
 pub mod cost;
 pub mod decorrelate;
 pub mod device;
-#[cfg(test)]
-mod emu;
 pub mod normal;
 pub mod ptx;
-#[cfg(test)]
-mod scene;
 pub mod solve;
 pub mod spots;
+#[cfg(test)]
+mod twins;
 pub mod unit;
 
 /// Why the GPU cannot be used, or what went wrong on it.
