@@ -36,7 +36,6 @@ use cudarc::driver::{
 };
 use ndarray::{Array2, ArrayView2};
 
-use super::cost::STAGES;
 use super::decorrelate::{
     self as decor, Block, DecorrLayout, EigenRoute, HostDecorr, Status, MAX_SWEEPS,
 };
@@ -51,6 +50,18 @@ use super::{chi2, GpuError};
 use crate::extract::cpu::{self, CpuBackend, DIAG_EPSILON};
 use crate::extract::{Backend, ExtractError, ExtractOptions, PatchInfo, PatchInput, PatchResult};
 use crate::psf::{Psf, SpotSet};
+
+/// The stages, in the order the backend runs them; its measured times are keyed by these
+/// names.
+pub const STAGES: [&str; 7] = [
+    "h2d",
+    "spots",
+    "normal",
+    "solve",
+    "decorrelate",
+    "chi2",
+    "d2h",
+];
 
 /// The per-patch outputs of a chain, wherever it ran.
 pub(super) struct ChainOutputs {
@@ -67,7 +78,7 @@ pub(super) struct ChainOutputs {
 
 /// The decorrelation blocks of the patches whose factorisation succeeded: `(patch, core
 /// fiber)` of each, and their layout over the solve stage's buffers.
-pub(super) fn blocks_of(
+pub(crate) fn blocks_of(
     batch: &[PatchInput<'_>],
     sol_info: &[i32],
     nmax: usize,
@@ -256,7 +267,7 @@ impl StageClock {
         let ev = gpu
             .stream
             .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-            .map_err(|e| GpuError::Cuda(format!("recording an event: {e:?}")))?;
+            .map_err(|e| GpuError::driver("recording an event", e))?;
         marks.push((stage, ev));
         Ok(())
     }
@@ -267,7 +278,7 @@ impl StageClock {
             let ms = w[0]
                 .1
                 .elapsed_ms(&w[1].1)
-                .map_err(|e| GpuError::Cuda(format!("reading an event: {e:?}")))?;
+                .map_err(|e| GpuError::driver("reading an event", e))?;
             if let Some(i) = STAGES.iter().position(|s| *s == w[1].0) {
                 self.totals[i] += f64::from(ms) / 1e3;
             }
@@ -309,7 +320,7 @@ impl<T: DeviceRepr + ValidAsZeroBits + Copy> Pinned<T> {
 
     /// Queues the copy of `src` into the buffer on `gpu`'s stream.
     fn download(&mut self, gpu: &Gpu, src: &CudaSlice<T>) -> Result<(), GpuError> {
-        let cuda = |e: cudarc::driver::DriverError| GpuError::Cuda(format!("results: {e:?}"));
+        let cuda = |e: cudarc::driver::DriverError| GpuError::driver("results", e);
         if self.buf.as_ref().is_none_or(|b| b.len() < src.len()) {
             // Freed first (after its last copy: the drop waits for it), then a quarter more
             // than asked, so that chunks of slightly different sizes do not reallocate.
@@ -335,7 +346,7 @@ impl<T: DeviceRepr + ValidAsZeroBits + Copy> Pinned<T> {
             .ok_or_else(|| GpuError::Kernel(format!("results: {len} values were not copied")))?;
         let all = buf
             .as_slice()
-            .map_err(|e| GpuError::Cuda(format!("waiting for results: {e:?}")))?;
+            .map_err(|e| GpuError::driver("waiting for results", e))?;
         Ok(all[..len].to_vec())
     }
 }
@@ -512,7 +523,7 @@ impl GpuBackend {
         self.gpu
             .stream
             .synchronize()
-            .map_err(|e| self.error(GpuError::Cuda(format!("finishing the unit: {e:?}"))))?;
+            .map_err(|e| self.error(GpuError::driver("finishing the unit", e)))?;
         Ok(self.unit.take())
     }
 
@@ -661,7 +672,7 @@ impl GpuBackend {
         lane.gpu
             .stream
             .synchronize()
-            .map_err(|e| GpuError::Cuda(format!("waiting for a chunk: {e:?}")))?;
+            .map_err(|e| GpuError::driver("waiting for a chunk", e))?;
         let (nb, ncol) = (q.nblock, q.ncol);
         solve::check_potrs_info(lane.potrs.read(1)?[0])?;
         let info = lane.info.read(q.npatch)?;
@@ -794,7 +805,7 @@ pub(super) fn schedule<C: Chunks>(
                 flight.push_back(q);
                 next += 1;
             }
-            Err(e) if e.is_out_of_memory() && range.len() > 1 => {
+            Err(GpuError::OutOfMemory { .. }) if range.len() > 1 => {
                 c.settle(lane)?;
                 while let Some(q) = flight.pop_front() {
                     c.collect(q)?;
@@ -843,7 +854,7 @@ impl Chunks for DeviceChunks<'_, '_> {
             .gpu
             .stream
             .synchronize()
-            .map_err(|e| GpuError::Cuda(format!("waiting for lane {lane} after an error: {e:?}")))
+            .map_err(|e| GpuError::driver(format!("waiting for lane {lane} after an error"), e))
     }
 
     fn collect(&mut self, q: Queued) -> Result<(), GpuError> {
@@ -1028,7 +1039,7 @@ impl GpuBackend {
             let (ny, nx) = (p.key.len() / p.key.ld(), p.key.ld());
             let down = |v: &CudaSlice<f64>| -> Result<Array2<f64>, GpuError> {
                 let host = self.gpu.stream.clone_dtoh(v).map_err(|e| {
-                    GpuError::Cuda(format!("downloading the unit's pixels for the CPU: {e:?}"))
+                    GpuError::driver("downloading the unit's pixels for the CPU", e)
                 })?;
                 Array2::from_shape_vec((ny, nx), host)
                     .map_err(|e| GpuError::Kernel(format!("the unit's pixels: {e}")))

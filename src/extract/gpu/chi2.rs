@@ -47,7 +47,7 @@ fn bad(msg: String) -> GpuError {
 }
 
 pub(super) fn cuda(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> GpuError {
-    move |e| GpuError::Cuda(format!("chi2: {what}: {e:?}"))
+    move |e| GpuError::driver(format!("chi2: {what}"), e)
 }
 
 /// The per-patch sizes the chi2 kernels need beyond [`BatchLayout`], flattened (host side;

@@ -45,7 +45,7 @@ fn bad(msg: String) -> GpuError {
 }
 
 pub(super) fn cuda(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> GpuError {
-    move |e| GpuError::Cuda(format!("decorrelation: {what}: {e:?}"))
+    move |e| GpuError::driver(format!("decorrelation: {what}"), e)
 }
 
 /// Where the decorrelation takes each block's eigenpairs from.

@@ -40,7 +40,7 @@ fn bad(msg: String) -> GpuError {
 }
 
 pub(super) fn cuda(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> GpuError {
-    move |e| GpuError::Cuda(format!("normal equations: {what}: {e:?}"))
+    move |e| GpuError::driver(format!("normal equations: {what}"), e)
 }
 
 /// A batch flattened into the kernels' input arrays (host-side; uploaded by

@@ -90,7 +90,7 @@ pub(super) fn bad(msg: String) -> GpuError {
 }
 
 pub(super) fn cuda(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> GpuError {
-    move |e| GpuError::Cuda(format!("batched solve: {what}: {e:?}"))
+    move |e| GpuError::driver(format!("batched solve: {what}"), e)
 }
 
 fn int(v: usize, what: &str) -> Result<c_int, GpuError> {
@@ -380,7 +380,7 @@ impl SolveBatch {
 /// bad patch).
 pub fn check_potrs_info(info: i32) -> Result<(), GpuError> {
     if info != 0 {
-        return Err(GpuError::Cuda(format!(
+        return Err(GpuError::Refused(format!(
             "cusolverDnDpotrsBatched: argument {} is invalid",
             -info
         )));
@@ -464,19 +464,11 @@ pub fn check_libraries() -> Result<(), GpuError> {
 }
 
 fn blas_ok(routine: &str, s: cublas::cublasStatus_t) -> Result<(), GpuError> {
-    if s == cublas::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
-        Ok(())
-    } else {
-        Err(GpuError::Cuda(format!("{routine}: {s:?}")))
-    }
+    s.result().map_err(|e| GpuError::cublas(routine, e))
 }
 
-pub(super) fn solver_ok(routine: &str, s: cusolver::cusolverStatus_t) -> Result<(), GpuError> {
-    if s == cusolver::cusolverStatus_t::CUSOLVER_STATUS_SUCCESS {
-        Ok(())
-    } else {
-        Err(GpuError::Cuda(format!("{routine}: {s:?}")))
-    }
+pub(crate) fn solver_ok(routine: &str, s: cusolver::cusolverStatus_t) -> Result<(), GpuError> {
+    s.result().map_err(|e| GpuError::cusolver(routine, e))
 }
 
 /// cuBLAS and cuSOLVER handles bound to one GPU's stream, with the workspace reused from batch
@@ -531,7 +523,7 @@ pub fn syev_batched_present() -> bool {
 
 impl Solver {
     /// The cuSOLVER handle, bound to this solver's stream (for `choice`'s measurements).
-    pub(super) fn dn_handle(&self) -> cusolver::cusolverDnHandle_t {
+    pub(crate) fn dn_handle(&self) -> cusolver::cusolverDnHandle_t {
         self.dn
     }
 

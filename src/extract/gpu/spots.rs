@@ -231,7 +231,7 @@ pub fn launch_config(shape: &SpotShape) -> Result<(LaunchConfig, usize), GpuErro
 }
 
 pub(super) fn cuda(what: &'static str) -> impl Fn(DriverError) -> GpuError {
-    move |e| GpuError::Cuda(format!("spots: {what}: {e:?}"))
+    move |e| GpuError::driver(format!("spots: {what}"), e)
 }
 
 /// The flattened inputs on the device. Built only by [`DeviceInputs::upload`], so every

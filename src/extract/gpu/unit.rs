@@ -23,7 +23,7 @@ fn bad(msg: String) -> GpuError {
 }
 
 fn cuda(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> GpuError {
-    move |e| GpuError::Cuda(format!("unit results: {what}: {e:?}"))
+    move |e| GpuError::driver(format!("unit results: {what}"), e)
 }
 
 /// The fibers and bins of a unit's result arrays.

@@ -56,6 +56,10 @@ fn twin_chain_on(
 }
 
 mod tests {
+    use cudarc::cublas::{result::CublasError, sys::cublasStatus_t};
+    use cudarc::cusolver::{result::CusolverError, sys::cusolverStatus_t};
+    use cudarc::driver::{sys::CUresult, DriverError};
+
     use super::*;
     use crate::extract::cpu::tests::{toy_psf, RealBundle0, EDGE_MIDDLE_END};
     use crate::patch::{pixels, Patch, PatchOptions, PixelWindow, Plan, WaveGrid};
@@ -308,8 +312,9 @@ mod tests {
                 "lane {lane} given a chunk while its last is in flight"
             );
             if range.len() > self.fits {
-                return Err(GpuError::Cuda(
-                    "allocating: CUDA_ERROR_OUT_OF_MEMORY".into(),
+                return Err(GpuError::driver(
+                    "allocating",
+                    DriverError(CUresult::CUDA_ERROR_OUT_OF_MEMORY),
                 ));
             }
             self.in_flight.push((lane, range.clone()));
@@ -369,14 +374,36 @@ mod tests {
             !r.settled.is_empty(),
             "the failing lane is waited for before a retry"
         );
-        for msg in [
-            "allocating: CUDA_ERROR_OUT_OF_MEMORY",
-            "potrfBatched: CUSOLVER_STATUS_ALLOC_FAILED",
-            "gemmBatched: CUBLAS_STATUS_ALLOC_FAILED",
+        for (msg, err) in [
+            (
+                "allocating: CUDA_ERROR_OUT_OF_MEMORY",
+                GpuError::driver(
+                    "allocating",
+                    DriverError(CUresult::CUDA_ERROR_OUT_OF_MEMORY),
+                ),
+            ),
+            (
+                "potrfBatched: CUSOLVER_STATUS_ALLOC_FAILED",
+                GpuError::cusolver(
+                    "potrfBatched",
+                    CusolverError(cusolverStatus_t::CUSOLVER_STATUS_ALLOC_FAILED),
+                ),
+            ),
+            (
+                "gemmBatched: CUBLAS_STATUS_ALLOC_FAILED",
+                GpuError::cublas(
+                    "gemmBatched",
+                    CublasError(cublasStatus_t::CUBLAS_STATUS_ALLOC_FAILED),
+                ),
+            ),
         ] {
-            assert!(GpuError::Cuda(msg.into()).is_out_of_memory(), "{msg}");
+            assert!(err.is_out_of_memory(), "{msg}");
         }
-        assert!(!GpuError::Cuda("CUDA_ERROR_ILLEGAL_ADDRESS".into()).is_out_of_memory());
+        assert!(!GpuError::driver(
+            "launching",
+            DriverError(CUresult::CUDA_ERROR_ILLEGAL_ADDRESS)
+        )
+        .is_out_of_memory());
 
         let mut r = Recorder {
             fits: 0,
