@@ -1,8 +1,9 @@
 // Model, per-pixel chi², chi2pix and pixmask fraction of a batch of patches (extraction.md §5
-// steps 7–9), and the optional core-only model image, from each patch's solution x.
+// steps 7–9), from each patch's solution x. (The model image is the CPU's: backend.rs sends
+// batches that ask for it there.)
 //
 // The host side (src/extract/gpu/chi2.rs) flattens the per-patch sizes and holds a plain-Rust
-// twin of the three kernels, line for line, so that the indexing and the arithmetic below are
+// twin of the two kernels, line for line, so that the indexing and the arithmetic below are
 // tested against the CPU backend on machines without a GPU. Change one, change the other.
 //
 // Inputs: the batch as normal::BatchLayout flattens it (patch, win_off, scr_off, pix, ivar,
@@ -17,7 +18,6 @@
 //                       overlap in pix, being cut from one work unit; these are per patch.)
 //   chi2pix, pixmask:   [(b·ncmax + c)·nkmax + j] for core fiber c and kept bin j; the slots
 //                       past a patch's ncore or nkeep are written 0.
-//   image:              core-only model per window pixel (chi2_model_image).
 //
 // Determinism: the model is a *gather*, not a scatter. Each pixel is owned by one thread,
 // which sums the products x_u · spot_u(pixel) over the unknowns u whose spot covers it, in
@@ -53,7 +53,7 @@ __device__ __forceinline__ Tile stage_tile(
     int nmax, int nx, int n, int nwt, int nsp, int flo, int fhi, int blo, int bhi,
     int r0, int r1,
     const int4* __restrict__ geom_b,        // geom + b·nmax
-    const double* __restrict__ coef_b,      // x (or the image coefficients) + b·nmax
+    const double* __restrict__ coef_b,      // x + b·nmax
     const long long* __restrict__ soff_b)   // spot_off + b·nmax
 {
     extern __shared__ int4 smem[];
@@ -265,50 +265,4 @@ extern "C" __global__ void chi2_project(
     }
     pixmask[o] = pm;
     chi2pix[o] = (den > 0.0) ? __ddiv_rn(num, den) : 0.0;
-}
-
-// The core fibers' model image (the CPU's model_image option): the same gather as chi2_pixels
-// restricted to the core fibers [core0, core0 + ncore) and their bins [wavepad, wavepad +
-// nstep), with coefficients coef[b·nmax + u] (the decorrelated flux of every core bin, all
-// nstep of them, at its unknown's slot; other slots are not read). Same mapping as
-// chi2_pixels; every window pixel is written (0 where no core spot reaches it).
-extern "C" __global__ void chi2_model_image(
-    int tile_rows, int nmax, int nx,
-    const int4* __restrict__ patch,
-    const int4* __restrict__ dims,
-    const long long* __restrict__ scr_off,
-    const double* __restrict__ spots,
-    const long long* __restrict__ spot_off,
-    const int4* __restrict__ geom,
-    const double* __restrict__ coef,          // [npatch·nmax]
-    double* __restrict__ image)               // [window pixels]
-{
-    const int b = blockIdx.y;
-    const int4 pb = patch[b];
-    const int n = pb.x;
-    const int wny = pb.y;
-    const int wnx = pb.z;
-    const int r0 = blockIdx.x * tile_rows;
-    if (r0 >= wny) {
-        return;
-    }
-    const int r1 = min(r0 + tile_rows, wny);
-    const int4 d0 = dims[2 * b];
-    const int4 d1 = dims[2 * b + 1];
-    const int nsp = d0.x;
-    const int nwt = d0.y;
-    const int flo = d0.z;
-    const int fhi = d0.z + d0.w;
-    const int blo = d1.x;
-    const int bhi = d1.x + d1.z;
-    const long long base = (long long)b * nmax;
-    const Tile t = stage_tile(nmax, nx, n, nwt, nsp, flo, fhi, blo, bhi, r0, r1,
-                              geom + base, coef + base, spot_off + base);
-    const long long soff = scr_off[b];
-    const int npix = (r1 - r0) * wnx;
-    for (int k = threadIdx.x; k < npix; k += blockDim.x) {
-        const int r = r0 + k / wnx;
-        const int c = k - (k / wnx) * wnx;
-        image[soff + (long long)r * wnx + c] = gather_pixel(t, r, c, nwt, flo, fhi, nx, spots);
-    }
 }

@@ -163,7 +163,7 @@ want env && step env.log 60 "spextract doctor" "${sx[@]}" doctor
 
 # --- the GPU unit tests (the kernels' CPU emulation, `emu`, needs no GPU: CI runs it) ---
 want tests && step gpu-tests.log 240 "GPU unit tests (extract::gpu)" \
-    "${tests[@]}" extract::gpu --skip extract::gpu::emu --nocapture --test-threads=1
+    "${tests[@]}" extract::gpu --skip extract::gpu::twins::emu --nocapture --test-threads=1
 
 # --- parity on the shared data: bundle 0 ---
 b00=(-p "$psf" -i "$data/preproc-r0-b00.fits.gz" -w "$grid" -s 0 -n 25 --no-progress --overwrite)

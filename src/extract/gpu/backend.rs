@@ -36,7 +36,6 @@ use cudarc::driver::{
 };
 use ndarray::{Array2, ArrayView2};
 
-use super::cost::STAGES;
 use super::decorrelate::{
     self as decor, Block, DecorrLayout, EigenRoute, HostDecorr, Status, MAX_SWEEPS,
 };
@@ -52,22 +51,34 @@ use crate::extract::cpu::{self, CpuBackend, DIAG_EPSILON};
 use crate::extract::{Backend, ExtractError, ExtractOptions, PatchInfo, PatchInput, PatchResult};
 use crate::psf::{Psf, SpotSet};
 
+/// The stages, in the order the backend runs them; its measured times are keyed by these
+/// names.
+pub const STAGES: [&str; 7] = [
+    "h2d",
+    "spots",
+    "normal",
+    "solve",
+    "decorrelate",
+    "chi2",
+    "d2h",
+];
+
 /// The per-patch outputs of a chain, wherever it ran.
-struct ChainOutputs {
+pub(super) struct ChainOutputs {
     /// potrf's info per patch (0: factored).
-    info: Vec<i32>,
-    blocks: Vec<(usize, usize)>,
-    dec: Option<HostDecorr>,
-    c2: chi2::HostChi2,
-    dims: chi2::Chi2Layout,
+    pub(super) info: Vec<i32>,
+    pub(super) blocks: Vec<(usize, usize)>,
+    pub(super) dec: Option<HostDecorr>,
+    pub(super) c2: chi2::HostChi2,
+    pub(super) dims: chi2::Chi2Layout,
     /// When the numbers went into the unit's arrays on the device: each block's decorrelation
     /// status, all that comes back (`dec` and `c2` are then empty).
-    on_device: Option<Vec<i32>>,
+    pub(super) on_device: Option<Vec<i32>>,
 }
 
 /// The decorrelation blocks of the patches whose factorisation succeeded: `(patch, core
 /// fiber)` of each, and their layout over the solve stage's buffers.
-pub(super) fn blocks_of(
+pub(crate) fn blocks_of(
     batch: &[PatchInput<'_>],
     sol_info: &[i32],
     nmax: usize,
@@ -92,49 +103,8 @@ pub(super) fn blocks_of(
     (ids, blocks)
 }
 
-/// The whole chain through the stages' host twins.
-#[cfg(test)]
-fn twin_chain(batch: &[PatchInput<'_>], opts: &ExtractOptions) -> Result<ChainOutputs, GpuError> {
-    twin_chain_on(batch, opts, &BatchLayout::new(batch)?)
-}
-
-/// The chain of twins on `layout` (of `batch`), whose pixel and spot arrays hold what the
-/// device would: the batch's copies, or the resident arrays it indexes.
-#[cfg(test)]
-fn twin_chain_on(
-    batch: &[PatchInput<'_>],
-    opts: &ExtractOptions,
-    layout: &BatchLayout,
-) -> Result<ChainOutputs, GpuError> {
-    let dense = normal::twin(layout, opts.regularize, DIAG_EPSILON);
-    let shapes: Vec<PatchShape> = batch.iter().map(|i| PatchShape::of(&i.patch)).collect();
-    let sol = solve::twin(&dense, &shapes)?;
-    // As on the device: every block, those of a patch that did not factor dropped later.
-    let factored = vec![0; batch.len()];
-    let (ids, blocks) = blocks_of(
-        batch,
-        &factored,
-        sol.nmax,
-        sol.ncore_max,
-        sol.nw,
-        opts.ndiag,
-    );
-    let dl = DecorrLayout::new(&blocks)?;
-    let dec = decor::twin(&dl, &sol.blocks, &sol.x, MAX_SWEEPS);
-    let dims = chi2::Chi2Layout::new(batch, layout)?;
-    let c2 = chi2::twin(layout, &dims, &sol.x, opts.psferr);
-    Ok(ChainOutputs {
-        info: sol.info,
-        blocks: ids,
-        dec: Some(dec),
-        c2,
-        dims,
-        on_device: None,
-    })
-}
-
 /// Per patch, the result the chain produced, or None where the CPU must take over.
-fn assemble(
+pub(super) fn assemble(
     batch: &[PatchInput<'_>],
     opts: &ExtractOptions,
     out: &ChainOutputs,
@@ -184,7 +154,7 @@ fn assemble(
 }
 
 /// Fills the patches the chain could not finish with the CPU backend's results.
-fn finish_on_cpu(
+pub(super) fn finish_on_cpu(
     batch: &[PatchInput<'_>],
     opts: &ExtractOptions,
     results: Vec<Option<PatchResult>>,
@@ -211,7 +181,7 @@ fn finish_on_cpu(
 ///
 /// With `pixels` (the adopted pixels' identity and their host copy), the windows are taken
 /// from that copy: the batch's own views then only stand for the device's pixels.
-fn with_host_spots<'c>(
+pub(super) fn with_host_spots<'c>(
     batch: &'c [PatchInput<'_>],
     resident: Option<(&'c ResidentSpots, &'c SpotSet)>,
     pixels: Option<&'c HostPixels>,
@@ -250,7 +220,7 @@ fn with_host_spots<'c>(
 }
 
 /// The host copy of adopted pixels, downloaded when the CPU first needs them.
-struct HostPixels {
+pub(super) struct HostPixels {
     key: ResidentPixels,
     pix: Array2<f64>,
     ivar: Array2<f64>,
@@ -297,7 +267,7 @@ impl StageClock {
         let ev = gpu
             .stream
             .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-            .map_err(|e| GpuError::Cuda(format!("recording an event: {e:?}")))?;
+            .map_err(|e| GpuError::driver("recording an event", e))?;
         marks.push((stage, ev));
         Ok(())
     }
@@ -308,7 +278,7 @@ impl StageClock {
             let ms = w[0]
                 .1
                 .elapsed_ms(&w[1].1)
-                .map_err(|e| GpuError::Cuda(format!("reading an event: {e:?}")))?;
+                .map_err(|e| GpuError::driver("reading an event", e))?;
             if let Some(i) = STAGES.iter().position(|s| *s == w[1].0) {
                 self.totals[i] += f64::from(ms) / 1e3;
             }
@@ -350,7 +320,7 @@ impl<T: DeviceRepr + ValidAsZeroBits + Copy> Pinned<T> {
 
     /// Queues the copy of `src` into the buffer on `gpu`'s stream.
     fn download(&mut self, gpu: &Gpu, src: &CudaSlice<T>) -> Result<(), GpuError> {
-        let cuda = |e: cudarc::driver::DriverError| GpuError::Cuda(format!("results: {e:?}"));
+        let cuda = |e: cudarc::driver::DriverError| GpuError::driver("results", e);
         if self.buf.as_ref().is_none_or(|b| b.len() < src.len()) {
             // Freed first (after its last copy: the drop waits for it), then a quarter more
             // than asked, so that chunks of slightly different sizes do not reallocate.
@@ -376,7 +346,7 @@ impl<T: DeviceRepr + ValidAsZeroBits + Copy> Pinned<T> {
             .ok_or_else(|| GpuError::Kernel(format!("results: {len} values were not copied")))?;
         let all = buf
             .as_slice()
-            .map_err(|e| GpuError::Cuda(format!("waiting for results: {e:?}")))?;
+            .map_err(|e| GpuError::driver("waiting for results", e))?;
         Ok(all[..len].to_vec())
     }
 }
@@ -433,10 +403,10 @@ struct Queued {
 /// (normal_dense launches nmax blocks a patch, the decorrelation five), while a batch of
 /// several chunks lets one lane's transfers and the host's preparation of the next chunk
 /// overlap the other lane's kernels.
-const CHUNK_PATCHES: usize = 470;
+pub(super) const CHUNK_PATCHES: usize = 470;
 
 /// `0..n` in nearly equal ranges of at most `size`.
-fn chunk_ranges(n: usize, size: usize) -> VecDeque<Range<usize>> {
+pub(super) fn chunk_ranges(n: usize, size: usize) -> VecDeque<Range<usize>> {
     let k = n.div_ceil(size.max(1)).max(1);
     let per = n.div_ceil(k);
     (0..k)
@@ -448,7 +418,7 @@ fn chunk_ranges(n: usize, size: usize) -> VecDeque<Range<usize>> {
 /// The GPU backend on one device.
 pub struct GpuBackend {
     /// The device on the stream of the spots and the unit's pixels.
-    gpu: Gpu,
+    pub(super) gpu: Gpu,
     spots: SpotsKernel,
     normal: normal::Kernels,
     decor: decor::Kernels,
@@ -553,7 +523,7 @@ impl GpuBackend {
         self.gpu
             .stream
             .synchronize()
-            .map_err(|e| self.error(GpuError::Cuda(format!("finishing the unit: {e:?}"))))?;
+            .map_err(|e| self.error(GpuError::driver("finishing the unit", e)))?;
         Ok(self.unit.take())
     }
 
@@ -702,7 +672,7 @@ impl GpuBackend {
         lane.gpu
             .stream
             .synchronize()
-            .map_err(|e| GpuError::Cuda(format!("waiting for a chunk: {e:?}")))?;
+            .map_err(|e| GpuError::driver("waiting for a chunk", e))?;
         let (nb, ncol) = (q.nblock, q.ncol);
         solve::check_potrs_info(lane.potrs.read(1)?[0])?;
         let info = lane.info.read(q.npatch)?;
@@ -796,7 +766,7 @@ impl GpuBackend {
 }
 
 /// What [`schedule`] drives: chunks of a batch queued on lanes and collected.
-trait Chunks {
+pub(super) trait Chunks {
     type Queued;
     /// The lane a queued chunk runs on.
     fn lane_of(q: &Self::Queued) -> usize;
@@ -814,7 +784,12 @@ trait Chunks {
 /// on another. A lane's previous chunk is collected before it takes the next (its buffers
 /// and handles are reused). Out of memory, everything in flight is collected (freeing its
 /// memory) and the chunk is halved; a single patch that does not fit is an error.
-fn schedule<C: Chunks>(c: &mut C, n: usize, chunk: usize, lanes: usize) -> Result<(), GpuError> {
+pub(super) fn schedule<C: Chunks>(
+    c: &mut C,
+    n: usize,
+    chunk: usize,
+    lanes: usize,
+) -> Result<(), GpuError> {
     let lanes = lanes.max(1);
     let mut pending = chunk_ranges(n, chunk);
     let mut flight: VecDeque<C::Queued> = VecDeque::new();
@@ -830,7 +805,7 @@ fn schedule<C: Chunks>(c: &mut C, n: usize, chunk: usize, lanes: usize) -> Resul
                 flight.push_back(q);
                 next += 1;
             }
-            Err(e) if e.is_out_of_memory() && range.len() > 1 => {
+            Err(GpuError::OutOfMemory { .. }) if range.len() > 1 => {
                 c.settle(lane)?;
                 while let Some(q) = flight.pop_front() {
                     c.collect(q)?;
@@ -879,7 +854,7 @@ impl Chunks for DeviceChunks<'_, '_> {
             .gpu
             .stream
             .synchronize()
-            .map_err(|e| GpuError::Cuda(format!("waiting for lane {lane} after an error: {e:?}")))
+            .map_err(|e| GpuError::driver(format!("waiting for lane {lane} after an error"), e))
     }
 
     fn collect(&mut self, q: Queued) -> Result<(), GpuError> {
@@ -1064,7 +1039,7 @@ impl GpuBackend {
             let (ny, nx) = (p.key.len() / p.key.ld(), p.key.ld());
             let down = |v: &CudaSlice<f64>| -> Result<Array2<f64>, GpuError> {
                 let host = self.gpu.stream.clone_dtoh(v).map_err(|e| {
-                    GpuError::Cuda(format!("downloading the unit's pixels for the CPU: {e:?}"))
+                    GpuError::driver("downloading the unit's pixels for the CPU", e)
                 })?;
                 Array2::from_shape_vec((ny, nx), host)
                     .map_err(|e| GpuError::Kernel(format!("the unit's pixels: {e}")))
@@ -1089,525 +1064,5 @@ impl GpuBackend {
             return CpuBackend.extract_batch(&hosted, opts);
         }
         Ok(finish_on_cpu(&hosted, opts, done))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::extract::cpu::tests::{toy_psf, RealBundle0, EDGE_MIDDLE_END};
-    use crate::patch::{pixels, Patch, PatchOptions, PixelWindow, Plan, WaveGrid};
-    use crate::psf::spots;
-    use ndarray::Array2;
-
-    /// Compares a chain's results with the CPU backend's: the parity figures, max pull
-    /// 1e-6 and |ΔR| 1e-9.
-    fn compare(cpu: &[PatchResult], other: &[PatchResult]) -> (f64, f64) {
-        let (mut pull, mut dr) = (0.0f64, 0.0f64);
-        for (a, b) in cpu.iter().zip(other) {
-            for ((fa, fb), iv) in a.flux.iter().zip(&b.flux).zip(&a.fluxivar) {
-                pull = pull.max((fa - fb).abs() * iv.sqrt());
-            }
-            for (ra, rb) in a.resolution.iter().zip(&b.resolution) {
-                dr = dr.max((ra - rb).abs());
-            }
-            for (ia, ib) in a.fluxivar.iter().zip(&b.fluxivar) {
-                assert!(
-                    (ia - ib).abs() <= 1e-9 * ia.abs().max(1e-300),
-                    "fluxivar {ia} vs {ib}"
-                );
-            }
-            for (ca, cb) in a.chi2pix.iter().zip(&b.chi2pix) {
-                assert!(
-                    (ca - cb).abs() <= 1e-8 * ca.abs().max(1.0),
-                    "chi2pix {ca} vs {cb}"
-                );
-            }
-            for (ma, mb) in a.pixmask_fraction.iter().zip(&b.pixmask_fraction) {
-                assert!((ma - mb).abs() <= 1e-12, "pixmask {ma} vs {mb}");
-            }
-        }
-        (pull, dr)
-    }
-
-    /// One bundle of the toy PSF with noise-free data and a few masked pixels: the patches the
-    /// pipeline would send as one batch, cut from the whole CCD.
-    struct Toy {
-        set: SpotSet,
-        pix: Array2<f64>,
-        ivar: Array2<f64>,
-        items: Vec<(Patch, PixelWindow)>,
-        opts: ExtractOptions,
-    }
-
-    impl Toy {
-        fn new() -> Toy {
-            let psf = toy_psf(10, 3);
-            let opts_p = PatchOptions {
-                bundlesize: 10,
-                nsubbundles: 2,
-                nwavestep: 20,
-                ..PatchOptions::default()
-            };
-            let grid = WaveGrid::new(5200.0, 5400.0, 1.0, &opts_p).unwrap();
-            let plan = Plan::new(0, 10, grid.wave.len(), 10, &opts_p);
-            let set = spots::evaluate(&psf, 0, 10, &grid.padded).unwrap();
-            let (ny, nx) = (psf.npix_y, psf.npix_x);
-            let mut pix = Array2::<f64>::zeros((ny, nx));
-            let mut ivar = Array2::<f64>::from_elem((ny, nx), 1.0);
-            for (i, v) in pix.iter_mut().enumerate() {
-                *v = 10.0 + (i % 7) as f64;
-            }
-            for i in (0..ny * nx).step_by(97) {
-                ivar[[i / nx, i % nx]] = 0.0;
-            }
-            let items: Vec<(Patch, PixelWindow)> = plan.patches[0]
-                .iter()
-                .map(|p| (*p, pixels::window(p, &set, opts_p.pixpad_frac)))
-                .filter(|(_, w)| w.on_ccd(ny, nx))
-                .collect();
-            assert!(items.len() >= 4, "a batch of several patches");
-            let opts = ExtractOptions {
-                regularize: 0.0,
-                psferr: 0.01,
-                ndiag: psf.hsizey,
-                model_image: false,
-            };
-            Toy {
-                set,
-                pix,
-                ivar,
-                items,
-                opts,
-            }
-        }
-
-        fn inputs<'a>(&'a self, set: &'a SpotSet) -> Vec<PatchInput<'a>> {
-            self.items
-                .iter()
-                .map(|(p, w)| PatchInput::from_ccd(*p, *w, self.pix.view(), self.ivar.view(), set))
-                .collect()
-        }
-    }
-
-    /// Runs `chain` on the toy batch and checks it against the CPU backend at the issue's
-    /// parity figures.
-    fn toy_batch_check(chain: &dyn Fn(&[PatchInput<'_>], &ExtractOptions) -> Vec<PatchResult>) {
-        let toy = Toy::new();
-        let inputs = toy.inputs(&toy.set);
-        let cpu = CpuBackend.extract_batch(&inputs, &toy.opts).unwrap();
-        let other = chain(&inputs, &toy.opts);
-        let (pull, dr) = compare(&cpu, &other);
-        eprintln!(
-            "{} patches: max pull {pull:.2e}, max |dR| {dr:.2e}",
-            inputs.len()
-        );
-        assert!(pull <= 1e-6, "max pull {pull:e}");
-        assert!(dr <= 1e-9, "max |dR| {dr:e}");
-    }
-
-    /// The chain as the GPU backend runs it in the pipeline: the windows index the CCD's
-    /// pixels uploaded once and the spot set left on the device (the host holding its
-    /// geometry only). Through the twins, with the arrays the device would hold, it gives the
-    /// bit-identical results of the chain on the batch's own copies.
-    #[test]
-    fn the_chain_on_resident_pixels_and_spots_matches_the_chain_on_copies() {
-        let toy = Toy::new();
-        let mut geometry = toy.set.clone();
-        geometry.values.clear();
-        let key = ResidentSpots::of(&geometry);
-        let inputs = toy.inputs(&geometry);
-        let resident = Resident {
-            pixels: normal::ResidentPixels::of(toy.pix.view(), toy.ivar.view()),
-            spots: Some(&key),
-        };
-        let mut layout = BatchLayout::with_resident(&inputs, &resident).unwrap();
-        assert!(layout.pixels_resident && layout.spots_resident);
-        assert!(layout.pix.is_empty() && layout.spots.is_empty());
-        assert_eq!(layout.pix_len, toy.pix.len());
-        assert_eq!(layout.spots_len, toy.set.values.len());
-        assert!(layout
-            .patch
-            .chunks(4)
-            .all(|p| p[3] as usize == toy.pix.ncols()));
-        // What the device holds.
-        layout.pix = toy.pix.iter().copied().collect();
-        layout.ivar = toy.ivar.iter().copied().collect();
-        layout.spots = toy.set.values.clone();
-        let on_device = twin_chain_on(&inputs, &toy.opts, &layout).unwrap();
-        let copies = toy.inputs(&toy.set);
-        let own = twin_chain(&copies, &toy.opts).unwrap();
-        let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        let (a, b) = (on_device.dec.as_ref().unwrap(), own.dec.as_ref().unwrap());
-        assert_eq!(bits(&a.flux), bits(&b.flux));
-        assert_eq!(bits(&a.fluxivar), bits(&b.fluxivar));
-        assert_eq!(bits(&a.resolution), bits(&b.resolution));
-        assert_eq!(bits(&on_device.c2.chi2pix), bits(&own.c2.chi2pix));
-        assert_eq!(bits(&on_device.c2.pixmask), bits(&own.c2.pixmask));
-        assert_eq!(bits(&on_device.c2.model), bits(&own.c2.model));
-        assert_eq!(on_device.info, own.info);
-        // And the CPU fallback gets the values back for such a set.
-        let hosted = with_host_spots(&inputs, Some((&key, &toy.set)), None).unwrap();
-        assert!(hosted.iter().all(|i| std::ptr::eq(i.spots, &toy.set)));
-        assert!(with_host_spots(&inputs, None, None).is_err());
-    }
-
-    /// What a layout refuses or falls back from: spots whose values are on the device but
-    /// not the resident set are an error; windows not cut from the resident pixels, and spot
-    /// sets other than the resident one, make the batch carry its own copies.
-    #[test]
-    fn resident_layouts_fall_back_or_refuse() {
-        let toy = Toy::new();
-        let mut geometry = toy.set.clone();
-        geometry.values.clear();
-        let err = BatchLayout::new(&toy.inputs(&geometry)).unwrap_err();
-        assert!(err.to_string().contains("not the one resident"), "{err}");
-        // Another set's geometry: moved by one column.
-        let mut other = geometry.clone();
-        other.xc.iter_mut().for_each(|x| *x += 1);
-        let key = ResidentSpots::of(&other);
-        let copy = toy.pix.clone();
-        let resident = Resident {
-            pixels: normal::ResidentPixels::of(copy.view(), toy.ivar.view()),
-            spots: Some(&key),
-        };
-        let inputs = toy.inputs(&toy.set);
-        let layout = BatchLayout::with_resident(&inputs, &resident).unwrap();
-        assert!(!layout.pixels_resident && !layout.spots_resident);
-        assert_eq!(layout.pix.len(), layout.npix);
-        assert!(layout.patch.chunks(4).all(|p| p[3] == p[2]));
-        assert!(BatchLayout::with_resident(&toy.inputs(&geometry), &resident).is_err());
-        // A non-contiguous array cannot be resident.
-        let t = toy.pix.t();
-        assert!(normal::ResidentPixels::of(t, toy.ivar.t()).is_none());
-    }
-
-    /// The stages' host twins chained as the device chains them agree with the CPU backend at
-    /// the parity figures: the GPU design, end to end, on a machine without a GPU.
-    #[test]
-    fn the_chain_of_twins_matches_the_cpu_backend() {
-        toy_batch_check(&|batch, opts| {
-            let out = twin_chain(batch, opts).expect("twin chain");
-            let done = assemble(batch, opts, &out);
-            // Every patch from the chain itself: none handed back to the CPU.
-            assert!(
-                done.iter().all(Option::is_some),
-                "the chain left patches to the CPU"
-            );
-            finish_on_cpu(batch, opts, done)
-        });
-    }
-
-    /// The real DESI PSF and the shared preproc (bundle 0): patches at the bundle's lower edge
-    /// (6 fibers), its middle and the grid's end, as one batch through the chain of twins.
-    #[test]
-    fn the_chain_of_twins_matches_the_cpu_backend_on_the_real_psf() {
-        let Some(real) = RealBundle0::load() else {
-            return;
-        };
-        let (inputs, opts) = (real.inputs(&EDGE_MIDDLE_END), real.opts);
-        let cpu = CpuBackend.extract_batch(&inputs, &opts).unwrap();
-        let out = twin_chain(&inputs, &opts).expect("twin chain");
-        let done = assemble(&inputs, &opts, &out);
-        assert!(
-            done.iter().all(Option::is_some),
-            "the chain left patches to the CPU"
-        );
-        let other = finish_on_cpu(&inputs, &opts, done);
-        let (pull, dr) = compare(&cpu, &other);
-        eprintln!(
-            "real PSF, {} patches: max pull {pull:.2e}, max |dR| {dr:.2e}",
-            inputs.len()
-        );
-        assert!(pull <= 1e-6, "max pull {pull:e}");
-        assert!(dr <= 1e-9, "max |dR| {dr:e}");
-    }
-
-    /// A stand-in for the device: records what is queued and collected, and runs out of
-    /// memory on chunks larger than `fits`.
-    struct Recorder {
-        fits: usize,
-        in_flight: Vec<(usize, Range<usize>)>,
-        collected: Vec<usize>,
-        most_in_flight: usize,
-        settled: Vec<usize>,
-    }
-
-    impl Chunks for Recorder {
-        type Queued = (usize, Range<usize>);
-
-        fn lane_of(q: &Self::Queued) -> usize {
-            q.0
-        }
-
-        fn queue(&mut self, lane: usize, range: Range<usize>) -> Result<Self::Queued, GpuError> {
-            assert!(
-                self.in_flight.iter().all(|(l, _)| *l != lane),
-                "lane {lane} given a chunk while its last is in flight"
-            );
-            if range.len() > self.fits {
-                return Err(GpuError::Cuda(
-                    "allocating: CUDA_ERROR_OUT_OF_MEMORY".into(),
-                ));
-            }
-            self.in_flight.push((lane, range.clone()));
-            self.most_in_flight = self.most_in_flight.max(self.in_flight.len());
-            Ok((lane, range))
-        }
-
-        fn settle(&mut self, lane: usize) -> Result<(), GpuError> {
-            self.settled.push(lane);
-            Ok(())
-        }
-
-        fn collect(&mut self, q: Self::Queued) -> Result<(), GpuError> {
-            let k = self.in_flight.iter().position(|x| *x == q).unwrap();
-            self.in_flight.remove(k);
-            self.collected.extend(q.1);
-            Ok(())
-        }
-    }
-
-    /// The chunk schedule: every patch collected exactly once, two chunks in flight at most
-    /// and never two on one lane, halving on out-of-memory down to what fits, and an error
-    /// when one patch does not fit.
-    #[test]
-    fn chunks_alternate_lanes_and_halve_on_out_of_memory() {
-        let mut r = Recorder {
-            fits: usize::MAX,
-            in_flight: Vec::new(),
-            collected: Vec::new(),
-            most_in_flight: 0,
-            settled: Vec::new(),
-        };
-        schedule(&mut r, 1000, 470, 2).unwrap();
-        assert_eq!(r.collected.len(), 1000);
-        let mut seen = r.collected.clone();
-        seen.sort_unstable();
-        assert!(seen.iter().copied().eq(0..1000));
-        assert_eq!(r.most_in_flight, 2);
-        assert!(r.in_flight.is_empty());
-        assert_eq!(
-            chunk_ranges(1000, 470),
-            VecDeque::from([0..334, 334..668, 668..1000])
-        );
-
-        let mut r = Recorder {
-            fits: 100,
-            in_flight: Vec::new(),
-            collected: Vec::new(),
-            most_in_flight: 0,
-            settled: Vec::new(),
-        };
-        schedule(&mut r, 1000, 470, 2).unwrap();
-        let mut seen = r.collected.clone();
-        seen.sort_unstable();
-        assert!(seen.iter().copied().eq(0..1000), "each patch once");
-        assert!(
-            !r.settled.is_empty(),
-            "the failing lane is waited for before a retry"
-        );
-        for msg in [
-            "allocating: CUDA_ERROR_OUT_OF_MEMORY",
-            "potrfBatched: CUSOLVER_STATUS_ALLOC_FAILED",
-            "gemmBatched: CUBLAS_STATUS_ALLOC_FAILED",
-        ] {
-            assert!(GpuError::Cuda(msg.into()).is_out_of_memory(), "{msg}");
-        }
-        assert!(!GpuError::Cuda("CUDA_ERROR_ILLEGAL_ADDRESS".into()).is_out_of_memory());
-
-        let mut r = Recorder {
-            fits: 0,
-            in_flight: Vec::new(),
-            collected: Vec::new(),
-            most_in_flight: 0,
-            settled: Vec::new(),
-        };
-        let err = schedule(&mut r, 5, 470, 2).unwrap_err();
-        assert!(err.to_string().contains("OUT_OF_MEMORY"), "{err}");
-    }
-
-    /// On a GPU: a frame through the pipeline's loop, as `extract` runs it (spots evaluated
-    /// and kept on the device, the CCD's pixels uploaded once, several bundles per batch in
-    /// chunks on two lanes), agrees with the CPU backend's frame at the figures.
-    #[test]
-    fn gpu_backend_in_the_frame_loop_matches_the_cpu_backend() {
-        if let Err(e) = super::super::device::probe() {
-            eprintln!("skipping: no GPU ({e})");
-            return;
-        }
-        let toy = crate::pipeline::frame::tests::ToyFrame::new();
-        let run = |backend: &mut dyn Backend| toy.extract(backend);
-        let cpu = run(&mut CpuBackend);
-        let mut gpu = GpuBackend::new(0).expect("GPU backend");
-        let got = run(&mut gpu);
-        let stages = gpu.take_stage_times();
-        let (mut pull, mut dr) = (0.0f64, 0.0f64);
-        for ((a, b), iv) in cpu.flux.iter().zip(&got.flux).zip(&cpu.ivar) {
-            pull = pull.max((a - b).abs() * iv.sqrt());
-        }
-        for (a, b) in cpu.resolution.iter().zip(&got.resolution) {
-            dr = dr.max((a - b).abs());
-        }
-        eprintln!(
-            "frame loop on {}: max pull {pull:.2e}, max |dR| {dr:.2e}; stage seconds {stages:?}",
-            gpu.device().name
-        );
-        assert_eq!(cpu.nodata, got.nodata);
-        assert!(pull <= 1e-6, "max pull {pull:e}");
-        assert!(dr <= 1e-9, "max |dR| {dr:e}");
-        assert!(stages.iter().any(|(_, s)| *s > 0.0), "no stage was timed");
-    }
-
-    /// On a GPU: the device backend agrees with the CPU backend at the same figures, by either
-    /// eigen route of the decorrelation.
-    #[test]
-    fn gpu_backend_matches_the_cpu_backend() {
-        if let Err(e) = super::super::device::probe() {
-            eprintln!("skipping: no GPU ({e})");
-            return;
-        }
-        let mut backend = GpuBackend::new(0).expect("GPU backend");
-        let mut routes = vec![EigenRoute::Jacobi];
-        if solve::syev_batched_present() {
-            routes.push(EigenRoute::Syev);
-        }
-        for route in routes {
-            eprintln!("decorrelation by the {}:", route.name());
-            backend.set_eigen_route(route);
-            let cell = std::cell::RefCell::new(&mut backend);
-            toy_batch_check(&|batch, opts| cell.borrow_mut().extract_batch(batch, opts).unwrap());
-        }
-    }
-
-    /// `unit::twin` places each block's numbers where `assemble` puts the patch's: on a chain
-    /// of twins over a real-PSF-like toy batch, the unit arrays equal the per-patch results.
-    #[test]
-    fn the_unit_twin_places_what_assemble_returns() {
-        let toy = Toy::new();
-        let inputs = toy.inputs(&toy.set);
-        let opts = toy.opts;
-        let out = twin_chain(&inputs, &opts).unwrap();
-        let results = assemble(&inputs, &opts, &out);
-        let (specmin, last) = inputs.iter().fold((usize::MAX, 0), |(a, b), i| {
-            (a.min(i.patch.ispec), b.max(i.patch.ispec + i.patch.nspec))
-        });
-        let nwave = inputs
-            .iter()
-            .map(|i| i.patch.iwave + i.patch.nwave_keep)
-            .max()
-            .unwrap();
-        let shape = UnitShape {
-            specmin,
-            nspec: last - specmin,
-            nwave,
-            nd2: 2 * opts.ndiag + 1,
-        };
-        let place = unit::placement(&inputs, &out.blocks, &shape).unwrap();
-        let dec = out.dec.as_ref().unwrap();
-        let chunk = unit::HostChunk {
-            info: &out.info,
-            status: &dec.status,
-            ncol: dec.ncol,
-            flux: &dec.flux,
-            fluxivar: &dec.fluxivar,
-            resolution: &dec.resolution,
-            chi2pix: &out.c2.chi2pix,
-            pixmask: &out.c2.pixmask,
-            ncmax: out.dims.ncmax,
-            nkmax: out.dims.nkmax,
-        };
-        let mut arrays = shape.part_lens().map(|n| vec![f64::NAN; n]);
-        unit::twin(&place, &chunk, &shape, &mut arrays);
-        let mut checked = 0;
-        for (inp, r) in inputs.iter().zip(&results) {
-            let (p, r) = (
-                &inp.patch,
-                r.as_ref().expect("the toy's patches all factor"),
-            );
-            for c in 0..p.nspec {
-                for j in 0..p.nwave_keep {
-                    let u = (p.ispec - specmin + c) * nwave + p.iwave + j;
-                    assert_eq!(arrays[0][u].to_bits(), r.flux[[c, j]].to_bits());
-                    assert_eq!(arrays[1][u].to_bits(), r.fluxivar[[c, j]].to_bits());
-                    assert_eq!(arrays[3][u].to_bits(), r.chi2pix[[c, j]].to_bits());
-                    assert_eq!(arrays[4][u].to_bits(), r.pixmask_fraction[[c, j]].to_bits());
-                    for d in 0..shape.nd2 {
-                        let v = arrays[2]
-                            [((p.ispec - specmin + c) * shape.nd2 + d) * nwave + p.iwave + j];
-                        assert_eq!(v.to_bits(), r.resolution[[c, d, j]].to_bits());
-                    }
-                    checked += 1;
-                }
-            }
-        }
-        assert!(checked > 100, "{checked} cells");
-    }
-
-    /// On a GPU: a frame kept on the device at both ends (pixels adopted under the identity
-    /// of host arrays that hold only zeros, results scattered into the unit's arrays) gives
-    /// the host path's frame bit for bit.
-    #[test]
-    fn a_unit_kept_on_the_device_matches_the_host_path_bit_for_bit() {
-        if let Err(e) = super::super::device::probe() {
-            eprintln!("skipping: no GPU ({e})");
-            return;
-        }
-        let toy = crate::pipeline::frame::tests::ToyFrame::new();
-        let mut gpu = GpuBackend::new(0).expect("GPU backend");
-        let host = toy.extract(&mut gpu);
-        // Stand-ins whose values must never be read: zeros would give another frame.
-        let zeros = Array2::<f64>::zeros(toy.pix.dim());
-        let zeros_ivar = Array2::<f64>::zeros(toy.pix.dim());
-        let key = ResidentPixels::of(zeros.view(), zeros_ivar.view()).unwrap();
-        let st = gpu.gpu.stream.clone();
-        let pixels = DevicePixels {
-            key,
-            pix: st.clone_htod(toy.pix.as_slice().unwrap()).unwrap(),
-            ivar: st.clone_htod(toy.ivar.as_slice().unwrap()).unwrap(),
-        };
-        gpu.adopt_pixels(pixels);
-        let shape = UnitShape {
-            specmin: 0,
-            nspec: toy.plan.nspec,
-            nwave: toy.grid.wave.len(),
-            nd2: 2 * toy.opts.ndiag + 1,
-        };
-        gpu.begin_unit(shape).unwrap();
-        let fr = crate::pipeline::frame::extract_frame(
-            &toy.psf,
-            zeros.view(),
-            zeros_ivar.view(),
-            &toy.grid,
-            &toy.plan,
-            toy.popts.pixpad_frac,
-            &toy.opts,
-            &mut gpu,
-            &mut |_, _| {},
-        )
-        .unwrap();
-        let unit = gpu.take_unit().unwrap().expect("the unit's arrays");
-        let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        let flat = |a: &ndarray::Array2<f64>| a.iter().copied().collect::<Vec<_>>();
-        let parts = unit.parts().map(|d| st.clone_dtoh(d).unwrap());
-        assert_eq!(bits(&parts[0]), bits(&flat(&host.flux)));
-        assert_eq!(bits(&parts[1]), bits(&flat(&host.ivar)));
-        assert_eq!(
-            bits(&parts[2]),
-            bits(&host.resolution.iter().copied().collect::<Vec<_>>())
-        );
-        assert_eq!(bits(&parts[3]), bits(&flat(&host.chi2pix)));
-        assert_eq!(bits(&parts[4]), bits(&flat(&host.pixmask_fraction)));
-        assert_eq!(fr.nodata, host.nodata);
-        assert_eq!(
-            (fr.stats.retried, fr.stats.failed),
-            (host.stats.retried, host.stats.failed)
-        );
-        eprintln!(
-            "unit kept on {}: identical to the host path; {} retried, pixels downloaded {} time(s)",
-            gpu.device().name,
-            fr.stats.retried,
-            gpu.pixel_downloads()
-        );
     }
 }

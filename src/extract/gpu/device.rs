@@ -74,8 +74,7 @@ pub fn probe() -> Result<Vec<DeviceInfo>, GpuError> {
     }
     (0..n)
         .map(|ordinal| {
-            let q =
-                |e: cudarc::driver::DriverError| GpuError::Cuda(format!("GPU {ordinal}: {e:?}"));
+            let q = |e: cudarc::driver::DriverError| GpuError::driver(format!("GPU {ordinal}"), e);
             let dev = guarded("cuDeviceGet", || cu::device::get(ordinal))?.map_err(q)?;
             // SAFETY: `dev` was returned by cuDeviceGet for this ordinal just above.
             let (major, minor, total_mem) = guarded("cuDeviceGetAttribute", || unsafe {
@@ -139,7 +138,7 @@ impl Gpu {
             ))
         })?;
         let ctx = guarded("cuCtxCreate", || CudaContext::new(ordinal))?
-            .map_err(|e| GpuError::Cuda(format!("opening GPU {ordinal}: {e:?}")))?;
+            .map_err(|e| GpuError::driver(format!("opening GPU {ordinal}"), e))?;
         let stream = ctx.default_stream();
         Ok(Gpu {
             info,
@@ -157,7 +156,7 @@ impl Gpu {
         use cudarc::driver::{result, sys};
         self.ctx
             .bind_to_thread()
-            .map_err(|e| GpuError::Cuda(format!("{}: {e:?}", self.info.name)))?;
+            .map_err(|e| GpuError::driver(self.info.name.clone(), e))?;
         let mut threshold: u64 = u64::MAX;
         // SAFETY: cu_device is the context's own device; cuMemPoolSetAttribute reads one u64
         // through the pointer, which is valid for the call, for this attribute.
@@ -172,10 +171,7 @@ impl Gpu {
             })
         })?;
         rc.map_err(|e| {
-            GpuError::Cuda(format!(
-                "keeping the memory pool of {}: {e:?}",
-                self.info.name
-            ))
+            GpuError::driver(format!("keeping the memory pool of {}", self.info.name), e)
         })
     }
 
@@ -184,9 +180,10 @@ impl Gpu {
     /// a stream using it wait for the stream that wrote it, and a buffer is freed in the order
     /// of the streams that used it.
     pub fn on_new_stream(&self) -> Result<Gpu, GpuError> {
-        let stream = self.ctx.new_stream().map_err(|e| {
-            GpuError::Cuda(format!("creating a stream on {}: {e:?}", self.info.name))
-        })?;
+        let stream = self
+            .ctx
+            .new_stream()
+            .map_err(|e| GpuError::driver(format!("creating a stream on {}", self.info.name), e))?;
         Ok(Gpu {
             info: self.info.clone(),
             ctx: self.ctx.clone(),
@@ -251,10 +248,7 @@ impl Gpu {
             // reads it. Plain page-locked memory, as run on the H200 (write-combined memory,
             // which the host only writes here, is untried).
             let buf = unsafe { self.ctx.alloc_pinned_with_flags::<u64>(len, 0) }.map_err(|e| {
-                GpuError::Cuda(format!(
-                    "page-locked staging of {} MB: {e:?}",
-                    (len * 8) >> 20
-                ))
+                GpuError::driver(format!("page-locked staging of {} MB", (len * 8) >> 20), e)
             })?;
             stage.buf = Some(buf);
         }
@@ -285,16 +279,17 @@ impl Gpu {
             .load_module(cudarc::nvrtc::Ptx::from_src(text))
             .map_err(|e| {
                 // A newer NVRTC than the driver writes PTX the driver cannot read: say which.
-                let hint = if format!("{e:?}").contains("UNSUPPORTED_PTX_VERSION") {
-                    format!(
+                let hint =
+                    if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_UNSUPPORTED_PTX_VERSION {
+                        format!(
                         " (the PTX comes from NVRTC {:?}, the driver supports CUDA {:?}: put an \
                          NVRTC no newer than the driver first on LD_LIBRARY_PATH)",
                         ptx::nvrtc_version().ok(),
                         driver_version()
                     )
-                } else {
-                    String::new()
-                };
+                    } else {
+                        String::new()
+                    };
                 GpuError::Kernel(format!("loading {name} on {}: {e:?}{hint}", self.info.name))
             })
     }

@@ -27,10 +27,10 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 
-use super::ptx::{expanded, LAUNCH_ABI};
+use crate::extract::gpu::ptx::{expanded, LAUNCH_ABI};
 
 /// The emulation layer, written next to each runner program.
-const HEADER: &str = include_str!("../../../kernels/emu/cuda_emu.h");
+const HEADER: &str = include_str!("../../../../kernels/emu/cuda_emu.h");
 /// How long one launch may run before it counts as hung.
 const LAUNCH_TIMEOUT: Duration = Duration::from_secs(180);
 
@@ -789,31 +789,27 @@ mod normal_cu {
 }
 
 mod chi2_cu {
-    //! chi2.cu against `chi2::twin` and `chi2::twin_model_image`, which promise the kernels'
-    //! bits.
+    //! chi2.cu against `chi2::twin`, which promises the kernels' bits.
     use super::super::chi2::{
-        twin, twin_model_image, Chi2Layout, HostChi2, PIXEL_THREADS, PROJECT_THREADS, TILE_ROWS,
+        twin, Chi2Layout, HostChi2, PIXEL_THREADS, PROJECT_THREADS, TILE_ROWS,
     };
     use super::super::normal::BatchLayout;
     use super::super::scene::{Masked, Pixels, Recipe, Trim};
     use super::*;
     use crate::extract::PatchInput;
 
-    /// The three kernels as `chi2::launch` and `chi2::launch_model_image` launch them, every
-    /// output poisoned with NaN first.
+    /// The two kernels as `chi2::launch` launches them, every output poisoned with NaN first.
     fn run(
         prog: &Program,
         l: &BatchLayout,
         dims: &Chi2Layout,
         x: &[f64],
         psferr: f64,
-        coef: &[f64],
-    ) -> Result<(HostChi2, Vec<f64>), String> {
+    ) -> Result<HostChi2, String> {
         let (npatch, npix, nslot) = (l.npatch, dims.npix, dims.npatch * dims.slots());
-        let pixel_grid = (dims.tiles() as u32, npatch as u32, 1);
         let pixels = Launch {
             kernel: "chi2_pixels",
-            grid: pixel_grid,
+            grid: (dims.tiles() as u32, npatch as u32, 1),
             block: (PIXEL_THREADS, 1, 1),
             smem: dims.smem(),
             args: vec![
@@ -867,74 +863,41 @@ mod chi2_cu {
             ],
         };
         let out = prog.run(&project, LAUNCH_TIMEOUT)?;
-        let (chi2pix, pixmask) = (out.f64s(14), out.f64s(15));
-        let image = Launch {
-            kernel: "chi2_model_image",
-            grid: pixel_grid,
-            block: (PIXEL_THREADS, 1, 1),
-            smem: dims.smem(),
-            args: vec![
-                int(TILE_ROWS),
-                int(l.nmax),
-                int(l.nx),
-                i32s(&l.patch),
-                i32s(&dims.dims),
-                i64s(&l.scr_off),
-                f64s(&l.spots),
-                i64s(&l.spot_off),
-                i32s(&l.geom),
-                f64s(coef),
-                nan(npix),
-            ],
-        };
-        let out = prog.run(&image, LAUNCH_TIMEOUT)?;
-        let host = HostChi2 {
+        Ok(HostChi2 {
             model,
             chi2,
             valid,
-            chi2pix,
-            pixmask,
-        };
-        Ok((host, out.f64s(10)))
+            chi2pix: out.f64s(14),
+            pixmask: out.f64s(15),
+        })
     }
 
-    /// Random solutions and image coefficients: x on every unknown, the coefficients on the
-    /// core bins only; NaN on every slot the kernels must not read (padding unknowns, and for
-    /// the image every non-core slot), so that a stray read poisons an output.
-    fn vectors(l: &BatchLayout, inputs: &[PatchInput<'_>], seed: u64) -> (Vec<f64>, Vec<f64>) {
+    /// Random solutions on every unknown; NaN on the padding unknowns, which the kernels
+    /// must not read, so that a stray read poisons an output.
+    fn solutions(l: &BatchLayout, seed: u64) -> Vec<f64> {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let nmax = l.nmax;
         let mut x = vec![f64::NAN; l.npatch * nmax];
-        let mut coef = vec![f64::NAN; l.npatch * nmax];
-        for (b, inp) in inputs.iter().enumerate() {
-            let p = inp.patch;
+        for b in 0..l.npatch {
             for v in &mut x[b * nmax..b * nmax + l.n(b)] {
                 *v = rng.gen_range(-20.0..400.0);
             }
-            let nstep = p.nwavetot - 2 * p.wavepad;
-            for c in 0..p.nspec {
-                let u0 = b * nmax + (p.core_fiber_offset() + c) * p.nwavetot + p.wavepad;
-                for v in &mut coef[u0..u0 + nstep] {
-                    *v = rng.gen_range(-20.0..400.0);
-                }
-            }
         }
-        (x, coef)
+        x
     }
 
-    /// [model, χ² and valid, chi2pix, pixmask, image] of the kernels against the twins.
+    /// [model, χ² and valid, chi2pix, pixmask] of the kernels against the twin.
     fn compare(
         prog: &Program,
         l: &BatchLayout,
         inputs: &[PatchInput<'_>],
         seed: u64,
-    ) -> Result<[Diff; 5], String> {
+    ) -> Result<[Diff; 4], String> {
         let dims = Chi2Layout::new(inputs, l).unwrap();
-        let (x, coef) = vectors(l, inputs, seed);
+        let x = solutions(l, seed);
         let psferr = 0.01;
-        let (got, image) = run(prog, l, &dims, &x, psferr, &coef)?;
+        let got = run(prog, l, &dims, &x, psferr)?;
         let want = twin(l, &dims, &x, psferr);
-        let want_image = twin_model_image(l, &dims, &coef);
         let mut c2 = Diff::of(&got.chi2, &want.chi2);
         c2.add(Diff::of(&got.valid, &want.valid));
         Ok([
@@ -942,12 +905,11 @@ mod chi2_cu {
             c2,
             Diff::of(&got.chi2pix, &want.chi2pix),
             Diff::of(&got.pixmask, &want.pixmask),
-            Diff::of(&image, &want_image),
         ])
     }
 
-    fn report(d: &[Diff; 5]) -> String {
-        let names = ["model", "chi2/valid", "chi2pix", "pixmask", "model image"];
+    fn report(d: &[Diff; 4]) -> String {
+        let names = ["model", "chi2/valid", "chi2pix", "pixmask"];
         let parts: Vec<String> = names
             .iter()
             .zip(d)
@@ -967,7 +929,7 @@ mod chi2_cu {
     }
 
     #[test]
-    fn chi2_cu_matches_its_twins_bit_for_bit() {
+    fn chi2_cu_matches_its_twin_bit_for_bit() {
         let Some(tc) = toolchain_or_skip() else {
             return;
         };
@@ -990,7 +952,7 @@ mod chi2_cu {
             let t0 = Instant::now();
             let d = compare(&prog, layout, inputs, 12).unwrap();
             eprintln!(
-                "chi2.cu (emulated) vs twins, {what}, {} patches, {:.1} s: {}",
+                "chi2.cu (emulated) vs twin, {what}, {} patches, {:.1} s: {}",
                 layout.npatch,
                 t0.elapsed().as_secs_f64(),
                 report(&d)

@@ -10,17 +10,19 @@
 //!
 //! Each call is run once untimed (the libraries set up lazily), then timed with events on the
 //! stream; the inputs are copied afresh before each run, the factorisations being in place.
+//!
+//! Imports the GPU stages' layouts, launchers and library handles from `extract::gpu`.
 
 use cudarc::cusolver::sys as cusolver;
 use cudarc::driver::{sys::CUevent_flags, CudaSlice, DevicePtr, DevicePtrMut};
 
-use super::backend::blocks_of;
-use super::decorrelate::{self as decor, DecorrLayout, EigenRoute, MAX_SWEEPS};
-use super::device::Gpu;
-use super::normal::{self, BatchLayout, OnDevice, UploadedLayout};
-use super::solve::{solver_ok, PatchShape, Solver};
-use super::GpuError;
 use crate::extract::cpu::DIAG_EPSILON;
+use crate::extract::gpu::backend::blocks_of;
+use crate::extract::gpu::decorrelate::{self as decor, DecorrLayout, EigenRoute, MAX_SWEEPS};
+use crate::extract::gpu::device::Gpu;
+use crate::extract::gpu::normal::{self, BatchLayout, OnDevice, UploadedLayout};
+use crate::extract::gpu::solve::{solver_ok, PatchShape, Solver};
+use crate::extract::gpu::GpuError;
 use crate::extract::{ExtractOptions, PatchInput};
 
 /// One choice: the routine the backend uses and its alternative, timed on the same inputs.
@@ -67,7 +69,7 @@ impl Measured {
 }
 
 fn cuda(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> GpuError {
-    move |e| GpuError::Cuda(format!("measuring the library choices: {what}: {e:?}"))
+    move |e| GpuError::driver(format!("measuring the library choices: {what}"), e)
 }
 
 /// Seconds `step(false)` takes on `gpu`'s stream, after one untimed run; `step(true)` runs

@@ -48,24 +48,14 @@
 //!
 //! Sizes come from a [`FrameShape`], built from a real plan, PSF and wavelength grid by
 //! [`FrameShape::of_plan`] (exact spot overlaps from the traces), or by hand in tests. The
-//! stage names are [`STAGES`], the names the benchmark's measured times are keyed by.
+//! stage names are [`STAGES`](crate::extract::gpu::backend::STAGES), the names the benchmark's measured times are keyed by.
+//!
+//! Imports the backend's stage names, `patch` and `psf`; no device code.
 
 use rayon::prelude::*;
 
 use crate::patch::{pixels, plan, Patch, PixelWindow, Plan, WaveGrid};
 use crate::psf::{Psf, PsfError, SpotSet};
-
-/// The stages, in the order the backend runs them; its measured times are keyed by these
-/// names.
-pub const STAGES: [&str; 7] = [
-    "h2d",
-    "spots",
-    "normal",
-    "solve",
-    "decorrelate",
-    "chi2",
-    "d2h",
-];
 
 /// Flops charged for an FP64 division: a reciprocal estimate and ~7 FMA-class instructions
 /// of Newton refinement and rounding fix-up, two flops each (the peak's unit).
@@ -194,7 +184,7 @@ pub enum Pipe {
 /// The work of one stage.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StageCost {
-    /// One of [`STAGES`].
+    /// One of [`STAGES`](crate::extract::gpu::backend::STAGES).
     pub stage: &'static str,
     /// FP64 flops (an FMA is 2).
     pub flops: f64,
@@ -731,7 +721,7 @@ fn decorrelate_block_onchip(n: usize, nrow: usize, nstep: usize, nd2col: f64, sw
     load + basis + sweeps * jacobi_sweep_onchip_bytes(n) + last_test + after
 }
 
-/// The cost of one batch, stage by stage (in [`STAGES`] order).
+/// The cost of one batch, stage by stage (in [`STAGES`](crate::extract::gpu::backend::STAGES) order).
 pub fn batch_costs(shape: &FrameShape, batch: &BatchShape) -> Vec<StageCost> {
     let d = &shape.spot;
     let npix = d.pixels() as f64;
@@ -884,7 +874,7 @@ pub fn frame_costs(shape: &FrameShape) -> Vec<StageCost> {
 
 /// A markdown table of `costs` on `card`: `| stage | GFLOP | GB | floor ms | bound | on-chip
 /// GB | on-chip ms |`, then `| measured ms | x floor |` when `measured` (seconds per stage,
-/// keyed by [`STAGES`] names) is not empty; totals for the device stages and for everything
+/// keyed by [`STAGES`](crate::extract::gpu::backend::STAGES) names) is not empty; totals for the device stages and for everything
 /// run one after the other; and a last line with the totals when each stage is held to the
 /// larger of its floor and its on-chip time ([`StageCost::kernel_floor_s`]).
 pub fn render_table(costs: &[StageCost], card: &CardPeak, measured: &[(&str, f64)]) -> String {
@@ -970,6 +960,7 @@ pub fn render_table(costs: &[StageCost], card: &CardPeak, measured: &[(&str, f64
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::extract::gpu::backend::STAGES;
     use crate::patch::{PatchOptions, Plan};
 
     fn patch(nspecpad: usize, core: usize, nspec: usize, nwavetot: usize, wavepad: usize) -> Patch {

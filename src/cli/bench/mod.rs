@@ -1,6 +1,8 @@
 //! `spextract bench`: times one frame's extraction at several thread counts, against the dense
 //! oracle (the straightforward eigendecomposition route of gpu_specter's CPU path) timed on a
-//! sample of the same patches in the same process.
+//! sample of the same patches in the same process. With `--backend gpu`, also the GPU's
+//! stage times against the floor the card sets (`cost`) and the two library choices timed at
+//! the real sizes (`choice`).
 
 use std::time::Instant;
 
@@ -13,7 +15,7 @@ use super::ExtractionFlags;
 use crate::extract::cpu::oracle;
 use crate::extract::gpu::backend::GpuBackend;
 use crate::extract::gpu::decorrelate::EigenRoute;
-use crate::extract::gpu::{cost, solve};
+use crate::extract::gpu::solve;
 use crate::extract::PatchInput;
 use crate::patch::{pixels, Patch, PixelWindow};
 use crate::pipeline::frame::FrameResult;
@@ -39,6 +41,9 @@ pub struct BenchArgs {
 }
 
 pub use crate::pipeline::report::peak_rss_mib;
+
+pub mod choice;
+pub mod cost;
 
 /// The node the benchmark runs on, for frames per node-hour.
 struct Node {
@@ -288,9 +293,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 
 /// The backend's two library choices timed on the first two bundles' patches (as one chunk):
 /// the batched Cholesky against one call per matrix, the Jacobi kernel against cuSOLVER's
-/// batched eigensolver (`extract::gpu::choice`).
+/// batched eigensolver (`choice`).
 fn print_library_choices(prep: &Prepared) -> Result<()> {
-    use crate::extract::gpu::{choice, device::Gpu};
+    use crate::extract::gpu::device::Gpu;
     let patches: Vec<_> = prep
         .plan
         .patches

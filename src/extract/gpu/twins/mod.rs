@@ -1,0 +1,16 @@
+//! Test-only: the host twins of the kernels and library calls (plain Rust mirroring each
+//! stage's algorithm and data layout, one file per stage, with that stage's tests), the CUDA
+//! emulator that runs `kernels/*.cu` on the CPU against them (`emu`), and the stages' shared
+//! fixture (`scene`). Nothing here is compiled into the binary. Each stage file re-exports its
+//! product module (`pub(super) use super::super::<stage>::*`), so that `twins::<stage>` names
+//! both the product's layouts and launchers and the twin. May import anything in the crate.
+
+mod backend;
+mod chi2;
+mod decorrelate;
+mod emu;
+mod normal;
+pub(super) mod scene;
+mod solve;
+mod spots;
+mod unit;
