@@ -16,8 +16,9 @@ use anyhow::Context;
 use clap::Args;
 use serde::Serialize;
 
+use crate::cli::select::{self as frames, FrameSelection};
 use crate::pipeline::env;
-use crate::pipeline::frames::{self, FrameSelection, FramesError};
+use crate::pipeline::joblist::JobListError as FramesError;
 use crate::pipeline::run::Layout;
 
 /// `spextract doctor`.

@@ -23,7 +23,7 @@ use crossbeam_channel::{unbounded, Receiver, Sender};
 use tracing::{error, info, warn};
 
 use super::comm::{Comm, LocalComm, MpiComm, Msg, RankSummary};
-use super::frames::FrameJob;
+use super::joblist::FrameJob;
 use super::prepare::{check_extracted, prepare_frame, write_outputs};
 use super::report::{FrameCounts, FrameFailure, RoleTimes, RunReport, REPORT_VERSION};
 use super::unit::{self, Assembly, FrameTicket, UnitInput, UnitOutput};
