@@ -169,7 +169,7 @@ pub fn compute(
         }
     }
     let (pix, ivar) = stand_in.views();
-    let result = unit::compute_on(job, pix, ivar, gpu);
+    let result = unit::compute_on(job, pix, ivar, gpu).map_err(|e| e.to_string());
     let arrays = match gpu.take_unit() {
         Ok(a) => a,
         Err(e) => return (Err(e.to_string()), None),
