@@ -58,7 +58,13 @@ fn prepare_with(cfg: &Config, flags: &ExtractionFlags, model_image: bool) -> Res
             .run
             .progress
             .unwrap_or_else(|| std::io::stderr().is_terminal());
-    prepare_frame(cfg, psf_path, image_path, model_image, progress)
+    Ok(prepare_frame(
+        cfg,
+        psf_path,
+        image_path,
+        model_image,
+        progress,
+    )?)
 }
 
 /// Runs the extraction of a prepared frame on `threads` threads, with progress.

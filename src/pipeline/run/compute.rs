@@ -210,7 +210,7 @@ impl Compute {
     ) -> Result<(), RunError> {
         self.requested = false;
         let landed = crate::pipeline::device_path::land(&u, dims, parts)
-            .map_err(|e| RunError::DevicePath(format!("from rank {from}: {e}")))?;
+            .map_err(|error| RunError::Landing { from, error })?;
         self.pending.push_back((u, writer, Some(landed)));
         Ok(())
     }

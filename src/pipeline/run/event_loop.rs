@@ -142,8 +142,7 @@ pub(super) fn run_rank(
                 #[cfg(feature = "cuda-aware-mpi")]
                 Msg::OutputParts(out, shape, parts) => {
                     let out =
-                        crate::pipeline::device_path::output_from_parts(*out, shape, parts, from)
-                            .map_err(RunError::DevicePath)?;
+                        crate::pipeline::device_path::output_from_parts(*out, shape, parts, from)?;
                     role(&mut writer, "a unit output", "write")?.on_output(out)?
                 }
                 Msg::ComputeDone => role(&mut writer, "compute-done", "write")?.on_compute_done(),

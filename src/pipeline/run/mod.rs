@@ -99,10 +99,19 @@ pub enum RunError {
     /// A unit's output does not fit its frame.
     #[error(transparent)]
     Unit(#[from] UnitError),
-    /// A unit's parts could not be taken into device memory or back into its arrays.
+    /// A unit's pixels from rank `from` could not be taken into device memory.
     #[cfg(feature = "cuda-aware-mpi")]
-    #[error("{0}")]
-    DevicePath(String),
+    #[error("from rank {from}: {error}")]
+    Landing {
+        /// The reader that sent them.
+        from: usize,
+        /// Why.
+        error: crate::pipeline::device_path::DevicePathError,
+    },
+    /// A unit's results could not be put back into its arrays.
+    #[cfg(feature = "cuda-aware-mpi")]
+    #[error(transparent)]
+    DevicePath(#[from] crate::pipeline::device_path::DevicePathError),
     /// MPI_Init failed.
     #[error("MPI could not be initialised (was it already?)")]
     MpiInit,

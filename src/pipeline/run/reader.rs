@@ -56,7 +56,7 @@ impl Reader {
                     let t0 = Instant::now();
                     let j = &o.jobs[job];
                     let res = prepare_frame(&o.cfg, &j.psf, &j.image, false, false)
-                        .map_err(|e| format!("{e:#}"))
+                        .map_err(|e| e.one_line())
                         .and_then(|prep| {
                             unit::cut(&prep, job, o.unit_bundles, j.output.clone(), o.overwrite)
                                 .map_err(|e| e.to_string())

@@ -177,7 +177,7 @@ impl Writer {
 
 /// Finalises and writes one assembled frame; the error is one line.
 fn write_frame_file(ticket: &FrameTicket, res: &FrameResult) -> Result<(), String> {
-    check_extracted(res, ticket.npatch).map_err(|e| format!("{e:#}"))?;
+    check_extracted(res, ticket.npatch).map_err(|e| e.one_line())?;
     if let Some(dir) = ticket.output.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     }
@@ -189,5 +189,5 @@ fn write_frame_file(ticket: &FrameTicket, res: &FrameResult) -> Result<(), Strin
         None,
         ticket.overwrite,
     )
-    .map_err(|e| format!("{e:#}"))
+    .map_err(|e| e.one_line())
 }
