@@ -9,7 +9,10 @@
 //! On the wire a message is one MPI message of bytes: a 16-byte header (magic, kind, payload
 //! length) and the bincode payload. The receiver checks the byte count it received against the
 //! header, and the payload against the kind, and reports a mismatch as an error naming the
-//! sender instead of decoding garbage.
+//! sender instead of decoding garbage ([`CommError`]).
+//!
+//! Imports the pipeline's `unit` and `report` (what messages carry) and, in the cuda-aware-mpi
+//! build, `extract::gpu::unit` (the shape of a unit's results).
 
 use std::collections::VecDeque;
 

@@ -1,6 +1,8 @@
 //! The end-of-run summary: what every run prints on rank 0 and, with `--report`, writes as
 //! JSON so that runs (CPU nodes against GPU nodes, one build against another) can be compared
 //! by `spextract report`.
+//!
+//! Imports nothing of the crate: the report is plain data.
 
 use std::path::{Path, PathBuf};
 
