@@ -42,8 +42,8 @@ pub struct Config {
     /// How the run uses the machine.
     pub run: RunConfig,
     /// Frames to extract (`[[frames]]` with image, psf and output); relative paths are relative
-    /// to the configuration file's folder (see `pipeline::frames::resolve`).
-    pub frames: Vec<crate::pipeline::frames::FrameJob>,
+    /// to the configuration file's folder (see `pipeline::joblist::resolve`).
+    pub frames: Vec<crate::pipeline::joblist::FrameJob>,
 }
 
 /// The `[extract]` table.

@@ -58,7 +58,13 @@ fn prepare_with(cfg: &Config, flags: &ExtractionFlags, model_image: bool) -> Res
             .run
             .progress
             .unwrap_or_else(|| std::io::stderr().is_terminal());
-    prepare_frame(cfg, psf_path, image_path, model_image, progress)
+    Ok(prepare_frame(
+        cfg,
+        psf_path,
+        image_path,
+        model_image,
+        progress,
+    )?)
 }
 
 /// Runs the extraction of a prepared frame on `threads` threads, with progress.
@@ -182,7 +188,8 @@ pub fn run(args: &ExtractArgs) -> Result<bool> {
 
 /// Many frames through the pipeline (any number of ranks, or this process alone).
 fn many(args: &ExtractArgs, mut cfg: Config) -> Result<bool> {
-    use crate::pipeline::frames::{self, FrameJob, OutputState};
+    use super::select;
+    use crate::pipeline::joblist::{self, FrameJob, OutputState};
     use crate::pipeline::{env, run};
     if args.model_image.is_some() {
         bail!("--model-image is for a single frame (--psf, --image, --output), not a list");
@@ -207,7 +214,7 @@ fn many(args: &ExtractArgs, mut cfg: Config) -> Result<bool> {
         _ => bail!("--image, --psf and --output name one frame and go together"),
     };
     let config_dir = f.config.as_deref().and_then(Path::parent);
-    let jobs = frames::resolve(&args.select, &cfg.frames, config_dir, single)?;
+    let jobs = select::resolve(&args.select, &cfg.frames, config_dir, single)?;
     let launch = env::launch();
     let rc = cfg.run.clone();
     let backend = choose_backend(&rc.backend)?;
@@ -216,7 +223,7 @@ fn many(args: &ExtractArgs, mut cfg: Config) -> Result<bool> {
     let mut skipped = Vec::new();
     if launch.rank == 0 {
         for (i, job) in jobs.iter().enumerate() {
-            for stale in frames::stale_temporaries(&job.output) {
+            for stale in joblist::stale_temporaries(&job.output) {
                 match std::fs::remove_file(&stale) {
                     Ok(()) => info!("removed {}, left by an interrupted run", stale.display()),
                     Err(e) => warn!("could not remove {}: {e}", stale.display()),
@@ -225,7 +232,7 @@ fn many(args: &ExtractArgs, mut cfg: Config) -> Result<bool> {
             if args.overwrite {
                 continue;
             }
-            match frames::output_state(&job.output) {
+            match joblist::output_state(&job.output) {
                 OutputState::Complete => skipped.push(i),
                 OutputState::Missing => {}
                 OutputState::Incomplete(why) => warn!(

@@ -6,6 +6,7 @@ pub mod compare;
 pub mod doctor;
 pub mod extract;
 pub mod report;
+pub mod select;
 pub mod simulate;
 
 use std::path::PathBuf;
@@ -103,7 +104,7 @@ pub struct ExtractArgs {
     /// Many frames: a list file, a desispec night/exposure/camera pattern, or `[[frames]]` in
     /// the configuration.
     #[command(flatten)]
-    pub select: crate::pipeline::frames::FrameSelection,
+    pub select: select::FrameSelection,
     /// Also write the model image `A·flux` here (single frame only).
     #[arg(short = 'm', long)]
     pub model_image: Option<PathBuf>,

@@ -9,7 +9,10 @@
 //! On the wire a message is one MPI message of bytes: a 16-byte header (magic, kind, payload
 //! length) and the bincode payload. The receiver checks the byte count it received against the
 //! header, and the payload against the kind, and reports a mismatch as an error naming the
-//! sender instead of decoding garbage.
+//! sender instead of decoding garbage ([`CommError`]).
+//!
+//! Imports the pipeline's `unit` and `report` (what messages carry) and, in the cuda-aware-mpi
+//! build, `extract::gpu::unit` (the shape of a unit's results).
 
 use std::collections::VecDeque;
 
@@ -183,12 +186,131 @@ pub struct RankSummary {
     pub unit_bytes: Vec<(usize, u64)>,
 }
 
+/// Why a message could not travel, naming the rank it came from or went to.
+#[derive(Debug, thiserror::Error)]
+pub enum CommError {
+    /// A message did not serialise.
+    #[error("encoding a {kind}: {why}")]
+    Encode {
+        /// The message's name.
+        kind: &'static str,
+        /// bincode's complaint.
+        why: String,
+    },
+    /// Fewer bytes than a header.
+    #[error("rank {from} sent a {len}-byte message, shorter than the {HEADER}-byte header")]
+    Short {
+        /// The sender.
+        from: usize,
+        /// Bytes received.
+        len: usize,
+    },
+    /// Not one of spextract's messages.
+    #[error("rank {from} sent a message without spextract's header")]
+    NoHeader {
+        /// The sender.
+        from: usize,
+    },
+    /// The payload is not as long as the header says.
+    #[error(
+        "rank {from}: received {got} payload bytes but the header of this kind-{kind} message \
+         says {len}"
+    )]
+    Length {
+        /// The sender.
+        from: usize,
+        /// Payload bytes received.
+        got: usize,
+        /// The header's kind.
+        kind: u32,
+        /// The header's payload length.
+        len: usize,
+    },
+    /// The payload does not decode.
+    #[error("rank {from}: a kind-{kind} message of {len} bytes does not decode: {why}")]
+    Decode {
+        /// The sender.
+        from: usize,
+        /// The header's kind.
+        kind: u32,
+        /// Payload bytes.
+        len: usize,
+        /// bincode's complaint.
+        why: String,
+    },
+    /// The payload is another kind of message than the header says.
+    #[error("rank {from}: the header says kind {kind} but the payload is a {name}")]
+    Kind {
+        /// The sender.
+        from: usize,
+        /// The header's kind.
+        kind: u32,
+        /// What the payload is.
+        name: &'static str,
+    },
+    /// A single process has only rank 0.
+    #[error("no rank {to} in a single process")]
+    NoSuchRank {
+        /// The rank asked for.
+        to: usize,
+    },
+    /// MPI delivered another byte count than its probe announced.
+    #[error("rank {from}: probed {expected} bytes but received {got}")]
+    Probe {
+        /// The sender.
+        from: usize,
+        /// Bytes the probe announced.
+        expected: usize,
+        /// Bytes received.
+        got: usize,
+    },
+    /// A part too large for one MPI message.
+    #[cfg(feature = "cuda-aware-mpi")]
+    #[error("a part of {bytes} bytes is over MPI's count limit")]
+    PartTooLarge {
+        /// Its bytes.
+        bytes: usize,
+    },
+    /// A part is not as long as its header says.
+    #[cfg(feature = "cuda-aware-mpi")]
+    #[error(
+        "rank {from} sent {got} bytes for part {part} of a {kind}, whose header says {len} \
+         values ({want} bytes)"
+    )]
+    PartLength {
+        /// The sender.
+        from: usize,
+        /// Bytes received.
+        got: usize,
+        /// Which part.
+        part: usize,
+        /// The message's name.
+        kind: &'static str,
+        /// Values the header announced.
+        len: usize,
+        /// Bytes that makes.
+        want: usize,
+    },
+    /// The GPU refused a step of moving a part.
+    #[cfg(feature = "cuda-aware-mpi")]
+    #[error("{doing}: {why}")]
+    Gpu {
+        /// The step.
+        doing: String,
+        /// The driver's error.
+        why: String,
+    },
+}
+
 const MAGIC: u32 = 0x5350_5854; // "SPXT"
 const HEADER: usize = 16;
 
 /// Serialises `msg` with its header.
-pub fn encode(msg: &Msg) -> Result<Vec<u8>, String> {
-    let payload = bincode::serialize(msg).map_err(|e| format!("encoding a {}: {e}", msg.name()))?;
+pub fn encode(msg: &Msg) -> Result<Vec<u8>, CommError> {
+    let payload = bincode::serialize(msg).map_err(|e| CommError::Encode {
+        kind: msg.name(),
+        why: e.to_string(),
+    })?;
     let mut out = Vec::with_capacity(HEADER + payload.len());
     out.extend_from_slice(&MAGIC.to_le_bytes());
     out.extend_from_slice(&msg.kind().to_le_bytes());
@@ -198,36 +320,39 @@ pub fn encode(msg: &Msg) -> Result<Vec<u8>, String> {
 }
 
 /// Checks the header of `bytes` (from rank `from`) against what arrived, then decodes.
-pub fn decode(bytes: &[u8], from: usize) -> Result<Msg, String> {
+pub fn decode(bytes: &[u8], from: usize) -> Result<Msg, CommError> {
     if bytes.len() < HEADER {
-        return Err(format!(
-            "rank {from} sent a {}-byte message, shorter than the {HEADER}-byte header",
-            bytes.len()
-        ));
+        return Err(CommError::Short {
+            from,
+            len: bytes.len(),
+        });
     }
     let word = |i: usize| u32::from_le_bytes(bytes[i..i + 4].try_into().expect("4 bytes"));
     if word(0) != MAGIC {
-        return Err(format!(
-            "rank {from} sent a message without spextract's header"
-        ));
+        return Err(CommError::NoHeader { from });
     }
     let kind = word(4);
     let len = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes")) as usize;
     if bytes.len() - HEADER != len {
-        return Err(format!(
-            "rank {from}: received {} payload bytes but the header of this kind-{kind} message \
-             says {len}",
-            bytes.len() - HEADER
-        ));
+        return Err(CommError::Length {
+            from,
+            got: bytes.len() - HEADER,
+            kind,
+            len,
+        });
     }
-    let msg: Msg = bincode::deserialize(&bytes[HEADER..]).map_err(|e| {
-        format!("rank {from}: a kind-{kind} message of {len} bytes does not decode: {e}")
+    let msg: Msg = bincode::deserialize(&bytes[HEADER..]).map_err(|e| CommError::Decode {
+        from,
+        kind,
+        len,
+        why: e.to_string(),
     })?;
     if msg.kind() != kind {
-        return Err(format!(
-            "rank {from}: the header says kind {kind} but the payload is a {}",
-            msg.name()
-        ));
+        return Err(CommError::Kind {
+            from,
+            kind,
+            name: msg.name(),
+        });
     }
     Ok(msg)
 }
@@ -237,9 +362,9 @@ pub trait Comm {
     /// This rank.
     fn rank(&self) -> usize;
     /// Sends without waiting for the receiver; returns the bytes that crossed to another rank.
-    fn send(&mut self, to: usize, msg: Msg) -> Result<u64, String>;
+    fn send(&mut self, to: usize, msg: Msg) -> Result<u64, CommError>;
     /// The next message that has arrived, if any.
-    fn try_recv(&mut self) -> Result<Option<(usize, Msg)>, String>;
+    fn try_recv(&mut self) -> Result<Option<(usize, Msg)>, CommError>;
     /// Advances sends in flight; true when none is left.
     fn flush(&mut self) -> bool;
     /// Seconds spent receiving each kind of message from other ranks, and how many.
@@ -265,15 +390,15 @@ impl Comm for LocalComm {
         0
     }
 
-    fn send(&mut self, to: usize, msg: Msg) -> Result<u64, String> {
+    fn send(&mut self, to: usize, msg: Msg) -> Result<u64, CommError> {
         if to != 0 {
-            return Err(format!("no rank {to} in a single process"));
+            return Err(CommError::NoSuchRank { to });
         }
         self.queue.push_back(msg);
         Ok(0)
     }
 
-    fn try_recv(&mut self) -> Result<Option<(usize, Msg)>, String> {
+    fn try_recv(&mut self) -> Result<Option<(usize, Msg)>, CommError> {
         Ok(self.queue.pop_front().map(|m| (0, m)))
     }
 
@@ -363,14 +488,14 @@ impl MpiComm {
 
     /// Sends the parts of a message after its header.
     #[cfg(feature = "cuda-aware-mpi")]
-    fn send_parts(&mut self, to: usize, parts: Vec<Part>) -> Result<u64, String> {
+    fn send_parts(&mut self, to: usize, parts: Vec<Part>) -> Result<u64, CommError> {
         use mpi::point_to_point::Destination;
         use mpi::topology::Communicator;
         let mut n = 0u64;
         for part in parts {
             let bytes = part.len() * std::mem::size_of::<f64>();
             if i32::try_from(bytes).is_err() {
-                return Err(format!("a part of {bytes} bytes is over MPI's count limit"));
+                return Err(CommError::PartTooLarge { bytes });
             }
             n += bytes as u64;
             match part {
@@ -383,7 +508,10 @@ impl MpiComm {
                     d.stream()
                         .context()
                         .bind_to_thread()
-                        .map_err(|e| format!("binding the GPU's context to send a part: {e:?}"))?;
+                        .map_err(|e| CommError::Gpu {
+                            doing: "binding the GPU's context to send a part".into(),
+                            why: format!("{e:?}"),
+                        })?;
                     let buffer: &'static mut mpi::datatype::DynBuffer<'static> =
                         Box::leak(Box::new(device_buffer(&d).downgrade()));
                     let ptr: *mut mpi::datatype::DynBuffer<'static> = buffer;
@@ -411,10 +539,10 @@ impl MpiComm {
     fn receive_parts(
         &mut self,
         from: usize,
-        kind: &str,
+        kind: &'static str,
         parts: &mut Parts,
         on_device: bool,
-    ) -> Result<(), String> {
+    ) -> Result<(), CommError> {
         use mpi::datatype::Equivalence;
         use mpi::point_to_point::Source;
         use mpi::topology::Communicator;
@@ -426,20 +554,29 @@ impl MpiComm {
             let got = status.count(u8::equivalent_datatype()) as usize;
             let want = len * std::mem::size_of::<f64>();
             if got != want {
-                return Err(format!(
-                    "rank {from} sent {got} bytes for part {i} of a {kind}, whose header says \
-                     {len} values ({want} bytes)"
-                ));
+                return Err(CommError::PartLength {
+                    from,
+                    got,
+                    part: i,
+                    kind,
+                    len,
+                    want,
+                });
             }
             let part = match (&self.device, on_device) {
                 (Some(stream), true) => {
-                    let mut d = stream.alloc_zeros::<f64>(len.max(1)).map_err(|e| {
-                        format!("allocating {want} bytes on the GPU for a {kind}: {e:?}")
-                    })?;
+                    let mut d =
+                        stream
+                            .alloc_zeros::<f64>(len.max(1))
+                            .map_err(|e| CommError::Gpu {
+                                doing: format!("allocating {want} bytes on the GPU for a {kind}"),
+                                why: format!("{e:?}"),
+                            })?;
                     // MPI writes outside the stream: the allocation must be done first.
-                    stream
-                        .synchronize()
-                        .map_err(|e| format!("allocating on the GPU for a {kind}: {e:?}"))?;
+                    stream.synchronize().map_err(|e| CommError::Gpu {
+                        doing: format!("allocating on the GPU for a {kind}"),
+                        why: format!("{e:?}"),
+                    })?;
                     let mut raw = device_buffer(&d);
                     message.matched_receive_into(&mut raw);
                     // cudarc records the write for its ordering of later users of `d`.
@@ -486,7 +623,7 @@ impl Comm for MpiComm {
     }
 
     #[allow(unused_mut)]
-    fn send(&mut self, to: usize, mut msg: Msg) -> Result<u64, String> {
+    fn send(&mut self, to: usize, mut msg: Msg) -> Result<u64, CommError> {
         if to == self.rank {
             self.local.push_back(msg);
             return Ok(0);
@@ -502,7 +639,7 @@ impl Comm for MpiComm {
         Ok(n)
     }
 
-    fn try_recv(&mut self) -> Result<Option<(usize, Msg)>, String> {
+    fn try_recv(&mut self) -> Result<Option<(usize, Msg)>, CommError> {
         use mpi::datatype::Equivalence;
         use mpi::point_to_point::{MatchedReceiveVec, Source};
         use mpi::topology::Communicator;
@@ -521,10 +658,11 @@ impl Comm for MpiComm {
         let expected = status.count(u8::equivalent_datatype()) as usize;
         let (bytes, _) = (message, status).matched_receive_vec::<u8>();
         if bytes.len() != expected {
-            return Err(format!(
-                "rank {from}: probed {expected} bytes but received {}",
-                bytes.len()
-            ));
+            return Err(CommError::Probe {
+                from,
+                expected,
+                got: bytes.len(),
+            });
         }
         #[allow(unused_mut)]
         let mut msg = decode(&bytes, from)?;
@@ -605,12 +743,15 @@ mod tests {
             m => panic!("decoded {}", m.name()),
         }
         let short = &bytes[..bytes.len() - 1];
-        let err = decode(short, 2).unwrap_err();
+        let err = decode(short, 2).unwrap_err().to_string();
         assert!(err.contains("rank 2") && err.contains("header"), "{err}");
         let mut wrong_kind = bytes.clone();
         wrong_kind[4] = 9;
-        let err = decode(&wrong_kind, 5).unwrap_err();
+        let err = decode(&wrong_kind, 5).unwrap_err().to_string();
         assert!(err.contains("kind 9"), "{err}");
-        assert!(decode(&[0u8; 20], 1).unwrap_err().contains("header"));
+        assert!(decode(&[0u8; 20], 1)
+            .unwrap_err()
+            .to_string()
+            .contains("header"));
     }
 }

@@ -19,6 +19,23 @@ use crate::extract::gpu::backend::GpuBackend;
 use crate::extract::gpu::normal::{DevicePixels, ResidentPixels};
 use crate::extract::gpu::unit::{DeviceUnit, UnitShape};
 
+/// Why a unit's pixels or results could not take the device path, naming the unit (its frame,
+/// and the rank it came from on the writer's side).
+#[derive(Debug, thiserror::Error)]
+pub enum DevicePathError {
+    /// No address range for a unit's pixels.
+    #[error("{0}")]
+    Reserve(String),
+    /// What arrived does not fit the unit.
+    #[error("{unit}: {why}")]
+    Unit {
+        /// The unit, its frame (and sender).
+        unit: String,
+        /// What does not fit.
+        why: String,
+    },
+}
+
 /// An address range standing for a unit's image and ivar (`rows × cols` f64 each, one after
 /// the other), with no memory behind it.
 #[derive(Debug)]
@@ -35,11 +52,11 @@ unsafe impl Send for StandIn {}
 
 impl StandIn {
     /// Reserves the range for `rows × cols` pixels.
-    pub fn reserve(rows: usize, cols: usize) -> Result<StandIn, String> {
+    pub fn reserve(rows: usize, cols: usize) -> Result<StandIn, DevicePathError> {
         let n = rows
             .checked_mul(cols)
             .filter(|&n| n > 0)
-            .ok_or_else(|| format!("a unit of {rows} × {cols} pixels"))?;
+            .ok_or_else(|| DevicePathError::Reserve(format!("a unit of {rows} × {cols} pixels")))?;
         let bytes = 2 * n * std::mem::size_of::<f64>();
         // SAFETY: an anonymous private mapping at an address of the kernel's choosing touches
         // no existing memory; PROT_NONE and MAP_NORESERVE make it address space only.
@@ -54,10 +71,10 @@ impl StandIn {
             )
         };
         if base == libc::MAP_FAILED {
-            return Err(format!(
+            return Err(DevicePathError::Reserve(format!(
                 "reserving {bytes} bytes of address space for a unit's pixels: {}",
                 std::io::Error::last_os_error()
-            ));
+            )));
         }
         Ok(StandIn {
             base,
@@ -115,31 +132,36 @@ pub fn strip_pixels(mut u: UnitInput) -> (UnitInput, [usize; 2], Parts) {
 }
 
 /// Compute side: the two parts received into device memory, as pixels the backend adopts.
-pub fn land(job: &UnitInput, dims: [usize; 2], parts: Parts) -> Result<LandedPixels, String> {
-    let what = || format!("unit {} of frame {}", job.unit, job.job);
+pub fn land(
+    job: &UnitInput,
+    dims: [usize; 2],
+    parts: Parts,
+) -> Result<LandedPixels, DevicePathError> {
+    let unit_error = |why: String| DevicePathError::Unit {
+        unit: format!("unit {} of frame {}", job.unit, job.job),
+        why,
+    };
     let n = dims[0] * dims[1];
     let mut data = parts.data.into_iter();
     let (Some(Part::Device(pix)), Some(Part::Device(ivar)), None) =
         (data.next(), data.next(), data.next())
     else {
-        return Err(format!(
-            "{}: its pixels did not arrive as two device arrays",
-            what()
+        return Err(unit_error(
+            "its pixels did not arrive as two device arrays".into(),
         ));
     };
     if pix.len() != n || ivar.len() != n {
-        return Err(format!(
-            "{}: pixels of {} and {} values for a {} × {} rectangle",
-            what(),
+        return Err(unit_error(format!(
+            "pixels of {} and {} values for a {} × {} rectangle",
             pix.len(),
             ivar.len(),
             dims[0],
             dims[1]
-        ));
+        )));
     }
     let stand_in = StandIn::reserve(dims[0], dims[1])?;
     let (p, v) = stand_in.views();
-    let key = ResidentPixels::of(p, v).ok_or_else(|| format!("{}: an empty rectangle", what()))?;
+    let key = ResidentPixels::of(p, v).ok_or_else(|| unit_error("an empty rectangle".into()))?;
     Ok(LandedPixels {
         stand_in,
         pixels: DevicePixels { key, pix, ivar },
@@ -169,7 +191,7 @@ pub fn compute(
         }
     }
     let (pix, ivar) = stand_in.views();
-    let result = unit::compute_on(job, pix, ivar, gpu);
+    let result = unit::compute_on(job, pix, ivar, gpu).map_err(|e| e.to_string());
     let arrays = match gpu.take_unit() {
         Ok(a) => a,
         Err(e) => return (Err(e.to_string()), None),
@@ -212,25 +234,28 @@ pub fn output_from_parts(
     shape: UnitShape,
     parts: Parts,
     from: usize,
-) -> Result<UnitOutput, String> {
+) -> Result<UnitOutput, DevicePathError> {
     let what = format!("unit {} of frame {} from rank {from}", out.unit, out.job);
+    let unit_error = |why: String| DevicePathError::Unit {
+        unit: what.clone(),
+        why,
+    };
     let lens = shape.part_lens();
     let mut host = Vec::with_capacity(5);
     for (i, p) in parts.data.into_iter().enumerate() {
         match p {
             Part::Host(v) if i < 5 && v.len() == lens[i] => host.push(v),
             p => {
-                return Err(format!(
-                    "{what}: part {i} holds {p:?}, the unit's {shape:?} needs {} values in host \
-                     memory",
+                return Err(unit_error(format!(
+                    "part {i} holds {p:?}, the unit's {shape:?} needs {} values in host memory",
                     lens.get(i).copied().unwrap_or(0)
-                ))
+                )))
             }
         }
     }
     let Ok([flux, ivar, resolution, chi2pix, pixmask]) = <[Vec<f64>; 5]>::try_from(host) else {
-        return Err(format!(
-            "{what}: fewer than the five parts of a unit's results"
+        return Err(unit_error(
+            "fewer than the five parts of a unit's results".into(),
         ));
     };
     let fr = match out.result.as_mut() {
@@ -238,20 +263,20 @@ pub fn output_from_parts(
         Err(_) => return Ok(out),
     };
     if fr.specmin != shape.specmin || fr.nodata.dim() != (shape.nspec, shape.nwave) {
-        return Err(format!(
-            "{what}: results for fibers from {} ({:?} bins) sent as {shape:?}",
+        return Err(unit_error(format!(
+            "results for fibers from {} ({:?} bins) sent as {shape:?}",
             fr.specmin,
             fr.nodata.dim()
-        ));
+        )));
     }
     let grid = (shape.nspec, shape.nwave);
-    let arr = |v: Vec<f64>| Array2::from_shape_vec(grid, v).map_err(|e| format!("{what}: {e}"));
+    let arr = |v: Vec<f64>| Array2::from_shape_vec(grid, v).map_err(|e| unit_error(e.to_string()));
     fr.flux = arr(flux)?;
     fr.ivar = arr(ivar)?;
     fr.chi2pix = arr(chi2pix)?;
     fr.pixmask_fraction = arr(pixmask)?;
     fr.resolution = Array3::from_shape_vec((shape.nspec, shape.nd2, shape.nwave), resolution)
-        .map_err(|e| format!("{what}: {e}"))?;
+        .map_err(|e| unit_error(e.to_string()))?;
     Ok(out)
 }
 
@@ -331,13 +356,17 @@ mod tests {
         if let Part::Host(v) = &mut short.data[2] {
             v.pop();
         }
-        let e = output_from_parts(out(stripped.clone()), shape, short, 4).unwrap_err();
+        let e = output_from_parts(out(stripped.clone()), shape, short, 4)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("rank 4") && e.contains("part 2") && e.contains("105"),
             "{e}"
         );
         let wrong = UnitShape { nspec: 2, ..shape };
-        let e = output_from_parts(out(stripped), wrong, parts_of(&frame(2, 7, 5)), 4).unwrap_err();
+        let e = output_from_parts(out(stripped), wrong, parts_of(&frame(2, 7, 5)), 4)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("fibers from 20"), "{e}");
     }
 

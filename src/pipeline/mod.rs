@@ -1,5 +1,5 @@
 //! Frames to spectra at scale: one frame in memory (`frame`), the list of frames a run must
-//! do (`frames`), the process environment (`env`), work units (`unit`), the ranks and their
+//! do (`joblist`), the process environment (`env`), work units (`unit`), the ranks and their
 //! messages (`run`, `comm`; `device_path` in the cuda-aware-mpi build, where a GPU rank's
 //! units travel in device memory), and the end-of-run summary (`report`).
 
@@ -8,7 +8,7 @@ pub mod comm;
 pub mod device_path;
 pub mod env;
 pub mod frame;
-pub mod frames;
+pub mod joblist;
 pub mod prepare;
 pub mod report;
 pub mod run;

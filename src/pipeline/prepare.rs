@@ -1,10 +1,11 @@
 //! One frame from files to a plan, and from results back to a file: what the single-frame
 //! command and the pipeline's reader and writer share.
+//!
+//! Imports `psf`, `io`, `patch`, `extract`, `config` and the pipeline's `frame` and `env`.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
 use tracing::{info, warn};
 
 use crate::config::{self, Config};
@@ -12,9 +13,126 @@ use crate::extract::ExtractOptions;
 use crate::io::frame::{write_frame, write_model_image, Frame, FrameMeta};
 use crate::io::image::{read_preproc, Preproc};
 use crate::io::psf::read_psf;
+use crate::io::IoError;
 use crate::patch::{PatchOptions, Plan, WaveGrid};
 use crate::pipeline::frame::{finalize, FrameResult};
 use crate::psf::Psf;
+
+/// Why a frame could not be prepared or written, naming its files.
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    /// Reading the PSF or the image, or writing the frame.
+    #[error(transparent)]
+    Io(#[from] IoError),
+    /// The output grid is not a grid.
+    #[error("{0}")]
+    Grid(String),
+    /// The output grid reaches beyond the PSF's wavelengths.
+    #[error(
+        "wavelength range {gmin:.2}..{gmax:.2} Å is outside the PSF {} range {lo}..{hi} Å",
+        .psf.display()
+    )]
+    GridOutsidePsf {
+        /// The grid's first wavelength.
+        gmin: f64,
+        /// Its last.
+        gmax: f64,
+        /// The PSF.
+        psf: PathBuf,
+        /// The PSF's first wavelength.
+        lo: f64,
+        /// Its last.
+        hi: f64,
+    },
+    /// `specmin` is not a fiber of the PSF.
+    #[error(
+        "specmin {specmin} is past the last fiber of the PSF {}, which has {nfiber} fibers",
+        .psf.display()
+    )]
+    SpecminPastPsf {
+        /// The first fiber asked for.
+        specmin: usize,
+        /// The PSF.
+        psf: PathBuf,
+        /// Its fibers.
+        nfiber: usize,
+    },
+    /// The fibers asked for run past the PSF's.
+    #[error(
+        "fibers {specmin}..{end} requested but the PSF {} has {nfiber} fibers",
+        .psf.display()
+    )]
+    FibersPastPsf {
+        /// The first fiber asked for.
+        specmin: usize,
+        /// One past the last.
+        end: usize,
+        /// The PSF.
+        psf: PathBuf,
+        /// Its fibers.
+        nfiber: usize,
+    },
+    /// The image is not the CCD the PSF describes.
+    #[error(
+        "{}: image is {rows} rows x {cols} columns but the PSF {} describes a {psf_rows} x \
+         {psf_cols} CCD",
+        .image.display(),
+        .psf.display()
+    )]
+    ImageVsPsf {
+        /// The image.
+        image: PathBuf,
+        /// Its rows.
+        rows: usize,
+        /// Its columns.
+        cols: usize,
+        /// The PSF.
+        psf: PathBuf,
+        /// The PSF's CCD rows.
+        psf_rows: usize,
+        /// The PSF's CCD columns.
+        psf_cols: usize,
+    },
+    /// No grid given and none known for the image's camera.
+    #[error(
+        "{}: no --wavelength given and CAMERA '{camera}' is not b, r or z",
+        .image.display()
+    )]
+    NoWavelength {
+        /// The image.
+        image: PathBuf,
+        /// Its CAMERA header value.
+        camera: String,
+    },
+    /// Every patch failed or left the CCD.
+    #[error(
+        "nothing was extracted: of {npatch} patches, {dropped} left the CCD and {failed} failed \
+         even with regularisation; no output written"
+    )]
+    NothingExtracted {
+        /// Patches of the frame.
+        npatch: usize,
+        /// Patches off the CCD.
+        dropped: usize,
+        /// Patches that failed.
+        failed: usize,
+    },
+}
+
+impl PrepareError {
+    /// The error and its causes on one line, `: `-separated (as the pipeline reports a frame's
+    /// failure).
+    pub fn one_line(&self) -> String {
+        let mut line = self.to_string();
+        let mut cause = std::error::Error::source(self);
+        while let Some(c) = cause {
+            line.push_str(": ");
+            line.push_str(&c.to_string());
+            cause = c.source();
+        }
+        line
+    }
+}
 
 /// Everything resolved and loaded for one frame's extraction.
 pub struct Prepared {
@@ -58,15 +176,23 @@ pub fn header_value(cards: &[String], key: &str) -> Option<String> {
 }
 
 /// The output grid `[wmin, wmax, dw]`, which must lie inside the PSF's wavelength range.
-fn wave_grid(w: [f64; 3], cfg: &Config, psf: &Psf, psf_path: &Path) -> Result<WaveGrid> {
-    let grid = WaveGrid::new(w[0], w[1], w[2], &cfg.patch).map_err(anyhow::Error::msg)?;
+fn wave_grid(
+    w: [f64; 3],
+    cfg: &Config,
+    psf: &Psf,
+    psf_path: &Path,
+) -> Result<WaveGrid, PrepareError> {
+    let grid = WaveGrid::new(w[0], w[1], w[2], &cfg.patch).map_err(PrepareError::Grid)?;
     let (lo, hi) = psf.wave_range();
     let (gmin, gmax) = (grid.wave[0], grid.wave[grid.wave.len() - 1]);
     if gmin < lo || gmax > hi {
-        bail!(
-            "wavelength range {gmin:.2}..{gmax:.2} Å is outside the PSF {} range {lo}..{hi} Å",
-            psf_path.display()
-        );
+        return Err(PrepareError::GridOutsidePsf {
+            gmin,
+            gmax,
+            psf: psf_path.to_path_buf(),
+            lo,
+            hi,
+        });
     }
     let (pmin, pmax) = (grid.padded[0], grid.padded[grid.padded.len() - 1]);
     if pmin < lo || pmax > hi {
@@ -82,24 +208,28 @@ pub fn prepare_frame(
     image_path: &Path,
     model_image: bool,
     progress: bool,
-) -> Result<Prepared> {
+) -> Result<Prepared, PrepareError> {
     let psf = read_psf(psf_path)?;
     // What the PSF alone can refuse, before the (larger) image is read.
     let specmin = cfg.extract.specmin;
     let nfiber = psf.nfiber();
     if specmin >= nfiber {
-        bail!(
-            "specmin {specmin} is past the last fiber of the PSF {}, which has {nfiber} fibers",
-            psf_path.display()
-        );
+        return Err(PrepareError::SpecminPastPsf {
+            specmin,
+            psf: psf_path.to_path_buf(),
+            nfiber,
+        });
     }
     let nspec = match cfg.extract.nspec {
         0 => nfiber - specmin,
-        n if specmin + n > nfiber => bail!(
-            "fibers {specmin}..{} requested but the PSF {} has {nfiber} fibers",
-            specmin + n,
-            psf_path.display()
-        ),
+        n if specmin + n > nfiber => {
+            return Err(PrepareError::FibersPastPsf {
+                specmin,
+                end: specmin + n,
+                psf: psf_path.to_path_buf(),
+                nfiber,
+            })
+        }
         n => n,
     };
     let given = (!cfg.extract.wavelength.is_empty()).then(|| {
@@ -123,26 +253,24 @@ pub fn prepare_frame(
         preproc.nonfinite
     );
     if preproc.image.dim() != (psf.npix_y, psf.npix_x) {
-        bail!(
-            "{}: image is {} rows x {} columns but the PSF {} describes a {} x {} CCD",
-            image_path.display(),
-            preproc.image.nrows(),
-            preproc.image.ncols(),
-            psf_path.display(),
-            psf.npix_y,
-            psf.npix_x
-        );
+        return Err(PrepareError::ImageVsPsf {
+            image: image_path.to_path_buf(),
+            rows: preproc.image.nrows(),
+            cols: preproc.image.ncols(),
+            psf: psf_path.to_path_buf(),
+            psf_rows: psf.npix_y,
+            psf_cols: psf.npix_x,
+        });
     }
     let grid = match grid_given {
         Some(g) => g,
         None => {
             let camera = header_value(&preproc.header, "CAMERA").unwrap_or_default();
-            let w = config::camera_wavelength(&camera).with_context(|| {
-                format!(
-                    "{}: no --wavelength given and CAMERA '{camera}' is not b, r or z",
-                    image_path.display()
-                )
-            })?;
+            let w =
+                config::camera_wavelength(&camera).ok_or_else(|| PrepareError::NoWavelength {
+                    image: image_path.to_path_buf(),
+                    camera: camera.clone(),
+                })?;
             wave_grid(w, cfg, &psf, psf_path)?
         }
     };
@@ -173,16 +301,14 @@ pub fn prepare_frame(
 }
 
 /// Refuses a frame in which nothing was extracted; warns about failed patches.
-pub fn check_extracted(res: &FrameResult, npatch: usize) -> Result<()> {
+pub fn check_extracted(res: &FrameResult, npatch: usize) -> Result<(), PrepareError> {
     let st = &res.stats;
     if st.failed + st.dropped >= npatch {
-        bail!(
-            "nothing was extracted: of {} patches, {} left the CCD and {} failed even with \
-             regularisation; no output written",
+        return Err(PrepareError::NothingExtracted {
             npatch,
-            st.dropped,
-            st.failed
-        );
+            dropped: st.dropped,
+            failed: st.failed,
+        });
     }
     if st.failed > 0 {
         warn!(
@@ -238,7 +364,7 @@ pub fn write_outputs(
     output: &Path,
     model_image: Option<&Path>,
     overwrite: bool,
-) -> Result<()> {
+) -> Result<(), PrepareError> {
     write_frame(output, &frame_of(res, grid), meta, overwrite)?;
     if let (Some(path), Some(model)) = (model_image, &res.model) {
         write_model_image(path, model, overwrite)?;

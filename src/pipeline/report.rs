@@ -1,6 +1,8 @@
 //! The end-of-run summary: what every run prints on rank 0 and, with `--report`, writes as
 //! JSON so that runs (CPU nodes against GPU nodes, one build against another) can be compared
 //! by `spextract report`.
+//!
+//! Imports nothing of the crate: the report is plain data.
 
 use std::path::{Path, PathBuf};
 
@@ -105,6 +107,38 @@ pub struct FrameFailure {
     pub error: String,
 }
 
+/// Why a report could not be read, naming the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    /// The file could not be read.
+    #[error("{}: {why}", .path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The system's complaint.
+        why: String,
+    },
+    /// The file is not a report's JSON.
+    #[error("{}: not a spextract report: {why}", .path.display())]
+    NotAReport {
+        /// The file.
+        path: PathBuf,
+        /// serde_json's complaint.
+        why: String,
+    },
+    /// A report of another schema version.
+    #[error(
+        "{}: report version {version} (this spextract reads version {REPORT_VERSION})",
+        .path.display()
+    )]
+    Version {
+        /// The file.
+        path: PathBuf,
+        /// Its version.
+        version: u32,
+    },
+}
+
 impl RunReport {
     /// Writes the report as pretty JSON, atomically (temporary file, then rename).
     pub fn write_json(&self, path: &Path) -> std::io::Result<()> {
@@ -117,16 +151,20 @@ impl RunReport {
     }
 
     /// Reads a report written by [`RunReport::write_json`].
-    pub fn read_json(path: &Path) -> Result<RunReport, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let rep: RunReport = serde_json::from_str(&text)
-            .map_err(|e| format!("{}: not a spextract report: {e}", path.display()))?;
+    pub fn read_json(path: &Path) -> Result<RunReport, ReportError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ReportError::Read {
+            path: path.to_path_buf(),
+            why: e.to_string(),
+        })?;
+        let rep: RunReport = serde_json::from_str(&text).map_err(|e| ReportError::NotAReport {
+            path: path.to_path_buf(),
+            why: e.to_string(),
+        })?;
         if rep.version != REPORT_VERSION {
-            return Err(format!(
-                "{}: report version {} (this spextract reads version {REPORT_VERSION})",
-                path.display(),
-                rep.version
-            ));
+            return Err(ReportError::Version {
+                path: path.to_path_buf(),
+                version: rep.version,
+            });
         }
         Ok(rep)
     }

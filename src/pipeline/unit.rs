@@ -1,5 +1,8 @@
 //! Work units: a frame cut into bundle ranges, each carrying only the pixel rectangle and the
 //! PSF rows its patches read, and the results the writer puts back together.
+//!
+//! Imports `psf`, `patch`, `extract`, `io` (frame metadata) and the pipeline's `frame` and
+//! `prepare`.
 
 use std::ops::Range;
 use std::path::PathBuf;
@@ -7,12 +10,61 @@ use std::path::PathBuf;
 use ndarray::{s, Array2};
 use serde::{Deserialize, Serialize};
 
-use super::frame::{extract_bundles, BundleWork, FrameResult, FrameStats, Region};
+use super::frame::{extract_bundles, BundleWork, FrameError, FrameResult, FrameStats, Region};
 use super::prepare::{frame_meta, Prepared};
 use crate::extract::{Backend, ExtractOptions};
 use crate::io::frame::FrameMeta;
 use crate::patch::{pixels, plan, PatchOptions, Plan, WaveGrid};
-use crate::psf::{spots, Psf};
+use crate::psf::{spots, Psf, PsfError};
+
+/// Why a unit could not be cut, computed or put back into its frame, naming unit and frame.
+#[derive(Debug, thiserror::Error)]
+pub enum UnitError {
+    /// The PSF could not place a unit's patches on the CCD.
+    #[error(transparent)]
+    Psf(#[from] PsfError),
+    /// The extraction of a unit's bundles failed.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// A unit names bundles its frame's plan does not have.
+    #[error("unit {unit} of frame {job} names bundles {bundles:?} of a plan with {nbundles}")]
+    Bundles {
+        /// The unit.
+        unit: usize,
+        /// Its frame.
+        job: usize,
+        /// The bundles it names.
+        bundles: Range<usize>,
+        /// Bundles of the plan.
+        nbundles: usize,
+    },
+    /// A unit beyond the frame's count.
+    #[error("unit {unit} of frame {job} but the frame has {nunits} units")]
+    OutOfRange {
+        /// The unit.
+        unit: usize,
+        /// Its frame.
+        job: usize,
+        /// Units of the frame.
+        nunits: usize,
+    },
+    /// A unit received twice.
+    #[error("unit {unit} of frame {job} arrived twice")]
+    Twice {
+        /// The unit.
+        unit: usize,
+        /// Its frame.
+        job: usize,
+    },
+    /// A unit of the frame failed (the first that did).
+    #[error("unit {unit}: {why}")]
+    Failed {
+        /// The unit.
+        unit: usize,
+        /// Its error, as the compute rank sent it.
+        why: String,
+    },
+}
 
 /// What a compute rank needs to rebuild a frame's plan.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -120,7 +172,7 @@ pub fn cut(
     unit_bundles: usize,
     output: PathBuf,
     overwrite: bool,
-) -> Result<(FrameTicket, Vec<UnitInput>), String> {
+) -> Result<(FrameTicket, Vec<UnitInput>), UnitError> {
     let plan = &prep.plan;
     let setup = UnitSetup {
         grid: prep.grid.clone(),
@@ -141,8 +193,7 @@ pub fn cut(
             .copied()
             .collect();
         let (fmin, nfib) = plan::fiber_span(&patches);
-        let corners =
-            spots::corners(&prep.psf, fmin, nfib, &prep.grid.padded).map_err(|e| e.to_string())?;
+        let corners = spots::corners(&prep.psf, fmin, nfib, &prep.grid.padded)?;
         let (mut ylo, mut yhi, mut xlo, mut xhi) = (i64::MAX, i64::MIN, i64::MAX, i64::MIN);
         for p in &patches {
             let w = pixels::window(p, &corners, prep.patch.pixpad_frac);
@@ -203,7 +254,7 @@ impl UnitInput {
 }
 
 /// Extracts a unit on the current rayon pool.
-pub fn compute(unit: &UnitInput, backend: &mut dyn Backend) -> Result<FrameResult, String> {
+pub fn compute(unit: &UnitInput, backend: &mut dyn Backend) -> Result<FrameResult, UnitError> {
     compute_on(unit, unit.pix.view(), unit.ivar.view(), backend)
 }
 
@@ -214,16 +265,15 @@ pub fn compute_on(
     pix: ndarray::ArrayView2<'_, f64>,
     ivar: ndarray::ArrayView2<'_, f64>,
     backend: &mut dyn Backend,
-) -> Result<FrameResult, String> {
+) -> Result<FrameResult, UnitError> {
     let plan = unit.setup.plan();
     if unit.bundles.end > plan.bundles.len() {
-        return Err(format!(
-            "unit {} of frame {} names bundles {:?} of a plan with {}",
-            unit.unit,
-            unit.job,
-            unit.bundles,
-            plan.bundles.len()
-        ));
+        return Err(UnitError::Bundles {
+            unit: unit.unit,
+            job: unit.job,
+            bundles: unit.bundles.clone(),
+            nbundles: plan.bundles.len(),
+        });
     }
     let work = BundleWork {
         psf: &unit.psf,
@@ -239,7 +289,12 @@ pub fn compute_on(
         bundles: unit.bundles.clone(),
         pixpad_frac: unit.setup.patch.pixpad_frac,
     };
-    extract_bundles(&work, &unit.setup.opts, backend, &mut |_, _| {}).map_err(|e| e.to_string())
+    Ok(extract_bundles(
+        &work,
+        &unit.setup.opts,
+        backend,
+        &mut |_, _| {},
+    )?)
 }
 
 /// A frame being put back together by the writer.
@@ -249,7 +304,7 @@ pub struct Assembly {
     pub ticket: FrameTicket,
     parts: Vec<Option<FrameResult>>,
     received: usize,
-    error: Option<String>,
+    error: Option<UnitError>,
 }
 
 impl Assembly {
@@ -265,25 +320,28 @@ impl Assembly {
 
     /// Adds a unit's output; a unit that failed fails the frame (its other units are still
     /// awaited, so that nothing of the frame is left in flight).
-    pub fn add(&mut self, out: UnitOutput) -> Result<(), String> {
-        let slot = self.parts.get_mut(out.unit).ok_or_else(|| {
-            format!(
-                "unit {} of frame {} but the frame has {} units",
-                out.unit, out.job, self.ticket.nunits
-            )
+    pub fn add(&mut self, out: UnitOutput) -> Result<(), UnitError> {
+        let nunits = self.ticket.nunits;
+        let slot = self.parts.get_mut(out.unit).ok_or(UnitError::OutOfRange {
+            unit: out.unit,
+            job: out.job,
+            nunits,
         })?;
         if slot.is_some() {
-            return Err(format!(
-                "unit {} of frame {} arrived twice",
-                out.unit, out.job
-            ));
+            return Err(UnitError::Twice {
+                unit: out.unit,
+                job: out.job,
+            });
         }
         self.received += 1;
         match out.result {
             Ok(r) => *slot = Some(r),
             Err(e) => {
                 *slot = Some(empty_part());
-                self.error.get_or_insert(format!("unit {}: {e}", out.unit));
+                self.error.get_or_insert(UnitError::Failed {
+                    unit: out.unit,
+                    why: e,
+                });
             }
         }
         Ok(())
@@ -295,7 +353,7 @@ impl Assembly {
     }
 
     /// The whole frame, in the layout of the single-frame extraction.
-    pub fn finish(self) -> Result<(FrameTicket, FrameResult), String> {
+    pub fn finish(self) -> Result<(FrameTicket, FrameResult), UnitError> {
         if let Some(e) = self.error {
             return Err(e);
         }

@@ -1,6 +1,6 @@
 //! A frame list (`--frames`), read as `extract` reads it: every input file readable, every
 //! output folder writable or makeable, and how many outputs are already there. Imports the
-//! findings type, the folder check of `files` and `pipeline::frames` (the list's reader).
+//! findings type, the folder check of `files` and `cli::select` and `pipeline::joblist` (the list's reader).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
@@ -8,7 +8,8 @@ use std::path::Path;
 
 use super::files::{check_writable_dir, output_dir_findings};
 use super::{count, Finding, Status};
-use crate::pipeline::frames::{self, FrameSelection, FramesError};
+use crate::cli::select::{self, FrameSelection};
+use crate::pipeline::joblist::JobListError;
 
 /// How many problems of one kind are listed before the rest are counted.
 const MAX_LISTED: usize = 10;
@@ -72,7 +73,7 @@ fn frame_folder_findings(folder: &Path, probe_name: &str) -> (Vec<Finding>, bool
     (found, true)
 }
 
-/// Checks a `--frames` list as `extract` reads it (through [`frames::resolve`], so relative
+/// Checks a `--frames` list as `extract` reads it (through [`select::resolve`], so relative
 /// paths start from the list's folder): every input readable, every output folder writable.
 pub(super) fn frames_findings(list: &Path, probe_name: &str) -> Vec<Finding> {
     let shown = list.display();
@@ -80,9 +81,9 @@ pub(super) fn frames_findings(list: &Path, probe_name: &str) -> Vec<Finding> {
         frames: Some(list.to_path_buf()),
         ..FrameSelection::default()
     };
-    let jobs = match frames::resolve(&selection, &[], None, None) {
+    let jobs = match select::resolve(&selection, &[], None, None) {
         Ok(jobs) => jobs,
-        Err(FramesError::NoFrames(_)) => {
+        Err(JobListError::NoFrames(_)) => {
             return vec![Finding::warn(
                 "frames",
                 format!("{shown} lists no frame"),
@@ -91,11 +92,11 @@ pub(super) fn frames_findings(list: &Path, probe_name: &str) -> Vec<Finding> {
         }
         Err(e) => {
             let hint = match e {
-                FramesError::ReadList { .. } => "check the path of the list",
-                FramesError::ListLine { .. } => {
+                JobListError::ReadList { .. } => "check the path of the list",
+                JobListError::ListLine { .. } => {
                     "write one frame per line: image, PSF and output paths separated by spaces"
                 }
-                FramesError::DuplicateOutput { .. } | FramesError::OutputIsInput { .. } => {
+                JobListError::DuplicateOutput { .. } | JobListError::OutputIsInput { .. } => {
                     "give every frame its own output, apart from every input"
                 }
                 _ => "correct the list as the message says",

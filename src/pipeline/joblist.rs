@@ -1,6 +1,9 @@
-//! The frames a run must do: from a list file, from `[[frames]]` in the configuration, or from
-//! a night/exposure/camera pattern over desispec's directory layout; and whether an output is
-//! already complete, so that a killed run restarts where it stopped.
+//! The job list: the frames a run must do, from a list file, from `[[frames]]` in the
+//! configuration, or from a night/exposure/camera pattern over desispec's directory layout; and
+//! whether an output is already complete, so that a killed run restarts where it stopped.
+//!
+//! Plain data in, plain data out: the command line's flags become a [`Selection`] in
+//! `cli::select`. Imports `io` (reading an output back) and nothing else of the crate.
 //!
 //! The pattern follows `desispec.io.meta.findfile` (desihub/desispec, py/desispec/io/meta.py):
 //!
@@ -41,7 +44,7 @@ pub struct FrameJob {
 }
 
 /// Which PSF extracts a frame of a desispec production.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum PsfSource {
     /// The exposure's own PSF, exposures/{night}/{expid}/psf-{camera}-{expid}.fits: the night's
     /// PSF with its traces re-fitted to this exposure (what desi_proc extracts with).
@@ -81,7 +84,8 @@ pub enum CameraSpec {
     All,
 }
 
-const ARMS: [char; 3] = ['b', 'r', 'z'];
+/// The arms of a spectrograph.
+pub const ARMS: [char; 3] = ['b', 'r', 'z'];
 const SPECTROGRAPHS: u8 = 10;
 
 impl CameraSpec {
@@ -97,40 +101,27 @@ impl CameraSpec {
     }
 }
 
-/// The command-line ways of naming many frames (flattened into `spextract extract`).
-#[derive(Debug, Clone, Default, clap::Args)]
-pub struct FrameSelection {
-    /// A list of frames: one `image psf output` triple per line, separated by whitespace (so
-    /// paths cannot contain spaces); blank lines and `#` comments are skipped. Relative paths
-    /// are relative to the folder of the list file, not to the current directory.
-    #[arg(long, value_name = "LIST")]
+/// The ways of naming many frames besides the configuration's `[[frames]]`: a list file and a
+/// desispec pattern (the command line's `--frames`, `--specprod`, `--night`, ...).
+#[derive(Debug, Clone, Default)]
+pub struct Selection {
+    /// A list file of `image psf output` lines.
     pub frames: Option<PathBuf>,
-    /// A desispec production ($DESI_SPECTRO_REDUX/$SPECPROD): extract the exposures named by
-    /// --night and --expid from its preproc/{night}/{expid}/preproc-{camera}-{expid}.fits[.gz],
-    /// writing exposures/{night}/{expid}/frame-{camera}-{expid}.fits.
-    #[arg(long, value_name = "DIR")]
+    /// A desispec production.
     pub specprod: Option<PathBuf>,
-    /// Night(s) of the --specprod exposures, YYYYMMDD, comma-separated.
-    #[arg(long, value_name = "YYYYMMDD", value_delimiter = ',', value_parser = parse_night)]
+    /// Nights of the production's exposures, YYYYMMDD.
     pub night: Vec<u32>,
-    /// Exposure ids under --night, comma-separated; A-B takes every exposure from A to B that
-    /// the nights hold (e.g. 67784,67790-67795). A single id must be found.
-    #[arg(long, value_name = "EXPIDS", value_delimiter = ',', value_parser = parse_expids)]
+    /// Exposures under the nights.
     pub expid: Vec<Expids>,
-    /// Cameras, comma-separated: r0, b1, …; b, r or z for that arm of all ten spectrographs; all
-    /// for the 30 cameras (the default). A camera an exposure lacks is left out with a warning.
-    #[arg(long, value_name = "CAMERAS", value_delimiter = ',', value_parser = parse_camera)]
+    /// Cameras; all 30 when empty.
     pub camera: Vec<CameraSpec>,
-    /// PSF of the --specprod frames (default: exposure).
-    #[arg(long, value_enum)]
+    /// PSF of the pattern's frames (default: exposure).
     pub psf_source: Option<PsfSource>,
-    /// Write the --specprod frames under DIR/{night}/{expid}/ instead of the production's
-    /// exposures/ folder.
-    #[arg(long, value_name = "DIR")]
+    /// Folder for the pattern's frames instead of the production's exposures/.
     pub output_dir: Option<PathBuf>,
 }
 
-impl FrameSelection {
+impl Selection {
     /// Whether any many-frame option was given.
     pub fn any(&self) -> bool {
         self.frames.is_some() || self.specprod.is_some() || self.pattern_flags().is_some()
@@ -150,76 +141,9 @@ impl FrameSelection {
     }
 }
 
-/// Parses a night `YYYYMMDD`, checking that it is a calendar date.
-fn parse_night(s: &str) -> Result<u32, String> {
-    let s = s.trim();
-    let bad = || format!("{s:?} is not a night YYYYMMDD");
-    if s.len() != 8 || !s.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(bad());
-    }
-    let num = |r: std::ops::Range<usize>| s[r].parse::<u32>().map_err(|_| bad());
-    let (y, m, d) = (num(0..4)?, num(4..6)?, num(6..8)?);
-    let leap = y % 4 == 0 && (y % 100 != 0 || y % 400 == 0);
-    let days = match m {
-        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
-        4 | 6 | 9 | 11 => 30,
-        2 if leap => 29,
-        2 => 28,
-        _ => 0,
-    };
-    if d == 0 || d > days {
-        return Err(format!("{s:?} is not a calendar date YYYYMMDD"));
-    }
-    num(0..8)
-}
-
-/// Most digits of an exposure id: desispec formats them `{expid:08d}`.
-const MAX_EXPID: u32 = 99_999_999;
-
-/// Parses `EXPID` or `FIRST-LAST`.
-fn parse_expids(s: &str) -> Result<Expids, String> {
-    let s = s.trim();
-    let one = |t: &str| -> Result<u32, String> {
-        let t = t.trim();
-        match t.parse::<u32>() {
-            Ok(e) if e <= MAX_EXPID && t.bytes().all(|b| b.is_ascii_digit()) => Ok(e),
-            _ => Err(format!(
-                "{t:?} in {s:?} is not an exposure id (0 to {MAX_EXPID}); use EXPID or FIRST-LAST"
-            )),
-        }
-    };
-    match s.split_once('-') {
-        None => Ok(Expids::One(one(s)?)),
-        Some((a, b)) => {
-            let (a, b) = (one(a)?, one(b)?);
-            if a > b {
-                return Err(format!("range {s:?} runs backwards"));
-            }
-            Ok(Expids::Range(a, b))
-        }
-    }
-}
-
-/// Parses a camera (`r0`), an arm (`r`) or `all`, in any case.
-fn parse_camera(s: &str) -> Result<CameraSpec, String> {
-    let t = s.trim().to_ascii_lowercase();
-    let mut chars = t.chars();
-    let spec = match (chars.next(), chars.next(), chars.next()) {
-        _ if t == "all" => Some(CameraSpec::All),
-        (Some(arm), None, None) if ARMS.contains(&arm) => Some(CameraSpec::Arm(arm)),
-        (Some(arm), Some(sp), None) if ARMS.contains(&arm) && sp.is_ascii_digit() => {
-            Some(CameraSpec::One(arm, sp as u8 - b'0'))
-        }
-        _ => None,
-    };
-    spec.ok_or_else(|| {
-        format!("{s:?} is not a camera: use b0…z9, an arm b, r or z (all ten), or all")
-    })
-}
-
-/// Errors naming the frames of a run.
+/// Errors naming the frames of a run, each naming the file, entry or flag at fault.
 #[derive(Debug, thiserror::Error)]
-pub enum FramesError {
+pub enum JobListError {
     /// The list file could not be read.
     #[error("{}: cannot read the frame list: {source}", .path.display())]
     ReadList {
@@ -337,11 +261,11 @@ impl fmt::Display for Origin {
 /// Two frames writing the same output, or an output that is another frame's input, are errors;
 /// so is an empty result.
 pub fn resolve(
-    sel: &FrameSelection,
+    sel: &Selection,
     config_frames: &[FrameJob],
     config_dir: Option<&Path>,
     single: Option<FrameJob>,
-) -> Result<Vec<FrameJob>, FramesError> {
+) -> Result<Vec<FrameJob>, JobListError> {
     let mut jobs: Vec<(FrameJob, Origin)> = Vec::new();
     if let Some(job) = single {
         jobs.push((job, Origin::Single));
@@ -355,7 +279,7 @@ pub fn resolve(
             ("output", &job.output),
         ] {
             if p.as_os_str().is_empty() {
-                return Err(FramesError::ConfigEntry {
+                return Err(JobListError::ConfigEntry {
                     index,
                     msg: format!("{key} is empty"),
                 });
@@ -387,15 +311,15 @@ pub fn resolve(
             ),
             (None, None) => String::new(),
         };
-        return Err(FramesError::NoFrames(detail));
+        return Err(JobListError::NoFrames(detail));
     }
     check_outputs(&jobs)?;
     Ok(jobs.into_iter().map(|(job, _)| job).collect())
 }
 
 /// Reads a `--frames` list.
-fn read_list(path: &Path) -> Result<Vec<(FrameJob, Origin)>, FramesError> {
-    let text = std::fs::read_to_string(path).map_err(|source| FramesError::ReadList {
+fn read_list(path: &Path) -> Result<Vec<(FrameJob, Origin)>, JobListError> {
+    let text = std::fs::read_to_string(path).map_err(|source| JobListError::ReadList {
         path: path.to_path_buf(),
         source,
     })?;
@@ -403,7 +327,7 @@ fn read_list(path: &Path) -> Result<Vec<(FrameJob, Origin)>, FramesError> {
 }
 
 /// Parses the text of the list file `path`; relative paths are joined to its folder.
-fn parse_list(text: &str, path: &Path) -> Result<Vec<(FrameJob, Origin)>, FramesError> {
+fn parse_list(text: &str, path: &Path) -> Result<Vec<(FrameJob, Origin)>, JobListError> {
     let base = path.parent().unwrap_or(Path::new(""));
     // Editors on some systems start UTF-8 files with a byte-order mark, which would otherwise
     // become part of the first image path.
@@ -426,7 +350,7 @@ fn parse_list(text: &str, path: &Path) -> Result<Vec<(FrameJob, Origin)>, Frames
                 jobs.push((job, Origin::List(path.to_path_buf(), i + 1)));
             }
             _ => {
-                return Err(FramesError::ListLine {
+                return Err(JobListError::ListLine {
                     path: path.to_path_buf(),
                     line: i + 1,
                     msg: format!(
@@ -442,24 +366,24 @@ fn parse_list(text: &str, path: &Path) -> Result<Vec<(FrameJob, Origin)>, Frames
 }
 
 /// The frames of the `--specprod` pattern; none without `--specprod`.
-fn pattern_frames(sel: &FrameSelection) -> Result<Vec<(FrameJob, Origin)>, FramesError> {
+fn pattern_frames(sel: &Selection) -> Result<Vec<(FrameJob, Origin)>, JobListError> {
     let Some(root) = &sel.specprod else {
         return match sel.pattern_flags() {
-            Some(flag) => Err(FramesError::Pattern(format!(
+            Some(flag) => Err(JobListError::Pattern(format!(
                 "{flag} selects frames of a desispec production: it needs --specprod DIR"
             ))),
             None => Ok(Vec::new()),
         };
     };
     if sel.night.is_empty() || sel.expid.is_empty() {
-        return Err(FramesError::Pattern(format!(
+        return Err(JobListError::Pattern(format!(
             "--specprod {} needs --night YYYYMMDD and --expid N (comma lists; ranges N-M)",
             root.display()
         )));
     }
     let preproc = root.join("preproc");
     if !preproc.is_dir() {
-        return Err(FramesError::Pattern(format!(
+        return Err(JobListError::Pattern(format!(
             "--specprod {}: there is no folder {}; is this a desispec production?",
             root.display(),
             preproc.display()
@@ -509,7 +433,7 @@ fn pattern_frames(sel: &FrameSelection) -> Result<Vec<(FrameJob, Origin)>, Frame
         .map(|(spec, _)| spec.to_string())
         .collect();
     if !missing.is_empty() {
-        return Err(FramesError::ExposuresNotFound {
+        return Err(JobListError::ExposuresNotFound {
             expids: missing.join(", "),
             preproc,
             nights: join_display(&nights),
@@ -569,7 +493,7 @@ fn pattern_frames(sel: &FrameSelection) -> Result<Vec<(FrameJob, Origin)>, Frame
         }
     }
     if !empty_named.is_empty() {
-        return Err(FramesError::NoCameras {
+        return Err(JobListError::NoCameras {
             exposures: empty_named.join(", "),
             cameras: cameras.join(","),
         });
@@ -585,7 +509,7 @@ fn pattern_frames(sel: &FrameSelection) -> Result<Vec<(FrameJob, Origin)>, Frame
 }
 
 /// The camera names of `--camera`, without repeats; all 30 when none is given.
-fn camera_names(specs: &[CameraSpec]) -> Vec<String> {
+pub fn camera_names(specs: &[CameraSpec]) -> Vec<String> {
     if specs.is_empty() {
         return CameraSpec::All.names();
     }
@@ -611,8 +535,8 @@ fn join_display<T: fmt::Display>(items: &[T]) -> String {
 
 /// The exposure folders (`{expid:08d}`, as desispec's `get_exposures` requires) of a night's
 /// preproc folder; none if the night has no folder.
-fn list_exposures(night_dir: &Path) -> Result<BTreeSet<u32>, FramesError> {
-    let list_err = |source| FramesError::ListDir {
+fn list_exposures(night_dir: &Path) -> Result<BTreeSet<u32>, JobListError> {
+    let list_err = |source| JobListError::ListDir {
         path: night_dir.to_path_buf(),
         source,
     };
@@ -661,7 +585,7 @@ fn path_key(path: &Path, cwd: Option<&Path>) -> PathBuf {
 }
 
 /// No output written twice, and none that is some frame's input.
-fn check_outputs(jobs: &[(FrameJob, Origin)]) -> Result<(), FramesError> {
+fn check_outputs(jobs: &[(FrameJob, Origin)]) -> Result<(), JobListError> {
     let cwd = std::env::current_dir().ok();
     let cwd = cwd.as_deref();
     let mut inputs: HashMap<PathBuf, usize> = HashMap::new();
@@ -674,14 +598,14 @@ fn check_outputs(jobs: &[(FrameJob, Origin)]) -> Result<(), FramesError> {
     for (i, (job, origin)) in jobs.iter().enumerate() {
         let key = path_key(&job.output, cwd);
         if let Some(&j) = inputs.get(&key) {
-            return Err(FramesError::OutputIsInput {
+            return Err(JobListError::OutputIsInput {
                 path: job.output.clone(),
                 by: origin.to_string(),
                 input_of: jobs[j].1.to_string(),
             });
         }
         if let Some(&j) = outputs.get(&key) {
-            return Err(FramesError::DuplicateOutput {
+            return Err(JobListError::DuplicateOutput {
                 path: job.output.clone(),
                 first: jobs[j].1.to_string(),
                 second: origin.to_string(),
@@ -832,13 +756,13 @@ mod tests {
         dir
     }
 
-    fn pattern(root: &Path, expid: &[Expids], camera: &[CameraSpec]) -> FrameSelection {
-        FrameSelection {
+    fn pattern(root: &Path, expid: &[Expids], camera: &[CameraSpec]) -> Selection {
+        Selection {
             specprod: Some(root.to_path_buf()),
             night: vec![20201214],
             expid: expid.to_vec(),
             camera: camera.to_vec(),
-            ..FrameSelection::default()
+            ..Selection::default()
         }
     }
 
@@ -856,9 +780,9 @@ mod tests {
              c#1.fits p.fits f3.fits\n",
         )
         .unwrap();
-        let sel = FrameSelection {
+        let sel = Selection {
             frames: Some(list.clone()),
-            ..FrameSelection::default()
+            ..Selection::default()
         };
         assert!(sel.any());
         let jobs = resolve(&sel, &[], None, None).unwrap();
@@ -889,23 +813,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let list = dir.path().join("frames.txt");
         std::fs::write(&list, "# header\na.fits p.fits o.fits\nb.fits p.fits\n").unwrap();
-        let sel = FrameSelection {
+        let sel = Selection {
             frames: Some(list.clone()),
-            ..FrameSelection::default()
+            ..Selection::default()
         };
         let err = resolve(&sel, &[], None, None).unwrap_err();
         let msg = err.to_string();
         assert!(
-            matches!(err, FramesError::ListLine { line: 3, .. }),
+            matches!(err, JobListError::ListLine { line: 3, .. }),
             "{msg}"
         );
         assert!(msg.starts_with(&format!("{}:3:", list.display())), "{msg}");
         assert!(msg.contains("found 2"), "{msg}");
 
         let missing = dir.path().join("nope.txt");
-        let sel = FrameSelection {
+        let sel = Selection {
             frames: Some(missing.clone()),
-            ..FrameSelection::default()
+            ..Selection::default()
         };
         let msg = resolve(&sel, &[], None, None).unwrap_err().to_string();
         assert!(msg.contains(&*missing.to_string_lossy()), "{msg}");
@@ -916,18 +840,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let list = dir.path().join("frames.txt");
         std::fs::write(&list, "# nothing yet\n\n").unwrap();
-        let sel = FrameSelection {
+        let sel = Selection {
             frames: Some(list.clone()),
-            ..FrameSelection::default()
+            ..Selection::default()
         };
         let err = resolve(&sel, &[], None, None).unwrap_err();
         let msg = err.to_string();
-        assert!(matches!(err, FramesError::NoFrames(_)), "{msg}");
+        assert!(matches!(err, JobListError::NoFrames(_)), "{msg}");
         assert!(
             msg.contains("has no frame lines") && msg.contains("--frames"),
             "{msg}"
         );
-        let err = resolve(&FrameSelection::default(), &[], None, None).unwrap_err();
+        let err = resolve(&Selection::default(), &[], None, None).unwrap_err();
         assert!(err.to_string().contains("--specprod DIR --night"), "{err}");
     }
 
@@ -940,7 +864,7 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.frames.len(), 2);
         let jobs = resolve(
-            &FrameSelection::default(),
+            &Selection::default(),
             &cfg.frames,
             Some(Path::new("/etc/run")),
             None,
@@ -954,8 +878,7 @@ mod tests {
             ]
         );
         assert!(crate::config::Config::parse("[[frames]]\nimage = \"a\"\npsf = \"p\"\n").is_err());
-        let err =
-            resolve(&FrameSelection::default(), &[job("a", "", "o")], None, None).unwrap_err();
+        let err = resolve(&Selection::default(), &[job("a", "", "o")], None, None).unwrap_err();
         assert!(
             err.to_string()
                 .starts_with("[[frames]] entry 1 of the configuration: psf is empty"),
@@ -1045,7 +968,7 @@ mod tests {
         let err = resolve(&sel, &[], None, None).unwrap_err();
         let msg = err.to_string();
         assert!(
-            matches!(err, FramesError::ExposuresNotFound { .. }),
+            matches!(err, JobListError::ExposuresNotFound { .. }),
             "{msg}"
         );
         assert!(msg.contains("67785") && msg.contains("20201214"), "{msg}");
@@ -1057,12 +980,12 @@ mod tests {
         let sel = pattern(root, &[Expids::One(67786)], &[CameraSpec::Arm('z')]);
         let err = resolve(&sel, &[], None, None).unwrap_err();
         let msg = err.to_string();
-        assert!(matches!(err, FramesError::NoCameras { .. }), "{msg}");
+        assert!(matches!(err, JobListError::NoCameras { .. }), "{msg}");
         assert!(msg.contains("00067786") && msg.contains("z9"), "{msg}");
         let sel = pattern(root, &[Expids::One(67788)], &[]);
         assert!(matches!(
             resolve(&sel, &[], None, None),
-            Err(FramesError::NoCameras { .. })
+            Err(JobListError::NoCameras { .. })
         ));
         // ... while in a range that exposure is only left out.
         let sel = pattern(
@@ -1082,15 +1005,15 @@ mod tests {
             &[CameraSpec::Arm('z')],
         );
         let err = resolve(&sel, &[], None, None).unwrap_err();
-        assert!(matches!(err, FramesError::NoFrames(_)), "{err}");
+        assert!(matches!(err, JobListError::NoFrames(_)), "{err}");
         assert!(
             err.to_string().contains("no preproc image of the cameras"),
             "{err}"
         );
         // Flags that need each other.
-        let sel = FrameSelection {
+        let sel = Selection {
             night: vec![20201214],
-            ..FrameSelection::default()
+            ..Selection::default()
         };
         let msg = resolve(&sel, &[], None, None).unwrap_err().to_string();
         assert!(
@@ -1132,7 +1055,7 @@ mod tests {
         std::fs::write(&list, format!("# x\na.fits p.fits ./{frame}\n")).unwrap();
         let err = resolve(&sel, &[], None, None).unwrap_err();
         let msg = err.to_string();
-        assert!(matches!(err, FramesError::DuplicateOutput { .. }), "{msg}");
+        assert!(matches!(err, JobListError::DuplicateOutput { .. }), "{msg}");
         assert!(msg.contains(&format!("{}:2", list.display())), "{msg}");
         assert!(msg.contains("expid 67900 camera r0"), "{msg}");
 
@@ -1140,7 +1063,7 @@ mod tests {
         let cwd = std::env::current_dir().unwrap();
         let single = job("s.fits", "p.fits", &cwd.join("o.fits").to_string_lossy());
         let err = resolve(
-            &FrameSelection::default(),
+            &Selection::default(),
             &[job("a.fits", "p.fits", "./o.fits")],
             None,
             Some(single),
@@ -1154,7 +1077,7 @@ mod tests {
 
         // An output that is another frame's input.
         let err = resolve(
-            &FrameSelection::default(),
+            &Selection::default(),
             &[
                 job("a.fits", "p.fits", "b.fits"),
                 job("b.fits", "p.fits", "c.fits"),
@@ -1163,62 +1086,7 @@ mod tests {
             None,
         )
         .unwrap_err();
-        assert!(matches!(err, FramesError::OutputIsInput { .. }), "{err}");
-    }
-
-    #[test]
-    fn command_line_flags_parse_into_the_selection() {
-        use clap::Parser;
-        let parse = |args: &[&str]| {
-            let argv = ["spextract", "extract"].iter().chain(args).copied();
-            crate::cli::Cli::try_parse_from(argv).map(|cli| match cli.command {
-                crate::cli::Command::Extract(a) => a.select,
-                _ => unreachable!("parsed as extract"),
-            })
-        };
-        let sel = parse(&[
-            "--specprod",
-            "/p",
-            "--night",
-            "20201214,20240229",
-            "--expid",
-            "67784, 67790-67795",
-            "--camera",
-            "R,b1,all",
-            "--psf-source",
-            "night",
-            "--output-dir",
-            "o",
-        ])
-        .unwrap();
-        assert!(sel.any());
-        assert_eq!(sel.night, [20201214, 20240229]);
-        assert_eq!(sel.expid, [Expids::One(67784), Expids::Range(67790, 67795)]);
-        assert_eq!(
-            sel.camera,
-            [
-                CameraSpec::Arm('r'),
-                CameraSpec::One('b', 1),
-                CameraSpec::All
-            ]
-        );
-        assert_eq!(sel.psf_source, Some(PsfSource::Night));
-        assert_eq!(camera_names(&sel.camera).len(), 30);
-        assert!(!parse(&[]).unwrap().any());
-        assert!(parse(&["--camera", "r"]).unwrap().any());
-        for bad in [
-            ["--night", "2020121"],
-            ["--night", "20230229"],
-            ["--night", "20201301"],
-            ["--expid", "67790-67784"],
-            ["--expid", "x"],
-            ["--expid", "123456789"],
-            ["--camera", "x1"],
-            ["--camera", "r10"],
-            ["--psf-source", "calib"],
-        ] {
-            assert!(parse(&bad).is_err(), "{bad:?} was accepted");
-        }
+        assert!(matches!(err, JobListError::OutputIsInput { .. }), "{err}");
     }
 
     fn small_frame() -> Frame {
