@@ -87,7 +87,7 @@ pub struct RunConfig {
     /// Show a progress bar on a terminal.
     pub progress: Option<bool>,
     /// Backend of the compute ranks: "auto", "cpu" or "gpu".
-    pub backend: String,
+    pub backend: crate::extract::engine::BackendKind,
     /// Reader ranks per node in an MPI job.
     pub readers_per_node: usize,
     /// Writer ranks per node in an MPI job.
@@ -109,7 +109,7 @@ impl Default for RunConfig {
         RunConfig {
             threads: 0,
             progress: None,
-            backend: "auto".into(),
+            backend: crate::extract::engine::BackendKind::Auto,
             readers_per_node: 1,
             writers_per_node: 1,
             prefetch: 2,
@@ -167,12 +167,6 @@ impl Config {
         }
         if !r.watchdog.is_finite() || r.watchdog < 0.0 {
             return Err(ConfigError::Invalid("watchdog must be >= 0 seconds".into()));
-        }
-        if !["auto", "cpu", "gpu"].contains(&r.backend.as_str()) {
-            return Err(ConfigError::Invalid(format!(
-                "backend must be \"auto\", \"cpu\" or \"gpu\", got {:?}",
-                r.backend
-            )));
         }
         if !self.extract.psferr.is_finite() {
             return Err(ConfigError::Invalid("psferr must be finite".into()));

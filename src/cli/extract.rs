@@ -9,6 +9,7 @@ use tracing::{info, warn};
 
 use super::{ExtractArgs, ExtractionFlags};
 use crate::config::Config;
+use crate::extract::engine::BackendKind;
 use crate::pipeline::frame::{extract_frame, FrameResult};
 pub use crate::pipeline::prepare::{
     check_extracted, frame_meta, header_value, prepare_frame, write_outputs, Prepared,
@@ -195,7 +196,7 @@ fn many(args: &ExtractArgs, mut cfg: Config) -> Result<bool> {
         bail!("--model-image is for a single frame (--psf, --image, --output), not a list");
     }
     let (r, rc) = (&args.run, &mut cfg.run);
-    rc.backend = r.backend.clone().unwrap_or(rc.backend.clone());
+    rc.backend = r.backend.unwrap_or(rc.backend);
     rc.readers_per_node = r.readers_per_node.unwrap_or(rc.readers_per_node);
     rc.writers_per_node = r.writers_per_node.unwrap_or(rc.writers_per_node);
     rc.prefetch = r.prefetch.unwrap_or(rc.prefetch);
@@ -217,7 +218,7 @@ fn many(args: &ExtractArgs, mut cfg: Config) -> Result<bool> {
     let jobs = select::resolve(&args.select, &cfg.frames, config_dir, single)?;
     let launch = env::launch();
     let rc = cfg.run.clone();
-    let backend = choose_backend(&rc.backend)?;
+    let backend = choose_backend(rc.backend)?;
     let threads = env::resolve_threads(cfg.run.threads);
     // Only rank 0 hands out frames, so only it looks at the outputs (each look reads a frame).
     let mut skipped = Vec::new();
@@ -365,24 +366,24 @@ pub fn summary_text(r: &crate::pipeline::report::RunReport) -> String {
 
 /// Resolves `--backend` (else the configuration's) for this machine and logs the choice: "cpu",
 /// or the request itself where it leads to the GPU ("auto" keeps its fallback to the CPU for
-/// a GPU backend that then fails to start, in `backend_for`).
-fn choose_backend(requested: &str) -> Result<String> {
-    use crate::extract::gpu::device::{choose, Choice};
+/// a GPU backend that then fails to start, in `extract::engine::start`).
+fn choose_backend(requested: BackendKind) -> Result<BackendKind> {
+    use crate::extract::engine::{choose, Choice};
     match choose(requested)? {
         Choice::Cpu(why) => {
             info!("backend: cpu ({why})");
-            Ok("cpu".into())
+            Ok(BackendKind::Cpu)
         }
         Choice::Gpu(why) => {
             info!("backend: gpu ({why})");
-            Ok(requested.to_string())
+            Ok(requested)
         }
     }
 }
 
 fn single(args: &ExtractArgs, cfg: &Config) -> Result<()> {
     let output = args.output.as_deref().expect("checked by run");
-    let backend = choose_backend(args.run.backend.as_deref().unwrap_or(&cfg.run.backend))?;
+    let backend = choose_backend(args.run.backend.unwrap_or(cfg.run.backend))?;
     check_output(output, args.overwrite)?;
     if let Some(m) = &args.model_image {
         check_output(m, args.overwrite)?;
@@ -399,7 +400,8 @@ fn single(args: &ExtractArgs, cfg: &Config) -> Result<()> {
         prep.plan.npatch(),
         prep.threads
     );
-    let mut engine = crate::extract::gpu::device::backend_for(&backend, 0, 1)?;
+    // One process: the first visible GPU.
+    let mut engine = crate::extract::engine::start(backend, |_| Ok(0))?.boxed();
     let res = run_extraction(&prep, prep.threads, prep.progress, engine.as_mut())?;
     let st = &res.stats;
     info!(

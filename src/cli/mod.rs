@@ -121,7 +121,7 @@ pub struct ExtractArgs {
 pub struct RunFlags {
     /// Which backend computes: auto (a GPU when one works, else the CPU), cpu or gpu.
     #[arg(long)]
-    pub backend: Option<String>,
+    pub backend: Option<crate::extract::engine::BackendKind>,
     /// Reader ranks per node (group), each prefetching and cutting frames.
     #[arg(long)]
     pub readers_per_node: Option<usize>,

@@ -2,9 +2,13 @@
 //!
 //! A backend takes a batch of host-side patches (pixel windows, ivar, spots) and returns one
 //! [`PatchResult`] per patch. The CPU backend is the reference every other backend is compared
-//! against. Imports `psf` and `patch` only: no files, no MPI.
+//! against. Here live what every backend shares: the input check ([`PatchInput::check`]) and
+//! the regularisation constants; `engine` chooses and starts a backend; `fallback` completes a
+//! device backend's batch on the CPU. Imports `psf` and `patch` only: no files, no MPI.
 
 pub mod cpu;
+pub mod engine;
+pub mod fallback;
 pub mod gpu;
 
 use ndarray::{Array2, Array3, ArrayView2};
@@ -73,6 +77,43 @@ impl<'a> PatchInput<'a> {
             ivar: ivar.slice_move(ndarray::s![rows, cols]),
             spots,
         }
+    }
+}
+
+/// Diagonal term every backend adds on every unknown of the normal equations.
+pub const DIAG_EPSILON: f64 = 1e-15;
+/// Regularisation of a patch's second solve when the first fails (gpu_specter's CPU retry).
+pub const RETRY_REGULARIZE: f64 = 1e-4;
+/// The diagonal term of that retry.
+pub const RETRY_DIAG_EPSILON: f64 = 1e-8;
+
+impl PatchInput<'_> {
+    /// Rejects an input whose arrays disagree with its window or spots (every backend checks
+    /// its batches with this before any work).
+    pub fn check(&self) -> Result<(), ExtractError> {
+        let bad = |msg: String| ExtractError::BadInput {
+            ispec: self.patch.ispec,
+            iwave: self.patch.iwave,
+            msg,
+        };
+        let shape = (self.window.ny(), self.window.nx());
+        if self.pix.dim() != shape || self.ivar.dim() != shape {
+            return Err(bad(format!(
+                "pixel arrays {:?}/{:?} do not match the window {:?}",
+                self.pix.dim(),
+                self.ivar.dim(),
+                shape
+            )));
+        }
+        let p = self.patch;
+        let g = self.spots.grid;
+        if p.specmin < g.fibermin
+            || p.specmin + p.nspecpad > g.fibermin + g.nfiber
+            || p.iwave + p.nwavetot > g.nwave
+        {
+            return Err(bad("spots do not cover the patch".into()));
+        }
+        Ok(())
     }
 }
 

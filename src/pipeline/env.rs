@@ -205,6 +205,30 @@ pub fn slurm_binds_gpus_per_task(gpus_per_task: Option<&str>, gpu_bind: Option<&
     per_task || bind
 }
 
+/// The visible GPU a compute rank uses (`compute_index`: its place among its node's compute
+/// ranks): the ranks take the visible GPUs in turn, `ranks_per_gpu` to a GPU; under Slurm's
+/// per-task GPU binding each rank sees only its own GPU, device 0. Says why when there is none.
+pub fn gpu_ordinal(
+    compute_index: usize,
+    visible: usize,
+    ranks_per_gpu: usize,
+) -> Result<usize, String> {
+    let per_task = slurm_binds_gpus_per_task(
+        std::env::var("SLURM_GPUS_PER_TASK").ok().as_deref(),
+        std::env::var("SLURM_GPU_BIND").ok().as_deref(),
+    );
+    if per_task {
+        return Ok(0);
+    }
+    gpu_binding(compute_index, visible, ranks_per_gpu).ok_or_else(|| {
+        format!(
+            "compute rank {compute_index} of its node has no GPU: {visible} visible, \
+             {ranks_per_gpu} compute rank(s) per GPU (start fewer ranks per node, or raise \
+             --ranks-per-gpu under MPS)"
+        )
+    })
+}
+
 /// `MPIX_Query_cuda_support`, looked up at run time so that the binary also links against
 /// MPI libraries without it (MPICH). Open MPI documents that it may only be called after
 /// MPI_Init.
@@ -329,6 +353,23 @@ pub fn initial_var(name: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `--ranks-per-gpu` reaches the binding: two ranks per GPU fill two GPUs with four ranks,
+    /// and a fifth is refused with the way out named.
+    #[test]
+    fn ranks_per_gpu_shares_devices_and_refuses_the_excess() {
+        if std::env::var_os("SLURM_GPUS_PER_TASK").is_some()
+            || std::env::var_os("SLURM_GPU_BIND").is_some()
+        {
+            eprintln!("skipping: Slurm binds GPUs per task here");
+            return;
+        }
+        let got: Vec<usize> = (0..4).map(|k| gpu_ordinal(k, 2, 2).unwrap()).collect();
+        assert_eq!(got, [0, 1, 0, 1]);
+        let err = gpu_ordinal(4, 2, 2).unwrap_err();
+        assert!(err.contains("--ranks-per-gpu"), "{err}");
+        assert!(gpu_ordinal(1, 2, 1).is_ok() && gpu_ordinal(2, 2, 1).is_err());
+    }
 
     #[test]
     fn oversubscription_is_reported_only_past_the_cores() {

@@ -16,13 +16,13 @@
 use cudarc::cusolver::sys as cusolver;
 use cudarc::driver::{sys::CUevent_flags, CudaSlice, DevicePtr, DevicePtrMut};
 
-use crate::extract::cpu::DIAG_EPSILON;
 use crate::extract::gpu::backend::blocks_of;
 use crate::extract::gpu::decorrelate::{self as decor, DecorrLayout, EigenRoute, MAX_SWEEPS};
 use crate::extract::gpu::device::Gpu;
 use crate::extract::gpu::normal::{self, BatchLayout, OnDevice, UploadedLayout};
 use crate::extract::gpu::solve::{solver_ok, PatchShape, Solver};
 use crate::extract::gpu::GpuError;
+use crate::extract::DIAG_EPSILON;
 use crate::extract::{ExtractOptions, PatchInput};
 
 /// One choice: the routine the backend uses and its alternative, timed on the same inputs.

@@ -13,7 +13,10 @@ mod simd;
 use ndarray::Array2;
 use rayon::prelude::*;
 
-use super::{Backend, ExtractError, ExtractOptions, PatchInfo, PatchInput, PatchResult};
+use super::{
+    Backend, ExtractError, ExtractOptions, PatchInfo, PatchInput, PatchResult, DIAG_EPSILON,
+    RETRY_DIAG_EPSILON, RETRY_REGULARIZE,
+};
 use decorrelate::{DecorrWork, Layout};
 use normal::SpotGeom;
 
@@ -41,12 +44,6 @@ thread_local! {
     // reuses the same (multi-megabyte) buffers instead of faulting in fresh pages.
     static WORKSPACE: std::cell::RefCell<Workspace> = std::cell::RefCell::new(Workspace::default());
 }
-
-/// Regularisation used when a patch's first solve fails (gpu_specter's CPU retry).
-const RETRY_REGULARIZE: f64 = 1e-4;
-/// Diagonal term added on every unknown; the retry adds 1e-8 instead.
-pub(crate) const DIAG_EPSILON: f64 = 1e-15;
-const RETRY_DIAG_EPSILON: f64 = 1e-8;
 
 /// Extracts one patch on the calling thread.
 pub fn extract_patch(
@@ -209,40 +206,13 @@ impl Backend for CpuBackend {
         opts: &ExtractOptions,
     ) -> Result<Vec<PatchResult>, ExtractError> {
         for inp in batch {
-            check_input(inp)?;
+            inp.check()?;
         }
         Ok(batch
             .par_iter()
             .map(|inp| WORKSPACE.with(|ws| extract_patch(inp, opts, &mut ws.borrow_mut())))
             .collect())
     }
-}
-
-/// Rejects inputs whose arrays disagree with their window or spots.
-pub fn check_input(inp: &PatchInput<'_>) -> Result<(), ExtractError> {
-    let bad = |msg: String| ExtractError::BadInput {
-        ispec: inp.patch.ispec,
-        iwave: inp.patch.iwave,
-        msg,
-    };
-    let shape = (inp.window.ny(), inp.window.nx());
-    if inp.pix.dim() != shape || inp.ivar.dim() != shape {
-        return Err(bad(format!(
-            "pixel arrays {:?}/{:?} do not match the window {:?}",
-            inp.pix.dim(),
-            inp.ivar.dim(),
-            shape
-        )));
-    }
-    let p = inp.patch;
-    let g = inp.spots.grid;
-    if p.specmin < g.fibermin
-        || p.specmin + p.nspecpad > g.fibermin + g.nfiber
-        || p.iwave + p.nwavetot > g.nwave
-    {
-        return Err(bad("spots do not cover the patch".into()));
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -47,7 +47,8 @@ use super::solve::{self, PatchShape, Solver};
 use super::spots::{self as gspots, DeviceSpots, SpotsKernel};
 use super::unit::{self, DeviceUnit, UnitShape};
 use super::{chi2, GpuError};
-use crate::extract::cpu::{self, CpuBackend, DIAG_EPSILON};
+use crate::extract::fallback::complete_on_cpu;
+use crate::extract::DIAG_EPSILON;
 use crate::extract::{Backend, ExtractError, ExtractOptions, PatchInfo, PatchInput, PatchResult};
 use crate::psf::{Psf, SpotSet};
 
@@ -151,29 +152,6 @@ pub(super) fn assemble(
         }
     }
     results
-}
-
-/// Fills the patches the chain could not finish with the CPU backend's results.
-pub(super) fn finish_on_cpu(
-    batch: &[PatchInput<'_>],
-    opts: &ExtractOptions,
-    results: Vec<Option<PatchResult>>,
-) -> Vec<PatchResult> {
-    let mut ws = cpu::Workspace::default();
-    results
-        .into_iter()
-        .zip(batch)
-        .map(|(r, inp)| match r {
-            Some(mut r) => {
-                r.info = PatchInfo {
-                    on_device: r.info.on_device,
-                    ..PatchInfo::default()
-                };
-                r
-            }
-            None => cpu::extract_patch(inp, opts, &mut ws),
-        })
-        .collect()
 }
 
 /// `batch` with spot values on the host for the CPU: patches whose set is the resident one
@@ -878,7 +856,7 @@ impl Backend for GpuBackend {
         opts: &ExtractOptions,
     ) -> Result<Vec<PatchResult>, ExtractError> {
         for inp in batch {
-            cpu::check_input(inp)?;
+            inp.check()?;
         }
         if batch.is_empty() {
             return Ok(Vec::new());
@@ -1015,7 +993,7 @@ impl GpuBackend {
     ) -> Result<Vec<PatchResult>, ExtractError> {
         let done = done.unwrap_or_else(|| vec![None; batch.len()]);
         if done.iter().all(Option::is_some) {
-            return Ok(finish_on_cpu(batch, opts, done));
+            return complete_on_cpu(batch, opts, done);
         }
         let on_device = batch.iter().find(|i| i.spots.values.is_empty());
         if let (Some(res), Some(inp)) = (self.resident.as_mut(), on_device) {
@@ -1060,9 +1038,6 @@ impl GpuBackend {
             .and_then(|r| Some((&r.key, r.host.as_ref()?)));
         let pixels = self.host_pixels.as_ref().filter(|_| self.adopted);
         let hosted = with_host_spots(batch, resident, pixels).map_err(|e| self.error(e))?;
-        if done.iter().all(Option::is_none) && opts.model_image {
-            return CpuBackend.extract_batch(&hosted, opts);
-        }
-        Ok(finish_on_cpu(&hosted, opts, done))
+        complete_on_cpu(&hosted, opts, done)
     }
 }

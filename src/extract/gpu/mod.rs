@@ -5,8 +5,8 @@
 //! One module per stage (`spots`, `normal`, `solve`, `decorrelate`, `chi2`), each with its
 //! layout and launcher; `backend` chains them into [`backend::GpuBackend`]; `unit` gathers a
 //! work unit's results on the device for the cuda-aware-mpi build; `ptx` compiles the embedded
-//! kernels with NVRTC and caches their machine code; `device` finds devices, binds compute
-//! ranks to them, stages uploads through page-locked memory and resolves `--backend`; `error`
+//! kernels with NVRTC and caches their machine code; `device` finds devices (without
+//! creating contexts), opens one and stages uploads through page-locked memory; `error`
 //! is [`GpuError`]. Test-only, `twins` holds each stage's host twin (plain Rust mirroring the
 //! kernel, tested against the CPU backend on machines without a GPU), the emulator that runs
 //! the CUDA C kernels on the CPU against them, and the stages' tests. The cost model and the

@@ -307,7 +307,7 @@ impl BatchLayout {
         // its index there.
         let mut seen: HashMap<(usize, usize), i64> = HashMap::new();
         for (b, inp) in batch.iter().enumerate() {
-            crate::extract::cpu::check_input(inp).map_err(|e| bad(e.to_string()))?;
+            inp.check().map_err(|e| bad(e.to_string()))?;
             let s = inp.spots;
             if (s.ny, s.nx) != (ny, nx) {
                 return Err(bad(format!(

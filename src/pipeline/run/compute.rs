@@ -20,6 +20,7 @@ use tracing::{info, warn};
 use super::event_loop::Rank;
 use super::RunError;
 use crate::pipeline::comm::Msg;
+use crate::pipeline::env;
 use crate::pipeline::unit::{self, UnitInput, UnitOutput};
 
 /// A unit's pixels in device memory, where the cuda-aware-mpi path delivered them there.
@@ -77,7 +78,7 @@ impl Compute {
         let (stream_tx, stream_rx) = crossbeam_channel::bounded(1);
         let rank = r.rank;
         let threads = r.opts.threads;
-        let backend_name = r.opts.backend.clone();
+        let backend = r.opts.backend;
         let ranks_per_gpu = r.opts.ranks_per_gpu;
         let compute_index = r.layout.computes[r.node]
             .iter()
@@ -93,11 +94,8 @@ impl Compute {
                         return;
                     }
                 };
-                let mut engine = match crate::extract::gpu::device::engine_for(
-                    &backend_name,
-                    compute_index,
-                    ranks_per_gpu,
-                ) {
+                let bind = |visible| env::gpu_ordinal(compute_index, visible, ranks_per_gpu);
+                let mut engine = match crate::extract::engine::start(backend, bind) {
                     Ok(b) => b,
                     Err(e) => {
                         error!("compute rank {rank}: {e}");
@@ -108,7 +106,7 @@ impl Compute {
                 // memory, received on a stream of their own.
                 #[cfg(feature = "cuda-aware-mpi")]
                 {
-                    use crate::extract::gpu::device::Engine;
+                    use crate::extract::engine::Engine;
                     let stream = match &engine {
                         Engine::Gpu(g) => match g.gpu().ctx.new_stream() {
                             Ok(s) => Some(s),
@@ -128,7 +126,7 @@ impl Compute {
                     let t0 = Instant::now();
                     #[cfg(feature = "cuda-aware-mpi")]
                     let (result, kept, on_device, downloaded) = {
-                        use crate::extract::gpu::device::Engine;
+                        use crate::extract::engine::Engine;
                         match (landed, &mut engine) {
                             (Some(l), Engine::Gpu(g)) => {
                                 let before = g.pixel_downloads();

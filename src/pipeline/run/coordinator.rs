@@ -136,7 +136,7 @@ impl Coordinator {
                 .label
                 .clone()
                 .unwrap_or_else(|| format!("{} x{nodes}", opts.backend)),
-            backend: opts.backend.clone(),
+            backend: opts.backend.to_string(),
             nodes,
             ranks: nranks,
             threads_per_rank: opts.threads,

@@ -63,8 +63,8 @@ pub struct RunOptions {
     pub watchdog_s: f64,
     /// Threads per compute rank.
     pub threads: usize,
-    /// Backend name for the report.
-    pub backend: String,
+    /// Which backend the compute ranks start.
+    pub backend: crate::extract::engine::BackendKind,
     /// Label for the report.
     pub label: Option<String>,
     /// JSON report path.

@@ -12,7 +12,9 @@ use super::decorrelate::{self as decor, DecorrLayout, EigenRoute, MAX_SWEEPS};
 use super::normal::{self, BatchLayout, DevicePixels, Resident, ResidentPixels, ResidentSpots};
 use super::solve::{self, PatchShape};
 use super::unit::{self, UnitShape};
-use crate::extract::cpu::{CpuBackend, DIAG_EPSILON};
+use crate::extract::cpu::CpuBackend;
+use crate::extract::fallback::complete_on_cpu;
+use crate::extract::DIAG_EPSILON;
 use crate::extract::{Backend, ExtractOptions, PatchInput, PatchResult};
 use crate::psf::SpotSet;
 
@@ -260,7 +262,7 @@ mod tests {
                 done.iter().all(Option::is_some),
                 "the chain left patches to the CPU"
             );
-            finish_on_cpu(batch, opts, done)
+            complete_on_cpu(batch, opts, done).unwrap()
         });
     }
 
@@ -279,7 +281,7 @@ mod tests {
             done.iter().all(Option::is_some),
             "the chain left patches to the CPU"
         );
-        let other = finish_on_cpu(&inputs, &opts, done);
+        let other = complete_on_cpu(&inputs, &opts, done).unwrap();
         let (pull, dr) = compare(&cpu, &other);
         eprintln!(
             "real PSF, {} patches: max pull {pull:.2e}, max |dR| {dr:.2e}",

@@ -501,9 +501,7 @@ mod tests {
     use crate::extract::gpu::twins::scene::{Bundle, Recipe, Scene};
     use crate::extract::{ExtractOptions, PatchInput};
 
-    /// `cpu::DIAG_EPSILON` (private there). `cpu_reference` checks its results bit for bit
-    /// against `cpu::extract_patch`, which would fail if this drifted from the CPU's value.
-    const DIAG_EPSILON: f64 = 1e-15;
+    use crate::extract::DIAG_EPSILON;
 
     /// Bundle 0 at the real size ([`Bundle::real_size`]) with random pixels (~3 % of them and
     /// every 41st row masked: unevenly constrained bins make the covariance blocks less
