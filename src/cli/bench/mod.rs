@@ -175,44 +175,65 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         }
     }
     if !gpu_stages.is_empty() {
-        let total: f64 = gpu_stages.iter().map(|(_, s)| s).sum();
-        println!("GPU time per stage, steady-state run (CUDA events on the stream):");
-        println!("| stage | GPU s | share |");
-        println!("|---|---|---|");
-        for (stage, secs) in &gpu_stages {
-            println!(
-                "| {stage} | {secs:.3} | {:.1} % |",
-                100.0 * secs / total.max(1e-12)
-            );
-        }
-        println!("| all | {total:.3} | |");
-        // The same stages against the floor the card's FP64 rate and bandwidths set for this
-        // frame (BENCHMARKS.md, "the floor an H100 sets").
-        let device = crate::extract::gpu::device::probe()
-            .ok()
-            .and_then(|d| d.first().map(|d| d.name.clone()))
-            .unwrap_or_default();
-        match cost::CardPeak::from_device_name(&device) {
-            Some(card) => {
-                let shape = cost::FrameShape::of_plan(
-                    &prep.psf,
-                    &prep.plan,
-                    &prep.grid,
-                    prep.patch.pixpad_frac,
-                    prep.opts.ndiag,
-                    gpu_bundles,
-                )?;
-                let costs = cost::frame_costs(&shape);
-                println!("{}", cost::render_table(&costs, &card, &gpu_stages));
-            }
-            None => println!("no peak figures for {device:?}: floor table skipped"),
-        }
-        // A failure here (a cuSOLVER without XsyevBatched, say) leaves the figures above.
-        if let Err(e) = print_library_choices(&prep) {
-            println!("library choices not measured: {e:#}");
-        }
+        print_gpu_stages(&prep, &gpu_stages, gpu_bundles)?;
     }
-    for (name, fph) in &best_node {
+    print_ratios(&best, &best_node, &node);
+    print_parity(&frames, &prep)?;
+    if args.oracle_patches > 0 {
+        print_oracle(&prep, args.oracle_patches, one_thread)?;
+    }
+    Ok(())
+}
+
+/// The GPU's time per stage in the steady-state run, against the floor the card sets, and
+/// the library choices.
+fn print_gpu_stages(
+    prep: &Prepared,
+    gpu_stages: &[(&'static str, f64)],
+    gpu_bundles: usize,
+) -> Result<()> {
+    let total: f64 = gpu_stages.iter().map(|(_, s)| s).sum();
+    println!("GPU time per stage, steady-state run (CUDA events on the stream):");
+    println!("| stage | GPU s | share |");
+    println!("|---|---|---|");
+    for (stage, secs) in gpu_stages {
+        println!(
+            "| {stage} | {secs:.3} | {:.1} % |",
+            100.0 * secs / total.max(1e-12)
+        );
+    }
+    println!("| all | {total:.3} | |");
+    // The same stages against the floor the card's FP64 rate and bandwidths set for this
+    // frame (BENCHMARKS.md, "the floor an H100 sets").
+    let device = crate::extract::gpu::device::probe()
+        .ok()
+        .and_then(|d| d.first().map(|d| d.name.clone()))
+        .unwrap_or_default();
+    match cost::CardPeak::from_device_name(&device) {
+        Some(card) => {
+            let shape = cost::FrameShape::of_plan(
+                &prep.psf,
+                &prep.plan,
+                &prep.grid,
+                prep.patch.pixpad_frac,
+                prep.opts.ndiag,
+                gpu_bundles,
+            )?;
+            let costs = cost::frame_costs(&shape);
+            println!("{}", cost::render_table(&costs, &card, gpu_stages));
+        }
+        None => println!("no peak figures for {device:?}: floor table skipped"),
+    }
+    // A failure here (a cuSOLVER without XsyevBatched, say) leaves the figures above.
+    if let Err(e) = print_library_choices(prep) {
+        println!("library choices not measured: {e:#}");
+    }
+    Ok(())
+}
+
+/// Frames per node-hour per backend, and the GPU against the CPU per node-hour and per frame.
+fn print_ratios(best: &[(String, f64)], best_node: &[(String, f64)], node: &Node) {
+    for (name, fph) in best_node {
         println!(
             "{name}: {fph:.0} frames per node-hour on this node ({} cores, {} GPUs)",
             node.cores, node.gpus
@@ -235,6 +256,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             cpu / gpu
         );
     }
+}
+
+/// The first CPU frame against the GPU's steady-state frame, in f64.
+fn print_parity(frames: &[(String, FrameResult)], prep: &Prepared) -> Result<()> {
     if let (Some((_, cpu)), Some((_, gpu))) = (
         frames.iter().find(|(n, _)| n == "cpu"),
         frames.iter().find(|(n, _)| n == "gpu"),
@@ -253,39 +278,40 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             d.nonfinite
         );
     }
-    if args.oracle_patches > 0 {
-        let patches: Vec<_> = prep.plan.patches[0]
-            .iter()
-            .take(args.oracle_patches)
-            .copied()
-            .collect();
-        let sample = Sample::of(&prep, &patches)?;
-        let mut ws = crate::extract::cpu::Workspace::default();
-        let (mut t_fast, mut t_dense, mut n) = (0.0, 0.0, 0usize);
-        for inp in sample.inputs(&prep) {
-            let t = Instant::now();
-            let _ = crate::extract::cpu::extract_patch(&inp, &prep.opts, &mut ws);
-            t_fast += t.elapsed().as_secs_f64();
-            let t = Instant::now();
-            let _ = oracle::extract_patch_dense(&inp, &prep.opts);
-            t_dense += t.elapsed().as_secs_f64();
-            n += 1;
-        }
-        if n > 0 {
+    Ok(())
+}
+
+/// The fast path against the dense oracle, per patch on one thread, on `count` patches of
+/// bundle 0; extrapolated to the frame when a one-thread CPU run timed it.
+fn print_oracle(prep: &Prepared, count: usize, one_thread: Option<f64>) -> Result<()> {
+    let npatch = prep.plan.npatch();
+    let patches: Vec<_> = prep.plan.patches[0].iter().take(count).copied().collect();
+    let sample = Sample::of(prep, &patches)?;
+    let mut ws = crate::extract::cpu::Workspace::default();
+    let (mut t_fast, mut t_dense, mut n) = (0.0, 0.0, 0usize);
+    for inp in sample.inputs(prep) {
+        let t = Instant::now();
+        let _ = crate::extract::cpu::extract_patch(&inp, &prep.opts, &mut ws);
+        t_fast += t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let _ = oracle::extract_patch_dense(&inp, &prep.opts);
+        t_dense += t.elapsed().as_secs_f64();
+        n += 1;
+    }
+    if n > 0 {
+        println!(
+            "per patch, one thread, {n} patches of bundle 0: fast {:.2e} s, dense oracle {:.2e} s, ratio {:.1}x",
+            t_fast / n as f64,
+            t_dense / n as f64,
+            t_dense / t_fast
+        );
+        if let Some(w) = one_thread {
             println!(
-                "per patch, one thread, {n} patches of bundle 0: fast {:.2e} s, dense oracle {:.2e} s, ratio {:.1}x",
-                t_fast / n as f64,
-                t_dense / n as f64,
-                t_dense / t_fast
+                "dense oracle extrapolated to the frame on one thread: {:.0} s ({:.1}x the fast path's {:.2} s)",
+                t_dense / n as f64 * npatch as f64,
+                t_dense / n as f64 * npatch as f64 / w,
+                w
             );
-            if let Some(w) = one_thread {
-                println!(
-                    "dense oracle extrapolated to the frame on one thread: {:.0} s ({:.1}x the fast path's {:.2} s)",
-                    t_dense / n as f64 * npatch as f64,
-                    t_dense / n as f64 * npatch as f64 / w,
-                    w
-                );
-            }
         }
     }
     Ok(())
