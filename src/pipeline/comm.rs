@@ -14,6 +14,9 @@
 //! Imports the pipeline's `unit` and `report` (what messages carry) and, in the cuda-aware-mpi
 //! build, `extract::gpu::unit` (the shape of a unit's results).
 
+// Counts cross into C here (cfitsio's and MPI's `int`): converted with `try_from`, never `as`.
+#![deny(clippy::cast_possible_truncation)]
+
 use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
@@ -248,6 +251,12 @@ pub enum CommError {
         /// What the payload is.
         name: &'static str,
     },
+    /// A rank beyond what MPI can name.
+    #[error("no rank {to} in this MPI job")]
+    NotInJob {
+        /// The rank asked for.
+        to: usize,
+    },
     /// A single process has only rank 0.
     #[error("no rank {to} in a single process")]
     NoSuchRank {
@@ -332,7 +341,9 @@ pub fn decode(bytes: &[u8], from: usize) -> Result<Msg, CommError> {
         return Err(CommError::NoHeader { from });
     }
     let kind = word(4);
-    let len = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes")) as usize;
+    // A length beyond usize cannot match what arrived: it fails the check below.
+    let len = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
+    let len = usize::try_from(len).unwrap_or(usize::MAX);
     if bytes.len() - HEADER != len {
         return Err(CommError::Length {
             from,
@@ -355,6 +366,11 @@ pub fn decode(bytes: &[u8], from: usize) -> Result<Msg, CommError> {
         });
     }
     Ok(msg)
+}
+
+/// `r` as MPI's rank type (ranks come from the world's size, an `int`).
+fn mpi_rank(r: usize) -> Result<mpi::Rank, CommError> {
+    mpi::Rank::try_from(r).map_err(|_| CommError::NotInJob { to: r })
 }
 
 /// A way to reach the other ranks.
@@ -467,16 +483,17 @@ impl MpiComm {
 
     /// Posts a send of `buffer` to `to` with `tag`; the buffer is leaked here and reclaimed in
     /// `flush` once MPI is done with it.
-    fn post(&mut self, to: usize, tag: mpi::Tag, buffer: Box<[u8]>) {
+    fn post(&mut self, to: usize, tag: mpi::Tag, buffer: Box<[u8]>) -> Result<(), CommError> {
         use mpi::point_to_point::Destination;
         use mpi::topology::Communicator;
+        let rank = mpi_rank(to)?;
         let buffer: &'static mut [u8] = Box::leak(buffer);
         let ptr: *mut [u8] = buffer;
         // A non-blocking send, so that two ranks sending large messages to each other cannot
         // deadlock; the buffer is leaked here and reclaimed in `flush` once MPI is done with it.
         let request = self
             .world
-            .process_at_rank(to as mpi::Rank)
+            .process_at_rank(rank)
             // SAFETY of the 'static borrow: the buffer is freed only after the request
             // completes (see `flush`), so it outlives every MPI read of it.
             .immediate_send_with_tag(mpi::request::StaticScope, &*buffer, tag);
@@ -484,6 +501,7 @@ impl MpiComm {
             request,
             buffer: ptr,
         });
+        Ok(())
     }
 
     /// Sends the parts of a message after its header.
@@ -501,7 +519,7 @@ impl MpiComm {
             match part {
                 Part::Host(v) => {
                     let b: Vec<u8> = v.iter().flat_map(|x| x.to_ne_bytes()).collect();
-                    self.post(to, TAG_PART, b.into_boxed_slice());
+                    self.post(to, TAG_PART, b.into_boxed_slice())?;
                 }
                 Part::Device(d) => {
                     // Open MPI finds the device memory's context as the thread's current one.
@@ -513,11 +531,11 @@ impl MpiComm {
                             why: format!("{e:?}"),
                         })?;
                     let buffer: &'static mut mpi::datatype::DynBuffer<'static> =
-                        Box::leak(Box::new(device_buffer(&d).downgrade()));
+                        Box::leak(Box::new(device_buffer(&d)?.downgrade()));
                     let ptr: *mut mpi::datatype::DynBuffer<'static> = buffer;
                     let request = self
                         .world
-                        .process_at_rank(to as mpi::Rank)
+                        .process_at_rank(mpi_rank(to)?)
                         // SAFETY of the 'static borrow: the description is freed, and the
                         // device memory it describes, `d`, dropped, only once the request has
                         // completed (see `flush`).
@@ -549,7 +567,7 @@ impl MpiComm {
         for (i, &len) in parts.lens.iter().enumerate() {
             let (message, status) = self
                 .world
-                .process_at_rank(from as mpi::Rank)
+                .process_at_rank(mpi_rank(from)?)
                 .matched_probe_with_tag(TAG_PART);
             let got = status.count(u8::equivalent_datatype()) as usize;
             let want = len * std::mem::size_of::<f64>();
@@ -577,7 +595,7 @@ impl MpiComm {
                         doing: format!("allocating on the GPU for a {kind}"),
                         why: format!("{e:?}"),
                     })?;
-                    let mut raw = device_buffer(&d);
+                    let mut raw = device_buffer(&d)?;
                     message.matched_receive_into(&mut raw);
                     // cudarc records the write for its ordering of later users of `d`.
                     let (_, written) = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut d, stream);
@@ -599,22 +617,22 @@ impl MpiComm {
 /// `d`'s device memory as an MPI buffer of f64 values, which a CUDA-aware MPI reads or
 /// writes there. The caller keeps `d` alive until MPI is done with the buffer.
 #[cfg(feature = "cuda-aware-mpi")]
-fn device_buffer(d: &cudarc::driver::CudaSlice<f64>) -> mpi::datatype::DynBufferMut<'static> {
+fn device_buffer(
+    d: &cudarc::driver::CudaSlice<f64>,
+) -> Result<mpi::datatype::DynBufferMut<'static>, CommError> {
     use cudarc::driver::DevicePtr;
     use mpi::datatype::Equivalence;
+    let count = mpi::Count::try_from(d.len()).map_err(|_| CommError::PartTooLarge {
+        bytes: d.len() * std::mem::size_of::<f64>(),
+    })?;
     let (ptr, _sync) = d.device_ptr(d.stream());
-    // SAFETY: `ptr` is the start of a live device allocation of `d.len()` f64 values (the
-    // callers' and `send_parts`' checks keep the count within MPI's i32), described with the
-    // f64 datatype, so MPI touches exactly that memory. Only a CUDA-aware MPI may be handed it:
+    // SAFETY: `ptr` is the start of a live device allocation of `count` f64 values, described
+    // with the f64 datatype, so MPI touches exactly that memory. Only a CUDA-aware MPI may be handed it:
     // `execute` refuses any other in this build. The datatype is a predefined one, valid for
     // the whole program ('static).
-    unsafe {
-        mpi::datatype::DynBufferMut::from_raw(
-            ptr as *mut f64,
-            d.len() as mpi::Count,
-            f64::equivalent_datatype(),
-        )
-    }
+    Ok(unsafe {
+        mpi::datatype::DynBufferMut::from_raw(ptr as *mut f64, count, f64::equivalent_datatype())
+    })
 }
 
 impl Comm for MpiComm {
@@ -630,7 +648,7 @@ impl Comm for MpiComm {
         }
         let bytes = encode(&msg)?;
         let n = bytes.len() as u64;
-        self.post(to, TAG, bytes.into_boxed_slice());
+        self.post(to, TAG, bytes.into_boxed_slice())?;
         #[cfg(feature = "cuda-aware-mpi")]
         if let Some(parts) = msg.parts_mut() {
             let data = std::mem::take(&mut parts.data);

@@ -2,6 +2,9 @@
 //! started it, its place on the node, the threads it may use, and the thread variables of the
 //! numerical libraries. Shared by `extract` (which acts on it) and `doctor` (which reports it).
 
+// Counts cross into C here (cfitsio's and MPI's `int`): converted with `try_from`, never `as`.
+#![deny(clippy::cast_possible_truncation)]
+
 /// Where this process sits, as the launcher describes it in the environment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Launch {
@@ -101,10 +104,9 @@ pub fn available_cores() -> usize {
 pub fn node_cores() -> usize {
     // SAFETY: sysconf has no preconditions; a negative result means "unknown".
     let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
-    if n > 0 {
-        n as usize
-    } else {
-        available_cores()
+    match usize::try_from(n) {
+        Ok(n) if n > 0 => n,
+        _ => available_cores(),
     }
 }
 
@@ -330,7 +332,8 @@ pub fn free_bytes(dir: &std::path::Path) -> Option<u64> {
     // SAFETY: statvfs returned 0, so it filled `st`.
     let st = unsafe { st.assume_init() };
     // The field widths differ between platforms; u128 holds the product on all of them.
-    Some((st.f_bavail as u128 * st.f_frsize as u128).min(u64::MAX as u128) as u64)
+    let bytes = u128::from(st.f_bavail) * u128::from(st.f_frsize);
+    Some(u64::try_from(bytes).unwrap_or(u64::MAX))
 }
 
 /// A variable as this process started with it. `main` sets the unset BLAS thread variables

@@ -85,16 +85,9 @@ impl Fits {
     ) -> Result<(), IoError> {
         let mut naxes: Vec<sys::LONGLONG> = shape.iter().rev().map(|&n| n as _).collect();
         let mut status = 0;
+        let naxis = self.c_int(naxes.len(), "image axes")?;
         // SAFETY: naxes holds naxis entries.
-        unsafe {
-            sys::ffcrimll(
-                self.ptr,
-                bitpix,
-                naxes.len() as c_int,
-                naxes.as_mut_ptr(),
-                &mut status,
-            )
-        };
+        unsafe { sys::ffcrimll(self.ptr, bitpix, naxis, naxes.as_mut_ptr(), &mut status) };
         self.hdu = extname.to_string();
         self.check("creating the image", status)?;
         self.put_str("EXTNAME", extname, "")
@@ -149,6 +142,7 @@ impl Fits {
         let mut fp: Vec<*mut c_char> = forms.iter().map(|c| c.as_ptr().cast_mut()).collect();
         let ext = self.c(extname)?;
         let mut status = 0;
+        let tfields = self.c_int(cols.len(), "table columns")?;
         // SAFETY: np/fp hold tfields NUL-terminated strings that cfitsio only reads; a null
         // tunit means no units.
         unsafe {
@@ -156,7 +150,7 @@ impl Fits {
                 self.ptr,
                 sys::BINARY_TBL as c_int,
                 nrows as sys::LONGLONG,
-                cols.len() as c_int,
+                tfields,
                 np.as_mut_ptr(),
                 fp.as_mut_ptr(),
                 ptr::null_mut(),
@@ -172,16 +166,12 @@ impl Fits {
     pub fn set_tdim(&mut self, col: usize, dims: &[usize]) -> Result<(), IoError> {
         let mut d: Vec<c_long> = dims.iter().map(|&n| n as c_long).collect();
         let mut status = 0;
+        let (ccol, naxis) = (
+            self.c_int(col, "column")?,
+            self.c_int(d.len(), "TDIM axes")?,
+        );
         // SAFETY: d holds naxis entries.
-        unsafe {
-            sys::ffptdm(
-                self.ptr,
-                col as c_int,
-                d.len() as c_int,
-                d.as_mut_ptr(),
-                &mut status,
-            )
-        };
+        unsafe { sys::ffptdm(self.ptr, ccol, naxis, d.as_mut_ptr(), &mut status) };
         self.check("writing TDIM", status)
     }
 
@@ -191,12 +181,13 @@ impl Fits {
             return Ok(());
         }
         let mut status = 0;
+        let ccol = self.c_int(col, "column")?;
         // SAFETY: as in write_pixels.
         unsafe {
             sys::ffpcl(
                 self.ptr,
                 T::CODE,
-                col as c_int,
+                ccol,
                 1,
                 1,
                 data.len() as sys::LONGLONG,
@@ -218,11 +209,12 @@ impl Fits {
             .collect::<Result<Vec<_>, _>>()?;
         let mut p: Vec<*mut c_char> = cs.iter().map(|c| c.as_ptr().cast_mut()).collect();
         let mut status = 0;
+        let ccol = self.c_int(col, "column")?;
         // SAFETY: p holds data.len() NUL-terminated strings that cfitsio only reads.
         unsafe {
             sys::ffpcls(
                 self.ptr,
-                col as c_int,
+                ccol,
                 1,
                 1,
                 p.len() as sys::LONGLONG,
@@ -264,19 +256,12 @@ impl Fits {
     /// `(equivalent type code, repeat, width)` of column `col`.
     pub fn col_info(&mut self, col: usize) -> Result<(i32, usize, usize), IoError> {
         let (mut t, mut repeat, mut width, mut status) = (0, 0, 0, 0);
+        let ccol = self.c_int(col, "column")?;
         // SAFETY: valid file and out-params.
-        unsafe {
-            sys::ffeqtyll(
-                self.ptr,
-                col as c_int,
-                &mut t,
-                &mut repeat,
-                &mut width,
-                &mut status,
-            )
-        };
+        unsafe { sys::ffeqtyll(self.ptr, ccol, &mut t, &mut repeat, &mut width, &mut status) };
         self.check(&format!("reading column {col} type"), status)?;
-        Ok((t, repeat.max(0) as usize, width.max(0) as usize))
+        let count = |v: i64| usize::try_from(v.max(0)).unwrap_or(usize::MAX);
+        Ok((t, count(repeat), count(width)))
     }
 
     /// Reads `n` elements of column `col` (1-based) from its first element on, across rows.
@@ -291,12 +276,13 @@ impl Fits {
             return Ok(v);
         }
         let (mut anynul, mut status) = (0, 0);
+        let ccol = self.c_int(col, "column")?;
         // SAFETY: v holds n elements of T::CODE; a null nulval disables substitution.
         unsafe {
             sys::ffgcv(
                 self.ptr,
                 T::CODE,
-                col as c_int,
+                ccol,
                 1,
                 1,
                 n as sys::LONGLONG,
@@ -323,11 +309,12 @@ impl Fits {
         let mut nul = [0 as c_char; 1];
         let (mut anynul, mut status) = (0, 0);
         if nrows > 0 {
+            let ccol = self.c_int(col, "column")?;
             // SAFETY: each of the nrows buffers holds repeat (≥ width) characters plus NUL.
             unsafe {
                 sys::ffgcvs(
                     self.ptr,
-                    col as c_int,
+                    ccol,
                     1,
                     1,
                     nrows as sys::LONGLONG,
@@ -376,8 +363,9 @@ impl Fits {
     pub fn write_checksums(&mut self) -> Result<(), IoError> {
         for i in 1..=self.num_hdus()? {
             let mut status = 0;
-            // SAFETY: i is a valid HDU number; the type out-param may be null.
-            unsafe { sys::ffmahd(self.ptr, i as c_int, ptr::null_mut(), &mut status) };
+            let hdu = self.c_int(i, "HDU")?;
+            // SAFETY: hdu is a valid HDU number; the type out-param may be null.
+            unsafe { sys::ffmahd(self.ptr, hdu, ptr::null_mut(), &mut status) };
             self.check(&format!("moving to HDU {}", i - 1), status)?;
             self.name_current(i - 1)?;
             // SAFETY: valid file positioned at HDU i.

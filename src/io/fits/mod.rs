@@ -6,6 +6,9 @@
 //! opened with cfitsio's "diskfile" calls, so a path is a plain path (no `[ext]` or `!` syntax),
 //! while `.gz` files and tile-compressed HDUs are still read transparently.
 
+// Counts cross into C here (cfitsio's and MPI's `int`): converted with `try_from`, never `as`.
+#![deny(clippy::cast_possible_truncation)]
+
 mod data;
 
 use std::ffi::{c_char, c_int, CString};
@@ -149,6 +152,11 @@ impl Fits {
         }
     }
 
+    /// `v` as cfitsio's `int`, or an error naming what it counts.
+    fn c_int(&self, v: usize, what: &str) -> Result<c_int, IoError> {
+        c_int::try_from(v).map_err(|_| self.err(format!("{what} {v} is beyond cfitsio's int")))
+    }
+
     fn c(&self, s: &str) -> Result<CString, IoError> {
         CString::new(s).map_err(|_| self.err(format!("string {s:?} contains a NUL byte")))
     }
@@ -247,6 +255,8 @@ impl Fits {
     pub fn key_i64(&mut self, key: &str) -> Result<Option<i64>, IoError> {
         match self.key_f64(key)? {
             None => Ok(None),
+            // Whole and below 2^53: exactly an i64.
+            #[allow(clippy::cast_possible_truncation)]
             Some(v) if v.fract() == 0.0 && v.abs() < 9.0e15 => Ok(Some(v as i64)),
             Some(v) => Err(self.err(format!("header {key} = {v} is not an integer"))),
         }
