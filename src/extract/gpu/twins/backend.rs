@@ -5,6 +5,9 @@
 use std::collections::VecDeque;
 use std::ops::Range;
 
+pub(super) use super::super::backend::assemble::{assemble, blocks_of, ChainOutputs};
+pub(super) use super::super::backend::host::with_host_spots;
+pub(super) use super::super::backend::schedule::{chunk_ranges, schedule, Chunks};
 pub(super) use super::super::backend::*;
 use super::super::GpuError;
 use super::chi2;

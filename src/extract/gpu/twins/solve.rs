@@ -10,6 +10,7 @@
 use rayon::prelude::*;
 
 use super::super::device::Gpu;
+pub(super) use super::super::solve::plan::PointerArrays;
 pub(super) use super::super::solve::*;
 use super::super::GpuError;
 use super::normal::HostDense;

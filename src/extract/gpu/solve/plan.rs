@@ -1,0 +1,243 @@
+//! The stage's decomposition of a batch, shared by the device path and its twin
+//! (`twins::solve`): the sizes and trsm groups ([`SolvePlan`], [`Group`]), every offset the
+//! pointer arrays are built from, and those arrays ([`PointerArrays`]), from device
+//! addresses or stand-ins. Plain arithmetic: imports only the stage's error helpers (`super`).
+
+use super::{bad, int, PatchShape};
+use crate::extract::gpu::GpuError;
+
+/// Patches that share the sizes of one trsm call, and of its per-fiber Gram calls.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Group {
+    /// First core unknown, `core_fiber·nwavetot`: rows and columns of `L` solved with start here.
+    pub k0: usize,
+    /// Rows of the trailing triangle, `n − k0` (the identity padding is left out).
+    pub m: usize,
+    /// Core fibers.
+    pub ncore: usize,
+    /// Bins per fiber.
+    pub nwt: usize,
+    /// The patches, increasing.
+    pub patches: Vec<usize>,
+}
+
+impl Group {
+    /// Columns of `E`: the core unknowns.
+    pub fn ncols(&self) -> usize {
+        self.ncore * self.nwt
+    }
+}
+
+/// The stage's decomposition of a batch, shared by the device path and its twin (`twins::solve`): sizes, the
+/// trsm groups, and every offset (in elements) the pointer arrays are built from.
+#[derive(Debug, Clone)]
+pub struct SolvePlan {
+    /// Patches.
+    pub npatch: usize,
+    /// Size and leading dimension of every patch's matrix.
+    pub nmax: usize,
+    /// Side of an output block: the largest `nwavetot`.
+    pub nw: usize,
+    /// Blocks per patch: the largest core-fiber count.
+    pub ncore_max: usize,
+    /// Columns of a patch's slab of `Y`: the largest `ncore·nwavetot`.
+    pub ncols_max: usize,
+    /// Elements of a patch's slab of `Y`, `ncols_max·(nmax + 1)` (see the module docs).
+    pub slab: usize,
+    /// The trsm groups, in increasing `(k0, m, ncore, nwt)`.
+    pub groups: Vec<Group>,
+}
+
+impl SolvePlan {
+    /// Checks `shapes` against a batch of `npatch` matrices of size `nmax` whose patches have
+    /// `n[b]` unknowns, and groups the patches.
+    pub fn new(
+        npatch: usize,
+        nmax: usize,
+        n: &[usize],
+        shapes: &[PatchShape],
+    ) -> Result<SolvePlan, GpuError> {
+        if npatch == 0 || nmax == 0 {
+            return Err(bad(format!("{npatch} patches of {nmax} unknowns")));
+        }
+        if shapes.len() != npatch || n.len() != npatch {
+            return Err(bad(format!(
+                "{} shapes and {} unknown counts for {npatch} patches",
+                shapes.len(),
+                n.len()
+            )));
+        }
+        let mut keyed =
+            std::collections::BTreeMap::<(usize, usize, usize, usize), Vec<usize>>::new();
+        for (b, (s, &nb)) in shapes.iter().zip(n).enumerate() {
+            if s.nwavetot == 0 || s.ncore == 0 || s.core_fiber + s.ncore > s.nfiber {
+                return Err(bad(format!("patch {b}: core fibers of {s:?}")));
+            }
+            if s.nunknown() != nb || nb > nmax {
+                return Err(bad(format!(
+                    "patch {b}: {s:?} has {} unknowns, the batch {nb} (of at most {nmax})",
+                    s.nunknown()
+                )));
+            }
+            let k0 = s.core_fiber * s.nwavetot;
+            keyed
+                .entry((k0, nb - k0, s.ncore, s.nwavetot))
+                .or_default()
+                .push(b);
+        }
+        let nw = shapes.iter().map(|s| s.nwavetot).max().unwrap_or(0);
+        let ncore_max = shapes.iter().map(|s| s.ncore).max().unwrap_or(0);
+        let ncols_max = shapes
+            .iter()
+            .map(|s| s.ncore * s.nwavetot)
+            .max()
+            .unwrap_or(0);
+        let slab = ncols_max * (nmax + 1);
+        // Every size handed to cuBLAS/cuSOLVER is a 32-bit int, and the strided copy that
+        // builds E indexes the whole of Y with one.
+        int(nmax + 1, "nmax + 1")?;
+        int(npatch * nmax, "x's length")?;
+        int(npatch * slab, "Y's length")?;
+        int(npatch * ncore_max * nw * nw, "the blocks' length")?;
+        let groups = keyed
+            .into_iter()
+            .map(|((k0, m, ncore, nwt), patches)| Group {
+                k0,
+                m,
+                ncore,
+                nwt,
+                patches,
+            })
+            .collect();
+        Ok(SolvePlan {
+            npatch,
+            nmax,
+            nw,
+            ncore_max,
+            ncols_max,
+            slab,
+            groups,
+        })
+    }
+
+    /// Offset of patch `b`'s matrix (and factor) in `ata`.
+    pub fn factor(&self, b: usize) -> usize {
+        b * self.nmax * self.nmax
+    }
+
+    /// Offset of `L[k0, k0]` of patch `b`: the trailing triangle its trsm solves with.
+    pub fn trailing(&self, b: usize, k0: usize) -> usize {
+        self.factor(b) + k0 * (self.nmax + 1)
+    }
+
+    /// Offset of patch `b`'s `x`.
+    pub fn x(&self, b: usize) -> usize {
+        b * self.nmax
+    }
+
+    /// Offset of patch `b`'s slab of `Y` (row `r` of the slab is unknown `k0 + r`).
+    pub fn y(&self, b: usize) -> usize {
+        b * self.slab
+    }
+
+    /// Offset in `Y` of core fiber `c`'s first nonzero row in its first column: row and column
+    /// `c·nwt` of patch `b`'s slab.
+    pub fn y_fiber(&self, b: usize, c: usize, nwt: usize) -> usize {
+        self.y(b) + c * nwt * (self.nmax + 1)
+    }
+
+    /// Offset of patch `b`'s block of core fiber `c` in `blocks`.
+    pub fn block(&self, b: usize, c: usize) -> usize {
+        (b * self.ncore_max + c) * self.nw * self.nw
+    }
+
+    /// Elements of `blocks`.
+    pub fn blocks_len(&self) -> usize {
+        self.npatch * self.ncore_max * self.nw * self.nw
+    }
+
+    /// Unit entries of `E` over the whole of `Y`: entry `i` is at `i·(nmax + 1)`.
+    pub fn units(&self) -> usize {
+        self.npatch * self.ncols_max
+    }
+}
+
+/// Every pointer array of one run, in one vector (uploaded at once), and where each batched
+/// call's array starts in it. Built by the device path from the buffers' device addresses and
+/// by the twin from stand-in addresses, so that the twin reads the very arrays the calls get.
+pub(in crate::extract::gpu) struct PointerArrays {
+    /// The pointers.
+    pub(in crate::extract::gpu) host: Vec<u64>,
+    /// potrf's and potrs's `A`: patch `b`'s matrix (`npatch` entries).
+    pub(in crate::extract::gpu) factors: usize,
+    /// potrs's `B`: patch `b`'s `x` (`npatch` entries).
+    pub(in crate::extract::gpu) x: usize,
+    /// One per group of the plan.
+    pub(in crate::extract::gpu) groups: Vec<GroupArrays>,
+}
+
+/// A group's pointer arrays (one entry per patch of the group, in its order).
+pub(in crate::extract::gpu) struct GroupArrays {
+    /// trsm's `A`: `L[k0, k0]`.
+    pub(in crate::extract::gpu) l22: usize,
+    /// trsm's `B`: the patch's slab of `Y`.
+    pub(in crate::extract::gpu) y: usize,
+    /// Per core fiber, gemm's `A` and `B` (`Y_f`) and `C` (`C_ff`).
+    pub(in crate::extract::gpu) fibers: Vec<(usize, usize)>,
+}
+
+impl PointerArrays {
+    /// The arrays for `plan` with the buffers at device addresses `ata`, `x`, `y`, `blocks`.
+    pub(in crate::extract::gpu) fn new(
+        plan: &SolvePlan,
+        ata: u64,
+        x: u64,
+        y: u64,
+        blocks: u64,
+    ) -> PointerArrays {
+        let mut host: Vec<u64> = Vec::new();
+        let factors = host.len();
+        host.extend((0..plan.npatch).map(|b| at::<f64>(ata, plan.factor(b))));
+        let xo = host.len();
+        host.extend((0..plan.npatch).map(|b| at::<f64>(x, plan.x(b))));
+        let mut groups = Vec::with_capacity(plan.groups.len());
+        for g in &plan.groups {
+            let l22 = host.len();
+            host.extend(
+                g.patches
+                    .iter()
+                    .map(|&b| at::<f64>(ata, plan.trailing(b, g.k0))),
+            );
+            let yo = host.len();
+            host.extend(g.patches.iter().map(|&b| at::<f64>(y, plan.y(b))));
+            let mut fibers = Vec::with_capacity(g.ncore);
+            for c in 0..g.ncore {
+                let yf = host.len();
+                host.extend(
+                    g.patches
+                        .iter()
+                        .map(|&b| at::<f64>(y, plan.y_fiber(b, c, g.nwt))),
+                );
+                let cf = host.len();
+                host.extend(
+                    g.patches
+                        .iter()
+                        .map(|&b| at::<f64>(blocks, plan.block(b, c))),
+                );
+                fibers.push((yf, cf));
+            }
+            groups.push(GroupArrays { l22, y: yo, fibers });
+        }
+        PointerArrays {
+            host,
+            factors,
+            x: xo,
+            groups,
+        }
+    }
+}
+
+/// A device address `off` elements of `T` past `base`.
+pub(super) fn at<T>(base: u64, off: usize) -> u64 {
+    base + (off * std::mem::size_of::<T>()) as u64
+}
