@@ -24,7 +24,7 @@
 //! adopt_pixels`], downloaded only when a CPU retry needs them), and the results go into the
 //! unit's arrays there ([`GpuBackend::begin_unit`], `unit.cu`) instead of coming back per chunk.
 //!
-//! The same chain runs on the host through each stage's twin ([`twin_chain`]): on machines
+//! The same chain runs on the host through each stage's twin (`twins::backend::twin_chain`, test-only): on machines
 //! without a GPU that is what the tests compare with the CPU backend, which checks how the
 //! stages fit together (layouts, offsets, which blocks belong to which fibers) end to end.
 //!

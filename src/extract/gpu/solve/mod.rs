@@ -130,7 +130,7 @@ pub struct SolveBatch {
     pub blocks: CudaSlice<f64>,
     /// potrf's info per patch.
     pub info: CudaSlice<i32>,
-    /// potrs's single info (argument errors only), checked by [`SolveBatch::download`] or,
+    /// potrs's single info (argument errors only), checked by `SolveBatch::download` (test-only) or,
     /// copied back by the caller, by [`check_potrs_info`].
     pub potrs_info: CudaSlice<i32>,
 }

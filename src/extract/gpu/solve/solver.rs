@@ -87,7 +87,7 @@ impl Solver {
 
     /// Queues the stage for `dense` (one shape per patch) on the stream: factors `dense.ata`
     /// in place (its upper triangle is left as cuSOLVER's workspace) and writes `out`. Nothing is
-    /// waited for; [`SolveBatch::download`] or a later stage on the same stream sees the results.
+    /// waited for; `SolveBatch::download` (test-only) or a later stage on the same stream sees the results.
     pub fn solve_into(
         &mut self,
         gpu: &Gpu,
