@@ -27,7 +27,9 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 
+use crate::extract::gpu::launch::{KernelParams, KERNELS};
 use crate::extract::gpu::ptx::{expanded, LAUNCH_ABI};
+use cudarc::driver::LaunchConfig;
 
 /// The emulation layer, written next to each runner program.
 const HEADER: &str = include_str!("../../../../kernels/emu/cuda_emu.h");
@@ -93,11 +95,14 @@ fn toolchain_or_skip() -> Option<&'static Toolchain> {
     t
 }
 
-/// A launch argument: an `int`, a `double`, or a buffer (its bytes; written back).
+/// A launch argument: an `int`, a `double`, a buffer (its bytes; written back), or a
+/// parameter struct passed by value (its bytes, and where its device addresses go: `(byte
+/// offset, argument index of the buffer)`, patched by the runner with the buffer's address).
 enum Arg {
     I(i32),
     D(f64),
     P(Vec<u8>),
+    S(Vec<u8>, Vec<(u32, u32)>),
 }
 
 impl Arg {
@@ -106,8 +111,45 @@ impl Arg {
             Arg::I(_) => 'i',
             Arg::D(_) => 'd',
             Arg::P(_) => 'p',
+            Arg::S(..) => 's',
         }
     }
+}
+
+/// What a parameter struct holds for the address of a launch's buffer `k` (its argument
+/// index): a value no size, double or real address takes, which the launch turns into a patch.
+const BUF_TAG: u64 = 0xB0F0_0000_0000_0000;
+
+/// The argument index of the buffer whose stand-in address a parameter struct holds, for
+/// reading it back from [`Out`].
+fn at(addr: u64) -> usize {
+    assert_eq!(
+        addr & !0xffff,
+        BUF_TAG,
+        "{addr:#x} is not a buffer of this launch"
+    );
+    (addr & 0xffff) as usize
+}
+
+/// The buffers of a struct launch, in the order added; argument 0 is the struct.
+#[derive(Default)]
+struct Bufs(Vec<Arg>);
+
+impl Bufs {
+    /// Adds a buffer (an [`Arg::P`]) and returns the address the parameter struct holds for it.
+    fn add(&mut self, buf: Arg) -> u64 {
+        assert!(matches!(buf, Arg::P(_)), "only buffers have addresses");
+        self.0.push(buf);
+        BUF_TAG | self.0.len() as u64
+    }
+}
+
+/// The bytes of a parameter struct.
+fn bytes_of<P: KernelParams>(p: &P) -> Vec<u8> {
+    // SAFETY: P is a #[repr(C)] struct of i32, f64 and u64 fields without padding (checked
+    // against FIELDS by launch.rs's layout test), so all size_of::<P>() bytes are initialised.
+    unsafe { std::slice::from_raw_parts((p as *const P).cast::<u8>(), std::mem::size_of::<P>()) }
+        .to_vec()
 }
 
 fn int(v: usize) -> Arg {
@@ -137,6 +179,50 @@ struct Launch<'a> {
     block: (u32, u32, u32),
     smem: usize,
     args: Vec<Arg>,
+}
+
+impl<'a> Launch<'a> {
+    /// A launch of `kernel` as its launcher configures it (`cfg`, from the launcher's own
+    /// function), passing `params` by value with `bufs` behind its addresses.
+    fn with_params<P: KernelParams>(
+        kernel: &'a str,
+        cfg: &LaunchConfig,
+        params: &P,
+        bufs: Bufs,
+    ) -> Launch<'a> {
+        let bytes = bytes_of(params);
+        let mut ptrs = Vec::new();
+        for (field, off, size) in P::FIELDS {
+            if *size != 8 {
+                continue;
+            }
+            let v = u64::from_ne_bytes(bytes[*off..off + 8].try_into().unwrap());
+            if v & !0xffff == BUF_TAG {
+                let k = at(v);
+                assert!(
+                    (1..=bufs.0.len()).contains(&k),
+                    "{kernel}: {field} is no buffer"
+                );
+                ptrs.push((*off as u32, k as u32));
+            }
+        }
+        let mut refs: Vec<u32> = ptrs.iter().map(|p| p.1).collect();
+        refs.sort_unstable();
+        assert_eq!(
+            refs,
+            (1..=bufs.0.len() as u32).collect::<Vec<_>>(),
+            "{kernel}: every buffer is behind exactly one address"
+        );
+        let mut args = vec![Arg::S(bytes, ptrs)];
+        args.extend(bufs.0);
+        Launch {
+            kernel,
+            grid: cfg.grid_dim,
+            block: cfg.block_dim,
+            smem: cfg.shared_mem_bytes as usize,
+            args,
+        }
+    }
 }
 
 /// Every argument after the launch: the buffers as the kernel left them, None for scalars.
@@ -196,8 +282,8 @@ fn rewrite_dynamic_shared(src: &str) -> String {
 }
 
 /// The runner program: the emulation header, the kernel source, and a `main` that reads a
-/// launch description, calls entry point `name` with its arguments (kinds as in LAUNCH_ABI)
-/// on every thread of the grid and writes the buffers back.
+/// launch description, calls entry point `name` with its arguments (kinds as in LAUNCH_ABI;
+/// "s" for one parameter struct) on every thread of the grid and writes the buffers back.
 fn runner_source(source: &str, entries: &[(String, String)]) -> String {
     let mut s = String::from("#include \"cuda_emu.h\"\n#line 1 \"kernel.cu\"\n");
     s += source;
@@ -207,6 +293,13 @@ fn runner_source(source: &str, entries: &[(String, String)]) -> String {
     s += "    if (!in) { std::perror(argv[1]); return 2; }\n";
     s += "    EmuLaunch l = emu_read_launch(in);\n    std::fclose(in);\n";
     for (name, kinds) in entries {
+        if kinds == "s" {
+            // One parameter struct: emu_call takes its type from the kernel's signature.
+            s += &format!(
+                "    if (l.name == \"{name}\") {{\n        emu_call({name}, l);\n    }} else\n"
+            );
+            continue;
+        }
         let n = kinds.len();
         s += &format!("    if (l.name == \"{name}\") {{\n");
         s += &format!(
@@ -299,8 +392,8 @@ impl Program {
         Ok(p)
     }
 
-    /// The runner of kernel file `file` (every entry point LAUNCH_ABI lists for it), its text
-    /// passed through `edit` first (the tests plant bugs that way).
+    /// The runner of kernel file `file` (every entry point KERNELS or LAUNCH_ABI lists for it),
+    /// its text passed through `edit` first (the tests plant bugs that way).
     fn kernel_file(
         tc: &Toolchain,
         file: &str,
@@ -311,15 +404,23 @@ impl Program {
             .iter()
             .filter(|(f, _, _)| *f == file)
             .map(|(_, n, k)| (*n, *k))
+            .chain(KERNELS.iter().filter(|k| k.0 == file).map(|k| (k.1, "s")))
             .collect();
-        assert!(!entries.is_empty(), "{file} is not in LAUNCH_ABI");
+        assert!(
+            !entries.is_empty(),
+            "{file} is in neither KERNELS nor LAUNCH_ABI"
+        );
         Program::build(tc, &src, &entries)
     }
 
     /// Runs `l` and returns every argument as the kernel left it; Err with the runner's
     /// messages when it fails (a trap, a sanitizer report) or runs past `timeout`.
     fn run(&self, l: &Launch, timeout: Duration) -> Result<Out, String> {
-        let kinds: String = l.args.iter().map(Arg::kind).collect();
+        let mut kinds: String = l.args.iter().map(Arg::kind).collect();
+        if kinds.starts_with('s') && kinds[1..].chars().all(|c| c == 'p') {
+            // A struct's buffers are behind its addresses, not parameters of the kernel.
+            kinds.truncate(1);
+        }
         match self.entries.iter().find(|(n, _)| n == l.kernel) {
             Some((_, k)) if *k == kinds => {}
             Some((_, k)) => panic!(
@@ -352,6 +453,15 @@ impl Program {
                 Arg::P(b) => {
                     put(&(b.len() as u64).to_ne_bytes())?;
                     put(b)?;
+                }
+                Arg::S(b, ptrs) => {
+                    put(&(b.len() as u64).to_ne_bytes())?;
+                    put(b)?;
+                    put(&(ptrs.len() as u32).to_ne_bytes())?;
+                    for (off, k) in ptrs {
+                        put(&off.to_ne_bytes())?;
+                        put(&k.to_ne_bytes())?;
+                    }
                 }
             }
         }
@@ -1422,8 +1532,9 @@ mod unit_cu {
     //! unit.cu against `unit::twin`, bit for bit, on a chunk whose blocks include a patch that
     //! did not factor and a block that did not decorrelate (both left alone), a short last
     //! patch, and unit cells that no block covers (left as they were: NaN here).
-    use super::super::unit::{twin, HostChunk, UnitShape, SCATTER_THREADS};
+    use super::super::unit::{twin, HostChunk, UnitShape};
     use super::*;
+    use crate::extract::gpu::unit::{scatter_config, UnitScatterParams};
 
     #[test]
     fn unit_cu_matches_its_twin_bit_for_bit() {
@@ -1463,33 +1574,31 @@ mod unit_cu {
             random(npatch * ncmax * nkmax),
         );
         let lens = shape.part_lens();
-        let l = Launch {
-            kernel: "unit_scatter",
-            grid: (nblock as u32, 1, 1),
-            block: (SCATTER_THREADS, 1, 1),
-            smem: 0,
-            args: vec![
-                int(nblock),
-                int(ncol),
-                int(nd2),
-                int(shape.nwave),
-                int(ncmax),
-                int(nkmax),
-                i32s(&place),
-                i32s(&info),
-                i32s(&status),
-                f64s(&flux),
-                f64s(&fluxivar),
-                f64s(&resolution),
-                f64s(&chi2pix),
-                f64s(&pixmask),
-                nan(lens[0]),
-                nan(lens[1]),
-                nan(lens[2]),
-                nan(lens[3]),
-                nan(lens[4]),
-            ],
+        let mut bufs = Bufs::default();
+        let as_i32 = |v: usize| i32::try_from(v).unwrap();
+        let params = UnitScatterParams {
+            nblock: as_i32(nblock),
+            ncol: as_i32(ncol),
+            nd2: as_i32(nd2),
+            nwave: as_i32(shape.nwave),
+            ncmax: as_i32(ncmax),
+            nkmax: as_i32(nkmax),
+            place: bufs.add(i32s(&place)),
+            info: bufs.add(i32s(&info)),
+            status: bufs.add(i32s(&status)),
+            flux: bufs.add(f64s(&flux)),
+            fluxivar: bufs.add(f64s(&fluxivar)),
+            resolution: bufs.add(f64s(&resolution)),
+            chi2pix: bufs.add(f64s(&chi2pix)),
+            pixmask: bufs.add(f64s(&pixmask)),
+            u_flux: bufs.add(nan(lens[0])),
+            u_ivar: bufs.add(nan(lens[1])),
+            u_resolution: bufs.add(nan(lens[2])),
+            u_chi2pix: bufs.add(nan(lens[3])),
+            u_pixmask: bufs.add(nan(lens[4])),
         };
+        let cfg = scatter_config(nblock);
+        let l = Launch::with_params("unit_scatter", &cfg, &params, bufs);
         let out = prog.run(&l, LAUNCH_TIMEOUT).unwrap();
         let chunk = HostChunk {
             info: &info,
@@ -1507,8 +1616,15 @@ mod unit_cu {
         twin(&place, &chunk, &shape, &mut want);
         let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         let mut written = 0;
+        let written_to = [
+            params.u_flux,
+            params.u_ivar,
+            params.u_resolution,
+            params.u_chi2pix,
+            params.u_pixmask,
+        ];
         for (i, w) in want.iter().enumerate() {
-            let got = out.f64s(14 + i);
+            let got = out.f64s(at(written_to[i]));
             assert_eq!(bits(&got), bits(w), "array {i}");
             written += w.iter().filter(|v| !v.is_nan()).count();
         }
