@@ -63,4 +63,82 @@ SPX_FIELD(UnitScatterParams, u_resolution, 104);
 SPX_FIELD(UnitScatterParams, u_chi2pix, 112);
 SPX_FIELD(UnitScatterParams, u_pixmask, 120);
 
+// chi2.cu, chi2_pixels.
+struct Chi2PixelsParams {
+    int tile_rows;
+    int nmax;
+    int nx;
+    int pad0;  // explicit padding (kept zero): no struct has implicit padding
+    double psferr;
+    const int4* __restrict__ patch;  // [npatch] {n, window ny, window nx, ld}
+    const int4* __restrict__ dims;  // [2·npatch] see the header
+    const long long* __restrict__ win_off;  // [npatch]
+    const long long* __restrict__ scr_off;  // [npatch]
+    const double* __restrict__ pix;
+    const double* __restrict__ ivar;
+    const double* __restrict__ spots;
+    const long long* __restrict__ spot_off;  // [npatch·nmax]
+    const int4* __restrict__ geom;  // [npatch·nmax]
+    const double* __restrict__ x;  // [npatch·nmax]
+    double* __restrict__ model;  // [window pixels]
+    double* __restrict__ chi2;
+    double* __restrict__ valid;
+};
+static_assert(sizeof(Chi2PixelsParams) == 128, "Chi2PixelsParams");
+SPX_FIELD(Chi2PixelsParams, tile_rows, 0);
+SPX_FIELD(Chi2PixelsParams, nmax, 4);
+SPX_FIELD(Chi2PixelsParams, nx, 8);
+SPX_FIELD(Chi2PixelsParams, pad0, 12);
+SPX_FIELD(Chi2PixelsParams, psferr, 16);
+SPX_FIELD(Chi2PixelsParams, patch, 24);
+SPX_FIELD(Chi2PixelsParams, dims, 32);
+SPX_FIELD(Chi2PixelsParams, win_off, 40);
+SPX_FIELD(Chi2PixelsParams, scr_off, 48);
+SPX_FIELD(Chi2PixelsParams, pix, 56);
+SPX_FIELD(Chi2PixelsParams, ivar, 64);
+SPX_FIELD(Chi2PixelsParams, spots, 72);
+SPX_FIELD(Chi2PixelsParams, spot_off, 80);
+SPX_FIELD(Chi2PixelsParams, geom, 88);
+SPX_FIELD(Chi2PixelsParams, x, 96);
+SPX_FIELD(Chi2PixelsParams, model, 104);
+SPX_FIELD(Chi2PixelsParams, chi2, 112);
+SPX_FIELD(Chi2PixelsParams, valid, 120);
+
+// chi2.cu, chi2_project.
+struct Chi2ProjectParams {
+    int nmax;
+    int nx;
+    int ncmax;
+    int nkmax;
+    const int4* __restrict__ patch;
+    const int4* __restrict__ dims;
+    const long long* __restrict__ win_off;
+    const long long* __restrict__ scr_off;
+    const double* __restrict__ ivar;
+    const double* __restrict__ spots;
+    const long long* __restrict__ spot_off;
+    const int4* __restrict__ geom;
+    const double* __restrict__ chi2;  // chi2_pixels' outputs
+    const double* __restrict__ valid;
+    double* __restrict__ chi2pix;  // [npatch·ncmax·nkmax]
+    double* __restrict__ pixmask;
+};
+static_assert(sizeof(Chi2ProjectParams) == 112, "Chi2ProjectParams");
+SPX_FIELD(Chi2ProjectParams, nmax, 0);
+SPX_FIELD(Chi2ProjectParams, nx, 4);
+SPX_FIELD(Chi2ProjectParams, ncmax, 8);
+SPX_FIELD(Chi2ProjectParams, nkmax, 12);
+SPX_FIELD(Chi2ProjectParams, patch, 16);
+SPX_FIELD(Chi2ProjectParams, dims, 24);
+SPX_FIELD(Chi2ProjectParams, win_off, 32);
+SPX_FIELD(Chi2ProjectParams, scr_off, 40);
+SPX_FIELD(Chi2ProjectParams, ivar, 48);
+SPX_FIELD(Chi2ProjectParams, spots, 56);
+SPX_FIELD(Chi2ProjectParams, spot_off, 64);
+SPX_FIELD(Chi2ProjectParams, geom, 72);
+SPX_FIELD(Chi2ProjectParams, chi2, 80);
+SPX_FIELD(Chi2ProjectParams, valid, 88);
+SPX_FIELD(Chi2ProjectParams, chi2pix, 96);
+SPX_FIELD(Chi2ProjectParams, pixmask, 104);
+
 #endif  // SPEXTRACT_PARAMS_CUH

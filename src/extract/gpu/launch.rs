@@ -96,10 +96,11 @@ const fn abi<P: KernelParams>(file: &'static str, entry: &'static str) -> Abi {
 
 /// The launches of every kernel file, each entry point with its parameter struct.
 #[cfg(test)]
-pub(super) const KERNELS: &[Abi] = &[abi::<super::unit::UnitScatterParams>(
-    "unit.cu",
-    "unit_scatter",
-)];
+pub(super) const KERNELS: &[Abi] = &[
+    abi::<super::unit::UnitScatterParams>("unit.cu", "unit_scatter"),
+    abi::<super::chi2::Chi2PixelsParams>("chi2.cu", "chi2_pixels"),
+    abi::<super::chi2::Chi2ProjectParams>("chi2.cu", "chi2_project"),
+];
 
 #[cfg(test)]
 mod tests {

@@ -901,7 +901,8 @@ mod normal_cu {
 mod chi2_cu {
     //! chi2.cu against `chi2::twin`, which promises the kernels' bits.
     use super::super::chi2::{
-        twin, Chi2Layout, HostChi2, PIXEL_THREADS, PROJECT_THREADS, TILE_ROWS,
+        pixels_launch, project_launch, twin, Chi2Layout, Chi2PixelsParams, Chi2ProjectParams,
+        HostChi2,
     };
     use super::super::normal::BatchLayout;
     use super::super::scene::{Masked, Pixels, Recipe, Trim};
@@ -917,68 +918,56 @@ mod chi2_cu {
         psferr: f64,
     ) -> Result<HostChi2, String> {
         let (npatch, npix, nslot) = (l.npatch, dims.npix, dims.npatch * dims.slots());
-        let pixels = Launch {
-            kernel: "chi2_pixels",
-            grid: (dims.tiles() as u32, npatch as u32, 1),
-            block: (PIXEL_THREADS, 1, 1),
-            smem: dims.smem(),
-            args: vec![
-                int(TILE_ROWS),
-                int(l.nmax),
-                int(l.nx),
-                Arg::D(psferr),
-                i32s(&l.patch),
-                i32s(&dims.dims),
-                i64s(&l.win_off),
-                i64s(&l.scr_off),
-                f64s(&l.pix),
-                f64s(&l.ivar),
-                f64s(&l.spots),
-                i64s(&l.spot_off),
-                i32s(&l.geom),
-                f64s(x),
-                nan(npix),
-                nan(npix),
-                nan(npix),
-            ],
+        let (cfg, scalars) = pixels_launch(dims, psferr);
+        let mut bufs = Bufs::default();
+        let p = Chi2PixelsParams {
+            patch: bufs.add(i32s(&l.patch)),
+            dims: bufs.add(i32s(&dims.dims)),
+            win_off: bufs.add(i64s(&l.win_off)),
+            scr_off: bufs.add(i64s(&l.scr_off)),
+            pix: bufs.add(f64s(&l.pix)),
+            ivar: bufs.add(f64s(&l.ivar)),
+            spots: bufs.add(f64s(&l.spots)),
+            spot_off: bufs.add(i64s(&l.spot_off)),
+            geom: bufs.add(i32s(&l.geom)),
+            x: bufs.add(f64s(x)),
+            model: bufs.add(nan(npix)),
+            chi2: bufs.add(nan(npix)),
+            valid: bufs.add(nan(npix)),
+            ..scalars
         };
+        let pixels = Launch::with_params("chi2_pixels", &cfg, &p, bufs);
         let out = prog.run(&pixels, LAUNCH_TIMEOUT)?;
-        let (model, chi2, valid) = (out.f64s(14), out.f64s(15), out.f64s(16));
-        let project = Launch {
-            kernel: "chi2_project",
-            grid: (
-                dims.slots().div_ceil(PROJECT_THREADS as usize) as u32,
-                npatch as u32,
-                1,
-            ),
-            block: (PROJECT_THREADS, 1, 1),
-            smem: 0,
-            args: vec![
-                int(l.nmax),
-                int(l.nx),
-                int(dims.ncmax),
-                int(dims.nkmax),
-                i32s(&l.patch),
-                i32s(&dims.dims),
-                i64s(&l.win_off),
-                i64s(&l.scr_off),
-                f64s(&l.ivar),
-                f64s(&l.spots),
-                i64s(&l.spot_off),
-                i32s(&l.geom),
-                f64s(&chi2),
-                f64s(&valid),
-                nan(nslot),
-                nan(nslot),
-            ],
+        let (model, chi2, valid) = (
+            out.f64s(at(p.model)),
+            out.f64s(at(p.chi2)),
+            out.f64s(at(p.valid)),
+        );
+        let (cfg, scalars) = project_launch(dims);
+        let mut bufs = Bufs::default();
+        let p = Chi2ProjectParams {
+            patch: bufs.add(i32s(&l.patch)),
+            dims: bufs.add(i32s(&dims.dims)),
+            win_off: bufs.add(i64s(&l.win_off)),
+            scr_off: bufs.add(i64s(&l.scr_off)),
+            ivar: bufs.add(f64s(&l.ivar)),
+            spots: bufs.add(f64s(&l.spots)),
+            spot_off: bufs.add(i64s(&l.spot_off)),
+            geom: bufs.add(i32s(&l.geom)),
+            chi2: bufs.add(f64s(&chi2)),
+            valid: bufs.add(f64s(&valid)),
+            chi2pix: bufs.add(nan(nslot)),
+            pixmask: bufs.add(nan(nslot)),
+            ..scalars
         };
+        let project = Launch::with_params("chi2_project", &cfg, &p, bufs);
         let out = prog.run(&project, LAUNCH_TIMEOUT)?;
         Ok(HostChi2 {
             model,
             chi2,
             valid,
-            chi2pix: out.f64s(14),
-            pixmask: out.f64s(15),
+            chi2pix: out.f64s(at(p.chi2pix)),
+            pixmask: out.f64s(at(p.pixmask)),
         })
     }
 
