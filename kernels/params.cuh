@@ -141,4 +141,72 @@ SPX_FIELD(Chi2ProjectParams, valid, 88);
 SPX_FIELD(Chi2ProjectParams, chi2pix, 96);
 SPX_FIELD(Chi2ProjectParams, pixmask, 104);
 
+// decorrelate.cu, decorrelate.
+struct DecorrelateParams {
+    int ld;  // shared-memory size parameter (even, ≥ every m)
+    int ncol;  // output columns per block (largest nstep)
+    int nd2;  // resolution rows per block (largest 2·ndiag+1)
+    int max_sweeps;
+    const int* __restrict__ params;  // [nblock·8], see above
+    const long long* __restrict__ offs;  // [nblock·3] {cov, x, basis offsets}
+    const double* __restrict__ cov;
+    const double* __restrict__ x;
+    const double* __restrict__ basis;  // the blocks' starting bases U
+    double* __restrict__ flux;  // [nblock·ncol]
+    double* __restrict__ fluxivar;  // [nblock·ncol]
+    double* __restrict__ resolution;  // [nblock·nd2·ncol]
+    int* __restrict__ status;  // [nblock]
+    int* __restrict__ sweeps;
+};
+static_assert(sizeof(DecorrelateParams) == 96, "DecorrelateParams");
+SPX_FIELD(DecorrelateParams, ld, 0);
+SPX_FIELD(DecorrelateParams, ncol, 4);
+SPX_FIELD(DecorrelateParams, nd2, 8);
+SPX_FIELD(DecorrelateParams, max_sweeps, 12);
+SPX_FIELD(DecorrelateParams, params, 16);
+SPX_FIELD(DecorrelateParams, offs, 24);
+SPX_FIELD(DecorrelateParams, cov, 32);
+SPX_FIELD(DecorrelateParams, x, 40);
+SPX_FIELD(DecorrelateParams, basis, 48);
+SPX_FIELD(DecorrelateParams, flux, 56);
+SPX_FIELD(DecorrelateParams, fluxivar, 64);
+SPX_FIELD(DecorrelateParams, resolution, 72);
+SPX_FIELD(DecorrelateParams, status, 80);
+SPX_FIELD(DecorrelateParams, sweeps, 88);
+
+// decorrelate.cu, decorrelate_eigen.
+struct DecorrelateEigenParams {
+    int ld;  // shared-memory size parameter (even, ≥ every m)
+    int ncol;  // output columns per block (largest nstep)
+    int nd2;  // resolution rows per block (largest 2·ndiag+1)
+    int pad0;  // explicit padding (kept zero): no struct has implicit padding
+    const int* __restrict__ params;  // [nblock·8], as decorrelate
+    const long long* __restrict__ offs;  // [nblock·3] {slot, x, (unused) offsets}
+    const double* __restrict__ evec;  // syev's eigenvectors, in the slots
+    const double* __restrict__ eval;  // [nslot·cov_ld] ascending eigenvalues
+    const int* __restrict__ einfo;  // [nslot] syev's info
+    const double* __restrict__ x;
+    double* __restrict__ flux;  // [nblock·ncol]
+    double* __restrict__ fluxivar;  // [nblock·ncol]
+    double* __restrict__ resolution;  // [nblock·nd2·ncol]
+    int* __restrict__ status;  // [nblock]
+    int* __restrict__ sweeps;
+};
+static_assert(sizeof(DecorrelateEigenParams) == 104, "DecorrelateEigenParams");
+SPX_FIELD(DecorrelateEigenParams, ld, 0);
+SPX_FIELD(DecorrelateEigenParams, ncol, 4);
+SPX_FIELD(DecorrelateEigenParams, nd2, 8);
+SPX_FIELD(DecorrelateEigenParams, pad0, 12);
+SPX_FIELD(DecorrelateEigenParams, params, 16);
+SPX_FIELD(DecorrelateEigenParams, offs, 24);
+SPX_FIELD(DecorrelateEigenParams, evec, 32);
+SPX_FIELD(DecorrelateEigenParams, eval, 40);
+SPX_FIELD(DecorrelateEigenParams, einfo, 48);
+SPX_FIELD(DecorrelateEigenParams, x, 56);
+SPX_FIELD(DecorrelateEigenParams, flux, 64);
+SPX_FIELD(DecorrelateEigenParams, fluxivar, 72);
+SPX_FIELD(DecorrelateEigenParams, resolution, 80);
+SPX_FIELD(DecorrelateEigenParams, status, 88);
+SPX_FIELD(DecorrelateEigenParams, sweeps, 96);
+
 #endif  // SPEXTRACT_PARAMS_CUH

@@ -277,12 +277,10 @@ fn store(path: &Path, text: &[u8]) -> std::io::Result<()> {
 /// run would otherwise notice. The CPU emulation tests (`emu`) call the kernels with these
 /// kinds too.
 #[cfg(test)]
-pub(super) const LAUNCH_ABI: [(&str, &str, &str); 5] = [
+pub(super) const LAUNCH_ABI: [(&str, &str, &str); 3] = [
     ("spots.cu", "spots", "pipipippiiiiiiippppp"),
     ("normal.cu", "normal_dense", "iiipppppppppp"),
     ("normal.cu", "normal_regularize", "ippddp"),
-    ("decorrelate.cu", "decorrelate", "iiiipppppppppp"),
-    ("decorrelate.cu", "decorrelate_eigen", "iiippppppppppp"),
 ];
 
 #[cfg(test)]

@@ -917,7 +917,7 @@ mod chi2_cu {
         x: &[f64],
         psferr: f64,
     ) -> Result<HostChi2, String> {
-        let (npatch, npix, nslot) = (l.npatch, dims.npix, dims.npatch * dims.slots());
+        let (npix, nslot) = (dims.npix, dims.npatch * dims.slots());
         let (cfg, scalars) = pixels_launch(dims, psferr);
         let mut bufs = Bufs::default();
         let p = Chi2PixelsParams {
@@ -1097,41 +1097,41 @@ mod decorrelate_cu {
     //! decorrelate.cu against `decorrelate::twin`, which means to give the kernel's bits (the
     //! same rotations in the same order, the same fma and rounding, the same per-thread sums).
     use super::super::decorrelate::{
-        twin, twin_eigen, Block, DecorrLayout, HostDecorr, Status, MAX_SWEEPS, THREADS,
+        launch_config, twin, twin_eigen, Block, DecorrLayout, DecorrelateEigenParams,
+        DecorrelateParams, HostDecorr, Status, MAX_SWEEPS,
     };
     use super::*;
     use crate::extract::cpu::lapack::{syevd, SyevdWork};
 
-    /// The last five arguments of both kernels, poisoned: flux, fluxivar, resolution (NaN),
-    /// status and sweeps (-1).
-    fn poisoned_outputs(l: &DecorrLayout) -> [Arg; 5] {
+    /// The five outputs of both kernels, poisoned: flux, fluxivar, resolution (NaN), status
+    /// and sweeps (-1); their addresses in that order.
+    fn poisoned_outputs(l: &DecorrLayout, bufs: &mut Bufs) -> [u64; 5] {
         let (nb, ncol, nd2) = (l.nblock, l.ncol, l.nd2);
         [
-            nan(nb * ncol),
-            nan(nb * ncol),
-            nan(nb * nd2 * ncol),
-            i32s(&vec![-1; nb]),
-            i32s(&vec![-1; nb]),
+            bufs.add(nan(nb * ncol)),
+            bufs.add(nan(nb * ncol)),
+            bufs.add(nan(nb * nd2 * ncol)),
+            bufs.add(i32s(&vec![-1; nb])),
+            bufs.add(i32s(&vec![-1; nb])),
         ]
     }
 
-    /// Those five arguments as the kernel left them (arguments 9 to 13 of both).
-    fn outputs(out: &Out, l: &DecorrLayout) -> HostDecorr {
+    /// Those five outputs (addresses `o`) as the kernel left them.
+    fn outputs(out: &Out, l: &DecorrLayout, o: [u64; 5]) -> HostDecorr {
         HostDecorr {
             nblock: l.nblock,
             ncol: l.ncol,
             nd2: l.nd2,
-            flux: out.f64s(9),
-            fluxivar: out.f64s(10),
-            resolution: out.f64s(11),
-            status: out.i32s(12),
-            sweeps: out.i32s(13),
+            flux: out.f64s(at(o[0])),
+            fluxivar: out.f64s(at(o[1])),
+            resolution: out.f64s(at(o[2])),
+            status: out.i32s(at(o[3])),
+            sweeps: out.i32s(at(o[4])),
         }
     }
 
-    /// The kernel as `decorrelate::decorrelate_into` launches it: one block of THREADS per
-    /// covariance block, `smem_bytes(ld)` of dynamic shared memory; outputs poisoned (NaN,
-    /// status and sweeps -1).
+    /// The kernel as `decorrelate::decorrelate_into` launches it (`launch_config`); outputs
+    /// poisoned (NaN, status and sweeps -1).
     fn run(
         prog: &Program,
         l: &DecorrLayout,
@@ -1139,28 +1139,32 @@ mod decorrelate_cu {
         x: &[f64],
         max_sweeps: u32,
     ) -> Result<HostDecorr, String> {
-        let (nb, ncol, nd2) = (l.nblock, l.ncol, l.nd2);
-        let launch = Launch {
-            kernel: "decorrelate",
-            grid: (nb as u32, 1, 1),
-            block: (THREADS, 1, 1),
-            smem: l.smem_bytes(),
-            args: vec![
-                int(l.ld),
-                int(ncol),
-                int(nd2),
-                int(max_sweeps as usize),
-                i32s(&l.params),
-                i64s(&l.offs),
-                f64s(cov),
-                f64s(x),
-                f64s(&l.basis),
-            ]
-            .into_iter()
-            .chain(poisoned_outputs(l))
-            .collect(),
+        let mut bufs = Bufs::default();
+        let (params, offs) = (bufs.add(i32s(&l.params)), bufs.add(i64s(&l.offs)));
+        let (cov, x, basis) = (
+            bufs.add(f64s(cov)),
+            bufs.add(f64s(x)),
+            bufs.add(f64s(&l.basis)),
+        );
+        let o = poisoned_outputs(l, &mut bufs);
+        let p = DecorrelateParams {
+            ld: l.ld as i32,
+            ncol: l.ncol as i32,
+            nd2: l.nd2 as i32,
+            max_sweeps: max_sweeps as i32,
+            params,
+            offs,
+            cov,
+            x,
+            basis,
+            flux: o[0],
+            fluxivar: o[1],
+            resolution: o[2],
+            status: o[3],
+            sweeps: o[4],
         };
-        Ok(outputs(&prog.run(&launch, LAUNCH_TIMEOUT)?, l))
+        let launch = Launch::with_params("decorrelate", &launch_config(l), &p, bufs);
+        Ok(outputs(&prog.run(&launch, LAUNCH_TIMEOUT)?, l, o))
     }
 
     /// `decorrelate_eigen` as `decorrelate::decorrelate_eigen_into` launches it, from the
@@ -1173,28 +1177,34 @@ mod decorrelate_cu {
         einfo: &[i32],
         x: &[f64],
     ) -> Result<HostDecorr, String> {
-        let (nb, ncol, nd2) = (l.nblock, l.ncol, l.nd2);
-        let launch = Launch {
-            kernel: "decorrelate_eigen",
-            grid: (nb as u32, 1, 1),
-            block: (THREADS, 1, 1),
-            smem: l.smem_bytes(),
-            args: vec![
-                int(l.ld),
-                int(ncol),
-                int(nd2),
-                i32s(&l.params),
-                i64s(&l.offs),
-                f64s(evec),
-                f64s(eval),
-                i32s(einfo),
-                f64s(x),
-            ]
-            .into_iter()
-            .chain(poisoned_outputs(l))
-            .collect(),
+        let mut bufs = Bufs::default();
+        let (params, offs) = (bufs.add(i32s(&l.params)), bufs.add(i64s(&l.offs)));
+        let (evec, eval, einfo, x) = (
+            bufs.add(f64s(evec)),
+            bufs.add(f64s(eval)),
+            bufs.add(i32s(einfo)),
+            bufs.add(f64s(x)),
+        );
+        let o = poisoned_outputs(l, &mut bufs);
+        let p = DecorrelateEigenParams {
+            ld: l.ld as i32,
+            ncol: l.ncol as i32,
+            nd2: l.nd2 as i32,
+            params,
+            offs,
+            evec,
+            eval,
+            einfo,
+            x,
+            flux: o[0],
+            fluxivar: o[1],
+            resolution: o[2],
+            status: o[3],
+            sweeps: o[4],
+            ..DecorrelateEigenParams::default()
         };
-        Ok(outputs(&prog.run(&launch, LAUNCH_TIMEOUT)?, l))
+        let launch = Launch::with_params("decorrelate_eigen", &launch_config(l), &p, bufs);
+        Ok(outputs(&prog.run(&launch, LAUNCH_TIMEOUT)?, l, o))
     }
 
     /// An AR(1) covariance of neighbouring bins with a smooth σ and a small symmetric
