@@ -209,4 +209,56 @@ SPX_FIELD(DecorrelateEigenParams, resolution, 80);
 SPX_FIELD(DecorrelateEigenParams, status, 88);
 SPX_FIELD(DecorrelateEigenParams, sweeps, 96);
 
+// normal.cu, normal_dense.
+struct NormalDenseParams {
+    int nmax;
+    int ny;
+    int nx;
+    int pad0;  // explicit padding (kept zero): no struct has implicit padding
+    const int4* __restrict__ patch;  // [npatch] {n, window ny, window nx, ld}
+    const long long* __restrict__ win_off;  // [npatch] offset of the window in pix/ivar
+    const double* __restrict__ pix;  // windows, row-major, rows ld apart
+    const double* __restrict__ ivar;
+    const double* __restrict__ spots;  // the batch's spots, ny·nx each, row-major
+    const long long* __restrict__ spot_off;  // [npatch·nmax] offset of unknown u's spot
+    const int4* __restrict__ geom;  // [npatch·nmax] {row0, col0, iy0, iy1}
+    double* __restrict__ ata;  // [npatch·nmax·nmax]
+    double* __restrict__ atp;  // [npatch·nmax]
+    double* __restrict__ atw1;
+};
+static_assert(sizeof(NormalDenseParams) == 96, "NormalDenseParams");
+SPX_FIELD(NormalDenseParams, nmax, 0);
+SPX_FIELD(NormalDenseParams, ny, 4);
+SPX_FIELD(NormalDenseParams, nx, 8);
+SPX_FIELD(NormalDenseParams, pad0, 12);
+SPX_FIELD(NormalDenseParams, patch, 16);
+SPX_FIELD(NormalDenseParams, win_off, 24);
+SPX_FIELD(NormalDenseParams, pix, 32);
+SPX_FIELD(NormalDenseParams, ivar, 40);
+SPX_FIELD(NormalDenseParams, spots, 48);
+SPX_FIELD(NormalDenseParams, spot_off, 56);
+SPX_FIELD(NormalDenseParams, geom, 64);
+SPX_FIELD(NormalDenseParams, ata, 72);
+SPX_FIELD(NormalDenseParams, atp, 80);
+SPX_FIELD(NormalDenseParams, atw1, 88);
+
+// normal.cu, normal_regularize.
+struct NormalRegularizeParams {
+    int nmax;
+    int pad0;  // explicit padding (kept zero): no struct has implicit padding
+    const int4* __restrict__ patch;
+    const double* __restrict__ atw1;
+    double regularize;
+    double epsilon;
+    double* __restrict__ ata;
+};
+static_assert(sizeof(NormalRegularizeParams) == 48, "NormalRegularizeParams");
+SPX_FIELD(NormalRegularizeParams, nmax, 0);
+SPX_FIELD(NormalRegularizeParams, pad0, 4);
+SPX_FIELD(NormalRegularizeParams, patch, 8);
+SPX_FIELD(NormalRegularizeParams, atw1, 16);
+SPX_FIELD(NormalRegularizeParams, regularize, 24);
+SPX_FIELD(NormalRegularizeParams, epsilon, 32);
+SPX_FIELD(NormalRegularizeParams, ata, 40);
+
 #endif  // SPEXTRACT_PARAMS_CUH

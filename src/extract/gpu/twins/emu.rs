@@ -95,12 +95,11 @@ fn toolchain_or_skip() -> Option<&'static Toolchain> {
     t
 }
 
-/// A launch argument: an `int`, a `double`, a buffer (its bytes; written back), or a
+/// A launch argument: an `int`, a buffer (its bytes; written back), or a
 /// parameter struct passed by value (its bytes, and where its device addresses go: `(byte
 /// offset, argument index of the buffer)`, patched by the runner with the buffer's address).
 enum Arg {
     I(i32),
-    D(f64),
     P(Vec<u8>),
     S(Vec<u8>, Vec<(u32, u32)>),
 }
@@ -109,7 +108,6 @@ impl Arg {
     fn kind(&self) -> char {
         match self {
             Arg::I(_) => 'i',
-            Arg::D(_) => 'd',
             Arg::P(_) => 'p',
             Arg::S(..) => 's',
         }
@@ -449,7 +447,6 @@ impl Program {
             put(&[a.kind() as u8])?;
             match a {
                 Arg::I(v) => put(&v.to_ne_bytes())?,
-                Arg::D(v) => put(&v.to_ne_bytes())?,
                 Arg::P(b) => {
                     put(&(b.len() as u64).to_ne_bytes())?;
                     put(b)?;
@@ -789,57 +786,57 @@ mod scenes {
 
 mod normal_cu {
     //! normal.cu against `normal::twin`, which promises the kernel's bits.
-    use super::super::normal::{twin, BatchLayout, HostDense, DENSE_THREADS, REG_THREADS};
+    use super::super::normal::{
+        dense_config, regularize_config, twin, BatchLayout, HostDense, NormalDenseParams,
+        NormalRegularizeParams,
+    };
     use super::super::scene::{Masked, Pixels, Recipe, Trim};
     use super::*;
 
-    /// normal_dense then normal_regularize as `normal::build_into` launches them: grid
-    /// (nmax, npatch) × DENSE_THREADS with ny·nx doubles of dynamic shared memory, then
-    /// npatch × REG_THREADS; every output poisoned with NaN first.
+    /// normal_dense then normal_regularize as `normal::build_into` launches them
+    /// (`dense_config`, `regularize_config`); every output poisoned with NaN first.
     fn run(prog: &Program, l: &BatchLayout, reg: f64, eps: f64) -> Result<HostDense, String> {
         let (npatch, nmax) = (l.npatch, l.nmax);
-        let dense = Launch {
-            kernel: "normal_dense",
-            grid: (nmax as u32, npatch as u32, 1),
-            block: (DENSE_THREADS, 1, 1),
-            smem: l.ny * l.nx * std::mem::size_of::<f64>(),
-            args: vec![
-                int(nmax),
-                int(l.ny),
-                int(l.nx),
-                i32s(&l.patch),
-                i64s(&l.win_off),
-                f64s(&l.pix),
-                f64s(&l.ivar),
-                f64s(&l.spots),
-                i64s(&l.spot_off),
-                i32s(&l.geom),
-                nan(npatch * nmax * nmax),
-                nan(npatch * nmax),
-                nan(npatch * nmax),
-            ],
+        let mut bufs = Bufs::default();
+        let p = NormalDenseParams {
+            nmax: nmax as i32,
+            ny: l.ny as i32,
+            nx: l.nx as i32,
+            pad0: 0,
+            patch: bufs.add(i32s(&l.patch)),
+            win_off: bufs.add(i64s(&l.win_off)),
+            pix: bufs.add(f64s(&l.pix)),
+            ivar: bufs.add(f64s(&l.ivar)),
+            spots: bufs.add(f64s(&l.spots)),
+            spot_off: bufs.add(i64s(&l.spot_off)),
+            geom: bufs.add(i32s(&l.geom)),
+            ata: bufs.add(nan(npatch * nmax * nmax)),
+            atp: bufs.add(nan(npatch * nmax)),
+            atw1: bufs.add(nan(npatch * nmax)),
         };
-        let out = prog.run(&dense, LAUNCH_TIMEOUT)?;
-        let (atp, atw1) = (out.f64s(11), out.f64s(12));
-        let regularize = Launch {
-            kernel: "normal_regularize",
-            grid: (npatch as u32, 1, 1),
-            block: (REG_THREADS, 1, 1),
-            smem: 0,
-            args: vec![
-                int(nmax),
-                i32s(&l.patch),
-                f64s(&atw1),
-                Arg::D(reg),
-                Arg::D(eps),
-                f64s(&out.f64s(10)),
-            ],
+        let cfg = dense_config(npatch, nmax, l.ny, l.nx);
+        let out = prog.run(
+            &Launch::with_params("normal_dense", &cfg, &p, bufs),
+            LAUNCH_TIMEOUT,
+        )?;
+        let (atp, atw1) = (out.f64s(at(p.atp)), out.f64s(at(p.atw1)));
+        let mut bufs = Bufs::default();
+        let p = NormalRegularizeParams {
+            nmax: nmax as i32,
+            pad0: 0,
+            patch: bufs.add(i32s(&l.patch)),
+            atw1: bufs.add(f64s(&atw1)),
+            regularize: reg,
+            epsilon: eps,
+            ata: bufs.add(f64s(&out.f64s(at(p.ata)))),
         };
+        let regularize =
+            Launch::with_params("normal_regularize", &regularize_config(npatch), &p, bufs);
         let out = prog.run(&regularize, LAUNCH_TIMEOUT)?;
         Ok(HostDense {
             npatch,
             nmax,
-            ata: out.f64s(5),
+            ata: out.f64s(at(p.ata)),
             atp,
             atw1,
         })
