@@ -261,4 +261,49 @@ SPX_FIELD(NormalRegularizeParams, regularize, 24);
 SPX_FIELD(NormalRegularizeParams, epsilon, 32);
 SPX_FIELD(NormalRegularizeParams, ata, 40);
 
+// spots.cu, spots.
+struct SpotsParams {
+    const double* __restrict__ xtrace;
+    const double* __restrict__ ytrace;
+    const double* __restrict__ params;
+    const double* __restrict__ ranges;
+    const double* __restrict__ waves;
+    double* __restrict__ values;
+    long long* __restrict__ xc;
+    long long* __restrict__ yc;
+    double* __restrict__ xs;
+    double* __restrict__ ys;
+    int ncx;
+    int ncy;
+    int ncp;
+    int nfiber;
+    int nwave;
+    int hsizex;
+    int hsizey;
+    int ghdegx;
+    int ghdegy;
+    int warp_stride;
+};
+static_assert(sizeof(SpotsParams) == 120, "SpotsParams");
+SPX_FIELD(SpotsParams, xtrace, 0);
+SPX_FIELD(SpotsParams, ytrace, 8);
+SPX_FIELD(SpotsParams, params, 16);
+SPX_FIELD(SpotsParams, ranges, 24);
+SPX_FIELD(SpotsParams, waves, 32);
+SPX_FIELD(SpotsParams, values, 40);
+SPX_FIELD(SpotsParams, xc, 48);
+SPX_FIELD(SpotsParams, yc, 56);
+SPX_FIELD(SpotsParams, xs, 64);
+SPX_FIELD(SpotsParams, ys, 72);
+SPX_FIELD(SpotsParams, ncx, 80);
+SPX_FIELD(SpotsParams, ncy, 84);
+SPX_FIELD(SpotsParams, ncp, 88);
+SPX_FIELD(SpotsParams, nfiber, 92);
+SPX_FIELD(SpotsParams, nwave, 96);
+SPX_FIELD(SpotsParams, hsizex, 100);
+SPX_FIELD(SpotsParams, hsizey, 104);
+SPX_FIELD(SpotsParams, ghdegx, 108);
+SPX_FIELD(SpotsParams, ghdegy, 112);
+SPX_FIELD(SpotsParams, warp_stride, 116);
+
 #endif  // SPEXTRACT_PARAMS_CUH

@@ -97,6 +97,7 @@ const fn abi<P: KernelParams>(file: &'static str, entry: &'static str) -> Abi {
 /// The launches of every kernel file, each entry point with its parameter struct.
 #[cfg(test)]
 pub(super) const KERNELS: &[Abi] = &[
+    abi::<super::spots::SpotsParams>("spots.cu", "spots"),
     abi::<super::normal::NormalDenseParams>("normal.cu", "normal_dense"),
     abi::<super::normal::NormalRegularizeParams>("normal.cu", "normal_regularize"),
     abi::<super::unit::UnitScatterParams>("unit.cu", "unit_scatter"),

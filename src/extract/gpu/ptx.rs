@@ -5,7 +5,8 @@
 //! Devices load machine code (a cubin for `sm_XY`): CUDA's minor-version compatibility lets a
 //! driver load a cubin from a newer NVRTC of its major version, but not that NVRTC's PTX, and
 //! machine code also spares the driver's compile at every module load. PTX (`compute_XY`) is
-//! the fallback, and what the launch-ABI checks read.
+//! the fallback, and what the launch-ABI check (each entry point's one parameter struct,
+//! `launch::KERNELS`) reads.
 
 use std::path::{Path, PathBuf};
 
@@ -269,19 +270,9 @@ fn store(path: &Path, text: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-/// The parameters of the kernels not yet converted to one parameter struct (see
-/// `launch::KERNELS` for the others), as their launchers pass them, in order: `i` a 32-bit
-/// int, `d` a double, `p` a device pointer. Kept beside the launch builders' `.arg` sequences
-/// (spots.rs, normal.rs, chi2.rs, decorrelate.rs): a change to a kernel's signature that its
-/// launcher does not follow would launch with shifted arguments, which nothing short of a GPU
-/// run would otherwise notice. The CPU emulation tests (`emu`) call the kernels with these
-/// kinds too.
-#[cfg(test)]
-pub(super) const LAUNCH_ABI: [(&str, &str, &str); 1] =
-    [("spots.cu", "spots", "pipipippiiiiiiippppp")];
-
 #[cfg(test)]
 mod tests {
+    use super::super::launch::KERNELS;
     use super::*;
 
     #[test]
@@ -382,24 +373,6 @@ mod tests {
         Some(params)
     }
 
-    /// The kinds of `params` (as LAUNCH_ABI writes them).
-    fn kinds(params: &[String]) -> String {
-        params
-            .iter()
-            .map(|p| {
-                let ty = p
-                    .split_whitespace()
-                    .find(|t| [".u32", ".s32", ".b32", ".f64", ".u64", ".s64", ".b64"].contains(t));
-                match ty {
-                    Some(".u32" | ".s32" | ".b32") => 'i',
-                    Some(".f64") => 'd',
-                    Some(_) => 'p',
-                    None => '?',
-                }
-            })
-            .collect()
-    }
-
     /// The size of a by-value struct parameter, `.param .align 8 .b8 name[SIZE]`.
     fn struct_size(param: &str) -> Option<usize> {
         let rest = param.strip_prefix(".param .align 8 .b8 ")?;
@@ -411,10 +384,10 @@ mod tests {
     fn entry_params_reads_ptx_parameter_lists() {
         let ptx = ".visible .entry k(\n\t.param .u32 k_param_0,\n\t.param .f64 k_param_1,\n\t\
                    .param .u64 .ptr .global .align 8 k_param_2\n)\n{";
-        assert_eq!(
-            entry_params(ptx, "k").map(|p| kinds(&p)).as_deref(),
-            Some("idp")
-        );
+        let params = entry_params(ptx, "k").unwrap();
+        assert_eq!(params.len(), 3);
+        assert_eq!(params[2], ".param .u64 .ptr .global .align 8 k_param_2");
+        assert!(params.iter().all(|p| struct_size(p).is_none()));
         assert_eq!(entry_params(ptx, "other"), None);
         let ptx = ".visible .entry s(\n\t.param .align 8 .b8 s_param_0[128]\n)\n{";
         let params = entry_params(ptx, "s").unwrap();
@@ -423,9 +396,9 @@ mod tests {
         assert_eq!(struct_size(".param .u64 s_param_0"), None);
     }
 
-    /// Each kernel's compiled parameter list is what its launcher passes: one struct of its
-    /// parameter struct's size (launch::KERNELS), or the kinds of LAUNCH_ABI for those not yet
-    /// converted; and every entry point of every file is in one of the tables.
+    /// Each kernel's compiled parameter list is what its launcher passes, one struct of its
+    /// parameter struct's size (launch::KERNELS), and every entry point of every file is in
+    /// the table.
     #[test]
     fn every_kernel_takes_the_arguments_its_launcher_passes() {
         if !nvrtc_or_skip() {
@@ -435,19 +408,14 @@ mod tests {
         for f in kernel_files() {
             let text = ptx_in(f, (9, 0), Some(dir.path())).unwrap_or_else(|e| panic!("{f}: {e}"));
             let entries = text.matches(".entry ").count();
-            let structs = super::super::launch::KERNELS.iter().filter(|k| k.0 == f);
-            let listed = LAUNCH_ABI.iter().filter(|(file, _, _)| *file == f).count();
+            let listed = KERNELS.iter().filter(|k| k.0 == f);
             assert_eq!(
                 entries,
-                listed + structs.clone().count(),
-                "{f}: {entries} entry points, {listed} in LAUNCH_ABI and the rest in KERNELS"
+                listed.clone().count(),
+                "{f}: {entries} entry points, {} in launch::KERNELS",
+                listed.count()
             );
-            for (_, name, kinds_want) in LAUNCH_ABI.iter().filter(|(file, _, _)| *file == f) {
-                let got = entry_params(&text, name)
-                    .unwrap_or_else(|| panic!("{f}: no entry point {name}"));
-                assert_eq!(&kinds(&got), kinds_want, "{f}: {name}'s parameters");
-            }
-            for (_, name, ty, size, _) in structs {
+            for (_, name, ty, size, _) in listed {
                 let got = entry_params(&text, name)
                     .unwrap_or_else(|| panic!("{f}: no entry point {name}"));
                 let sizes: Vec<_> = got.iter().map(|p| struct_size(p)).collect();

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use rand::{Rng, SeedableRng};
 
 use crate::extract::gpu::launch::{KernelParams, KERNELS};
-use crate::extract::gpu::ptx::{expanded, LAUNCH_ABI};
+use crate::extract::gpu::ptx::expanded;
 use cudarc::driver::LaunchConfig;
 
 /// The emulation layer, written next to each runner program.
@@ -280,7 +280,7 @@ fn rewrite_dynamic_shared(src: &str) -> String {
 }
 
 /// The runner program: the emulation header, the kernel source, and a `main` that reads a
-/// launch description, calls entry point `name` with its arguments (kinds as in LAUNCH_ABI;
+/// launch description, calls entry point `name` with its arguments (kinds `i` int, `p` buffer;
 /// "s" for one parameter struct) on every thread of the grid and writes the buffers back.
 fn runner_source(source: &str, entries: &[(String, String)]) -> String {
     let mut s = String::from("#include \"cuda_emu.h\"\n#line 1 \"kernel.cu\"\n");
@@ -338,7 +338,7 @@ fn compiled() -> &'static Mutex<HashMap<u64, Compiled>> {
 
 impl Program {
     /// Compiles `source` (a kernel file's text, includes expanded) with entry points
-    /// `entries` (name, LAUNCH_ABI kinds); cached by source within the process.
+    /// `entries` (name, argument kinds as the runner takes them); cached by source within the process.
     fn build(
         tc: &Toolchain,
         source: &str,
@@ -390,7 +390,7 @@ impl Program {
         Ok(p)
     }
 
-    /// The runner of kernel file `file` (every entry point KERNELS or LAUNCH_ABI lists for it),
+    /// The runner of kernel file `file` (every entry point launch::KERNELS lists for it),
     /// its text passed through `edit` first (the tests plant bugs that way).
     fn kernel_file(
         tc: &Toolchain,
@@ -398,16 +398,12 @@ impl Program {
         edit: impl Fn(String) -> String,
     ) -> Result<Arc<Program>, String> {
         let src = edit(expanded(file).map_err(|e| e.to_string())?);
-        let entries: Vec<(&str, &str)> = LAUNCH_ABI
+        let entries: Vec<(&str, &str)> = KERNELS
             .iter()
-            .filter(|(f, _, _)| *f == file)
-            .map(|(_, n, k)| (*n, *k))
-            .chain(KERNELS.iter().filter(|k| k.0 == file).map(|k| (k.1, "s")))
+            .filter(|k| k.0 == file)
+            .map(|k| (k.1, "s"))
             .collect();
-        assert!(
-            !entries.is_empty(),
-            "{file} is in neither KERNELS nor LAUNCH_ABI"
-        );
+        assert!(!entries.is_empty(), "{file} is not in launch::KERNELS");
         Program::build(tc, &src, &entries)
     }
 
@@ -1408,7 +1404,7 @@ mod spots_cu {
     //! of each spot's peak (the emulation's erf is glibc's, the twin's the `libm` crate's; the
     //! exp is glibc's on both sides, and -ffp-contract=off keeps the kernel's unfused
     //! expressions as the twin writes them).
-    use super::super::spots::{flatten, launch_config, twin, SpotInputs};
+    use super::super::spots::{flatten, launch_config, twin, SpotInputs, SpotsParams};
     use super::*;
     use crate::psf::synth::{synthetic_psf, SynthPsfOptions};
     use crate::psf::SpotSet;
@@ -1418,41 +1414,28 @@ mod spots_cu {
         let sh = &inp.shape;
         let n = sh.nspot();
         let (cfg, stride) = launch_config(sh).map_err(|e| e.to_string())?;
-        let launch = Launch {
-            kernel: "spots",
-            grid: cfg.grid_dim,
-            block: cfg.block_dim,
-            smem: cfg.shared_mem_bytes as usize,
-            args: vec![
-                f64s(&inp.xtrace),
-                int(sh.ncx),
-                f64s(&inp.ytrace),
-                int(sh.ncy),
-                f64s(&inp.params),
-                int(sh.ncp),
-                f64s(&inp.ranges),
-                f64s(&inp.waves),
-                int(sh.nfiber),
-                int(sh.nwave),
-                int(sh.hsizex),
-                int(sh.hsizey),
-                int(sh.ghdegx),
-                int(sh.ghdegy),
-                int(stride),
-                nan(n * sh.ny() * sh.nx()),
-                i64s(&vec![i64::MIN; n]),
-                i64s(&vec![i64::MIN; n]),
-                nan(n),
-                nan(n),
-            ],
+        let mut bufs = Bufs::default();
+        let p = SpotsParams {
+            xtrace: bufs.add(f64s(&inp.xtrace)),
+            ytrace: bufs.add(f64s(&inp.ytrace)),
+            params: bufs.add(f64s(&inp.params)),
+            ranges: bufs.add(f64s(&inp.ranges)),
+            waves: bufs.add(f64s(&inp.waves)),
+            values: bufs.add(nan(n * sh.ny() * sh.nx())),
+            xc: bufs.add(i64s(&vec![i64::MIN; n])),
+            yc: bufs.add(i64s(&vec![i64::MIN; n])),
+            xs: bufs.add(nan(n)),
+            ys: bufs.add(nan(n)),
+            ..SpotsParams::sizes(sh, stride)
         };
+        let launch = Launch::with_params("spots", &cfg, &p, bufs);
         let out = prog.run(&launch, LAUNCH_TIMEOUT)?;
         let mut set = twin(inp);
-        set.values = out.f64s(15);
-        set.xc = out.i64s(16);
-        set.yc = out.i64s(17);
-        set.x = out.f64s(18);
-        set.y = out.f64s(19);
+        set.values = out.f64s(at(p.values));
+        set.xc = out.i64s(at(p.xc));
+        set.yc = out.i64s(at(p.yc));
+        set.x = out.f64s(at(p.xs));
+        set.y = out.f64s(at(p.ys));
         Ok(set)
     }
 
