@@ -240,7 +240,8 @@ __device__ void readout(int b, int n, int m, int row_lo, int nrow, int wavepad, 
 
 #include "params.cuh"
 
-extern "C" __global__ void __launch_bounds__(DECORR_THREADS) decorrelate(const DecorrelateParams args)
+extern "C" __global__ void __launch_bounds__(DECORR_THREADS)
+decorrelate(const DecorrelateParams args)
 {
     extern __shared__ double sh[];
     const int b = blockIdx.x;
@@ -451,8 +452,10 @@ extern "C" __global__ void __launch_bounds__(DECORR_THREADS) decorrelate(const D
         return;
     }
 
-    readout(b, n, m, row_lo, nrow, wavepad, nstep, nkeep, ndiag, args.ncol, args.nd2, sweep, A, V, aux,
-            args.x + args.offs[3 * (long long)b + 1], args.flux, args.fluxivar, args.resolution, args.status, args.sweeps);
+    readout(b, n, m, row_lo, nrow, wavepad, nstep, nkeep, ndiag, args.ncol, args.nd2,
+            sweep, A, V, aux,
+            args.x + args.offs[3 * (long long)b + 1], args.flux, args.fluxivar, args.resolution,
+            args.status, args.sweeps);
 }
 
 // The eigenpairs of C from cuSOLVER's XsyevBatched instead of the Jacobi above, then the same
@@ -466,7 +469,8 @@ extern "C" __global__ void __launch_bounds__(DECORR_THREADS) decorrelate(const D
 // the range) the padding vector's weight outside C's rows does. The host checks
 // cov_off % cov_ld² = 0 and n ≤ cov_ld.
 // Mapping and shared memory as `decorrelate` (A holds λ on its diagonal, V the vectors).
-extern "C" __global__ void __launch_bounds__(DECORR_THREADS) decorrelate_eigen(const DecorrelateEigenParams args)
+extern "C" __global__ void __launch_bounds__(DECORR_THREADS)
+decorrelate_eigen(const DecorrelateEigenParams args)
 {
     extern __shared__ double sh[];
     const int b = blockIdx.x;
@@ -527,6 +531,8 @@ extern "C" __global__ void __launch_bounds__(DECORR_THREADS) decorrelate_eigen(c
         A[t * m + t] = args.eval[slot * cov_ld + k0 + t];
     }
     __syncthreads();
-    readout(b, n, m, row_lo, nrow, wavepad, nstep, nkeep, ndiag, args.ncol, args.nd2, 0, A, V, aux,
-            args.x + args.offs[3 * (long long)b + 1], args.flux, args.fluxivar, args.resolution, args.status, args.sweeps);
+    readout(b, n, m, row_lo, nrow, wavepad, nstep, nkeep, ndiag, args.ncol, args.nd2,
+            0, A, V, aux,
+            args.x + args.offs[3 * (long long)b + 1], args.flux, args.fluxivar, args.resolution,
+            args.status, args.sweeps);
 }

@@ -91,7 +91,8 @@ extern "C" __global__ void normal_dense(const NormalDenseParams args)
 // diagonal. Padding unknowns are left alone (their diagonal is 1).
 #define REG_THREADS 256
 
-extern "C" __global__ void __launch_bounds__(REG_THREADS) normal_regularize(const NormalRegularizeParams args)
+extern "C" __global__ void __launch_bounds__(REG_THREADS)
+normal_regularize(const NormalRegularizeParams args)
 {
     __shared__ double red[REG_THREADS];
     const int b = blockIdx.x;

@@ -195,7 +195,8 @@ extern "C" __global__ void spots(const SpotsParams args)
             v = legendre_series(args.ytrace + (size_t)fiber * args.ncy, args.ncy,
                                 reduced(wave, args.ranges[2], args.ranges[3]));
         } else {
-            v = legendre_series(args.params + ((size_t)fiber * nrow + (t - 2)) * args.ncp, args.ncp, up);
+            v = legendre_series(args.params + ((size_t)fiber * nrow + (t - 2)) * args.ncp,
+                                args.ncp, up);
         }
         par[t] = v;
     }
