@@ -30,6 +30,7 @@
 // intrinsic, so that --fmad=true cannot contract them: the results are the CPU's bit for bit.
 
 #include "normal_common.cuh"
+#include "params.cuh"
 
 // Empty-range markers of a fiber's bin and column spans (min starts high, max starts low).
 #define SPAN_HIGH 0x7fffffff
@@ -136,61 +137,47 @@ __device__ __forceinline__ double gather_pixel(
 // reads of pix/ivar and writes of the three outputs), each thread gathering one pixel's model
 // and forming its chi² exactly as cpu::chi2::pixel_chi2. Tiles past the patch's window return
 // at once (uniformly, before any barrier). Every window pixel is in exactly one tile.
-extern "C" __global__ void chi2_pixels(
-    int tile_rows, int nmax, int nx, double psferr,
-    const int4* __restrict__ patch,           // [npatch] {n, window ny, window nx, ld}
-    const int4* __restrict__ dims,            // [2·npatch] see the header
-    const long long* __restrict__ win_off,    // [npatch]
-    const long long* __restrict__ scr_off,    // [npatch]
-    const double* __restrict__ pix,
-    const double* __restrict__ ivar,
-    const double* __restrict__ spots,
-    const long long* __restrict__ spot_off,   // [npatch·nmax]
-    const int4* __restrict__ geom,            // [npatch·nmax]
-    const double* __restrict__ x,             // [npatch·nmax]
-    double* __restrict__ model,               // [window pixels]
-    double* __restrict__ chi2,
-    double* __restrict__ valid)
+extern "C" __global__ void chi2_pixels(const Chi2PixelsParams args)
 {
     const int b = blockIdx.y;
-    const int4 pb = patch[b];
+    const int4 pb = args.patch[b];
     const int n = pb.x;
     const int wny = pb.y;
     const int wnx = pb.z;
     const int ld = pb.w;
-    const int r0 = blockIdx.x * tile_rows;
+    const int r0 = blockIdx.x * args.tile_rows;
     if (r0 >= wny) {
         return;
     }
-    const int r1 = min(r0 + tile_rows, wny);
-    const int4 d0 = dims[2 * b];
+    const int r1 = min(r0 + args.tile_rows, wny);
+    const int4 d0 = args.dims[2 * b];
     const int nsp = d0.x;
     const int nwt = d0.y;
-    const long long base = (long long)b * nmax;
-    const Tile t = stage_tile(nmax, nx, n, nwt, nsp, 0, nsp, 0, nwt, r0, r1,
-                              geom + base, x + base, spot_off + base);
-    const long long off = win_off[b];
-    const long long soff = scr_off[b];
+    const long long base = (long long)b * args.nmax;
+    const Tile t = stage_tile(args.nmax, args.nx, n, nwt, nsp, 0, nsp, 0, nwt, r0, r1,
+                              args.geom + base, args.x + base, args.spot_off + base);
+    const long long off = args.win_off[b];
+    const long long soff = args.scr_off[b];
     const int npix = (r1 - r0) * wnx;
     for (int k = threadIdx.x; k < npix; k += blockDim.x) {
         const int r = r0 + k / wnx;
         const int c = k - (k / wnx) * wnx;
-        const double m = gather_pixel(t, r, c, nwt, 0, nsp, nx, spots);
+        const double m = gather_pixel(t, r, c, nwt, 0, nsp, args.nx, args.spots);
         const long long p = off + (long long)r * ld + c;
         const long long q = soff + (long long)r * wnx + c;
-        const double w = ivar[p];
+        const double w = args.ivar[p];
         // gpu_specter's CPU path: modelivar = (psferr·model + 1e-32)⁻², totivar = 1/(1/modelivar
         // + 1/ivar) where both are positive, else 0.
-        const double tm = __dadd_rn(__dmul_rn(psferr, m), 1e-32);
+        const double tm = __dadd_rn(__dmul_rn(args.psferr, m), 1e-32);
         const double modelivar = __ddiv_rn(1.0, __dmul_rn(tm, tm));
         double tot = 0.0;
         if (modelivar > 0.0 && w > 0.0) {
             tot = __ddiv_rn(1.0, __dadd_rn(__ddiv_rn(1.0, modelivar), __ddiv_rn(1.0, w)));
         }
-        const double dd = __dsub_rn(pix[p], m);
-        model[q] = m;
-        chi2[q] = __dmul_rn(__dmul_rn(dd, dd), tot);
-        valid[q] = (tot > 0.0) ? 1.0 : 0.0;
+        const double dd = __dsub_rn(args.pix[p], m);
+        args.model[q] = m;
+        args.chi2[q] = __dmul_rn(__dmul_rn(dd, dd), tot);
+        args.valid[q] = (tot > 0.0) ? 1.0 : 0.0;
     }
 }
 
@@ -201,48 +188,35 @@ extern "C" __global__ void chi2_pixels(
 // cpu::chi2::project's order (each spot row summed in column order, then added to the total),
 // so that chi2pix = Σ chi²·spot / Σ valid·spot and pixmask = Σ masked·spot are the CPU's bits.
 // Slots past the patch's ncore or nkeep are written 0. Runs after chi2_pixels (same stream).
-extern "C" __global__ void chi2_project(
-    int nmax, int nx, int ncmax, int nkmax,
-    const int4* __restrict__ patch,
-    const int4* __restrict__ dims,
-    const long long* __restrict__ win_off,
-    const long long* __restrict__ scr_off,
-    const double* __restrict__ ivar,
-    const double* __restrict__ spots,
-    const long long* __restrict__ spot_off,
-    const int4* __restrict__ geom,
-    const double* __restrict__ chi2,          // chi2_pixels' outputs
-    const double* __restrict__ valid,
-    double* __restrict__ chi2pix,             // [npatch·ncmax·nkmax]
-    double* __restrict__ pixmask)
+extern "C" __global__ void chi2_project(const Chi2ProjectParams args)
 {
     const int b = blockIdx.y;
     const int t = blockIdx.x * blockDim.x + threadIdx.x;
-    if (t >= ncmax * nkmax) {
+    if (t >= args.ncmax * args.nkmax) {
         return;
     }
-    const int c = t / nkmax;
-    const int j = t - c * nkmax;
-    const long long o = (long long)b * ncmax * nkmax + t;
-    const int4 d0 = dims[2 * b];
-    const int4 d1 = dims[2 * b + 1];
+    const int c = t / args.nkmax;
+    const int j = t - c * args.nkmax;
+    const long long o = (long long)b * args.ncmax * args.nkmax + t;
+    const int4 d0 = args.dims[2 * b];
+    const int4 d1 = args.dims[2 * b + 1];
     const int nwt = d0.y;
     const int core0 = d0.z;
     const int ncore = d0.w;
     const int wavepad = d1.x;
     const int nkeep = d1.y;
     if (c >= ncore || j >= nkeep) {
-        chi2pix[o] = 0.0;
-        pixmask[o] = 0.0;
+        args.chi2pix[o] = 0.0;
+        args.pixmask[o] = 0.0;
         return;
     }
-    const long long slot = (long long)b * nmax + (long long)(core0 + c) * nwt + wavepad + j;
-    const SpotGeom g = unpack_geom(geom[slot]);
-    const double* s = spots + spot_off[slot];
-    const int wnx = patch[b].z;
-    const int ld = patch[b].w;
-    const long long off = win_off[b];
-    const long long soff = scr_off[b];
+    const long long slot = (long long)b * args.nmax + (long long)(core0 + c) * nwt + wavepad + j;
+    const SpotGeom g = unpack_geom(args.geom[slot]);
+    const double* s = args.spots + args.spot_off[slot];
+    const int wnx = args.patch[b].z;
+    const int ld = args.patch[b].w;
+    const long long off = args.win_off[b];
+    const long long soff = args.scr_off[b];
     double pm = 0.0;
     double num = 0.0;
     double den = 0.0;
@@ -252,17 +226,17 @@ extern "C" __global__ void chi2_project(
         double rp = 0.0;
         double rn = 0.0;
         double rd = 0.0;
-        for (int ix = 0; ix < nx; ++ix) {
-            const double sv = s[iy * nx + ix];
-            const double masked = (ivar[row + ix] == 0.0) ? 1.0 : 0.0;
+        for (int ix = 0; ix < args.nx; ++ix) {
+            const double sv = s[iy * args.nx + ix];
+            const double masked = (args.ivar[row + ix] == 0.0) ? 1.0 : 0.0;
             rp = __dadd_rn(rp, __dmul_rn(sv, masked));
-            rn = __dadd_rn(rn, __dmul_rn(sv, chi2[srow + ix]));
-            rd = __dadd_rn(rd, __dmul_rn(sv, valid[srow + ix]));
+            rn = __dadd_rn(rn, __dmul_rn(sv, args.chi2[srow + ix]));
+            rd = __dadd_rn(rd, __dmul_rn(sv, args.valid[srow + ix]));
         }
         pm = __dadd_rn(pm, rp);
         num = __dadd_rn(num, rn);
         den = __dadd_rn(den, rd);
     }
-    pixmask[o] = pm;
-    chi2pix[o] = (den > 0.0) ? __ddiv_rn(num, den) : 0.0;
+    args.pixmask[o] = pm;
+    args.chi2pix[o] = (den > 0.0) ? __ddiv_rn(num, den) : 0.0;
 }

@@ -238,27 +238,16 @@ __device__ void readout(int b, int n, int m, int row_lo, int nrow, int wavepad, 
     }
 }
 
-extern "C" __global__ void __launch_bounds__(DECORR_THREADS) decorrelate(
-    int ld,                                   // shared-memory size parameter (even, ≥ every m)
-    int ncol,                                 // output columns per block (largest nstep)
-    int nd2,                                  // resolution rows per block (largest 2·ndiag+1)
-    int max_sweeps,
-    const int* __restrict__ params,           // [nblock·8], see above
-    const long long* __restrict__ offs,       // [nblock·3] {cov, x, basis offsets}
-    const double* __restrict__ cov,
-    const double* __restrict__ x,
-    const double* __restrict__ basis,         // the blocks' starting bases U
-    double* __restrict__ flux,                // [nblock·ncol]
-    double* __restrict__ fluxivar,            // [nblock·ncol]
-    double* __restrict__ resolution,          // [nblock·nd2·ncol]
-    int* __restrict__ status,                 // [nblock]
-    int* __restrict__ sweeps)                 // [nblock]
+#include "params.cuh"
+
+extern "C" __global__ void __launch_bounds__(DECORR_THREADS)
+decorrelate(const DecorrelateParams args)
 {
     extern __shared__ double sh[];
     const int b = blockIdx.x;
     const int tid = threadIdx.x;
     const int nt = blockDim.x;
-    const int* P = params + 8 * (long long)b;
+    const int* P = args.params + 8 * (long long)b;
     const int n = P[0];
     const int cov_ld = P[1];
     const int row_lo = P[2];
@@ -272,16 +261,16 @@ extern "C" __global__ void __launch_bounds__(DECORR_THREADS) decorrelate(
     const int nrow = row_hi - row_lo;
 
     double* A = sh;                   // [ld²], column-major, leading dimension m
-    double* V = A + ld * ld;          // [ld²], idem
-    double* rc = V + ld * ld;         // [ld/2] cos of each pair's rotation
-    double* rs = rc + ld / 2;         // [ld/2] sin
-    double* rt = rs + ld / 2;         // [ld/2] tan (0: pair not rotated this round)
-    double* aux = rt + ld / 2;        // [ld]   λ_k^{-1/4}, then s of each Q row
-    int* rp = (int*)(aux + ld);       // [ld/2] p of each pair
-    int* rq = rp + ld / 2;            // [ld/2] q
+    double* V = A + args.ld * args.ld;          // [ld²], idem
+    double* rc = V + args.ld * args.ld;         // [ld/2] cos of each pair's rotation
+    double* rs = rc + args.ld / 2;         // [ld/2] sin
+    double* rt = rs + args.ld / 2;         // [ld/2] tan (0: pair not rotated this round)
+    double* aux = rt + args.ld / 2;        // [ld]   λ_k^{-1/4}, then s of each Q row
+    int* rp = (int*)(aux + args.ld);       // [ld/2] p of each pair
+    int* rq = rp + args.ld / 2;            // [ld/2] q
 
     // Load the lower triangle, mirrored; the padding row/column is the identity.
-    const double* C = cov + offs[3 * (long long)b];
+    const double* C = args.cov + args.offs[3 * (long long)b];
     int bad = 0;
     for (int e = tid; e < m * m; e += nt) {
         const int i = e % m;
@@ -296,17 +285,17 @@ extern "C" __global__ void __launch_bounds__(DECORR_THREADS) decorrelate(
         A[e] = v;
     }
     if (__syncthreads_or(bad)) {
-        fill_failed(b, ncol, nd2, flux, fluxivar, resolution);
+        fill_failed(b, args.ncol, args.nd2, args.flux, args.fluxivar, args.resolution);
         if (tid == 0) {
-            status[b] = DECORR_NONFINITE_INPUT;
-            sweeps[b] = 0;
+            args.status[b] = DECORR_NONFINITE_INPUT;
+            args.sweeps[b] = 0;
         }
         return;
     }
 
     // A ← ŨᵀAŨ and V ← Ũ, Ũ = U ⊕ 1 for odd n (the padding stays decoupled). T = AŨ goes to
     // V's storage first; A's lower triangle is then overwritten (it is not read any more).
-    const double* U = basis + offs[3 * (long long)b + 2];
+    const double* U = args.basis + args.offs[3 * (long long)b + 2];
     for (int e = tid; e < m * m; e += nt) {
         const int i = e % m;
         const int j = e / m;
@@ -359,7 +348,7 @@ extern "C" __global__ void __launch_bounds__(DECORR_THREADS) decorrelate(
             converged = true;
             break;
         }
-        if (sweep == max_sweeps) {
+        if (sweep == args.max_sweeps) {
             break;
         }
         ++sweep;
@@ -455,16 +444,18 @@ extern "C" __global__ void __launch_bounds__(DECORR_THREADS) decorrelate(
         }
     }
     if (!converged) {
-        fill_failed(b, ncol, nd2, flux, fluxivar, resolution);
+        fill_failed(b, args.ncol, args.nd2, args.flux, args.fluxivar, args.resolution);
         if (tid == 0) {
-            status[b] = DECORR_NOT_CONVERGED;
-            sweeps[b] = sweep;
+            args.status[b] = DECORR_NOT_CONVERGED;
+            args.sweeps[b] = sweep;
         }
         return;
     }
 
-    readout(b, n, m, row_lo, nrow, wavepad, nstep, nkeep, ndiag, ncol, nd2, sweep, A, V, aux,
-            x + offs[3 * (long long)b + 1], flux, fluxivar, resolution, status, sweeps);
+    readout(b, n, m, row_lo, nrow, wavepad, nstep, nkeep, ndiag, args.ncol, args.nd2,
+            sweep, A, V, aux,
+            args.x + args.offs[3 * (long long)b + 1], args.flux, args.fluxivar, args.resolution,
+            args.status, args.sweeps);
 }
 
 // The eigenpairs of C from cuSOLVER's XsyevBatched instead of the Jacobi above, then the same
@@ -478,27 +469,14 @@ extern "C" __global__ void __launch_bounds__(DECORR_THREADS) decorrelate(
 // the range) the padding vector's weight outside C's rows does. The host checks
 // cov_off % cov_ld² = 0 and n ≤ cov_ld.
 // Mapping and shared memory as `decorrelate` (A holds λ on its diagonal, V the vectors).
-extern "C" __global__ void __launch_bounds__(DECORR_THREADS) decorrelate_eigen(
-    int ld,                                   // shared-memory size parameter (even, ≥ every m)
-    int ncol,                                 // output columns per block (largest nstep)
-    int nd2,                                  // resolution rows per block (largest 2·ndiag+1)
-    const int* __restrict__ params,           // [nblock·8], as decorrelate
-    const long long* __restrict__ offs,       // [nblock·3] {slot, x, (unused) offsets}
-    const double* __restrict__ evec,          // syev's eigenvectors, in the slots
-    const double* __restrict__ eval,          // [nslot·cov_ld] ascending eigenvalues
-    const int* __restrict__ einfo,            // [nslot] syev's info
-    const double* __restrict__ x,
-    double* __restrict__ flux,                // [nblock·ncol]
-    double* __restrict__ fluxivar,            // [nblock·ncol]
-    double* __restrict__ resolution,          // [nblock·nd2·ncol]
-    int* __restrict__ status,                 // [nblock]
-    int* __restrict__ sweeps)                 // [nblock]
+extern "C" __global__ void __launch_bounds__(DECORR_THREADS)
+decorrelate_eigen(const DecorrelateEigenParams args)
 {
     extern __shared__ double sh[];
     const int b = blockIdx.x;
     const int tid = threadIdx.x;
     const int nt = blockDim.x;
-    const int* P = params + 8 * (long long)b;
+    const int* P = args.params + 8 * (long long)b;
     const int n = P[0];
     const int cov_ld = P[1];
     const int row_lo = P[2];
@@ -511,16 +489,16 @@ extern "C" __global__ void __launch_bounds__(DECORR_THREADS) decorrelate_eigen(
     const int nrow = row_hi - row_lo;
 
     double* A = sh;                   // [ld²]: λ on the diagonal, then Q and R rows
-    double* V = A + ld * ld;          // [ld²]: the eigenvectors, leading dimension m
-    double* aux = V + ld * ld + 3 * (ld / 2);  // where `decorrelate` keeps it
+    double* V = A + args.ld * args.ld;          // [ld²]: the eigenvectors, leading dimension m
+    double* aux = V + args.ld * args.ld + 3 * (args.ld / 2);  // where `decorrelate` keeps it
 
-    const long long off = offs[3 * (long long)b];
+    const long long off = args.offs[3 * (long long)b];
     const long long slot = off / ((long long)cov_ld * cov_ld);
-    if (einfo[slot] != 0) {
-        fill_failed(b, ncol, nd2, flux, fluxivar, resolution);
+    if (args.einfo[slot] != 0) {
+        fill_failed(b, args.ncol, args.nd2, args.flux, args.fluxivar, args.resolution);
         if (tid == 0) {
-            status[b] = DECORR_NOT_CONVERGED;
-            sweeps[b] = 0;
+            args.status[b] = DECORR_NOT_CONVERGED;
+            args.sweeps[b] = 0;
         }
         return;
     }
@@ -529,7 +507,7 @@ extern "C" __global__ void __launch_bounds__(DECORR_THREADS) decorrelate_eigen(
     const int k0 = cov_ld - n;
     int bad = 0;
     for (int t = tid; t < n && k0 > 0; t += nt) {
-        const double* vk = evec + off + (long long)(k0 + t) * cov_ld;
+        const double* vk = args.evec + off + (long long)(k0 + t) * cov_ld;
         double pad = 0.0;
         for (int i = n; i < cov_ld; ++i) {
             pad = fma(vk[i], vk[i], pad);
@@ -537,22 +515,24 @@ extern "C" __global__ void __launch_bounds__(DECORR_THREADS) decorrelate_eigen(
         bad |= !(pad < 0.5);
     }
     if (__syncthreads_or(bad)) {
-        fill_failed(b, ncol, nd2, flux, fluxivar, resolution);
+        fill_failed(b, args.ncol, args.nd2, args.flux, args.fluxivar, args.resolution);
         if (tid == 0) {
-            status[b] = DECORR_BAD_EIGENVALUE;
-            sweeps[b] = 0;
+            args.status[b] = DECORR_BAD_EIGENVALUE;
+            args.sweeps[b] = 0;
         }
         return;
     }
     for (int e = tid; e < n * n; e += nt) {
         const int i = e % n;
         const int t = e / n;
-        V[t * m + i] = evec[off + (long long)(k0 + t) * cov_ld + i];
+        V[t * m + i] = args.evec[off + (long long)(k0 + t) * cov_ld + i];
     }
     for (int t = tid; t < n; t += nt) {
-        A[t * m + t] = eval[slot * cov_ld + k0 + t];
+        A[t * m + t] = args.eval[slot * cov_ld + k0 + t];
     }
     __syncthreads();
-    readout(b, n, m, row_lo, nrow, wavepad, nstep, nkeep, ndiag, ncol, nd2, 0, A, V, aux,
-            x + offs[3 * (long long)b + 1], flux, fluxivar, resolution, status, sweeps);
+    readout(b, n, m, row_lo, nrow, wavepad, nstep, nkeep, ndiag, args.ncol, args.nd2,
+            0, A, V, aux,
+            args.x + args.offs[3 * (long long)b + 1], args.flux, args.fluxivar, args.resolution,
+            args.status, args.sweeps);
 }

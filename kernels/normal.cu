@@ -21,6 +21,7 @@
 // exactly symmetric although each triangle is computed on its own.
 
 #include "normal_common.cuh"
+#include "params.cuh"
 
 // Mapping: one block per (column u, patch b): gridDim = (nmax, npatch). The block stages
 // spot u in shared memory (ny·nx doubles, dynamic), then its threads stride over the rows v of
@@ -28,52 +29,41 @@
 // coalesced stores of the whole column, zeros included). Thread 0 then forms AᵀWp and AᵀW1 of
 // u. Both triangles are computed, doubling the pair work, to keep every store coalesced and
 // the kernel free of cross-block dependencies; the pair work is small beside the nmax² stores.
-extern "C" __global__ void normal_dense(
-    int nmax, int ny, int nx,
-    const int4* __restrict__ patch,           // [npatch] {n, window ny, window nx, ld}
-    const long long* __restrict__ win_off,    // [npatch] offset of the window in pix/ivar
-    const double* __restrict__ pix,           // windows, row-major, rows ld apart
-    const double* __restrict__ ivar,
-    const double* __restrict__ spots,         // the batch's spots, ny·nx each, row-major
-    const long long* __restrict__ spot_off,   // [npatch·nmax] offset of unknown u's spot
-    const int4* __restrict__ geom,            // [npatch·nmax] {row0, col0, iy0, iy1}
-    double* __restrict__ ata,                 // [npatch·nmax·nmax]
-    double* __restrict__ atp,                 // [npatch·nmax]
-    double* __restrict__ atw1)                // [npatch·nmax]
+extern "C" __global__ void normal_dense(const NormalDenseParams args)
 {
     extern __shared__ double su[];
     const int u = blockIdx.x;
     const int b = blockIdx.y;
-    const int4 pb = patch[b];
+    const int4 pb = args.patch[b];
     const int n = pb.x;
     const int ld = pb.w;
-    const long long base = (long long)b * nmax;
-    double* col = ata + (base + u) * nmax;
+    const long long base = (long long)b * args.nmax;
+    double* col = args.ata + (base + u) * args.nmax;
     if (u >= n) {
         // Padding unknown: an identity column keeps the padded matrix positive definite.
-        for (int v = threadIdx.x; v < nmax; v += blockDim.x) {
+        for (int v = threadIdx.x; v < args.nmax; v += blockDim.x) {
             col[v] = (v == u) ? 1.0 : 0.0;
         }
         if (threadIdx.x == 0) {
-            atp[base + u] = 0.0;
-            atw1[base + u] = 0.0;
+            args.atp[base + u] = 0.0;
+            args.atw1[base + u] = 0.0;
         }
         return;
     }
-    const int nps = ny * nx;
-    const double* sug = spots + spot_off[base + u];
+    const int nps = args.ny * args.nx;
+    const double* sug = args.spots + args.spot_off[base + u];
     for (int k = threadIdx.x; k < nps; k += blockDim.x) {
         su[k] = sug[k];
     }
     __syncthreads();
-    const SpotGeom gu = unpack_geom(geom[base + u]);
-    const double* P = pix + win_off[b];
-    const double* W = ivar + win_off[b];
-    for (int v = threadIdx.x; v < nmax; v += blockDim.x) {
+    const SpotGeom gu = unpack_geom(args.geom[base + u]);
+    const double* P = args.pix + args.win_off[b];
+    const double* W = args.ivar + args.win_off[b];
+    for (int v = threadIdx.x; v < args.nmax; v += blockDim.x) {
         double a = 0.0;
         if (v < n) {
-            const SpotGeom gv = unpack_geom(geom[base + v]);
-            a = pair_sum(su, spots + spot_off[base + v], gu, gv, ny, nx, W, ld);
+            const SpotGeom gv = unpack_geom(args.geom[base + v]);
+            a = pair_sum(su, args.spots + args.spot_off[base + v], gu, gv, args.ny, args.nx, W, ld);
         }
         col[v] = a;
     }
@@ -82,14 +72,14 @@ extern "C" __global__ void normal_dense(
         double fw = 0.0;
         for (int iy = gu.iy0; iy < gu.iy1; ++iy) {
             const long long r = (long long)(gu.row0 + iy) * ld + gu.col0;
-            for (int ix = 0; ix < nx; ++ix) {
-                const double ws = __dmul_rn(su[iy * nx + ix], W[r + ix]);
+            for (int ix = 0; ix < args.nx; ++ix) {
+                const double ws = __dmul_rn(su[iy * args.nx + ix], W[r + ix]);
                 rhs = fma(ws, P[r + ix], rhs);
                 fw = __dadd_rn(fw, ws);
             }
         }
-        atp[base + u] = rhs;
-        atw1[base + u] = fw;
+        args.atp[base + u] = rhs;
+        args.atw1[base + u] = fw;
     }
 }
 
@@ -101,20 +91,16 @@ extern "C" __global__ void normal_dense(
 // diagonal. Padding unknowns are left alone (their diagonal is 1).
 #define REG_THREADS 256
 
-extern "C" __global__ void __launch_bounds__(REG_THREADS) normal_regularize(
-    int nmax,
-    const int4* __restrict__ patch,
-    const double* __restrict__ atw1,
-    double regularize, double epsilon,
-    double* __restrict__ ata)
+extern "C" __global__ void __launch_bounds__(REG_THREADS)
+normal_regularize(const NormalRegularizeParams args)
 {
     __shared__ double red[REG_THREADS];
     const int b = blockIdx.x;
-    const int n = patch[b].x;
-    const long long base = (long long)b * nmax;
+    const int n = args.patch[b].x;
+    const long long base = (long long)b * args.nmax;
     double m = __longlong_as_double(0xfff0000000000000ULL);  // -inf, the max's identity
     for (int u = threadIdx.x; u < n; u += blockDim.x) {
-        m = fmax(m, atw1[base + u]);
+        m = fmax(m, args.atw1[base + u]);
     }
     red[threadIdx.x] = m;
     __syncthreads();
@@ -125,9 +111,9 @@ extern "C" __global__ void __launch_bounds__(REG_THREADS) normal_regularize(
         __syncthreads();
     }
     const double minweight = __dmul_rn(1e-4, red[0]);
-    const double reg2 = __dmul_rn(regularize, regularize);
+    const double reg2 = __dmul_rn(args.regularize, args.regularize);
     for (int u = threadIdx.x; u < n; u += blockDim.x) {
-        const double fw = atw1[base + u];
+        const double fw = args.atw1[base + u];
         double lambda2;
         if (fw < minweight) {
             const double d = __dsub_rn(minweight, fw);
@@ -135,7 +121,7 @@ extern "C" __global__ void __launch_bounds__(REG_THREADS) normal_regularize(
         } else {
             lambda2 = reg2;
         }
-        double* diag = ata + (base + u) * nmax + u;
-        *diag = __dadd_rn(*diag, __dadd_rn(lambda2, epsilon));
+        double* diag = args.ata + (base + u) * args.nmax + u;
+        *diag = __dadd_rn(*diag, __dadd_rn(lambda2, args.epsilon));
     }
 }

@@ -158,24 +158,13 @@ __device__ __forceinline__ void edge_row(
 //          r = 2 + i·dy + j (`GhIndex` order);
 //   ranges [6]: wavemin, wavemax of XTRACE, YTRACE and the PSF HDU;
 //   warp_stride: doubles of dynamic shared memory per warp; blockDim.x is a multiple of 32.
-extern "C" __global__ void spots(
-    const double* __restrict__ xtrace, int ncx,
-    const double* __restrict__ ytrace, int ncy,
-    const double* __restrict__ params, int ncp,
-    const double* __restrict__ ranges,
-    const double* __restrict__ waves,
-    int nfiber, int nwave,
-    int hsizex, int hsizey, int ghdegx, int ghdegy,
-    int warp_stride,
-    double* __restrict__ values,
-    long long* __restrict__ xc,
-    long long* __restrict__ yc,
-    double* __restrict__ xs,
-    double* __restrict__ ys)
+#include "params.cuh"
+
+extern "C" __global__ void spots(const SpotsParams args)
 {
     extern __shared__ double smem[];
-    const SpotLayout l = spot_layout(hsizex, hsizey, ghdegx, ghdegy);
-    if (l.size > warp_stride) {
+    const SpotLayout l = spot_layout(args.hsizex, args.hsizey, args.ghdegx, args.ghdegy);
+    if (l.size > args.warp_stride) {
         // The host sized the launch for another layout: writing on would overrun the
         // neighbouring warp's memory. Fail the launch loudly instead.
         __trap();
@@ -185,28 +174,29 @@ extern "C" __global__ void spots(
     const int spot = blockIdx.x * (blockDim.x >> 5) + warp;
     // Warp-uniform: every lane of a warp has the same spot, so the __syncwarp()s below always
     // see all 32 lanes.
-    if (spot >= nfiber * nwave) {
+    if (spot >= args.nfiber * args.nwave) {
         return;
     }
-    const int fiber = spot / nwave;
-    const double wave = waves[spot - fiber * nwave];
-    double* s = smem + (size_t)warp * (size_t)warp_stride;
+    const int fiber = spot / args.nwave;
+    const double wave = args.waves[spot - fiber * args.nwave];
+    double* s = smem + (size_t)warp * (size_t)args.warp_stride;
     double* par = s + l.par;
     const int nx = l.nx, ny = l.ny, dx = l.dx, dy = l.dy;
     const int nrow = 2 + dx * dy;
 
     // Phase 1: the series. Task 0: x, 1: y, 2 + r: parameter row r.
-    const double up = reduced(wave, ranges[4], ranges[5]);
+    const double up = reduced(wave, args.ranges[4], args.ranges[5]);
     for (int t = lane; t < 2 + nrow; t += 32) {
         double v;
         if (t == 0) {
-            v = legendre_series(xtrace + (size_t)fiber * ncx, ncx,
-                                reduced(wave, ranges[0], ranges[1]));
+            v = legendre_series(args.xtrace + (size_t)fiber * args.ncx, args.ncx,
+                                reduced(wave, args.ranges[0], args.ranges[1]));
         } else if (t == 1) {
-            v = legendre_series(ytrace + (size_t)fiber * ncy, ncy,
-                                reduced(wave, ranges[2], ranges[3]));
+            v = legendre_series(args.ytrace + (size_t)fiber * args.ncy, args.ncy,
+                                reduced(wave, args.ranges[2], args.ranges[3]));
         } else {
-            v = legendre_series(params + ((size_t)fiber * nrow + (t - 2)) * ncp, ncp, up);
+            v = legendre_series(args.params + ((size_t)fiber * nrow + (t - 2)) * args.ncp,
+                                args.ncp, up);
         }
         par[t] = v;
     }
@@ -286,15 +276,15 @@ extern "C" __global__ void spots(
     const double sum = __shfl_sync(SPOTS_FULL_MASK, partial, 0);
 
     // Phase 7: normalise and write. Each lane reads only the pixels it wrote itself.
-    double* dst = values + (size_t)spot * (size_t)(ny * nx);
+    double* dst = args.values + (size_t)spot * (size_t)(ny * nx);
     for (int p = lane; p < ny * nx; p += 32) {
         double v = s[l.out + p];
         dst[p] = sum > 0.0 ? v / sum : v;
     }
     if (lane == 0) {
-        xs[spot] = x;
-        ys[spot] = y;
-        xc[spot] = (long long)floor(__dadd_rn(__dsub_rn(x, (double)hsizex), 0.5));
-        yc[spot] = (long long)floor(__dadd_rn(__dsub_rn(y, (double)hsizey), 0.5));
+        args.xs[spot] = x;
+        args.ys[spot] = y;
+        args.xc[spot] = (long long)floor(__dadd_rn(__dsub_rn(x, (double)args.hsizex), 0.5));
+        args.yc[spot] = (long long)floor(__dadd_rn(__dsub_rn(y, (double)args.hsizey), 0.5));
     }
 }

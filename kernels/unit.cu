@@ -9,42 +9,30 @@
 // (status[k] == 0, DECORR_OK): the host hands the others to the CPU and uploads its results
 // over the whole patch afterwards, in stream order.
 
-extern "C" __global__ void unit_scatter(
-    int nblock, int ncol, int nd2, int nwave, int ncmax, int nkmax,
-    const int* __restrict__ place,
-    const int* __restrict__ info,
-    const int* __restrict__ status,
-    const double* __restrict__ flux,
-    const double* __restrict__ fluxivar,
-    const double* __restrict__ resolution,
-    const double* __restrict__ chi2pix,
-    const double* __restrict__ pixmask,
-    double* __restrict__ u_flux,
-    double* __restrict__ u_ivar,
-    double* __restrict__ u_resolution,
-    double* __restrict__ u_chi2pix,
-    double* __restrict__ u_pixmask)
+#include "params.cuh"
+
+extern "C" __global__ void unit_scatter(const UnitScatterParams args)
 {
     const int k = blockIdx.x;
-    if (k >= nblock) {
+    if (k >= args.nblock) {
         return;
     }
-    const int* p = place + 5 * k;
+    const int* p = args.place + 5 * k;
     const int b = p[0], c = p[1], row = p[2], w0 = p[3], nk = p[4];
-    if (info[b] != 0 || status[k] != 0) {
+    if (args.info[b] != 0 || args.status[k] != 0) {
         return;
     }
     for (int j = threadIdx.x; j < nk; j += blockDim.x) {
-        const long long u = (long long)row * nwave + w0 + j;
-        const long long s = ((long long)b * ncmax + c) * nkmax + j;
-        const long long d = (long long)k * ncol + j;
-        u_flux[u] = flux[d];
-        u_ivar[u] = fluxivar[d];
-        u_chi2pix[u] = chi2pix[s];
-        u_pixmask[u] = pixmask[s];
-        for (int e = 0; e < nd2; ++e) {
-            u_resolution[((long long)row * nd2 + e) * nwave + w0 + j] =
-                resolution[((long long)k * nd2 + e) * ncol + j];
+        const long long u = (long long)row * args.nwave + w0 + j;
+        const long long s = ((long long)b * args.ncmax + c) * args.nkmax + j;
+        const long long d = (long long)k * args.ncol + j;
+        args.u_flux[u] = args.flux[d];
+        args.u_ivar[u] = args.fluxivar[d];
+        args.u_chi2pix[u] = args.chi2pix[s];
+        args.u_pixmask[u] = args.pixmask[s];
+        for (int e = 0; e < args.nd2; ++e) {
+            args.u_resolution[((long long)row * args.nd2 + e) * args.nwave + w0 + j] =
+                args.resolution[((long long)k * args.nd2 + e) * args.ncol + j];
         }
     }
 }

@@ -34,7 +34,10 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <string>
 #include <thread>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 // ---- CUDA keywords ------------------------------------------------------------------------
@@ -306,7 +309,9 @@ inline void emu_launch(dim3 grid, dim3 block, size_t smem_bytes, const std::func
 // ---- The runner's I/O -----------------------------------------------------------------------
 // Input (binary, native endianness): u32 name length, name; u32 grid x, y, z; u32 block x, y,
 // z; u64 dynamic shared-memory bytes; u32 argument count; per argument a kind byte: 'i' (i32),
-// 'd' (f64), 'p' (u64 byte count, then the bytes). Output: every 'p' buffer's bytes in order,
+// 'd' (f64), 'p' (u64 byte count, then the bytes), 's' (a parameter struct passed by value:
+// u64 byte count, the bytes, u32 patch count, then per patch u32 byte offset and u32 argument
+// index of a 'p' buffer whose address goes there). Output: every 'p' buffer's bytes in order,
 // each preceded by its u64 length.
 struct EmuArg {
     char kind;
@@ -314,6 +319,7 @@ struct EmuArg {
     double d = 0;
     std::vector<int4> buf;  // 16-byte aligned storage
     uint64_t bytes = 0;
+    std::vector<std::pair<uint32_t, uint32_t>> patches;  // 's': (offset, buffer argument)
 };
 
 struct Ptr {
@@ -387,10 +393,18 @@ inline EmuLaunch emu_read_launch(FILE* f)
             a.d = emu_get<double>(f);
             break;
         case 'p':
+        case 's':
             a.bytes = emu_get<uint64_t>(f);
             // At least one element, so that an empty buffer still has an address.
             a.buf.resize(a.bytes / 16 + 1);
             emu_read(f, a.buf.data(), a.bytes);
+            if (a.kind == 's') {
+                a.patches.resize(emu_get<uint32_t>(f));
+                for (auto& pt : a.patches) {
+                    pt.first = emu_get<uint32_t>(f);
+                    pt.second = emu_get<uint32_t>(f);
+                }
+            }
             break;
         default:
             std::fprintf(stderr, "cuda_emu: unknown argument kind %d\n", a.kind);
@@ -408,4 +422,32 @@ inline void emu_write_buffers(FILE* f, const EmuLaunch& l)
             std::fwrite(a.buf.data(), 1, a.bytes, f);
         }
     }
+}
+
+// Launches `kernel`, whose one parameter is a struct P passed by value (kernels/params.cuh),
+// with argument 0's bytes as P and each patched offset holding its buffer's address.
+template <class P>
+inline void emu_call(void (*kernel)(P), EmuLaunch& l)
+{
+    static_assert(std::is_trivially_copyable_v<P>);
+    const EmuArg& a = l.check(0, 's');
+    if (a.bytes != sizeof(P)) {
+        std::fprintf(stderr, "cuda_emu: %s takes %zu parameter bytes, got %llu\n",
+                     l.name.c_str(), sizeof(P), (unsigned long long)a.bytes);
+        std::_Exit(5);
+    }
+    unsigned char bytes[sizeof(P)];
+    std::memcpy(bytes, a.buf.data(), sizeof(P));
+    for (const auto& [off, k] : a.patches) {
+        void* addr = l.p(k).p;
+        if (off + sizeof addr > sizeof(P)) {
+            std::fprintf(stderr, "cuda_emu: an address at byte %u of %s's parameters\n", off,
+                         l.name.c_str());
+            std::_Exit(5);
+        }
+        std::memcpy(bytes + off, &addr, sizeof addr);
+    }
+    P params;
+    std::memcpy(&params, bytes, sizeof(P));
+    emu_launch(l.grid, l.block, l.smem, [&] { kernel(params); });
 }

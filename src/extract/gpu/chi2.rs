@@ -22,6 +22,8 @@
 
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 
+use super::launch::{kernel_params, Guards};
+
 use super::device::Gpu;
 use super::normal::{BatchLayout, LayoutBuffers};
 use super::GpuError;
@@ -41,6 +43,55 @@ pub const PROJECT_THREADS: u32 = 128;
 pub(super) const MAX_DYNAMIC_SMEM: usize = 48 * 1024;
 /// `gridDim.y` (the patch index) is limited to 65535 by the hardware.
 const MAX_GRID_Y: usize = 65_535;
+
+kernel_params! {
+    /// `chi2_pixels`' parameters (kernels/params.cuh): sizes and psferr, then the device
+    /// addresses of the batch layout, the solutions, and the three per-pixel outputs.
+    pub struct Chi2PixelsParams {
+        pub tile_rows: i32,
+        pub nmax: i32,
+        pub nx: i32,
+        /// Explicit padding (0), so that no byte of the struct is undefined.
+        pub pad0: i32,
+        pub psferr: f64,
+        pub patch: u64,
+        pub dims: u64,
+        pub win_off: u64,
+        pub scr_off: u64,
+        pub pix: u64,
+        pub ivar: u64,
+        pub spots: u64,
+        pub spot_off: u64,
+        pub geom: u64,
+        pub x: u64,
+        pub model: u64,
+        pub chi2: u64,
+        pub valid: u64,
+    }
+}
+
+kernel_params! {
+    /// `chi2_project`'s parameters (kernels/params.cuh): sizes, then the device addresses of
+    /// the batch layout, chi2_pixels' outputs, and the two per-slot outputs.
+    pub struct Chi2ProjectParams {
+        pub nmax: i32,
+        pub nx: i32,
+        pub ncmax: i32,
+        pub nkmax: i32,
+        pub patch: u64,
+        pub dims: u64,
+        pub win_off: u64,
+        pub scr_off: u64,
+        pub ivar: u64,
+        pub spots: u64,
+        pub spot_off: u64,
+        pub geom: u64,
+        pub chi2: u64,
+        pub valid: u64,
+        pub chi2pix: u64,
+        pub pixmask: u64,
+    }
+}
 
 fn bad(msg: String) -> GpuError {
     GpuError::Kernel(format!("chi2.cu cannot take this batch: {msg}"))
@@ -277,6 +328,48 @@ fn check_shapes(buf: &LayoutBuffers<'_>, dims: &Chi2Layout) -> Result<usize, Gpu
     Ok(smem)
 }
 
+/// `chi2_pixels`' launch for `dims` (a block per row tile and patch, the unknowns staged in
+/// [`Chi2Layout::smem`] bytes of shared memory) and its scalar parameters, addresses left 0.
+pub fn pixels_launch(dims: &Chi2Layout, psferr: f64) -> (LaunchConfig, Chi2PixelsParams) {
+    let cfg = LaunchConfig {
+        grid_dim: (dims.tiles() as u32, dims.npatch as u32, 1),
+        block_dim: (PIXEL_THREADS, 1, 1),
+        shared_mem_bytes: dims.smem() as u32,
+    };
+    // All fit i32: nmax and ny·nx by BatchLayout::new.
+    let p = Chi2PixelsParams {
+        tile_rows: TILE_ROWS as i32,
+        nmax: dims.nmax as i32,
+        nx: dims.nx as i32,
+        psferr,
+        ..Chi2PixelsParams::default()
+    };
+    (cfg, p)
+}
+
+/// `chi2_project`'s launch for `dims` (a thread per output slot, a grid row per patch) and
+/// its scalar parameters, addresses left 0.
+pub fn project_launch(dims: &Chi2Layout) -> (LaunchConfig, Chi2ProjectParams) {
+    let cfg = LaunchConfig {
+        grid_dim: (
+            dims.slots().div_ceil(PROJECT_THREADS as usize) as u32,
+            dims.npatch as u32,
+            1,
+        ),
+        block_dim: (PROJECT_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // All fit i32: nmax and nx by BatchLayout::new, the slot count by Chi2Layout::new.
+    let p = Chi2ProjectParams {
+        nmax: dims.nmax as i32,
+        nx: dims.nx as i32,
+        ncmax: dims.ncmax as i32,
+        nkmax: dims.nkmax as i32,
+        ..Chi2ProjectParams::default()
+    };
+    (cfg, p)
+}
+
 /// Queues `chi2_pixels` then `chi2_project` for the batch of `buf` with solutions `x`
 /// (`[npatch·nmax]`, fiber-major, as the solve leaves them) into `out`.
 pub fn launch(
@@ -308,83 +401,76 @@ pub fn launch(
     let dims_d = gpu
         .upload(&dims.dims)
         .map_err(cuda("uploading patch dims"))?;
-    // All fit i32: nmax and ny·nx by BatchLayout::new, the slot count by Chi2Layout::new.
-    let (tile, nmax, nx) = (TILE_ROWS as i32, dims.nmax as i32, dims.nx as i32);
-    let (ncmax, nkmax) = (dims.ncmax as i32, dims.nkmax as i32);
-
-    let cfg = LaunchConfig {
-        grid_dim: (dims.tiles() as u32, dims.npatch as u32, 1),
-        block_dim: (PIXEL_THREADS, 1, 1),
-        shared_mem_bytes: smem as u32,
+    let (cfg, scalars) = pixels_launch(dims, psferr);
+    debug_assert_eq!(cfg.shared_mem_bytes as usize, smem);
+    let mut g = Guards::default();
+    let params = Chi2PixelsParams {
+        patch: g.read(buf.patch, st),
+        dims: g.read(&dims_d, st),
+        win_off: g.read(buf.win_off, st),
+        scr_off: g.read(buf.scr_off, st),
+        pix: g.read(buf.pix, st),
+        ivar: g.read(buf.ivar, st),
+        spots: g.read(buf.spots, st),
+        spot_off: g.read(buf.spot_off, st),
+        geom: g.read(buf.geom, st),
+        x: g.read(x, st),
+        model: g.write(&mut out.model, st),
+        chi2: g.write(&mut out.chi2, st),
+        valid: g.write(&mut out.valid, st),
+        ..scalars
     };
     let mut l = st.launch_builder(&kernels.pixels);
-    l.arg(&tile)
-        .arg(&nmax)
-        .arg(&nx)
-        .arg(&psferr)
-        .arg(buf.patch)
-        .arg(&dims_d)
-        .arg(buf.win_off)
-        .arg(buf.scr_off)
-        .arg(buf.pix)
-        .arg(buf.ivar)
-        .arg(buf.spots)
-        .arg(buf.spot_off)
-        .arg(buf.geom)
-        .arg(x)
-        .arg(&mut out.model)
-        .arg(&mut out.chi2)
-        .arg(&mut out.valid);
-    // SAFETY: 17 arguments in chi2_pixels' order and types: int tile_rows, nmax, nx (i32),
-    // double psferr; patch (i32 × 4 per patch, read as int4: device allocations are 256-byte
-    // aligned), dims (i32 × 8 per patch, two int4), win_off, scr_off (i64 = long long), pix, ivar,
-    // spots (f64), spot_off (i64), geom (i32 × 4 per unknown, int4), x (f64); model, chi2,
-    // valid (f64, written). Bounds: the grid is (tiles, npatch); block (tile, b) reads
-    // patch[b], dims[2b..2b+2] (uploaded from Chi2Layout, built for this layout: same sizes,
-    // checked above), and slots b·nmax + u for u < n_b = nspecpad·nwavetot ≤ nmax of
-    // geom/spot_off/x (x's length checked above); it returns unless its rows lie in the
-    // window; it reads pix/ivar at win_off[b] + r·ld + c (inside pix_len, LayoutBuffers'
-    // contract) and writes scratch pixels scr_off[b] + r·wnx + c of that window only (< npix,
-    // the output lengths checked above). Spot reads stay in the spot's ny·nx values because iy is kept in
-    // [iy0, iy1) ⊆ [0, ny) and ix in [0, nx); the offsets and geometry are BatchLayout::new's
-    // (LayoutBuffers' contract). Shared memory: smem bytes as Chi2Layout::smem lays them out,
+    l.arg(&params);
+    // SAFETY: Chi2PixelsParams is chi2_pixels' one parameter (params.cuh, layout tested), its
+    // addresses those of live buffers whose guards (`g`) outlive the launch: patch (i32 × 4
+    // per patch, read as int4: device allocations are 256-byte aligned), dims (i32 × 8 per
+    // patch, two int4), win_off, scr_off (i64 = long long), pix, ivar, spots (f64), spot_off
+    // (i64), geom (i32 × 4 per unknown, int4), x (f64); model, chi2, valid (f64, written).
+    // Bounds: the grid is (tiles, npatch); block (tile, b) reads patch[b], dims[2b..2b+2]
+    // (uploaded from Chi2Layout, built for this layout: same sizes, checked above), and slots
+    // b·nmax + u for u < n_b = nspecpad·nwavetot ≤ nmax of geom/spot_off/x (x's length checked
+    // above); it returns unless its rows lie in the window; it reads pix/ivar at win_off[b] +
+    // r·ld + c (inside pix_len, LayoutBuffers' contract) and writes scratch pixels scr_off[b] +
+    // r·wnx + c of that window only (< npix, the output lengths checked above). Spot reads
+    // stay in the spot's ny·nx values because iy is kept in [iy0, iy1) ⊆ [0, ny) and ix in
+    // [0, nx); the offsets and geometry are BatchLayout::new's (LayoutBuffers' contract).
+    // Shared memory: smem bytes (checked under the limit) as Chi2Layout::smem lays them out,
     // with span indexed by fibers < nspecpad ≤ nspmax.
     unsafe { l.launch(cfg) }.map_err(cuda("launching chi2_pixels"))?;
 
-    let cfg = LaunchConfig {
-        grid_dim: (
-            dims.slots().div_ceil(PROJECT_THREADS as usize) as u32,
-            dims.npatch as u32,
-            1,
-        ),
-        block_dim: (PROJECT_THREADS, 1, 1),
-        shared_mem_bytes: 0,
+    // The guards record the events of chi2_pixels' launch before chi2_project's are taken.
+    drop(g);
+
+    let (cfg, scalars) = project_launch(dims);
+    let mut g = Guards::default();
+    let params = Chi2ProjectParams {
+        patch: g.read(buf.patch, st),
+        dims: g.read(&dims_d, st),
+        win_off: g.read(buf.win_off, st),
+        scr_off: g.read(buf.scr_off, st),
+        ivar: g.read(buf.ivar, st),
+        spots: g.read(buf.spots, st),
+        spot_off: g.read(buf.spot_off, st),
+        geom: g.read(buf.geom, st),
+        chi2: g.read(&out.chi2, st),
+        valid: g.read(&out.valid, st),
+        chi2pix: g.write(&mut out.chi2pix, st),
+        pixmask: g.write(&mut out.pixmask, st),
+        ..scalars
     };
     let mut l = st.launch_builder(&kernels.project);
-    l.arg(&nmax)
-        .arg(&nx)
-        .arg(&ncmax)
-        .arg(&nkmax)
-        .arg(buf.patch)
-        .arg(&dims_d)
-        .arg(buf.win_off)
-        .arg(buf.scr_off)
-        .arg(buf.ivar)
-        .arg(buf.spots)
-        .arg(buf.spot_off)
-        .arg(buf.geom)
-        .arg(&out.chi2)
-        .arg(&out.valid)
-        .arg(&mut out.chi2pix)
-        .arg(&mut out.pixmask);
-    // SAFETY: 16 arguments in chi2_project's order and types: int nmax, nx, ncmax, nkmax
-    // (i32); patch, dims (int4 as above), win_off, scr_off (i64), ivar, spots (f64), spot_off (i64),
-    // geom (int4), chi2, valid (f64, read: written by chi2_pixels earlier on this stream);
-    // chi2pix, pixmask (f64, written). Thread t < ncmax·nkmax of patch b < npatch writes slot
-    // b·ncmax·nkmax + t < nslot (lengths checked above); for c < ncore, j < nkeep it reads
-    // unknown (core0 + c)·nwavetot + wavepad + j < n_b (Chi2Layout::new: core0 + ncore ≤
-    // nspecpad, nkeep ≤ nstep, wavepad + nstep ≤ nwavetot) and its spot's in-window pixels.
+    l.arg(&params);
+    // SAFETY: Chi2ProjectParams is chi2_project's one parameter (params.cuh, layout tested),
+    // its addresses those of live buffers whose guards (`g`) outlive the launch: patch, dims
+    // (int4 as above), win_off, scr_off (i64), ivar, spots (f64), spot_off (i64), geom (int4),
+    // chi2, valid (f64, read: written by chi2_pixels earlier on this stream); chi2pix, pixmask
+    // (f64, written). Thread t < ncmax·nkmax of patch b < npatch writes slot b·ncmax·nkmax + t
+    // < nslot (lengths checked above); for c < ncore, j < nkeep it reads unknown (core0 + c)·
+    // nwavetot + wavepad + j < n_b (Chi2Layout::new: core0 + ncore ≤ nspecpad, nkeep ≤ nstep,
+    // wavepad + nstep ≤ nwavetot) and its spot's in-window pixels.
     unsafe { l.launch(cfg) }.map_err(cuda("launching chi2_project"))?;
+    drop(g);
     // dims_d drops here: cudarc frees it in stream order, after the kernels.
     Ok(())
 }

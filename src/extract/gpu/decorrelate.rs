@@ -26,6 +26,8 @@
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute_enum};
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 
+use super::launch::{kernel_params, Guards};
+
 use super::device::Gpu;
 use super::solve::{EigenBatch, Solver};
 use super::GpuError;
@@ -497,6 +499,62 @@ impl DecorrBatch {
     }
 }
 
+kernel_params! {
+    /// `decorrelate`'s parameters (kernels/params.cuh): sizes and the sweep limit, then the
+    /// device addresses of the blocks' parameters and offsets, the covariances, solutions and
+    /// starting bases it reads, and the outputs it writes.
+    pub struct DecorrelateParams {
+        pub ld: i32,
+        pub ncol: i32,
+        pub nd2: i32,
+        pub max_sweeps: i32,
+        pub params: u64,
+        pub offs: u64,
+        pub cov: u64,
+        pub x: u64,
+        pub basis: u64,
+        pub flux: u64,
+        pub fluxivar: u64,
+        pub resolution: u64,
+        pub status: u64,
+        pub sweeps: u64,
+    }
+}
+
+kernel_params! {
+    /// `decorrelate_eigen`'s parameters (kernels/params.cuh): sizes, then the device addresses
+    /// of the blocks' parameters and offsets, syev's eigenpairs and infos, the solutions, and
+    /// the outputs (`decorrelate`'s).
+    pub struct DecorrelateEigenParams {
+        pub ld: i32,
+        pub ncol: i32,
+        pub nd2: i32,
+        /// Explicit padding (0), so that no byte of the struct is undefined.
+        pub pad0: i32,
+        pub params: u64,
+        pub offs: u64,
+        pub evec: u64,
+        pub eval: u64,
+        pub einfo: u64,
+        pub x: u64,
+        pub flux: u64,
+        pub fluxivar: u64,
+        pub resolution: u64,
+        pub status: u64,
+        pub sweeps: u64,
+    }
+}
+
+/// Both kernels' launch for `layout`: one block of [`THREADS`] per covariance block, with
+/// [`DecorrLayout::smem_bytes`] of dynamic shared memory.
+pub fn launch_config(layout: &DecorrLayout) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (layout.nblock as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: layout.smem_bytes() as u32,
+    }
+}
+
 /// Decorrelates the blocks of `layout` on `gpu` from the device buffers `cov` and `x` (the
 /// previous stages' outputs), queued on the GPU's stream.
 pub fn decorrelate(
@@ -534,23 +592,28 @@ pub fn decorrelate_into(
     let basis = gpu
         .upload(&layout.basis)
         .map_err(cuda("uploading the starting bases"))?;
-    let mut launch = gpu.stream.launch_builder(&kernels.func);
-    launch
-        .arg(&ld_i)
-        .arg(&ncol_i)
-        .arg(&nd2_i)
-        .arg(&max_sweeps)
-        .arg(&params)
-        .arg(&offs)
-        .arg(cov)
-        .arg(x)
-        .arg(&basis)
-        .arg(&mut out.flux)
-        .arg(&mut out.fluxivar)
-        .arg(&mut out.resolution)
-        .arg(&mut out.status)
-        .arg(&mut out.sweeps);
-    // SAFETY: 14 arguments in the order and types of `decorrelate` in kernels/decorrelate.cu:
+    let st = &gpu.stream;
+    let mut g = Guards::default();
+    let args = DecorrelateParams {
+        ld: ld_i,
+        ncol: ncol_i,
+        nd2: nd2_i,
+        max_sweeps,
+        params: g.read(&params, st),
+        offs: g.read(&offs, st),
+        cov: g.read(cov, st),
+        x: g.read(x, st),
+        basis: g.read(&basis, st),
+        flux: g.write(&mut out.flux, st),
+        fluxivar: g.write(&mut out.fluxivar, st),
+        resolution: g.write(&mut out.resolution, st),
+        status: g.write(&mut out.status, st),
+        sweeps: g.write(&mut out.sweeps, st),
+    };
+    let mut launch = st.launch_builder(&kernels.func);
+    launch.arg(&args);
+    // SAFETY: DecorrelateParams is `decorrelate`'s one parameter (kernels/params.cuh, layout
+    // tested), its addresses those of live buffers whose guards (`g`) outlive the launch:
     // int ld, ncol, nd2, max_sweeps (i32); params (i32, 8 per block) and offs (i64 = long long,
     // 3 per block), built together by DecorrLayout::new for nblock blocks; cov, x and basis
     // (f64, read); flux, fluxivar, resolution (f64), status and sweeps (i32), written. Bounds:
@@ -566,6 +629,7 @@ pub fn decorrelate_into(
     // the limit set by Kernels::load (checked above). THREADS equals the kernel's
     // __launch_bounds__.
     unsafe { launch.launch(cfg) }.map_err(cuda("launching decorrelate"))?;
+    drop(g);
     // params, offs and basis drop here: cudarc frees them in stream order, after the kernel.
     Ok(())
 }
@@ -618,24 +682,30 @@ pub fn decorrelate_eigen_into(
             eig.info.len()
         )));
     }
-    let mut launch = gpu.stream.launch_builder(&kernels.eigen);
-    launch
-        .arg(&ld_i)
-        .arg(&ncol_i)
-        .arg(&nd2_i)
-        .arg(&params)
-        .arg(&offs)
-        .arg(evec)
-        .arg(&eig.values)
-        .arg(&eig.info)
-        .arg(x)
-        .arg(&mut out.flux)
-        .arg(&mut out.fluxivar)
-        .arg(&mut out.resolution)
-        .arg(&mut out.status)
-        .arg(&mut out.sweeps);
-    // SAFETY: 14 arguments in the order and types of `decorrelate_eigen` in
-    // kernels/decorrelate.cu: int ld, ncol, nd2 (i32, fit: DecorrLayout::new); params (i32, 8 a
+    let st = &gpu.stream;
+    let mut g = Guards::default();
+    let args = DecorrelateEigenParams {
+        ld: ld_i,
+        ncol: ncol_i,
+        nd2: nd2_i,
+        params: g.read(&params, st),
+        offs: g.read(&offs, st),
+        evec: g.read(evec, st),
+        eval: g.read(&eig.values, st),
+        einfo: g.read(&eig.info, st),
+        x: g.read(x, st),
+        flux: g.write(&mut out.flux, st),
+        fluxivar: g.write(&mut out.fluxivar, st),
+        resolution: g.write(&mut out.resolution, st),
+        status: g.write(&mut out.status, st),
+        sweeps: g.write(&mut out.sweeps, st),
+        ..DecorrelateEigenParams::default()
+    };
+    let mut launch = st.launch_builder(&kernels.eigen);
+    launch.arg(&args);
+    // SAFETY: DecorrelateEigenParams is `decorrelate_eigen`'s one parameter
+    // (kernels/params.cuh, layout tested), its addresses those of live buffers whose guards
+    // (`g`) outlive the launch: int ld, ncol, nd2 (i32, fit: DecorrLayout::new); params (i32, 8 a
     // block) and offs (i64, 3 a block) for nblock = gridDim.x blocks; evec, eval (f64) and
     // einfo (i32), read; x (f64), read; the outputs as `decorrelate`'s. Bounds: block b reads
     // evec[cov_off + (k0 + t)·l + i] for t, i < n ≤ l, inside the slot at cov_off (≤ cov_need ≤
@@ -644,6 +714,7 @@ pub fn decorrelate_eigen_into(
     // checked above), x and the outputs as `decorrelate` (prepare_launch). Shared memory as
     // `decorrelate`'s, within the limit Kernels::load set for this kernel.
     unsafe { launch.launch(cfg) }.map_err(cuda("launching decorrelate_eigen"))?;
+    drop(g);
     Ok(())
 }
 
@@ -702,11 +773,7 @@ fn prepare_launch(
     }
     // DecorrLayout::new checked that ld (via smem_bytes), ncol, nd2 and nblock fit i32.
     Ok(LaunchArgs {
-        cfg: LaunchConfig {
-            grid_dim: (nb as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: smem as u32,
-        },
+        cfg: launch_config(layout),
         ld_i: layout.ld as i32,
         ncol_i: ncol as i32,
         nd2_i: nd2 as i32,

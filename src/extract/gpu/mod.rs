@@ -4,8 +4,9 @@
 //!
 //! One module per stage (`spots`, `normal`, `solve`, `decorrelate`, `chi2`), each with its
 //! layout and launcher; `backend` chains them into [`backend::GpuBackend`]; `unit` gathers a
-//! work unit's results on the device for the cuda-aware-mpi build; `ptx` compiles the embedded
-//! kernels with NVRTC and caches their machine code; `device` finds devices (without
+//! work unit's results on the device for the cuda-aware-mpi build; `launch` holds what every
+//! kernel's one parameter struct shares (and their layout check against `kernels/params.cuh`);
+//! `ptx` compiles the embedded kernels with NVRTC and caches their machine code; `device` finds devices (without
 //! creating contexts), opens one and stages uploads through page-locked memory; `error`
 //! is [`GpuError`]. Test-only, `twins` holds each stage's host twin (plain Rust mirroring the
 //! kernel, tested against the CPU backend on machines without a GPU), the emulator that runs
@@ -21,6 +22,7 @@ pub mod decorrelate;
 pub mod device;
 mod error;
 pub mod facts;
+pub mod launch;
 pub mod normal;
 pub mod ptx;
 pub mod solve;

@@ -18,6 +18,8 @@ use std::collections::HashMap;
 
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 
+use super::launch::{kernel_params, Guards};
+
 use super::device::Gpu;
 use super::GpuError;
 use crate::extract::PatchInput;
@@ -660,6 +662,63 @@ impl<'a> UploadedLayout<'a> {
     }
 }
 
+kernel_params! {
+    /// `normal_dense`'s parameters (kernels/params.cuh): sizes, then the device addresses of
+    /// the batch layout it reads and of AᵀWA, AᵀWp and AᵀW1, which it writes.
+    pub struct NormalDenseParams {
+        pub nmax: i32,
+        pub ny: i32,
+        pub nx: i32,
+        /// Explicit padding (0), so that no byte of the struct is undefined.
+        pub pad0: i32,
+        pub patch: u64,
+        pub win_off: u64,
+        pub pix: u64,
+        pub ivar: u64,
+        pub spots: u64,
+        pub spot_off: u64,
+        pub geom: u64,
+        pub ata: u64,
+        pub atp: u64,
+        pub atw1: u64,
+    }
+}
+
+kernel_params! {
+    /// `normal_regularize`'s parameters (kernels/params.cuh): nmax, the patches and AᵀW1 it
+    /// reads, the regularisation constants, and AᵀWA, whose diagonal it writes.
+    pub struct NormalRegularizeParams {
+        pub nmax: i32,
+        /// Explicit padding (0), so that no byte of the struct is undefined.
+        pub pad0: i32,
+        pub patch: u64,
+        pub atw1: u64,
+        pub regularize: f64,
+        pub epsilon: f64,
+        pub ata: u64,
+    }
+}
+
+/// `normal_dense`'s launch: a block of [`DENSE_THREADS`] per unknown slot and patch, with an
+/// `ny × nx` spot of doubles in dynamic shared memory.
+pub fn dense_config(npatch: usize, nmax: usize, ny: usize, nx: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (nmax as u32, npatch as u32, 1),
+        block_dim: (DENSE_THREADS, 1, 1),
+        shared_mem_bytes: (ny * nx * std::mem::size_of::<f64>()) as u32,
+    }
+}
+
+/// `normal_regularize`'s launch: a block of exactly [`REG_THREADS`] (its static reduction
+/// array's size) per patch.
+pub fn regularize_config(npatch: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (npatch as u32, 1, 1),
+        block_dim: (REG_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 /// The normal equations of an uploaded layout into existing buffers (a pipeline reuses them from batch
 /// to batch).
 pub fn build_into(
@@ -696,39 +755,33 @@ pub fn build_into(
     }
     out.n = buf.n.clone();
     let st = &gpu.stream;
-    let (patch, win_off, pix, ivar, spots, spot_off, geom) = (
-        buf.patch,
-        buf.win_off,
-        buf.pix,
-        buf.ivar,
-        buf.spots,
-        buf.spot_off,
-        buf.geom,
-    );
     // Checked by BatchLayout::with_resident (nmax, ny·nx fit i32).
     let (nmax_i, ny_i, nx_i) = (nmax as i32, buf.ny as i32, buf.nx as i32);
 
-    let cfg = LaunchConfig {
-        grid_dim: (nmax as u32, npatch as u32, 1),
-        block_dim: (DENSE_THREADS, 1, 1),
-        shared_mem_bytes: smem as u32,
+    let cfg = dense_config(npatch, nmax, buf.ny, buf.nx);
+    debug_assert_eq!(cfg.shared_mem_bytes as usize, smem);
+    let mut g = Guards::default();
+    let args = NormalDenseParams {
+        nmax: nmax_i,
+        ny: ny_i,
+        nx: nx_i,
+        pad0: 0,
+        patch: g.read(buf.patch, st),
+        win_off: g.read(buf.win_off, st),
+        pix: g.read(buf.pix, st),
+        ivar: g.read(buf.ivar, st),
+        spots: g.read(buf.spots, st),
+        spot_off: g.read(buf.spot_off, st),
+        geom: g.read(buf.geom, st),
+        ata: g.write(&mut out.ata, st),
+        atp: g.write(&mut out.atp, st),
+        atw1: g.write(&mut out.atw1, st),
     };
     let mut launch = st.launch_builder(&kernels.dense);
-    launch
-        .arg(&nmax_i)
-        .arg(&ny_i)
-        .arg(&nx_i)
-        .arg(patch)
-        .arg(win_off)
-        .arg(pix)
-        .arg(ivar)
-        .arg(spots)
-        .arg(spot_off)
-        .arg(geom)
-        .arg(&mut out.ata)
-        .arg(&mut out.atp)
-        .arg(&mut out.atw1);
-    // SAFETY: 13 arguments in normal_dense's order and types: int nmax, ny, nx (i32); patch
+    launch.arg(&args);
+    // SAFETY: NormalDenseParams is normal_dense's one parameter (kernels/params.cuh, layout
+    // tested), its addresses those of live buffers whose guards (`g`) outlive the launch:
+    // int nmax, ny, nx (i32); patch
     // (i32 × 4 per patch, read as int4: device allocations are 256-byte aligned), win_off
     // (i64 = long long), pix, ivar, spots (f64), spot_off (i64), geom (i32 × 4 per unknown,
     // int4); ata, atp, atw1 (f64, written). Bounds: the grid is (nmax, npatch) and every block
@@ -739,26 +792,32 @@ pub fn build_into(
     // its window at win_off with rows ld apart, inside pix/ivar. Shared memory: ny·nx doubles,
     // passed as smem.
     unsafe { launch.launch(cfg) }.map_err(cuda("launching normal_dense"))?;
+    // The guards record the events of normal_dense's launch before normal_regularize's are
+    // taken.
+    drop(g);
 
-    let cfg = LaunchConfig {
-        grid_dim: (npatch as u32, 1, 1),
-        block_dim: (REG_THREADS, 1, 1),
-        shared_mem_bytes: 0,
+    let mut g = Guards::default();
+    let args = NormalRegularizeParams {
+        nmax: nmax_i,
+        pad0: 0,
+        patch: g.read(buf.patch, st),
+        atw1: g.read(&out.atw1, st),
+        regularize,
+        epsilon,
+        ata: g.write(&mut out.ata, st),
     };
     let mut launch = st.launch_builder(&kernels.regularize);
-    launch
-        .arg(&nmax_i)
-        .arg(patch)
-        .arg(&out.atw1)
-        .arg(&regularize)
-        .arg(&epsilon)
-        .arg(&mut out.ata);
-    // SAFETY: 6 arguments in normal_regularize's order and types: int nmax (i32), patch
+    launch.arg(&args);
+    // SAFETY: NormalRegularizeParams is normal_regularize's one parameter (kernels/params.cuh,
+    // layout tested), its addresses those of live buffers whose guards (`g`) outlive the
+    // launch: int nmax (i32), patch
     // (int4, aligned as above), atw1 (f64, read), regularize and epsilon (f64 by value), ata
     // (f64, written). One block per patch b < npatch with exactly REG_THREADS threads, the size
     // of the kernel's static reduction array; it touches atw1[b·nmax + u] and the diagonal
     // (b·nmax + u)·nmax + u for u < n_b ≤ nmax, inside the buffers checked above. Same stream
     // as normal_dense, so it runs after the AᵀW1 it reads is written.
-    unsafe { launch.launch(cfg) }.map_err(cuda("launching normal_regularize"))?;
+    unsafe { launch.launch(regularize_config(npatch)) }
+        .map_err(cuda("launching normal_regularize"))?;
+    drop(g);
     Ok(())
 }

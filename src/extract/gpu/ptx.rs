@@ -5,7 +5,8 @@
 //! Devices load machine code (a cubin for `sm_XY`): CUDA's minor-version compatibility lets a
 //! driver load a cubin from a newer NVRTC of its major version, but not that NVRTC's PTX, and
 //! machine code also spares the driver's compile at every module load. PTX (`compute_XY`) is
-//! the fallback, and what the launch-ABI checks read.
+//! the fallback, and what the launch-ABI check (each entry point's one parameter struct,
+//! `launch::KERNELS`) reads.
 
 use std::path::{Path, PathBuf};
 
@@ -269,26 +270,9 @@ fn store(path: &Path, text: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-/// Every kernel's parameters as its launcher passes them, in order: `i` a 32-bit int, `d`
-/// a double, `p` a device pointer. Kept beside the launch builders' `.arg` sequences
-/// (spots.rs, normal.rs, chi2.rs, decorrelate.rs): a change to a kernel's signature
-/// that its launcher does not follow would launch with shifted arguments, which nothing
-/// short of a GPU run would otherwise notice. The CPU emulation tests (`emu`) call the kernels
-/// with these kinds too.
-#[cfg(test)]
-pub(super) const LAUNCH_ABI: [(&str, &str, &str); 8] = [
-    ("spots.cu", "spots", "pipipippiiiiiiippppp"),
-    ("normal.cu", "normal_dense", "iiipppppppppp"),
-    ("normal.cu", "normal_regularize", "ippddp"),
-    ("chi2.cu", "chi2_pixels", "iiidppppppppppppp"),
-    ("chi2.cu", "chi2_project", "iiiipppppppppppp"),
-    ("decorrelate.cu", "decorrelate", "iiiipppppppppp"),
-    ("decorrelate.cu", "decorrelate_eigen", "iiippppppppppp"),
-    ("unit.cu", "unit_scatter", "iiiiiippppppppppppp"),
-];
-
 #[cfg(test)]
 mod tests {
+    use super::super::launch::KERNELS;
     use super::*;
 
     #[test]
@@ -375,40 +359,46 @@ mod tests {
         }
     }
 
-    /// The parameter kinds of entry `name` in `ptx` (as LAUNCH_ABI writes them), or None
-    /// when there is no such entry.
-    fn entry_params(ptx: &str, name: &str) -> Option<String> {
+    /// The parameter declarations of entry `name` in `ptx`, or None when there is no such
+    /// entry.
+    fn entry_params(ptx: &str, name: &str) -> Option<Vec<String>> {
         let head = format!(".entry {name}(");
         let start = ptx.find(&head)? + head.len();
         let end = start + ptx[start..].find(')')?;
-        let kinds = ptx[start..end]
+        let params = ptx[start..end]
             .split(',')
             .filter(|p| p.contains(".param"))
-            .map(|p| {
-                let ty = p
-                    .split_whitespace()
-                    .find(|t| [".u32", ".s32", ".b32", ".f64", ".u64", ".s64", ".b64"].contains(t));
-                match ty {
-                    Some(".u32" | ".s32" | ".b32") => 'i',
-                    Some(".f64") => 'd',
-                    Some(_) => 'p',
-                    None => '?',
-                }
-            })
+            .map(|p| p.split_whitespace().collect::<Vec<_>>().join(" "))
             .collect();
-        Some(kinds)
+        Some(params)
+    }
+
+    /// The size of a by-value struct parameter, `.param .align 8 .b8 name[SIZE]`.
+    fn struct_size(param: &str) -> Option<usize> {
+        let rest = param.strip_prefix(".param .align 8 .b8 ")?;
+        let (_, size) = rest.strip_suffix(']')?.split_once('[')?;
+        size.parse().ok()
     }
 
     #[test]
     fn entry_params_reads_ptx_parameter_lists() {
         let ptx = ".visible .entry k(\n\t.param .u32 k_param_0,\n\t.param .f64 k_param_1,\n\t\
                    .param .u64 .ptr .global .align 8 k_param_2\n)\n{";
-        assert_eq!(entry_params(ptx, "k").as_deref(), Some("idp"));
+        let params = entry_params(ptx, "k").unwrap();
+        assert_eq!(params.len(), 3);
+        assert_eq!(params[2], ".param .u64 .ptr .global .align 8 k_param_2");
+        assert!(params.iter().all(|p| struct_size(p).is_none()));
         assert_eq!(entry_params(ptx, "other"), None);
+        let ptx = ".visible .entry s(\n\t.param .align 8 .b8 s_param_0[128]\n)\n{";
+        let params = entry_params(ptx, "s").unwrap();
+        assert_eq!(params.len(), 1);
+        assert_eq!(struct_size(&params[0]), Some(128));
+        assert_eq!(struct_size(".param .u64 s_param_0"), None);
     }
 
-    /// Each kernel's compiled parameter list is the one its launcher passes (LAUNCH_ABI), and
-    /// every entry point of every file is in the table.
+    /// Each kernel's compiled parameter list is what its launcher passes, one struct of its
+    /// parameter struct's size (launch::KERNELS), and every entry point of every file is in
+    /// the table.
     #[test]
     fn every_kernel_takes_the_arguments_its_launcher_passes() {
         if !nvrtc_or_skip() {
@@ -418,15 +408,22 @@ mod tests {
         for f in kernel_files() {
             let text = ptx_in(f, (9, 0), Some(dir.path())).unwrap_or_else(|e| panic!("{f}: {e}"));
             let entries = text.matches(".entry ").count();
-            let listed = LAUNCH_ABI.iter().filter(|(file, _, _)| *file == f).count();
+            let listed = KERNELS.iter().filter(|k| k.0 == f);
             assert_eq!(
-                entries, listed,
-                "{f}: {entries} entry points, {listed} in LAUNCH_ABI"
+                entries,
+                listed.clone().count(),
+                "{f}: {entries} entry points, {} in launch::KERNELS",
+                listed.count()
             );
-            for (_, name, kinds) in LAUNCH_ABI.iter().filter(|(file, _, _)| *file == f) {
+            for (_, name, ty, size, _) in listed {
                 let got = entry_params(&text, name)
                     .unwrap_or_else(|| panic!("{f}: no entry point {name}"));
-                assert_eq!(&got, kinds, "{f}: {name}'s parameters");
+                let sizes: Vec<_> = got.iter().map(|p| struct_size(p)).collect();
+                assert_eq!(
+                    sizes,
+                    [Some(*size)],
+                    "{f}: {name} takes {got:?}, its launcher one {ty} of {size} bytes"
+                );
             }
         }
     }

@@ -6,6 +6,8 @@
 
 use cudarc::driver::{CudaFunction, CudaSlice, DriverError, LaunchConfig, PushKernelArg};
 
+use super::launch::{kernel_params, Guards};
+
 use super::device::Gpu;
 use super::GpuError;
 use crate::psf::{Psf, PsfError, SpotGrid, SpotSet};
@@ -193,6 +195,55 @@ impl Layout {
             py,
             tmp,
             size: tmp + dy * nx,
+        }
+    }
+}
+
+kernel_params! {
+    /// `spots`' parameters (kernels/params.cuh): the device addresses of the PSF tables it
+    /// reads and of the five outputs it writes, then the shape's sizes and the per-warp
+    /// shared-memory stride (ints after the addresses, so that nothing needs padding).
+    pub struct SpotsParams {
+        pub xtrace: u64,
+        pub ytrace: u64,
+        pub params: u64,
+        pub ranges: u64,
+        pub waves: u64,
+        pub values: u64,
+        pub xc: u64,
+        pub yc: u64,
+        pub xs: u64,
+        pub ys: u64,
+        pub ncx: i32,
+        pub ncy: i32,
+        pub ncp: i32,
+        pub nfiber: i32,
+        pub nwave: i32,
+        pub hsizex: i32,
+        pub hsizey: i32,
+        pub ghdegx: i32,
+        pub ghdegy: i32,
+        pub warp_stride: i32,
+    }
+}
+
+impl SpotsParams {
+    /// The sizes of `shape` and the per-warp `stride` (from [`launch_config`]), addresses 0.
+    pub fn sizes(shape: &SpotShape, stride: usize) -> SpotsParams {
+        // Every count is ≤ what `Psf::validate` and `launch_config` accept (≤ 2³¹ - 1).
+        let int = |v: usize| v as i32;
+        SpotsParams {
+            ncx: int(shape.ncx),
+            ncy: int(shape.ncy),
+            ncp: int(shape.ncp),
+            nfiber: int(shape.nfiber),
+            nwave: int(shape.nwave),
+            hsizex: int(shape.hsizex),
+            hsizey: int(shape.hsizey),
+            ghdegx: int(shape.ghdegx),
+            ghdegy: int(shape.ghdegy),
+            warp_stride: int(stride),
+            ..SpotsParams::default()
         }
     }
 }
@@ -401,45 +452,35 @@ impl SpotsKernel {
             return Ok(());
         }
         let (cfg, stride) = launch_config(sh)?;
-        // Every count below is ≤ what `Psf::validate` and `launch_config` accept (≤ 2³¹ - 1).
-        let int = |v: usize| v as i32;
-        let (ncx, ncy, ncp) = (int(sh.ncx), int(sh.ncy), int(sh.ncp));
-        let (nfiber, nwave) = (int(sh.nfiber), int(sh.nwave));
-        let (hsizex, hsizey) = (int(sh.hsizex), int(sh.hsizey));
-        let (ghdegx, ghdegy) = (int(sh.ghdegx), int(sh.ghdegy));
-        let stride = int(stride);
-        let mut b = gpu.stream.launch_builder(&self.func);
-        b.arg(&inp.xtrace)
-            .arg(&ncx)
-            .arg(&inp.ytrace)
-            .arg(&ncy)
-            .arg(&inp.params)
-            .arg(&ncp)
-            .arg(&inp.ranges)
-            .arg(&inp.waves)
-            .arg(&nfiber)
-            .arg(&nwave)
-            .arg(&hsizex)
-            .arg(&hsizey)
-            .arg(&ghdegx)
-            .arg(&ghdegy)
-            .arg(&stride)
-            .arg(&mut out.values)
-            .arg(&mut out.xc)
-            .arg(&mut out.yc)
-            .arg(&mut out.x)
-            .arg(&mut out.y);
-        // SAFETY: the 20 arguments match `spots` in kernels/spots.cu in order and type:
-        // (xtrace: const double*, ncx: int), (ytrace, ncy), (params, ncp), ranges and waves
-        // (const double*), seven ints (nfiber, nwave, hsizex, hsizey, ghdegx, ghdegy,
-        // warp_stride; i32 here), values (double*), xc, yc (long long* ← i64 buffers), xs, ys
-        // (double*); device buffers pass as their device pointers, scalars by value. Buffer
+        let st = &gpu.stream;
+        let mut g = Guards::default();
+        let args = SpotsParams {
+            xtrace: g.read(&inp.xtrace, st),
+            ytrace: g.read(&inp.ytrace, st),
+            params: g.read(&inp.params, st),
+            ranges: g.read(&inp.ranges, st),
+            waves: g.read(&inp.waves, st),
+            values: g.write(&mut out.values, st),
+            xc: g.write(&mut out.xc, st),
+            yc: g.write(&mut out.yc, st),
+            xs: g.write(&mut out.x, st),
+            ys: g.write(&mut out.y, st),
+            ..SpotsParams::sizes(sh, stride)
+        };
+        let mut b = st.launch_builder(&self.func);
+        b.arg(&args);
+        // SAFETY: SpotsParams is `spots`' one parameter (kernels/params.cuh, layout tested):
+        // the addresses of live buffers whose guards (`g`) outlive the launch, xtrace, ytrace,
+        // params, ranges, waves (f64, read), values, xs, ys (f64) and xc, yc (i64 = long long),
+        // written; then ten ints (ncx, ncy, ncp, nfiber, nwave, hsizex, hsizey, ghdegx,
+        // ghdegy, warp_stride) from SpotsParams::sizes of this shape. Buffer
         // lengths: DeviceInputs::upload checked the tables against the shape the kernel indexes
         // them with, `ranges` has 6 elements, and the outputs were checked above to hold nspot
         // spots of ny×nx; the grid covers nspot warps and the kernel returns for warps past
         // it. Shared memory is `warps × stride` doubles, the stride being Layout::new's size,
         // which the kernel re-derives and compares against (trapping if it would not fit).
         unsafe { b.launch(cfg) }.map_err(cuda("launching"))?;
+        drop(g);
         Ok(())
     }
 }

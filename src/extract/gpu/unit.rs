@@ -8,6 +8,8 @@
 
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 
+use super::launch::{kernel_params, Guards};
+
 use super::chi2::{Chi2Batch, Chi2Layout};
 use super::decorrelate::DecorrBatch;
 use super::device::Gpu;
@@ -17,6 +19,42 @@ use crate::patch::Patch;
 
 /// Threads per block of `unit_scatter` (a block's kept bins, ≤ nwavestep).
 pub const SCATTER_THREADS: u32 = 64;
+
+kernel_params! {
+    /// `unit_scatter`'s parameters (kernels/params.cuh): the chunk's and unit's sizes, then
+    /// the device addresses of what it reads (placements, potrf's info, the decorrelation's
+    /// status and outputs, chi2pix and pixmask) and of the unit's five arrays it writes.
+    pub struct UnitScatterParams {
+        pub nblock: i32,
+        pub ncol: i32,
+        pub nd2: i32,
+        pub nwave: i32,
+        pub ncmax: i32,
+        pub nkmax: i32,
+        pub place: u64,
+        pub info: u64,
+        pub status: u64,
+        pub flux: u64,
+        pub fluxivar: u64,
+        pub resolution: u64,
+        pub chi2pix: u64,
+        pub pixmask: u64,
+        pub u_flux: u64,
+        pub u_ivar: u64,
+        pub u_resolution: u64,
+        pub u_chi2pix: u64,
+        pub u_pixmask: u64,
+    }
+}
+
+/// `unit_scatter`'s launch: one block of [`SCATTER_THREADS`] per decorrelation block.
+pub fn scatter_config(nblock: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (nblock as u32, 1, 1),
+        block_dim: (SCATTER_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
 
 fn bad(msg: String) -> GpuError {
     GpuError::Kernel(format!("unit.cu cannot take this chunk: {msg}"))
@@ -279,39 +317,41 @@ pub fn scatter(
     let as_i32 = |v: usize| i32::try_from(v).map_err(|_| bad(format!("{v} overflows i32")));
     let (nb, ncol, nd2) = (as_i32(nblock)?, as_i32(d.ncol)?, as_i32(d.nd2)?);
     let (nwave, ncmax, nkmax) = (as_i32(s.nwave)?, as_i32(dims.ncmax)?, as_i32(dims.nkmax)?);
-    let cfg = LaunchConfig {
-        grid_dim: (nblock as u32, 1, 1),
-        block_dim: (SCATTER_THREADS, 1, 1),
-        shared_mem_bytes: 0,
+    let mut g = Guards::default();
+    let params = UnitScatterParams {
+        nblock: nb,
+        ncol,
+        nd2,
+        nwave,
+        ncmax,
+        nkmax,
+        place: g.read(&place_d, st),
+        info: g.read(info, st),
+        status: g.read(&d.status, st),
+        flux: g.read(&d.flux, st),
+        fluxivar: g.read(&d.fluxivar, st),
+        resolution: g.read(&d.resolution, st),
+        chi2pix: g.read(&c2.chi2pix, st),
+        pixmask: g.read(&c2.pixmask, st),
+        u_flux: g.write(&mut unit.flux, st),
+        u_ivar: g.write(&mut unit.ivar, st),
+        u_resolution: g.write(&mut unit.resolution, st),
+        u_chi2pix: g.write(&mut unit.chi2pix, st),
+        u_pixmask: g.write(&mut unit.pixmask, st),
     };
     let mut l = st.launch_builder(&kernels.scatter);
-    l.arg(&nb)
-        .arg(&ncol)
-        .arg(&nd2)
-        .arg(&nwave)
-        .arg(&ncmax)
-        .arg(&nkmax)
-        .arg(&place_d)
-        .arg(info)
-        .arg(&d.status)
-        .arg(&d.flux)
-        .arg(&d.fluxivar)
-        .arg(&d.resolution)
-        .arg(&c2.chi2pix)
-        .arg(&c2.pixmask)
-        .arg(&mut unit.flux)
-        .arg(&mut unit.ivar)
-        .arg(&mut unit.resolution)
-        .arg(&mut unit.chi2pix)
-        .arg(&mut unit.pixmask);
-    // SAFETY: 19 arguments in unit_scatter's order and types: six ints (i32); place (i32,
+    l.arg(&params);
+    // SAFETY: UnitScatterParams is the kernel's one parameter (params.cuh, layout tested), its
+    // addresses those of live buffers whose guards (`g`) outlive the launch: place (i32,
     // 5·nblock), info (i32, npatch), status (i32, nblock); flux, fluxivar (f64, nblock·ncol),
-    // resolution (f64, nblock·nd2·ncol), chi2pix, pixmask (f64, npatch·ncmax·nkmax); the unit's
-    // five arrays (f64, written). Block k < nblock reads place[5k..5k+5], info[b] with b <
-    // npatch, status[k]; for j < nk ≤ min(ncol, nkmax) it reads d[k·ncol + j], slot
+    // resolution (f64, nblock·nd2·ncol), chi2pix, pixmask (f64, npatch·ncmax·nkmax); the
+    // unit's five arrays (f64, written). Block k < nblock reads place[5k..5k+5], info[b] with
+    // b < npatch, status[k]; for j < nk ≤ min(ncol, nkmax) it reads d[k·ncol + j], slot
     // (b·ncmax + c)·nkmax + j with c < ncmax, and writes row·nwave + w0 + j with row < nspec,
     // w0 + nk ≤ nwave (all checked above), and the resolution likewise with e < nd2.
-    unsafe { l.launch(cfg) }.map_err(cuda("launching unit_scatter"))?;
+    unsafe { l.launch(scatter_config(nblock)) }.map_err(cuda("launching unit_scatter"))?;
+    // The guards record the read and write events now that the launch is queued.
+    drop(g);
     // place_d drops here: freed in stream order, after the kernel.
     Ok(())
 }

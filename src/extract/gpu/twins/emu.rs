@@ -27,7 +27,9 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 
-use crate::extract::gpu::ptx::{expanded, LAUNCH_ABI};
+use crate::extract::gpu::launch::{KernelParams, KERNELS};
+use crate::extract::gpu::ptx::expanded;
+use cudarc::driver::LaunchConfig;
 
 /// The emulation layer, written next to each runner program.
 const HEADER: &str = include_str!("../../../../kernels/emu/cuda_emu.h");
@@ -93,21 +95,59 @@ fn toolchain_or_skip() -> Option<&'static Toolchain> {
     t
 }
 
-/// A launch argument: an `int`, a `double`, or a buffer (its bytes; written back).
+/// A launch argument: an `int`, a buffer (its bytes; written back), or a
+/// parameter struct passed by value (its bytes, and where its device addresses go: `(byte
+/// offset, argument index of the buffer)`, patched by the runner with the buffer's address).
 enum Arg {
     I(i32),
-    D(f64),
     P(Vec<u8>),
+    S(Vec<u8>, Vec<(u32, u32)>),
 }
 
 impl Arg {
     fn kind(&self) -> char {
         match self {
             Arg::I(_) => 'i',
-            Arg::D(_) => 'd',
             Arg::P(_) => 'p',
+            Arg::S(..) => 's',
         }
     }
+}
+
+/// What a parameter struct holds for the address of a launch's buffer `k` (its argument
+/// index): a value no size, double or real address takes, which the launch turns into a patch.
+const BUF_TAG: u64 = 0xB0F0_0000_0000_0000;
+
+/// The argument index of the buffer whose stand-in address a parameter struct holds, for
+/// reading it back from [`Out`].
+fn at(addr: u64) -> usize {
+    assert_eq!(
+        addr & !0xffff,
+        BUF_TAG,
+        "{addr:#x} is not a buffer of this launch"
+    );
+    (addr & 0xffff) as usize
+}
+
+/// The buffers of a struct launch, in the order added; argument 0 is the struct.
+#[derive(Default)]
+struct Bufs(Vec<Arg>);
+
+impl Bufs {
+    /// Adds a buffer (an [`Arg::P`]) and returns the address the parameter struct holds for it.
+    fn add(&mut self, buf: Arg) -> u64 {
+        assert!(matches!(buf, Arg::P(_)), "only buffers have addresses");
+        self.0.push(buf);
+        BUF_TAG | self.0.len() as u64
+    }
+}
+
+/// The bytes of a parameter struct.
+fn bytes_of<P: KernelParams>(p: &P) -> Vec<u8> {
+    // SAFETY: P is a #[repr(C)] struct of i32, f64 and u64 fields without padding (checked
+    // against FIELDS by launch.rs's layout test), so all size_of::<P>() bytes are initialised.
+    unsafe { std::slice::from_raw_parts((p as *const P).cast::<u8>(), std::mem::size_of::<P>()) }
+        .to_vec()
 }
 
 fn int(v: usize) -> Arg {
@@ -137,6 +177,50 @@ struct Launch<'a> {
     block: (u32, u32, u32),
     smem: usize,
     args: Vec<Arg>,
+}
+
+impl<'a> Launch<'a> {
+    /// A launch of `kernel` as its launcher configures it (`cfg`, from the launcher's own
+    /// function), passing `params` by value with `bufs` behind its addresses.
+    fn with_params<P: KernelParams>(
+        kernel: &'a str,
+        cfg: &LaunchConfig,
+        params: &P,
+        bufs: Bufs,
+    ) -> Launch<'a> {
+        let bytes = bytes_of(params);
+        let mut ptrs = Vec::new();
+        for (field, off, size) in P::FIELDS {
+            if *size != 8 {
+                continue;
+            }
+            let v = u64::from_ne_bytes(bytes[*off..off + 8].try_into().unwrap());
+            if v & !0xffff == BUF_TAG {
+                let k = at(v);
+                assert!(
+                    (1..=bufs.0.len()).contains(&k),
+                    "{kernel}: {field} is no buffer"
+                );
+                ptrs.push((*off as u32, k as u32));
+            }
+        }
+        let mut refs: Vec<u32> = ptrs.iter().map(|p| p.1).collect();
+        refs.sort_unstable();
+        assert_eq!(
+            refs,
+            (1..=bufs.0.len() as u32).collect::<Vec<_>>(),
+            "{kernel}: every buffer is behind exactly one address"
+        );
+        let mut args = vec![Arg::S(bytes, ptrs)];
+        args.extend(bufs.0);
+        Launch {
+            kernel,
+            grid: cfg.grid_dim,
+            block: cfg.block_dim,
+            smem: cfg.shared_mem_bytes as usize,
+            args,
+        }
+    }
 }
 
 /// Every argument after the launch: the buffers as the kernel left them, None for scalars.
@@ -196,8 +280,8 @@ fn rewrite_dynamic_shared(src: &str) -> String {
 }
 
 /// The runner program: the emulation header, the kernel source, and a `main` that reads a
-/// launch description, calls entry point `name` with its arguments (kinds as in LAUNCH_ABI)
-/// on every thread of the grid and writes the buffers back.
+/// launch description, calls entry point `name` with its arguments (kinds `i` int, `p` buffer;
+/// "s" for one parameter struct) on every thread of the grid and writes the buffers back.
 fn runner_source(source: &str, entries: &[(String, String)]) -> String {
     let mut s = String::from("#include \"cuda_emu.h\"\n#line 1 \"kernel.cu\"\n");
     s += source;
@@ -207,6 +291,13 @@ fn runner_source(source: &str, entries: &[(String, String)]) -> String {
     s += "    if (!in) { std::perror(argv[1]); return 2; }\n";
     s += "    EmuLaunch l = emu_read_launch(in);\n    std::fclose(in);\n";
     for (name, kinds) in entries {
+        if kinds == "s" {
+            // One parameter struct: emu_call takes its type from the kernel's signature.
+            s += &format!(
+                "    if (l.name == \"{name}\") {{\n        emu_call({name}, l);\n    }} else\n"
+            );
+            continue;
+        }
         let n = kinds.len();
         s += &format!("    if (l.name == \"{name}\") {{\n");
         s += &format!(
@@ -247,7 +338,7 @@ fn compiled() -> &'static Mutex<HashMap<u64, Compiled>> {
 
 impl Program {
     /// Compiles `source` (a kernel file's text, includes expanded) with entry points
-    /// `entries` (name, LAUNCH_ABI kinds); cached by source within the process.
+    /// `entries` (name, argument kinds as the runner takes them); cached by source within the process.
     fn build(
         tc: &Toolchain,
         source: &str,
@@ -299,27 +390,31 @@ impl Program {
         Ok(p)
     }
 
-    /// The runner of kernel file `file` (every entry point LAUNCH_ABI lists for it), its text
-    /// passed through `edit` first (the tests plant bugs that way).
+    /// The runner of kernel file `file` (every entry point launch::KERNELS lists for it),
+    /// its text passed through `edit` first (the tests plant bugs that way).
     fn kernel_file(
         tc: &Toolchain,
         file: &str,
         edit: impl Fn(String) -> String,
     ) -> Result<Arc<Program>, String> {
         let src = edit(expanded(file).map_err(|e| e.to_string())?);
-        let entries: Vec<(&str, &str)> = LAUNCH_ABI
+        let entries: Vec<(&str, &str)> = KERNELS
             .iter()
-            .filter(|(f, _, _)| *f == file)
-            .map(|(_, n, k)| (*n, *k))
+            .filter(|k| k.0 == file)
+            .map(|k| (k.1, "s"))
             .collect();
-        assert!(!entries.is_empty(), "{file} is not in LAUNCH_ABI");
+        assert!(!entries.is_empty(), "{file} is not in launch::KERNELS");
         Program::build(tc, &src, &entries)
     }
 
     /// Runs `l` and returns every argument as the kernel left it; Err with the runner's
     /// messages when it fails (a trap, a sanitizer report) or runs past `timeout`.
     fn run(&self, l: &Launch, timeout: Duration) -> Result<Out, String> {
-        let kinds: String = l.args.iter().map(Arg::kind).collect();
+        let mut kinds: String = l.args.iter().map(Arg::kind).collect();
+        if kinds.starts_with('s') && kinds[1..].chars().all(|c| c == 'p') {
+            // A struct's buffers are behind its addresses, not parameters of the kernel.
+            kinds.truncate(1);
+        }
         match self.entries.iter().find(|(n, _)| n == l.kernel) {
             Some((_, k)) if *k == kinds => {}
             Some((_, k)) => panic!(
@@ -348,10 +443,18 @@ impl Program {
             put(&[a.kind() as u8])?;
             match a {
                 Arg::I(v) => put(&v.to_ne_bytes())?,
-                Arg::D(v) => put(&v.to_ne_bytes())?,
                 Arg::P(b) => {
                     put(&(b.len() as u64).to_ne_bytes())?;
                     put(b)?;
+                }
+                Arg::S(b, ptrs) => {
+                    put(&(b.len() as u64).to_ne_bytes())?;
+                    put(b)?;
+                    put(&(ptrs.len() as u32).to_ne_bytes())?;
+                    for (off, k) in ptrs {
+                        put(&off.to_ne_bytes())?;
+                        put(&k.to_ne_bytes())?;
+                    }
                 }
             }
         }
@@ -679,57 +782,57 @@ mod scenes {
 
 mod normal_cu {
     //! normal.cu against `normal::twin`, which promises the kernel's bits.
-    use super::super::normal::{twin, BatchLayout, HostDense, DENSE_THREADS, REG_THREADS};
+    use super::super::normal::{
+        dense_config, regularize_config, twin, BatchLayout, HostDense, NormalDenseParams,
+        NormalRegularizeParams,
+    };
     use super::super::scene::{Masked, Pixels, Recipe, Trim};
     use super::*;
 
-    /// normal_dense then normal_regularize as `normal::build_into` launches them: grid
-    /// (nmax, npatch) × DENSE_THREADS with ny·nx doubles of dynamic shared memory, then
-    /// npatch × REG_THREADS; every output poisoned with NaN first.
+    /// normal_dense then normal_regularize as `normal::build_into` launches them
+    /// (`dense_config`, `regularize_config`); every output poisoned with NaN first.
     fn run(prog: &Program, l: &BatchLayout, reg: f64, eps: f64) -> Result<HostDense, String> {
         let (npatch, nmax) = (l.npatch, l.nmax);
-        let dense = Launch {
-            kernel: "normal_dense",
-            grid: (nmax as u32, npatch as u32, 1),
-            block: (DENSE_THREADS, 1, 1),
-            smem: l.ny * l.nx * std::mem::size_of::<f64>(),
-            args: vec![
-                int(nmax),
-                int(l.ny),
-                int(l.nx),
-                i32s(&l.patch),
-                i64s(&l.win_off),
-                f64s(&l.pix),
-                f64s(&l.ivar),
-                f64s(&l.spots),
-                i64s(&l.spot_off),
-                i32s(&l.geom),
-                nan(npatch * nmax * nmax),
-                nan(npatch * nmax),
-                nan(npatch * nmax),
-            ],
+        let mut bufs = Bufs::default();
+        let p = NormalDenseParams {
+            nmax: nmax as i32,
+            ny: l.ny as i32,
+            nx: l.nx as i32,
+            pad0: 0,
+            patch: bufs.add(i32s(&l.patch)),
+            win_off: bufs.add(i64s(&l.win_off)),
+            pix: bufs.add(f64s(&l.pix)),
+            ivar: bufs.add(f64s(&l.ivar)),
+            spots: bufs.add(f64s(&l.spots)),
+            spot_off: bufs.add(i64s(&l.spot_off)),
+            geom: bufs.add(i32s(&l.geom)),
+            ata: bufs.add(nan(npatch * nmax * nmax)),
+            atp: bufs.add(nan(npatch * nmax)),
+            atw1: bufs.add(nan(npatch * nmax)),
         };
-        let out = prog.run(&dense, LAUNCH_TIMEOUT)?;
-        let (atp, atw1) = (out.f64s(11), out.f64s(12));
-        let regularize = Launch {
-            kernel: "normal_regularize",
-            grid: (npatch as u32, 1, 1),
-            block: (REG_THREADS, 1, 1),
-            smem: 0,
-            args: vec![
-                int(nmax),
-                i32s(&l.patch),
-                f64s(&atw1),
-                Arg::D(reg),
-                Arg::D(eps),
-                f64s(&out.f64s(10)),
-            ],
+        let cfg = dense_config(npatch, nmax, l.ny, l.nx);
+        let out = prog.run(
+            &Launch::with_params("normal_dense", &cfg, &p, bufs),
+            LAUNCH_TIMEOUT,
+        )?;
+        let (atp, atw1) = (out.f64s(at(p.atp)), out.f64s(at(p.atw1)));
+        let mut bufs = Bufs::default();
+        let p = NormalRegularizeParams {
+            nmax: nmax as i32,
+            pad0: 0,
+            patch: bufs.add(i32s(&l.patch)),
+            atw1: bufs.add(f64s(&atw1)),
+            regularize: reg,
+            epsilon: eps,
+            ata: bufs.add(f64s(&out.f64s(at(p.ata)))),
         };
+        let regularize =
+            Launch::with_params("normal_regularize", &regularize_config(npatch), &p, bufs);
         let out = prog.run(&regularize, LAUNCH_TIMEOUT)?;
         Ok(HostDense {
             npatch,
             nmax,
-            ata: out.f64s(5),
+            ata: out.f64s(at(p.ata)),
             atp,
             atw1,
         })
@@ -791,7 +894,8 @@ mod normal_cu {
 mod chi2_cu {
     //! chi2.cu against `chi2::twin`, which promises the kernels' bits.
     use super::super::chi2::{
-        twin, Chi2Layout, HostChi2, PIXEL_THREADS, PROJECT_THREADS, TILE_ROWS,
+        pixels_launch, project_launch, twin, Chi2Layout, Chi2PixelsParams, Chi2ProjectParams,
+        HostChi2,
     };
     use super::super::normal::BatchLayout;
     use super::super::scene::{Masked, Pixels, Recipe, Trim};
@@ -806,69 +910,57 @@ mod chi2_cu {
         x: &[f64],
         psferr: f64,
     ) -> Result<HostChi2, String> {
-        let (npatch, npix, nslot) = (l.npatch, dims.npix, dims.npatch * dims.slots());
-        let pixels = Launch {
-            kernel: "chi2_pixels",
-            grid: (dims.tiles() as u32, npatch as u32, 1),
-            block: (PIXEL_THREADS, 1, 1),
-            smem: dims.smem(),
-            args: vec![
-                int(TILE_ROWS),
-                int(l.nmax),
-                int(l.nx),
-                Arg::D(psferr),
-                i32s(&l.patch),
-                i32s(&dims.dims),
-                i64s(&l.win_off),
-                i64s(&l.scr_off),
-                f64s(&l.pix),
-                f64s(&l.ivar),
-                f64s(&l.spots),
-                i64s(&l.spot_off),
-                i32s(&l.geom),
-                f64s(x),
-                nan(npix),
-                nan(npix),
-                nan(npix),
-            ],
+        let (npix, nslot) = (dims.npix, dims.npatch * dims.slots());
+        let (cfg, scalars) = pixels_launch(dims, psferr);
+        let mut bufs = Bufs::default();
+        let p = Chi2PixelsParams {
+            patch: bufs.add(i32s(&l.patch)),
+            dims: bufs.add(i32s(&dims.dims)),
+            win_off: bufs.add(i64s(&l.win_off)),
+            scr_off: bufs.add(i64s(&l.scr_off)),
+            pix: bufs.add(f64s(&l.pix)),
+            ivar: bufs.add(f64s(&l.ivar)),
+            spots: bufs.add(f64s(&l.spots)),
+            spot_off: bufs.add(i64s(&l.spot_off)),
+            geom: bufs.add(i32s(&l.geom)),
+            x: bufs.add(f64s(x)),
+            model: bufs.add(nan(npix)),
+            chi2: bufs.add(nan(npix)),
+            valid: bufs.add(nan(npix)),
+            ..scalars
         };
+        let pixels = Launch::with_params("chi2_pixels", &cfg, &p, bufs);
         let out = prog.run(&pixels, LAUNCH_TIMEOUT)?;
-        let (model, chi2, valid) = (out.f64s(14), out.f64s(15), out.f64s(16));
-        let project = Launch {
-            kernel: "chi2_project",
-            grid: (
-                dims.slots().div_ceil(PROJECT_THREADS as usize) as u32,
-                npatch as u32,
-                1,
-            ),
-            block: (PROJECT_THREADS, 1, 1),
-            smem: 0,
-            args: vec![
-                int(l.nmax),
-                int(l.nx),
-                int(dims.ncmax),
-                int(dims.nkmax),
-                i32s(&l.patch),
-                i32s(&dims.dims),
-                i64s(&l.win_off),
-                i64s(&l.scr_off),
-                f64s(&l.ivar),
-                f64s(&l.spots),
-                i64s(&l.spot_off),
-                i32s(&l.geom),
-                f64s(&chi2),
-                f64s(&valid),
-                nan(nslot),
-                nan(nslot),
-            ],
+        let (model, chi2, valid) = (
+            out.f64s(at(p.model)),
+            out.f64s(at(p.chi2)),
+            out.f64s(at(p.valid)),
+        );
+        let (cfg, scalars) = project_launch(dims);
+        let mut bufs = Bufs::default();
+        let p = Chi2ProjectParams {
+            patch: bufs.add(i32s(&l.patch)),
+            dims: bufs.add(i32s(&dims.dims)),
+            win_off: bufs.add(i64s(&l.win_off)),
+            scr_off: bufs.add(i64s(&l.scr_off)),
+            ivar: bufs.add(f64s(&l.ivar)),
+            spots: bufs.add(f64s(&l.spots)),
+            spot_off: bufs.add(i64s(&l.spot_off)),
+            geom: bufs.add(i32s(&l.geom)),
+            chi2: bufs.add(f64s(&chi2)),
+            valid: bufs.add(f64s(&valid)),
+            chi2pix: bufs.add(nan(nslot)),
+            pixmask: bufs.add(nan(nslot)),
+            ..scalars
         };
+        let project = Launch::with_params("chi2_project", &cfg, &p, bufs);
         let out = prog.run(&project, LAUNCH_TIMEOUT)?;
         Ok(HostChi2 {
             model,
             chi2,
             valid,
-            chi2pix: out.f64s(14),
-            pixmask: out.f64s(15),
+            chi2pix: out.f64s(at(p.chi2pix)),
+            pixmask: out.f64s(at(p.pixmask)),
         })
     }
 
@@ -998,41 +1090,41 @@ mod decorrelate_cu {
     //! decorrelate.cu against `decorrelate::twin`, which means to give the kernel's bits (the
     //! same rotations in the same order, the same fma and rounding, the same per-thread sums).
     use super::super::decorrelate::{
-        twin, twin_eigen, Block, DecorrLayout, HostDecorr, Status, MAX_SWEEPS, THREADS,
+        launch_config, twin, twin_eigen, Block, DecorrLayout, DecorrelateEigenParams,
+        DecorrelateParams, HostDecorr, Status, MAX_SWEEPS,
     };
     use super::*;
     use crate::extract::cpu::lapack::{syevd, SyevdWork};
 
-    /// The last five arguments of both kernels, poisoned: flux, fluxivar, resolution (NaN),
-    /// status and sweeps (-1).
-    fn poisoned_outputs(l: &DecorrLayout) -> [Arg; 5] {
+    /// The five outputs of both kernels, poisoned: flux, fluxivar, resolution (NaN), status
+    /// and sweeps (-1); their addresses in that order.
+    fn poisoned_outputs(l: &DecorrLayout, bufs: &mut Bufs) -> [u64; 5] {
         let (nb, ncol, nd2) = (l.nblock, l.ncol, l.nd2);
         [
-            nan(nb * ncol),
-            nan(nb * ncol),
-            nan(nb * nd2 * ncol),
-            i32s(&vec![-1; nb]),
-            i32s(&vec![-1; nb]),
+            bufs.add(nan(nb * ncol)),
+            bufs.add(nan(nb * ncol)),
+            bufs.add(nan(nb * nd2 * ncol)),
+            bufs.add(i32s(&vec![-1; nb])),
+            bufs.add(i32s(&vec![-1; nb])),
         ]
     }
 
-    /// Those five arguments as the kernel left them (arguments 9 to 13 of both).
-    fn outputs(out: &Out, l: &DecorrLayout) -> HostDecorr {
+    /// Those five outputs (addresses `o`) as the kernel left them.
+    fn outputs(out: &Out, l: &DecorrLayout, o: [u64; 5]) -> HostDecorr {
         HostDecorr {
             nblock: l.nblock,
             ncol: l.ncol,
             nd2: l.nd2,
-            flux: out.f64s(9),
-            fluxivar: out.f64s(10),
-            resolution: out.f64s(11),
-            status: out.i32s(12),
-            sweeps: out.i32s(13),
+            flux: out.f64s(at(o[0])),
+            fluxivar: out.f64s(at(o[1])),
+            resolution: out.f64s(at(o[2])),
+            status: out.i32s(at(o[3])),
+            sweeps: out.i32s(at(o[4])),
         }
     }
 
-    /// The kernel as `decorrelate::decorrelate_into` launches it: one block of THREADS per
-    /// covariance block, `smem_bytes(ld)` of dynamic shared memory; outputs poisoned (NaN,
-    /// status and sweeps -1).
+    /// The kernel as `decorrelate::decorrelate_into` launches it (`launch_config`); outputs
+    /// poisoned (NaN, status and sweeps -1).
     fn run(
         prog: &Program,
         l: &DecorrLayout,
@@ -1040,28 +1132,32 @@ mod decorrelate_cu {
         x: &[f64],
         max_sweeps: u32,
     ) -> Result<HostDecorr, String> {
-        let (nb, ncol, nd2) = (l.nblock, l.ncol, l.nd2);
-        let launch = Launch {
-            kernel: "decorrelate",
-            grid: (nb as u32, 1, 1),
-            block: (THREADS, 1, 1),
-            smem: l.smem_bytes(),
-            args: vec![
-                int(l.ld),
-                int(ncol),
-                int(nd2),
-                int(max_sweeps as usize),
-                i32s(&l.params),
-                i64s(&l.offs),
-                f64s(cov),
-                f64s(x),
-                f64s(&l.basis),
-            ]
-            .into_iter()
-            .chain(poisoned_outputs(l))
-            .collect(),
+        let mut bufs = Bufs::default();
+        let (params, offs) = (bufs.add(i32s(&l.params)), bufs.add(i64s(&l.offs)));
+        let (cov, x, basis) = (
+            bufs.add(f64s(cov)),
+            bufs.add(f64s(x)),
+            bufs.add(f64s(&l.basis)),
+        );
+        let o = poisoned_outputs(l, &mut bufs);
+        let p = DecorrelateParams {
+            ld: l.ld as i32,
+            ncol: l.ncol as i32,
+            nd2: l.nd2 as i32,
+            max_sweeps: max_sweeps as i32,
+            params,
+            offs,
+            cov,
+            x,
+            basis,
+            flux: o[0],
+            fluxivar: o[1],
+            resolution: o[2],
+            status: o[3],
+            sweeps: o[4],
         };
-        Ok(outputs(&prog.run(&launch, LAUNCH_TIMEOUT)?, l))
+        let launch = Launch::with_params("decorrelate", &launch_config(l), &p, bufs);
+        Ok(outputs(&prog.run(&launch, LAUNCH_TIMEOUT)?, l, o))
     }
 
     /// `decorrelate_eigen` as `decorrelate::decorrelate_eigen_into` launches it, from the
@@ -1074,28 +1170,34 @@ mod decorrelate_cu {
         einfo: &[i32],
         x: &[f64],
     ) -> Result<HostDecorr, String> {
-        let (nb, ncol, nd2) = (l.nblock, l.ncol, l.nd2);
-        let launch = Launch {
-            kernel: "decorrelate_eigen",
-            grid: (nb as u32, 1, 1),
-            block: (THREADS, 1, 1),
-            smem: l.smem_bytes(),
-            args: vec![
-                int(l.ld),
-                int(ncol),
-                int(nd2),
-                i32s(&l.params),
-                i64s(&l.offs),
-                f64s(evec),
-                f64s(eval),
-                i32s(einfo),
-                f64s(x),
-            ]
-            .into_iter()
-            .chain(poisoned_outputs(l))
-            .collect(),
+        let mut bufs = Bufs::default();
+        let (params, offs) = (bufs.add(i32s(&l.params)), bufs.add(i64s(&l.offs)));
+        let (evec, eval, einfo, x) = (
+            bufs.add(f64s(evec)),
+            bufs.add(f64s(eval)),
+            bufs.add(i32s(einfo)),
+            bufs.add(f64s(x)),
+        );
+        let o = poisoned_outputs(l, &mut bufs);
+        let p = DecorrelateEigenParams {
+            ld: l.ld as i32,
+            ncol: l.ncol as i32,
+            nd2: l.nd2 as i32,
+            params,
+            offs,
+            evec,
+            eval,
+            einfo,
+            x,
+            flux: o[0],
+            fluxivar: o[1],
+            resolution: o[2],
+            status: o[3],
+            sweeps: o[4],
+            ..DecorrelateEigenParams::default()
         };
-        Ok(outputs(&prog.run(&launch, LAUNCH_TIMEOUT)?, l))
+        let launch = Launch::with_params("decorrelate_eigen", &launch_config(l), &p, bufs);
+        Ok(outputs(&prog.run(&launch, LAUNCH_TIMEOUT)?, l, o))
     }
 
     /// An AR(1) covariance of neighbouring bins with a smooth σ and a small symmetric
@@ -1302,7 +1404,7 @@ mod spots_cu {
     //! of each spot's peak (the emulation's erf is glibc's, the twin's the `libm` crate's; the
     //! exp is glibc's on both sides, and -ffp-contract=off keeps the kernel's unfused
     //! expressions as the twin writes them).
-    use super::super::spots::{flatten, launch_config, twin, SpotInputs};
+    use super::super::spots::{flatten, launch_config, twin, SpotInputs, SpotsParams};
     use super::*;
     use crate::psf::synth::{synthetic_psf, SynthPsfOptions};
     use crate::psf::SpotSet;
@@ -1312,41 +1414,28 @@ mod spots_cu {
         let sh = &inp.shape;
         let n = sh.nspot();
         let (cfg, stride) = launch_config(sh).map_err(|e| e.to_string())?;
-        let launch = Launch {
-            kernel: "spots",
-            grid: cfg.grid_dim,
-            block: cfg.block_dim,
-            smem: cfg.shared_mem_bytes as usize,
-            args: vec![
-                f64s(&inp.xtrace),
-                int(sh.ncx),
-                f64s(&inp.ytrace),
-                int(sh.ncy),
-                f64s(&inp.params),
-                int(sh.ncp),
-                f64s(&inp.ranges),
-                f64s(&inp.waves),
-                int(sh.nfiber),
-                int(sh.nwave),
-                int(sh.hsizex),
-                int(sh.hsizey),
-                int(sh.ghdegx),
-                int(sh.ghdegy),
-                int(stride),
-                nan(n * sh.ny() * sh.nx()),
-                i64s(&vec![i64::MIN; n]),
-                i64s(&vec![i64::MIN; n]),
-                nan(n),
-                nan(n),
-            ],
+        let mut bufs = Bufs::default();
+        let p = SpotsParams {
+            xtrace: bufs.add(f64s(&inp.xtrace)),
+            ytrace: bufs.add(f64s(&inp.ytrace)),
+            params: bufs.add(f64s(&inp.params)),
+            ranges: bufs.add(f64s(&inp.ranges)),
+            waves: bufs.add(f64s(&inp.waves)),
+            values: bufs.add(nan(n * sh.ny() * sh.nx())),
+            xc: bufs.add(i64s(&vec![i64::MIN; n])),
+            yc: bufs.add(i64s(&vec![i64::MIN; n])),
+            xs: bufs.add(nan(n)),
+            ys: bufs.add(nan(n)),
+            ..SpotsParams::sizes(sh, stride)
         };
+        let launch = Launch::with_params("spots", &cfg, &p, bufs);
         let out = prog.run(&launch, LAUNCH_TIMEOUT)?;
         let mut set = twin(inp);
-        set.values = out.f64s(15);
-        set.xc = out.i64s(16);
-        set.yc = out.i64s(17);
-        set.x = out.f64s(18);
-        set.y = out.f64s(19);
+        set.values = out.f64s(at(p.values));
+        set.xc = out.i64s(at(p.xc));
+        set.yc = out.i64s(at(p.yc));
+        set.x = out.f64s(at(p.xs));
+        set.y = out.f64s(at(p.ys));
         Ok(set)
     }
 
@@ -1422,8 +1511,9 @@ mod unit_cu {
     //! unit.cu against `unit::twin`, bit for bit, on a chunk whose blocks include a patch that
     //! did not factor and a block that did not decorrelate (both left alone), a short last
     //! patch, and unit cells that no block covers (left as they were: NaN here).
-    use super::super::unit::{twin, HostChunk, UnitShape, SCATTER_THREADS};
+    use super::super::unit::{twin, HostChunk, UnitShape};
     use super::*;
+    use crate::extract::gpu::unit::{scatter_config, UnitScatterParams};
 
     #[test]
     fn unit_cu_matches_its_twin_bit_for_bit() {
@@ -1463,33 +1553,31 @@ mod unit_cu {
             random(npatch * ncmax * nkmax),
         );
         let lens = shape.part_lens();
-        let l = Launch {
-            kernel: "unit_scatter",
-            grid: (nblock as u32, 1, 1),
-            block: (SCATTER_THREADS, 1, 1),
-            smem: 0,
-            args: vec![
-                int(nblock),
-                int(ncol),
-                int(nd2),
-                int(shape.nwave),
-                int(ncmax),
-                int(nkmax),
-                i32s(&place),
-                i32s(&info),
-                i32s(&status),
-                f64s(&flux),
-                f64s(&fluxivar),
-                f64s(&resolution),
-                f64s(&chi2pix),
-                f64s(&pixmask),
-                nan(lens[0]),
-                nan(lens[1]),
-                nan(lens[2]),
-                nan(lens[3]),
-                nan(lens[4]),
-            ],
+        let mut bufs = Bufs::default();
+        let as_i32 = |v: usize| i32::try_from(v).unwrap();
+        let params = UnitScatterParams {
+            nblock: as_i32(nblock),
+            ncol: as_i32(ncol),
+            nd2: as_i32(nd2),
+            nwave: as_i32(shape.nwave),
+            ncmax: as_i32(ncmax),
+            nkmax: as_i32(nkmax),
+            place: bufs.add(i32s(&place)),
+            info: bufs.add(i32s(&info)),
+            status: bufs.add(i32s(&status)),
+            flux: bufs.add(f64s(&flux)),
+            fluxivar: bufs.add(f64s(&fluxivar)),
+            resolution: bufs.add(f64s(&resolution)),
+            chi2pix: bufs.add(f64s(&chi2pix)),
+            pixmask: bufs.add(f64s(&pixmask)),
+            u_flux: bufs.add(nan(lens[0])),
+            u_ivar: bufs.add(nan(lens[1])),
+            u_resolution: bufs.add(nan(lens[2])),
+            u_chi2pix: bufs.add(nan(lens[3])),
+            u_pixmask: bufs.add(nan(lens[4])),
         };
+        let cfg = scatter_config(nblock);
+        let l = Launch::with_params("unit_scatter", &cfg, &params, bufs);
         let out = prog.run(&l, LAUNCH_TIMEOUT).unwrap();
         let chunk = HostChunk {
             info: &info,
@@ -1507,8 +1595,15 @@ mod unit_cu {
         twin(&place, &chunk, &shape, &mut want);
         let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         let mut written = 0;
+        let written_to = [
+            params.u_flux,
+            params.u_ivar,
+            params.u_resolution,
+            params.u_chi2pix,
+            params.u_pixmask,
+        ];
         for (i, w) in want.iter().enumerate() {
-            let got = out.f64s(14 + i);
+            let got = out.f64s(at(written_to[i]));
             assert_eq!(bits(&got), bits(w), "array {i}");
             written += w.iter().filter(|v| !v.is_nan()).count();
         }
