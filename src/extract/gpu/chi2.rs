@@ -22,7 +22,7 @@
 
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 
-use super::launch::{kernel_params, Guards};
+use super::launch::{self, kernel_params, Guards};
 
 use super::device::Gpu;
 use super::normal::{BatchLayout, LayoutBuffers};
@@ -157,20 +157,18 @@ impl Chi2Layout {
             let nstep = p.nwavetot.checked_sub(2 * p.wavepad);
             match nstep {
                 Some(nstep) if core0 + p.nspec <= p.nspecpad && p.nwave_keep <= nstep => {
-                    // Every value is ≤ n ≤ nmax, which BatchLayout checked fits i32.
-                    dims.extend(
-                        [
-                            p.nspecpad,
-                            p.nwavetot,
-                            core0,
-                            p.nspec,
-                            p.wavepad,
-                            p.nwave_keep,
-                            nstep,
-                            0,
-                        ]
-                        .map(|v| v as i32),
-                    );
+                    for v in [
+                        p.nspecpad,
+                        p.nwavetot,
+                        core0,
+                        p.nspec,
+                        p.wavepad,
+                        p.nwave_keep,
+                        nstep,
+                        0,
+                    ] {
+                        dims.push(launch::int(v, "a patch's size")?);
+                    }
                 }
                 _ => {
                     return Err(bad(format!(
@@ -330,44 +328,52 @@ fn check_shapes(buf: &LayoutBuffers<'_>, dims: &Chi2Layout) -> Result<usize, Gpu
 
 /// `chi2_pixels`' launch for `dims` (a block per row tile and patch, the unknowns staged in
 /// [`Chi2Layout::smem`] bytes of shared memory) and its scalar parameters, addresses left 0.
-pub fn pixels_launch(dims: &Chi2Layout, psferr: f64) -> (LaunchConfig, Chi2PixelsParams) {
+pub fn pixels_launch(
+    dims: &Chi2Layout,
+    psferr: f64,
+) -> Result<(LaunchConfig, Chi2PixelsParams), GpuError> {
     let cfg = LaunchConfig {
-        grid_dim: (dims.tiles() as u32, dims.npatch as u32, 1),
+        grid_dim: (
+            launch::dim(dims.tiles(), "row tiles")?,
+            launch::dim(dims.npatch, "patches")?,
+            1,
+        ),
         block_dim: (PIXEL_THREADS, 1, 1),
-        shared_mem_bytes: dims.smem() as u32,
+        shared_mem_bytes: launch::dim(dims.smem(), "shared memory")?,
     };
-    // All fit i32: nmax and ny·nx by BatchLayout::new.
     let p = Chi2PixelsParams {
-        tile_rows: TILE_ROWS as i32,
-        nmax: dims.nmax as i32,
-        nx: dims.nx as i32,
+        tile_rows: launch::int(TILE_ROWS, "tile rows")?,
+        nmax: launch::int(dims.nmax, "unknowns")?,
+        nx: launch::int(dims.nx, "spot width")?,
         psferr,
         ..Chi2PixelsParams::default()
     };
-    (cfg, p)
+    Ok((cfg, p))
 }
 
 /// `chi2_project`'s launch for `dims` (a thread per output slot, a grid row per patch) and
 /// its scalar parameters, addresses left 0.
-pub fn project_launch(dims: &Chi2Layout) -> (LaunchConfig, Chi2ProjectParams) {
+pub fn project_launch(dims: &Chi2Layout) -> Result<(LaunchConfig, Chi2ProjectParams), GpuError> {
     let cfg = LaunchConfig {
         grid_dim: (
-            dims.slots().div_ceil(PROJECT_THREADS as usize) as u32,
-            dims.npatch as u32,
+            launch::dim(
+                dims.slots().div_ceil(PROJECT_THREADS as usize),
+                "slot blocks",
+            )?,
+            launch::dim(dims.npatch, "patches")?,
             1,
         ),
         block_dim: (PROJECT_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
-    // All fit i32: nmax and nx by BatchLayout::new, the slot count by Chi2Layout::new.
     let p = Chi2ProjectParams {
-        nmax: dims.nmax as i32,
-        nx: dims.nx as i32,
-        ncmax: dims.ncmax as i32,
-        nkmax: dims.nkmax as i32,
+        nmax: launch::int(dims.nmax, "unknowns")?,
+        nx: launch::int(dims.nx, "spot width")?,
+        ncmax: launch::int(dims.ncmax, "core fibers")?,
+        nkmax: launch::int(dims.nkmax, "kept bins")?,
         ..Chi2ProjectParams::default()
     };
-    (cfg, p)
+    Ok((cfg, p))
 }
 
 /// Queues `chi2_pixels` then `chi2_project` for the batch of `buf` with solutions `x`
@@ -401,7 +407,7 @@ pub fn launch(
     let dims_d = gpu
         .upload(&dims.dims)
         .map_err(cuda("uploading patch dims"))?;
-    let (cfg, scalars) = pixels_launch(dims, psferr);
+    let (cfg, scalars) = pixels_launch(dims, psferr)?;
     debug_assert_eq!(cfg.shared_mem_bytes as usize, smem);
     let mut g = Guards::default();
     let params = Chi2PixelsParams {
@@ -442,7 +448,7 @@ pub fn launch(
     // The guards record the events of chi2_pixels' launch before chi2_project's are taken.
     drop(g);
 
-    let (cfg, scalars) = project_launch(dims);
+    let (cfg, scalars) = project_launch(dims)?;
     let mut g = Guards::default();
     let params = Chi2ProjectParams {
         patch: g.read(buf.patch, st),

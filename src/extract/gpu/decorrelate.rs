@@ -26,7 +26,7 @@
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute_enum};
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 
-use super::launch::{kernel_params, Guards};
+use super::launch::{self, kernel_params, Guards};
 
 use super::device::Gpu;
 use super::solve::{EigenBatch, Solver};
@@ -254,12 +254,11 @@ impl DecorrLayout {
             let cov_end = k.cov_off + (k.n - 1) * k.cov_ld + k.n;
             out.cov_need = out.cov_need.max(cov_end);
             out.x_need = out.x_need.max(k.x_off + k.n);
-            out.params.extend(
-                [
-                    k.n, k.cov_ld, k.row_lo, k.row_hi, k.wavepad, k.nstep, k.nkeep, k.ndiag,
-                ]
-                .map(|v| v as i32),
-            );
+            for v in [
+                k.n, k.cov_ld, k.row_lo, k.row_hi, k.wavepad, k.nstep, k.nkeep, k.ndiag,
+            ] {
+                out.params.push(launch::int(v, "a block's size")?);
+            }
             let off = |v: usize| i64::try_from(v).map_err(|_| bad(format!("block {b}: offset")));
             out.offs.push(off(k.cov_off)?);
             out.offs.push(off(k.x_off)?);
@@ -287,7 +286,8 @@ impl DecorrLayout {
     pub fn slots(&self) -> Result<(usize, usize), GpuError> {
         // params[NPARAM·b + 1] is block b's cov_ld, offs[3b] its cov_off (`new`).
         let cov_ld = |b: usize| self.params[NPARAM * b + 1] as usize;
-        let cov_off = |b: usize| self.offs[3 * b] as usize;
+        // Offsets were made from usizes (`new`): they convert back.
+        let cov_off = |b: usize| usize::try_from(self.offs[3 * b]).unwrap_or(usize::MAX);
         let l = cov_ld(0);
         let mut need = 0;
         for b in 0..self.nblock {
@@ -547,12 +547,12 @@ kernel_params! {
 
 /// Both kernels' launch for `layout`: one block of [`THREADS`] per covariance block, with
 /// [`DecorrLayout::smem_bytes`] of dynamic shared memory.
-pub fn launch_config(layout: &DecorrLayout) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (layout.nblock as u32, 1, 1),
+pub fn launch_config(layout: &DecorrLayout) -> Result<LaunchConfig, GpuError> {
+    Ok(LaunchConfig {
+        grid_dim: (launch::dim(layout.nblock, "covariance blocks")?, 1, 1),
         block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: layout.smem_bytes() as u32,
-    }
+        shared_mem_bytes: launch::dim(layout.smem_bytes(), "shared memory")?,
+    })
 }
 
 /// Decorrelates the blocks of `layout` on `gpu` from the device buffers `cov` and `x` (the
@@ -771,12 +771,11 @@ fn prepare_launch(
             layout.ld, kernels.max_dynamic_smem
         )));
     }
-    // DecorrLayout::new checked that ld (via smem_bytes), ncol, nd2 and nblock fit i32.
     Ok(LaunchArgs {
-        cfg: launch_config(layout),
-        ld_i: layout.ld as i32,
-        ncol_i: ncol as i32,
-        nd2_i: nd2 as i32,
+        cfg: launch_config(layout)?,
+        ld_i: launch::int(layout.ld, "block side")?,
+        ncol_i: launch::int(ncol, "block columns")?,
+        nd2_i: launch::int(nd2, "resolution diagonals")?,
         params: gpu
             .upload(&layout.params)
             .map_err(cuda("uploading block parameters"))?,

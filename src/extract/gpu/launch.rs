@@ -10,6 +10,18 @@
 
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, SyncOnDrop};
 
+use super::GpuError;
+
+/// `v` as a kernel's `int` parameter, or an error naming what it counts.
+pub fn int(v: usize, what: &str) -> Result<i32, GpuError> {
+    i32::try_from(v).map_err(|_| GpuError::Kernel(format!("{what}: {v} overflows a kernel's int")))
+}
+
+/// `v` as a grid dimension or a shared-memory size (CUDA's `unsigned int`).
+pub fn dim(v: usize, what: &str) -> Result<u32, GpuError> {
+    u32::try_from(v).map_err(|_| GpuError::Kernel(format!("{what}: {v} overflows a launch size")))
+}
+
 /// A kernel's parameter struct: its name in `kernels/params.cuh` and its fields (name, offset,
 /// size), in declaration order.
 pub trait KernelParams: DeviceRepr + Copy {

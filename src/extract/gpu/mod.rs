@@ -16,6 +16,10 @@
 //! Verified on an NVIDIA H200 (BENCHMARKS.md, "Issue 9"): the device tests, and whole frames
 //! against the CPU backend and gpu_specter.
 
+// Counts cross into CUDA here (grid sizes, kernels' `int`s): `launch::int`/`launch::dim`
+// (`try_from`), never `as`.
+#![deny(clippy::cast_possible_truncation)]
+
 pub mod backend;
 pub mod chi2;
 pub mod decorrelate;

@@ -18,7 +18,7 @@ use std::collections::HashMap;
 
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 
-use super::launch::{kernel_params, Guards};
+use super::launch::{self, kernel_params, Guards};
 
 use super::device::Gpu;
 use super::GpuError;
@@ -339,8 +339,9 @@ impl BatchLayout {
                 return Err(bad(format!("a row stride of {ld} overflows i32")));
             }
             let p = &inp.patch;
-            out.patch
-                .extend([p.nunknown() as i32, wny as i32, wnx as i32, ld as i32]);
+            for v in [p.nunknown(), wny, wnx, ld] {
+                out.patch.push(launch::int(v, "a patch's size")?);
+            }
             out.scr_off.push(out.npix as i64);
             out.npix += wny * wnx;
             let set = s as *const crate::psf::SpotSet as usize;
@@ -368,11 +369,15 @@ impl BatchLayout {
                     let iy0 = (-row0).clamp(0, sny);
                     let iy1 = (nyw - row0).clamp(0, sny);
                     let slot = b * nmax + u;
+                    let int = |v: i64| {
+                        i32::try_from(v)
+                            .map_err(|_| bad(format!("patch {b}: spot {u} at {v} overflows i32")))
+                    };
                     out.geom[4 * slot..4 * slot + 4].copy_from_slice(&[
-                        row0 as i32,
-                        col0 as i32,
-                        iy0 as i32,
-                        iy1 as i32,
+                        int(row0)?,
+                        int(col0)?,
+                        int(iy0)?,
+                        int(iy1)?,
                     ]);
                     out.spot_off[slot] = if spots_resident {
                         (i * nps) as i64
@@ -701,22 +706,31 @@ kernel_params! {
 
 /// `normal_dense`'s launch: a block of [`DENSE_THREADS`] per unknown slot and patch, with an
 /// `ny × nx` spot of doubles in dynamic shared memory.
-pub fn dense_config(npatch: usize, nmax: usize, ny: usize, nx: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (nmax as u32, npatch as u32, 1),
+pub fn dense_config(
+    npatch: usize,
+    nmax: usize,
+    ny: usize,
+    nx: usize,
+) -> Result<LaunchConfig, GpuError> {
+    Ok(LaunchConfig {
+        grid_dim: (
+            launch::dim(nmax, "unknowns")?,
+            launch::dim(npatch, "patches")?,
+            1,
+        ),
         block_dim: (DENSE_THREADS, 1, 1),
-        shared_mem_bytes: (ny * nx * std::mem::size_of::<f64>()) as u32,
-    }
+        shared_mem_bytes: launch::dim(ny * nx * std::mem::size_of::<f64>(), "shared memory")?,
+    })
 }
 
 /// `normal_regularize`'s launch: a block of exactly [`REG_THREADS`] (its static reduction
 /// array's size) per patch.
-pub fn regularize_config(npatch: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (npatch as u32, 1, 1),
+pub fn regularize_config(npatch: usize) -> Result<LaunchConfig, GpuError> {
+    Ok(LaunchConfig {
+        grid_dim: (launch::dim(npatch, "patches")?, 1, 1),
         block_dim: (REG_THREADS, 1, 1),
         shared_mem_bytes: 0,
-    }
+    })
 }
 
 /// The normal equations of an uploaded layout into existing buffers (a pipeline reuses them from batch
@@ -755,10 +769,13 @@ pub fn build_into(
     }
     out.n = buf.n.clone();
     let st = &gpu.stream;
-    // Checked by BatchLayout::with_resident (nmax, ny·nx fit i32).
-    let (nmax_i, ny_i, nx_i) = (nmax as i32, buf.ny as i32, buf.nx as i32);
+    let (nmax_i, ny_i, nx_i) = (
+        launch::int(nmax, "unknowns")?,
+        launch::int(buf.ny, "spot height")?,
+        launch::int(buf.nx, "spot width")?,
+    );
 
-    let cfg = dense_config(npatch, nmax, buf.ny, buf.nx);
+    let cfg = dense_config(npatch, nmax, buf.ny, buf.nx)?;
     debug_assert_eq!(cfg.shared_mem_bytes as usize, smem);
     let mut g = Guards::default();
     let args = NormalDenseParams {
@@ -808,6 +825,7 @@ pub fn build_into(
     };
     let mut launch = st.launch_builder(&kernels.regularize);
     launch.arg(&args);
+    let cfg = regularize_config(npatch)?;
     // SAFETY: NormalRegularizeParams is normal_regularize's one parameter (kernels/params.cuh,
     // layout tested), its addresses those of live buffers whose guards (`g`) outlive the
     // launch: int nmax (i32), patch
@@ -816,8 +834,7 @@ pub fn build_into(
     // of the kernel's static reduction array; it touches atw1[b·nmax + u] and the diagonal
     // (b·nmax + u)·nmax + u for u < n_b ≤ nmax, inside the buffers checked above. Same stream
     // as normal_dense, so it runs after the AᵀW1 it reads is written.
-    unsafe { launch.launch(regularize_config(npatch)) }
-        .map_err(cuda("launching normal_regularize"))?;
+    unsafe { launch.launch(cfg) }.map_err(cuda("launching normal_regularize"))?;
     drop(g);
     Ok(())
 }

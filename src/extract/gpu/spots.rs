@@ -6,7 +6,7 @@
 
 use cudarc::driver::{CudaFunction, CudaSlice, DriverError, LaunchConfig, PushKernelArg};
 
-use super::launch::{kernel_params, Guards};
+use super::launch::{self, kernel_params, Guards};
 
 use super::device::Gpu;
 use super::GpuError;
@@ -229,22 +229,21 @@ kernel_params! {
 
 impl SpotsParams {
     /// The sizes of `shape` and the per-warp `stride` (from [`launch_config`]), addresses 0.
-    pub fn sizes(shape: &SpotShape, stride: usize) -> SpotsParams {
-        // Every count is ≤ what `Psf::validate` and `launch_config` accept (≤ 2³¹ - 1).
-        let int = |v: usize| v as i32;
-        SpotsParams {
-            ncx: int(shape.ncx),
-            ncy: int(shape.ncy),
-            ncp: int(shape.ncp),
-            nfiber: int(shape.nfiber),
-            nwave: int(shape.nwave),
-            hsizex: int(shape.hsizex),
-            hsizey: int(shape.hsizey),
-            ghdegx: int(shape.ghdegx),
-            ghdegy: int(shape.ghdegy),
-            warp_stride: int(stride),
+    pub fn sizes(shape: &SpotShape, stride: usize) -> Result<SpotsParams, GpuError> {
+        let int = |v: usize, what: &str| launch::int(v, what);
+        Ok(SpotsParams {
+            ncx: int(shape.ncx, "x coefficients")?,
+            ncy: int(shape.ncy, "y coefficients")?,
+            ncp: int(shape.ncp, "Legendre coefficients")?,
+            nfiber: int(shape.nfiber, "fibers")?,
+            nwave: int(shape.nwave, "wavelengths")?,
+            hsizex: int(shape.hsizex, "HSIZEX")?,
+            hsizey: int(shape.hsizey, "HSIZEY")?,
+            ghdegx: int(shape.ghdegx, "GHDEGX")?,
+            ghdegy: int(shape.ghdegy, "GHDEGY")?,
+            warp_stride: int(stride, "warp stride")?,
             ..SpotsParams::default()
-        }
+        })
     }
 }
 
@@ -273,9 +272,9 @@ pub fn launch_config(shape: &SpotShape) -> Result<(LaunchConfig, usize), GpuErro
     }
     Ok((
         LaunchConfig {
-            grid_dim: (blocks as u32, 1, 1),
-            block_dim: ((warps * WARP) as u32, 1, 1),
-            shared_mem_bytes: (warps * per_warp) as u32,
+            grid_dim: (launch::dim(blocks, "spot blocks")?, 1, 1),
+            block_dim: (launch::dim(warps * WARP, "threads")?, 1, 1),
+            shared_mem_bytes: launch::dim(warps * per_warp, "shared memory")?,
         },
         layout.size,
     ))
@@ -452,6 +451,7 @@ impl SpotsKernel {
             return Ok(());
         }
         let (cfg, stride) = launch_config(sh)?;
+        let sizes = SpotsParams::sizes(sh, stride)?;
         let st = &gpu.stream;
         let mut g = Guards::default();
         let args = SpotsParams {
@@ -465,7 +465,7 @@ impl SpotsKernel {
             yc: g.write(&mut out.yc, st),
             xs: g.write(&mut out.x, st),
             ys: g.write(&mut out.y, st),
-            ..SpotsParams::sizes(sh, stride)
+            ..sizes
         };
         let mut b = st.launch_builder(&self.func);
         b.arg(&args);

@@ -8,7 +8,7 @@
 
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 
-use super::launch::{kernel_params, Guards};
+use super::launch::{self, kernel_params, Guards};
 
 use super::chi2::{Chi2Batch, Chi2Layout};
 use super::decorrelate::DecorrBatch;
@@ -48,12 +48,12 @@ kernel_params! {
 }
 
 /// `unit_scatter`'s launch: one block of [`SCATTER_THREADS`] per decorrelation block.
-pub fn scatter_config(nblock: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (nblock as u32, 1, 1),
+pub fn scatter_config(nblock: usize) -> Result<LaunchConfig, GpuError> {
+    Ok(LaunchConfig {
+        grid_dim: (launch::dim(nblock, "decorrelation blocks")?, 1, 1),
         block_dim: (SCATTER_THREADS, 1, 1),
         shared_mem_bytes: 0,
-    }
+    })
 }
 
 fn bad(msg: String) -> GpuError {
@@ -341,6 +341,7 @@ pub fn scatter(
     };
     let mut l = st.launch_builder(&kernels.scatter);
     l.arg(&params);
+    let cfg = scatter_config(nblock)?;
     // SAFETY: UnitScatterParams is the kernel's one parameter (params.cuh, layout tested), its
     // addresses those of live buffers whose guards (`g`) outlive the launch: place (i32,
     // 5·nblock), info (i32, npatch), status (i32, nblock); flux, fluxivar (f64, nblock·ncol),
@@ -349,7 +350,7 @@ pub fn scatter(
     // b < npatch, status[k]; for j < nk ≤ min(ncol, nkmax) it reads d[k·ncol + j], slot
     // (b·ncmax + c)·nkmax + j with c < ncmax, and writes row·nwave + w0 + j with row < nspec,
     // w0 + nk ≤ nwave (all checked above), and the resolution likewise with e < nd2.
-    unsafe { l.launch(scatter_config(nblock)) }.map_err(cuda("launching unit_scatter"))?;
+    unsafe { l.launch(cfg) }.map_err(cuda("launching unit_scatter"))?;
     // The guards record the read and write events now that the launch is queued.
     drop(g);
     // place_d drops here: freed in stream order, after the kernel.

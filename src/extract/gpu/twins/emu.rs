@@ -810,7 +810,7 @@ mod normal_cu {
             atp: bufs.add(nan(npatch * nmax)),
             atw1: bufs.add(nan(npatch * nmax)),
         };
-        let cfg = dense_config(npatch, nmax, l.ny, l.nx);
+        let cfg = dense_config(npatch, nmax, l.ny, l.nx).unwrap();
         let out = prog.run(
             &Launch::with_params("normal_dense", &cfg, &p, bufs),
             LAUNCH_TIMEOUT,
@@ -826,8 +826,12 @@ mod normal_cu {
             epsilon: eps,
             ata: bufs.add(f64s(&out.f64s(at(p.ata)))),
         };
-        let regularize =
-            Launch::with_params("normal_regularize", &regularize_config(npatch), &p, bufs);
+        let regularize = Launch::with_params(
+            "normal_regularize",
+            &regularize_config(npatch).unwrap(),
+            &p,
+            bufs,
+        );
         let out = prog.run(&regularize, LAUNCH_TIMEOUT)?;
         Ok(HostDense {
             npatch,
@@ -911,7 +915,7 @@ mod chi2_cu {
         psferr: f64,
     ) -> Result<HostChi2, String> {
         let (npix, nslot) = (dims.npix, dims.npatch * dims.slots());
-        let (cfg, scalars) = pixels_launch(dims, psferr);
+        let (cfg, scalars) = pixels_launch(dims, psferr).unwrap();
         let mut bufs = Bufs::default();
         let p = Chi2PixelsParams {
             patch: bufs.add(i32s(&l.patch)),
@@ -936,7 +940,7 @@ mod chi2_cu {
             out.f64s(at(p.chi2)),
             out.f64s(at(p.valid)),
         );
-        let (cfg, scalars) = project_launch(dims);
+        let (cfg, scalars) = project_launch(dims).unwrap();
         let mut bufs = Bufs::default();
         let p = Chi2ProjectParams {
             patch: bufs.add(i32s(&l.patch)),
@@ -1156,7 +1160,7 @@ mod decorrelate_cu {
             status: o[3],
             sweeps: o[4],
         };
-        let launch = Launch::with_params("decorrelate", &launch_config(l), &p, bufs);
+        let launch = Launch::with_params("decorrelate", &launch_config(l).unwrap(), &p, bufs);
         Ok(outputs(&prog.run(&launch, LAUNCH_TIMEOUT)?, l, o))
     }
 
@@ -1196,7 +1200,7 @@ mod decorrelate_cu {
             sweeps: o[4],
             ..DecorrelateEigenParams::default()
         };
-        let launch = Launch::with_params("decorrelate_eigen", &launch_config(l), &p, bufs);
+        let launch = Launch::with_params("decorrelate_eigen", &launch_config(l).unwrap(), &p, bufs);
         Ok(outputs(&prog.run(&launch, LAUNCH_TIMEOUT)?, l, o))
     }
 
@@ -1426,7 +1430,7 @@ mod spots_cu {
             yc: bufs.add(i64s(&vec![i64::MIN; n])),
             xs: bufs.add(nan(n)),
             ys: bufs.add(nan(n)),
-            ..SpotsParams::sizes(sh, stride)
+            ..SpotsParams::sizes(sh, stride).unwrap()
         };
         let launch = Launch::with_params("spots", &cfg, &p, bufs);
         let out = prog.run(&launch, LAUNCH_TIMEOUT)?;
@@ -1576,7 +1580,7 @@ mod unit_cu {
             u_chi2pix: bufs.add(nan(lens[3])),
             u_pixmask: bufs.add(nan(lens[4])),
         };
-        let cfg = scatter_config(nblock);
+        let cfg = scatter_config(nblock).unwrap();
         let l = Launch::with_params("unit_scatter", &cfg, &params, bufs);
         let out = prog.run(&l, LAUNCH_TIMEOUT).unwrap();
         let chunk = HostChunk {
