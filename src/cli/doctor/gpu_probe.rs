@@ -40,8 +40,8 @@ pub(super) fn probe_gpus() -> GpuProbe {
 }
 
 /// [`device::probe`]'s answer as a [`GpuProbe`]; `libs` is asked only when there are devices.
-/// The probe tells "no GPU" apart from a failing driver only in its message: the driver's
-/// CUDA_ERROR_NO_DEVICE, or a count of none.
+/// The probe says "no GPU" with `GpuError::NoDevice` (the driver's CUDA_ERROR_NO_DEVICE, or
+/// a count of none); any other error is a driver that loads but does not start.
 fn probe_from(
     driver: Option<(i32, i32)>,
     probed: Result<Vec<DeviceInfo>, GpuError>,
@@ -65,11 +65,7 @@ fn probe_from(
                 .collect(),
             libs: libs(),
         },
-        Err(GpuError::NoDevice(m))
-            if m.contains("CUDA_ERROR_NO_DEVICE") || m.contains("sees no GPU") =>
-        {
-            GpuProbe::NoDevice { driver }
-        }
+        Err(GpuError::NoDevice(_)) => GpuProbe::NoDevice { driver },
         Err(e) => GpuProbe::DriverFailed {
             driver,
             error: e.to_string(),
@@ -102,24 +98,19 @@ mod tests {
         let d = devices[0].as_ref().unwrap();
         assert_eq!((d.capability, d.total, d.free), ((9, 0), 80 << 30, None));
         for no_gpu in [
-            "the CUDA driver does not start: DriverError(CUDA_ERROR_NO_DEVICE)",
+            "starting the CUDA driver: the CUDA driver finds no GPU",
             "the CUDA driver sees no GPU (check CUDA_VISIBLE_DEVICES and Slurm's --gpus)",
         ] {
             let p = probe_from(None, Err(GpuError::NoDevice(no_gpu.into())), no_libs);
             assert_eq!(p, GpuProbe::NoDevice { driver: None }, "{no_gpu}");
         }
-        let p = probe_from(
-            Some((12, 4)),
-            Err(GpuError::NoDevice(
-                "the CUDA driver does not start: DriverError(CUDA_ERROR_UNKNOWN)".into(),
-            )),
-            no_libs,
-        );
+        let failing = GpuError::Library("starting the CUDA driver: CUDA_ERROR_UNKNOWN".into());
+        let p = probe_from(Some((12, 4)), Err(failing), no_libs);
         assert_eq!(
             p,
             GpuProbe::DriverFailed {
                 driver: Some((12, 4)),
-                error: "the CUDA driver does not start: DriverError(CUDA_ERROR_UNKNOWN)".into()
+                error: "starting the CUDA driver: CUDA_ERROR_UNKNOWN".into()
             }
         );
     }

@@ -65,10 +65,17 @@ pub fn probe() -> Result<Vec<DeviceInfo>, GpuError> {
             "no CUDA driver library (libcuda.so): this machine has no NVIDIA GPU driver".into(),
         ));
     }
-    guarded("cuInit", cu::init)?
-        .map_err(|e| GpuError::NoDevice(format!("the CUDA driver does not start: {e:?}")))?;
+    // No GPU is NoDevice, whichever call finds it out; any other failure is the driver's.
+    let failed = |what: &str, e: DriverError| {
+        if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_NO_DEVICE {
+            GpuError::NoDevice(format!("{what}: the CUDA driver finds no GPU"))
+        } else {
+            GpuError::driver(what, e)
+        }
+    };
+    guarded("cuInit", cu::init)?.map_err(|e| failed("starting the CUDA driver", e))?;
     let n = guarded("cuDeviceGetCount", cu::device::get_count)?
-        .map_err(|e| GpuError::NoDevice(format!("no usable GPU: {e:?}")))?;
+        .map_err(|e| failed("counting the GPUs", e))?;
     if n <= 0 {
         return Err(GpuError::NoDevice(
             "the CUDA driver sees no GPU (check CUDA_VISIBLE_DEVICES and Slurm's --gpus)".into(),
