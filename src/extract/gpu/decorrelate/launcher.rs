@@ -216,8 +216,8 @@ pub fn decorrelate_by_syev(
 }
 
 /// The readout of `decorrelate_eigen` from the eigenpairs of the covariance slots, which
-/// [`Solver::eigen_in_place`] wrote over them (`evec`)
-/// and into `eig`; queued on the GPU's stream into `out`.
+/// [`Solver::eigen_in_place`] wrote over them (`evec`) and into `eig`; queued on the GPU's
+/// stream into `out`.
 pub fn decorrelate_eigen_into(
     gpu: &Gpu,
     kernels: &Kernels,
