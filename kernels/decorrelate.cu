@@ -240,6 +240,16 @@ __device__ void readout(int b, int n, int m, int row_lo, int nrow, int wavepad, 
 
 #include "params.cuh"
 
+// Block b's sizes, as `DecorrLayout::new` lays out params[8b .. 8b+8].
+struct BlockSizes {
+    int n, cov_ld, row_lo, row_hi, wavepad, nstep, nkeep, ndiag;
+};
+
+__device__ __forceinline__ BlockSizes block_sizes(const int* params, int b) {
+    const int* P = params + 8 * (long long)b;
+    return BlockSizes{P[0], P[1], P[2], P[3], P[4], P[5], P[6], P[7]};
+}
+
 extern "C" __global__ void __launch_bounds__(DECORR_THREADS)
 decorrelate(const DecorrelateParams args)
 {
@@ -247,27 +257,20 @@ decorrelate(const DecorrelateParams args)
     const int b = blockIdx.x;
     const int tid = threadIdx.x;
     const int nt = blockDim.x;
-    const int* P = args.params + 8 * (long long)b;
-    const int n = P[0];
-    const int cov_ld = P[1];
-    const int row_lo = P[2];
-    const int row_hi = P[3];
-    const int wavepad = P[4];
-    const int nstep = P[5];
-    const int nkeep = P[6];
-    const int ndiag = P[7];
+    const auto [n, cov_ld, row_lo, row_hi, wavepad, nstep, nkeep, ndiag] =
+        block_sizes(args.params, b);
     const int m = n + (n & 1);
     const int h = m / 2;
     const int nrow = row_hi - row_lo;
 
-    double* A = sh;                   // [ld²], column-major, leading dimension m
-    double* V = A + args.ld * args.ld;          // [ld²], idem
-    double* rc = V + args.ld * args.ld;         // [ld/2] cos of each pair's rotation
-    double* rs = rc + args.ld / 2;         // [ld/2] sin
-    double* rt = rs + args.ld / 2;         // [ld/2] tan (0: pair not rotated this round)
-    double* aux = rt + args.ld / 2;        // [ld]   λ_k^{-1/4}, then s of each Q row
-    int* rp = (int*)(aux + args.ld);       // [ld/2] p of each pair
-    int* rq = rp + args.ld / 2;            // [ld/2] q
+    double* A = sh;                      // [ld²], column-major, leading dimension m
+    double* V = A + args.ld * args.ld;   // [ld²], idem
+    double* rc = V + args.ld * args.ld;  // [ld/2] cos of each pair's rotation
+    double* rs = rc + args.ld / 2;       // [ld/2] sin
+    double* rt = rs + args.ld / 2;       // [ld/2] tan (0: pair not rotated this round)
+    double* aux = rt + args.ld / 2;      // [ld]   λ_k^{-1/4}, then s of each Q row
+    int* rp = (int*)(aux + args.ld);     // [ld/2] p of each pair
+    int* rq = rp + args.ld / 2;          // [ld/2] q
 
     // Load the lower triangle, mirrored; the padding row/column is the identity.
     const double* C = args.cov + args.offs[3 * (long long)b];
@@ -476,21 +479,15 @@ decorrelate_eigen(const DecorrelateEigenParams args)
     const int b = blockIdx.x;
     const int tid = threadIdx.x;
     const int nt = blockDim.x;
-    const int* P = args.params + 8 * (long long)b;
-    const int n = P[0];
-    const int cov_ld = P[1];
-    const int row_lo = P[2];
-    const int row_hi = P[3];
-    const int wavepad = P[4];
-    const int nstep = P[5];
-    const int nkeep = P[6];
-    const int ndiag = P[7];
+    const auto [n, cov_ld, row_lo, row_hi, wavepad, nstep, nkeep, ndiag] =
+        block_sizes(args.params, b);
     const int m = n + (n & 1);
     const int nrow = row_hi - row_lo;
 
-    double* A = sh;                   // [ld²]: λ on the diagonal, then Q and R rows
-    double* V = A + args.ld * args.ld;          // [ld²]: the eigenvectors, leading dimension m
-    double* aux = V + args.ld * args.ld + 3 * (args.ld / 2);  // where `decorrelate` keeps it
+    double* A = sh;                     // [ld²]: λ on the diagonal, then Q and R rows
+    double* V = A + args.ld * args.ld;  // [ld²]: the eigenvectors, leading dimension m
+    // Where `decorrelate` keeps it.
+    double* aux = V + args.ld * args.ld + 3 * (args.ld / 2);
 
     const long long off = args.offs[3 * (long long)b];
     const long long slot = off / ((long long)cov_ld * cov_ld);

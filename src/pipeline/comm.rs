@@ -429,9 +429,9 @@ pub struct MpiComm {
     rank: usize,
     local: VecDeque<Msg>,
     in_flight: Vec<InFlight>,
-    /// Sends of device memory in flight.
+    /// Sends of parts in flight.
     #[cfg(feature = "cuda-aware-mpi")]
-    device_in_flight: Vec<DeviceSend>,
+    parts_in_flight: Vec<PartSend>,
     /// Where the parts of a unit's pixels land: device memory allocated on this stream.
     #[cfg(feature = "cuda-aware-mpi")]
     device: Option<std::sync::Arc<cudarc::driver::CudaStream>>,
@@ -445,17 +445,17 @@ struct InFlight {
     buffer: *mut [u8],
 }
 
-/// A send of device memory in flight: the request, MPI's description of the memory (leaked,
-/// reclaimed with the request) and the memory itself, freed once MPI is done with it.
+/// A part's send in flight: the request, MPI's description of the part's memory (leaked,
+/// reclaimed with the request) and the part itself, freed once MPI is done with it.
 #[cfg(feature = "cuda-aware-mpi")]
-struct DeviceSend {
+struct PartSend {
     request: mpi::request::Request<
         'static,
         mpi::datatype::DynBuffer<'static>,
         mpi::request::StaticScope,
     >,
     buffer: *mut mpi::datatype::DynBuffer<'static>,
-    _memory: cudarc::driver::CudaSlice<f64>,
+    _part: Part,
 }
 
 const TAG: mpi::Tag = 77;
@@ -474,7 +474,7 @@ impl MpiComm {
             local: VecDeque::new(),
             in_flight: Vec::new(),
             #[cfg(feature = "cuda-aware-mpi")]
-            device_in_flight: Vec::new(),
+            parts_in_flight: Vec::new(),
             #[cfg(feature = "cuda-aware-mpi")]
             device: None,
             received: Default::default(),
@@ -516,37 +516,31 @@ impl MpiComm {
                 return Err(CommError::PartTooLarge { bytes });
             }
             n += bytes as u64;
-            match part {
-                Part::Host(v) => {
-                    let b: Vec<u8> = v.iter().flat_map(|x| x.to_ne_bytes()).collect();
-                    self.post(to, TAG_PART, b.into_boxed_slice())?;
-                }
-                Part::Device(d) => {
-                    // Open MPI finds the device memory's context as the thread's current one.
-                    d.stream()
-                        .context()
-                        .bind_to_thread()
-                        .map_err(|e| CommError::Gpu {
-                            doing: "binding the GPU's context to send a part".into(),
-                            why: format!("{e:?}"),
-                        })?;
-                    let buffer: &'static mut mpi::datatype::DynBuffer<'static> =
-                        Box::leak(Box::new(device_buffer(&d)?.downgrade()));
-                    let ptr: *mut mpi::datatype::DynBuffer<'static> = buffer;
-                    let request = self
-                        .world
-                        .process_at_rank(mpi_rank(to)?)
-                        // SAFETY of the 'static borrow: the description is freed, and the
-                        // device memory it describes, `d`, dropped, only once the request has
-                        // completed (see `flush`).
-                        .immediate_send_with_tag(mpi::request::StaticScope, &*buffer, TAG_PART);
-                    self.device_in_flight.push(DeviceSend {
-                        request,
-                        buffer: ptr,
-                        _memory: d,
-                    });
-                }
+            if let Part::Device(d) = &part {
+                // Open MPI finds the device memory's context as the thread's current one.
+                d.stream()
+                    .context()
+                    .bind_to_thread()
+                    .map_err(|e| CommError::Gpu {
+                        doing: "binding the GPU's context to send a part".into(),
+                        why: format!("{e:?}"),
+                    })?;
             }
+            let buffer: &'static mut mpi::datatype::DynBuffer<'static> =
+                Box::leak(Box::new(part_buffer(&part)?.downgrade()));
+            let ptr: *mut mpi::datatype::DynBuffer<'static> = buffer;
+            let request = self
+                .world
+                .process_at_rank(mpi_rank(to)?)
+                // SAFETY of the 'static borrow: the description is freed, and the memory it
+                // describes (the part's) dropped, only once the request has completed (see
+                // `flush`).
+                .immediate_send_with_tag(mpi::request::StaticScope, &*buffer, TAG_PART);
+            self.parts_in_flight.push(PartSend {
+                request,
+                buffer: ptr,
+                _part: part,
+            });
         }
         Ok(n)
     }
@@ -583,24 +577,25 @@ impl MpiComm {
             }
             let part = match (&self.device, on_device) {
                 (Some(stream), true) => {
-                    let mut d =
-                        stream
-                            .alloc_zeros::<f64>(len.max(1))
-                            .map_err(|e| CommError::Gpu {
-                                doing: format!("allocating {want} bytes on the GPU for a {kind}"),
-                                why: format!("{e:?}"),
-                            })?;
+                    let d = stream
+                        .alloc_zeros::<f64>(len.max(1))
+                        .map_err(|e| CommError::Gpu {
+                            doing: format!("allocating {want} bytes on the GPU for a {kind}"),
+                            why: format!("{e:?}"),
+                        })?;
                     // MPI writes outside the stream: the allocation must be done first.
                     stream.synchronize().map_err(|e| CommError::Gpu {
                         doing: format!("allocating on the GPU for a {kind}"),
                         why: format!("{e:?}"),
                     })?;
-                    let mut raw = device_buffer(&d)?;
+                    let mut part = Part::Device(d);
+                    let mut raw = part_buffer(&part)?;
                     message.matched_receive_into(&mut raw);
-                    // cudarc records the write for its ordering of later users of `d`.
-                    let (_, written) = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut d, stream);
-                    drop(written);
-                    Part::Device(d)
+                    if let Part::Device(d) = &mut part {
+                        // cudarc records the write for its ordering of later users of `d`.
+                        drop(cudarc::driver::DevicePtrMut::device_ptr_mut(d, stream).1);
+                    }
+                    part
                 }
                 _ => {
                     let mut v = vec![0f64; len];
@@ -614,25 +609,25 @@ impl MpiComm {
     }
 }
 
-/// `d`'s device memory as an MPI buffer of f64 values, which a CUDA-aware MPI reads or
-/// writes there. The caller keeps `d` alive until MPI is done with the buffer.
+/// A part's memory (host, or device) as an MPI buffer of f64 values, which MPI reads or
+/// writes where it is. The caller keeps the part alive until MPI is done with the buffer.
 #[cfg(feature = "cuda-aware-mpi")]
-fn device_buffer(
-    d: &cudarc::driver::CudaSlice<f64>,
-) -> Result<mpi::datatype::DynBufferMut<'static>, CommError> {
+fn part_buffer(part: &Part) -> Result<mpi::datatype::DynBufferMut<'static>, CommError> {
     use cudarc::driver::DevicePtr;
     use mpi::datatype::Equivalence;
-    let count = mpi::Count::try_from(d.len()).map_err(|_| CommError::PartTooLarge {
-        bytes: d.len() * std::mem::size_of::<f64>(),
+    let count = mpi::Count::try_from(part.len()).map_err(|_| CommError::PartTooLarge {
+        bytes: part.len() * std::mem::size_of::<f64>(),
     })?;
-    let (ptr, _sync) = d.device_ptr(d.stream());
-    // SAFETY: `ptr` is the start of a live device allocation of `count` f64 values, described
-    // with the f64 datatype, so MPI touches exactly that memory. Only a CUDA-aware MPI may be handed it:
-    // `execute` refuses any other in this build. The datatype is a predefined one, valid for
-    // the whole program ('static).
-    Ok(unsafe {
-        mpi::datatype::DynBufferMut::from_raw(ptr as *mut f64, count, f64::equivalent_datatype())
-    })
+    let ptr = match part {
+        Part::Host(v) => v.as_ptr().cast_mut(),
+        Part::Device(d) => d.device_ptr(d.stream()).0 as *mut f64,
+    };
+    // SAFETY: `ptr` is the start of a live allocation of `count` f64 values (a Vec's heap
+    // buffer, which does not move with the Vec, or a device allocation), described with the
+    // f64 datatype, so MPI touches exactly that memory. Device memory goes only to a
+    // CUDA-aware MPI: `execute` refuses any other in this build. The datatype is a predefined
+    // one, valid for the whole program ('static).
+    Ok(unsafe { mpi::datatype::DynBufferMut::from_raw(ptr, count, f64::equivalent_datatype()) })
 }
 
 impl Comm for MpiComm {
@@ -729,19 +724,19 @@ impl Comm for MpiComm {
         self.in_flight = still;
         #[cfg(feature = "cuda-aware-mpi")]
         {
-            let mut still = Vec::with_capacity(self.device_in_flight.len());
-            for f in self.device_in_flight.drain(..) {
+            let mut still = Vec::with_capacity(self.parts_in_flight.len());
+            for f in self.parts_in_flight.drain(..) {
                 match f.request.test() {
                     Ok(_) => {
                         // SAFETY: `buffer` came from Box::leak in `send_parts` and its request
-                        // has completed; the device memory drops with `f`.
+                        // has completed; the part's memory drops with `f`.
                         drop(unsafe { Box::from_raw(f.buffer) });
                     }
-                    Err(request) => still.push(DeviceSend { request, ..f }),
+                    Err(request) => still.push(PartSend { request, ..f }),
                 }
             }
-            self.device_in_flight = still;
-            if !self.device_in_flight.is_empty() {
+            self.parts_in_flight = still;
+            if !self.parts_in_flight.is_empty() {
                 return false;
             }
         }

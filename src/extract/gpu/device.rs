@@ -24,7 +24,7 @@ pub struct DeviceInfo {
 }
 
 /// Runs a cudarc call that may panic when a library or symbol is missing.
-fn guarded<T>(what: &str, f: impl FnOnce() -> T) -> Result<T, GpuError> {
+pub(super) fn guarded<T>(what: &str, f: impl FnOnce() -> T) -> Result<T, GpuError> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
         .map_err(|_| GpuError::Library(format!("{what}: the CUDA library could not be used")))
 }

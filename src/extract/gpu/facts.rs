@@ -6,7 +6,9 @@
 
 use cudarc::{cublas::sys as cublas, cusolver::sys as cusolver};
 
+use super::device::guarded;
 use super::ptx;
+use super::solve::{cublas_present, cusolver_present};
 
 /// One CUDA library as this process sees it.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,9 +49,10 @@ fn library(
     present: fn() -> bool,
     version: fn() -> Option<(i32, i32)>,
 ) -> CudaLibrary {
-    let present = guarded(present).unwrap_or(false);
+    // Each presence check guards its own dlopen.
+    let present = present();
     let version = if present {
-        guarded(version).flatten()
+        guarded(name, version).ok().flatten()
     } else {
         None
     };
@@ -61,18 +64,6 @@ fn library(
         version,
         path,
     }
-}
-
-/// Runs a call into a library cudarc loads lazily, which panics when the library or one of
-/// its symbols is missing.
-fn guarded<T>(f: impl FnOnce() -> T) -> Option<T> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).ok()
-}
-
-fn cublas_present() -> bool {
-    // SAFETY: is_culib_present dlopens (then closes) the library's candidate names, running
-    // only its own initialisers.
-    unsafe { cublas::is_culib_present() }
 }
 
 fn cublas_version() -> Option<(i32, i32)> {
@@ -87,11 +78,6 @@ fn cublas_version() -> Option<(i32, i32)> {
         get(cublas::libraryPropertyType::MAJOR_VERSION)?,
         get(cublas::libraryPropertyType::MINOR_VERSION)?,
     ))
-}
-
-fn cusolver_present() -> bool {
-    // SAFETY: as for cuBLAS above.
-    unsafe { cusolver::is_culib_present() }
 }
 
 fn cusolver_version() -> Option<(i32, i32)> {

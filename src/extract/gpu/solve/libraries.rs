@@ -6,12 +6,19 @@
 use cudarc::cublas::sys as cublas;
 use cudarc::cusolver::sys as cusolver;
 
+use crate::extract::gpu::device::guarded;
 use crate::extract::gpu::GpuError;
 
-/// Runs a cudarc call that may panic when a library or one of its symbols is missing.
-fn guarded<T>(what: &str, f: impl FnOnce() -> T) -> Result<T, GpuError> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
-        .map_err(|_| GpuError::Library(format!("{what}: the CUDA library could not be used")))
+/// Whether cuBLAS loads (by any of its known names).
+pub(in crate::extract::gpu) fn cublas_present() -> bool {
+    // SAFETY: is_culib_present only tries to dlopen the library by its known names.
+    guarded("libcublas", || unsafe { cublas::is_culib_present() }).unwrap_or(false)
+}
+
+/// Whether cuSOLVER loads.
+pub(in crate::extract::gpu) fn cusolver_present() -> bool {
+    // SAFETY: as for cuBLAS.
+    guarded("libcusolver", || unsafe { cusolver::is_culib_present() }).unwrap_or(false)
 }
 
 /// cuBLAS entry points this stage calls (checked up front: cudarc panics on a missing one).
@@ -36,17 +43,12 @@ const CUSOLVER_SYMBOLS: [&str; 5] = [
 
 /// Whether cuBLAS and cuSOLVER load and export everything this stage calls, or what is missing.
 pub fn check_libraries() -> Result<(), GpuError> {
-    // SAFETY: is_culib_present only tries to dlopen the library by its known names.
-    let blas = guarded("libcublas", || unsafe { cublas::is_culib_present() }).unwrap_or(false);
-    if !blas {
+    if !cublas_present() {
         return Err(GpuError::Library(
             "no cuBLAS library (libcublas.so): install the CUDA toolkit's math libraries".into(),
         ));
     }
-    // SAFETY: as above, for cuSOLVER.
-    let solver =
-        guarded("libcusolver", || unsafe { cusolver::is_culib_present() }).unwrap_or(false);
-    if !solver {
+    if !cusolver_present() {
         return Err(GpuError::Library(
             "no cuSOLVER library (libcusolver.so): install the CUDA toolkit's math libraries"
                 .into(),

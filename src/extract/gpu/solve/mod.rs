@@ -70,6 +70,7 @@ use crate::patch::Patch;
 pub use self::eigen::EigenBatch;
 pub(crate) use self::libraries::solver_ok;
 pub use self::libraries::{check_libraries, syev_batched_present};
+pub(in crate::extract::gpu) use self::libraries::{cublas_present, cusolver_present};
 pub use self::plan::{Group, SolvePlan};
 
 /// Which unknowns of a patch are solved for and which of them are its core fibers.
