@@ -26,10 +26,25 @@ pub enum ConfigError {
         /// The parser's message.
         msg: String,
     },
+    /// The file is larger than a configuration can be (a device such as /dev/zero, or the
+    /// wrong file).
+    #[error(
+        "{}: larger than the {} MiB a configuration file may be; is it the right file?",
+        .path.display(),
+        MAX_CONFIG_BYTES >> 20
+    )]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+    },
     /// A value is out of range.
     #[error("invalid configuration: {0}")]
     Invalid(String),
 }
+
+/// Most bytes a configuration file may have: the documented file is 5 kB, and 8 MiB still
+/// holds some 40 000 `[[frames]]` entries.
+pub const MAX_CONFIG_BYTES: u64 = 8 << 20;
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -63,6 +78,8 @@ pub struct ExtractConfig {
     pub psferr: f64,
     /// Mask bits of the preproc MASK that zero ivar (desispec: 0x2FF).
     pub mask_bits: i32,
+    /// Extract an image whose CAMERA differs from its PSF's (refused otherwise).
+    pub allow_camera_mismatch: bool,
 }
 
 impl Default for ExtractConfig {
@@ -74,6 +91,7 @@ impl Default for ExtractConfig {
             regularize: 0.0,
             psferr: -1.0,
             mask_bits: 0x2FF,
+            allow_camera_mismatch: false,
         }
     }
 }
@@ -126,10 +144,14 @@ impl Config {
         let Some(path) = path else {
             return Ok(Config::default());
         };
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = crate::io::read_text_at_most(path, MAX_CONFIG_BYTES)
+            .map_err(|source| ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            })?
+            .ok_or_else(|| ConfigError::TooLarge {
+                path: path.to_path_buf(),
+            })?;
         Config::parse(&text).map_err(|msg| ConfigError::Parse {
             path: path.to_path_buf(),
             msg,
@@ -185,21 +207,6 @@ pub fn camera_wavelength(camera: &str) -> Option<[f64; 3]> {
     }
 }
 
-/// Threads to use: the request, else SLURM_CPUS_PER_TASK, else the cores available.
-pub fn resolve_threads(requested: usize) -> usize {
-    if requested > 0 {
-        return requested;
-    }
-    if let Some(n) = std::env::var("SLURM_CPUS_PER_TASK")
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .filter(|&n| n > 0)
-    {
-        return n;
-    }
-    std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,6 +221,35 @@ mod tests {
     #[test]
     fn unknown_keys_are_rejected() {
         assert!(Config::parse("[extract]\nregularise = 1.0\n").is_err());
+    }
+
+    /// A device without end, or a file far larger than any configuration, is refused after
+    /// reading at most the limit, naming the file.
+    #[test]
+    fn oversized_or_endless_config_is_refused() {
+        let err = Config::load(Some(Path::new("/dev/zero"))).unwrap_err();
+        assert!(matches!(err, ConfigError::TooLarge { .. }), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("/dev/zero: larger than the 8 MiB"),
+            "{err}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big.toml");
+        std::fs::File::create(&big)
+            .unwrap()
+            .set_len(MAX_CONFIG_BYTES + 1)
+            .unwrap();
+        assert!(matches!(
+            Config::load(Some(&big)),
+            Err(ConfigError::TooLarge { .. })
+        ));
+        let at_limit = dir.path().join("ok.toml");
+        std::fs::write(&at_limit, "[run]\nthreads = 3\n").unwrap();
+        assert_eq!(Config::load(Some(&at_limit)).unwrap().run.threads, 3);
+        std::fs::write(&at_limit, b"[run]\xff").unwrap();
+        let err = Config::load(Some(&at_limit)).unwrap_err().to_string();
+        assert!(err.contains("not UTF-8"), "{err}");
     }
 
     #[test]

@@ -12,5 +12,47 @@ pub mod pipeline;
 pub mod psf;
 pub mod simulate;
 
+/// An error and its causes on one line, `: `-separated, leaving out a cause whose text the
+/// line already ends with: several errors print their cause in their own message and also
+/// return it as their source, which would otherwise show it twice.
+pub fn error_line(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = err.to_string();
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !line.ends_with(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cause = c.source();
+    }
+    line
+}
+
 // Links the system OpenBLAS that ndarray's `blas` feature and lapack-sys call into.
 use openblas_src as _;
+
+#[cfg(test)]
+mod tests {
+    /// An error that prints its cause and also returns it as its source.
+    #[derive(Debug, thiserror::Error)]
+    #[error("{path}: {source}")]
+    struct Wrapped {
+        path: String,
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn error_line_says_each_cause_once() {
+        let e = Wrapped {
+            path: "c.toml".into(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such thing"),
+        };
+        assert_eq!(super::error_line(&e), "c.toml: no such thing");
+        let outer = anyhow::Error::new(e).context("reading the configuration");
+        assert_eq!(
+            super::error_line(outer.as_ref()),
+            "reading the configuration: c.toml: no such thing"
+        );
+    }
+}

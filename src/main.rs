@@ -16,7 +16,7 @@ fn main() -> ExitCode {
     };
     let launch = spextract::pipeline::env::launch();
     if let Err(e) = init_logging(log_dir.as_deref(), &launch) {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", spextract::error_line(e.as_ref()));
         return ExitCode::from(2);
     }
     // Under MPI every line says which rank wrote it.
@@ -39,10 +39,11 @@ fn main() -> ExitCode {
         Err(e) => {
             // With per-rank logs the error goes through the log (stderr and the rank's file);
             // otherwise straight to stderr.
+            let line = spextract::error_line(e.as_ref());
             if log_dir.is_some() {
-                tracing::error!("{e:#}");
+                tracing::error!("{line}");
             } else {
-                eprintln!("error: {e:#}");
+                eprintln!("error: {line}");
             }
             ExitCode::from(2)
         }

@@ -26,6 +26,7 @@ pub fn resolve_config(flags: &ExtractionFlags) -> Result<Config> {
     e.nspec = flags.nspec.unwrap_or(e.nspec);
     e.regularize = flags.regularize.unwrap_or(e.regularize);
     e.psferr = flags.psferr.unwrap_or(e.psferr);
+    e.allow_camera_mismatch |= flags.allow_camera_mismatch;
     let p = &mut cfg.patch;
     p.bundlesize = flags.bundlesize.unwrap_or(p.bundlesize);
     p.nsubbundles = flags.nsubbundles.unwrap_or(p.nsubbundles);
@@ -204,6 +205,17 @@ fn many(args: &ExtractArgs, mut cfg: Config) -> Result<bool> {
     rc.ranks_per_gpu = r.ranks_per_gpu.unwrap_or(rc.ranks_per_gpu);
     rc.watchdog = r.watchdog.unwrap_or(rc.watchdog);
     cfg.validate()?;
+    let launch = env::launch();
+    // Every rank applies the same limits; rank 0 alone says so.
+    let (prefetch, prefetch_cut) = env::cap_prefetch(cfg.run.prefetch);
+    cfg.run.prefetch = prefetch;
+    let threads = env::thread_count(cfg.run.threads);
+    if launch.rank == 0 {
+        for why in [prefetch_cut, threads.warning()].into_iter().flatten() {
+            warn!("{why}");
+        }
+    }
+    let threads = threads.threads;
     let f = &args.flags;
     let single = match (&f.image, &f.psf, &args.output) {
         (Some(image), Some(psf), Some(output)) => Some(FrameJob {
@@ -216,10 +228,8 @@ fn many(args: &ExtractArgs, mut cfg: Config) -> Result<bool> {
     };
     let config_dir = f.config.as_deref().and_then(Path::parent);
     let jobs = select::resolve(&args.select, &cfg.frames, config_dir, single)?;
-    let launch = env::launch();
     let rc = cfg.run.clone();
     let backend = choose_backend(rc.backend)?;
-    let threads = env::resolve_threads(cfg.run.threads);
     // Only rank 0 hands out frames, so only it looks at the outputs (each look reads a frame).
     let mut skipped = Vec::new();
     if launch.rank == 0 {
@@ -387,6 +397,9 @@ fn single(args: &ExtractArgs, cfg: &Config) -> Result<()> {
     check_output(output, args.overwrite)?;
     if let Some(m) = &args.model_image {
         check_output(m, args.overwrite)?;
+    }
+    if let Some(why) = crate::pipeline::env::thread_count(cfg.run.threads).warning() {
+        warn!("{why}");
     }
     let start = Instant::now();
     let prep = prepare_with(cfg, &args.flags, args.model_image.is_some())?;

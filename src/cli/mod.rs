@@ -60,7 +60,8 @@ pub struct ExtractionFlags {
     /// Configuration file (see pipeline.toml); flags override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Worker threads (default: SLURM_CPUS_PER_TASK, else all cores).
+    /// Worker threads (default: SLURM_CPUS_PER_TASK, else all cores; at most 4 per core of the
+    /// node, with a warning when cut).
     #[arg(long)]
     pub threads: Option<usize>,
     /// Tikhonov regularisation of well-constrained unknowns.
@@ -90,6 +91,9 @@ pub struct ExtractionFlags {
     /// Never show a progress bar.
     #[arg(long)]
     pub no_progress: bool,
+    /// Extract even when the image's CAMERA differs from the PSF's (otherwise refused).
+    #[arg(long)]
+    pub allow_camera_mismatch: bool,
 }
 
 /// `spextract extract`.
@@ -128,7 +132,8 @@ pub struct RunFlags {
     /// Writer ranks per node (group).
     #[arg(long)]
     pub writers_per_node: Option<usize>,
-    /// Frames each reader holds in memory ahead of the compute ranks.
+    /// Frames each reader holds in memory ahead of the compute ranks (at most 16, with a
+    /// warning when cut).
     #[arg(long)]
     pub prefetch: Option<usize>,
     /// Bundles per work unit handed to a compute rank.

@@ -228,8 +228,12 @@ fn read_hdu<T: Elem>(
     f.move_to(name)?;
     let bitpix = f.image_type()?;
     if integer == (bitpix < 0) {
-        let want = if integer { "integer" } else { "floating-point" };
-        return Err(f.err(format!("expected an {want} image, found BITPIX {bitpix}")));
+        let want = if integer {
+            "an integer"
+        } else {
+            "a floating-point"
+        };
+        return Err(f.err(format!("expected {want} image, found BITPIX {bitpix}")));
     }
     let shape = f.image_shape()?;
     let n = shape.iter().try_fold(1usize, |a, &b| a.checked_mul(b));

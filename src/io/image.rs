@@ -25,6 +25,8 @@ pub struct Preproc {
     pub mask: Array2<i32>,
     /// Raw 80-character cards of the IMAGE HDU, without structural keys, for the frame header.
     pub header: Vec<String>,
+    /// The IMAGE HDU's CAMERA (`r0`), as [`super::camera_name`] gives it; `None` without one.
+    pub camera: Option<String>,
     /// Whether the file has a FIBERMAP HDU.
     pub has_fibermap: bool,
     /// Pixels whose IMAGE or IVAR was NaN or infinite.
@@ -84,8 +86,12 @@ fn read_plane<T: Elem>(f: &mut Fits, name: &str, integer: bool) -> Result<Array2
     f.move_to(name)?;
     let bitpix = f.image_type()?;
     if integer == (bitpix < 0) {
-        let want = if integer { "integer" } else { "floating-point" };
-        return Err(f.err(format!("expected an {want} image, found BITPIX {bitpix}")));
+        let want = if integer {
+            "an integer"
+        } else {
+            "a floating-point"
+        };
+        return Err(f.err(format!("expected {want} image, found BITPIX {bitpix}")));
     }
     let shape = f.image_shape()?;
     let [ny, nx] = shape[..] else {
@@ -111,6 +117,7 @@ pub fn read_preproc(path: &Path, extract_mask_bits: i32) -> Result<Preproc, IoEr
         .into_iter()
         .filter(|c| !is_structural(c))
         .collect();
+    let camera = f.key_str("CAMERA")?.and_then(|c| super::camera_name(&c));
     let mut ivar: Array2<f64> = read_plane(&mut f, "IVAR", false)?;
     if ivar.dim() != image.dim() {
         return Err(f.err(format!(
@@ -160,6 +167,7 @@ pub fn read_preproc(path: &Path, extract_mask_bits: i32) -> Result<Preproc, IoEr
         ivar,
         mask,
         header,
+        camera,
         has_fibermap,
         nonfinite,
         masked_by_bits,

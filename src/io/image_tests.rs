@@ -25,6 +25,7 @@ fn reads_the_real_gzipped_preproc() {
     assert_eq!(p.ivar[(2000, 100)], 0.1111111119389534);
     assert!(p.header.iter().any(|c| c.starts_with("FLAVOR  = 'science")));
     assert!(p.header.iter().any(|c| c.starts_with("CAMERA  = 'r0")));
+    assert_eq!(p.camera.as_deref(), Some("r0"));
     for key in ["SIMPLE", "BITPIX", "NAXIS1", "EXTNAME", "EXTEND"] {
         assert!(!p.header.iter().any(|c| c.starts_with(key)), "{key} copied");
     }
@@ -86,6 +87,7 @@ fn written_preproc_reads_back_with_masks_applied() {
     assert_eq!(p.image[(29, 19)], 599.0);
     assert!(p.has_fibermap);
     assert!(p.header.iter().any(|c| c.starts_with("CAMERA  = 'r0")));
+    assert_eq!(p.camera.as_deref(), Some("r0"));
     assert!(p
         .header
         .iter()
@@ -143,6 +145,31 @@ fn mismatched_shapes_and_types_are_errors() {
     assert!(
         err.contains("HDU MASK") && err.contains("expected an integer image"),
         "{err}"
+    );
+}
+
+/// An integer IMAGE is refused in plain English; a file without CAMERA reads with none.
+#[test]
+fn integer_image_is_refused_and_camera_may_be_absent() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("int.fits");
+    let mut f = Fits::create(&path).unwrap();
+    f.create_image("IMAGE", 16, &[4, 5]).unwrap();
+    f.write_pixels(&[1i16; 20]).unwrap();
+    f.close().unwrap();
+    let err = read_preproc(&path, EXTRACT_MASK_BITS)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("HDU IMAGE: expected a floating-point image, found BITPIX 16"),
+        "{err}"
+    );
+    let (image, ivar, mask) = small();
+    let plain = dir.path().join("nocamera.fits");
+    write_preproc(&plain, &image, &ivar, &mask, &[], None, false).unwrap();
+    assert_eq!(
+        read_preproc(&plain, EXTRACT_MASK_BITS).unwrap().camera,
+        None
     );
 }
 

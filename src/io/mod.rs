@@ -1,5 +1,6 @@
 //! FITS input and output: the PSF, preproc images, frames, model images and simulation truth
-//! (extraction.md §3, §4, §6).
+//! (extraction.md §3, §4, §6); and the size-limited read of the text files that name them
+//! (frame lists, configurations).
 //!
 //! This is the only module that names `fitsio`; everything cfitsio-specific sits in the private
 //! `fits` wrapper, and every failure comes back as an [`IoError`] naming the file (and the HDU,
@@ -18,7 +19,7 @@ use crate::psf::PsfError;
 
 pub use frame::{read_frame, write_frame, write_model_image, Frame, FrameMeta};
 pub use image::{read_fibermap, read_preproc, write_preproc, Fibermap, Preproc, EXTRACT_MASK_BITS};
-pub use psf::{read_psf, write_psf};
+pub use psf::{read_psf, read_psf_and_camera, write_psf};
 pub use truth::{read_truth, write_truth, Truth};
 
 /// A failure reading or writing a FITS file; every variant names the file.
@@ -104,6 +105,57 @@ impl IoError {
     }
 }
 
+/// A CAMERA header value as a camera name (`r0`): lower case, without blanks or the extra
+/// quotes some writers leave inside the string (specex writes `'''r0      '''`); `None` when
+/// nothing is left.
+pub fn camera_name(raw: &str) -> Option<String> {
+    let name = raw
+        .trim_matches(|c: char| c == '\'' || c.is_whitespace())
+        .to_ascii_lowercase();
+    (!name.is_empty()).then_some(name)
+}
+
+/// Refuses, naming what is there, an input path that is not a regular file: missing, a
+/// folder, or a device, pipe or socket (cfitsio would read a device such as /dev/zero without
+/// end).
+pub(crate) fn check_input_file(path: &Path) -> Result<(), IoError> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(m) if m.is_dir() => Err(IoError::file(path, "is a folder, not a FITS file")),
+        Ok(_) => Err(IoError::file(
+            path,
+            "is not a regular file (a device, pipe or socket), so not a FITS file",
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(IoError::file(path, "no such file"))
+        }
+        Err(source) => Err(IoError::Os {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// The text of `path` when it holds at most `max_bytes` bytes, else `None`. Reads at most one
+/// byte past the limit, so that a device or pipe without end (/dev/zero) cannot fill memory.
+pub fn read_text_at_most(path: &Path, max_bytes: u64) -> std::io::Result<Option<String>> {
+    use std::io::Read;
+    let file = std::fs::File::open(path)?;
+    // A regular file's size is known before reading it.
+    if file.metadata()?.len() > max_bytes {
+        return Ok(None);
+    }
+    let mut bytes = Vec::new();
+    file.take(max_bytes + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max_bytes {
+        return Ok(None);
+    }
+    String::from_utf8(bytes).map(Some).map_err(|e| {
+        let why = format!("not UTF-8 text ({})", e.utf8_error());
+        std::io::Error::new(std::io::ErrorKind::InvalidData, why)
+    })
+}
+
 /// The name of this program and version, as written into output headers.
 pub fn program_version() -> String {
     format!("spextract {}", env!("CARGO_PKG_VERSION"))
@@ -178,6 +230,31 @@ pub(crate) fn shared_data(file: &str) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A folder or a device given as an input is named as such, not as a missing file.
+    #[test]
+    fn inputs_that_are_not_regular_files_say_what_they_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = read_psf(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("is a folder, not a FITS file"), "{err}");
+        let err = read_preproc(Path::new("/dev/null"), EXTRACT_MASK_BITS)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/dev/null: is not a regular file"), "{err}");
+        let err = read_psf(&dir.path().join("none.fits"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.ends_with("none.fits: no such file"), "{err}");
+    }
+
+    #[test]
+    fn camera_names_lose_case_blanks_and_inner_quotes() {
+        assert_eq!(camera_name("'r0      '").as_deref(), Some("r0"));
+        assert_eq!(camera_name(" B1 ").as_deref(), Some("b1"));
+        assert_eq!(camera_name("z9").as_deref(), Some("z9"));
+        assert_eq!(camera_name("''"), None);
+        assert_eq!(camera_name("   "), None);
+    }
 
     #[test]
     fn atomic_write_refuses_existing_and_cleans_up() {

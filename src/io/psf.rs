@@ -28,9 +28,19 @@ const PARAM_WIDTH: usize = 8;
 /// LEGDEGX/LEGDEGW are ignored. The result has passed [`Psf::validate`] and
 /// [`check_values`].
 pub fn read_psf(path: &Path) -> Result<Psf, IoError> {
+    read_psf_and_camera(path).map(|(psf, _)| psf)
+}
+
+/// [`read_psf`], and the camera the PSF is for: its CAMERA keyword (as [`super::camera_name`]
+/// gives it) from the PSF HDU, where specex writes it, else from the first of the primary,
+/// XTRACE and YTRACE HDUs that has one; `None` when no HDU has one.
+pub fn read_psf_and_camera(path: &Path) -> Result<(Psf, Option<String>), IoError> {
     let mut f = Fits::open(path)?;
+    let mut cameras = vec![f.key_str("CAMERA")?];
     let xtrace = read_trace(&mut f, "XTRACE")?;
+    cameras.push(f.key_str("CAMERA")?);
     let ytrace = read_trace(&mut f, "YTRACE")?;
+    cameras.push(f.key_str("CAMERA")?);
     if ytrace.nfiber() != xtrace.nfiber() {
         return Err(f.err(format!(
             "YTRACE has {} fibers, XTRACE {}",
@@ -64,6 +74,8 @@ pub fn read_psf(path: &Path) -> Result<Psf, IoError> {
         }
     }
     let in_psf = f.key_str("IN_PSF")?;
+    cameras.insert(0, f.key_str("CAMERA")?);
+    let camera = cameras.iter().flatten().find_map(|c| super::camera_name(c));
 
     // The table layout, checked before any column is read.
     let ncoef = legdeg + 1;
@@ -133,7 +145,7 @@ pub fn read_psf(path: &Path) -> Result<Psf, IoError> {
         source,
     })?;
     check_values(&psf).map_err(|m| IoError::hdu(path, "PSF", m))?;
-    Ok(psf)
+    Ok((psf, camera))
 }
 
 /// Wavelengths per fiber at which GHSIGX and GHSIGY are checked (65: the ends and 63 between).

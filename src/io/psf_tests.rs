@@ -11,7 +11,9 @@ fn reads_the_real_r0_psf() {
     let Some(path) = shared_data("psf-r0-00067784.fits") else {
         return;
     };
-    let psf = read_psf(&path).unwrap();
+    let (psf, camera) = read_psf_and_camera(&path).unwrap();
+    // specex writes CAMERA = '''r0      ''' in the PSF HDU: quotes inside the string.
+    assert_eq!(camera.as_deref(), Some("r0"));
     assert_eq!((psf.npix_x, psf.npix_y), (4114, 4128));
     assert_eq!(
         (psf.hsizex, psf.hsizey, psf.ghdegx, psf.ghdegy),
@@ -171,4 +173,39 @@ fn missing_hdu_and_file_are_named() {
         let err = read_psf(&preproc).unwrap_err().to_string();
         assert!(err.contains("HDU XTRACE: not found"), "{err}");
     }
+}
+
+/// CAMERA is found in whichever HDU holds it, in any case; a PSF without one has none.
+#[test]
+fn psf_camera_is_read_from_any_hdu() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut psf = synthetic_psf(&SynthPsfOptions {
+        nfiber: 5,
+        ..Default::default()
+    });
+    let plain = dir.path().join("plain.fits");
+    write_psf(&plain, &psf).unwrap();
+    assert_eq!(read_psf_and_camera(&plain).unwrap().1, None);
+    // write_psf writes no CAMERA: its IN_PSF card in the PSF HDU, and the traces' PSFTYPE
+    // card, are replaced by one.
+    psf.in_psf = Some("placeholder".into());
+    write_psf(&plain, &psf).unwrap();
+    let bytes = std::fs::read(&plain).unwrap();
+    let card = |key: &str| {
+        let pat = format!("{key:<8}= ");
+        bytes
+            .windows(10)
+            .position(|w| w == pat.as_bytes())
+            .unwrap_or_else(|| panic!("no {key} card"))
+    };
+    let with = |at: usize, value: &str| {
+        let mut b = bytes.clone();
+        let c = format!("{:<80}", format!("CAMERA  = {value}"));
+        b[at..at + 80].copy_from_slice(c.as_bytes());
+        let path = dir.path().join("camera.fits");
+        std::fs::write(&path, b).unwrap();
+        read_psf_and_camera(&path).unwrap().1
+    };
+    assert_eq!(with(card("IN_PSF"), "'B1      '").as_deref(), Some("b1"));
+    assert_eq!(with(card("PSFTYPE"), "'z7'").as_deref(), Some("z7"));
 }

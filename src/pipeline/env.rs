@@ -83,16 +83,116 @@ pub fn launch() -> Launch {
     }
 }
 
+/// Most worker threads per core of the node a rank may run: more only take turns on the
+/// cores, and a count such as 100 000 takes minutes just to start.
+pub const MAX_THREADS_PER_CORE: usize = 4;
+
+/// Where a compute rank's thread count comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThreadSource {
+    /// `--threads`, or `threads` under `[run]`.
+    Requested,
+    /// `SLURM_CPUS_PER_TASK`.
+    Slurm,
+    /// The cores this process may run on.
+    Cores,
+}
+
+/// The threads a compute rank runs, and the count asked for when it was cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ThreadCount {
+    /// Threads used.
+    pub threads: usize,
+    /// Where the count comes from.
+    pub source: ThreadSource,
+    /// The count asked for, when it was above [`MAX_THREADS_PER_CORE`] per node core and cut.
+    pub asked: Option<usize>,
+    /// Cores of the node, which set the limit.
+    pub node_cores: usize,
+}
+
+impl ThreadCount {
+    /// `requested` when > 0, else `slurm_cpus` when > 0, else `available_cores`; at most
+    /// [`MAX_THREADS_PER_CORE`] × `node_cores`.
+    pub fn new(
+        requested: usize,
+        slurm_cpus: Option<usize>,
+        available_cores: usize,
+        node_cores: usize,
+    ) -> ThreadCount {
+        let (want, source) = if requested > 0 {
+            (requested, ThreadSource::Requested)
+        } else if let Some(n) = slurm_cpus.filter(|&n| n > 0) {
+            (n, ThreadSource::Slurm)
+        } else {
+            (available_cores.max(1), ThreadSource::Cores)
+        };
+        let limit = MAX_THREADS_PER_CORE.saturating_mul(node_cores.max(1));
+        ThreadCount {
+            threads: want.min(limit),
+            source,
+            asked: (want > limit).then_some(want),
+            node_cores: node_cores.max(1),
+        }
+    }
+
+    /// The warning to give when the count asked for was cut.
+    pub fn warning(&self) -> Option<String> {
+        let asked = self.asked?;
+        let what = match self.source {
+            ThreadSource::Requested => {
+                format!("a thread count of {asked} (--threads, or threads under [run])")
+            }
+            ThreadSource::Slurm => format!("SLURM_CPUS_PER_TASK={asked}"),
+            ThreadSource::Cores => format!("{asked} cores"),
+        };
+        Some(format!(
+            "{what} is more than {MAX_THREADS_PER_CORE} threads per core of this node's {}: \
+             using {} threads per compute rank",
+            count_of(self.node_cores, "core"),
+            self.threads
+        ))
+    }
+}
+
+fn count_of(n: usize, what: &str) -> String {
+    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
+}
+
+/// The threads of a compute rank as [`ThreadCount::new`] gives them, from
+/// `SLURM_CPUS_PER_TASK` and this machine's cores.
+pub fn thread_count(requested: usize) -> ThreadCount {
+    ThreadCount::new(
+        requested,
+        env_usize(&["SLURM_CPUS_PER_TASK"]),
+        available_cores(),
+        node_cores(),
+    )
+}
+
 /// Threads a compute rank uses: `requested` when > 0, else `SLURM_CPUS_PER_TASK`, else the
-/// cores this process may run on.
+/// cores this process may run on; never more than [`MAX_THREADS_PER_CORE`] per node core
+/// ([`thread_count`] says when a count was cut).
 pub fn resolve_threads(requested: usize) -> usize {
-    if requested > 0 {
-        return requested;
+    thread_count(requested).threads
+}
+
+/// Most frames a reader holds read and cut ahead: each is about 0.3 GB (image and ivar of a
+/// 4k × 4k CCD in float64), so 16 already take some 5 GB per reader.
+pub const MAX_PREFETCH: usize = 16;
+
+/// The prefetch depth used for `requested`, at most [`MAX_PREFETCH`], and the warning to give
+/// when it was cut.
+pub fn cap_prefetch(requested: usize) -> (usize, Option<String>) {
+    if requested <= MAX_PREFETCH {
+        return (requested, None);
     }
-    if let Some(n) = env_usize(&["SLURM_CPUS_PER_TASK"]).filter(|&n| n > 0) {
-        return n;
-    }
-    available_cores()
+    let why = format!(
+        "a prefetch of {requested} frames (--prefetch, or prefetch under [run]) is more than \
+         the {MAX_PREFETCH} a reader may hold ahead (about 0.3 GB each for a 4k x 4k CCD): \
+         using {MAX_PREFETCH}"
+    );
+    (MAX_PREFETCH, Some(why))
 }
 
 /// Cores this process may run on (its affinity mask where the OS reports one).
@@ -372,6 +472,44 @@ mod tests {
         let err = gpu_ordinal(4, 2, 2).unwrap_err();
         assert!(err.contains("--ranks-per-gpu"), "{err}");
         assert!(gpu_ordinal(1, 2, 1).is_ok() && gpu_ordinal(2, 2, 1).is_err());
+    }
+
+    /// Absurd thread counts, asked for or from Slurm, are cut to a few per core with a
+    /// warning naming the request; sensible ones, and oversubscription up to the limit, pass.
+    #[test]
+    fn huge_thread_counts_are_cut_with_a_warning() {
+        let t = ThreadCount::new(100_000, None, 2, 2);
+        assert_eq!((t.threads, t.asked), (8, Some(100_000)));
+        let w = t.warning().unwrap();
+        assert_eq!(
+            w,
+            "a thread count of 100000 (--threads, or threads under [run]) is more than 4 \
+             threads per core of this node's 2 cores: using 8 threads per compute rank"
+        );
+        let t = ThreadCount::new(0, Some(100_000), 2, 64);
+        assert_eq!((t.threads, t.source), (256, ThreadSource::Slurm));
+        assert!(t
+            .warning()
+            .unwrap()
+            .starts_with("SLURM_CPUS_PER_TASK=100000 is more"));
+        let t = ThreadCount::new(8, Some(100_000), 2, 4);
+        assert_eq!((t.threads, t.asked, t.warning()), (8, None, None));
+        let t = ThreadCount::new(0, Some(0), 3, 4);
+        assert_eq!(
+            (t.threads, t.source, t.asked),
+            (3, ThreadSource::Cores, None)
+        );
+        let t = ThreadCount::new(0, None, 0, 0);
+        assert_eq!(t.threads, 1);
+    }
+
+    #[test]
+    fn huge_prefetch_is_cut_with_a_warning() {
+        assert_eq!(cap_prefetch(0), (0, None));
+        assert_eq!(cap_prefetch(MAX_PREFETCH), (MAX_PREFETCH, None));
+        let (n, why) = cap_prefetch(10_000);
+        assert_eq!(n, MAX_PREFETCH);
+        assert!(why.unwrap().starts_with("a prefetch of 10000 frames"));
     }
 
     #[test]

@@ -152,6 +152,18 @@ pub enum JobListError {
         /// Why.
         source: std::io::Error,
     },
+    /// The list file is larger than a frame list can be (a device such as /dev/zero, or the
+    /// wrong file).
+    #[error(
+        "{}: larger than the {} MiB a frame list may be; is it the right file? (split a list \
+         that long into several runs)",
+        .path.display(),
+        MAX_LIST_BYTES >> 20
+    )]
+    ListTooLarge {
+        /// The list file.
+        path: PathBuf,
+    },
     /// A line of the list file is not an `image psf output` triple.
     #[error("{}:{line}: {msg}", .path.display())]
     ListLine {
@@ -317,12 +329,20 @@ pub fn resolve(
     Ok(jobs.into_iter().map(|(job, _)| job).collect())
 }
 
-/// Reads a `--frames` list.
+/// Most bytes a `--frames` list may have: some 400 000 lines of DESI paths, more frames than
+/// one run does, while a device without end (/dev/zero) is refused after 64 MiB.
+pub const MAX_LIST_BYTES: u64 = 64 << 20;
+
+/// Reads a `--frames` list (a pipe such as `<(…)` too), refusing one over [`MAX_LIST_BYTES`].
 fn read_list(path: &Path) -> Result<Vec<(FrameJob, Origin)>, JobListError> {
-    let text = std::fs::read_to_string(path).map_err(|source| JobListError::ReadList {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text = crate::io::read_text_at_most(path, MAX_LIST_BYTES)
+        .map_err(|source| JobListError::ReadList {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .ok_or_else(|| JobListError::ListTooLarge {
+            path: path.to_path_buf(),
+        })?;
     parse_list(&text, path)
 }
 
@@ -833,6 +853,34 @@ mod tests {
         };
         let msg = resolve(&sel, &[], None, None).unwrap_err().to_string();
         assert!(msg.contains(&*missing.to_string_lossy()), "{msg}");
+    }
+
+    /// A list without end (/dev/zero) or larger than any list is refused, naming the file,
+    /// after reading at most the limit.
+    #[test]
+    fn endless_or_oversized_list_is_refused() {
+        let sel = |p: &Path| Selection {
+            frames: Some(p.to_path_buf()),
+            ..Selection::default()
+        };
+        let zero = Path::new("/dev/zero");
+        let err = resolve(&sel(zero), &[], None, None).unwrap_err();
+        assert!(matches!(err, JobListError::ListTooLarge { .. }), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("/dev/zero: larger than the 64 MiB"),
+            "{err}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big.txt");
+        std::fs::File::create(&big)
+            .unwrap()
+            .set_len(MAX_LIST_BYTES + 1)
+            .unwrap();
+        let err = resolve(&sel(&big), &[], None, None).unwrap_err();
+        assert!(matches!(err, JobListError::ListTooLarge { .. }), "{err}");
+        let err = resolve(&sel(dir.path()), &[], None, None).unwrap_err();
+        assert!(matches!(err, JobListError::ReadList { .. }), "{err}");
     }
 
     #[test]

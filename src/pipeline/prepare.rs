@@ -12,7 +12,7 @@ use crate::config::{self, Config};
 use crate::extract::ExtractOptions;
 use crate::io::frame::{write_frame, write_model_image, Frame, FrameMeta};
 use crate::io::image::{read_preproc, Preproc};
-use crate::io::psf::read_psf;
+use crate::io::psf::read_psf_and_camera;
 use crate::io::IoError;
 use crate::patch::{PatchOptions, Plan, WaveGrid};
 use crate::pipeline::frame::{finalize, FrameResult};
@@ -93,6 +93,24 @@ pub enum PrepareError {
         /// The PSF's CCD columns.
         psf_cols: usize,
     },
+    /// The image is from another camera than the PSF describes.
+    #[error(
+        "{}: CAMERA is {image_camera} but the PSF {} is for camera {psf_camera}; pair each \
+         image with its own camera's PSF, or pass --allow-camera-mismatch \
+         (allow_camera_mismatch = true under [extract]) to extract it anyway",
+        .image.display(),
+        .psf.display()
+    )]
+    CameraMismatch {
+        /// The image.
+        image: PathBuf,
+        /// Its CAMERA.
+        image_camera: String,
+        /// The PSF.
+        psf: PathBuf,
+        /// The PSF's CAMERA.
+        psf_camera: String,
+    },
     /// No grid given and none known for the image's camera.
     #[error(
         "{}: no --wavelength given and CAMERA '{camera}' is not b, r or z",
@@ -120,17 +138,10 @@ pub enum PrepareError {
 }
 
 impl PrepareError {
-    /// The error and its causes on one line, `: `-separated (as the pipeline reports a frame's
+    /// The error and its causes on one line, each said once (as the pipeline reports a frame's
     /// failure).
     pub fn one_line(&self) -> String {
-        let mut line = self.to_string();
-        let mut cause = std::error::Error::source(self);
-        while let Some(c) = cause {
-            line.push_str(": ");
-            line.push_str(&c.to_string());
-            cause = c.source();
-        }
-        line
+        crate::error_line(self)
     }
 }
 
@@ -201,6 +212,47 @@ fn wave_grid(
     Ok(grid)
 }
 
+/// Refuses an image whose CAMERA differs from its PSF's unless `allow_mismatch`; warns when
+/// either lacks CAMERA, since then nothing can be checked. Names as [`crate::io::camera_name`]
+/// gives them.
+fn check_camera(
+    image: &Path,
+    image_camera: Option<&str>,
+    psf: &Path,
+    psf_camera: Option<&str>,
+    allow_mismatch: bool,
+) -> Result<(), PrepareError> {
+    let (image_shown, psf_shown) = (image.display(), psf.display());
+    match (image_camera, psf_camera) {
+        (Some(i), Some(p)) if i == p => {}
+        (Some(i), Some(p)) if allow_mismatch => warn!(
+            "{image_shown}: CAMERA is {i} but the PSF {psf_shown} is for camera {p}; \
+             extracting anyway, as --allow-camera-mismatch asks"
+        ),
+        (Some(i), Some(p)) => {
+            return Err(PrepareError::CameraMismatch {
+                image: image.to_path_buf(),
+                image_camera: i.to_string(),
+                psf: psf.to_path_buf(),
+                psf_camera: p.to_string(),
+            })
+        }
+        (Some(i), None) => warn!(
+            "the PSF {psf_shown} has no CAMERA keyword: cannot check that it is for camera {i} \
+             of {image_shown}"
+        ),
+        (None, Some(p)) => warn!(
+            "{image_shown} has no CAMERA keyword: cannot check that it is from camera {p} of \
+             the PSF {psf_shown}"
+        ),
+        (None, None) => warn!(
+            "neither {image_shown} nor the PSF {psf_shown} has a CAMERA keyword: cannot check \
+             that they belong together"
+        ),
+    }
+    Ok(())
+}
+
 /// Reads the PSF and the image of one frame and plans it under `cfg` (already validated).
 pub fn prepare_frame(
     cfg: &Config,
@@ -209,7 +261,7 @@ pub fn prepare_frame(
     model_image: bool,
     progress: bool,
 ) -> Result<Prepared, PrepareError> {
-    let psf = read_psf(psf_path)?;
+    let (psf, psf_camera) = read_psf_and_camera(psf_path)?;
     // What the PSF alone can refuse, before the (larger) image is read.
     let specmin = cfg.extract.specmin;
     let nfiber = psf.nfiber();
@@ -252,6 +304,13 @@ pub fn prepare_frame(
         preproc.masked_by_bits,
         preproc.nonfinite
     );
+    check_camera(
+        image_path,
+        preproc.camera.as_deref(),
+        psf_path,
+        psf_camera.as_deref(),
+        cfg.extract.allow_camera_mismatch,
+    )?;
     if preproc.image.dim() != (psf.npix_y, psf.npix_x) {
         return Err(PrepareError::ImageVsPsf {
             image: image_path.to_path_buf(),
@@ -265,7 +324,7 @@ pub fn prepare_frame(
     let grid = match grid_given {
         Some(g) => g,
         None => {
-            let camera = header_value(&preproc.header, "CAMERA").unwrap_or_default();
+            let camera = preproc.camera.clone().unwrap_or_default();
             let w =
                 config::camera_wavelength(&camera).ok_or_else(|| PrepareError::NoWavelength {
                     image: image_path.to_path_buf(),
@@ -374,7 +433,9 @@ pub fn write_outputs(
 
 #[cfg(test)]
 mod tests {
-    use super::header_value;
+    use std::path::Path;
+
+    use super::{check_camera, header_value, PrepareError};
 
     #[test]
     fn header_values_lose_quotes_and_comments() {
@@ -385,5 +446,25 @@ mod tests {
         assert_eq!(header_value(&cards, "CAMERA").as_deref(), Some("r0"));
         assert_eq!(header_value(&cards, "EXPID").as_deref(), Some("67784"));
         assert_eq!(header_value(&cards, "NIGHT"), None);
+    }
+
+    #[test]
+    fn camera_mismatch_is_refused_unless_allowed_and_a_missing_camera_passes() {
+        let (img, psf) = (Path::new("preproc-b0.fits"), Path::new("psf-r0.fits"));
+        let err = check_camera(img, Some("b0"), psf, Some("r0"), false).unwrap_err();
+        assert!(matches!(err, PrepareError::CameraMismatch { .. }));
+        let msg = err.to_string();
+        for part in [
+            "preproc-b0.fits: CAMERA is b0",
+            "PSF psf-r0.fits is for camera r0",
+            "--allow-camera-mismatch",
+        ] {
+            assert!(msg.contains(part), "{msg}");
+        }
+        assert!(check_camera(img, Some("b0"), psf, Some("r0"), true).is_ok());
+        assert!(check_camera(img, Some("r0"), psf, Some("r0"), false).is_ok());
+        assert!(check_camera(img, Some("r0"), psf, None, false).is_ok());
+        assert!(check_camera(img, None, psf, Some("r0"), false).is_ok());
+        assert!(check_camera(img, None, psf, None, false).is_ok());
     }
 }

@@ -7,12 +7,15 @@
 //! - `structure`: determinism across thread counts, ivar and NODATA, the resolution band.
 //! - `format`: the frame's HDUs, dtypes and shapes, also as Python's fitsio and astropy see them.
 //! - `cli`: bad inputs fail with exit code 2, a message naming the problem and no output file.
+//! - `checks`: what is refused or limited before any work (cameras, endless lists and
+//!   configurations, absurd counts), and causes said once.
 //!
 //! One binary (`autotests = false` in Cargo.toml) so that the suite links once.
 
 #[macro_use]
 mod common;
 
+mod checks;
 mod cli;
 mod format;
 mod pipeline;

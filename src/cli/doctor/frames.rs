@@ -93,6 +93,9 @@ pub(super) fn frames_findings(list: &Path, probe_name: &str) -> Vec<Finding> {
         Err(e) => {
             let hint = match e {
                 JobListError::ReadList { .. } => "check the path of the list",
+                JobListError::ListTooLarge { .. } => {
+                    "check the path of the list; split a list that long into several runs"
+                }
                 JobListError::ListLine { .. } => {
                     "write one frame per line: image, PSF and output paths separated by spaces"
                 }
@@ -244,6 +247,14 @@ mod tests {
         let f = frames_findings(&dir.path().join("absent.txt"), PROBE);
         assert_eq!(statuses(&f), [Status::Fail]);
         assert!(f[0].found.contains("absent.txt"), "{}", f[0].found);
+        // A list without end is refused once past the limit, not read into memory forever.
+        let f = frames_findings(Path::new("/dev/zero"), PROBE);
+        assert_eq!(statuses(&f), [Status::Fail]);
+        assert!(
+            f[0].found.starts_with("/dev/zero: larger than"),
+            "{}",
+            f[0].found
+        );
         std::fs::write(&list, "# nothing yet\n\n").unwrap();
         let f = frames_findings(&list, PROBE);
         assert_eq!(statuses(&f), [Status::Warn]);

@@ -219,8 +219,9 @@ pub fn run(args: &DoctorArgs) -> anyhow::Result<bool> {
         .or(layout.as_ref().map(|l| l.on_first_node))
         .unwrap_or(launch.local_size);
     let slurm_cpus = env_var("SLURM_CPUS_PER_TASK").and_then(|v| v.trim().parse::<usize>().ok());
+    let thread_count = env::thread_count(args.threads);
     findings.extend(threads::thread_findings(&threads::ThreadFacts {
-        threads: env::resolve_threads(args.threads),
+        threads: thread_count.threads,
         source: if args.threads > 0 {
             threads::ThreadSource::Flag
         } else if slurm_cpus.is_some_and(|n| n > 0) {
@@ -233,6 +234,8 @@ pub fn run(args: &DoctorArgs) -> anyhow::Result<bool> {
         node_cores: env::node_cores(),
         available_cores: env::available_cores(),
     }));
+
+    findings.extend(threads::thread_cut_finding(&thread_count));
 
     // What the user set, not what `main` pinned since (see `env::initial_var`).
     let blas: Vec<(&str, Option<String>)> = env::BLAS_THREAD_VARS

@@ -82,6 +82,20 @@ pub(super) fn thread_findings(f: &ThreadFacts) -> Vec<Finding> {
     out
 }
 
+/// The warning when extract would cut the thread count asked for (see
+/// [`env::ThreadCount`]), if it would.
+pub(super) fn thread_cut_finding(t: &env::ThreadCount) -> Option<Finding> {
+    let why = t.warning()?;
+    Some(Finding::warn(
+        "threads",
+        why,
+        format!(
+            "ask for at most {} threads per rank (--threads, or srun --cpus-per-task)",
+            t.node_cores
+        ),
+    ))
+}
+
 /// Findings on the BLAS thread variables, `(name, value as the process started with it)`.
 pub(super) fn blas_findings(vars: &[(&str, Option<&str>)]) -> Vec<Finding> {
     let mut fine = Vec::new();
@@ -193,6 +207,15 @@ mod tests {
             node_cores: node,
             available_cores: available,
         }
+    }
+
+    #[test]
+    fn a_thread_count_extract_would_cut_warns() {
+        let cut = env::ThreadCount::new(100_000, None, 2, 2);
+        let f = thread_cut_finding(&cut).expect("100000 threads on 2 cores is cut");
+        assert_eq!(f.status, Status::Warn);
+        assert!(f.found.contains("using 8 threads"), "{}", f.found);
+        assert!(thread_cut_finding(&env::ThreadCount::new(8, None, 2, 2)).is_none());
     }
 
     #[test]

@@ -81,9 +81,7 @@ fn from_c(buf: &[c_char]) -> String {
 impl Fits {
     /// Opens `path` read-only.
     pub fn open(path: &Path) -> Result<Fits, IoError> {
-        if !path.is_file() {
-            return Err(IoError::file(path, "no such file"));
-        }
+        super::check_input_file(path)?;
         let c = path_c(path)?;
         let mut ptr = ptr::null_mut();
         let mut status = 0;

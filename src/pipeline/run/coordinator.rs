@@ -6,7 +6,7 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use tracing::info;
+use tracing::{info, warn};
 
 use super::event_loop::Rank;
 use super::{Layout, RunError, RunOptions};
@@ -46,6 +46,9 @@ impl Coordinator {
             layout.computes.iter().map(Vec::len).sum::<usize>(),
             opts.threads
         );
+        if let Some(cut) = layout.roles_cut(opts.readers_per_node, opts.writers_per_node) {
+            warn!("{cut}");
+        }
     }
 
     /// A reader asks for a frame: the next one, or none once stopping.

@@ -81,6 +81,30 @@ impl Layout {
         l
     }
 
+    /// Where a node has too few ranks for `readers` readers and `writers` writers (they are cut
+    /// so that a compute rank remains), what it got instead, for the log; `None` where every
+    /// node got what was asked.
+    pub fn roles_cut(&self, readers: usize, writers: usize) -> Option<String> {
+        let cut: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| self.readers[i].len() != readers || self.writers[i].len() != writers)
+            .collect();
+        let &first = cut.first()?;
+        let others = match cut.len() - 1 {
+            0 => String::new(),
+            1 => " (and on 1 other node)".to_string(),
+            n => format!(" (and on {n} other nodes)"),
+        };
+        Some(format!(
+            "--readers-per-node {readers} and --writers-per-node {writers} do not fit node \
+             {first}'s {} rank(s), which keep at least one compute rank: it has {} reader(s), \
+             {} writer(s) and {} compute rank(s){others}",
+            self.nodes[first].len(),
+            self.readers[first].len(),
+            self.writers[first].len(),
+            self.computes[first].len(),
+        ))
+    }
+
     pub(super) fn node_of(&self, rank: usize) -> usize {
         self.nodes
             .iter()
@@ -153,5 +177,31 @@ mod tests {
         assert_eq!(l.writers[0], vec![2, 3]);
         assert_eq!(l.computes[0], vec![4]);
         assert_eq!(l.writer_of(0, 3), 3);
+    }
+
+    /// A request for more readers or writers than a node can give is said, with what each
+    /// node got; one that fits says nothing.
+    #[test]
+    fn roles_cut_to_fit_a_node_are_said() {
+        let l = Layout::new(vec![vec![0, 1, 2, 3]], 1000, 1);
+        let msg = l
+            .roles_cut(1000, 1)
+            .expect("1000 readers do not fit 4 ranks");
+        assert!(
+            msg.contains("node 0's 4 rank(s)")
+                && msg.contains("2 reader(s), 1 writer(s) and 1 compute rank(s)"),
+            "{msg}"
+        );
+        assert_eq!(
+            Layout::new(vec![vec![0, 1, 2, 3]], 2, 1).roles_cut(2, 1),
+            None
+        );
+        let one = Layout::new(vec![vec![0]], 3, 1);
+        assert!(one.roles_cut(3, 1).unwrap().contains("1 reader(s)"));
+        let two_nodes = Layout::new(vec![vec![0, 1, 2], vec![3, 4, 5]], 1, 5);
+        assert!(two_nodes
+            .roles_cut(1, 5)
+            .unwrap()
+            .ends_with("(and on 1 other node)"));
     }
 }
