@@ -415,7 +415,7 @@ fn single(args: &ExtractArgs, cfg: &Config) -> Result<()> {
     );
     // One process: the first visible GPU.
     let mut engine = crate::extract::engine::start(backend, |_| Ok(0))?.boxed();
-    let res = run_extraction(&prep, prep.threads, prep.progress, engine.as_mut())?;
+    let mut res = run_extraction(&prep, prep.threads, prep.progress, engine.as_mut())?;
     let st = &res.stats;
     info!(
         "extracted {} patches in {:.2}s (spots {:.2}s, solve {:.2}s, assemble {:.2}s); {} retried, {} failed, {} dropped off the CCD",
@@ -428,7 +428,8 @@ fn single(args: &ExtractArgs, cfg: &Config) -> Result<()> {
         st.failed,
         st.dropped
     );
-    check_extracted(&res, prep.plan.npatch())?;
+    check_extracted(&mut res, &prep.grid, prep.plan.npatch(), &prep.image_path)
+        .with_context(|| prep.image_path.display().to_string())?;
     write_outputs(
         &res,
         &prep.grid,

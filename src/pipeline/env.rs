@@ -450,6 +450,45 @@ pub fn initial_var(name: &str) -> Option<String> {
     })
 }
 
+/// Who passes a stop signal on to this process, which decides what a SIGTERM or SIGINT can
+/// promise about the frames in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignalRoute {
+    /// No launcher, or Slurm's srun: the signal reaches the process and nothing ends it soon
+    /// after, so the frames in flight can be finished (Slurm's `--signal` reaches the ranks of
+    /// an srun step directly).
+    Direct,
+    /// An MPI launcher (named) that passes SIGTERM/SIGINT on and then ends the ranks itself
+    /// (Open MPI's mpirun: about a second later). Open MPI's mpirun forwards SIGUSR1 and
+    /// SIGUSR2 without ending anything.
+    Launcher(&'static str),
+}
+
+/// The route of this process's stop signals, from the environment it started with.
+pub fn signal_route() -> SignalRoute {
+    signal_route_from(initial_var)
+}
+
+/// [`signal_route`] from the variables `var` gives.
+///
+/// Open MPI's mpirun (ORTE and PRRTE alike) sets `OMPI_COMM_WORLD_SIZE` in each rank's
+/// starting environment, MPICH's Hydra `MPI_LOCALRANKID`; srun sets neither (Open MPI under
+/// srun sets them only later, inside MPI_Init, which the starting environment does not see),
+/// but `SLURM_STEP_ID`. PMI/PMIx variables without an srun step mean some other launcher.
+pub fn signal_route_from(var: impl Fn(&str) -> Option<String>) -> SignalRoute {
+    if var("OMPI_COMM_WORLD_SIZE").is_some() {
+        return SignalRoute::Launcher("mpirun");
+    }
+    if var("MPI_LOCALRANKID").is_some() {
+        return SignalRoute::Launcher("mpiexec");
+    }
+    let pmi = var("PMI_RANK").is_some() || var("PMIX_RANK").is_some();
+    if pmi && var("SLURM_STEP_ID").is_none() {
+        return SignalRoute::Launcher("the MPI launcher");
+    }
+    SignalRoute::Direct
+}
+
 // End of the facts for `spextract doctor`.
 // ---------------------------------------------------------------------------------------------
 
@@ -459,6 +498,29 @@ mod tests {
 
     /// `--ranks-per-gpu` reaches the binding: two ranks per GPU fill two GPUs with four ranks,
     /// and a fifth is refused with the way out named.
+    /// mpirun and mpiexec are told apart from srun and from no launcher at all, whatever
+    /// Slurm variables surround them (mpirun inside an allocation still ends its ranks).
+    #[test]
+    fn stop_signals_route_through_the_launcher_that_started_the_rank() {
+        let route =
+            |vars: &[&str]| signal_route_from(|name| vars.contains(&name).then(|| "1".to_string()));
+        assert_eq!(route(&[]), SignalRoute::Direct);
+        assert_eq!(route(&["SLURM_STEP_ID", "PMIX_RANK"]), SignalRoute::Direct);
+        assert_eq!(route(&["SLURM_STEP_ID", "PMI_RANK"]), SignalRoute::Direct);
+        assert_eq!(
+            route(&["OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "SLURM_STEP_ID"]),
+            SignalRoute::Launcher("mpirun")
+        );
+        assert_eq!(
+            route(&["MPI_LOCALRANKID", "PMI_RANK"]),
+            SignalRoute::Launcher("mpiexec")
+        );
+        assert_eq!(
+            route(&["PMIX_RANK"]),
+            SignalRoute::Launcher("the MPI launcher")
+        );
+    }
+
     #[test]
     fn ranks_per_gpu_shares_devices_and_refuses_the_excess() {
         if std::env::var_os("SLURM_GPUS_PER_TASK").is_some()

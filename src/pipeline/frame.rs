@@ -17,7 +17,8 @@ pub mod specmask {
     pub const ALLBADPIX: u32 = 1 << 1;
     /// chi2pix far above its medians.
     pub const BAD2DFIT: u32 = 1 << 7;
-    /// No extraction: the patch left the CCD or could not be solved.
+    /// No extraction: the patch left the CCD or could not be solved, or the bin has no data
+    /// or a value that is not finite (see `withhold_unusable`).
     pub const NODATA: u32 = 1 << 8;
 }
 
@@ -38,7 +39,8 @@ pub struct FrameResult {
     pub chi2pix: Array2<f64>,
     /// PSF-weighted masked fraction.
     pub pixmask_fraction: Array2<f64>,
-    /// Bins whose patch was dropped (off the CCD) or failed.
+    /// Bins whose patch was dropped (off the CCD) or failed, and bins withheld before
+    /// writing (`withhold_unusable`).
     pub nodata: Array2<bool>,
     /// Model image `[npix_y, npix_x]`, if requested.
     pub model: Option<Array2<f64>>,
@@ -299,11 +301,88 @@ pub fn extract_bundles(
     Ok(out)
 }
 
+/// Whether every value a frame file stores for fiber `f`, bin `j` (flux and ivar per Ångström,
+/// `dw` being the bin's width; chi2pix; the resolution column) is finite as a float32.
+fn storable(res: &FrameResult, f: usize, j: usize, dw: f64) -> bool {
+    let stored = |v: f64| (v as f32).is_finite();
+    stored(res.flux[[f, j]] / dw)
+        && stored(res.ivar[[f, j]] * dw * dw)
+        && stored(res.chi2pix[[f, j]])
+        && res
+            .resolution
+            .slice(s![f, .., j])
+            .iter()
+            .all(|&v| stored(v))
+}
+
 fn mark_nodata(out: &mut FrameResult, ispec: usize, nspec: usize, iwave: usize, nkeep: usize) {
     let f = ispec - out.specmin;
     out.nodata
         .slice_mut(s![f..f + nspec, iwave..iwave + nkeep])
         .fill(true);
+}
+
+/// A bin whose spot puts less than this fraction of its light on pixels with ivar > 0 has no
+/// data: its unknown is decoupled from every other (no weighted pixel is shared), so its flux
+/// and ivar are the regularisation's alone (ivar about 1e-15 where the whole patch is empty).
+/// The spot sums to 1, so a bin without any unmasked pixel has a pixmask fraction of 1 up to
+/// rounding (about 1e-14); a bin with one unmasked pixel in its spot's far wing still has far
+/// more than this.
+pub const NO_DATA_LIGHT: f64 = 1e-10;
+
+/// Bins a frame withholds: written as NODATA with flux, ivar, chi2pix and resolution 0, like
+/// the bins of a patch that left the CCD, because their numbers say nothing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Withheld {
+    /// Bins whose spot falls on masked pixels (or ivar 0) only.
+    pub no_data: usize,
+    /// Bins with a value that is not finite, in f64 or once stored as float32 (an image of
+    /// 1e38 gives fluxes beyond float32's range).
+    pub non_finite: usize,
+    /// Bins NODATA already: their patch left the CCD or could not be solved.
+    pub dropped: usize,
+    /// Bins of the frame.
+    pub bins: usize,
+}
+
+impl Withheld {
+    /// Whether no bin of the frame is left to write.
+    pub fn all(&self) -> bool {
+        self.no_data + self.non_finite + self.dropped >= self.bins
+    }
+}
+
+/// Marks NODATA, and zeroes, every bin without data and every bin with a value that a frame
+/// file (float32) cannot hold as a finite number (extraction.md §6), so that nothing
+/// meaningless is written as if valid. A frame with neither is left bit for bit as it was.
+pub fn withhold_unusable(res: &mut FrameResult, grid: &WaveGrid) -> Withheld {
+    let dwave = grid.dwave();
+    let (nspec, nwave) = res.flux.dim();
+    let mut w = Withheld {
+        bins: nspec * nwave,
+        ..Withheld::default()
+    };
+    for f in 0..nspec {
+        for (j, &dw) in dwave.iter().enumerate() {
+            if res.nodata[[f, j]] {
+                w.dropped += 1;
+                continue;
+            }
+            if res.pixmask_fraction[[f, j]] >= 1.0 - NO_DATA_LIGHT {
+                w.no_data += 1;
+            } else if !storable(res, f, j, dw) {
+                w.non_finite += 1;
+            } else {
+                continue;
+            }
+            res.nodata[[f, j]] = true;
+            res.flux[[f, j]] = 0.0;
+            res.ivar[[f, j]] = 0.0;
+            res.chi2pix[[f, j]] = 0.0;
+            res.resolution.slice_mut(s![f, .., j]).fill(0.0);
+        }
+    }
+    w
 }
 
 /// The frame as desispec writes it: flux and ivar per Ångström and the spectral mask.
@@ -529,5 +608,51 @@ pub(crate) mod tests {
             .zip(&three.resolution)
             .all(|(a, b)| a.to_bits() == b.to_bits()));
         assert!(one.flux.iter().any(|&f| f != 0.0));
+    }
+
+    /// A frame with data and finite values everywhere (every 53rd diagonal masked, as real
+    /// frames have bad pixels) is left bit for bit; a bin pushed beyond float32 and a bin
+    /// whose spot is wholly masked are withheld, and only they.
+    #[test]
+    fn only_bins_without_data_or_finite_values_are_withheld() {
+        let toy = ToyFrame::new();
+        let mut res = toy.extract(&mut CpuBackend);
+        let before = res.clone();
+        let w = withhold_unusable(&mut res, &toy.grid);
+        assert_eq!((w.no_data, w.non_finite), (0, 0), "{w:?}");
+        assert_eq!(w.bins, res.flux.len());
+        let bits = |a: &Array2<f64>| a.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&before.flux), bits(&res.flux));
+        assert_eq!(bits(&before.ivar), bits(&res.ivar));
+        assert_eq!(bits(&before.chi2pix), bits(&res.chi2pix));
+        assert_eq!(before.nodata, res.nodata);
+
+        let live: Vec<(usize, usize)> = res
+            .nodata
+            .indexed_iter()
+            .filter(|(_, &n)| !n)
+            .map(|(i, _)| i)
+            .take(2)
+            .collect();
+        let (huge, empty) = (live[0], live[1]);
+        res.flux[huge] = 1e39;
+        res.pixmask_fraction[empty] = 1.0 - 1e-15;
+        let w = withhold_unusable(&mut res, &toy.grid);
+        assert_eq!((w.no_data, w.non_finite), (1, 1), "{w:?}");
+        for bin in [huge, empty] {
+            assert!(res.nodata[bin]);
+            assert_eq!(
+                (res.flux[bin], res.ivar[bin], res.chi2pix[bin]),
+                (0.0, 0.0, 0.0)
+            );
+            assert!(res
+                .resolution
+                .slice(s![bin.0, .., bin.1])
+                .iter()
+                .all(|&v| v == 0.0));
+        }
+        let fin = finalize(&res, &toy.grid);
+        assert_eq!(fin.mask[huge] & specmask::NODATA, specmask::NODATA);
+        assert!(!w.all());
     }
 }

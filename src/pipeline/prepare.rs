@@ -15,7 +15,7 @@ use crate::io::image::{read_preproc, Preproc};
 use crate::io::psf::read_psf_and_camera;
 use crate::io::IoError;
 use crate::patch::{PatchOptions, Plan, WaveGrid};
-use crate::pipeline::frame::{finalize, FrameResult};
+use crate::pipeline::frame::{finalize, withhold_unusable, FrameResult, Withheld};
 use crate::psf::Psf;
 
 /// Why a frame could not be prepared or written, naming its files.
@@ -121,6 +121,36 @@ pub enum PrepareError {
         image: PathBuf,
         /// Its CAMERA header value.
         camera: String,
+    },
+    /// No pixel of the image has ivar > 0.
+    #[error(
+        "{}: no pixel has data: every one is masked or has IVAR 0 ({masked_by_bits} masked by \
+         MASK bits, {nonfinite} NaN/Inf); nothing to extract",
+        .image.display()
+    )]
+    NoData {
+        /// The image.
+        image: PathBuf,
+        /// Pixels masked by MASK bits.
+        masked_by_bits: usize,
+        /// Pixels whose IMAGE or IVAR was not finite.
+        nonfinite: usize,
+    },
+    /// No bin of the frame has data and finite values.
+    #[error(
+        "no bin of the frame can be written: of {bins} bins, {no_data} have no data (every \
+         pixel under their spot is masked or has IVAR 0), {non_finite} have a value that is not \
+         finite or beyond float32's range, and {dropped} were not extracted; no output written"
+    )]
+    NothingUsable {
+        /// Bins of the frame.
+        bins: usize,
+        /// Bins without data.
+        no_data: usize,
+        /// Bins with non-finite values.
+        non_finite: usize,
+        /// Bins of patches off the CCD or failed.
+        dropped: usize,
     },
     /// Every patch failed or left the CCD.
     #[error(
@@ -311,6 +341,15 @@ pub fn prepare_frame(
         psf_camera.as_deref(),
         cfg.extract.allow_camera_mismatch,
     )?;
+    // A frame of nothing would still "extract": the regularisation alone gives every bin a
+    // flux of 0 and an ivar of about 1e-15. Refuse it before the work.
+    if !preproc.ivar.iter().any(|&v| v > 0.0) {
+        return Err(PrepareError::NoData {
+            image: image_path.to_path_buf(),
+            masked_by_bits: preproc.masked_by_bits,
+            nonfinite: preproc.nonfinite,
+        });
+    }
     if preproc.image.dim() != (psf.npix_y, psf.npix_x) {
         return Err(PrepareError::ImageVsPsf {
             image: image_path.to_path_buf(),
@@ -359,8 +398,15 @@ pub fn prepare_frame(
     })
 }
 
-/// Refuses a frame in which nothing was extracted; warns about failed patches.
-pub fn check_extracted(res: &FrameResult, npatch: usize) -> Result<(), PrepareError> {
+/// Refuses a frame in which nothing was extracted or nothing can be written; withholds
+/// (NODATA, ivar 0) the bins without data or with non-finite values, and warns about them and
+/// about failed patches, naming the frame by `image`.
+pub fn check_extracted(
+    res: &mut FrameResult,
+    grid: &WaveGrid,
+    npatch: usize,
+    image: &Path,
+) -> Result<Withheld, PrepareError> {
     let st = &res.stats;
     if st.failed + st.dropped >= npatch {
         return Err(PrepareError::NothingExtracted {
@@ -369,13 +415,38 @@ pub fn check_extracted(res: &FrameResult, npatch: usize) -> Result<(), PrepareEr
             failed: st.failed,
         });
     }
-    if st.failed > 0 {
+    let failed = st.failed;
+    let w = withhold_unusable(res, grid);
+    if w.all() {
+        return Err(PrepareError::NothingUsable {
+            bins: w.bins,
+            no_data: w.no_data,
+            non_finite: w.non_finite,
+            dropped: w.dropped,
+        });
+    }
+    let image = image.display();
+    if failed > 0 {
         warn!(
-            "{} patches failed even with regularisation: their bins have ivar 0 and mask NODATA",
-            st.failed
+            "{image}: {failed} patches failed even with regularisation: their bins have ivar 0 \
+             and mask NODATA"
         );
     }
-    Ok(())
+    if w.no_data > 0 {
+        warn!(
+            "{image}: {} of {} bins have no data (every pixel under their spot is masked or has \
+             IVAR 0): written with flux and ivar 0 and mask NODATA",
+            w.no_data, w.bins
+        );
+    }
+    if w.non_finite > 0 {
+        warn!(
+            "{image}: {} of {} bins have a non-finite flux, ivar, chi2pix or resolution (or one \
+             beyond float32's range, about 3.4e38): written with flux and ivar 0 and mask NODATA",
+            w.non_finite, w.bins
+        );
+    }
+    Ok(w)
 }
 
 /// What the frame's header and FIBERMAP record about its inputs.

@@ -36,7 +36,8 @@ pub struct RunReport {
     pub frames_per_node_hour: f64,
     /// Bytes moved between ranks (work units and results), per written frame.
     pub bytes_per_frame: f64,
-    /// Whether SIGTERM/SIGINT stopped the run before every frame was done.
+    /// Whether a stop signal (SIGTERM, SIGINT, SIGUSR1, SIGUSR2) stopped the run before every
+    /// frame was done.
     pub interrupted: bool,
     /// Per-rank time split.
     pub roles: Vec<RoleTimes>,

@@ -1,5 +1,5 @@
 //! The many-frame pipeline: list in, frames out, under one process and under `mpirun`, with
-//! bad frames among good ones and a SIGTERM in the middle.
+//! bad frames among good ones and a SIGTERM (one process) or SIGUSR1 (mpirun) in the middle.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -390,6 +390,112 @@ fn sigterm_leaves_only_complete_frames_and_a_rerun_finishes_the_same_files() {
     for i in 1..=n {
         let name = format!("frame-{i}.fits");
         same_frame(&straight.join(&name), &out.join(&name));
+    }
+}
+
+/// mpirun ends its ranks about a second after it forwards SIGTERM, but forwards SIGUSR1 and
+/// leaves them running: SIGUSR1 to mpirun stops handing out frames, the frames in flight are
+/// finished and written whole, rank 0 prints the summary (abandoned frames, "interrupted") and
+/// the job exits 1; a rerun skips what was written and writes the rest.
+#[test]
+fn sigusr1_to_mpirun_drains_the_frames_in_flight_and_a_rerun_finishes() {
+    if !have_mpirun() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let psf = two_bundle_psf(d);
+    let n = 8;
+    let list = frames(d, &psf, n);
+    let cfg = config(d);
+    let out = d.join("out");
+    let logs = d.join("logs");
+    let report = d.join("report.json");
+    let args: [&dyn AsRef<std::ffi::OsStr>; 14] = [
+        &"--frames",
+        &list,
+        &"--config",
+        &cfg,
+        &"--threads",
+        &"1",
+        &"--prefetch",
+        &"1",
+        &"--unit-bundles",
+        &"1",
+        &"--log-dir",
+        &logs,
+        &"--report",
+        &report,
+    ];
+    // 3 ranks: rank 0 reads, rank 1 writes, rank 2 computes.
+    let child = pipeline_cmd(Some(3), &args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !(out.join("frame-1.fits").exists() || t0.elapsed() > Duration::from_secs(120)) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: kill(2) on the pid of the mpirun this test started and has not yet reaped.
+    let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGUSR1) };
+    assert_eq!(rc, 0);
+    let (code, log) = wait_or_fail(child, Duration::from_secs(180), "SIGUSR1");
+    let present: Vec<PathBuf> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(
+        present.len() < n,
+        "the run finished before the signal; it must be interrupted for this test\n{log}"
+    );
+    assert_eq!(
+        code, 1,
+        "a drained run that abandoned frames exits 1\n{log}"
+    );
+    assert!(
+        log.contains("SIGUSR1: no new frames will be started; frames in flight are finished"),
+        "{log}"
+    );
+    assert!(log.contains("abandoned (interrupted)"), "no summary\n{log}");
+    for p in &present {
+        let name = p.file_name().unwrap().to_string_lossy();
+        assert!(
+            !name.starts_with('.'),
+            "temporary left behind: {}",
+            p.display()
+        );
+        let f = read_frame(p)
+            .unwrap_or_else(|e| panic!("{} is not a complete frame: {e}", p.display()));
+        assert_eq!(f.flux.nrows(), 50, "{}", p.display());
+    }
+    let rep = RunReport::read_json(&report).unwrap();
+    assert!(rep.interrupted, "{log}");
+    assert_eq!(rep.frames.written, present.len(), "{log}");
+    assert_eq!(rep.frames.failed, 0, "{log}");
+    assert_eq!(rep.frames.abandoned, n - present.len(), "{log}");
+    // The writer's own log: frames in flight at the signal were written after it, and none
+    // was given up half assembled.
+    let writer = std::fs::read_to_string(logs.join("rank-0001.log")).unwrap();
+    let signalled = writer.find("SIGUSR1").expect("the writer logs the signal");
+    assert!(
+        writer[signalled..].contains("wrote "),
+        "no frame in flight was written after the signal\n{writer}"
+    );
+    assert!(
+        !writer.contains("abandoned: the run stopped before all its units came back"),
+        "{writer}"
+    );
+    // The rerun writes the rest.
+    let (code, log) = run_pipeline(Some(3), &args);
+    assert_eq!(code, 0, "{log}");
+    assert!(
+        log.contains(&format!("{} skipped", present.len())),
+        "the rerun must skip the {} frames already written\n{log}",
+        present.len()
+    );
+    for i in 1..=n {
+        read_frame(&out.join(format!("frame-{i}.fits"))).unwrap();
     }
 }
 

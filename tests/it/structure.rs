@@ -1,13 +1,16 @@
 //! Properties every frame must have: the same bits whatever the thread count, ivar > 0 on every
-//! bin that was extracted, nothing on the bins that were not (NODATA), and a resolution band
-//! that holds nearly all of each row.
+//! bin that was extracted, nothing on the bins that were not (NODATA) or whose pixels carry no
+//! data or give non-finite numbers, and a resolution band that holds nearly all of each row.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use spextract::cli::compare::band_retention;
 use spextract::io::frame::{read_frame, Frame};
 
-use crate::common::{band_row_sums, shared_data, MIN_BAND_RETENTION, NODATA};
+use crate::common::{
+    assert_no_output, band_row_sums, shared_data, small_ccd, SmallCcd, MIN_BAND_RETENTION, NODATA,
+    SMALL_GRID,
+};
 
 /// Asserts the ivar/NODATA contract; returns the number of NODATA bins.
 #[track_caller]
@@ -182,4 +185,197 @@ fn real_bundle_deterministic_and_banded() {
     );
     assert_eq!(assert_ivar_and_nodata(&f), 0);
     assert_band(&f, 57_000);
+}
+
+/// The small simulation with its planes changed by `edit`, written uncompressed as `name`.
+fn edited_ccd(
+    dir: &Path,
+    ccd: &SmallCcd,
+    name: &str,
+    edit: impl FnOnce(&mut ndarray::Array2<f32>, &mut ndarray::Array2<f32>, &mut ndarray::Array2<i16>),
+) -> PathBuf {
+    let (mut image, mut ivar, mut mask) = (
+        ccd.sim.image.clone(),
+        ccd.sim.ivar.clone(),
+        ccd.sim.mask.clone(),
+    );
+    edit(&mut image, &mut ivar, &mut mask);
+    let path = dir.join(name);
+    spextract::io::write_preproc(
+        &path,
+        &image,
+        &ivar,
+        &mask,
+        &ccd.sim.header,
+        Some(&ccd.sim.fibermap),
+        false,
+    )
+    .unwrap();
+    path
+}
+
+/// Extracts `image` of the small CCD, with `extra` arguments, into `dir/<image stem>-frame.fits`.
+fn extract_small(
+    dir: &Path,
+    ccd: &SmallCcd,
+    image: &Path,
+    extra: &[&str],
+) -> (crate::common::Run, PathBuf) {
+    let stem = image.file_stem().unwrap().to_string_lossy();
+    let out = dir.join(format!("{stem}-frame.fits"));
+    let mut args: Vec<std::ffi::OsString> = vec![
+        "extract".into(),
+        "-p".into(),
+        ccd.psf.clone().into(),
+        "-i".into(),
+        image.into(),
+        "-o".into(),
+        out.clone().into(),
+        "-w".into(),
+        SMALL_GRID.into(),
+        "--threads".into(),
+        "1".into(),
+    ];
+    args.extend(extra.iter().map(Into::into));
+    (crate::common::spextract(args), out)
+}
+
+/// For each fiber and bin of the small grid, the CCD rows its spot covers.
+fn spot_rows(ccd: &SmallCcd) -> ndarray::Array2<(i64, i64)> {
+    let psf = spextract::io::read_psf(&ccd.psf).unwrap();
+    let g: Vec<f64> = SMALL_GRID.split(',').map(|v| v.parse().unwrap()).collect();
+    let wave: Vec<f64> = (0..)
+        .map(|k| g[0] + g[2] * f64::from(k))
+        .take_while(|w| *w <= g[1] + 1e-9)
+        .collect();
+    let set = spextract::psf::spots::evaluate(&psf, 0, psf.nfiber(), &wave).unwrap();
+    ndarray::Array2::from_shape_fn((psf.nfiber(), wave.len()), |(f, j)| {
+        let y0 = set.yc[set.index(f, j)];
+        (y0, y0 + set.ny as i64)
+    })
+}
+
+/// An image whose every pixel is masked, or whose ivar is 0 everywhere, holds nothing to
+/// extract: the run fails naming the image, before any work, instead of writing a frame of
+/// regularisation (ivar about 6e-16 in every bin, exit 0, as it did). Fibers whose pixels are
+/// all masked in an image that has data elsewhere fail the same way, after extraction.
+#[test]
+fn a_frame_of_nothing_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ccd = small_ccd(d);
+    let masked = edited_ccd(d, &ccd, "all-masked.fits", |_, _, mask| mask.fill(1));
+    let dark = edited_ccd(d, &ccd, "ivar-zero.fits", |_, ivar, _| ivar.fill(0.0));
+    for image in [masked, dark] {
+        let (run, out) = extract_small(d, &ccd, &image, &[]);
+        let name = image.file_name().unwrap().to_string_lossy().into_owned();
+        run.fails_with(&[&name, "no pixel has data", "nothing to extract"]);
+        assert!(
+            !run.stderr.contains("patches/s"),
+            "it extracted:\n{}",
+            run.stderr
+        );
+        assert_no_output(&out);
+    }
+    // Fibers 0..5 lie on columns 20..60 or so; columns 150.. keep their data.
+    let left = edited_ccd(d, &ccd, "left-masked.fits", |_, _, mask| {
+        mask.slice_mut(ndarray::s![.., ..150]).fill(1);
+    });
+    let (run, out) = extract_small(d, &ccd, &left, &["-s", "0", "-n", "5"]);
+    run.fails_with(&[
+        "left-masked.fits",
+        "no bin of the frame can be written",
+        "of 2505 bins, 2505 have no data",
+    ]);
+    assert_no_output(&out);
+}
+
+/// Rows 400..520 masked on every column: the bins whose spots lie wholly in them carry no
+/// data and are written NODATA with flux and ivar 0, with a warning naming the image; bins
+/// whose spots reach unmasked rows keep their ivar.
+#[test]
+fn bins_without_data_are_nodata_with_ivar_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ccd = small_ccd(d);
+    let (r0, r1) = (400i64, 520i64);
+    let image = edited_ccd(d, &ccd, "band-masked.fits", |_, _, mask| {
+        mask.slice_mut(ndarray::s![r0 as usize..r1 as usize, ..])
+            .fill(1);
+    });
+    let (run, out) = extract_small(d, &ccd, &image, &[]);
+    run.ok();
+    let f = read_frame(&out).unwrap();
+    let nodata = assert_ivar_and_nodata(&f);
+    let rows = spot_rows(&ccd);
+    let mut inside = 0;
+    for ((i, j), &(y0, y1)) in rows.indexed_iter() {
+        let is_nodata = f.mask[[i, j]] & NODATA != 0;
+        if y0 >= r0 && y1 <= r1 {
+            inside += 1;
+            assert!(
+                is_nodata,
+                "fiber {i} bin {j}: spot on rows {y0}..{y1}, all masked"
+            );
+        } else if is_nodata {
+            let centre = (y0 + y1) / 2;
+            assert!(
+                (r0..r1).contains(&centre),
+                "fiber {i} bin {j}: NODATA with its spot on rows {y0}..{y1}"
+            );
+        }
+    }
+    assert!(
+        inside > 0 && nodata >= inside,
+        "{inside} spots inside, {nodata} NODATA"
+    );
+    assert!(
+        run.stderr.contains("band-masked.fits")
+            && run
+                .stderr
+                .contains(&format!("{nodata} of {} bins have no data", f.flux.len())),
+        "{}",
+        run.stderr
+    );
+}
+
+/// An image of 1e38 gives fluxes beyond float32's range: the frame is refused rather than
+/// written with FLUX = +inf in every bin (exit 0, as it did). With 1e38 on some rows only,
+/// the bins they ruin are written NODATA with flux and ivar 0, and a warning says so; no value
+/// in the file is infinite.
+#[test]
+fn non_finite_results_are_never_written_as_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ccd = small_ccd(d);
+    let huge = edited_ccd(d, &ccd, "huge.fits", |image, _, _| image.fill(1e38));
+    let (run, out) = extract_small(d, &ccd, &huge, &[]);
+    run.fails_with(&[
+        "huge.fits",
+        "no bin of the frame can be written",
+        "not finite",
+    ]);
+    assert_no_output(&out);
+
+    let part = edited_ccd(d, &ccd, "huge-rows.fits", |image, _, _| {
+        image.slice_mut(ndarray::s![400..520, ..]).fill(1e38);
+    });
+    let (run, out) = extract_small(d, &ccd, &part, &[]);
+    run.ok();
+    let f = read_frame(&out).unwrap();
+    let nodata = assert_ivar_and_nodata(&f);
+    assert!(
+        f.resolution.iter().all(|v| v.is_finite()),
+        "RESOLUTION holds a non-finite value"
+    );
+    assert!(nodata > 0, "no bin was withheld");
+    assert!(
+        run.stderr.contains("huge-rows.fits")
+            && run.stderr.contains(&format!(
+                "{nodata} of {} bins have a non-finite",
+                f.flux.len()
+            )),
+        "{}",
+        run.stderr
+    );
 }

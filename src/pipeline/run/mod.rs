@@ -133,7 +133,7 @@ pub enum RunError {
         why: &'static str,
     },
     /// The signal handlers could not be installed.
-    #[error("installing the SIGTERM/SIGINT handlers")]
+    #[error("installing the SIGTERM/SIGINT/SIGUSR1/SIGUSR2 handlers")]
     Signals(#[source] std::io::Error),
     /// The signal thread did not start.
     #[error("starting the signal thread")]

@@ -42,9 +42,9 @@ impl Writer {
         std::thread::Builder::new()
             .name("writer".into())
             .spawn(move || {
-                for (ticket, res) in frames_rx {
+                for (ticket, mut res) in frames_rx {
                     let t0 = Instant::now();
-                    let w = write_frame_file(&ticket, &res);
+                    let w = write_frame_file(&ticket, &mut res);
                     if done_tx.send((ticket.job, w, t0.elapsed())).is_err() {
                         break;
                     }
@@ -176,8 +176,9 @@ impl Writer {
 }
 
 /// Finalises and writes one assembled frame; the error is one line.
-fn write_frame_file(ticket: &FrameTicket, res: &FrameResult) -> Result<(), String> {
-    check_extracted(res, ticket.npatch).map_err(|e| e.one_line())?;
+fn write_frame_file(ticket: &FrameTicket, res: &mut FrameResult) -> Result<(), String> {
+    let image = std::path::Path::new(&ticket.meta.in_img);
+    check_extracted(res, &ticket.grid, ticket.npatch, image).map_err(|e| e.one_line())?;
     if let Some(dir) = ticket.output.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     }
