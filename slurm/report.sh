@@ -6,8 +6,9 @@
 #   sbatch --dependency=afterany:JOBID1:JOBID2 slurm/report.sh run-cpu/cpu.json run-gpu/gpu.json
 #
 # The reports are its arguments (default OUTDIR/cpu.json OUTDIR/gpu.json); the first is the
-# baseline. spextract report needs no MPI launch, so it also runs as a plain command on a
-# login node.
+# baseline. A report that does not exist (its job died at start-up, or never ran) is a row
+# marked "no report": the others are still compared, and the job exits 1. spextract report
+# needs no MPI launch, so it also runs as a plain command on a login node.
 #SBATCH --job-name=spextract-report
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1

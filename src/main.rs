@@ -108,7 +108,11 @@ fn run(args: &Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::from(1));
             }
         }
-        Command::Report(a) => cli::report::run(a)?,
+        Command::Report(a) => {
+            if !cli::report::run(a)? {
+                return Ok(ExitCode::from(1));
+            }
+        }
         Command::Compare(a) => {
             if !cli::compare::run(a)? {
                 return Ok(ExitCode::from(1));

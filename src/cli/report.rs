@@ -28,8 +28,15 @@ pub struct ReportArgs {
     pub chart: Option<PathBuf>,
 }
 
-/// Prints the comparison table and each report's time split, and writes the chart.
-pub fn run(args: &ReportArgs) -> Result<()> {
+/// A report given on the command line: its file, and what it holds unless it does not exist
+/// (the run never started, or died before writing it).
+pub type Entry = (PathBuf, Option<RunReport>);
+
+/// Prints the comparison table and each report's time split, and writes the chart. A report
+/// file that does not exist is a row marked "no report" rather than the end of the comparison
+/// (a job that died at start-up leaves none, and the other runs still have rates to show);
+/// returns false when any was missing.
+pub fn run(args: &ReportArgs) -> Result<bool> {
     if args.baseline == 0 || args.baseline > args.reports.len() {
         bail!(
             "--baseline {}: give a number from 1 to {} (the reports' positions)",
@@ -46,12 +53,20 @@ pub fn run(args: &ReportArgs) -> Result<()> {
         .reports
         .iter()
         .map(|path| {
-            Ok((
-                path.clone(),
-                RunReport::read_json(path).map_err(|e| anyhow!(e))?,
-            ))
+            if std::fs::metadata(path).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) {
+                return Ok((path.clone(), None));
+            }
+            let rep = RunReport::read_json(path).map_err(|e| anyhow!(e))?;
+            Ok((path.clone(), Some(rep)))
         })
-        .collect::<Result<Vec<_>>>()?;
+        .collect::<Result<Vec<Entry>>>()?;
+    if reports.iter().all(|(_, r)| r.is_none()) {
+        let names: Vec<String> = reports
+            .iter()
+            .map(|(p, _)| p.display().to_string())
+            .collect();
+        bail!("no such report: {}", names.join(", "));
+    }
     let baseline = args.baseline - 1;
     print!("{}", table(&reports, baseline)?);
     print!("{}", role_split(&reports));
@@ -59,27 +74,15 @@ pub fn run(args: &ReportArgs) -> Result<()> {
         write_chart(path, &reports, baseline)?;
         println!("chart: {}", path.display());
     }
-    Ok(())
+    Ok(reports.iter().all(|(_, r)| r.is_some()))
 }
 
 /// The comparison: one row per report, each rate as a multiple of the baseline's (0-based
-/// `baseline`), then one sentence per other report and notes on interrupted or failing runs.
-pub fn table(reports: &[(PathBuf, RunReport)], baseline: usize) -> Result<String> {
+/// `baseline`), then one sentence per other report and notes on missing, interrupted or
+/// failing runs.
+pub fn table(reports: &[Entry], baseline: usize) -> Result<String> {
     let base = baseline_rate(reports, baseline)?;
-    // Runs compared with themselves (a rerun, another build) often share a label.
-    let name = |i: usize| {
-        let (path, rep) = &reports[i];
-        let l = label(path, rep);
-        let shared = (0..reports.len())
-            .filter(|&j| label(&reports[j].0, &reports[j].1) == l)
-            .count();
-        if shared > 1 {
-            format!("{l} ({})", path.display())
-        } else {
-            l
-        }
-    };
-    let base_label = name(baseline);
+    let base_label = name(reports, baseline);
     let header = [
         "#",
         "label",
@@ -97,10 +100,15 @@ pub fn table(reports: &[(PathBuf, RunReport)], baseline: usize) -> Result<String
     ];
     let mut rows = vec![header.iter().map(|s| s.to_string()).collect::<Vec<_>>()];
     for (i, (path, rep)) in reports.iter().enumerate() {
+        let mut row = vec![(i + 1).to_string(), label(path, rep.as_ref())];
+        let Some(rep) = rep else {
+            row.extend(std::iter::repeat_n("-".to_string(), header.len() - 3));
+            row.push("no report".into());
+            rows.push(row);
+            continue;
+        };
         let mark = if i == baseline { " (baseline)" } else { "" };
-        rows.push(vec![
-            (i + 1).to_string(),
-            label(path, rep),
+        row.extend([
             rep.backend.clone(),
             rep.nodes.to_string(),
             rep.ranks.to_string(),
@@ -111,29 +119,44 @@ pub fn table(reports: &[(PathBuf, RunReport)], baseline: usize) -> Result<String
             rep.frames.abandoned.to_string(),
             format!("{:.1}", rep.wall_s),
             format!("{:.1}", rep.frames_per_node_hour),
-            format!("{}{mark}", ratio(rep.frames_per_node_hour / base)),
+            match base {
+                Some(base) => format!("{}{mark}", ratio(rep.frames_per_node_hour / base)),
+                None => "-".into(),
+            },
         ]);
+        rows.push(row);
     }
     // Text columns left, numbers right.
     let mut out = render(&rows, &[1, 2]);
     out.push('\n');
     for (i, (_, rep)) in reports.iter().enumerate() {
-        if i != baseline {
-            writeln!(
-                out,
-                "{} {} {base_label} in frames per node-hour",
-                name(i),
-                ratio(rep.frames_per_node_hour / base)
-            )?;
+        if let (Some(rep), Some(base)) = (rep, base) {
+            if i != baseline {
+                writeln!(
+                    out,
+                    "{} {} {base_label} in frames per node-hour",
+                    name(reports, i),
+                    ratio(rep.frames_per_node_hour / base)
+                )?;
+            }
         }
     }
     for (path, rep) in reports {
+        let Some(rep) = rep else {
+            writeln!(
+                out,
+                "not run: {}: no such report (its run did not start, or ended before writing \
+                 it: see its job's output)",
+                path.display()
+            )?;
+            continue;
+        };
         if rep.interrupted {
             writeln!(
                 out,
                 "note: {} ({}) was interrupted with {} of {} frames abandoned; its rate counts \
                  the frames written before the stop",
-                label(path, rep),
+                rep_label(path, rep),
                 path.display(),
                 rep.frames.abandoned,
                 rep.frames.listed
@@ -143,24 +166,48 @@ pub fn table(reports: &[(PathBuf, RunReport)], baseline: usize) -> Result<String
             writeln!(
                 out,
                 "failed in {}: {} -> {}: {}",
-                label(path, rep),
+                rep_label(path, rep),
                 f.image.display(),
                 f.output.display(),
                 f.error
             )?;
         }
     }
+    if base.is_none() {
+        writeln!(
+            out,
+            "no ratios: the baseline, {}, has no report; choose another with --baseline",
+            reports[baseline].0.display()
+        )?;
+    }
     Ok(out)
 }
 
+/// The name of report `i` in sentences: its label, with its file when another report shares
+/// the label (runs compared with themselves, a rerun or another build, often do).
+fn name(reports: &[Entry], i: usize) -> String {
+    let (path, rep) = &reports[i];
+    let l = label(path, rep.as_ref());
+    let shared = reports
+        .iter()
+        .filter(|(p, r)| label(p, r.as_ref()) == l)
+        .count();
+    if shared > 1 {
+        format!("{l} ({})", path.display())
+    } else {
+        l
+    }
+}
+
 /// Seconds per role, summed over each report's ranks of that role.
-pub fn role_split(reports: &[(PathBuf, RunReport)]) -> String {
+pub fn role_split(reports: &[Entry]) -> String {
     let mut out = String::new();
     for (path, rep) in reports {
+        let Some(rep) = rep else { continue };
         let _ = writeln!(
             out,
             "\n{} ({}): seconds summed over the ranks of each role",
-            label(path, rep),
+            rep_label(path, rep),
             path.display()
         );
         if rep.roles.is_empty() {
@@ -229,7 +276,7 @@ fn check_chart_path(path: &Path) -> Result<()> {
 }
 
 /// Writes the bar chart to `path`, which must name an SVG file.
-pub fn write_chart(path: &Path, reports: &[(PathBuf, RunReport)], baseline: usize) -> Result<()> {
+pub fn write_chart(path: &Path, reports: &[Entry], baseline: usize) -> Result<()> {
     check_chart_path(path)?;
     let svg = chart_svg(reports, baseline)?;
     std::fs::write(path, svg)
@@ -237,16 +284,29 @@ pub fn write_chart(path: &Path, reports: &[(PathBuf, RunReport)], baseline: usiz
 }
 
 /// The bar chart as SVG: one bar per report, coloured by backend, each annotated with its rate
-/// and its multiple of the baseline's.
-pub fn chart_svg(reports: &[(PathBuf, RunReport)], baseline: usize) -> Result<String> {
+/// and its multiple of the baseline's; a report that does not exist is an empty slot labelled
+/// "no report".
+pub fn chart_svg(reports: &[Entry], baseline: usize) -> Result<String> {
     let base = baseline_rate(reports, baseline)?;
-    let labels: Vec<String> = reports.iter().map(|(p, r)| label(p, r)).collect();
-    let rates: Vec<f64> = reports
+    let labels: Vec<String> = reports
         .iter()
-        .map(|(_, r)| r.frames_per_node_hour)
+        .map(|(p, r)| match r {
+            Some(r) => rep_label(p, r),
+            None => format!("{} (no report)", label(p, None)),
+        })
+        .collect();
+    let rates: Vec<Option<f64>> = reports
+        .iter()
+        .map(|(_, r)| r.as_ref().map(|r| r.frames_per_node_hour))
         .collect();
     // Headroom above the tallest bar for its annotation and the legend.
-    let top = rates.iter().copied().fold(base, f64::max) * 1.35;
+    let top = rates
+        .iter()
+        .flatten()
+        .copied()
+        .fold(base.unwrap_or(0.0), f64::max)
+        .max(1.0)
+        * 1.35;
     let n = reports.len();
     // Wide enough for a label of about 20 characters under each bar.
     let width = (140 + 160 * n).max(480) as u32;
@@ -276,17 +336,21 @@ pub fn chart_svg(reports: &[(PathBuf, RunReport)], baseline: usize) -> Result<St
             .draw()
             .map_err(draw_err)?;
         // One series per backend so that the legend explains the colours.
-        let mut backends: Vec<&str> = reports.iter().map(|(_, r)| r.backend.as_str()).collect();
+        let mut backends: Vec<&str> = reports
+            .iter()
+            .filter_map(|(_, r)| r.as_ref().map(|r| r.backend.as_str()))
+            .collect();
         backends.sort_unstable();
         backends.dedup();
         for backend in backends {
             let colour = backend_colour(backend);
-            let bars = rates
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| reports[*i].1.backend == backend);
+            let bars = reports.iter().enumerate().filter_map(|(i, (_, r))| {
+                r.as_ref()
+                    .filter(|r| r.backend == backend)
+                    .map(|r| (i, r.frames_per_node_hour))
+            });
             chart
-                .draw_series(bars.map(|(i, &rate)| {
+                .draw_series(bars.map(|(i, rate)| {
                     let x = i as f64;
                     Rectangle::new([(x + 0.15, 0.0), (x + 0.85, rate)], colour.filled())
                 }))
@@ -308,12 +372,17 @@ pub fn chart_svg(reports: &[(PathBuf, RunReport)], baseline: usize) -> Result<St
             .into_text_style(&root)
             .pos(Pos::new(HPos::Center, VPos::Bottom));
         chart
-            .draw_series(rates.iter().enumerate().map(|(i, &rate)| {
-                Text::new(
-                    format!("{rate:.0} ({})", ratio(rate / base)),
+            .draw_series(rates.iter().enumerate().filter_map(|(i, &rate)| {
+                let rate = rate?;
+                let text = match base {
+                    Some(base) => format!("{rate:.0} ({})", ratio(rate / base)),
+                    None => format!("{rate:.0}"),
+                };
+                Some(Text::new(
+                    text,
                     (i as f64 + 0.5, rate + top * 0.01),
                     above.clone(),
-                )
+                ))
             }))
             .map_err(draw_err)?;
         chart
@@ -341,8 +410,9 @@ fn backend_colour(backend: &str) -> RGBColor {
     }
 }
 
-/// The baseline's frames per node-hour, after checking that every rate can be compared.
-fn baseline_rate(reports: &[(PathBuf, RunReport)], baseline: usize) -> Result<f64> {
+/// The baseline's frames per node-hour (`None` when it has no report), after checking that
+/// every rate can be compared.
+fn baseline_rate(reports: &[Entry], baseline: usize) -> Result<Option<f64>> {
     let Some((base_path, base)) = reports.get(baseline) else {
         bail!(
             "baseline {}: only {} reports given",
@@ -351,6 +421,7 @@ fn baseline_rate(reports: &[(PathBuf, RunReport)], baseline: usize) -> Result<f6
         );
     };
     for (path, rep) in reports {
+        let Some(rep) = rep else { continue };
         if !(rep.frames_per_node_hour >= 0.0) || !rep.frames_per_node_hour.is_finite() {
             bail!(
                 "{}: frames_per_node_hour is {}, not a rate",
@@ -359,6 +430,9 @@ fn baseline_rate(reports: &[(PathBuf, RunReport)], baseline: usize) -> Result<f6
             );
         }
     }
+    let Some(base) = base else {
+        return Ok(None);
+    };
     if !(base.frames_per_node_hour > 0.0) {
         bail!(
             "{}: the baseline run has 0 frames per node-hour ({} frames written in {:.1} s on {} \
@@ -369,18 +443,22 @@ fn baseline_rate(reports: &[(PathBuf, RunReport)], baseline: usize) -> Result<f6
             base.nodes
         );
     }
-    Ok(base.frames_per_node_hour)
+    Ok(Some(base.frames_per_node_hour))
 }
 
-/// The report's label, or its file name when the label is empty.
-fn label(path: &Path, rep: &RunReport) -> String {
-    if rep.label.trim().is_empty() {
-        path.file_stem()
+/// The report's label, or its file name when the label is empty or there is no report.
+fn label(path: &Path, rep: Option<&RunReport>) -> String {
+    match rep {
+        Some(rep) if !rep.label.trim().is_empty() => rep.label.clone(),
+        _ => path
+            .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| path.display().to_string())
-    } else {
-        rep.label.clone()
+            .unwrap_or_else(|| path.display().to_string()),
     }
+}
+
+fn rep_label(path: &Path, rep: &RunReport) -> String {
+    label(path, Some(rep))
 }
 
 /// A multiple to three significant figures: "0.084x", "1.00x", "12.3x", "250x".
@@ -457,7 +535,7 @@ mod tests {
 
     /// 40 frames on 2 CPU nodes in 3600 s (20 frames per node-hour) and 120 frames on 1 GPU
     /// node in 1800 s (240 per node-hour: 12x).
-    fn two_runs() -> Vec<(PathBuf, RunReport)> {
+    fn two_runs() -> Vec<Entry> {
         let cpu = RunReport {
             version: REPORT_VERSION,
             label: "CPU nodes".into(),
@@ -506,7 +584,10 @@ mod tests {
             roles: vec![role(0, "reader+writer", 30.0, 0.0, 40.0, 1700.0)],
             ..Default::default()
         };
-        vec![("cpu.json".into(), cpu), ("gpu.json".into(), gpu)]
+        vec![
+            ("cpu.json".into(), Some(cpu)),
+            ("gpu.json".into(), Some(gpu)),
+        ]
     }
 
     /// The cells of the table row whose first cell is `index`.
@@ -573,7 +654,7 @@ mod tests {
 
         // Runs of the same label are told apart by their files.
         let mut same = runs.clone();
-        same[1].1.label = "CPU nodes".into();
+        same[1].1.as_mut().unwrap().label = "CPU nodes".into();
         let text = table(&same, 0).unwrap();
         assert!(
             text.contains("CPU nodes (gpu.json) 12.0x CPU nodes (cpu.json) in"),
@@ -614,8 +695,8 @@ mod tests {
     #[test]
     fn zero_baseline_rate_is_an_error_naming_the_file() {
         let mut runs = two_runs();
-        runs[0].1.frames.written = 0;
-        runs[0].1.frames_per_node_hour = 0.0;
+        runs[0].1.as_mut().unwrap().frames.written = 0;
+        runs[0].1.as_mut().unwrap().frames_per_node_hour = 0.0;
         let err = table(&runs, 0).unwrap_err().to_string();
         assert!(
             err.starts_with("cpu.json: the baseline run has 0 frames per node-hour"),
@@ -633,7 +714,7 @@ mod tests {
         let mut runs = two_runs();
         let err = table(&runs, 2).unwrap_err().to_string();
         assert!(err.contains("only 2 reports"), "{err}");
-        runs[1].1.frames_per_node_hour = -1.0;
+        runs[1].1.as_mut().unwrap().frames_per_node_hour = -1.0;
         let err = table(&runs, 0).unwrap_err().to_string();
         assert!(
             err.starts_with("gpu.json: frames_per_node_hour is -1"),
@@ -664,14 +745,14 @@ mod tests {
         let old = dir.path().join("old.json");
         let rep = RunReport {
             version: REPORT_VERSION + 1,
-            ..two_runs()[0].1.clone()
+            ..two_runs()[0].1.clone().unwrap()
         };
         rep.write_json(&old).unwrap();
         let err = run(&args(vec![old])).unwrap_err().to_string();
         assert!(err.contains("old.json: report version"), "{err}");
 
         let good = dir.path().join("good.json");
-        two_runs()[0].1.write_json(&good).unwrap();
+        two_runs()[0].1.as_ref().unwrap().write_json(&good).unwrap();
         let err = run(&ReportArgs {
             reports: vec![good.clone()],
             baseline: 2,
@@ -680,7 +761,52 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("--baseline 2"), "{err}");
-        run(&args(vec![good])).unwrap();
+        assert!(run(&args(vec![good])).unwrap());
+    }
+
+    /// A run whose job died at start-up leaves no report: the others keep their rows and the
+    /// chart its bar, the missing one is marked, and the command says so by its exit status.
+    #[test]
+    fn a_missing_report_is_a_marked_row_not_the_end_of_the_comparison() {
+        let dir = tempfile::tempdir().unwrap();
+        let cpu = dir.path().join("cpu.json");
+        two_runs()[0].1.as_ref().unwrap().write_json(&cpu).unwrap();
+        let gpu = dir.path().join("gpu.json");
+        let chart = dir.path().join("compare.svg");
+        let args = |reports: Vec<PathBuf>, baseline| ReportArgs {
+            reports,
+            baseline,
+            chart: Some(chart.clone()),
+        };
+        assert!(!run(&args(vec![cpu.clone(), gpu.clone()], 1)).unwrap());
+        let svg = std::fs::read_to_string(&chart).unwrap();
+        assert!(svg.contains("gpu (no report)"), "{svg}");
+        assert!(svg.contains("20 (1.00x)"), "{svg}");
+
+        let runs = vec![
+            (cpu.clone(), Some(two_runs()[0].1.clone().unwrap())),
+            (gpu.clone(), None),
+        ];
+        let text = table(&runs, 0).unwrap();
+        assert_eq!(row(&text, "1")[13], "1.00x (baseline)");
+        assert_eq!(&row(&text, "2")[2..4], &["gpu", "-"]);
+        assert_eq!(row(&text, "2")[13], "no report");
+        assert!(
+            text.contains(&format!("not run: {}: no such report", gpu.display())),
+            "{text}"
+        );
+        // The missing run as the baseline: rates without ratios, and a note saying why.
+        let text = table(&runs, 1).unwrap();
+        assert_eq!(row(&text, "1")[12], "20.0");
+        assert_eq!(row(&text, "1")[13], "-");
+        assert!(text.contains("no ratios: the baseline"), "{text}");
+        assert!(chart_svg(&runs, 1).unwrap().contains("gpu (no report)"));
+        // Nothing to show at all is an error naming the files.
+        let err = run(&args(vec![gpu.clone()], 1)).unwrap_err().to_string();
+        assert!(
+            err.contains("no such report") && err.contains("gpu.json"),
+            "{err}"
+        );
     }
 
     /// Whether every element of `svg` is closed in order: a small check in place of an XML
@@ -714,7 +840,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut runs = two_runs();
         // Characters that must be escaped in XML.
-        runs[1].1.label = "GPU <A100> & co".into();
+        runs[1].1.as_mut().unwrap().label = "GPU <A100> & co".into();
         let path = dir.path().join("compare.svg");
         write_chart(&path, &runs, 0).unwrap();
         let svg = std::fs::read_to_string(&path).unwrap();

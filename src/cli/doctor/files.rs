@@ -1,5 +1,5 @@
-//! Output folders (`--output-dir`): each exists, accepts a new file (created, written and
-//! removed again) and has room. Imports the findings type and `pipeline::env` (the free space
+//! Output folders (`--output-dir`): each exists, or can be made as extract makes the folders
+//! it writes to, accepts a new file (created, written and removed again) and has room. Imports the findings type and `pipeline::env` (the free space
 //! of a file system); the checks use std::fs only.
 
 use std::io::Write;
@@ -46,9 +46,47 @@ pub(super) fn check_writable_dir(dir: &Path, probe_name: &str) -> Result<DirChec
 /// Below this, a folder is reported as nearly full (a frame is tens of MB).
 const LOW_FREE_BYTES: u64 = 1 << 30;
 
-/// Findings on one folder a run will write to.
+/// The nearest folder above `dir` that exists (`.` for a relative path none of whose folders
+/// do).
+fn nearest_existing(dir: &Path) -> &Path {
+    dir.ancestors()
+        .skip(1)
+        .map(|a| {
+            if a.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                a
+            }
+        })
+        .find(|a| std::fs::metadata(a).is_ok())
+        .unwrap_or(Path::new("."))
+}
+
+/// Findings on one folder a run will write to. One rule with `--frames`: a folder that does
+/// not exist yet is fine when it can be made, since extract creates the folders it writes to.
 pub(super) fn output_dir_findings(dir: &Path, probe_name: &str) -> Vec<Finding> {
     let shown = dir.display();
+    if std::fs::symlink_metadata(dir).is_err() {
+        let base = nearest_existing(dir);
+        return vec![match check_writable_dir(base, probe_name) {
+            Ok(_) => Finding::ok(
+                "output",
+                format!(
+                    "{shown}: does not exist yet; extract creates it (in {}, which accepts new \
+                     folders)",
+                    base.display()
+                ),
+            ),
+            Err(e) => Finding::fail(
+                "output",
+                format!(
+                    "{shown}: does not exist and cannot be made: {} {e}",
+                    base.display()
+                ),
+                format!("correct the path, or create it where you may write (mkdir -p {shown})"),
+            ),
+        }];
+    }
     match check_writable_dir(dir, probe_name) {
         Err(e) => vec![Finding::fail(
             "output",
@@ -100,23 +138,35 @@ mod tests {
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 
+    /// The rule of `--frames` too: a folder extract can make is fine, one it cannot is not.
     #[test]
-    fn missing_folder_or_a_file_fails() {
+    fn missing_folder_is_fine_when_it_can_be_made_and_a_file_fails() {
         let dir = tempfile::tempdir().unwrap();
-        let missing = dir.path().join("nope");
+        let missing = dir.path().join("nope/deeper");
         let f = output_dir_findings(&missing, PROBE);
-        assert_eq!(statuses(&f), [Status::Fail]);
+        assert_eq!(statuses(&f), [Status::Ok], "{f:?}");
         assert!(
-            f[0].found.ends_with("nope: does not exist"),
+            f[0].found
+                .contains("deeper: does not exist yet; extract creates it"),
             "{}",
             f[0].found
         );
-        assert!(f[0].hint.as_deref().unwrap().contains("mkdir -p"));
+        assert!(!dir.path().join("nope").exists(), "doctor made the folder");
         let file = dir.path().join("file");
         std::fs::write(&file, "x").unwrap();
         let f = output_dir_findings(&file, PROBE);
         assert_eq!(statuses(&f), [Status::Fail]);
         assert!(f[0].found.ends_with("is not a folder"), "{}", f[0].found);
+        let f = output_dir_findings(&file.join("sub"), PROBE);
+        assert_eq!(statuses(&f), [Status::Fail]);
+        assert!(
+            f[0].found
+                .contains("sub: does not exist and cannot be made")
+                && f[0].found.ends_with("is not a folder"),
+            "{}",
+            f[0].found
+        );
+        assert!(f[0].hint.as_deref().unwrap().contains("mkdir -p"));
     }
 
     #[cfg(target_os = "linux")]

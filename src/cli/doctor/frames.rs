@@ -23,7 +23,12 @@ fn check_readable(path: &Path) -> Result<(), String> {
     let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
     let mut byte = [0u8; 1];
     file.read(&mut byte).map_err(|e| e.to_string())?;
-    Ok(())
+    // Opening is not reading: a copy cut short opens fine and fails mid-run.
+    match super::fits_size::incomplete_fits(path) {
+        Ok(None) => Ok(()),
+        Ok(Some(why)) => Err(why),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// Problems of one kind, listed up to [`MAX_LISTED`] and counted after.
@@ -184,8 +189,11 @@ mod tests {
     fn frame_list_inputs_and_output_folders_are_checked() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        std::fs::write(d.join("image.fits"), "x").unwrap();
-        std::fs::write(d.join("psf.fits"), "x").unwrap();
+        let fits = super::super::fits_size::small_fits();
+        std::fs::write(d.join("image.fits"), &fits).unwrap();
+        std::fs::write(d.join("psf.fits"), &fits).unwrap();
+        // A copy cut short opens and reads fine, but is not a whole input.
+        std::fs::write(d.join("cut.fits"), &fits[..fits.len() - 5000]).unwrap();
         std::fs::create_dir(d.join("out")).unwrap();
         std::fs::write(d.join("out/done.fits"), "x").unwrap();
         std::fs::create_dir(d.join("afolder")).unwrap();
@@ -198,14 +206,15 @@ mod tests {
              image.fits psf.fits out/done.fits  # already done\n\
              missing.fits psf.fits out/c.fits\n\
              afolder psf.fits new/d.fits\n\
-             image.fits psf.fits psf.fits/sub/e.fits\n",
+             image.fits psf.fits psf.fits/sub/e.fits\n\
+             cut.fits psf.fits out/f.fits\n",
         )
         .unwrap();
         let f = frames_findings(&list, PROBE);
         assert_eq!(f[0].status, Status::Ok, "{f:?}");
         assert!(
             f[0].found.contains(
-                "5 frames; 2 of 4 input files readable; 2 of 3 output folders writable (1 to \
+                "6 frames; 2 of 5 input files readable; 2 of 3 output folders writable (1 to \
                  be created by extract); outputs already there: 1"
             ),
             "{}",
@@ -215,21 +224,27 @@ mod tests {
             .iter()
             .map(|x| x.found.as_str())
             .collect();
-        assert_eq!(fails.len(), 3, "{fails:?}");
+        assert_eq!(fails.len(), 4, "{fails:?}");
         assert!(
             fails[0].contains("afolder (frame 4 of")
                 && fails[0].ends_with("is a folder, not a file")
         );
         assert!(
-            fails[1].contains("missing.fits (frame 3 of"),
+            fails[1].contains("cut.fits (frame 6 of")
+                && fails[1].contains("cut short: 15160 bytes, but HDU 2 announces data up to"),
             "{}",
             fails[1]
         );
         assert!(
-            fails[2].contains("psf.fits/sub does not exist and cannot be made")
-                && fails[2].ends_with("psf.fits is not a folder"),
+            fails[2].contains("missing.fits (frame 3 of"),
             "{}",
             fails[2]
+        );
+        assert!(
+            fails[3].contains("psf.fits/sub does not exist and cannot be made")
+                && fails[3].ends_with("psf.fits is not a folder"),
+            "{}",
+            fails[3]
         );
         // The probe left nothing behind, and the folder to create was not created.
         assert!(!d.join("new").exists());

@@ -16,6 +16,7 @@
 mod binding;
 mod cuda_libs;
 mod files;
+mod fits_size;
 mod frames;
 mod gpu;
 mod gpu_probe;
@@ -51,10 +52,12 @@ pub struct DoctorArgs {
     /// Compute ranks that may share one GPU, as `extract --ranks-per-gpu` (MPS).
     #[arg(long, default_value_t = 1, value_name = "N", value_parser = at_least_one)]
     pub ranks_per_gpu: usize,
-    /// A folder the run will write to: checked to exist and accept new files (repeatable).
+    /// A folder the run will write to: checked to accept new files, or, when it does not exist
+    /// yet, to be makeable as extract makes it (repeatable).
     #[arg(long = "output-dir", value_name = "DIR")]
     pub output_dirs: Vec<PathBuf>,
-    /// A frame list, as `extract --frames` reads it: checks that every input is readable and
+    /// A frame list, as `extract --frames` reads it: checks that every input is readable (and
+    /// a whole FITS file, not one cut short) and
     /// that every output folder accepts new files (or can be made, as extract makes it).
     #[arg(long, value_name = "LIST")]
     pub frames: Option<PathBuf>,
@@ -248,7 +251,14 @@ pub fn run(args: &DoctorArgs) -> anyhow::Result<bool> {
     let slurm: Vec<(&str, Option<String>)> =
         slurm::SLURM_VARS.iter().map(|&n| (n, env_var(n))).collect();
     let slurm: Vec<(&str, Option<&str>)> = slurm.iter().map(|(n, v)| (*n, v.as_deref())).collect();
-    findings.extend(slurm::slurm_findings(&slurm));
+    findings.extend(slurm::slurm_findings(
+        &slurm,
+        slurm::ProcessFacts {
+            threads: thread_count.threads,
+            available_cores: env::available_cores(),
+            node_cores: env::node_cores(),
+        },
+    ));
 
     let cuda_visible = env_var("CUDA_VISIBLE_DEVICES");
     let probe = gpu_probe::probe_gpus();
