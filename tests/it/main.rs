@@ -7,6 +7,7 @@
 //! - `structure`: determinism across thread counts, ivar and NODATA, the resolution band.
 //! - `format`: the frame's HDUs, dtypes and shapes, also as Python's fitsio and astropy see them.
 //! - `cli`: bad inputs fail with exit code 2, a message naming the problem and no output file.
+//! - `outputs`: reruns, clashes, races, leftovers and full disks never lose or replace data.
 //!
 //! One binary (`autotests = false` in Cargo.toml) so that the suite links once.
 
@@ -15,6 +16,7 @@ mod common;
 
 mod cli;
 mod format;
+mod outputs;
 mod pipeline;
 mod real_data;
 mod structure;
