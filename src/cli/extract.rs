@@ -191,7 +191,7 @@ pub fn run(args: &ExtractArgs) -> Result<bool> {
 /// Many frames through the pipeline (any number of ranks, or this process alone).
 fn many(args: &ExtractArgs, mut cfg: Config) -> Result<bool> {
     use super::select;
-    use crate::pipeline::joblist::{self, FrameJob, OutputState};
+    use crate::pipeline::joblist::FrameJob;
     use crate::pipeline::{env, run};
     if args.model_image.is_some() {
         bail!("--model-image is for a single frame (--psf, --image, --output), not a list");
@@ -233,23 +233,18 @@ fn many(args: &ExtractArgs, mut cfg: Config) -> Result<bool> {
     // Only rank 0 hands out frames, so only it looks at the outputs (each look reads a frame).
     let mut skipped = Vec::new();
     if launch.rank == 0 {
-        for (i, job) in jobs.iter().enumerate() {
-            for stale in joblist::stale_temporaries(&job.output) {
-                match std::fs::remove_file(&stale) {
-                    Ok(()) => info!("removed {}, left by an interrupted run", stale.display()),
-                    Err(e) => warn!("could not remove {}: {e}", stale.display()),
+        remove_leftovers(jobs.iter().map(|j| j.output.as_path()));
+        if !args.overwrite {
+            let refused = existing_outputs(&jobs, &cfg, &mut skipped);
+            if !refused.is_empty() {
+                let msg = refusal(&refused, jobs.len());
+                if launch.under_mpi {
+                    // The other ranks wait for this one in MPI_Init, and a launcher need not
+                    // end a job when one rank exits (srun without --kill-on-bad-exit).
+                    tracing::error!("{msg}");
+                    run::abort_job(2);
                 }
-            }
-            if args.overwrite {
-                continue;
-            }
-            match joblist::output_state(&job.output) {
-                OutputState::Complete => skipped.push(i),
-                OutputState::Missing => {}
-                OutputState::Incomplete(why) => warn!(
-                    "{} exists but is not a complete frame ({why}); it will be replaced",
-                    job.output.display()
-                ),
+                bail!(msg);
             }
         }
         if let Some(msg) = env::oversubscription(launch.local_size, threads, env::node_cores()) {
@@ -259,9 +254,9 @@ fn many(args: &ExtractArgs, mut cfg: Config) -> Result<bool> {
     let opts = run::RunOptions {
         jobs,
         skipped,
-        // A frame that was not skipped has no complete output: whatever is at its path (an
-        // incomplete file) is replaced, with or without --overwrite.
-        overwrite: true,
+        // Without --overwrite nothing was at the outputs of the frames to do (or the run was
+        // refused above); one that appears meanwhile is not replaced, and that frame fails.
+        overwrite: args.overwrite,
         readers_per_node: rc.readers_per_node,
         writers_per_node: rc.writers_per_node,
         prefetch: rc.prefetch,
@@ -286,6 +281,88 @@ fn many(args: &ExtractArgs, mut cfg: Config) -> Result<bool> {
         info!("report written to {}", path.display());
     }
     Ok(report.frames.failed == 0 && report.frames.abandoned == 0)
+}
+
+/// Sorts the outputs already there: frames of this very request go to `skipped` (their
+/// indices); the others (stale frames, frames that do not say what they hold, other files)
+/// come back as `output: why`.
+fn existing_outputs(
+    jobs: &[crate::pipeline::joblist::FrameJob],
+    cfg: &Config,
+    skipped: &mut Vec<usize>,
+) -> Vec<String> {
+    use crate::pipeline::joblist::{output_state, OutputState};
+    use crate::pipeline::request::FrameRequest;
+    let mut refused = Vec::new();
+    for (i, job) in jobs.iter().enumerate() {
+        let state = output_state(&job.output, || {
+            FrameRequest::new(cfg, &job.image, &job.psf).map_err(|e| e.to_string())
+        });
+        match state.problem() {
+            Some(why) => refused.push(format!("{}: {why}", job.output.display())),
+            None if state == OutputState::Complete => skipped.push(i),
+            None => {}
+        }
+    }
+    refused
+}
+
+/// The error of a run refused for the files at its outputs, listing the first few.
+fn refusal(refused: &[String], listed: usize) -> String {
+    const SHOWN: usize = 10;
+    let mut msg = format!(
+        "outputs already there that are not frames of what this run asks for ({} of \
+         {listed}); nothing was done. Pass --overwrite to replace them (every output is then \
+         redone), or name other outputs:",
+        refused.len()
+    );
+    for r in refused.iter().take(SHOWN) {
+        msg.push_str("\n  ");
+        msg.push_str(r);
+    }
+    if refused.len() > SHOWN {
+        msg.push_str(&format!("\n  ... and {} more", refused.len() - SHOWN));
+    }
+    msg
+}
+
+/// Removes the temporaries that killed writers left beside the outputs (frames, model images,
+/// any output written through a temporary), in each output folder once. Temporaries whose
+/// writer still runs on this host, or that another host wrote, are left, and said so.
+fn remove_leftovers<'a>(outputs: impl IntoIterator<Item = &'a Path>) {
+    let folders: std::collections::BTreeSet<&Path> = outputs
+        .into_iter()
+        .map(|o| match o.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        })
+        .collect();
+    for folder in folders {
+        let found = crate::io::leftover_temporaries(folder);
+        for stale in &found.stale {
+            match std::fs::remove_file(stale) {
+                Ok(()) => info!("removed {}, left by an interrupted run", stale.display()),
+                Err(e) => warn!("could not remove {}: {e}", stale.display()),
+            }
+        }
+        if let Some(first) = found.busy.first() {
+            info!(
+                "left {} temporary file(s) in {} (first: {}): their writer is still running",
+                found.busy.len(),
+                folder.display(),
+                first.display()
+            );
+        }
+        if let Some(first) = found.elsewhere.first() {
+            warn!(
+                "left {} temporary file(s) in {} (first: {}): written on another host, whose \
+                 processes cannot be checked from here; remove them once no run writes there",
+                found.elsewhere.len(),
+                folder.display(),
+                first.display()
+            );
+        }
+    }
 }
 
 /// The end-of-run summary printed on rank 0.
@@ -394,6 +471,14 @@ fn choose_backend(requested: BackendKind) -> Result<BackendKind> {
 fn single(args: &ExtractArgs, cfg: &Config) -> Result<()> {
     let output = args.output.as_deref().expect("checked by run");
     let backend = choose_backend(args.run.backend.unwrap_or(cfg.run.backend))?;
+    if let (Some(image), Some(psf)) = (&args.flags.image, &args.flags.psf) {
+        let job = crate::pipeline::joblist::FrameJob {
+            image: image.clone(),
+            psf: psf.clone(),
+            output: output.to_path_buf(),
+        };
+        crate::pipeline::joblist::check_single_outputs(&job, args.model_image.as_deref())?;
+    }
     check_output(output, args.overwrite)?;
     if let Some(m) = &args.model_image {
         check_output(m, args.overwrite)?;
@@ -401,6 +486,7 @@ fn single(args: &ExtractArgs, cfg: &Config) -> Result<()> {
     if let Some(why) = crate::pipeline::env::thread_count(cfg.run.threads).warning() {
         warn!("{why}");
     }
+    remove_leftovers(std::iter::once(output).chain(args.model_image.as_deref()));
     let start = Instant::now();
     let prep = prepare_with(cfg, &args.flags, args.model_image.is_some())?;
     info!(

@@ -112,7 +112,9 @@ pub struct ExtractArgs {
     /// Also write the model image `A·flux` here (single frame only).
     #[arg(short = 'm', long)]
     pub model_image: Option<PathBuf>,
-    /// Replace existing output files (otherwise a complete output is skipped).
+    /// Replace existing output files. Without it a single frame refuses an existing output,
+    /// and a list skips each output that is a frame of the same request (fibers, grid, options,
+    /// unchanged inputs) and refuses to start if any other file is at an output.
     #[arg(long)]
     pub overwrite: bool,
     /// Pipeline layout and reporting.

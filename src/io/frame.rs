@@ -6,9 +6,10 @@ use std::path::{Path, PathBuf};
 
 use ndarray::{Array2, Array3};
 
+use super::atomic::{output_key, refuse_existing, stage, write_atomic};
 use super::fits::{Elem, Fits, MAX_ELEMENTS};
 use super::image::is_structural;
-use super::{program_version, write_atomic, IoError};
+use super::{program_version, IoError};
 use crate::psf::{MAX_HSIZE, MAX_NFIBER};
 
 /// Most wavelength bins accepted in a frame (DESI: under 3000).
@@ -84,47 +85,98 @@ pub struct FrameMeta {
 /// Writes `frame` to `path`: FLUX, IVAR, MASK (u4), WAVELENGTH, RESOLUTION, FIBERMAP (when the
 /// input has one), CHI2PIX, each with CHECKSUM/DATASUM.
 ///
-/// An existing `path` is refused, before any work, unless `overwrite`. The file appears only
-/// when complete; on error no temporary is left behind.
+/// An existing `path` is refused, before any work and again in the rename that puts the file in
+/// place, unless `overwrite`. The file appears only when complete; on error no temporary is
+/// left behind.
 pub fn write_frame(
     path: &Path,
     frame: &Frame,
     meta: &FrameMeta,
     overwrite: bool,
 ) -> Result<(), IoError> {
-    if !overwrite && path.exists() {
-        return Err(IoError::Exists {
-            path: path.to_path_buf(),
-        });
+    write_frame_set(path, frame, meta, None, overwrite)
+}
+
+/// Writes a frame and, when `model` is given, its model image, as one set: both are written
+/// whole under temporary names before either is put in place, so that a failure while writing
+/// (a full disk, say) leaves neither. Should putting the model image in place fail after the
+/// frame's (another process created it meanwhile), the frame is taken out again unless it
+/// replaced a file under `overwrite`; the error says which happened.
+pub fn write_frame_set(
+    path: &Path,
+    frame: &Frame,
+    meta: &FrameMeta,
+    model: Option<(&Path, &Array2<f64>)>,
+    overwrite: bool,
+) -> Result<(), IoError> {
+    refuse_existing(path, overwrite)?;
+    if let Some((model_path, _)) = model {
+        refuse_existing(model_path, overwrite)?;
+        if output_key(model_path) == output_key(path) {
+            return Err(IoError::file(
+                model_path,
+                "the model image and the frame would be the same file",
+            ));
+        }
     }
     frame
         .check()
         .map_err(|m| IoError::file(path, format!("inconsistent frame: {m}")))?;
-    write_atomic(path, overwrite, |tmp| {
-        let mut f = Fits::create(tmp)?;
-        let (nspec, nwave) = frame.flux.dim();
-        f.create_image("FLUX", -32, &[nspec, nwave])?;
-        write_flux_header(&mut f, frame, meta)?;
-        f.write_pixels(&to_f32(frame.flux.iter()))?;
-        f.create_image("IVAR", -32, &[nspec, nwave])?;
-        f.write_pixels(&to_f32(frame.ivar.iter()))?;
-        // BITPIX 40 makes cfitsio write BITPIX 32 with BZERO 2147483648: a u4 image.
-        f.create_image("MASK", 40, &[nspec, nwave])?;
-        f.write_pixels(&frame.mask.iter().copied().collect::<Vec<u32>>())?;
-        f.create_image("WAVELENGTH", -64, &[nwave])?;
-        f.put_str("BUNIT", "Angstrom", "")?;
-        f.write_pixels(&frame.wave)?;
-        let (_, ndiag, _) = frame.resolution.dim();
-        f.create_image("RESOLUTION", -32, &[nspec, ndiag, nwave])?;
-        f.write_pixels(&to_f32(frame.resolution.iter()))?;
-        if let Some(src) = &meta.fibermap_from {
-            copy_fibermap(&mut f, src, frame.specmin, nspec)?;
-        }
-        f.create_image("CHI2PIX", -32, &[nspec, nwave])?;
-        f.write_pixels(&to_f32(frame.chi2pix.iter()))?;
-        f.write_checksums()?;
-        f.close()
-    })
+    let staged_frame = stage(path, overwrite, |tmp| write_frame_hdus(tmp, frame, meta))?;
+    let Some((model_path, image)) = model else {
+        return staged_frame.place(overwrite).map(drop);
+    };
+    let together = "(a frame and its model image are written together or not at all)";
+    let neither = |cause: IoError, other: &Path, what: &str| IoError::Set {
+        cause: Box::new(cause),
+        other: format!(
+            "so the {what} {} was not written either {together}",
+            other.display()
+        ),
+    };
+    let staged_model = stage(model_path, overwrite, |tmp| write_model_hdus(tmp, image))
+        .map_err(|e| neither(e, path, "frame"))?;
+    let placed_frame = staged_frame
+        .place(overwrite)
+        .map_err(|e| neither(e, model_path, "model image"))?;
+    match staged_model.place(overwrite) {
+        Ok(_) => Ok(()),
+        Err(e) if placed_frame.undo() => Err(neither(e, path, "frame")),
+        Err(e) => Err(IoError::Set {
+            cause: Box::new(e),
+            other: format!(
+                "the frame {} was written all the same: it replaced the file that was there \
+                 (--overwrite), which cannot be put back",
+                path.display()
+            ),
+        }),
+    }
+}
+
+fn write_frame_hdus(tmp: &Path, frame: &Frame, meta: &FrameMeta) -> Result<(), IoError> {
+    let mut f = Fits::create(tmp)?;
+    let (nspec, nwave) = frame.flux.dim();
+    f.create_image("FLUX", -32, &[nspec, nwave])?;
+    write_flux_header(&mut f, frame, meta)?;
+    f.write_pixels(&to_f32(frame.flux.iter()))?;
+    f.create_image("IVAR", -32, &[nspec, nwave])?;
+    f.write_pixels(&to_f32(frame.ivar.iter()))?;
+    // BITPIX 40 makes cfitsio write BITPIX 32 with BZERO 2147483648: a u4 image.
+    f.create_image("MASK", 40, &[nspec, nwave])?;
+    f.write_pixels(&frame.mask.iter().copied().collect::<Vec<u32>>())?;
+    f.create_image("WAVELENGTH", -64, &[nwave])?;
+    f.put_str("BUNIT", "Angstrom", "")?;
+    f.write_pixels(&frame.wave)?;
+    let (_, ndiag, _) = frame.resolution.dim();
+    f.create_image("RESOLUTION", -32, &[nspec, ndiag, nwave])?;
+    f.write_pixels(&to_f32(frame.resolution.iter()))?;
+    if let Some(src) = &meta.fibermap_from {
+        copy_fibermap(&mut f, src, frame.specmin, nspec)?;
+    }
+    f.create_image("CHI2PIX", -32, &[nspec, nwave])?;
+    f.write_pixels(&to_f32(frame.chi2pix.iter()))?;
+    f.write_checksums()?;
+    f.close()
 }
 
 fn to_f32<'a>(it: impl Iterator<Item = &'a f64>) -> Vec<f32> {
@@ -207,15 +259,17 @@ fn copy_fibermap(f: &mut Fits, src: &Path, specmin: usize, nspec: usize) -> Resu
 /// Writes the model image (f4, one HDU named MODEL) atomically; refuses an existing `path`
 /// unless `overwrite`.
 pub fn write_model_image(path: &Path, model: &Array2<f64>, overwrite: bool) -> Result<(), IoError> {
-    write_atomic(path, overwrite, |tmp| {
-        let mut f = Fits::create(tmp)?;
-        let (ny, nx) = model.dim();
-        f.create_image("MODEL", -32, &[ny, nx])?;
-        f.put_str("BUNIT", "electron", "")?;
-        f.write_pixels(&to_f32(model.iter()))?;
-        f.write_checksums()?;
-        f.close()
-    })
+    write_atomic(path, overwrite, |tmp| write_model_hdus(tmp, model))
+}
+
+fn write_model_hdus(tmp: &Path, model: &Array2<f64>) -> Result<(), IoError> {
+    let mut f = Fits::create(tmp)?;
+    let (ny, nx) = model.dim();
+    f.create_image("MODEL", -32, &[ny, nx])?;
+    f.put_str("BUNIT", "electron", "")?;
+    f.write_pixels(&to_f32(model.iter()))?;
+    f.write_checksums()?;
+    f.close()
 }
 
 /// Reads an image HDU of `ndim` axes as `T`, checking its kind and size before reading.
@@ -302,6 +356,19 @@ pub fn read_frame(path: &Path) -> Result<Frame, IoError> {
         resolution,
         chi2pix,
     })
+}
+
+/// The values of `keys` in a frame's FLUX header, as text (strings unquoted, long ones joined),
+/// `None` where absent: what a rerun compares with its request before reading the frame.
+pub fn read_frame_keys(path: &Path, keys: &[&str]) -> Result<Vec<Option<String>>, IoError> {
+    let mut f = Fits::open(path)?;
+    f.move_to("FLUX")?;
+    let values = keys
+        .iter()
+        .map(|k| f.key_str(k))
+        .collect::<Result<Vec<_>, _>>()?;
+    f.close()?;
+    Ok(values)
 }
 
 #[cfg(test)]

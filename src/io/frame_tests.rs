@@ -184,3 +184,77 @@ fn long_string_keys_from_the_input_are_replaced_whole() {
     assert!(!cards.iter().any(|c| c.contains("ooo")), "{cards:#?}");
     assert_eq!(f.key_str("FLAVOR").unwrap().as_deref(), Some("science"));
 }
+
+/// A frame and its model image are one set: a model image that cannot be written takes the
+/// frame with it, and the error says so (issue 12, item 14).
+#[test]
+fn a_frame_lands_only_with_its_model_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("frame.fits");
+    let model = Array2::from_elem((4, 3), 2.5);
+    let nowhere = dir.path().join("no-such-folder/model.fits");
+    let err = write_frame_set(
+        &path,
+        &frame(0, 2, 5),
+        &meta(),
+        Some((&nowhere, &model)),
+        false,
+    )
+    .unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, IoError::Set { .. }), "{msg}");
+    assert!(msg.starts_with(&nowhere.display().to_string()), "{msg}");
+    assert!(
+        msg.contains(&format!(
+            "so the frame {} was not written either",
+            path.display()
+        )),
+        "{msg}"
+    );
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+
+    // The same file twice is refused before any work.
+    let err = write_frame_set(
+        &path,
+        &frame(0, 2, 5),
+        &meta(),
+        Some((&dir.path().join("./frame.fits"), &model)),
+        true,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("the same file"), "{err}");
+    assert!(!path.exists());
+
+    let m = dir.path().join("model.fits");
+    write_frame_set(&path, &frame(0, 2, 5), &meta(), Some((&m, &model)), false).unwrap();
+    assert_eq!(read_frame(&path).unwrap().nspec(), 2);
+    // An existing model image stops both, before any work.
+    let other = dir.path().join("other.fits");
+    let err =
+        write_frame_set(&other, &frame(0, 2, 5), &meta(), Some((&m, &model)), false).unwrap_err();
+    assert!(matches!(err, IoError::Exists { .. }), "{err}");
+    assert!(!other.exists());
+}
+
+#[test]
+fn frame_keys_are_read_back_as_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("frame.fits");
+    let mut m = meta();
+    let long = format!("'{}'", "x/".repeat(60));
+    m.extra
+        .push(("IMGPATH".into(), long.clone(), "input".into()));
+    write_frame(&path, &frame(7, 2, 5), &m, false).unwrap();
+    let got = read_frame_keys(&path, &["FIBERMIN", "IMGPATH", "PSFERR", "NOPE"]).unwrap();
+    assert_eq!(
+        got,
+        [
+            Some("7".to_string()),
+            Some(long.trim_matches('\'').to_string()),
+            Some("0.01".to_string()),
+            None
+        ]
+    );
+    assert!(read_frame_keys(&dir.path().join("missing.fits"), &["FIBERMIN"]).is_err());
+}

@@ -6,6 +6,7 @@
 //! `fits` wrapper, and every failure comes back as an [`IoError`] naming the file (and the HDU,
 //! where there is one). Imports only `psf` from the crate.
 
+mod atomic;
 mod fits;
 pub mod frame;
 pub mod image;
@@ -13,11 +14,14 @@ pub mod psf;
 pub mod truth;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::psf::PsfError;
 
-pub use frame::{read_frame, write_frame, write_model_image, Frame, FrameMeta};
+pub(crate) use atomic::write_atomic;
+pub use atomic::{input_key, leftover_temporaries, output_key, Leftovers};
+pub use frame::{
+    read_frame, read_frame_keys, write_frame, write_frame_set, write_model_image, Frame, FrameMeta,
+};
 pub use image::{read_fibermap, read_preproc, write_preproc, Fibermap, Preproc, EXTRACT_MASK_BITS};
 pub use psf::{read_psf, read_psf_and_camera, write_psf};
 pub use truth::{read_truth, write_truth, Truth};
@@ -56,6 +60,23 @@ pub enum IoError {
         path: PathBuf,
         /// The model's complaint.
         source: PsfError,
+    },
+    /// Writing an output failed: nothing was put at its path, and its temporary is removed.
+    #[error("{}: not written: {why}", .path.display())]
+    NotWritten {
+        /// The output.
+        path: PathBuf,
+        /// Why: the system's error where there is one, and what was being written.
+        why: String,
+    },
+    /// One output of a set written together (a frame and its model image) failed; says what
+    /// became of the other.
+    #[error("{cause}; {other}")]
+    Set {
+        /// The failure, naming its output.
+        cause: Box<IoError>,
+        /// What became of the other output, naming it.
+        other: String,
     },
     /// An operating-system failure outside cfitsio (rename, remove).
     #[error("{}: {source}", .path.display())]
@@ -161,54 +182,6 @@ pub fn program_version() -> String {
     format!("spextract {}", env!("CARGO_PKG_VERSION"))
 }
 
-/// Writes `path` through `write`, which receives a temporary name in the same directory; the
-/// temporary is renamed over `path` only after `write` succeeds, and removed otherwise, so a
-/// reader never sees a partial file (extraction.md §6).
-///
-/// With `overwrite` false an existing `path` is refused before any work. The check and the rename
-/// are not one atomic step: a file created by someone else in between is replaced.
-pub(crate) fn write_atomic<F>(path: &Path, overwrite: bool, write: F) -> Result<(), IoError>
-where
-    F: FnOnce(&Path) -> Result<(), IoError>,
-{
-    if !overwrite && path.exists() {
-        return Err(IoError::Exists {
-            path: path.to_path_buf(),
-        });
-    }
-    let tmp = temp_path(path)?;
-    // A stale temporary of ours (same pid and counter) can only come from a crashed process
-    // whose pid was reused; cfitsio refuses to create over it, so clear it.
-    let _ = std::fs::remove_file(&tmp);
-    let result = write(&tmp).and_then(|()| {
-        std::fs::rename(&tmp, path).map_err(|source| IoError::Os {
-            path: path.to_path_buf(),
-            source,
-        })
-    });
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
-}
-
-/// `.{name}.tmp-{pid}-{n}` beside `path`; the counter keeps concurrent writers in one process
-/// apart.
-fn temp_path(path: &Path) -> Result<PathBuf, IoError> {
-    static COUNTER: AtomicUsize = AtomicUsize::new(0);
-    let name = path
-        .file_name()
-        .ok_or_else(|| IoError::file(path, "output path has no file name"))?;
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let tmp_name = format!(
-        ".{}.tmp-{}-{}",
-        name.to_string_lossy(),
-        std::process::id(),
-        n
-    );
-    Ok(path.with_file_name(tmp_name))
-}
-
 /// A file of the shared test data (`../shared/data`, or `$SPEXTRACT_TEST_DATA`), or `None`
 /// (with a message) when it is absent.
 #[cfg(test)]
@@ -254,31 +227,5 @@ mod tests {
         assert_eq!(camera_name("z9").as_deref(), Some("z9"));
         assert_eq!(camera_name("''"), None);
         assert_eq!(camera_name("   "), None);
-    }
-
-    #[test]
-    fn atomic_write_refuses_existing_and_cleans_up() {
-        let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("x.fits");
-        std::fs::write(&out, b"old").unwrap();
-        let err = write_atomic(&out, false, |_| panic!("must not be called")).unwrap_err();
-        assert!(matches!(err, IoError::Exists { .. }), "{err}");
-        let err = write_atomic(&out, true, |tmp| {
-            std::fs::write(tmp, b"partial").unwrap();
-            Err(IoError::file(tmp, "boom"))
-        })
-        .unwrap_err();
-        assert!(err.to_string().contains("boom"));
-        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
-        assert_eq!(names.len(), 1, "temporary left behind");
-        assert_eq!(std::fs::read(&out).unwrap(), b"old");
-        write_atomic(&out, true, |tmp| {
-            std::fs::write(tmp, b"new").map_err(|source| IoError::Os {
-                path: tmp.to_path_buf(),
-                source,
-            })
-        })
-        .unwrap();
-        assert_eq!(std::fs::read(&out).unwrap(), b"new");
     }
 }

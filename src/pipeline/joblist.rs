@@ -3,7 +3,8 @@
 //! whether an output is already complete, so that a killed run restarts where it stopped.
 //!
 //! Plain data in, plain data out: the command line's flags become a [`Selection`] in
-//! `cli::select`. Imports `io` (reading an output back) and nothing else of the crate.
+//! `cli::select`. Imports `io` (reading an output back, comparing paths) and the pipeline's
+//! `request` (what an output was extracted for).
 //!
 //! The pattern follows `desispec.io.meta.findfile` (desihub/desispec, py/desispec/io/meta.py):
 //!
@@ -26,10 +27,13 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use tracing::warn;
+
+use crate::io::{input_key, output_key};
+use crate::pipeline::request::{Comparison, FrameRequest};
 
 /// One frame to extract.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -233,6 +237,24 @@ pub enum JobListError {
         by: String,
         /// Where it was named as an image or PSF.
         input_of: String,
+    },
+    /// An output of the single frame is one of its inputs, or its other output.
+    #[error(
+        "{output_flag} {} is the same file as {other_flag} {}: {consequence}",
+        .output.display(),
+        .other.display()
+    )]
+    SameFile {
+        /// The output's flag.
+        output_flag: &'static str,
+        /// The output.
+        output: PathBuf,
+        /// The other file's flag.
+        other_flag: &'static str,
+        /// The other file.
+        other: PathBuf,
+        /// What writing the output would do.
+        consequence: &'static str,
     },
     /// Nothing to do.
     #[error(
@@ -591,32 +613,19 @@ fn existing_fits(path: &Path) -> Option<PathBuf> {
     gz.is_file().then_some(gz)
 }
 
-/// `path` made absolute against the current directory, `.` components dropped, so that
-/// `./out/f.fits` and `out/f.fits` compare equal. `..` is kept: folding it without the file
-/// system is wrong across symbolic links.
-fn path_key(path: &Path, cwd: Option<&Path>) -> PathBuf {
-    let abs = match cwd {
-        Some(cwd) if path.is_relative() => cwd.join(path),
-        _ => path.to_path_buf(),
-    };
-    abs.components()
-        .filter(|c| !matches!(c, Component::CurDir))
-        .collect()
-}
-
-/// No output written twice, and none that is some frame's input.
+/// No output written twice, and none that is some frame's input, comparing where the files
+/// are (`io::output_key`, `io::input_key`: links, `..` and `//` resolved), not how they are
+/// spelled.
 fn check_outputs(jobs: &[(FrameJob, Origin)]) -> Result<(), JobListError> {
-    let cwd = std::env::current_dir().ok();
-    let cwd = cwd.as_deref();
     let mut inputs: HashMap<PathBuf, usize> = HashMap::new();
     for (i, (job, _)) in jobs.iter().enumerate() {
         for p in [&job.image, &job.psf] {
-            inputs.entry(path_key(p, cwd)).or_insert(i);
+            inputs.entry(input_key(p)).or_insert(i);
         }
     }
     let mut outputs: HashMap<PathBuf, usize> = HashMap::new();
     for (i, (job, origin)) in jobs.iter().enumerate() {
-        let key = path_key(&job.output, cwd);
+        let key = output_key(&job.output);
         if let Some(&j) = inputs.get(&key) {
             return Err(JobListError::OutputIsInput {
                 path: job.output.clone(),
@@ -636,83 +645,131 @@ fn check_outputs(jobs: &[(FrameJob, Origin)]) -> Result<(), JobListError> {
     Ok(())
 }
 
-/// Whether a frame's output is already there.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum OutputState {
-    /// No file: the frame must be done.
-    Missing,
-    /// A readable frame with consistent HDUs: the frame can be skipped.
-    Complete,
-    /// A file that is not a usable frame (why); it must be redone.
-    Incomplete(String),
+/// The single frame's outputs (`--output`, and `--model-image` when given) are neither its
+/// inputs nor each other, compared as in [`resolve`].
+pub fn check_single_outputs(
+    job: &FrameJob,
+    model_image: Option<&Path>,
+) -> Result<(), JobListError> {
+    let mut outputs: Vec<(&'static str, &Path)> = vec![("--output", &job.output)];
+    outputs.extend(model_image.map(|m| ("--model-image", m)));
+    let inputs: [(&'static str, &Path, &'static str); 2] = [
+        ("--psf", &job.psf, "writing it would replace the PSF"),
+        ("--image", &job.image, "writing it would replace the image"),
+    ];
+    let same = |output_flag, output: &Path, other_flag, other: &Path, consequence| {
+        JobListError::SameFile {
+            output_flag,
+            output: output.to_path_buf(),
+            other_flag,
+            other: other.to_path_buf(),
+            consequence,
+        }
+    };
+    for &(output_flag, output) in &outputs {
+        let key = output_key(output);
+        for (other_flag, other, consequence) in inputs {
+            if input_key(other) == key {
+                return Err(same(output_flag, output, other_flag, other, consequence));
+            }
+        }
+    }
+    if let [(_, frame), (model_flag, model)] = outputs[..] {
+        if output_key(model) == output_key(frame) {
+            return Err(same(
+                model_flag,
+                model,
+                "--output",
+                frame,
+                "the model image would replace the frame",
+            ));
+        }
+    }
+    Ok(())
 }
 
-/// The state of an existing output, so that a restarted run skips what a killed one finished.
+/// What is at a frame's output path, against what this run asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutputState {
+    /// Nothing: the frame must be done.
+    Missing,
+    /// A whole frame of this very request: it can be skipped.
+    Complete,
+    /// A whole frame of another request, or of inputs changed since: what differs.
+    Stale(Vec<String>),
+    /// A whole frame that does not say what it was extracted for (written before spextract
+    /// recorded it), or one whose request cannot be compared (why).
+    Unverifiable(String),
+    /// Something that is not a whole frame: another kind of file, a folder, a file cut short
+    /// (why).
+    NotAFrame(String),
+}
+
+impl OutputState {
+    /// Why the file at the path is neither missing nor complete, for a message; `None` for
+    /// those two.
+    pub fn problem(&self) -> Option<String> {
+        match self {
+            OutputState::Missing | OutputState::Complete => None,
+            OutputState::Stale(diffs) => Some(format!(
+                "a frame extracted for another request: {}",
+                diffs.join("; ")
+            )),
+            OutputState::Unverifiable(why) | OutputState::NotAFrame(why) => Some(why.clone()),
+        }
+    }
+}
+
+/// The state of an existing output against `wanted`, this run's request for it (or why it
+/// could not be made; asked only when a file is there), so that a restarted run skips what a killed one finished and nothing
+/// else.
 ///
-/// `write_frame` renames a fully written temporary into place, so a file at `path` is normally
-/// complete; this still reads it, since a file can be cut short by a full disk on a file system
-/// that does not order the rename after the data, or be someone else's file. It reads the whole
-/// frame with `read_frame`, which checks that FLUX, IVAR, MASK, WAVELENGTH, RESOLUTION and
-/// CHI2PIX are present and that their shapes agree (nspec x nwave; RESOLUTION nspec x ndiag x
-/// nwave), and fails on a truncated file when the data runs out. That takes about 0.1 s for a
-/// 500-fiber frame (500 x 2326 bins, 11 diagonals: 70 MB, measured with the file in the page
-/// cache; a cold parallel file system is slower); a header-only check would need a function in
-/// `io`, whose FITS wrapper is private to it. CHECKSUM/DATASUM are not verified: the wrapper
-/// writes them (`ffpcks`) but does not expose cfitsio's `ffvcks`.
-pub fn output_state(path: &Path) -> OutputState {
+/// The recorded request (`pipeline::request`) is read from the FLUX header first. Then the
+/// whole frame is read with `read_frame`, which checks that FLUX, IVAR, MASK, WAVELENGTH,
+/// RESOLUTION and CHI2PIX are present, that their shapes agree, and fails on a file cut short:
+/// `write_frame` renames only complete files into place, but a file system that does not order
+/// the rename after the data can still leave one after a crash. That takes about 0.1 s for a
+/// 500-fiber frame (500 x 2326 bins, 11 diagonals: 70 MB, in the page cache; a cold parallel
+/// file system is slower). CHECKSUM/DATASUM are not verified: the FITS wrapper writes them but
+/// does not expose cfitsio's `ffvcks`.
+pub fn output_state(
+    path: &Path,
+    wanted: impl FnOnce() -> Result<FrameRequest, String>,
+) -> OutputState {
     match std::fs::metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return OutputState::Missing,
-        Err(e) => return OutputState::Incomplete(format!("cannot examine it: {e}")),
+        Err(e) => return OutputState::NotAFrame(format!("cannot examine it: {e}")),
         Ok(m) if !m.is_file() => {
-            return OutputState::Incomplete("it is not a regular file".into());
+            return OutputState::NotAFrame("it is not a regular file".into());
         }
         Ok(_) => {}
     }
-    match crate::io::frame::read_frame(path) {
-        Ok(_) => OutputState::Complete,
-        Err(e) => OutputState::Incomplete(e.to_string()),
+    let keys = crate::pipeline::request::KEYS;
+    let recorded = match crate::io::frame::read_frame_keys(path, &keys) {
+        Ok(values) => values,
+        Err(e) => return OutputState::NotAFrame(format!("not a frame: {e}")),
+    };
+    if let Err(e) = crate::io::frame::read_frame(path) {
+        return OutputState::NotAFrame(format!("not a whole frame: {e}"));
     }
-}
-
-/// Temporaries of `output` left by a killed writer, for the runner to remove before redoing the
-/// frame.
-///
-/// `write_frame` writes through `io::write_atomic`, whose temporary is
-/// `.{file name}.tmp-{pid}-{counter}` beside the output. Temporaries of this process are left
-/// out: they may be writes in progress on another thread. Another live process writing the same
-/// output is not detected (its pid may belong to another node), so call this only for outputs
-/// this run owns. An unreadable folder gives none.
-pub fn stale_temporaries(output: &Path) -> Vec<PathBuf> {
-    let Some(name) = output.file_name() else {
-        return Vec::new();
+    let wanted = match wanted() {
+        Ok(w) => w,
+        Err(why) => {
+            return OutputState::Unverifiable(format!(
+                "a frame, but what this run would write there cannot be told: {why}"
+            ))
+        }
     };
-    // write_atomic builds the name with to_string_lossy, so compare the same way.
-    let prefix = format!(".{}.tmp-", name.to_string_lossy());
-    let own_pid = std::process::id().to_string();
-    let dir = match output.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    let mut found: Vec<PathBuf> = entries
-        .filter_map(Result::ok)
-        .filter(|entry| {
-            let name = entry.file_name();
-            let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
-                return false;
-            };
-            let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-            match rest.split_once('-') {
-                Some((pid, n)) => digits(pid) && digits(n) && pid != own_pid,
-                None => false,
-            }
-        })
-        .map(|entry| output.with_file_name(entry.file_name()))
-        .collect();
-    found.sort();
-    found
+    match wanted.compare(&recorded) {
+        Comparison::Same => OutputState::Complete,
+        Comparison::Differs(diffs) => OutputState::Stale(diffs),
+        Comparison::Unrecorded => OutputState::Unverifiable(
+            "a frame that does not record what it was extracted for (written by another \
+             program, or by spextract before it recorded requests), so it cannot be told \
+             whether it holds what this run asks for"
+                .into(),
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -1151,20 +1208,66 @@ mod tests {
         }
     }
 
+    /// This run's request for a frame of `dir`'s image and PSF (small stand-in files).
+    fn wanted(dir: &Path, nspec: usize) -> Result<FrameRequest, String> {
+        for f in ["img.fits", "psf.fits"] {
+            if !dir.join(f).exists() {
+                std::fs::write(dir.join(f), f).unwrap();
+            }
+        }
+        let mut cfg = crate::config::Config::default();
+        cfg.extract.nspec = nspec;
+        FrameRequest::new(&cfg, &dir.join("img.fits"), &dir.join("psf.fits"))
+            .map_err(|e| e.to_string())
+    }
+
+    fn meta_of(req: &Result<FrameRequest, String>) -> FrameMeta {
+        FrameMeta {
+            extra: req.as_ref().unwrap().cards(),
+            ..FrameMeta::default()
+        }
+    }
+
     #[test]
-    fn output_state_tells_missing_complete_and_cut_short() {
+    fn output_state_tells_complete_from_stale_unverifiable_and_cut_short() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("frame-r0-00067784.fits");
-        assert_eq!(output_state(&path), OutputState::Missing);
-        write_frame(&path, &small_frame(), &FrameMeta::default(), false).unwrap();
-        assert_eq!(output_state(&path), OutputState::Complete);
+        let want = wanted(dir.path(), 3);
+        assert_eq!(output_state(&path, || want.clone()), OutputState::Missing);
+        write_frame(&path, &small_frame(), &meta_of(&want), false).unwrap();
+        assert_eq!(output_state(&path, || want.clone()), OutputState::Complete);
+
+        // Another request over the same file (issue 12, item 1).
+        let OutputState::Stale(diffs) = output_state(&path, || wanted(dir.path(), 20)) else {
+            panic!("a frame of -n 3 passed for -n 20");
+        };
+        assert_eq!(diffs.len(), 1, "{diffs:?}");
+        assert!(
+            diffs[0].contains("-n 3") && diffs[0].contains("-n 20"),
+            "{diffs:?}"
+        );
+        // A frame that records no request, or a request that cannot be made.
+        let old = dir.path().join("old.fits");
+        write_frame(&old, &small_frame(), &FrameMeta::default(), false).unwrap();
+        let OutputState::Unverifiable(why) = output_state(&old, || want.clone()) else {
+            panic!("a frame without a request passed");
+        };
+        assert!(
+            why.contains("does not record what it was extracted for"),
+            "{why}"
+        );
+        let OutputState::Unverifiable(why) = output_state(&path, || Err("img.fits: gone".into()))
+        else {
+            panic!("passed without a request to compare");
+        };
+        assert!(why.contains("img.fits: gone"), "{why}");
 
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(bytes.len() % 2880, 0);
         for keep in [bytes.len() - 2880, bytes.len() / 2, 2880, 100, 0] {
             let cut = dir.path().join(format!("cut-{keep}.fits"));
             std::fs::write(&cut, &bytes[..keep]).unwrap();
-            let OutputState::Incomplete(why) = output_state(&cut) else {
+            let OutputState::NotAFrame(why) = output_state(&cut, || want.clone()) else {
                 panic!("{keep} of {} bytes passed as complete", bytes.len());
             };
             assert!(why.contains(&*cut.to_string_lossy()), "{why}");
@@ -1172,44 +1275,78 @@ mod tests {
         // Not a frame at all.
         let other = dir.path().join("other.fits");
         crate::io::frame::write_model_image(&other, &Array2::zeros((4, 4)), false).unwrap();
-        let OutputState::Incomplete(why) = output_state(&other) else {
+        let OutputState::NotAFrame(why) = output_state(&other, || want.clone()) else {
             panic!("a model image passed as a frame");
         };
         assert!(why.contains("FLUX"), "{why}");
         assert!(matches!(
-            output_state(dir.path()),
-            OutputState::Incomplete(_)
+            output_state(dir.path(), || want.clone()),
+            OutputState::NotAFrame(_)
         ));
     }
 
+    /// One output spelled through a linked folder, or with `//` and `..` (issue 12, item 4).
     #[test]
-    fn stale_temporaries_match_write_frame_names_only() {
+    fn duplicate_outputs_are_found_however_they_are_spelled() {
         let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("frame-r0-00067784.fits");
-        let own = std::process::id();
-        let other_pid = if own == 4242 { 4243 } else { 4242 };
-        let stale = [
-            format!(".frame-r0-00067784.fits.tmp-{other_pid}-0"),
-            format!(".frame-r0-00067784.fits.tmp-{other_pid}-17"),
-        ];
-        let unrelated = [
-            "frame-r0-00067784.fits".to_string(),
-            ".frame-r1-00067784.fits.tmp-4242-0".into(),
-            ".frame-r0-00067784.fits.tmp-4242".into(),
-            ".frame-r0-00067784.fits.tmp-4242-x".into(),
-            ".frame-r0-00067784.fits.tmp--0".into(),
-            "frame-r0-00067784.fits.tmp-4242-0".into(),
-            format!(".frame-r0-00067784.fits.tmp-{own}-0"),
-        ];
-        for name in stale.iter().chain(&unrelated) {
-            std::fs::write(dir.path().join(name), b"x").unwrap();
+        let d = dir.path();
+        std::fs::create_dir_all(d.join("out/x")).unwrap();
+        std::os::unix::fs::symlink(d.join("out"), d.join("link")).unwrap();
+        for second in ["link/a.fits", "out//x/../a.fits", "out/x/../../out/a.fits"] {
+            let list = d.join("frames.txt");
+            std::fs::write(&list, format!("i1 p out/a.fits\ni2 p {second}\n")).unwrap();
+            let sel = Selection {
+                frames: Some(list.clone()),
+                ..Selection::default()
+            };
+            let err = resolve(&sel, &[], None, None).unwrap_err();
+            assert!(
+                matches!(err, JobListError::DuplicateOutput { .. }),
+                "{second}: {err}"
+            );
+            assert!(err.to_string().contains(":2"), "{err}");
         }
-        let found = stale_temporaries(&out);
-        let want: Vec<PathBuf> = stale.iter().map(|n| dir.path().join(n)).collect();
-        assert_eq!(found, want);
-        // A completed write_frame leaves no temporary of its own behind.
-        write_frame(&out, &small_frame(), &FrameMeta::default(), true).unwrap();
-        assert_eq!(stale_temporaries(&out), want);
-        assert!(stale_temporaries(&dir.path().join("missing/frame.fits")).is_empty());
+        // An output that is an input through a link.
+        std::fs::write(d.join("psf.fits"), b"p").unwrap();
+        let err = resolve(
+            &Selection::default(),
+            &[job("i", "psf.fits", "link/../psf.fits")],
+            Some(d),
+            None,
+        )
+        .unwrap_err();
+        assert!(matches!(err, JobListError::OutputIsInput { .. }), "{err}");
+    }
+
+    /// Single-frame mode refuses what list mode refuses (issue 12, item 2).
+    #[test]
+    fn single_frame_outputs_are_not_its_inputs_nor_each_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = std::fs::canonicalize(dir.path()).unwrap();
+        std::fs::create_dir(d.join("sub")).unwrap();
+        std::fs::write(d.join("psf.fits"), b"p").unwrap();
+        std::fs::write(d.join("img.fits"), b"i").unwrap();
+        std::os::unix::fs::symlink(d.join("img.fits"), d.join("sub/img-link.fits")).unwrap();
+        let frame = |o: &Path| FrameJob {
+            image: d.join("sub/img-link.fits"),
+            psf: d.join("psf.fits"),
+            output: o.to_path_buf(),
+        };
+        let cases: [(PathBuf, Option<PathBuf>, &str); 4] = [
+            (d.join("sub/../psf.fits"), None, "--output"),
+            (d.join("img.fits"), None, "--image"),
+            (
+                d.join("f.fits"),
+                Some(d.join("sub//../f.fits")),
+                "replace the frame",
+            ),
+            (d.join("f.fits"), Some(d.join("psf.fits")), "--model-image"),
+        ];
+        for (output, model, needle) in cases {
+            let err = check_single_outputs(&frame(&output), model.as_deref()).unwrap_err();
+            assert!(matches!(err, JobListError::SameFile { .. }), "{err}");
+            assert!(err.to_string().contains(needle), "{err}");
+        }
+        check_single_outputs(&frame(&d.join("f.fits")), Some(&d.join("m.fits"))).unwrap();
     }
 }

@@ -1,5 +1,5 @@
 //! Frames to spectra at scale: one frame in memory (`frame`), the list of frames a run must
-//! do (`joblist`), the process environment (`env`), work units (`unit`), the ranks and their
+//! do (`joblist`) and what each was asked for (`request`), the process environment (`env`), work units (`unit`), the ranks and their
 //! messages (`run`, `comm`; `device_path` in the cuda-aware-mpi build, where a GPU rank's
 //! units travel in device memory), and the end-of-run summary (`report`).
 
@@ -11,5 +11,6 @@ pub mod frame;
 pub mod joblist;
 pub mod prepare;
 pub mod report;
+pub mod request;
 pub mod run;
 pub mod unit;

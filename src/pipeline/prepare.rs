@@ -1,7 +1,8 @@
 //! One frame from files to a plan, and from results back to a file: what the single-frame
 //! command and the pipeline's reader and writer share.
 //!
-//! Imports `psf`, `io`, `patch`, `extract`, `config` and the pipeline's `frame` and `env`.
+//! Imports `psf`, `io`, `patch`, `extract`, `config` and the pipeline's `frame`, `env` and
+//! `request`.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -10,12 +11,13 @@ use tracing::{info, warn};
 
 use crate::config::{self, Config};
 use crate::extract::ExtractOptions;
-use crate::io::frame::{write_frame, write_model_image, Frame, FrameMeta};
+use crate::io::frame::{write_frame_set, Frame, FrameMeta};
 use crate::io::image::{read_preproc, Preproc};
 use crate::io::psf::read_psf_and_camera;
 use crate::io::IoError;
 use crate::patch::{PatchOptions, Plan, WaveGrid};
 use crate::pipeline::frame::{finalize, withhold_unusable, FrameResult, Withheld};
+use crate::pipeline::request::{FrameRequest, InputId, RequestError};
 use crate::psf::Psf;
 
 /// Why a frame could not be prepared or written, naming its files.
@@ -152,6 +154,9 @@ pub enum PrepareError {
         /// Bins of patches off the CCD or failed.
         dropped: usize,
     },
+    /// An input could not be looked at to record it in the frame.
+    #[error(transparent)]
+    Request(#[from] RequestError),
     /// Every patch failed or left the CCD.
     #[error(
         "nothing was extracted: of {npatch} patches, {dropped} left the CCD and {failed} failed \
@@ -197,6 +202,8 @@ pub struct Prepared {
     pub threads: usize,
     /// Whether to draw a progress bar.
     pub progress: bool,
+    /// What the frame is extracted for, as its header records it.
+    pub request: FrameRequest,
 }
 
 /// The value of `key` in raw FITS header cards, without quotes.
@@ -291,7 +298,11 @@ pub fn prepare_frame(
     model_image: bool,
     progress: bool,
 ) -> Result<Prepared, PrepareError> {
+    // Each input is looked at before it is read, so that a file changed while it is read
+    // is taken as changed by the next run; missing files are reported by the readers.
+    let psf_seen = InputId::of(psf_path);
     let (psf, psf_camera) = read_psf_and_camera(psf_path)?;
+    let psf_seen = psf_seen?;
     // What the PSF alone can refuse, before the (larger) image is read.
     let specmin = cfg.extract.specmin;
     let nfiber = psf.nfiber();
@@ -324,7 +335,9 @@ pub fn prepare_frame(
     };
 
     let t0 = Instant::now();
+    let image_seen = InputId::of(image_path);
     let preproc = read_preproc(image_path, cfg.extract.mask_bits)?;
+    let request = FrameRequest::of_inputs(cfg, image_seen?, psf_seen);
     info!(
         "read {} ({}x{}) in {:.2}s: {} pixels masked by MASK bits, {} NaN/Inf pixels treated as masked",
         image_path.display(),
@@ -395,6 +408,7 @@ pub fn prepare_frame(
         opts,
         threads: crate::pipeline::env::resolve_threads(cfg.run.threads),
         progress,
+        request,
     })
 }
 
@@ -468,7 +482,10 @@ pub fn frame_meta(prep: &Prepared) -> FrameMeta {
                 format!("{}", prep.opts.regularize),
                 "regularisation".into(),
             ),
-        ],
+        ]
+        .into_iter()
+        .chain(prep.request.cards())
+        .collect(),
     }
 }
 
@@ -486,7 +503,8 @@ pub fn frame_of(res: &FrameResult, grid: &WaveGrid) -> Frame {
     }
 }
 
-/// Finalises and writes a frame (and the model image when one was computed), each atomically.
+/// Finalises and writes a frame and, when one was computed, the model image: as one set, both
+/// or neither (`io::frame::write_frame_set`).
 pub fn write_outputs(
     res: &FrameResult,
     grid: &WaveGrid,
@@ -495,10 +513,8 @@ pub fn write_outputs(
     model_image: Option<&Path>,
     overwrite: bool,
 ) -> Result<(), PrepareError> {
-    write_frame(output, &frame_of(res, grid), meta, overwrite)?;
-    if let (Some(path), Some(model)) = (model_image, &res.model) {
-        write_model_image(path, model, overwrite)?;
-    }
+    let model = model_image.zip(res.model.as_ref());
+    write_frame_set(output, &frame_of(res, grid), meta, model, overwrite)?;
     Ok(())
 }
 

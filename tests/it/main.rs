@@ -9,6 +9,7 @@
 //! - `cli`: bad inputs fail with exit code 2, a message naming the problem and no output file.
 //! - `checks`: what is refused or limited before any work (cameras, endless lists and
 //!   configurations, absurd counts), and causes said once.
+//! - `outputs`: reruns, clashes, races, leftovers and full disks never lose or replace data.
 //!
 //! One binary (`autotests = false` in Cargo.toml) so that the suite links once.
 
@@ -18,6 +19,7 @@ mod common;
 mod checks;
 mod cli;
 mod format;
+mod outputs;
 mod pipeline;
 mod real_data;
 mod structure;

@@ -158,8 +158,8 @@ pub(super) fn frames_findings(list: &Path, probe_name: &str) -> Vec<Finding> {
     }
     let exist = if existing > 0 {
         format!(
-            "; outputs already there: {existing} (extract skips complete ones unless \
-             --overwrite)"
+            "; outputs already there: {existing} (extract skips frames of the same request and \
+             refuses to start over any other file there, unless --overwrite)"
         )
     } else {
         String::new()

@@ -180,6 +180,17 @@ pub fn execute(opts: &RunOptions, stop: &StopSignal) -> Result<Option<RunReport>
     }
 }
 
+/// Ends the whole MPI job from rank 0 when it refuses the run before the ranks meet (the
+/// reason already logged): the other ranks wait for it in MPI_Init, and would wait forever
+/// under a launcher that does not end a job when one rank exits.
+pub fn abort_job(code: i32) -> ! {
+    use mpi::topology::Communicator;
+    match mpi::initialize() {
+        Some(universe) => universe.world().abort(code),
+        None => std::process::exit(code),
+    }
+}
+
 /// Groups the world's ranks by node: each rank learns the lowest world rank of its
 /// shared-memory group, and ranks sharing a leader share a node.
 fn mpi_layout(world: &mpi::topology::SimpleCommunicator, opts: &RunOptions) -> Layout {
