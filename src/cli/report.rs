@@ -22,8 +22,9 @@ pub struct ReportArgs {
     /// Which report the ratios are relative to: 1 for the first, 2 for the second, ...
     #[arg(long, default_value_t = 1)]
     pub baseline: usize,
-    /// Also write a bar chart of frames per node-hour here, one bar per report. SVG only (a .svg
-    /// path): a PNG would need a font to draw its labels, and spextract ships none.
+    /// Also write a bar chart of frames per node-hour here: one bar per report, numbered as the
+    /// table's rows, interrupted runs hatched. SVG only (a .svg path): a PNG would need a font
+    /// to draw its labels, and spextract ships none.
     #[arg(long)]
     pub chart: Option<PathBuf>,
 }
