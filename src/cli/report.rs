@@ -22,8 +22,9 @@ pub struct ReportArgs {
     /// Which report the ratios are relative to: 1 for the first, 2 for the second, ...
     #[arg(long, default_value_t = 1)]
     pub baseline: usize,
-    /// Also write a bar chart of frames per node-hour here, one bar per report. SVG only (a .svg
-    /// path): a PNG would need a font to draw its labels, and spextract ships none.
+    /// Also write a bar chart of frames per node-hour here: one bar per report, numbered as the
+    /// table's rows, interrupted runs hatched. SVG only (a .svg path): a PNG would need a font
+    /// to draw its labels, and spextract ships none.
     #[arg(long)]
     pub chart: Option<PathBuf>,
 }
@@ -283,119 +284,446 @@ pub fn write_chart(path: &Path, reports: &[Entry], baseline: usize) -> Result<()
         .with_context(|| format!("--chart {}: cannot write the chart", path.display()))
 }
 
-/// The bar chart as SVG: one bar per report, coloured by backend, each annotated with its rate
-/// and its multiple of the baseline's; a report that does not exist is an empty slot labelled
-/// "no report".
+/// The chart's title.
+const CAPTION: &str = "Frames per node-hour";
+/// Sizes in SVG pixels: text, the title, the page's margin, the least length of the bars'
+/// track, and the distance between the lines of a label.
+const TEXT_PX: f64 = 13.0;
+const CAPTION_PX: f64 = 18.0;
+const MARGIN: f64 = 16.0;
+const TRACK_W: f64 = 560.0;
+const LINE_H: f64 = TEXT_PX * 1.4;
+/// The longest line of a label in characters: longer labels wrap, so that one long label
+/// does not push the bars off a page.
+const LABEL_CHARS: usize = 44;
+/// Centres of the lines under the track, below its bottom: the ticks' values, the axis's
+/// description, the legend.
+const TICKS_Y: f64 = 17.0;
+const DESC_Y: f64 = 36.0;
+const LEGEND_Y: f64 = 62.0;
+/// plotters writes a text of size s with an SVG font-size of s / 1.24.
+const PLOTTERS_FONT_SCALE: f64 = 1.24;
+
+/// One report's row of the chart.
+struct Bar {
+    /// Its label numbered as in the table ("2. GPU nodes"), in lines.
+    lines: Vec<String>,
+    /// Frames per node-hour; `None` without a report.
+    rate: Option<f64>,
+    /// What is written beside the bar: its rate, multiple of the baseline's, and marks.
+    value: String,
+    colour: RGBColor,
+    interrupted: bool,
+}
+
+/// A legend entry: the name, its colour, and whether its swatch is hatched.
+type LegendEntry = (String, RGBColor, bool);
+
+/// Where the chart's parts go, in SVG pixels.
+struct Layout {
+    width: f64,
+    height: f64,
+    /// The labels' right edge.
+    label_right: f64,
+    track_left: f64,
+    track_w: f64,
+    track_top: f64,
+    row_h: f64,
+    /// Frames per node-hour at the track's right end, and between ticks.
+    x_max: f64,
+    step: f64,
+    decimals: usize,
+}
+
+impl Layout {
+    /// Labels on the left as wide as the longest line, the bars' track to their right, long
+    /// enough for each bar's value beside it; every text sized by `text_width`, which is at
+    /// least its width in the common fonts.
+    fn new(bars: &[Bar], legend: &[LegendEntry], x_desc: &str) -> Layout {
+        let widest = |texts: &mut dyn Iterator<Item = &String>| {
+            texts.map(|t| text_width(t, TEXT_PX)).fold(0.0, f64::max)
+        };
+        let label_w = widest(&mut bars.iter().flat_map(|b| &b.lines));
+        let value_w = widest(&mut bars.iter().map(|b| &b.value));
+        let lines = bars.iter().map(|b| b.lines.len()).max().unwrap_or(1);
+        let row_h = (lines as f64 * LINE_H + 14.0).max(34.0);
+        // The longest value still leaves two thirds of the track to its bar.
+        let track_w = TRACK_W.max((value_w + 8.0) * 3.0);
+        // A bar of rate r ends at r / x_max of the track, and its value must fit after it.
+        let x_max = bars
+            .iter()
+            .filter_map(|b| {
+                let room = track_w - 8.0 - text_width(&b.value, TEXT_PX);
+                Some(b.rate? * track_w / room)
+            })
+            .fold(0.0, f64::max);
+        let x_max = if x_max > 0.0 { x_max } else { 1.0 };
+        let (step, decimals) = tick_step(x_max, track_w);
+        let last_tick = (x_max / step).floor() * step;
+        let last_tick = text_width(&format!("{last_tick:.decimals$}"), TEXT_PX);
+        let track_left = MARGIN + label_w + 12.0;
+        let legend_w: f64 = legend
+            .iter()
+            .map(|(name, _, _)| 32.0 + text_width(name, TEXT_PX))
+            .sum();
+        let width = [
+            track_left + track_w + last_tick / 2.0,
+            track_left + legend_w,
+            track_left + text_width(x_desc, TEXT_PX),
+            text_width(CAPTION, CAPTION_PX) + MARGIN,
+        ]
+        .into_iter()
+        .fold(0.0, f64::max)
+            + MARGIN;
+        let track_top = MARGIN + CAPTION_PX * 1.6;
+        let height = track_top + bars.len() as f64 * row_h + LEGEND_Y + 12.0 + MARGIN;
+        Layout {
+            width: width.ceil(),
+            height: height.ceil(),
+            label_right: MARGIN + label_w,
+            track_left,
+            track_w,
+            track_top,
+            row_h,
+            x_max,
+            step,
+            decimals,
+        }
+    }
+
+    /// Where `rate` is on the track.
+    fn x(&self, rate: f64) -> f64 {
+        self.track_left + rate / self.x_max * self.track_w
+    }
+
+    fn row_top(&self, row: usize) -> f64 {
+        self.track_top + row as f64 * self.row_h
+    }
+}
+
+/// The ticks' spacing along an axis from 0 to `x_max` drawn `track_w` pixels long, and the
+/// decimals their values need: 1, 2 or 5 times a power of ten, at most 6 ticks after 0, with
+/// room between their values.
+fn tick_step(x_max: f64, track_w: f64) -> (f64, usize) {
+    let mut magnitude = 10f64.powf((x_max / 10.0).log10().floor());
+    loop {
+        for m in [1.0, 2.0, 5.0] {
+            let step = m * magnitude;
+            let decimals = if step >= 1.0 {
+                0
+            } else {
+                (-step.log10()).ceil() as usize
+            };
+            let last = (x_max / step).floor() * step;
+            let value_w = text_width(&format!("{last:.decimals$}"), TEXT_PX);
+            if last / step <= 6.0 && step / x_max * track_w >= value_w + 16.0 {
+                return (step, decimals);
+            }
+        }
+        magnitude *= 10.0;
+    }
+}
+
+/// `text` in lines of at most `width` (> 0) characters, broken at spaces; a word longer than
+/// a line fills the line it starts on and goes on in the next.
+fn wrap(text: &str, width: usize) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut line = String::new();
+    for mut word in text.split_whitespace() {
+        loop {
+            let used = line.chars().count();
+            let space = usize::from(used > 0);
+            let len = word.chars().count();
+            if used + space + len <= width {
+                line.push_str(&" ".repeat(space));
+                line.push_str(word);
+                break;
+            }
+            if len > width && used + space < width {
+                let room = width - used - space;
+                let cut = word.char_indices().nth(room).map_or(word.len(), |(i, _)| i);
+                line.push_str(&" ".repeat(space));
+                line.push_str(&word[..cut]);
+                word = &word[cut..];
+            }
+            lines.push(std::mem::take(&mut line));
+        }
+    }
+    if !line.is_empty() || lines.is_empty() {
+        lines.push(line);
+    }
+    lines
+}
+
+/// A rate as the chart writes it: whole frames from 10 up, else two decimals.
+fn rate_text(rate: f64) -> String {
+    if rate >= 9.5 {
+        format!("{rate:.0}")
+    } else {
+        format!("{rate:.2}")
+    }
+}
+
+/// The chart's rows, one per report in order.
+fn chart_bars(reports: &[Entry], base: Option<f64>) -> Vec<Bar> {
+    reports
+        .iter()
+        .enumerate()
+        .map(|(i, (path, rep))| {
+            let lines = wrap(
+                &format!("{}. {}", i + 1, label(path, rep.as_ref())),
+                LABEL_CHARS,
+            );
+            let Some(rep) = rep else {
+                return Bar {
+                    lines,
+                    rate: None,
+                    value: "no report".into(),
+                    colour: RGBColor(0x66, 0x66, 0x66),
+                    interrupted: false,
+                };
+            };
+            let rate = rep.frames_per_node_hour;
+            let mut value = rate_text(rate);
+            if let Some(base) = base {
+                let _ = write!(value, " ({})", ratio(rate / base));
+            }
+            if rep.interrupted {
+                value.push_str(", interrupted");
+            }
+            Bar {
+                lines,
+                rate: Some(rate),
+                value,
+                colour: backend_colour(&rep.backend),
+                interrupted: rep.interrupted,
+            }
+        })
+        .collect()
+}
+
+/// The bar chart as SVG: one horizontal bar per report, labelled on the left with its row
+/// number in the table and its label, coloured by backend, its rate and multiple of the
+/// baseline's written after it. An interrupted run's bar is hatched and its value says
+/// "interrupted"; a report that does not exist is a row without a bar that says "no report".
 pub fn chart_svg(reports: &[Entry], baseline: usize) -> Result<String> {
     let base = baseline_rate(reports, baseline)?;
-    let labels: Vec<String> = reports
+    let bars = chart_bars(reports, base);
+    let mut backends: Vec<&str> = reports
         .iter()
-        .map(|(p, r)| match r {
-            Some(r) => rep_label(p, r),
-            None => format!("{} (no report)", label(p, None)),
+        .filter_map(|(_, r)| r.as_ref().map(|r| r.backend.as_str()))
+        .collect();
+    backends.sort_unstable();
+    backends.dedup();
+    let mut legend: Vec<LegendEntry> = backends
+        .iter()
+        .map(|b| {
+            let name = if b.is_empty() { "?" } else { b };
+            (name.to_string(), backend_colour(b), false)
         })
         .collect();
-    let rates: Vec<Option<f64>> = reports
-        .iter()
-        .map(|(_, r)| r.as_ref().map(|r| r.frames_per_node_hour))
-        .collect();
-    // Headroom above the tallest bar for its annotation and the legend.
-    let top = rates
-        .iter()
-        .flatten()
-        .copied()
-        .fold(base.unwrap_or(0.0), f64::max)
-        .max(1.0)
-        * 1.35;
-    let n = reports.len();
-    // Wide enough for a label of about 20 characters under each bar.
-    let width = (140 + 160 * n).max(480) as u32;
+    if bars.iter().any(|b| b.interrupted) {
+        legend.push(("interrupted".into(), RGBColor(0x55, 0x55, 0x55), true));
+    }
+    let x_desc = match base {
+        Some(_) => format!(
+            "frames per node-hour; in brackets, the multiple of run {}'s",
+            baseline + 1
+        ),
+        None => "frames per node-hour".to_string(),
+    };
+    let layout = Layout::new(&bars, &legend, &x_desc);
     let mut svg = String::new();
     {
-        let root = SVGBackend::with_string(&mut svg, (width, 440)).into_drawing_area();
+        let size = (layout.width as u32, layout.height as u32);
+        let root = SVGBackend::with_string(&mut svg, size).into_drawing_area();
         root.fill(&WHITE).map_err(draw_err)?;
-        let mut chart = ChartBuilder::on(&root)
-            .caption("Frames per node-hour", ("sans-serif", 22))
-            .margin(20)
-            .x_label_area_size(40)
-            .y_label_area_size(80)
-            // Bar i spans [i, i + 1).
-            .build_cartesian_2d(0.0..n as f64, 0.0..top)
-            .map_err(draw_err)?;
-        chart
-            .configure_mesh()
-            .disable_x_mesh()
-            // plotters places numeric ticks where it likes and a segmented axis over 0..n has
-            // n + 1 slots; the labels are drawn under the bars' centres below instead.
-            .x_labels(0)
-            .y_label_style(("sans-serif", 14))
-            .light_line_style(TRANSPARENT)
-            .y_desc("frames per node-hour")
-            .axis_desc_style(("sans-serif", 15))
-            .y_label_formatter(&|v| format!("{v:.0}"))
-            .draw()
-            .map_err(draw_err)?;
-        // One series per backend so that the legend explains the colours.
-        let mut backends: Vec<&str> = reports
-            .iter()
-            .filter_map(|(_, r)| r.as_ref().map(|r| r.backend.as_str()))
-            .collect();
-        backends.sort_unstable();
-        backends.dedup();
-        for backend in backends {
-            let colour = backend_colour(backend);
-            let bars = reports.iter().enumerate().filter_map(|(i, (_, r))| {
-                r.as_ref()
-                    .filter(|r| r.backend == backend)
-                    .map(|r| (i, r.frames_per_node_hour))
-            });
-            chart
-                .draw_series(bars.map(|(i, rate)| {
-                    let x = i as f64;
-                    Rectangle::new([(x + 0.15, 0.0), (x + 0.85, rate)], colour.filled())
-                }))
-                .map_err(draw_err)?
-                .label(if backend.is_empty() { "?" } else { backend })
-                .legend(move |(x, y)| {
-                    Rectangle::new([(x, y - 6), (x + 14, y + 6)], colour.filled())
-                });
+        root.draw(&Text::new(
+            CAPTION,
+            at(layout.width / 2.0, MARGIN + CAPTION_PX * 0.7),
+            text_style(CAPTION_PX, HPos::Center, BLACK),
+        ))
+        .map_err(draw_err)?;
+        draw_axis(&root, &layout, bars.len(), &x_desc)?;
+        for (row, bar) in bars.iter().enumerate() {
+            draw_bar(&root, &layout, row, bar)?;
         }
-        let under = ("sans-serif", 15)
-            .into_text_style(&root)
-            .pos(Pos::new(HPos::Center, VPos::Top));
-        for (i, text) in labels.iter().enumerate() {
-            let (x, y) = chart.backend_coord(&(i as f64 + 0.5, 0.0));
-            root.draw(&Text::new(text.as_str(), (x, y + 10), under.clone()))
-                .map_err(draw_err)?;
-        }
-        let above = ("sans-serif", 15)
-            .into_text_style(&root)
-            .pos(Pos::new(HPos::Center, VPos::Bottom));
-        chart
-            .draw_series(rates.iter().enumerate().filter_map(|(i, &rate)| {
-                let rate = rate?;
-                let text = match base {
-                    Some(base) => format!("{rate:.0} ({})", ratio(rate / base)),
-                    None => format!("{rate:.0}"),
-                };
-                Some(Text::new(
-                    text,
-                    (i as f64 + 0.5, rate + top * 0.01),
-                    above.clone(),
-                ))
-            }))
-            .map_err(draw_err)?;
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 15))
-            .draw()
-            .map_err(draw_err)?;
+        draw_legend(
+            &root,
+            &legend,
+            layout.track_left,
+            layout.row_top(bars.len()) + LEGEND_Y,
+        )?;
         root.present().map_err(draw_err)?;
     }
     Ok(svg)
+}
+
+type Area<'a> = DrawingArea<SVGBackend<'a>, plotters::coord::Shift>;
+
+/// The track's grid, its axes, ticks and their values, and the axis's description.
+fn draw_axis(root: &Area, layout: &Layout, rows: usize, x_desc: &str) -> Result<()> {
+    let (top, bottom) = (layout.track_top, layout.row_top(rows));
+    let grid = RGBColor(0xdd, 0xdd, 0xdd);
+    // The last tick at or before the track's end.
+    let ticks = (layout.x_max / layout.step * (1.0 + 1e-9)).floor() as usize;
+    for k in 0..=ticks {
+        let value = k as f64 * layout.step;
+        let x = layout.x(value);
+        root.draw(&PathElement::new(vec![at(x, top), at(x, bottom)], grid))
+            .map_err(draw_err)?;
+        root.draw(&PathElement::new(
+            vec![at(x, bottom), at(x, bottom + 5.0)],
+            BLACK,
+        ))
+        .map_err(draw_err)?;
+        root.draw(&Text::new(
+            format!("{value:.*}", layout.decimals),
+            at(x, bottom + TICKS_Y),
+            text_style(TEXT_PX, HPos::Center, BLACK),
+        ))
+        .map_err(draw_err)?;
+    }
+    let (left, right) = (layout.track_left, layout.track_left + layout.track_w);
+    root.draw(&PathElement::new(
+        vec![at(left, top), at(left, bottom), at(right, bottom)],
+        BLACK,
+    ))
+    .map_err(draw_err)?;
+    root.draw(&Text::new(
+        x_desc.to_string(),
+        at(left, bottom + DESC_Y),
+        text_style(TEXT_PX, HPos::Left, BLACK),
+    ))
+    .map_err(draw_err)?;
+    Ok(())
+}
+
+/// Row `row`: the label's lines right-aligned before the track, the bar, and its value.
+fn draw_bar(root: &Area, layout: &Layout, row: usize, bar: &Bar) -> Result<()> {
+    let top = layout.row_top(row);
+    let centre = top + layout.row_h / 2.0;
+    let text_colour = if bar.rate.is_some() {
+        BLACK
+    } else {
+        bar.colour
+    };
+    let first = centre - (bar.lines.len() - 1) as f64 * LINE_H / 2.0;
+    for (k, line) in bar.lines.iter().enumerate() {
+        root.draw(&Text::new(
+            line.as_str(),
+            at(layout.label_right, first + k as f64 * LINE_H),
+            text_style(TEXT_PX, HPos::Right, text_colour),
+        ))
+        .map_err(draw_err)?;
+    }
+    let end = match bar.rate {
+        Some(rate) => {
+            let (x0, x1) = (layout.track_left, layout.x(rate));
+            let (y0, y1) = (top + 7.0, top + layout.row_h - 7.0);
+            draw_swatch(root, (x0, y0), (x1, y1), bar.colour, bar.interrupted)?;
+            x1
+        }
+        None => layout.track_left,
+    };
+    root.draw(&Text::new(
+        bar.value.as_str(),
+        at(end + 8.0, centre),
+        text_style(TEXT_PX, HPos::Left, text_colour),
+    ))
+    .map_err(draw_err)?;
+    Ok(())
+}
+
+/// A filled rectangle, or for an interrupted run a pale one hatched and outlined.
+fn draw_swatch(
+    root: &Area,
+    (x0, y0): (f64, f64),
+    (x1, y1): (f64, f64),
+    colour: RGBColor,
+    hatched: bool,
+) -> Result<()> {
+    if !hatched {
+        return root
+            .draw(&Rectangle::new([at(x0, y0), at(x1, y1)], colour.filled()))
+            .map_err(draw_err);
+    }
+    root.draw(&Rectangle::new(
+        [at(x0, y0), at(x1, y1)],
+        colour.mix(0.3).filled(),
+    ))
+    .map_err(draw_err)?;
+    // Lines x + y = c, 6 px apart, cut to the rectangle.
+    let mut c = x0 + y0 + 6.0;
+    while c < x1 + y1 {
+        let (xa, xb) = (x0.max(c - y1), x1.min(c - y0));
+        if xa < xb {
+            root.draw(&PathElement::new(
+                vec![at(xa, c - xa), at(xb, c - xb)],
+                colour.stroke_width(1),
+            ))
+            .map_err(draw_err)?;
+        }
+        c += 6.0;
+    }
+    root.draw(&Rectangle::new(
+        [at(x0, y0), at(x1, y1)],
+        colour.stroke_width(1),
+    ))
+    .map_err(draw_err)
+}
+
+/// The legend in one line from `x`, centred on `y`: a swatch and a name per entry.
+fn draw_legend(root: &Area, legend: &[LegendEntry], mut x: f64, y: f64) -> Result<()> {
+    for (name, colour, hatched) in legend {
+        draw_swatch(root, (x, y - 6.0), (x + 16.0, y + 6.0), *colour, *hatched)?;
+        root.draw(&Text::new(
+            name.as_str(),
+            at(x + 22.0, y),
+            text_style(TEXT_PX, HPos::Left, BLACK),
+        ))
+        .map_err(draw_err)?;
+        x += 32.0 + text_width(name, TEXT_PX);
+    }
+    Ok(())
+}
+
+/// A point in the backend's whole pixels.
+fn at(x: f64, y: f64) -> (i32, i32) {
+    (x.round() as i32, y.round() as i32)
+}
+
+/// Text of `px` SVG pixels, centred vertically on its point and anchored by `h`.
+fn text_style(px: f64, h: HPos, colour: RGBColor) -> TextStyle<'static> {
+    TextStyle {
+        font: FontDesc::new(
+            FontFamily::SansSerif,
+            px * PLOTTERS_FONT_SCALE,
+            FontStyle::Normal,
+        ),
+        color: colour.to_backend_color(),
+        pos: Pos::new(h, VPos::Center),
+    }
+}
+
+/// A width at least that of `text` at `px` pixels in the common sans-serif fonts (DejaVu Sans,
+/// the widest, Liberation Sans, Arial, Helvetica): an SVG names its font but cannot measure its
+/// text, and a label wider than the room left for it would run into its neighbour or off the
+/// page. Widths are in em, rounded up from DejaVu Sans's advances.
+fn text_width(text: &str, px: f64) -> f64 {
+    let em: f64 = text
+        .chars()
+        .map(|c| match c {
+            'i' | 'j' | 'l' | '\'' | '|' | '!' | '.' | ',' | ':' | ';' => 0.42,
+            ' ' | '(' | ')' | '[' | ']' | 'f' | 't' | 'r' | 'I' | 'J' | '-' | '/' | '"' => 0.5,
+            'm' | 'w' | 'M' | 'W' | '%' | '@' => 1.05,
+            'a'..='z' | '0'..='9' | '$' | '_' | '?' | '*' => 0.68,
+            'A'..='Z' | '#' | '&' | '<' | '>' | '=' | '+' | '~' => 0.85,
+            // Other scripts and symbols: as wide as the widest Latin letters.
+            _ => 1.1,
+        })
+        .sum();
+    em * px
 }
 
 fn draw_err(e: impl std::fmt::Display) -> anyhow::Error {
@@ -780,7 +1108,11 @@ mod tests {
         };
         assert!(!run(&args(vec![cpu.clone(), gpu.clone()], 1)).unwrap());
         let svg = std::fs::read_to_string(&chart).unwrap();
-        assert!(svg.contains("gpu (no report)"), "{svg}");
+        let texts = chart_texts(&svg);
+        assert!(
+            texts.iter().any(|t| t == "2. gpu") && texts.iter().any(|t| t == "no report"),
+            "{texts:?}"
+        );
         assert!(svg.contains("20 (1.00x)"), "{svg}");
 
         let runs = vec![
@@ -800,7 +1132,10 @@ mod tests {
         assert_eq!(row(&text, "1")[12], "20.0");
         assert_eq!(row(&text, "1")[13], "-");
         assert!(text.contains("no ratios: the baseline"), "{text}");
-        assert!(chart_svg(&runs, 1).unwrap().contains("gpu (no report)"));
+        let texts = chart_texts(&chart_svg(&runs, 1).unwrap());
+        assert!(texts.iter().any(|t| t == "no report"), "{texts:?}");
+        // Without a baseline the rates stand alone.
+        assert!(texts.iter().any(|t| t == "20"), "{texts:?}");
         // Nothing to show at all is an error naming the files.
         let err = run(&args(vec![gpu.clone()], 1)).unwrap_err().to_string();
         assert!(
@@ -847,11 +1182,8 @@ mod tests {
         assert!(svg.starts_with("<svg") || svg.starts_with("<?xml"), "{svg}");
         assert!(svg.trim_end().ends_with("</svg>"));
         assert!(tags_balance(&svg), "{svg}");
-        assert!(
-            svg.contains(">\nCPU nodes\n<") || svg.contains(">CPU nodes<"),
-            "{svg}"
-        );
-        assert!(svg.contains("GPU &lt;A100&gt; &amp; co"), "{svg}");
+        assert!(svg.contains(">\n1. CPU nodes\n<"), "{svg}");
+        assert!(svg.contains("2. GPU &lt;A100&gt; &amp; co"), "{svg}");
         assert!(!svg.contains("<A100>"));
         // The bars' annotations and the legend.
         assert!(
@@ -894,6 +1226,332 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("c.png: PNG is not supported"), "{err}");
+    }
+
+    /// Five runs with the labels operators give: long, two the same, one interrupted, one of
+    /// a job that left no report.
+    fn five_long_runs() -> Vec<Entry> {
+        let runs = two_runs();
+        let (cpu, gpu) = (runs[0].1.clone().unwrap(), runs[1].1.clone().unwrap());
+        let gpu = RunReport {
+            interrupted: false,
+            ..gpu
+        };
+        let with = |r: &RunReport, label: &str, rate: f64, interrupted: bool| RunReport {
+            label: label.into(),
+            frames_per_node_hour: rate,
+            interrupted,
+            ..r.clone()
+        };
+        vec![
+            (
+                "cpu.json".into(),
+                Some(with(
+                    &cpu,
+                    "Perlmutter CPU: 2 nodes, 32 ranks x 8",
+                    20.0,
+                    false,
+                )),
+            ),
+            (
+                "gpu.json".into(),
+                Some(with(
+                    &gpu,
+                    "Perlmutter GPU: 2 nodes, 4 A100 each",
+                    240.0,
+                    false,
+                )),
+            ),
+            (
+                "gpu-again.json".into(),
+                Some(with(
+                    &gpu,
+                    "Perlmutter GPU: 2 nodes, 4 A100 each",
+                    226.5,
+                    true,
+                )),
+            ),
+            (
+                "wide.json".into(),
+                Some(with(
+                    &cpu,
+                    "WIDE MMWW LABEL: Ångström µ × 8, with a tail far too long for one line \
+                     of any chart",
+                    31.7,
+                    false,
+                )),
+            ),
+            ("runs/gpu-4-nodes.json".into(), None),
+        ]
+    }
+
+    /// A `<text>` of the chart and the box its glyphs may cover, in SVG pixels.
+    #[derive(Debug)]
+    struct TextBox {
+        text: String,
+        x0: f64,
+        y0: f64,
+        x1: f64,
+        y1: f64,
+    }
+
+    impl TextBox {
+        fn overlaps(&self, o: &TextBox) -> bool {
+            self.x0 < o.x1 && o.x0 < self.x1 && self.y0 < o.y1 && o.y0 < self.y1
+        }
+    }
+
+    fn attr<'a>(tag: &'a str, name: &str) -> Option<&'a str> {
+        let start = tag.find(&format!(" {name}=\""))? + name.len() + 3;
+        let len = tag[start..].find('"')?;
+        Some(&tag[start..start + len])
+    }
+
+    fn num(tag: &str, name: &str) -> f64 {
+        attr(tag, name)
+            .and_then(|v| v.trim_end_matches("px").parse().ok())
+            .unwrap_or_else(|| panic!("no number {name} in {tag}"))
+    }
+
+    /// The chart's width and height.
+    fn svg_size(svg: &str) -> (f64, f64) {
+        let tag = &svg[svg.find("<svg").unwrap()..];
+        let tag = &tag[..tag.find('>').unwrap()];
+        (num(tag, "width"), num(tag, "height"))
+    }
+
+    /// The boxes of every `<text>` in `svg`, from its position, anchor, font size and a width
+    /// at least that of the common sans-serif fonts (`text_width`). Vertically a box spans the
+    /// font's ascent (at most 0.95 em above the baseline) and descent (0.3 em below).
+    fn text_boxes(svg: &str) -> Vec<TextBox> {
+        let mut boxes = Vec::new();
+        let mut rest = svg;
+        while let Some(start) = rest.find("<text") {
+            rest = &rest[start..];
+            let tag_end = rest.find('>').unwrap();
+            let tag = &rest[..tag_end];
+            let close = rest.find("</text>").unwrap();
+            let text = rest[tag_end + 1..close]
+                .trim()
+                .replace("&lt;", "<")
+                .replace("&gt;", ">")
+                .replace("&quot;", "\"")
+                .replace("&apos;", "'")
+                .replace("&amp;", "&");
+            rest = &rest[close..];
+            let (x, y, px) = (num(tag, "x"), num(tag, "y"), num(tag, "font-size"));
+            let dy = attr(tag, "dy").unwrap_or("0");
+            let baseline = y + if let Some(em) = dy.strip_suffix("em") {
+                em.parse::<f64>().unwrap() * px
+            } else if let Some(ex) = dy.strip_suffix("ex") {
+                // 1 ex is about half an em (0.55 em in DejaVu Sans, 0.5 em in resvg).
+                ex.parse::<f64>().unwrap() * 0.5 * px
+            } else {
+                dy.parse::<f64>().unwrap()
+            };
+            let w = text_width(&text, px);
+            let x0 = match attr(tag, "text-anchor").unwrap_or("start") {
+                "middle" => x - w / 2.0,
+                "end" => x - w,
+                _ => x,
+            };
+            let (mut x0, mut y0, mut x1, mut y1) =
+                (x0, baseline - 0.95 * px, x0 + w, baseline + 0.3 * px);
+            // plotters turns text by rotate(angle, x, y).
+            if let Some(t) = attr(tag, "transform") {
+                let args: Vec<f64> = t
+                    .trim_start_matches("rotate(")
+                    .trim_end_matches(')')
+                    .split(',')
+                    .map(|a| a.trim().parse().unwrap())
+                    .collect();
+                let (s, c) = args[0].to_radians().sin_cos();
+                let turn = |px: f64, py: f64| {
+                    let (dx, dy) = (px - args[1], py - args[2]);
+                    (args[1] + dx * c - dy * s, args[2] + dx * s + dy * c)
+                };
+                let corners = [turn(x0, y0), turn(x1, y0), turn(x0, y1), turn(x1, y1)];
+                x0 = corners.iter().map(|p| p.0).fold(f64::MAX, f64::min);
+                x1 = corners.iter().map(|p| p.0).fold(f64::MIN, f64::max);
+                y0 = corners.iter().map(|p| p.1).fold(f64::MAX, f64::min);
+                y1 = corners.iter().map(|p| p.1).fold(f64::MIN, f64::max);
+            }
+            boxes.push(TextBox {
+                text,
+                x0,
+                y0,
+                x1,
+                y1,
+            });
+        }
+        boxes
+    }
+
+    /// The texts of the chart, unescaped, in the order drawn.
+    fn chart_texts(svg: &str) -> Vec<String> {
+        text_boxes(svg).into_iter().map(|b| b.text).collect()
+    }
+
+    /// Text boxes that leave the chart or overlap another, as readable lines.
+    fn text_box_problems(svg: &str) -> Vec<String> {
+        let (w, h) = svg_size(svg);
+        let boxes = text_boxes(svg);
+        let mut problems = Vec::new();
+        for (i, b) in boxes.iter().enumerate() {
+            if b.x0 < 0.0 || b.y0 < 0.0 || b.x1 > w || b.y1 > h {
+                problems.push(format!("cut off ({w} x {h}): {b:?}"));
+            }
+            for o in &boxes[i + 1..] {
+                if b.overlaps(o) {
+                    problems.push(format!("overlap: {b:?} and {o:?}"));
+                }
+            }
+        }
+        problems
+    }
+
+    /// The text boxes of the chart as the SVG places them: on the page, none on another.
+    #[test]
+    fn chart_text_of_five_long_labels_neither_overlaps_nor_leaves_the_page() {
+        let runs = five_long_runs();
+        // Small rates, a zero one, and a label that is one long word.
+        let mut small = two_runs();
+        small[0].1.as_mut().unwrap().frames_per_node_hour = 0.37;
+        small[1].1.as_mut().unwrap().frames_per_node_hour = 0.0;
+        small[1].1.as_mut().unwrap().label = "x".repeat(100);
+        for (runs, baseline) in [(&runs, 0), (&runs, 4), (&two_runs(), 1), (&small, 0)] {
+            let svg = chart_svg(runs, baseline).unwrap();
+            let problems = text_box_problems(&svg);
+            assert!(problems.is_empty(), "{}\n{svg}", problems.join("\n"));
+        }
+        // Runs of one label are told apart by the table's row numbers; the interrupted run and
+        // the one without a report are marked.
+        let svg = chart_svg(&runs, 0).unwrap();
+        let texts = chart_texts(&svg);
+        for want in [
+            "1. Perlmutter CPU: 2 nodes, 32 ranks x 8",
+            "2. Perlmutter GPU: 2 nodes, 4 A100 each",
+            "3. Perlmutter GPU: 2 nodes, 4 A100 each",
+            "5. gpu-4-nodes",
+            "240 (12.0x)",
+            "226 (11.3x), interrupted",
+            "no report",
+            "interrupted",
+        ] {
+            assert!(texts.iter().any(|t| t == want), "no {want:?} in {texts:?}");
+        }
+        // The long label is wrapped, not cut: its words are all there, in order.
+        let wide: Vec<&str> = texts
+            .iter()
+            .skip_while(|t| !t.starts_with("4. WIDE"))
+            .take(3)
+            .map(String::as_str)
+            .collect();
+        assert!(wide.len() > 1, "{texts:?}");
+        assert!(
+            wide.join(" ").starts_with(
+                "4. WIDE MMWW LABEL: Ångström µ × 8, with a tail far too long for one line of \
+                 any chart"
+            ),
+            "{wide:?}"
+        );
+    }
+
+    /// Every text box of `g` and its groups, in canvas pixels, in document order.
+    fn rendered_text_boxes(g: &resvg::usvg::Group, out: &mut Vec<resvg::usvg::Rect>) {
+        for node in g.children() {
+            match node {
+                resvg::usvg::Node::Group(g) => rendered_text_boxes(g, out),
+                resvg::usvg::Node::Text(t) => out.push(t.abs_bounding_box()),
+                _ => {}
+            }
+        }
+    }
+
+    /// The chart drawn to PNG with this machine's fonts, as a browser would (resvg): nothing
+    /// touches the page's edge, and each text is laid out inside the box that the SVG check
+    /// above allows it, so that check holds for real fonts. SPEXTRACT_CHART_PNG=path keeps the
+    /// picture to look at.
+    #[test]
+    fn chart_renders_to_png_with_every_text_inside_its_box() {
+        use resvg::{tiny_skia, usvg};
+        let svg = chart_svg(&five_long_runs(), 0).unwrap();
+        let mut options = usvg::Options::default();
+        let fonts = options.fontdb_mut();
+        fonts.load_system_fonts();
+        // fontdb maps "sans-serif" to Arial; a browser asks fontconfig, which on Linux most
+        // often answers DejaVu Sans.
+        let installed = |family: &str| {
+            fonts
+                .faces()
+                .any(|f| f.families.iter().any(|(name, _)| name == family))
+        };
+        if let Some(family) = ["DejaVu Sans", "Liberation Sans", "Arial", "Helvetica"]
+            .into_iter()
+            .find(|f| installed(f))
+        {
+            fonts.set_sans_serif_family(family);
+        }
+        let tree = usvg::Tree::from_str(&svg, &options).unwrap();
+        let size = tree.size().to_int_size();
+        let mut pixmap = tiny_skia::Pixmap::new(size.width(), size.height()).unwrap();
+        resvg::render(&tree, tiny_skia::Transform::default(), &mut pixmap.as_mut());
+        if let Some(path) = std::env::var_os("SPEXTRACT_CHART_PNG") {
+            pixmap.save_png(&path).unwrap();
+        }
+        let (w, h) = (size.width() as usize, size.height() as usize);
+        let white = |x: usize, y: usize| {
+            let p = pixmap.pixels()[y * w + x];
+            (p.red(), p.green(), p.blue()) == (255, 255, 255)
+        };
+        let edge = (0..w)
+            .flat_map(|x| [(x, 0), (x, h - 1)])
+            .chain((0..h).flat_map(|y| [(0, y), (w - 1, y)]));
+        for (x, y) in edge {
+            assert!(white(x, y), "drawn at the page's edge, ({x}, {y})");
+        }
+
+        let boxes = text_boxes(&svg);
+        let mut laid_out = Vec::new();
+        rendered_text_boxes(tree.root(), &mut laid_out);
+        if laid_out.len() != boxes.len() {
+            eprintln!(
+                "skipping the check of rendered text: {} of {} texts drawn (no sans-serif font \
+                 on this machine?)",
+                laid_out.len(),
+                boxes.len()
+            );
+            return;
+        }
+        for (r, b) in laid_out.iter().zip(&boxes) {
+            let (left, right) = (f64::from(r.left()), f64::from(r.right()));
+            let (top, bottom) = (f64::from(r.top()), f64::from(r.bottom()));
+            assert!(
+                left >= b.x0 - 0.5
+                    && right <= b.x1 + 0.5
+                    && top >= b.y0 - 0.5
+                    && bottom <= b.y1 + 0.5,
+                "{:?} is laid out at {r:?}, outside its box {b:?}",
+                b.text
+            );
+            // And it was drawn: some dark pixel inside.
+            let inked = (left as usize..right.ceil() as usize)
+                .flat_map(|x| (top as usize..bottom.ceil() as usize).map(move |y| (x, y)))
+                .any(|(x, y)| {
+                    let p = pixmap.pixels()[y * w + x];
+                    p.red() < 160 && p.green() < 160 && p.blue() < 160
+                });
+            assert!(inked, "{:?} not drawn", b.text);
+        }
+    }
+
+    #[test]
+    fn labels_wrap_at_spaces_and_cut_only_words_longer_than_a_line() {
+        assert_eq!(wrap("1. CPU nodes", 44), ["1. CPU nodes"]);
+        assert_eq!(wrap("1. one two  three", 7), ["1. one", "two", "three"]);
+        assert_eq!(wrap("2. abcdefghij", 6), ["2. abc", "defghi", "j"]);
+        assert_eq!(wrap("ab Ångström", 5), ["ab Ån", "gströ", "m"]);
+        assert_eq!(wrap("", 5), [""]);
     }
 
     #[test]
