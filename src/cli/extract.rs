@@ -93,6 +93,7 @@ pub fn run_extraction(
                 },
             ),
         );
+        bar.set_message(format!("0/{} bundles", prep.plan.bundles.len()));
         crate::pipeline::progress::show(&bar);
         bar
     });

@@ -118,7 +118,8 @@ impl FramesProgress {
         let bar = bar.then(|| {
             let b = indicatif::ProgressBar::new(total as u64);
             b.set_style(
-                indicatif::ProgressStyle::with_template("{wide_bar} {pos}/{len} frames, {msg}")
+                // The message is cut to what the terminal's width leaves.
+                indicatif::ProgressStyle::with_template("{bar:20} {pos}/{len} frames, {wide_msg}")
                     .expect("valid template"),
             );
             b.enable_steady_tick(Duration::from_millis(500));
@@ -254,21 +255,41 @@ pub struct Status {
     pub full: bool,
 }
 
-/// A progress line from its numbers; see [`FramesProgress::status`].
+/// A progress line from its numbers; see [`FramesProgress::status`]. Without `full` (the
+/// bar's message, beside its own frame count) it is kept short: "3/10 units in flight,
+/// 10.0 frames/h, ETA 45 min".
 pub fn status_text(s: &Status) -> String {
-    let mut parts = Vec::new();
-    if s.full {
-        let failed = if s.failed > 0 {
-            format!(" ({} failed)", s.failed)
-        } else {
-            String::new()
-        };
-        parts.push(format!(
-            "{} of {} done{failed}",
-            s.done,
-            count(s.total, "frame")
-        ));
+    let hours = s.elapsed_s / 3600.0;
+    let per_hour = (s.done_fraction > 0.0 && hours > 0.0).then(|| s.done_fraction / hours);
+    let left = s.total as f64 - s.done_fraction;
+    let left = per_hour
+        .filter(|_| left > 0.0)
+        .map(|r| duration_text(left / r * 3600.0));
+    if !s.full {
+        let mut parts = Vec::new();
+        if s.frames_in_flight > 0 {
+            parts.push(format!("{}/{} units in flight", s.units_back, s.units));
+        }
+        match per_hour {
+            Some(r) => parts.push(format!("{r:.1} frames/h")),
+            None => parts.push(format!("{} elapsed", duration_text(s.elapsed_s))),
+        }
+        if let Some(l) = left {
+            parts.push(format!("ETA {l}"));
+        }
+        return parts.join(", ");
     }
+    let mut parts = Vec::new();
+    let failed = if s.failed > 0 {
+        format!(" ({} failed)", s.failed)
+    } else {
+        String::new()
+    };
+    parts.push(format!(
+        "{} of {} done{failed}",
+        s.done,
+        count(s.total, "frame")
+    ));
     if s.frames_in_flight > 0 {
         parts.push(format!(
             "in flight: {}, {} of {} back",
@@ -277,18 +298,12 @@ pub fn status_text(s: &Status) -> String {
             count(s.units, "unit")
         ));
     }
-    let hours = s.elapsed_s / 3600.0;
     let mut times = vec![format!("{} elapsed", duration_text(s.elapsed_s))];
-    if s.done_fraction > 0.0 && hours > 0.0 {
-        let per_hour = s.done_fraction / hours;
-        times.push(format!("{per_hour:.1} frames/h"));
-        let left = s.total as f64 - s.done_fraction;
-        if left > 0.0 {
-            times.push(format!(
-                "about {} left",
-                duration_text(left / per_hour * 3600.0)
-            ));
-        }
+    if let Some(r) = per_hour {
+        times.push(format!("{r:.1} frames/h"));
+    }
+    if let Some(l) = left {
+        times.push(format!("about {l} left"));
     }
     parts.push(times.join(", "));
     parts.join("; ")
@@ -415,6 +430,16 @@ mod tests {
             ..s
         };
         assert_eq!(status_text(&s), "15 min elapsed");
+        let s = Status {
+            done: 2,
+            frames_in_flight: 1,
+            done_fraction: 2.5,
+            ..s
+        };
+        assert_eq!(
+            status_text(&s),
+            "5/10 units in flight, 10.0 frames/h, ETA 45 min"
+        );
     }
 
     /// A batch log gets a line when a frame finishes (not closer than LINE_MIN_GAP to the
