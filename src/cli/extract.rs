@@ -14,6 +14,7 @@ use crate::pipeline::frame::{extract_frame, FrameResult};
 pub use crate::pipeline::prepare::{
     check_extracted, frame_meta, header_value, prepare_frame, write_outputs, Prepared,
 };
+use crate::pipeline::progress::{count, rate_text, wave_range};
 
 /// Merges flags over the configuration file and validates the result.
 pub fn resolve_config(flags: &ExtractionFlags) -> Result<Config> {
@@ -60,13 +61,9 @@ fn prepare_with(cfg: &Config, flags: &ExtractionFlags, model_image: bool) -> Res
             .run
             .progress
             .unwrap_or_else(|| std::io::stderr().is_terminal());
-    Ok(prepare_frame(
-        cfg,
-        psf_path,
-        image_path,
-        model_image,
-        progress,
-    )?)
+    let prep = prepare_frame(cfg, psf_path, image_path, model_image, progress)?;
+    info!("{}", prep.read_summary());
+    Ok(prep)
 }
 
 /// Runs the extraction of a prepared frame on `threads` threads, with progress.
@@ -83,28 +80,48 @@ pub fn run_extraction(
     let total = prep.plan.npatch();
     let bar = progress.then(|| {
         let bar = indicatif::ProgressBar::new(total as u64);
+        // The bar takes what the terminal's width leaves (80 columns leave it about 20).
         bar.set_style(
             indicatif::ProgressStyle::with_template(
-                "{bar:40} {pos}/{len} patches ({msg}) {per_sec} eta {eta}",
+                "{wide_bar} {pos}/{len} patches, {msg}, {rate}, eta {eta}",
             )
-            .expect("valid template"),
+            .expect("valid template")
+            .with_key(
+                "rate",
+                |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                    let _ = w.write_str(&rate_text(s.per_sec(), "patches"));
+                },
+            ),
         );
+        bar.set_message(format!("0/{} bundles", prep.plan.bundles.len()));
+        crate::pipeline::progress::show(&bar);
         bar
     });
     let nbundle = prep.plan.bundles.len();
     let start = Instant::now();
-    // Called per batch: one bundle on the CPU, several on a GPU.
-    let mut report = |done: usize, total: usize| {
+    // Without a bar, a log line per bundle finished.
+    let logged_bundles = std::sync::atomic::AtomicUsize::new(0);
+    // Called as patches finish, from any of the pool's threads.
+    let report = |done: usize, total: usize| {
         let bundles = nbundle * done / total.max(1);
         match &bar {
             Some(bar) => {
                 bar.set_position(done as u64);
                 bar.set_message(format!("{bundles}/{nbundle} bundles"));
             }
-            None => info!(
-                "{bundles}/{nbundle} bundles: {done}/{total} patches, {:.1} patches/s",
-                done as f64 / start.elapsed().as_secs_f64().max(1e-9)
-            ),
+            None => {
+                let before =
+                    logged_bundles.fetch_max(bundles, std::sync::atomic::Ordering::Relaxed);
+                if bundles > before {
+                    info!(
+                        "{bundles}/{nbundle} bundles: {done}/{total} patches, {}",
+                        rate_text(
+                            done as f64 / start.elapsed().as_secs_f64().max(1e-9),
+                            "patches"
+                        )
+                    );
+                }
+            }
         }
     };
     let res = pool.install(|| {
@@ -117,12 +134,14 @@ pub fn run_extraction(
             prep.patch.pixpad_frac,
             &prep.opts,
             backend,
-            &mut report,
+            &report,
         )
-    })?;
+    });
     if let Some(bar) = bar {
+        crate::pipeline::progress::hide();
         bar.finish_and_clear();
     }
+    let res = res?;
     Ok(res)
 }
 
@@ -267,6 +286,10 @@ fn many(args: &ExtractArgs, mut cfg: Config) -> Result<bool> {
         backend,
         label: args.run.label.clone(),
         report: args.run.report.clone(),
+        // Under a launcher stderr is a pipe: rank 0 then logs progress lines instead.
+        progress_bar: !args.flags.no_progress
+            && rc.progress.unwrap_or(true)
+            && std::io::stderr().is_terminal(),
         cfg,
     };
     let stop = run::StopSignal::install()?;
@@ -393,8 +416,12 @@ pub fn summary_text(r: &crate::pipeline::report::RunReport) -> String {
     };
     let _ = writeln!(
         s,
-        "wall {:.1} s on {} node(s), {} rank(s) x {} threads: {:.0} frames per node-hour; {moved}",
-        r.wall_s, r.nodes, r.ranks, r.threads_per_rank, r.frames_per_node_hour,
+        "wall {:.1} s on {} node(s), {} rank(s) x {}: {:.0} frames per node-hour; {moved}",
+        r.wall_s,
+        r.nodes,
+        r.ranks,
+        count(r.threads_per_rank, "thread"),
+        r.frames_per_node_hour,
     );
     let _ = writeln!(
         s,
@@ -490,14 +517,13 @@ fn single(args: &ExtractArgs, cfg: &Config) -> Result<()> {
     let start = Instant::now();
     let prep = prepare_with(cfg, &args.flags, args.model_image.is_some())?;
     info!(
-        "extracting fibers {}..{} on {} bins ({}..{} Å) in {} patches with {} threads",
+        "extracting fibers {}..{} on {} bins ({}) in {} patches with {}",
         prep.plan.specmin,
         prep.plan.specmin + prep.plan.nspec,
         prep.grid.wave.len(),
-        prep.grid.wave[0],
-        prep.grid.wave[prep.grid.wave.len() - 1],
+        wave_range(&prep.grid.wave),
         prep.plan.npatch(),
-        prep.threads
+        count(prep.threads, "thread")
     );
     // One process: the first visible GPU.
     let mut engine = crate::extract::engine::start(backend, |_| Ok(0))?.boxed();

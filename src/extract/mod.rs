@@ -221,6 +221,20 @@ pub trait Backend: Send {
         opts: &ExtractOptions,
     ) -> Result<Vec<PatchResult>, ExtractError>;
 
+    /// [`Backend::extract_batch`], calling `done(n)` as patches finish (`n` of them, from any
+    /// of the backend's threads), so that progress moves within a batch. A backend that
+    /// cannot tell says the whole batch at its end.
+    fn extract_batch_counted(
+        &mut self,
+        batch: &[PatchInput<'_>],
+        opts: &ExtractOptions,
+        done: &(dyn Fn(usize) + Sync),
+    ) -> Result<Vec<PatchResult>, ExtractError> {
+        let out = self.extract_batch(batch, opts)?;
+        done(batch.len());
+        Ok(out)
+    }
+
     /// Evaluates the spots of PSF fibers `fibermin .. fibermin + nfiber` at `waves` into
     /// `set`, for the batches that follow. A device backend may evaluate them there and leave
     /// the values there (`set.values` empty, the geometry on the host): such a set is good for

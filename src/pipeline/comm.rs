@@ -49,6 +49,8 @@ pub enum Msg {
     ReaderDone,
     /// Every rank → rank 0, at the end.
     Summary(Box<RankSummary>),
+    /// Writer → rank 0: how a frame is getting on, for the run's progress display.
+    Progress(usize, super::progress::FrameNote),
     /// Compute → reader: give me a unit, its pixels as parts for device memory.
     #[cfg(feature = "cuda-aware-mpi")]
     ReqWorkParts,
@@ -134,6 +136,7 @@ impl Msg {
             Msg::ComputeDone => 9,
             Msg::ReaderDone => 10,
             Msg::Summary(_) => 11,
+            Msg::Progress(..) => 15,
             #[cfg(feature = "cuda-aware-mpi")]
             Msg::ReqWorkParts => 12,
             #[cfg(feature = "cuda-aware-mpi")]
@@ -157,6 +160,7 @@ impl Msg {
             Msg::ComputeDone => "compute done",
             Msg::ReaderDone => "reader done",
             Msg::Summary(_) => "rank summary",
+            Msg::Progress(..) => "frame progress",
             #[cfg(feature = "cuda-aware-mpi")]
             Msg::ReqWorkParts => "work request (device)",
             #[cfg(feature = "cuda-aware-mpi")]

@@ -219,9 +219,9 @@ pub fn oversubscription(
     let want = ranks_per_node * threads_per_rank;
     (want > cores).then(|| {
         format!(
-            "{ranks_per_node} ranks per node x {threads_per_rank} threads = {want} threads on \
-             {cores} cores: the node is oversubscribed; lower --threads (or \
-             --cpus-per-task) or the ranks per node"
+            "{ranks_per_node} ranks per node x {} = {want} threads on {cores} cores: the node is oversubscribed; lower --threads (or \
+             --cpus-per-task) or the ranks per node",
+            super::progress::count(threads_per_rank, "thread")
         )
     })
 }

@@ -81,8 +81,9 @@ pub enum FrameError {
     Input(String),
 }
 
-/// Called after each bundle with (patches done, patches in all).
-pub type Progress<'a> = &'a mut dyn FnMut(usize, usize);
+/// Called as patches finish with (patches done, patches in all), from any of the backend's
+/// threads: per patch on the CPU, per batch on a GPU.
+pub type Progress<'a> = &'a (dyn Fn(usize, usize) + Sync);
 
 /// The CCD pixels a piece of work reads: `pix` and `ivar` (ivar already masked) hold CCD rows
 /// `y0..` and columns `x0..`: the whole CCD, or a work unit's rectangle.
@@ -258,7 +259,11 @@ pub fn extract_bundles(
                 &spots,
             ));
         }
-        let results = backend.extract_batch(&inputs, opts)?;
+        let finished = std::sync::atomic::AtomicUsize::new(done);
+        let results = backend.extract_batch_counted(&inputs, opts, &|n| {
+            let d = finished.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
+            progress(d, total);
+        })?;
         let t2 = Instant::now();
         for (inp, r) in inputs.iter().zip(results) {
             let p = &inp.patch;
@@ -567,10 +572,42 @@ pub(crate) mod tests {
                 self.popts.pixpad_frac,
                 &self.opts,
                 backend,
-                &mut |_, _| {},
+                &|_, _| {},
             )
             .unwrap()
         }
+    }
+
+    /// Progress moves per patch on the CPU, not once per bundle: the bar of a one-bundle
+    /// run made one jump, from 0 to the end.
+    #[test]
+    fn progress_moves_per_patch_within_a_bundle() {
+        let toy = ToyFrame::new();
+        let per_bundle = toy.plan.patches[0].len();
+        assert!(per_bundle > 1, "the toy bundle has several patches");
+        let calls = std::sync::Mutex::new(Vec::new());
+        extract_frame(
+            &toy.psf,
+            toy.pix.view(),
+            toy.ivar.view(),
+            &toy.grid,
+            &toy.plan,
+            toy.popts.pixpad_frac,
+            &toy.opts,
+            &mut CpuBackend,
+            &|done, total| calls.lock().unwrap().push((done, total)),
+        )
+        .unwrap();
+        let calls = calls.into_inner().unwrap();
+        let total = toy.plan.npatch();
+        let within_first: Vec<_> = calls.iter().filter(|(d, _)| *d < per_bundle).collect();
+        assert!(
+            within_first.len() >= per_bundle - 1,
+            "{} calls before the first bundle ended: {calls:?}",
+            within_first.len()
+        );
+        assert_eq!(calls.iter().map(|c| c.0).max(), Some(total));
+        assert!(calls.iter().all(|c| c.1 == total));
     }
 
     /// A backend that takes several bundles per batch (one spot set for all of them, the

@@ -1,7 +1,8 @@
 //! Frames to spectra at scale: one frame in memory (`frame`), the list of frames a run must
 //! do (`joblist`) and what each was asked for (`request`), the process environment (`env`), work units (`unit`), the ranks and their
 //! messages (`run`, `comm`; `device_path` in the cuda-aware-mpi build, where a GPU rank's
-//! units travel in device memory), and the end-of-run summary (`report`).
+//! units travel in device memory), the end-of-run summary (`report`) and
+//! what an operator reads meanwhile (`progress`).
 
 pub mod comm;
 #[cfg(feature = "cuda-aware-mpi")]
@@ -10,6 +11,7 @@ pub mod env;
 pub mod frame;
 pub mod joblist;
 pub mod prepare;
+pub mod progress;
 pub mod report;
 pub mod request;
 pub mod run;

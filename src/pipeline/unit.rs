@@ -293,7 +293,7 @@ pub fn compute_on(
         &work,
         &unit.setup.opts,
         backend,
-        &mut |_, _| {},
+        &|_, _| {},
     )?)
 }
 

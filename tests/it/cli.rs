@@ -485,3 +485,20 @@ fn backend_gpu_fails_clearly_and_auto_falls_back_to_the_cpu() {
     );
     assert!(out.is_file());
 }
+
+/// The single-frame log: the grid's wavelengths to its step (not `6450.000000000423`), "1
+/// thread", a rate with its noun, and one line for the image read.
+#[test]
+fn the_single_frame_log_reads_well() {
+    let dir = tempfile::tempdir().unwrap();
+    let ccd = small_ccd(dir.path());
+    let (run, _) = extract(dir.path(), &ccd.psf, &ccd.image, &["--threads", "1"]);
+    run.ok();
+    let log = &run.stderr;
+    assert!(
+        log.contains("(6050.0..6450.0 Å in steps of 0.8 Å)") && log.contains("with 1 thread\n"),
+        "{log}"
+    );
+    assert!(log.contains(" patches/s"), "{log}");
+    assert_eq!(log.matches(" read ").count(), 1, "{log}");
+}

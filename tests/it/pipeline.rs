@@ -592,3 +592,101 @@ fn a_dead_or_frozen_rank_fails_the_job_instead_of_hanging() {
         }
     }
 }
+
+/// A batch log (stderr not a terminal) of `--frames`: progress lines on rank 0 (the first
+/// frame's and the last's at least), one line per frame read, a frame's failure said once by
+/// the rank that found it, every line under mpirun with its rank, counts with their nouns.
+#[test]
+fn a_batch_log_shows_progress_and_readable_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let psf = two_bundle_psf(d);
+    frames(d, &psf, 2);
+    let cfg = config(d);
+    let bytes = std::fs::read(d.join("preproc-1.fits")).unwrap();
+    std::fs::write(d.join("truncated.fits"), &bytes[..bytes.len() / 3]).unwrap();
+    let list = d.join("mixed.txt");
+    std::fs::write(
+        &list,
+        "preproc-1.fits psf.fits out/good-1.fits\n\
+         truncated.fits psf.fits out/truncated.fits\n\
+         preproc-2.fits psf.fits out/good-2.fits\n",
+    )
+    .unwrap();
+    let mut launchers = vec![None];
+    if have_mpirun() {
+        launchers.push(Some(3));
+    }
+    for launcher in launchers {
+        let _ = std::fs::remove_dir_all(d.join("out"));
+        let out = pipeline_cmd(
+            launcher,
+            &[&"--frames", &list, &"--config", &cfg, &"--threads", &"1"],
+        )
+        .env("SPEXTRACT_LOG", "info")
+        .output()
+        .expect("cannot start spextract");
+        let log = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(1), "one frame fails\n{log}");
+        let lines: Vec<&str> = log.lines().collect();
+        let with = |needle: &str| -> Vec<&str> {
+            lines
+                .iter()
+                .copied()
+                .filter(|l| l.contains(needle))
+                .collect()
+        };
+        let progress = with("progress: ");
+        assert!(
+            progress
+                .iter()
+                .any(|l| l.contains("progress: 1 of 3 frames done")),
+            "a line when the first frame finishes:\n{log}"
+        );
+        let last = progress
+            .iter()
+            .find(|l| l.contains("progress: 3 of 3 frames done (1 failed)"))
+            .unwrap_or_else(|| panic!("a line when the last frame finishes:\n{log}"));
+        assert!(
+            last.contains("frames/h") && last.contains("elapsed"),
+            "{last}"
+        );
+        for image in ["preproc-1.fits", "preproc-2.fits"] {
+            let reads = with(&format!("read {}", d.join(image).display()));
+            assert_eq!(reads.len(), 1, "one line per frame read:\n{log}");
+            assert!(
+                reads[0].contains("pixels masked") && reads[0].contains("cut into"),
+                "{}",
+                reads[0]
+            );
+        }
+        let failed = with("frame ");
+        let failed: Vec<_> = failed.iter().filter(|l| l.contains(" failed: ")).collect();
+        assert_eq!(failed.len(), 1, "the failure said once:\n{log}");
+        assert!(!log.contains("1 threads"), "{log}");
+        assert!(log.contains("x 1 thread"), "{log}");
+        match launcher {
+            None => {
+                assert!(
+                    with("wrote ")
+                        .iter()
+                        .any(|l| l.contains("of 3 frames written on this rank")),
+                    "{log}"
+                );
+            }
+            Some(_) => {
+                // Every log line names its rank; the progress and the read and failure lines
+                // come from rank 0, which reads and hands out the frames.
+                for l in lines.iter().filter(|l| {
+                    [" INFO ", " WARN ", "ERROR "]
+                        .iter()
+                        .any(|lv| l.contains(lv))
+                }) {
+                    assert!(l.contains(" rank "), "a line without its rank: {l}\n{log}");
+                }
+                assert!(progress.iter().all(|l| l.contains("rank 0: progress: ")));
+                assert!(failed[0].contains("rank 0: frame "), "{}", failed[0]);
+            }
+        }
+    }
+}

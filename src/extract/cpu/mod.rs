@@ -205,12 +205,25 @@ impl Backend for CpuBackend {
         batch: &[PatchInput<'_>],
         opts: &ExtractOptions,
     ) -> Result<Vec<PatchResult>, ExtractError> {
+        self.extract_batch_counted(batch, opts, &|_| {})
+    }
+
+    fn extract_batch_counted(
+        &mut self,
+        batch: &[PatchInput<'_>],
+        opts: &ExtractOptions,
+        done: &(dyn Fn(usize) + Sync),
+    ) -> Result<Vec<PatchResult>, ExtractError> {
         for inp in batch {
             inp.check()?;
         }
         Ok(batch
             .par_iter()
-            .map(|inp| WORKSPACE.with(|ws| extract_patch(inp, opts, &mut ws.borrow_mut())))
+            .map(|inp| {
+                let r = WORKSPACE.with(|ws| extract_patch(inp, opts, &mut ws.borrow_mut()));
+                done(1);
+                r
+            })
             .collect())
     }
 }

@@ -98,7 +98,7 @@ impl Compute {
                 let mut engine = match crate::extract::engine::start(backend, bind) {
                     Ok(b) => b,
                     Err(e) => {
-                        error!("compute rank {rank}: {e}");
+                        error!("compute: {e}");
                         return;
                     }
                 };

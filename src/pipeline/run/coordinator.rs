@@ -11,6 +11,7 @@ use tracing::{info, warn};
 use super::event_loop::Rank;
 use super::{Layout, RunError, RunOptions};
 use crate::pipeline::comm::{Msg, RankSummary};
+use crate::pipeline::progress::count;
 use crate::pipeline::report::{FrameCounts, FrameFailure, RunReport, REPORT_VERSION};
 
 /// The frames still to hand out and the summaries in.
@@ -36,7 +37,7 @@ impl Coordinator {
     pub fn announce(&self, opts: &RunOptions, layout: &Layout) {
         info!(
             "{} frames listed ({} already complete, skipped) on {} node(s), {} rank(s): \
-             {} reader(s), {} writer(s), {} compute rank(s) x {} threads",
+             {} reader(s), {} writer(s), {} compute rank(s) x {}",
             opts.jobs.len(),
             opts.skipped.len(),
             layout.nodes.len(),
@@ -44,7 +45,7 @@ impl Coordinator {
             layout.readers.iter().map(Vec::len).sum::<usize>(),
             layout.writers.iter().map(Vec::len).sum::<usize>(),
             layout.computes.iter().map(Vec::len).sum::<usize>(),
-            opts.threads
+            count(opts.threads, "thread")
         );
         if let Some(cut) = layout.roles_cut(opts.readers_per_node, opts.writers_per_node) {
             warn!("{cut}");

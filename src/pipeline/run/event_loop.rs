@@ -18,6 +18,7 @@ use super::watch::{start_watchdog, Heartbeat, StopSignal};
 use super::writer::Writer;
 use super::{Layout, RunError, RunOptions};
 use crate::pipeline::comm::{Comm, Msg, RankSummary};
+use crate::pipeline::progress::{FrameNote, FramesProgress};
 use crate::pipeline::report::{RoleTimes, RunReport};
 
 /// What the roles of a rank share, handed to their methods by the loop: the way to the other
@@ -48,10 +49,27 @@ impl Rank<'_> {
         Ok(())
     }
 
-    /// Logs a frame that failed and counts it in the summary.
-    pub fn frame_failed(&mut self, job: usize, error: String) {
-        warn!("frame {} failed: {error}", self.describe(job));
+    /// Tells rank 0 how frame `job` is getting on, for its progress display (not counted in
+    /// the bytes sent: it is not the frame's data).
+    pub fn note(&mut self, job: usize, note: FrameNote) -> Result<(), RunError> {
+        self.comm.send(0, Msg::Progress(job, note))?;
+        Ok(())
+    }
+
+    /// Counts a frame that failed in the summary and tells rank 0. `log`: this rank found
+    /// the failure and says it (a reader's failures are said by the reader, once).
+    pub fn frame_failed(&mut self, job: usize, error: String, log: bool) -> Result<(), RunError> {
+        if log {
+            warn!("frame {} failed: {error}", self.describe(job));
+        }
         self.summary.failed.push((job, error));
+        self.note(job, FrameNote::Done(false))
+    }
+
+    /// Frames to extract in the run, where this rank knows (rank 0 alone looks at the outputs
+    /// and knows which are skipped).
+    pub fn to_extract(&self) -> Option<usize> {
+        (self.rank == 0).then(|| self.opts.jobs.len() - self.opts.skipped.len())
     }
 
     /// The frame's image, for logs.
@@ -84,15 +102,20 @@ pub(super) fn run_rank(
     let node = layout.node_of(rank);
     let roles = layout.roles(rank);
     let hb = Arc::new(Heartbeat::new(start));
-    start_watchdog(hb.clone(), rank, roles.name(), opts.watchdog_s, 3);
+    start_watchdog(hb.clone(), roles.name(), opts.watchdog_s, 3);
     info!(
-        "rank {rank}: {} on node {node}, pid {}",
+        "roles: {} on node {node}, pid {}",
         roles.name(),
         std::process::id()
     );
     let mut coordinator = Coordinator::new(opts, layout);
+    let mut progress = None;
     if rank == 0 {
         coordinator.announce(opts, layout);
+        progress = Some(FramesProgress::new(
+            opts.jobs.len() - opts.skipped.len(),
+            opts.progress_bar,
+        ));
     }
     let mut r = Rank {
         comm,
@@ -136,18 +159,25 @@ pub(super) fn run_rank(
                 Msg::WorkParts(u, w, dims, parts) => role(&mut compute, "work", "compute")?
                     .on_work_parts(from, *u, w, dims, parts)?,
                 Msg::NoWork => role(&mut compute, "no-more-work", "compute")?.on_no_work(),
-                Msg::Ticket(t) => role(&mut writer, "a ticket", "write")?.on_ticket(*t)?,
-                Msg::FrameFailed(job, e) => r.frame_failed(job, e),
-                Msg::Output(out) => role(&mut writer, "a unit output", "write")?.on_output(*out)?,
+                Msg::Ticket(t) => role(&mut writer, "a ticket", "write")?.on_ticket(&mut r, *t)?,
+                Msg::FrameFailed(job, e) => r.frame_failed(job, e, false)?,
+                Msg::Output(out) => {
+                    role(&mut writer, "a unit output", "write")?.on_output(&mut r, *out)?
+                }
                 #[cfg(feature = "cuda-aware-mpi")]
                 Msg::OutputParts(out, shape, parts) => {
                     let out =
                         crate::pipeline::device_path::output_from_parts(*out, shape, parts, from)?;
-                    role(&mut writer, "a unit output", "write")?.on_output(out)?
+                    role(&mut writer, "a unit output", "write")?.on_output(&mut r, out)?
                 }
                 Msg::ComputeDone => role(&mut writer, "compute-done", "write")?.on_compute_done(),
                 Msg::ReaderDone => role(&mut writer, "reader-done", "write")?.on_reader_done(),
                 Msg::Summary(s) => coordinator.on_summary(rank, from, *s)?,
+                Msg::Progress(job, note) => {
+                    if let Some(p) = progress.as_mut() {
+                        p.note(job, note);
+                    }
+                }
             }
             r.times.transfer_s += t0.elapsed().as_secs_f64();
         }
@@ -164,6 +194,9 @@ pub(super) fn run_rank(
         }
         if let Some(w) = writer.as_mut() {
             moved |= w.step(&mut r)?;
+        }
+        if let Some(p) = progress.as_mut() {
+            p.tick();
         }
 
         // The end: this rank's summary to rank 0 once its roles are done.
@@ -218,6 +251,9 @@ pub(super) fn run_rank(
     }
     if rank != 0 {
         return Ok(None);
+    }
+    if let Some(mut p) = progress {
+        p.finish();
     }
     Ok(Some(coordinator.report(opts, layout, start.elapsed())))
 }

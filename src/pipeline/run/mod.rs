@@ -32,7 +32,7 @@ use tracing::error;
 pub use layout::{Layout, Roles};
 pub use watch::StopSignal;
 
-use super::comm::{Comm, CommError, LocalComm, MpiComm};
+use super::comm::{CommError, LocalComm, MpiComm};
 use super::joblist::FrameJob;
 use super::report::RunReport;
 use super::unit::UnitError;
@@ -69,6 +69,9 @@ pub struct RunOptions {
     pub label: Option<String>,
     /// JSON report path.
     pub report: Option<PathBuf>,
+    /// Rank 0 draws a progress bar (on a terminal); otherwise it logs a progress line now
+    /// and then.
+    pub progress_bar: bool,
 }
 
 /// Why a run stopped, naming the rank or message at fault.
@@ -169,7 +172,8 @@ pub fn execute(opts: &RunOptions, stop: &StopSignal) -> Result<Option<RunReport>
         let mut comm = MpiComm::new(world);
         let rep = event_loop::run_rank(&mut comm, &layout, opts, stop);
         if let Err(e) = &rep {
-            error!("rank {}: {e:#}; aborting the job", comm.rank());
+            // The log line names the rank.
+            error!("{e:#}; aborting the job");
             use mpi::topology::Communicator;
             universe.world().abort(2);
         }

@@ -9,18 +9,19 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{unbounded, Receiver, Sender};
-use tracing::info;
+use tracing::{info, warn};
 
 use super::event_loop::Rank;
 use super::RunError;
 use crate::pipeline::comm::Msg;
 use crate::pipeline::prepare::prepare_frame;
+use crate::pipeline::progress::count;
 use crate::pipeline::unit::{self, FrameTicket, UnitInput};
 
 /// What the reader thread hands back: a frame cut into units, or why it could not be.
 type ReadDone = (
     usize,
-    Result<(FrameTicket, Vec<UnitInput>), String>,
+    Result<(FrameTicket, Vec<UnitInput>, String), String>,
     Duration,
 );
 
@@ -59,6 +60,7 @@ impl Reader {
                         .map_err(|e| e.one_line())
                         .and_then(|prep| {
                             unit::cut(&prep, job, o.unit_bundles, j.output.clone(), o.overwrite)
+                                .map(|(t, u)| (t, u, prep.read_summary()))
                                 .map_err(|e| e.to_string())
                         });
                     if done_tx.send((job, res, t0.elapsed())).is_err() {
@@ -134,19 +136,20 @@ impl Reader {
                         r.describe(job)
                     )
                 }
-                Ok((ticket, units)) => {
+                Ok((ticket, units, read)) => {
                     let bytes: usize = units.iter().map(UnitInput::pixel_bytes).sum();
                     r.summary.unit_bytes.push((job, bytes as u64));
                     info!(
-                        "read {} in {:.2}s: {} units, {:.1} MB of pixels",
-                        r.describe(job),
-                        took.as_secs_f64(),
-                        units.len(),
-                        bytes as f64 / 1e6
+                        "{read}; cut into {} ({:.1} MB of pixels) in {:.2} s in all",
+                        count(units.len(), "unit"),
+                        bytes as f64 / 1e6,
+                        took.as_secs_f64()
                     );
                     self.queue.push_back((Some(ticket), units.into()));
                 }
                 Err(e) => {
+                    // Said here, on the rank that found it; the writer only counts it.
+                    warn!("frame {} failed: {e}", r.describe(job));
                     let w = r.layout.writer_of(r.node, job);
                     r.send(w, Msg::FrameFailed(job, e))?;
                 }

@@ -135,13 +135,7 @@ impl Heartbeat {
 
 /// Reports when nothing has moved for `period`; after `abort_after` periods it ends the
 /// process loudly (an MPI launcher then takes the job down) rather than hanging.
-pub(super) fn start_watchdog(
-    hb: Arc<Heartbeat>,
-    rank: usize,
-    roles: String,
-    period: f64,
-    abort_after: u32,
-) {
+pub(super) fn start_watchdog(hb: Arc<Heartbeat>, roles: String, period: f64, abort_after: u32) {
     if !(period > 0.0) {
         return;
     }
@@ -161,10 +155,11 @@ pub(super) fn start_watchdog(
                 if periods > reported {
                     reported = periods;
                     let what = hb.waiting.lock().map(|w| w.clone()).unwrap_or_default();
-                    warn!("watchdog: rank {rank} ({roles}) has made no progress for {idle:.0} s; {what}");
+                    // The log line names the rank.
+                    warn!("watchdog ({roles}): no progress for {idle:.0} s; {what}");
                     if periods >= abort_after {
                         error!(
-                            "watchdog: rank {rank} gives up after {idle:.0} s without progress; \
+                            "watchdog ({roles}): giving up after {idle:.0} s without progress; \
                              ending the job"
                         );
                         std::process::exit(3);

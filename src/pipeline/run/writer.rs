@@ -15,6 +15,7 @@ use super::event_loop::Rank;
 use super::RunError;
 use crate::pipeline::frame::FrameResult;
 use crate::pipeline::prepare::{check_extracted, write_outputs};
+use crate::pipeline::progress::{written_text, FrameNote};
 use crate::pipeline::unit::{Assembly, FrameTicket, UnitOutput};
 
 /// What the writer thread hands back: the frame, whether it was written, and how long it took.
@@ -65,20 +66,26 @@ impl Writer {
     }
 
     /// A frame's ticket: its assembly begins, with the outputs that came before it.
-    pub fn on_ticket(&mut self, t: FrameTicket) -> Result<(), RunError> {
+    pub fn on_ticket(&mut self, r: &mut Rank, t: FrameTicket) -> Result<(), RunError> {
         let job = t.job;
+        r.note(job, FrameNote::Begun(t.nunits))?;
         let mut a = Assembly::new(t);
         for out in self.early.remove(&job).unwrap_or_default() {
             a.add(out)?;
+            r.note(job, FrameNote::Unit)?;
         }
         self.assemblies.insert(job, a);
         Ok(())
     }
 
     /// A computed unit to its frame's assembly (or kept until the frame's ticket arrives).
-    pub fn on_output(&mut self, out: UnitOutput) -> Result<(), RunError> {
+    pub fn on_output(&mut self, r: &mut Rank, out: UnitOutput) -> Result<(), RunError> {
         match self.assemblies.get_mut(&out.job) {
-            Some(a) => a.add(out)?,
+            Some(a) => {
+                let job = out.job;
+                a.add(out)?;
+                r.note(job, FrameNote::Unit)?;
+            }
             None => self.early.entry(out.job).or_default().push(out),
         }
         Ok(())
@@ -125,7 +132,7 @@ impl Writer {
                         self.writing += 1;
                     }
                 }
-                Err(e) => r.frame_failed(job, e.to_string()),
+                Err(e) => r.frame_failed(job, e.to_string(), true)?,
             }
             r.times.write_s += t0.elapsed().as_secs_f64();
         }
@@ -137,14 +144,15 @@ impl Writer {
                 Ok(()) => {
                     self.written += 1;
                     info!(
-                        "wrote {} ({} written on this rank; {:.1} s since start)",
+                        "wrote {} ({}; {:.1} s since start)",
                         r.opts.jobs[job].output.display(),
-                        self.written,
+                        written_text(self.written, r.to_extract(), r.opts.jobs.len()),
                         r.start.elapsed().as_secs_f64()
                     );
                     r.summary.written.push(job);
+                    r.note(job, FrameNote::Done(true))?;
                 }
-                Err(e) => r.frame_failed(job, e),
+                Err(e) => r.frame_failed(job, e, true)?,
             }
         }
         if !self.done && self.computes_left == 0 && self.readers_left == 0 && self.writing == 0 {

@@ -577,7 +577,7 @@ mod tests {
             toy.popts.pixpad_frac,
             &toy.opts,
             &mut gpu,
-            &mut |_, _| {},
+            &|_, _| {},
         )
         .unwrap();
         let unit = gpu.take_unit().unwrap().expect("the unit's arrays");
