@@ -7,6 +7,8 @@
 //! - `structure`: determinism across thread counts, ivar and NODATA, the resolution band.
 //! - `format`: the frame's HDUs, dtypes and shapes, also as Python's fitsio and astropy see them.
 //! - `cli`: bad inputs fail with exit code 2, a message naming the problem and no output file.
+//! - `corrupt`: corrupt FIBERMAPs, gzip streams and headers are refused before any work.
+//! - `fuzz`: seeded mutations of the inputs never panic, hang or give an unreadable frame.
 //!
 //! One binary (`autotests = false` in Cargo.toml) so that the suite links once.
 
@@ -14,7 +16,9 @@
 mod common;
 
 mod cli;
+mod corrupt;
 mod format;
+mod fuzz;
 mod pipeline;
 mod real_data;
 mod structure;
