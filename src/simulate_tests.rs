@@ -127,7 +127,7 @@ fn written_simulation_reads_back() {
     };
     let sim = write_simulation(&psf, &opts, &img, &tru).unwrap();
     let pre = read_preproc(&img, EXTRACT_MASK_BITS).unwrap();
-    assert!(pre.has_fibermap);
+    assert_eq!(pre.fibermap_rows, Some(30));
     assert_eq!(
         pre.masked_by_bits,
         sim.mask.iter().filter(|&&m| m != 0).count()

@@ -27,8 +27,9 @@ pub struct Preproc {
     pub header: Vec<String>,
     /// The IMAGE HDU's CAMERA (`r0`), as [`super::camera_name`] gives it; `None` without one.
     pub camera: Option<String>,
-    /// Whether the file has a FIBERMAP HDU.
-    pub has_fibermap: bool,
+    /// Rows of the file's FIBERMAP, `None` if it has none; the table was checked readable by
+    /// [`check_fibermap`].
+    pub fibermap_rows: Option<usize>,
     /// Pixels whose IMAGE or IVAR was NaN or infinite.
     pub nonfinite: usize,
     /// Pixels whose mask has one of the extraction bits.
@@ -134,10 +135,11 @@ pub fn read_preproc(path: &Path, extract_mask_bits: i32) -> Result<Preproc, IoEr
             image.dim()
         )));
     }
-    let has_fibermap = f.try_move_to("FIBERMAP")?;
-    if has_fibermap {
-        f.check_table_complete()?;
-    }
+    let fibermap_rows = if f.try_move_to("FIBERMAP")? {
+        Some(check_fibermap(&mut f)?)
+    } else {
+        None
+    };
     f.close()?;
 
     let (mut nonfinite, mut negative, mut masked_by_bits) = (0usize, 0usize, 0usize);
@@ -168,10 +170,22 @@ pub fn read_preproc(path: &Path, extract_mask_bits: i32) -> Result<Preproc, IoEr
         mask,
         header,
         camera,
-        has_fibermap,
+        fibermap_rows,
         nonfinite,
         masked_by_bits,
     })
+}
+
+/// Checks the current HDU, a FIBERMAP, before any work is done with the file: a binary table
+/// that astropy (and so desispec) can read once it is copied into a frame, with all its rows in
+/// the file. Returns its row count.
+fn check_fibermap(f: &mut Fits) -> Result<usize, IoError> {
+    if !f.is_table()? {
+        return Err(f.err("is not a binary table"));
+    }
+    f.check_table_header()?;
+    f.check_table_complete()?;
+    f.nrows()
 }
 
 /// Reads the FIBER, TARGETID, OBJTYPE and FIBERSTATUS columns of a file's FIBERMAP, `None` if
@@ -181,7 +195,7 @@ pub fn read_fibermap(path: &Path) -> Result<Option<Fibermap>, IoError> {
     if !f.try_move_to("FIBERMAP")? {
         return Ok(None);
     }
-    let n = f.nrows()?;
+    let n = check_fibermap(&mut f)?;
     if n > MAX_ELEMENTS / 8 {
         return Err(f.err(format!("{n} rows is implausible for a fibermap")));
     }

@@ -384,6 +384,20 @@ pub fn prepare_frame(
             psf_cols: psf.npix_x,
         });
     }
+    // The frame copies FIBERMAP rows specmin.. of the extracted fibers: refuse now, not after
+    // the extraction, a table too short for them.
+    if let Some(rows) = preproc.fibermap_rows.filter(|&r| r < specmin + nspec) {
+        return Err(IoError::hdu(
+            image_path,
+            "FIBERMAP",
+            format!(
+                "has {rows} rows; fibers {specmin}..{} need {}",
+                specmin + nspec,
+                specmin + nspec
+            ),
+        )
+        .into());
+    }
     let grid = match grid_given {
         Some(g) => g,
         None => {
@@ -482,7 +496,7 @@ pub fn frame_meta(prep: &Prepared) -> FrameMeta {
         in_psf: prep.psf_path.display().to_string(),
         in_img: prep.image_path.display().to_string(),
         orig_psf: prep.psf.in_psf.clone(),
-        fibermap_from: prep.preproc.has_fibermap.then(|| prep.image_path.clone()),
+        fibermap_from: prep.preproc.fibermap_rows.map(|_| prep.image_path.clone()),
         extra: vec![
             (
                 "PSFERR".into(),

@@ -10,6 +10,8 @@
 //! - `checks`: what is refused or limited before any work (cameras, endless lists and
 //!   configurations, absurd counts), and causes said once.
 //! - `outputs`: reruns, clashes, races, leftovers and full disks never lose or replace data.
+//! - `corrupt`: corrupt FIBERMAPs, gzip streams and headers are refused before any work.
+//! - `fuzz`: seeded mutations of the inputs never panic, hang or give an unreadable frame.
 //!
 //! One binary (`autotests = false` in Cargo.toml) so that the suite links once.
 
@@ -18,8 +20,10 @@ mod common;
 
 mod checks;
 mod cli;
+mod corrupt;
 mod format;
 mod outputs;
+mod fuzz;
 mod pipeline;
 mod real_data;
 mod structure;

@@ -3,15 +3,19 @@
 //! tile compression and checksums, several of which the safe `fitsio` API lacks.
 //!
 //! All `unsafe` of the io module is here. Errors name the file and the current HDU. Files are
-//! opened with cfitsio's "diskfile" calls, so a path is a plain path (no `[ext]` or `!` syntax),
-//! while `.gz` files and tile-compressed HDUs are still read transparently.
+//! opened with cfitsio's "diskfile" calls, so a path is a plain path (no `[ext]` or `!` syntax);
+//! gzipped files are inflated by [`gzip`] (checked as they inflate) and handed to cfitsio as
+//! memory files, and tile-compressed HDUs are read transparently.
 
 // Counts cross into C here (cfitsio's and MPI's `int`): converted with `try_from`, never `as`.
 #![deny(clippy::cast_possible_truncation)]
 
+mod cards;
 mod data;
+mod gzip;
 
-use std::ffi::{c_char, c_int, CString};
+use std::ffi::{c_char, c_int, c_void, CString};
+use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::ptr;
@@ -51,13 +55,28 @@ elem!(i64, sys::TLONGLONG);
 pub(crate) const MAX_ELEMENTS: usize = 1 << 28;
 
 const KEY_NO_EXIST: c_int = sys::KEY_NO_EXIST as c_int;
-const BAD_HDU_NUM: c_int = sys::BAD_HDU_NUM as c_int;
+const END_OF_FILE: c_int = sys::END_OF_FILE as c_int;
+
+/// Most header bytes read back raw to say why cfitsio refused a header.
+const MAX_RAW_HEADER: usize = 100 * 2880;
 
 /// An open FITS file; closed on drop (use [`Fits::close`] to see errors from the final flush).
 pub(crate) struct Fits {
     ptr: *mut sys::fitsfile,
     path: PathBuf,
     hdu: String,
+    /// The inflated bytes of a gzipped file, which cfitsio reads in place.
+    mem: Option<Box<MemFile>>,
+    /// HDUs from the first on whose raw headers passed [`cards::compression_problem`].
+    prechecked: usize,
+}
+
+/// A file in memory as cfitsio's memory driver holds it: the driver keeps the addresses of
+/// `ptr` and `size` until the file is closed, so they live in a box that does not move.
+struct MemFile {
+    ptr: *mut c_void,
+    size: usize,
+    data: Vec<u8>,
 }
 
 /// cfitsio's short text for a status code.
@@ -79,24 +98,90 @@ fn from_c(buf: &[c_char]) -> String {
 }
 
 impl Fits {
-    /// Opens `path` read-only.
+    /// Opens `path` read-only; a gzipped file is inflated into memory first (see [`gzip`]).
     pub fn open(path: &Path) -> Result<Fits, IoError> {
         super::check_input_file(path)?;
+        let mut magic = [0u8; 2];
+        let n = std::fs::File::open(path)
+            .and_then(|mut f| f.read(&mut magic))
+            .map_err(|source| IoError::Os {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        if n == 2 && magic == gzip::GZIP_MAGIC {
+            let data = gzip::inflate(path).map_err(|m| IoError::file(path, m))?;
+            return Self::open_memory(path, data);
+        }
+        if let Some((_, what)) = gzip::OTHER_MAGIC
+            .iter()
+            .find(|(m, _)| n == 2 && *m == magic)
+        {
+            return Err(IoError::file(
+                path,
+                format!("is compressed with {what}; only gzip is read"),
+            ));
+        }
         let c = path_c(path)?;
         let mut ptr = ptr::null_mut();
         let mut status = 0;
         // SAFETY: c is NUL-terminated and outlives the call; ptr and status are valid out-params.
         unsafe { sys::ffdkopn(&mut ptr, c.as_ptr(), sys::READONLY as c_int, &mut status) };
+        Self::opened(path, ptr, status, None)
+    }
+
+    /// Opens the inflated bytes of `path` as a read-only memory file.
+    fn open_memory(path: &Path, data: Vec<u8>) -> Result<Fits, IoError> {
+        let mut mem = Box::new(MemFile {
+            ptr: ptr::null_mut(),
+            size: data.len(),
+            data,
+        });
+        mem.ptr = mem.data.as_mut_ptr().cast();
+        let mut ptr = ptr::null_mut();
+        let mut status = 0;
+        // SAFETY: the name is NUL-terminated; mem.ptr and mem.size stay at their boxed addresses
+        // and mem.data stays allocated until the Fits holding the box closes the file. Read-only
+        // with no realloc function, cfitsio neither writes, grows nor frees the buffer.
+        unsafe {
+            sys::ffomem(
+                &mut ptr,
+                c"inflated.fits".as_ptr(),
+                sys::READONLY as c_int,
+                &mut mem.ptr,
+                &mut mem.size,
+                0,
+                None,
+                &mut status,
+            )
+        };
+        Self::opened(path, ptr, status, Some(mem))
+    }
+
+    fn opened(
+        path: &Path,
+        ptr: *mut sys::fitsfile,
+        status: c_int,
+        mem: Option<Box<MemFile>>,
+    ) -> Result<Fits, IoError> {
         if status != 0 || ptr.is_null() {
+            if !ptr.is_null() {
+                let mut st = 0;
+                // SAFETY: cfitsio returned an open file along with the error; closed once here.
+                unsafe { sys::ffclos(ptr, &mut st) };
+            }
+            let raw = raw_header(path, mem.as_deref().map(|m| &m.data[..]), 0);
+            let why = diagnose(&raw, status);
             return Err(IoError::file(
                 path,
-                format!("cannot open as FITS: {}", status_text(status)),
+                format!("cannot open as FITS: primary header: {why}"),
             ));
         }
         let mut f = Fits {
             ptr,
             path: path.to_path_buf(),
             hdu: "0".into(),
+            mem,
+            prechecked: 1,
         };
         f.name_current(0)?;
         Ok(f)
@@ -119,6 +204,8 @@ impl Fits {
             ptr,
             path: path.to_path_buf(),
             hdu: "0".into(),
+            mem: None,
+            prechecked: 1,
         })
     }
 
@@ -168,31 +255,155 @@ impl Fits {
         Ok(())
     }
 
-    /// Moves to the HDU whose EXTNAME is `extname`; `Ok(false)` if there is none.
+    /// Moves to the HDU whose EXTNAME is `extname` (ignoring case); `Ok(false)` if the file
+    /// ends cleanly without one.
+    ///
+    /// The HDUs are walked here rather than by cfitsio's `ffmnhd`, which reports an HDU it
+    /// cannot parse, and a file cut short, as "no such HDU": both are errors here, naming the
+    /// HDU and what is wrong with it.
     pub fn try_move_to(&mut self, extname: &str) -> Result<bool, IoError> {
-        let c = self.c(extname)?;
-        let mut status = 0;
-        // SAFETY: ffmnhd only reads the name (the C prototype lacks const).
-        unsafe {
-            sys::ffmnhd(
-                self.ptr,
-                sys::ANY_HDU,
-                c.as_ptr().cast_mut(),
-                0,
-                &mut status,
+        // Byte offset where HDU n starts: the end of HDU n - 1.
+        let mut start = 0u64;
+        let mut n = 0usize;
+        loop {
+            if n >= self.prechecked {
+                let raw = self.raw_header(start);
+                if let Some(p) = cards::compression_problem(&cards::split(&raw).0) {
+                    return Err(self.unreadable_hdu(extname, n, &raw, p));
+                }
+                self.prechecked = n + 1;
+            }
+            let num = self.c_int(n + 1, "HDU number")?;
+            let mut status = 0;
+            // SAFETY: valid file; the type out-param may be null.
+            unsafe { sys::ffmahd(self.ptr, num, ptr::null_mut(), &mut status) };
+            match status {
+                0 => {}
+                END_OF_FILE => return self.past_last_hdu(extname, n, start).map(|()| false),
+                s => {
+                    let raw = self.raw_header(start);
+                    let why = diagnose(&raw, s);
+                    return Err(self.unreadable_hdu(extname, n, &raw, why));
+                }
+            }
+            self.name_current(n)?;
+            let (data, end) = self.data_place()?;
+            if self.hdu.eq_ignore_ascii_case(extname) {
+                self.hdu = extname.to_string();
+                self.check_data_in_file(data)?;
+                return Ok(true);
+            }
+            start = end;
+            n += 1;
+        }
+    }
+
+    /// Byte offsets where the current HDU's data starts and where the next HDU starts.
+    fn data_place(&mut self) -> Result<(u64, u64), IoError> {
+        let (mut head, mut data, mut end, mut status) = (0, 0, 0, 0);
+        // SAFETY: valid file and out-params.
+        unsafe { sys::ffghadll(self.ptr, &mut head, &mut data, &mut end, &mut status) };
+        self.check("reading the HDU's place in the file", status)?;
+        let offset = |v: sys::LONGLONG| u64::try_from(v).unwrap_or(u64::MAX);
+        Ok((offset(data), offset(end)))
+    }
+
+    /// Checks that the current HDU's data as its header declares it (FITS standard 4.4.1:
+    /// |BITPIX|/8 × GCOUNT × (PCOUNT + NAXIS1 × … × NAXISn)), starting at byte `data`, lies
+    /// within the file: cfitsio trusts these keys when it copies a table (a PCOUNT of 2^63 - 1
+    /// aborts it with a buffer overflow), and a file cut short is best named before any work.
+    fn check_data_in_file(&mut self, data: u64) -> Result<(), IoError> {
+        let count = |f: &mut Fits, k: &str, default: i64| -> Result<Option<u64>, IoError> {
+            Ok(u64::try_from(f.key_i64(k)?.unwrap_or(default)).ok())
+        };
+        let bitpix = self.key_i64("BITPIX")?.unwrap_or(0).unsigned_abs() / 8;
+        let naxis = count(self, "NAXIS", 0)?.unwrap_or(0).min(999);
+        let mut elements = Some(u64::from(naxis > 0));
+        for i in 1..=naxis {
+            let n = count(self, &format!("NAXIS{i}"), 0)?;
+            elements = elements.zip(n).and_then(|(e, n)| e.checked_mul(n));
+        }
+        let (pcount, gcount) = (count(self, "PCOUNT", 0)?, count(self, "GCOUNT", 1)?);
+        let end = elements
+            .zip(pcount)
+            .and_then(|(e, p)| e.checked_add(p))
+            .zip(gcount)
+            .and_then(|(e, g)| e.checked_mul(g))
+            .and_then(|e| e.checked_mul(bitpix))
+            .and_then(|bytes| bytes.checked_add(data));
+        let size = self.file_size()?;
+        match end {
+            Some(end) if end <= size => Ok(()),
+            Some(end) => Err(self.err(format!(
+                "its data runs to byte {end} but the file ends at byte {size} (truncated file, \
+                 or a corrupt NAXISn or PCOUNT?)"
+            ))),
+            None => Err(self.err(
+                "its header declares a data size beyond any file (a negative or huge NAXISn, \
+                 PCOUNT or GCOUNT)",
+            )),
+        }
+    }
+
+    /// After the last HDU (number `n - 1`, ending at byte `end`): a clean end, or an error
+    /// saying how the file ends otherwise.
+    fn past_last_hdu(&mut self, extname: &str, n: usize, end: u64) -> Result<(), IoError> {
+        let size = self.file_size()?;
+        let not_found = "not found (no HDU has this EXTNAME)";
+        let msg = match size.cmp(&end) {
+            std::cmp::Ordering::Equal => return Ok(()),
+            std::cmp::Ordering::Less => format!(
+                "{not_found}; but the file ends at byte {size}, before the end of HDU {}'s data \
+                 at byte {end} (truncated file?)",
+                n.saturating_sub(1)
+            ),
+            std::cmp::Ordering::Greater => format!(
+                "{not_found}; but the {} bytes after HDU {} are not a complete HDU header \
+                 (truncated file?)",
+                size - end,
+                n.saturating_sub(1)
+            ),
+        };
+        Err(IoError::hdu(&self.path, extname, msg))
+    }
+
+    /// The error for HDU number `n`, whose raw header is `raw`, that cannot be read because of
+    /// `why`; it stops the search for `extname` whether it is that HDU or one before it.
+    fn unreadable_hdu(&self, extname: &str, n: usize, raw: &[u8], why: String) -> IoError {
+        let name = cards::extname(&cards::split(raw).0);
+        let label = match &name {
+            Some(name) => format!("{n} ({name})"),
+            None => n.to_string(),
+        };
+        let msg = if name
+            .as_deref()
+            .is_some_and(|x| x.eq_ignore_ascii_case(extname))
+        {
+            format!("its header (HDU number {n}) cannot be read: {why}")
+        } else {
+            format!(
+                "not found: the header of HDU number {label} cannot be read, so no HDU after it \
+                 can: {why}"
             )
         };
-        match status {
-            0 => {
-                self.hdu = extname.to_string();
-                Ok(true)
-            }
-            BAD_HDU_NUM => Ok(false),
-            s => Err(IoError::hdu(
-                &self.path,
-                extname,
-                format!("cannot move to it: {}", status_text(s)),
-            )),
+        IoError::hdu(&self.path, extname, msg)
+    }
+
+    /// The raw header from byte `start` (see [`raw_header`]).
+    fn raw_header(&self, start: u64) -> Vec<u8> {
+        raw_header(&self.path, self.mem.as_deref().map(|m| &m.data[..]), start)
+    }
+
+    /// Size in bytes of the file as cfitsio reads it (inflated, for a gzipped file).
+    fn file_size(&self) -> Result<u64, IoError> {
+        match &self.mem {
+            Some(m) => Ok(m.data.len() as u64),
+            None => std::fs::metadata(&self.path)
+                .map(|m| m.len())
+                .map_err(|source| IoError::Os {
+                    path: self.path.clone(),
+                    source,
+                }),
         }
     }
 
@@ -204,7 +415,7 @@ impl Fits {
             Err(IoError::hdu(
                 &self.path,
                 extname,
-                "not found (no HDU has this EXTNAME, or the file is truncated)",
+                "not found (no HDU has this EXTNAME)",
             ))
         }
     }
@@ -256,7 +467,13 @@ impl Fits {
             // Whole and below 2^53: exactly an i64.
             #[allow(clippy::cast_possible_truncation)]
             Some(v) if v.fract() == 0.0 && v.abs() < 9.0e15 => Ok(Some(v as i64)),
-            Some(v) => Err(self.err(format!("header {key} = {v} is not an integer"))),
+            Some(v) => {
+                // The card's own text: v may be a rounded 2^63.
+                let shown = self.key_str(key).ok().flatten().unwrap_or(v.to_string());
+                Err(self.err(format!(
+                    "header {key} = {shown} is not an integer (of at most 15 digits)"
+                )))
+            }
         }
     }
 
@@ -291,6 +508,16 @@ impl Fits {
             0 => Ok(Some(text.trim_end().to_string())),
             KEY_NO_EXIST => Ok(None),
             s => Err(self.err(format!("header key {key}: {}", status_text(s)))),
+        }
+    }
+
+    /// What makes the current binary table unreadable by astropy, as an error (see
+    /// [`cards::table_problem`]).
+    pub fn check_table_header(&mut self) -> Result<(), IoError> {
+        let cards = self.cards()?;
+        match cards::table_problem(&cards) {
+            Some(p) => Err(self.err(p)),
+            None => Ok(()),
         }
     }
 
@@ -368,6 +595,61 @@ impl Drop for Fits {
             unsafe { sys::ffclos(self.ptr, &mut status) };
         }
     }
+}
+
+/// What is wrong with the raw header `raw` that cfitsio refused with `status`, as far as
+/// [`cards`] can tell, with cfitsio's status.
+fn diagnose(raw: &[u8], status: c_int) -> String {
+    let (header, complete) = cards::split(raw);
+    let problem = if !complete && raw.len() < MAX_RAW_HEADER {
+        Some(format!(
+            "the file ends {} bytes into this header, before its END card (truncated file?)",
+            raw.len()
+        ))
+    } else {
+        cards::header_problem(&header)
+    };
+    match problem {
+        Some(p) => format!("{p} ({})", status_text(status)),
+        None => status_text(status),
+    }
+}
+
+/// The header from byte `start` of the file (of `mem` when it was inflated into memory): whole
+/// blocks up to the one holding END, at most [`MAX_RAW_HEADER`] bytes, fewer where the file
+/// ends; empty if it cannot be read (it only checks or explains).
+fn raw_header(path: &Path, mem: Option<&[u8]>, start: u64) -> Vec<u8> {
+    const BLOCK: usize = 2880;
+    let has_end = |block: &[u8]| block.chunks(80).any(|c| c.trim_ascii_end() == b"END");
+    let mut out = Vec::new();
+    if let Some(data) = mem {
+        let from = usize::try_from(start).unwrap_or(usize::MAX).min(data.len());
+        for block in data[from..].chunks(BLOCK).take(MAX_RAW_HEADER / BLOCK) {
+            out.extend_from_slice(block);
+            if has_end(block) {
+                break;
+            }
+        }
+        return out;
+    }
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return out;
+    };
+    if f.seek(SeekFrom::Start(start)).is_err() {
+        return out;
+    }
+    let mut block = Vec::with_capacity(BLOCK);
+    while out.len() < MAX_RAW_HEADER {
+        block.clear();
+        let Ok(n) = f.by_ref().take(BLOCK as u64).read_to_end(&mut block) else {
+            break;
+        };
+        out.extend_from_slice(&block);
+        if n < BLOCK || has_end(&block) {
+            break;
+        }
+    }
+    out
 }
 
 /// The path as a C string, byte for byte (non-UTF-8 paths work).
