@@ -7,6 +7,7 @@ use clap::Args;
 use tracing::info;
 
 use super::extract::check_output;
+use crate::io::camera_name;
 use crate::io::psf::{read_psf, write_psf};
 use crate::psf::synth::{synthetic_psf, SynthPsfOptions};
 use crate::simulate::{write_simulation, SimOptions};
@@ -38,6 +39,11 @@ pub struct SimulateArgs {
     /// Synthetic PSF: Gaussian sigma in x and y (pixels).
     #[arg(long, value_delimiter = ',')]
     pub sigma: Option<Vec<f64>>,
+    /// Camera written as CAMERA (`r0`, `b3`, …) into the synthetic PSF or the simulated image,
+    /// so that extract can check that they belong together [default: the PSF's camera, else
+    /// r0].
+    #[arg(long)]
+    pub camera: Option<String>,
     /// Random seed; the same seed gives the same files.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -66,6 +72,11 @@ pub fn run(args: &SimulateArgs) -> Result<()> {
             bail!("{name} takes {n} comma-separated values");
         }
     }
+    let camera = match args.camera.as_deref().map(camera_name) {
+        Some(None) => bail!("--camera needs a camera name such as r0"),
+        Some(Some(c)) => Some(c),
+        None => None,
+    };
     if let Some(path) = &args.make_psf {
         check_output(path, args.overwrite)?;
         let mut o = SynthPsfOptions {
@@ -81,12 +92,14 @@ pub fn run(args: &SimulateArgs) -> Result<()> {
             o.sigma_x = s[0];
             o.sigma_y = s[1];
         }
-        let psf = synthetic_psf(&o);
+        let mut psf = synthetic_psf(&o);
+        psf.camera = Some(camera.unwrap_or_else(|| "r0".into()));
         psf.validate()?;
         write_psf(path, &psf)?;
         info!(
-            "wrote synthetic PSF {} ({} fibers, LEGDEG {})",
+            "wrote synthetic PSF {} (camera {}, {} fibers, LEGDEG {})",
             path.display(),
+            psf.camera.as_deref().unwrap_or("?"),
             psf.nfiber(),
             psf.legdeg
         );
@@ -104,6 +117,9 @@ pub fn run(args: &SimulateArgs) -> Result<()> {
         nspec: args.nspec,
         ..Default::default()
     };
+    if let Some(c) = camera.or_else(|| psf.camera.clone()) {
+        o.camera = c;
+    }
     if let Some(w) = &args.wavelength {
         o.wmin = w[0];
         o.wmax = w[1];

@@ -23,7 +23,7 @@ pub use frame::{
     read_frame, read_frame_keys, write_frame, write_frame_set, write_model_image, Frame, FrameMeta,
 };
 pub use image::{read_fibermap, read_preproc, write_preproc, Fibermap, Preproc, EXTRACT_MASK_BITS};
-pub use psf::{read_psf, read_psf_and_camera, write_psf};
+pub use psf::{read_psf, write_psf};
 pub use truth::{read_truth, write_truth, Truth};
 
 /// A failure reading or writing a FITS file; every variant names the file.

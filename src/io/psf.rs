@@ -27,14 +27,10 @@ const PARAM_WIDTH: usize = 8;
 /// PSFERR is read only under that exact key (specex's PSFERROR is ignored, like gpu_specter);
 /// LEGDEGX/LEGDEGW are ignored. The result has passed [`Psf::validate`] and
 /// [`check_values`].
+///
+/// The camera is the CAMERA keyword (as [`super::camera_name`] gives it) of the PSF HDU, where
+/// specex writes it, else of the first of the primary, XTRACE and YTRACE HDUs that has one.
 pub fn read_psf(path: &Path) -> Result<Psf, IoError> {
-    read_psf_and_camera(path).map(|(psf, _)| psf)
-}
-
-/// [`read_psf`], and the camera the PSF is for: its CAMERA keyword (as [`super::camera_name`]
-/// gives it) from the PSF HDU, where specex writes it, else from the first of the primary,
-/// XTRACE and YTRACE HDUs that has one; `None` when no HDU has one.
-pub fn read_psf_and_camera(path: &Path) -> Result<(Psf, Option<String>), IoError> {
     let mut f = Fits::open(path)?;
     let mut cameras = vec![f.key_str("CAMERA")?];
     let xtrace = read_trace(&mut f, "XTRACE")?;
@@ -139,13 +135,14 @@ pub fn read_psf_and_camera(path: &Path) -> Result<(Psf, Option<String>), IoError
         params,
         psferr,
         in_psf,
+        camera,
     };
     psf.validate().map_err(|source| IoError::Psf {
         path: path.to_path_buf(),
         source,
     })?;
     check_values(&psf).map_err(|m| IoError::hdu(path, "PSF", m))?;
-    Ok((psf, camera))
+    Ok(psf)
 }
 
 /// Wavelengths per fiber at which GHSIGX and GHSIGY are checked (65: the ends and 63 between).
@@ -373,6 +370,9 @@ pub fn write_psf(path: &Path, psf: &Psf) -> Result<(), IoError> {
         }
         if let Some(s) = &psf.in_psf {
             f.put_str("IN_PSF", s, "")?;
+        }
+        if let Some(c) = &psf.camera {
+            f.put_str("CAMERA", c, "camera this PSF is for")?;
         }
         // NUL padding, as specex writes it: numpy then reads the names without padding.
         for (row, p) in psf.params.iter().enumerate() {

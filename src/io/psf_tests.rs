@@ -1,7 +1,5 @@
 //! Tests of the PSF reader and writer.
 
-use std::time::Instant;
-
 use super::*;
 use crate::io::shared_data;
 use crate::psf::synth::{synthetic_psf, SynthPsfOptions};
@@ -11,9 +9,9 @@ fn reads_the_real_r0_psf() {
     let Some(path) = shared_data("psf-r0-00067784.fits") else {
         return;
     };
-    let (psf, camera) = read_psf_and_camera(&path).unwrap();
+    let psf = read_psf(&path).unwrap();
     // specex writes CAMERA = '''r0      ''' in the PSF HDU: quotes inside the string.
-    assert_eq!(camera.as_deref(), Some("r0"));
+    assert_eq!(psf.camera.as_deref(), Some("r0"));
     assert_eq!((psf.npix_x, psf.npix_y), (4114, 4128));
     assert_eq!(
         (psf.hsizex, psf.hsizey, psf.ghdegx, psf.ghdegy),
@@ -109,27 +107,27 @@ fn absurd_headers_are_refused_before_allocating() {
         (table, "HSIZEX", "1000000", "HSIZEX = 1000000 is outside"),
         (table, "LEGDEG", "100", "LEGDEG = 100 is outside"),
         (table, "NPIX_X", "-5", "NPIX_X = -5 is outside"),
+        // The table's declared size is past the end of the file: refused before its rows are
+        // counted.
         (
             table,
             "NAXIS2",
             "1000000000",
-            "NAXIS2 = 1000000000 parameter rows",
+            "HDU PSF: its data runs to byte",
         ),
         (table, "LEGDEG", "2", "LEGDEG 2 and 20 fibers imply 60"),
         (
             0,
             "NAXIS2",
             "999999999",
-            "HDU XTRACE: shape [999999999, 7] is outside",
+            "HDU XTRACE: its data runs to byte",
         ),
     ];
     for (from, key, value, expect) in cases {
         let mut bytes = orig.clone();
         patch_card(&mut bytes, from, key, value);
         std::fs::write(&path, &bytes).unwrap();
-        let t = Instant::now();
         let err = read_psf(&path).unwrap_err().to_string();
-        assert!(t.elapsed().as_secs_f64() < 1.0, "slow rejection of {key}");
         assert!(err.contains(expect), "{key}={value}: {err}");
         assert!(err.contains("psf.fits"), "{err}");
     }
@@ -185,9 +183,14 @@ fn psf_camera_is_read_from_any_hdu() {
     });
     let plain = dir.path().join("plain.fits");
     write_psf(&plain, &psf).unwrap();
-    assert_eq!(read_psf_and_camera(&plain).unwrap().1, None);
-    // write_psf writes no CAMERA: its IN_PSF card in the PSF HDU, and the traces' PSFTYPE
-    // card, are replaced by one.
+    assert_eq!(read_psf(&plain).unwrap().camera, None);
+    // The camera written is the camera read back.
+    psf.camera = Some("z3".into());
+    write_psf(&plain, &psf).unwrap();
+    assert_eq!(read_psf(&plain).unwrap().camera.as_deref(), Some("z3"));
+    // Without one, its IN_PSF card in the PSF HDU, and the traces' PSFTYPE card, are replaced
+    // by one.
+    psf.camera = None;
     psf.in_psf = Some("placeholder".into());
     write_psf(&plain, &psf).unwrap();
     let bytes = std::fs::read(&plain).unwrap();
@@ -204,7 +207,7 @@ fn psf_camera_is_read_from_any_hdu() {
         b[at..at + 80].copy_from_slice(c.as_bytes());
         let path = dir.path().join("camera.fits");
         std::fs::write(&path, b).unwrap();
-        read_psf_and_camera(&path).unwrap().1
+        read_psf(&path).unwrap().camera
     };
     assert_eq!(with(card("IN_PSF"), "'B1      '").as_deref(), Some("b1"));
     assert_eq!(with(card("PSFTYPE"), "'z7'").as_deref(), Some("z7"));

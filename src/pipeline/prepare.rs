@@ -13,7 +13,7 @@ use crate::config::{self, Config};
 use crate::extract::ExtractOptions;
 use crate::io::frame::{write_frame_set, Frame, FrameMeta};
 use crate::io::image::{read_preproc, Preproc};
-use crate::io::psf::read_psf_and_camera;
+use crate::io::psf::read_psf;
 use crate::io::IoError;
 use crate::patch::{PatchOptions, Plan, WaveGrid};
 use crate::pipeline::frame::{finalize, withhold_unusable, FrameResult, Withheld};
@@ -320,7 +320,7 @@ pub fn prepare_frame(
     // Each input is looked at before it is read, so that a file changed while it is read
     // is taken as changed by the next run; missing files are reported by the readers.
     let psf_seen = InputId::of(psf_path);
-    let (psf, psf_camera) = read_psf_and_camera(psf_path)?;
+    let psf = read_psf(psf_path)?;
     let psf_seen = psf_seen?;
     // What the PSF alone can refuse, before the (larger) image is read.
     let specmin = cfg.extract.specmin;
@@ -362,7 +362,7 @@ pub fn prepare_frame(
         image_path,
         preproc.camera.as_deref(),
         psf_path,
-        psf_camera.as_deref(),
+        psf.camera.as_deref(),
         cfg.extract.allow_camera_mismatch,
     )?;
     // A frame of nothing would still "extract": the regularisation alone gives every bin a

@@ -102,6 +102,8 @@ pub struct Psf {
     pub psferr: Option<f64>,
     /// Header IN_PSF, if present, propagated to the frame as ORIG_PSF.
     pub in_psf: Option<String>,
+    /// The camera the PSF is for (`r0`), from its CAMERA keyword; checked against the image's.
+    pub camera: Option<String>,
 }
 
 /// Indices into `Psf::params` for the rows spot evaluation needs, resolved once.
@@ -174,6 +176,7 @@ impl Psf {
             params: Vec::new(),
             psferr: self.psferr,
             in_psf: self.in_psf.clone(),
+            camera: self.camera.clone(),
         }
     }
 

@@ -210,6 +210,7 @@ pub fn synthetic_psf(opts: &SynthPsfOptions) -> Psf {
         params,
         psferr: opts.psferr,
         in_psf: None,
+        camera: None,
     }
 }
 

@@ -10,17 +10,13 @@ use spextract::io::write_psf;
 use crate::common::{assert_no_output, find, small_ccd, small_psf, BIN, SMALL_GRID};
 
 /// The small PSF written to `dir/name` with `CAMERA = 'camera'` in its PSF HDU, where specex
-/// writes it (`write_psf` writes no CAMERA: an IN_PSF card is written and replaced).
+/// writes it.
 fn psf_with_camera(dir: &Path, name: &str, camera: &str) -> PathBuf {
     let mut psf = small_psf();
-    psf.in_psf = Some("placeholder".into());
+    psf.camera = Some(camera.into());
     let path = dir.join(name);
     write_psf(&path, &psf).unwrap();
-    let mut bytes = std::fs::read(&path).unwrap();
-    let at = find(&bytes, b"IN_PSF  = ").expect("the IN_PSF card");
-    let card = format!("{:<80}", format!("CAMERA  = '{camera:<8}'"));
-    bytes[at..at + 80].copy_from_slice(card.as_bytes());
-    std::fs::write(&path, bytes).unwrap();
+    assert!(find(&std::fs::read(&path).unwrap(), b"CAMERA  = ").is_some());
     path
 }
 
@@ -84,6 +80,58 @@ fn an_image_and_a_psf_of_different_cameras_are_refused() {
         "{}",
         run.stderr
     );
+}
+
+/// The demo's inputs, a PSF from `simulate --make-psf` and an image simulated through it, carry
+/// one camera (r0 unless `--camera` says otherwise), so their extraction checks it without a
+/// warning.
+#[test]
+fn simulated_psfs_and_images_carry_their_camera() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (psf, image, truth, out) = (
+        d.join("psf.fits"),
+        d.join("preproc.fits"),
+        d.join("truth.fits"),
+        d.join("frame.fits"),
+    );
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let simulate = |camera: &[&str]| {
+        let mut args = vec!["simulate".to_string(), "--make-psf".into(), s(&psf)];
+        args.extend(["--nfiber", "10", "--overwrite"].map(String::from));
+        args.extend(camera.iter().map(|c| c.to_string()));
+        crate::common::spextract(args).ok();
+        crate::common::spextract([
+            "simulate",
+            "-p",
+            &s(&psf),
+            "-i",
+            &s(&image),
+            "-t",
+            &s(&truth),
+            "-n",
+            "3",
+            "-w",
+            SMALL_GRID,
+            "--overwrite",
+        ])
+        .ok();
+    };
+    simulate(&[]);
+    assert_eq!(
+        spextract::io::read_psf(&psf).unwrap().camera.as_deref(),
+        Some("r0")
+    );
+    let run = extract_one(&psf, &image, &out, &["-n", "3"]);
+    run.ok();
+    assert!(!run.stderr.contains("CAMERA"), "{}", run.stderr);
+
+    simulate(&["--camera", "B3"]);
+    let run = extract_one(&psf, &image, &out, &["-n", "3", "--overwrite"]);
+    run.ok();
+    assert!(!run.stderr.contains("CAMERA"), "{}", run.stderr);
+    let frame = std::fs::read(&out).unwrap();
+    assert!(find(&frame, b"CAMERA  = 'b3").is_some());
 }
 
 /// In a list, the frame whose PSF is of another camera fails alone, before it is extracted,

@@ -52,6 +52,7 @@ pub(crate) fn toy_psf(nfiber: usize, ghdeg: usize) -> Psf {
         params,
         psferr: None,
         in_psf: None,
+        camera: None,
     }
 }
 
