@@ -165,8 +165,10 @@ pub(crate) fn table_problem(cards: &[String]) -> Option<String> {
     if !find(cards, "XTENSION").is_some_and(|(_, c)| value(c) == Value::Str("BINTABLE".into())) {
         return Some("XTENSION is not 'BINTABLE'".into());
     }
-    // What a binary table's structural keys must be (FITS standard 7.3.1).
-    let structural: [(&str, fn(i64) -> bool, &str); 6] = [
+    // What a binary table's structural keys must be (FITS standard 7.3.1): the key, its test,
+    // and what the message says it should be.
+    type Rule = (&'static str, fn(i64) -> bool, &'static str);
+    let structural: [Rule; 6] = [
         ("BITPIX", |v| v == 8, "8"),
         ("NAXIS", |v| v == 2, "2"),
         ("NAXIS1", |v| v >= 0, "a byte count"),
