@@ -1,5 +1,5 @@
-// Model, per-pixel chi², chi2pix and pixmask fraction of a batch of patches (extraction.md §5
-// steps 7–9), from each patch's solution x. (The model image is the CPU's: backend.rs sends
+// Model, per-pixel chi², chi2pix and pixmask fraction of a batch of patches (docs/science.md
+// §5.6–5.7), from each patch's solution x. (The model image is the CPU's: backend.rs sends
 // batches that ask for it there.)
 //
 // The host side (src/extract/gpu/chi2.rs) flattens the per-patch sizes and holds a plain-Rust

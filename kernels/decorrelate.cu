@@ -1,4 +1,4 @@
-// Decorrelation of the core fibers' covariance blocks (extraction.md §5 steps 4–6, B&S eq.
+// Decorrelation of the core fibers' covariance blocks (docs/science.md §5.4–5.5, B&S eq.
 // 17–19), the GPU counterpart of cpu::decorrelate's block_inverse_sqrt and of the readout in
 // cpu::solve: per block C = C_ff (the n × n diagonal block of (AᵀWA)⁻¹ of one core fiber of
 // one patch, n = nwavetot = 74 at the real size),

@@ -1,4 +1,4 @@
-// Dense normal equations of a batch of patches (extraction.md §5 steps 1–2) for cuSOLVER's
+// Dense normal equations of a batch of patches (docs/science.md §5.1–5.2) for cuSOLVER's
 // batched Cholesky: per patch, AᵀWA as a dense column-major nmax × nmax matrix in fiber-major
 // order (u = f·nwavetot + w), AᵀWp and AᵀW1, then the regularisation on the diagonal.
 //

@@ -2,6 +2,18 @@
 //!
 //! Data flows `psf → io → patch → extract → pipeline → cli`; a module imports only from those to
 //! its left.
+//!
+//! The project's own documentation lives beside the code, in the repository's `docs/` folder:
+//!
+//! - `docs/science.md`: the model (PSF, patches, normal equations, decorrelation, resolution,
+//!   chi2pix, masks), the conventions, what "correct" means and the figures, the differences
+//!   from gpu_specter and specter, and the references. The code cites it by section, as
+//!   `docs/science.md §5.2`.
+//! - `docs/formats.md`: every file read and written, HDU by HDU.
+//! - `docs/operations.md`: `pipeline.toml`, roles and sizing, Slurm, signals and restarts,
+//!   `doctor`, reports, the CUDA-aware build and troubleshooting.
+//! - `docs/architecture.md`: the data flow through these modules, the [`extract::Backend`]
+//!   seam, the GPU stages and kernels, and how to add a backend or a kernel.
 
 pub mod cli;
 pub mod config;

@@ -1,4 +1,4 @@
-//! `spextract compare`: the statistics of extraction.md §8, with thresholds that set the exit
+//! `spextract compare`: the statistics of docs/science.md §8, with thresholds that set the exit
 //! code, so that scripts and CI can gate on them.
 //!
 //! For the frame alone: its size, mask bits, non-finite values and how much of each resolution

@@ -29,7 +29,7 @@ pub enum Command {
     Extract(Box<ExtractArgs>),
     /// Simulate a preproc image and its truth spectra through a PSF.
     Simulate(simulate::SimulateArgs),
-    /// Judge a frame: alone, against another frame, and/or against the truth (extraction.md §8).
+    /// Judge a frame: alone, against another frame, and/or against the truth (docs/science.md §8).
     Compare(compare::CompareArgs),
     /// Time the extraction of a frame at several thread counts.
     Bench(bench::BenchArgs),
@@ -150,7 +150,7 @@ pub struct RunFlags {
     /// Write the run summary as JSON here.
     #[arg(long)]
     pub report: Option<PathBuf>,
-    /// Label of this run in reports (default "<backend> x<nodes>").
+    /// Label of this run in reports (default `<backend> x<nodes>`).
     #[arg(long)]
     pub label: Option<String>,
     /// Write one log per rank into this folder (rank-NNNN.log).

@@ -1,4 +1,4 @@
-//! Per-patch spectroperfectionism (extraction.md §5) behind the [`Backend`] trait.
+//! Per-patch spectroperfectionism (docs/science.md §5) behind the [`Backend`] trait.
 //!
 //! A backend takes a batch of host-side patches (pixel windows, ivar, spots) and returns one
 //! [`PatchResult`] per patch. The CPU backend is the reference every other backend is compared

@@ -1,5 +1,5 @@
 //! Outputs that appear whole or not at all, and never over a file that someone else put at
-//! their path meanwhile (extraction.md §6).
+//! their path meanwhile (docs/science.md §6).
 //!
 //! An output is written under a temporary name beside it, `.{name}.tmp-{host}-{pid}-{n}`, and
 //! renamed into place once complete. Without overwriting, that rename is

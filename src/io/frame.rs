@@ -1,4 +1,4 @@
-//! Extracted frames in desispec's layout (extraction.md §6) and the optional model image, both
+//! Extracted frames in desispec's layout (docs/formats.md) and the optional model image, both
 //! written under a temporary name and renamed into place; and a frame reader that also accepts
 //! gpu_specter's output (MASK as int64).
 

@@ -1,6 +1,7 @@
-//! Preproc images (extraction.md §4): IMAGE, IVAR, MASK (often RICE tile-compressed) and an
-//! optional FIBERMAP, read by EXTNAME into f64 with masked and non-finite pixels given ivar 0;
-//! and a writer in the same layout for simulations and tests.
+//! Preproc images (docs/formats.md; their treatment: docs/science.md §4): IMAGE, IVAR, MASK
+//! (often RICE tile-compressed) and an optional FIBERMAP, read by EXTNAME into f64 with masked
+//! and non-finite pixels given ivar 0; and a writer in the same layout for simulations and
+//! tests.
 
 use std::path::Path;
 
@@ -28,7 +29,7 @@ pub struct Preproc {
     /// The IMAGE HDU's CAMERA (`r0`), as [`super::camera_name`] gives it; `None` without one.
     pub camera: Option<String>,
     /// Rows of the file's FIBERMAP, `None` if it has none; the table was checked readable by
-    /// [`check_fibermap`].
+    /// `check_fibermap`.
     pub fibermap_rows: Option<usize>,
     /// Pixels whose IMAGE or IVAR was NaN or infinite.
     pub nonfinite: usize,

@@ -1,5 +1,5 @@
 //! FITS input and output: the PSF, preproc images, frames, model images and simulation truth
-//! (extraction.md §3, §4, §6); and the size-limited read of the text files that name them
+//! (docs/formats.md); and the size-limited read of the text files that name them
 //! (frame lists, configurations).
 //!
 //! This is the only module that names `fitsio`; everything cfitsio-specific sits in the private

@@ -1,4 +1,5 @@
-//! Reading and writing DESI Gauss–Hermite PSF files, PSFVER 3 (extraction.md §3).
+//! Reading and writing DESI Gauss–Hermite PSF files, PSFVER 3 (docs/formats.md; the model:
+//! docs/science.md §3).
 //!
 //! Every header number is checked against the limits of `psf` before anything is allocated from
 //! it, and the table's row layout against what LEGDEG and the fiber count imply, so a corrupt or

@@ -1,4 +1,4 @@
-//! Decomposition of a frame into patches and their reassembly (extraction.md §2).
+//! Decomposition of a frame into patches and their reassembly (docs/science.md §2).
 //!
 //! Imports only `psf`; knows nothing of files, MPI or backends.
 

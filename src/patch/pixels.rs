@@ -28,7 +28,7 @@ impl PixelWindow {
     }
 
     /// Whether the window lies on a CCD of `npix_y × npix_x` pixels. gpu_specter's CPU path
-    /// drops patches whose rows leave the CCD (extraction.md §2); columns outside it are
+    /// drops patches whose rows leave the CCD (docs/science.md §2); columns outside it are
     /// treated the same way here rather than wrapping around as numpy slicing would.
     pub fn on_ccd(&self, npix_y: usize, npix_x: usize) -> bool {
         self.ymin >= 0

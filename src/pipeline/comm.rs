@@ -2,7 +2,7 @@
 //! between ranks (host-staged: every message is serialised into host memory).
 //!
 //! The cuda-aware-mpi build adds messages with *parts*: arrays of f64 that travel as MPI
-//! messages of their own (tag [`TAG_PART`]) right after their header, straight from or into
+//! messages of their own (tag `TAG_PART`) right after their header, straight from or into
 //! device memory where they live there (a GPU compute rank's unit pixels and results). The
 //! header states each part's length, and the receiver checks what arrived against it.
 //!

@@ -1,5 +1,5 @@
 //! One frame, in memory: plan → spots per bundle → pixel windows → backend batches → assembly,
-//! then per-Ångström units and the spectral mask (extraction.md §2, §5 "Reassembly").
+//! then per-Ångström units and the spectral mask (docs/science.md §2, §5.9–5.10).
 
 use std::time::{Duration, Instant};
 
@@ -358,7 +358,7 @@ impl Withheld {
 }
 
 /// Marks NODATA, and zeroes, every bin without data and every bin with a value that a frame
-/// file (float32) cannot hold as a finite number (extraction.md §6), so that nothing
+/// file (float32) cannot hold as a finite number (docs/science.md §5.9, §6), so that nothing
 /// meaningless is written as if valid. A frame with neither is left bit for bit as it was.
 pub fn withhold_unusable(res: &mut FrameResult, grid: &WaveGrid) -> Withheld {
     let dwave = grid.dwave();
@@ -402,7 +402,7 @@ pub struct FinalFrame {
 }
 
 /// Applies per-Ångström units (`dwave = numpy.gradient(wave)`) and the spectral mask of
-/// desispec `scripts/extract.py` (extraction.md §5, end).
+/// desispec `scripts/extract.py` (docs/science.md §5.9–5.10).
 pub fn finalize(res: &FrameResult, grid: &WaveGrid) -> FinalFrame {
     let dwave = grid.dwave();
     let mut flux = res.flux.clone();

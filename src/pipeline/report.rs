@@ -18,7 +18,7 @@ pub struct RunReport {
     pub version: u32,
     /// spextract's version.
     pub spextract: String,
-    /// A free label for tables and charts (`--label`, else "<backend> x<nodes>").
+    /// A free label for tables and charts (`--label`, else `<backend> x<nodes>`).
     pub label: String,
     /// Backend of the compute ranks ("cpu" or "gpu").
     pub backend: String,

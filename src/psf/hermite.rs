@@ -1,4 +1,4 @@
-//! Probabilists' Hermite functions and their pixel integrals (extraction.md §3).
+//! Probabilists' Hermite functions and their pixel integrals (docs/science.md §3).
 
 use std::f64::consts::{FRAC_1_SQRT_2, PI};
 
@@ -20,8 +20,8 @@ pub fn he_vander(u: f64, out: &mut [f64]) {
 /// Pixel-integrated Gauss–Hermite basis along one axis.
 ///
 /// `npix` pixels whose centres sit at integer offsets `-npix/2 .. npix/2` from the spot's corner
-/// pixel grid; `offset` is the sub-pixel position of the centre (`dx` of §3) and `sigma` the
-/// Gaussian width. Writes `out[m * npix + k]` for `m = 0..=deg`, `k < npix`:
+/// pixel grid; `offset` is the sub-pixel position of the centre (`dx` of docs/science.md §3)
+/// and `sigma` the Gaussian width. Writes `out[m * npix + k]` for `m = 0..=deg`, `k < npix`:
 /// `m = 0` is the Gaussian's integral over pixel k, `m ≥ 1` the difference of `G_{m-1}` at its
 /// edges. `scratch` needs `(deg + 1) * (npix + 1)` elements.
 pub fn pixel_integrals(

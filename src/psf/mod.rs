@@ -1,4 +1,5 @@
-//! The Gauss–Hermite PSF model (extraction.md §3): traces, coefficient tables and spot evaluation.
+//! The Gauss–Hermite PSF model (docs/science.md §3): traces, coefficient tables and spot
+//! evaluation.
 //!
 //! Pure mathematics: no file I/O here (the FITS reader and writer live in `io::psf`).
 
@@ -36,7 +37,7 @@ pub enum PsfError {
 }
 
 /// A set of Legendre series, one per fiber, over one wavelength range `[wavemin, wavemax]`
-/// (each PSF HDU carries its own range: extraction.md §3).
+/// (each PSF HDU carries its own range: docs/science.md §3).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LegendreSet {
     /// Lower end of the range mapped onto u = -1.
@@ -98,7 +99,7 @@ pub struct Psf {
     pub ytrace: LegendreSet,
     /// Parameter table rows, in file order.
     pub params: Vec<PsfParam>,
-    /// Header PSFERR, if present (extraction.md §3: not PSFERROR).
+    /// Header PSFERR, if present (docs/formats.md: not PSFERROR).
     pub psferr: Option<f64>,
     /// Header IN_PSF, if present, propagated to the frame as ORIG_PSF.
     pub in_psf: Option<String>,

@@ -7,7 +7,7 @@ use ndarray::Array2;
 
 use super::{LegendreSet, Psf, PsfParam};
 
-/// What a synthetic PSF looks like. [`Default`] is close to DESI's r camera (extraction.md §3).
+/// What a synthetic PSF looks like. [`Default`] is close to DESI's r camera (docs/science.md §3).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SynthPsfOptions {
     /// Number of fibers.

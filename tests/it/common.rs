@@ -1,5 +1,5 @@
 //! Helpers shared by the integration tests: running the binary, the shared data, small
-//! synthetic CCDs, and the truth-recovery thresholds of extraction.md §8.
+//! synthetic CCDs, and the truth-recovery thresholds of docs/science.md §8.
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -153,7 +153,7 @@ pub fn assert_no_output(path: &Path) {
     }
 }
 
-/// Checks truth recovery of `frame` against `truth` with the thresholds of extraction.md §8
+/// Checks truth recovery of `frame` against `truth` with the thresholds of docs/science.md §8
 /// (chi²/dof 1 ± 0.03, |mean pull| < 0.02, every fiber 1 ± 0.1), requiring that at least
 /// `min_frac` of the bins away from the grid ends were usable. Returns the statistics.
 #[track_caller]

@@ -1,4 +1,4 @@
-//! The written frame (extraction.md §6): HDU order, types and shapes, read three ways: by a
+//! The written frame (docs/formats.md): HDU order, types and shapes, read three ways: by a
 //! FITS header walker written here (independent of cfitsio), and, when Python has them, by
 //! `fitsio` and `astropy.io.fits` with checksum verification.
 

@@ -1,4 +1,4 @@
-//! Model, chi2pix and pixmask fraction of a patch (extraction.md §5 steps 7–9).
+//! Model, chi2pix and pixmask fraction of a patch (docs/science.md §5.6–5.8).
 
 use super::normal::SpotGeom;
 use crate::extract::PatchInput;

@@ -1,4 +1,4 @@
-//! Solve and "signal" decorrelation (extraction.md §5 steps 3–6, B&S eq. 17–19) from one banded
+//! Solve and "signal" decorrelation (docs/science.md §5.3–5.5, B&S eq. 17–19) from one banded
 //! Cholesky factor.
 //!
 //! Ordered wavelength-major, `AᵀWA` is a band matrix (half-bandwidth ~58 of 518 on the real r

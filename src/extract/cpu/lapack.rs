@@ -25,7 +25,8 @@ pub fn pbtrf_lower(n: usize, kd: usize, ab: &mut [f64]) -> i32 {
     info
 }
 
-/// Solves `A x = b` with the factor from [`pbtrf_lower`]; `b` is overwritten by `x`.
+/// Solves `A x = b` with a lower band Cholesky factor (LAPACK `dpbtrf`'s, or
+/// `decorrelate::band_cholesky`'s); `b` is overwritten by `x`.
 pub fn pbtrs_lower(n: usize, kd: usize, ab: &[f64], b: &mut [f64]) -> i32 {
     assert!(
         ab.len() >= n * (kd + 1) && b.len() >= n,

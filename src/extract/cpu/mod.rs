@@ -1,4 +1,4 @@
-//! The CPU backend: the reference implementation of extraction.md §5, threaded over patches
+//! The CPU backend: the reference implementation of docs/science.md §5, threaded over patches
 //! with rayon while BLAS stays single-threaded.
 
 // The stages are crate-visible so that the GPU backend's tests compare its twins with the

@@ -1,4 +1,4 @@
-//! `AᵀWA`, `AᵀWp` and `AᵀW1` built from the spots (extraction.md §5 steps 1–2), never from a
+//! `AᵀWA`, `AᵀWp` and `AᵀW1` built from the spots (docs/science.md §5.1–5.2), never from a
 //! dense `A`: `A` is ~97 % zeros, so only overlapping spot pairs are visited.
 
 use crate::extract::PatchInput;
@@ -202,7 +202,7 @@ fn rect_dot<const W: usize>(a: &[f64], b: &[f64], stride: usize, rows: usize) ->
     acc.iter().sum()
 }
 
-/// The regularisation of extraction.md §5 step 2: what each unknown (fiber-major) adds to the
+/// The regularisation of docs/science.md §5.2: what each unknown (fiber-major) adds to the
 /// diagonal of `AᵀWA`.
 pub fn regularization(fluxweight: &[f64], regularize: f64, epsilon: f64, out: &mut Vec<f64>) {
     let maxw = fluxweight.iter().copied().fold(f64::NEG_INFINITY, f64::max);

@@ -1,4 +1,4 @@
-//! The straightforward implementation of extraction.md §5, kept as a test oracle: dense `A`,
+//! The straightforward implementation of docs/science.md §5, kept as a test oracle: dense `A`,
 //! dense `AᵀWA`, LU solve, and the covariance from a full eigendecomposition, as gpu_specter's
 //! CPU path does. ~2e9 flops per patch; never used in production.
 

@@ -1,10 +1,10 @@
 //! Model, per-pixel χ², chi2pix and pixmask fraction of a batch of patches on the GPU
-//! (`kernels/chi2.cu`; extraction.md §5 steps 7–9), from each patch's solution `x` left on the
+//! (`kernels/chi2.cu`; docs/science.md §5.6–5.7), from each patch's solution `x` left on the
 //! device by the solve. (A batch that asks for the model image goes to the CPU: `backend`.)
 //!
 //! The batch's windows, spots and per-unknown geometry are [`BatchLayout`]'s (uploaded once
 //! and shared with the normal-equation stage); [`Chi2Layout`] adds each patch's fiber and bin
-//! counts; [`launch`] queues the kernels on device buffers. The host twin that mirrors them
+//! counts; [`launch()`] queues the kernels on device buffers. The host twin that mirrors them
 //! (tested bit for bit against the CPU backend) is `twins::chi2`. Imports `device`, `normal`
 //! and the crate's `extract` types.
 //!
@@ -327,7 +327,7 @@ fn check_shapes(buf: &LayoutBuffers<'_>, dims: &Chi2Layout) -> Result<usize, Gpu
 }
 
 /// `chi2_pixels`' launch for `dims` (a block per row tile and patch, the unknowns staged in
-/// [`Chi2Layout::smem`] bytes of shared memory) and its scalar parameters, addresses left 0.
+/// `Chi2Layout::smem` bytes of shared memory) and its scalar parameters, addresses left 0.
 pub fn pixels_launch(
     dims: &Chi2Layout,
     psferr: f64,

@@ -1,5 +1,5 @@
 //! What a kernel launch passes, described once: each kernel takes one `#[repr(C)]` parameter
-//! struct by value (declared with [`kernel_params!`] beside its launcher, mirrored in
+//! struct by value (declared with `kernel_params!` beside its launcher, mirrored in
 //! `kernels/params.cuh`), and its grid, block and dynamic shared memory come from one function
 //! per kernel that both the launcher and the CPU emulator call.
 //!
