@@ -527,8 +527,8 @@ mod tests {
 
     /// The kernel against the CPU at the real size of a bundle (25 fibers × 2400 wavelengths),
     /// on the first and last bundles, over a grid reaching past the PSF's range so that spots
-    /// leave the CCD. The outputs are poisoned (NaN, i64::MIN) before the launch, so that an
-    /// element the kernel fails to write cannot pass.
+    /// leave the CCD, and on a synthetic PSF with tails. The outputs are poisoned (NaN,
+    /// i64::MIN) before the launch, so that an element the kernel fails to write cannot pass.
     #[test]
     fn gpu_spots_match_the_cpu() {
         if let Err(e) = crate::extract::gpu::device::probe() {
@@ -616,6 +616,32 @@ mod tests {
             off_ccd > 0,
             "no spot leaves the CCD: the edge case is not exercised"
         );
+        // A PSF with tails: CUDA's pow against libm's, within the same bound.
+        let tailed = synthetic_psf(&SynthPsfOptions {
+            nfiber: 50,
+            gh_amplitude: 0.03,
+            tail: [0.004, 1.5, 1.0, 1.3, 1.2],
+            ..Default::default()
+        });
+        let (lo, hi) = tailed.wave_range();
+        let waves = grid(lo - 10.0, hi + 10.0, 600);
+        let g = evaluate(&gpu, &tailed, 20, 25, &waves).unwrap();
+        let cpu = spots::evaluate(&tailed, 20, 25, &waves).unwrap();
+        assert_eq!(
+            (&g.xc, &g.yc, &g.x, &g.y),
+            (&cpu.xc, &cpu.yc, &cpu.x, &cpu.y)
+        );
+        let npix = cpu.ny * cpu.nx;
+        let mut worst_tail = 0.0f64;
+        for (a, b) in g.values.chunks(npix).zip(cpu.values.chunks(npix)) {
+            let peak = b.iter().fold(0.0f64, |m, v| m.max(*v));
+            for (p, q) in a.iter().zip(b) {
+                let d = (p - q).abs() / peak;
+                assert!(d <= 1e-12, "tails: gpu {p} cpu {q}");
+                worst_tail = worst_tail.max(d);
+            }
+        }
+        eprintln!("gpu vs cpu with tails: max |diff|/peak {worst_tail:.2e}");
         // An empty block never reaches the device and is the CPU's empty set.
         let empty = evaluate(&gpu, &psf, 0, 0, &[]).unwrap();
         assert!(empty.values.is_empty() && empty.xc.is_empty());
