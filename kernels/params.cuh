@@ -283,8 +283,10 @@ struct SpotsParams {
     int ghdegx;
     int ghdegy;
     int warp_stride;
+    int tail;  // 1: the PSF has tails, five more parameter rows (psf::tail)
+    int pad0;  // explicit padding (kept zero)
 };
-static_assert(sizeof(SpotsParams) == 120, "SpotsParams");
+static_assert(sizeof(SpotsParams) == 128, "SpotsParams");
 SPX_FIELD(SpotsParams, xtrace, 0);
 SPX_FIELD(SpotsParams, ytrace, 8);
 SPX_FIELD(SpotsParams, params, 16);
@@ -305,5 +307,7 @@ SPX_FIELD(SpotsParams, hsizey, 104);
 SPX_FIELD(SpotsParams, ghdegx, 108);
 SPX_FIELD(SpotsParams, ghdegy, 112);
 SPX_FIELD(SpotsParams, warp_stride, 116);
+SPX_FIELD(SpotsParams, tail, 120);
+SPX_FIELD(SpotsParams, pad0, 124);
 
 #endif  // SPEXTRACT_PARAMS_CUH

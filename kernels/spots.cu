@@ -17,15 +17,16 @@
 // GHSIGX/Y, GH-i-j) and the corners use the __d*_rn intrinsics, which NVRTC never fuses into
 // FMAs, so x, y, xc, yc and every spot parameter are bit-identical to the CPU's: the corners
 // choose the pixel rectangles, and a reader computing them on the CPU (`spots::corners`) must
-// find the same ones. The pixel integrals and the two products may fuse (--fmad=true), and
-// erf/exp are CUDA's (within 1–2 ulp of libm's), so spot values differ from the CPU's by a few
-// ulps of the spot's peak. The normalising sum is a per-lane sum followed by a warp tree, not
+// find the same ones. The pixel integrals, the two products and the tail may fuse
+// (--fmad=true), and erf/exp/pow are CUDA's (within 1–2 ulp of libm's), so spot values differ
+// from the CPU's by a few ulps of the spot's peak. The normalising sum is a per-lane sum followed by a warp tree, not
 // the CPU's one running sum (src/extract/gpu/spots.rs `twin` mirrors this exactly).
 //
 // Layout of each warp's shared memory (doubles), computed identically by `spot_layout` here and
 // by `Layout::new` in src/extract/gpu/spots.rs (the host sizes the launch from the latter and
 // passes the per-warp stride; the kernel traps if its own layout would not fit in it):
-//   par [4 + dx·dy]                 x, y, GHSIGX, GHSIGY, GH-i-j at 4 + i·dy + j
+//   par [4 + dx·dy + ntail]         x, y, GHSIGX, GHSIGY, GH-i-j at 4 + i·dy + j, then (tail
+//                                   PSFs, ntail = 5) TAILAMP … TAILINDE at 4 + dx·dy
 //   gx  [nx + 1], gy [ny + 1]       exp(-u²/2) at the pixel edges (without 1/√(2π))
 //   sx  [(nx + 1)·dx], sy [...]     per edge: G_m(u) for m < deg, erf(u/√2) at m = deg
 //   px  [dx·nx]                     pixel integrals along x, [m·nx + k]
@@ -39,13 +40,16 @@
 // of wider spots; the same threshold keeps the two bit-for-bit on the same path.
 #define SPOTS_MAX_RECURRENCE_EDGES 64
 #define SPOTS_FULL_MASK 0xffffffffu
+// TAILAMP, TAILCORE, TAILXSCA, TAILYSCA, TAILINDE (psf::tail::TAIL_PARAMS).
+#define SPOTS_NTAIL 5
 
 struct SpotLayout {
     int nx, ny, dx, dy;
     int par, gx, gy, sx, sy, px, out, py, tmp, size;
 };
 
-__device__ __forceinline__ SpotLayout spot_layout(int hsizex, int hsizey, int ghdegx, int ghdegy)
+__device__ __forceinline__ SpotLayout spot_layout(
+    int hsizex, int hsizey, int ghdegx, int ghdegy, int tail)
 {
     SpotLayout l;
     l.nx = 2 * hsizex + 1;
@@ -53,7 +57,7 @@ __device__ __forceinline__ SpotLayout spot_layout(int hsizex, int hsizey, int gh
     l.dx = ghdegx + 1;
     l.dy = ghdegy + 1;
     l.par = 0;
-    l.gx = l.par + 4 + l.dx * l.dy;
+    l.gx = l.par + 4 + l.dx * l.dy + (tail ? SPOTS_NTAIL : 0);
     l.gy = l.gx + l.nx + 1;
     l.sx = l.gy + l.ny + 1;
     l.sy = l.sx + (l.nx + 1) * l.dx;
@@ -151,11 +155,24 @@ __device__ __forceinline__ void edge_row(
     row[deg] = erf(u * SPOTS_FRAC_1_SQRT_2);
 }
 
+// specter's tail at a pixel centre (dx, dy) from the trace, `Tail::value` of src/psf/tail.rs:
+// TAILAMP·r²/(TAILCORE² + r²)^(1 + TAILINDE/2), r² = (dx·TAILXSCA)² + (dy·TAILYSCA)², 0 at r = 0.
+__device__ __forceinline__ double spot_tail(const double* t, double dx, double dy)
+{
+    double ax = dx * t[2];
+    double ay = dy * t[3];
+    double r2 = ax * ax + ay * ay;
+    if (r2 == 0.0) {
+        return 0.0;
+    }
+    return t[0] * r2 / pow(t[1] * t[1] + r2, 1.0 + t[4] / 2.0);
+}
+
 // values[(f·nwave + w)·ny·nx + iy·nx + ix], xc/yc/x/y[f·nwave + w] for fibers f < nfiber of the
 // flattened tables and waves[w]: the layout of `SpotSet`.
 //   xtrace [nfiber·ncx], ytrace [nfiber·ncy]: trace coefficients, one row per fiber;
-//   params [(nfiber·nrow + r)·ncp + k], nrow = 2 + dx·dy: GHSIGX, GHSIGY, then GH-i-j at
-//          r = 2 + i·dy + j (`GhIndex` order);
+//   params [(nfiber·nrow + r)·ncp + k], nrow = 2 + dx·dy (+ 5 with tails): GHSIGX, GHSIGY,
+//          then GH-i-j at r = 2 + i·dy + j (`GhIndex` order), then the tail's rows;
 //   ranges [6]: wavemin, wavemax of XTRACE, YTRACE and the PSF HDU;
 //   warp_stride: doubles of dynamic shared memory per warp; blockDim.x is a multiple of 32.
 #include "params.cuh"
@@ -163,7 +180,8 @@ __device__ __forceinline__ void edge_row(
 extern "C" __global__ void spots(const SpotsParams args)
 {
     extern __shared__ double smem[];
-    const SpotLayout l = spot_layout(args.hsizex, args.hsizey, args.ghdegx, args.ghdegy);
+    const SpotLayout l =
+        spot_layout(args.hsizex, args.hsizey, args.ghdegx, args.ghdegy, args.tail);
     if (l.size > args.warp_stride) {
         // The host sized the launch for another layout: writing on would overrun the
         // neighbouring warp's memory. Fail the launch loudly instead.
@@ -182,7 +200,7 @@ extern "C" __global__ void spots(const SpotsParams args)
     double* s = smem + (size_t)warp * (size_t)args.warp_stride;
     double* par = s + l.par;
     const int nx = l.nx, ny = l.ny, dx = l.dx, dy = l.dy;
-    const int nrow = 2 + dx * dy;
+    const int nrow = 2 + dx * dy + (args.tail ? SPOTS_NTAIL : 0);
 
     // Phase 1: the series. Task 0: x, 1: y, 2 + r: parameter row r.
     const double up = reduced(wave, args.ranges[4], args.ranges[5]);
@@ -254,14 +272,23 @@ extern "C" __global__ void spots(const SpotsParams args)
     }
     __syncwarp();
 
-    // Phase 6: spot[iy, ix] = Σ_j py_j[iy] · tmp[j, ix] (increasing j), clipped at 0; each
-    // lane sums the pixels it wrote, in increasing pixel order.
+    // Phase 6: spot[iy, ix] = Σ_j py_j[iy] · tmp[j, ix] (increasing j), plus the tail where
+    // the PSF has one and TAILAMP is not 0 here, clipped at 0; each lane sums the pixels it
+    // wrote, in increasing pixel order. The tail's pixel centres are the corner's columns and
+    // rows (xc, yc as written below; exact integers in a double) minus the trace position.
+    const double* tail = par + 4 + dx * dy;
+    const bool tailed = args.tail && tail[0] != 0.0;
+    const double x0 = floor(__dadd_rn(__dsub_rn(x, (double)args.hsizex), 0.5));
+    const double y0 = floor(__dadd_rn(__dsub_rn(y, (double)args.hsizey), 0.5));
     double partial = 0.0;
     for (int p = lane; p < ny * nx; p += 32) {
         int iy = p / nx, ix = p - iy * nx;
         double v = 0.0;
         for (int j = 0; j < dy; ++j) {
             v += s[l.py + j * ny + iy] * s[l.tmp + j * nx + ix];
+        }
+        if (tailed) {
+            v += spot_tail(tail, __dsub_rn(x0 + (double)ix, x), __dsub_rn(y0 + (double)iy, y));
         }
         if (v < 0.0) {
             v = 0.0;
@@ -284,7 +311,7 @@ extern "C" __global__ void spots(const SpotsParams args)
     if (lane == 0) {
         args.xs[spot] = x;
         args.ys[spot] = y;
-        args.xc[spot] = (long long)floor(__dadd_rn(__dsub_rn(x, (double)args.hsizex), 0.5));
-        args.yc[spot] = (long long)floor(__dadd_rn(__dsub_rn(y, (double)args.hsizey), 0.5));
+        args.xc[spot] = (long long)x0;
+        args.yc[spot] = (long long)y0;
     }
 }

@@ -39,6 +39,10 @@ pub struct SimulateArgs {
     /// Synthetic PSF: Gaussian sigma in x and y (pixels).
     #[arg(long, value_delimiter = ',')]
     pub sigma: Option<Vec<f64>>,
+    /// Synthetic PSF: specter's tail term `amp,core,xscale,yscale,index` (TAILAMP, TAILCORE,
+    /// TAILXSCA, TAILYSCA, TAILINDE at mid-range) [default: no tail, TAILAMP = 0].
+    #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
+    pub tail: Option<Vec<f64>>,
     /// Camera written as CAMERA (`r0`, `b3`, …) into the synthetic PSF or the simulated image,
     /// so that extract can check that they belong together [default: the PSF's camera, else
     /// r0].
@@ -67,6 +71,7 @@ pub fn run(args: &SimulateArgs) -> Result<()> {
         ("--hsize", args.hsize.as_ref().map(Vec::len), 2),
         ("--sigma", args.sigma.as_ref().map(Vec::len), 2),
         ("--wavelength", args.wavelength.as_ref().map(Vec::len), 3),
+        ("--tail", args.tail.as_ref().map(Vec::len), 5),
     ] {
         if v.is_some_and(|v| v != n) {
             bail!("{name} takes {n} comma-separated values");
@@ -91,6 +96,12 @@ pub fn run(args: &SimulateArgs) -> Result<()> {
         if let Some(s) = &args.sigma {
             o.sigma_x = s[0];
             o.sigma_y = s[1];
+        }
+        if let Some(t) = &args.tail {
+            if t.iter().any(|v| !v.is_finite()) {
+                bail!("--tail takes finite numbers, not {t:?}");
+            }
+            o.tail.copy_from_slice(t);
         }
         let mut psf = synthetic_psf(&o);
         psf.camera = Some(camera.unwrap_or_else(|| "r0".into()));

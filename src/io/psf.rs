@@ -29,6 +29,8 @@ const PARAM_WIDTH: usize = 8;
 /// LEGDEGX/LEGDEGW are ignored. The result has passed [`Psf::validate`] and
 /// [`check_values`].
 ///
+/// A PSF with tails (TAILAMP not all zero, `psf::tail`) is logged once, naming the file.
+///
 /// The camera is the CAMERA keyword (as [`super::camera_name`] gives it) of the PSF HDU, where
 /// specex writes it, else of the first of the primary, XTRACE and YTRACE HDUs that has one.
 pub fn read_psf(path: &Path) -> Result<Psf, IoError> {
@@ -143,6 +145,13 @@ pub fn read_psf(path: &Path) -> Result<Psf, IoError> {
         source,
     })?;
     check_values(&psf).map_err(|m| IoError::hdu(path, "PSF", m))?;
+    if psf.has_tails() {
+        // gpu_specter (and spextract before issue 14) ignored the tail: say that it is used.
+        tracing::info!(
+            "PSF {} has tails (TAILAMP ≠ 0): its spots include specter's tail term",
+            path.display()
+        );
+    }
     Ok(psf)
 }
 

@@ -7,6 +7,7 @@ pub mod hermite;
 pub mod legendre;
 pub mod spots;
 pub mod synth;
+pub mod tail;
 
 use ndarray::Array2;
 
@@ -116,6 +117,9 @@ pub struct GhIndex {
     pub sigy: usize,
     /// Row of GH-i-j at `[i * (ghdegy + 1) + j]`.
     pub gh: Vec<usize>,
+    /// Rows of the tail term, when the PSF has one (TAILAMP not all zero); `None` leaves
+    /// spots exactly as a PSF without tails gives them.
+    pub tail: Option<tail::TailRows>,
 }
 
 /// Largest accepted HSIZEX/HSIZEY: DESI uses 8 and 5.
@@ -268,7 +272,14 @@ impl Psf {
             sigx: find("GHSIGX")?,
             sigy: find("GHSIGY")?,
             gh,
+            tail: tail::TailRows::find(self)?,
         })
+    }
+
+    /// Whether spots of this PSF carry specter's tail term (some TAILAMP coefficient ≠ 0).
+    pub fn has_tails(&self) -> bool {
+        self.param(tail::TAIL_PARAMS[0])
+            .is_some_and(|p| p.series.coeff.iter().any(|&c| c != 0.0))
     }
 
     /// The wavelength range over which every table of this PSF is defined.

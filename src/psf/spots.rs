@@ -1,6 +1,8 @@
 //! Pixel-integrated spots and their corners for a block of fibers × wavelengths: the input that
-//! both extraction backends share (gpu_specter `get_spots`).
+//! both extraction backends share (gpu_specter `get_spots`), plus specter's tail term where the
+//! PSF has one (`tail`).
 
+use super::tail::Tail;
 use super::{hermite, legendre, GhIndex, Psf, PsfError};
 
 /// The `(fiber, wavelength)` block a [`SpotSet`] covers.
@@ -221,8 +223,9 @@ pub struct SpotEvaluator<'a> {
     tmp: Vec<f64>,
     /// The fiber whose coefficients `coef` holds.
     fiber: Option<usize>,
-    /// That fiber's Legendre coefficients of GHSIGX, GHSIGY and every GH-i-j, contiguous, so
-    /// that each spot's parameters are short dot products rather than table look-ups.
+    /// That fiber's Legendre coefficients of GHSIGX, GHSIGY, every GH-i-j and, for a PSF with
+    /// tails, the five tail rows, contiguous, so that each spot's parameters are short dot
+    /// products rather than table look-ups.
     coef: Vec<f64>,
 }
 
@@ -271,7 +274,8 @@ impl<'a> SpotEvaluator<'a> {
             self.coef.clear();
             let rows = [self.index.sigx, self.index.sigy]
                 .into_iter()
-                .chain(self.index.gh.iter().copied());
+                .chain(self.index.gh.iter().copied())
+                .chain(self.index.tail.iter().flat_map(|t| t.rows));
             for row in rows {
                 self.coef
                     .extend(psf.params[row].series.coeff.row(fiber).iter());
@@ -286,9 +290,13 @@ impl<'a> SpotEvaluator<'a> {
             .map(|c| c.iter().zip(leg).map(|(a, p)| a * p).sum::<f64>());
         let sigx = values.next().unwrap_or(0.0);
         let sigy = values.next().unwrap_or(0.0);
-        for (g, v) in self.gh.iter_mut().zip(values) {
-            *g = v;
+        for g in self.gh.iter_mut() {
+            *g = values.next().unwrap_or(0.0);
         }
+        let tail = self
+            .index
+            .tail
+            .map(|_| Tail::from_values(std::array::from_fn(|_| values.next().unwrap_or(0.0))));
         let (xc, yc) = corner(psf, x, y);
         let offx = x - (x + 0.5).floor();
         let offy = y - (y + 0.5).floor();
@@ -316,6 +324,10 @@ impl<'a> SpotEvaluator<'a> {
                     *o += c * t;
                 }
             }
+        }
+        // specter adds the tail to the core before clipping and normalising the sum.
+        if let Some(tail) = tail {
+            tail.add_to(out, nx, xc, yc, x, y);
         }
         let mut sum = 0.0;
         for v in out.iter_mut() {

@@ -5,6 +5,7 @@
 
 use ndarray::Array2;
 
+use super::tail::TAIL_PARAMS;
 use super::{LegendreSet, Psf, PsfParam};
 
 /// What a synthetic PSF looks like. [`Default`] is close to DESI's r camera (docs/science.md §3).
@@ -61,6 +62,10 @@ pub struct SynthPsfOptions {
     pub bow: f64,
     /// Header PSFERR to record, if any.
     pub psferr: Option<f64>,
+    /// specter's tail term at the middle of the range, in `psf::tail::TAIL_PARAMS` order
+    /// (TAILAMP, TAILCORE, TAILXSCA, TAILYSCA, TAILINDE); each non-zero one varies a little
+    /// with fiber and wavelength. All zero (the default, as in DESI's public PSFs): no tails.
+    pub tail: [f64; 5],
 }
 
 impl Default for SynthPsfOptions {
@@ -91,6 +96,7 @@ impl Default for SynthPsfOptions {
             smile: 100.0,
             bow: 3.0,
             psferr: None,
+            tail: [0.0; 5],
         }
     }
 }
@@ -100,8 +106,9 @@ impl Default for SynthPsfOptions {
 /// Traces: x is the fiber's column plus a bow growing toward the CCD edges; y runs over the CCD
 /// rows with dispersion increasing to the red, plus smile; both carry small terms in every trace
 /// degree. Parameters: GHSIGX/Y vary with wavelength and fiber; GH-0-0 = 1 and the other GH-i-j
-/// are small and smooth; TAILAMP…CONT follow (zero, except BUNDLE = bundle number), in specex's
-/// row order. The result is not validated: call [`Psf::validate`] on options you did not check.
+/// are small and smooth; TAILAMP…CONT follow (zero, except the tail's as asked and BUNDLE =
+/// bundle number), in specex's row order. The result is not validated: call [`Psf::validate`]
+/// on options you did not check.
 pub fn synthetic_psf(opts: &SynthPsfOptions) -> Psf {
     let nf = opts.nfiber;
     let bundle = opts.bundle_size.max(1);
@@ -182,8 +189,12 @@ pub fn synthetic_psf(opts: &SynthPsfOptions) -> Psf {
             params.push(param(format!("GH-{i}-{j}"), &gh));
         }
     }
-    for name in ["TAILAMP", "TAILCORE", "TAILXSCA", "TAILYSCA", "TAILINDE"] {
-        params.push(param(name.into(), &|_, _| 0.0));
+    for (name, v) in TAIL_PARAMS.into_iter().zip(opts.tail) {
+        params.push(param(name.into(), &|f, k| match k {
+            0 => v * (1.0 + 0.01 * r_of(f)),
+            1 => 0.05 * v,
+            _ => 0.0,
+        }));
     }
     params.push(param("BUNDLE".into(), &|f, k| {
         if k == 0 {

@@ -10,6 +10,7 @@ use super::launch::{self, kernel_params, Guards};
 
 use super::device::Gpu;
 use super::GpuError;
+use crate::psf::tail::TAIL_PARAMS;
 use crate::psf::{Psf, PsfError, SpotGrid, SpotSet};
 
 /// Lanes per warp: the kernel maps one spot onto one warp.
@@ -40,6 +41,9 @@ pub struct SpotShape {
     pub ncy: usize,
     /// Coefficients per parameter-table row.
     pub ncp: usize,
+    /// Whether the PSF has tails (`psf::tail`): five more parameter rows per fiber, added to
+    /// each spot before clipping.
+    pub tail: bool,
 }
 
 impl SpotShape {
@@ -53,9 +57,18 @@ impl SpotShape {
         2 * self.hsizey + 1
     }
 
-    /// Parameter rows per fiber: GHSIGX, GHSIGY and every GH-i-j.
+    /// Parameter rows per fiber: GHSIGX, GHSIGY, every GH-i-j and the tail's, if any.
     pub fn nrow(&self) -> usize {
-        2 + (self.ghdegx + 1) * (self.ghdegy + 1)
+        2 + (self.ghdegx + 1) * (self.ghdegy + 1) + self.ntail()
+    }
+
+    /// Tail rows per fiber: 5 for a PSF with tails, else 0.
+    pub fn ntail(&self) -> usize {
+        if self.tail {
+            TAIL_PARAMS.len()
+        } else {
+            0
+        }
     }
 
     /// Spots in the block.
@@ -75,8 +88,8 @@ pub struct SpotInputs {
     pub xtrace: Vec<f64>,
     /// YTRACE rows, `[f·ncy + k]`.
     pub ytrace: Vec<f64>,
-    /// GHSIGX, GHSIGY, then GH-i-j at row `2 + i·(ghdegy+1) + j` (`GhIndex` order):
-    /// `[(f·nrow + r)·ncp + k]`.
+    /// GHSIGX, GHSIGY, then GH-i-j at row `2 + i·(ghdegy+1) + j` (`GhIndex` order), then
+    /// with tails TAILAMP … TAILINDE (`TAIL_PARAMS` order): `[(f·nrow + r)·ncp + k]`.
     pub params: Vec<f64>,
     /// wavemin, wavemax of XTRACE, YTRACE and the PSF HDU (GHSIGX's range, which every
     /// parameter row shares).
@@ -107,6 +120,7 @@ pub fn flatten(
         ncx: psf.xtrace.coeff.ncols(),
         ncy: psf.ytrace.coeff.ncols(),
         ncp: sigx.coeff.ncols(),
+        tail: index.tail.is_some(),
     };
     let fibers = fibermin..fibermin + nfiber;
     let rows = |set: &crate::psf::LegendreSet| -> Vec<f64> {
@@ -118,6 +132,7 @@ pub fn flatten(
     let order: Vec<usize> = [index.sigx, index.sigy]
         .into_iter()
         .chain(index.gh.iter().copied())
+        .chain(index.tail.iter().flat_map(|t| t.rows))
         .collect();
     let mut params = Vec::with_capacity(nfiber * shape.nrow() * shape.ncp);
     for f in fibers.clone() {
@@ -147,7 +162,7 @@ pub fn flatten(
 /// for field (the comment at the top of the kernel draws it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Layout {
-    /// x, y, GHSIGX, GHSIGY, GH-i-j.
+    /// x, y, GHSIGX, GHSIGY, GH-i-j, then the tail's five if any.
     pub par: usize,
     /// exp(-u²/2) at the x edges.
     pub gx: usize,
@@ -175,7 +190,7 @@ impl Layout {
         let (nx, ny) = (shape.nx(), shape.ny());
         let (dx, dy) = (shape.ghdegx + 1, shape.ghdegy + 1);
         let par = 0;
-        let gx = par + 4 + dx * dy;
+        let gx = par + 4 + dx * dy + shape.ntail();
         let gy = gx + nx + 1;
         let sx = gy + ny + 1;
         let sy = sx + (nx + 1) * dx;
@@ -201,8 +216,9 @@ impl Layout {
 
 kernel_params! {
     /// `spots`' parameters (kernels/params.cuh): the device addresses of the PSF tables it
-    /// reads and of the five outputs it writes, then the shape's sizes and the per-warp
-    /// shared-memory stride (ints after the addresses, so that nothing needs padding).
+    /// reads and of the five outputs it writes, then the shape's sizes, the per-warp
+    /// shared-memory stride and whether the PSF has tails (ints after the addresses, the last
+    /// one explicit padding kept zero, so that nothing has implicit padding).
     pub struct SpotsParams {
         pub xtrace: u64,
         pub ytrace: u64,
@@ -224,6 +240,8 @@ kernel_params! {
         pub ghdegx: i32,
         pub ghdegy: i32,
         pub warp_stride: i32,
+        pub tail: i32,
+        pub pad0: i32,
     }
 }
 
@@ -242,6 +260,7 @@ impl SpotsParams {
             ghdegx: int(shape.ghdegx, "GHDEGX")?,
             ghdegy: int(shape.ghdegy, "GHDEGY")?,
             warp_stride: int(stride, "warp stride")?,
+            tail: i32::from(shape.tail),
             ..SpotsParams::default()
         })
     }
@@ -472,8 +491,8 @@ impl SpotsKernel {
         // SAFETY: SpotsParams is `spots`' one parameter (kernels/params.cuh, layout tested):
         // the addresses of live buffers whose guards (`g`) outlive the launch, xtrace, ytrace,
         // params, ranges, waves (f64, read), values, xs, ys (f64) and xc, yc (i64 = long long),
-        // written; then ten ints (ncx, ncy, ncp, nfiber, nwave, hsizex, hsizey, ghdegx,
-        // ghdegy, warp_stride) from SpotsParams::sizes of this shape. Buffer
+        // written; then twelve ints (ncx, ncy, ncp, nfiber, nwave, hsizex, hsizey, ghdegx,
+        // ghdegy, warp_stride, tail, pad0) from SpotsParams::sizes of this shape. Buffer
         // lengths: DeviceInputs::upload checked the tables against the shape the kernel indexes
         // them with, `ranges` has 6 elements, and the outputs were checked above to hold nspot
         // spots of ny×nx; the grid covers nspot warps and the kernel returns for warps past

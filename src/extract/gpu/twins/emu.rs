@@ -1446,15 +1446,23 @@ mod spots_cu {
     /// Shapes that catch transposed or mis-strided indices (as the twin's own test): LEGDEG
     /// ≠ the traces' 7 terms, ghdegx ≠ ghdegy, hsizex ≠ hsizey, a pure Gaussian along x,
     /// and a spot wide enough (81 edges) for the Gaussian at every edge; spot counts that
-    /// leave the last block with idle warps.
+    /// leave the last block with idle warps; and a PSF with tails (five more parameter rows,
+    /// a longer `par`, the tail added before clipping).
     #[test]
     fn spots_cu_matches_its_twin() {
         let Some(tc) = toolchain_or_skip() else {
             return;
         };
         let prog = Program::kernel_file(tc, "spots.cu", |s| s).unwrap();
-        let shapes = [(4, 8, 5, 4, 6), (0, 40, 3, 0, 2), (6, 3, 9, 5, 1)];
-        for (legdeg, hsizex, hsizey, ghdegx, ghdegy) in shapes {
+        let none = [0.0; 5];
+        let tails = [0.004, 1.5, 1.0, 1.3, 1.2];
+        let shapes = [
+            (4, 8, 5, 4, 6, none),
+            (0, 40, 3, 0, 2, none),
+            (6, 3, 9, 5, 1, none),
+            (4, 8, 5, 4, 6, tails),
+        ];
+        for (legdeg, hsizex, hsizey, ghdegx, ghdegy, tail) in shapes {
             let psf = synthetic_psf(&SynthPsfOptions {
                 nfiber: 12,
                 legdeg,
@@ -1463,6 +1471,7 @@ mod spots_cu {
                 ghdegx,
                 ghdegy,
                 gh_amplitude: 0.03,
+                tail,
                 ..Default::default()
             });
             let (lo, hi) = psf.wave_range();
@@ -1472,6 +1481,7 @@ mod spots_cu {
                 .map(|i| lo - 15.0 + (hi - lo + 30.0) * i as f64 / (nwave - 1) as f64)
                 .collect();
             let inp = flatten(&psf, 3, 3, &waves).unwrap();
+            assert_eq!(inp.shape.tail, tail[0] != 0.0);
             let (cfg, _) = launch_config(&inp.shape).unwrap();
             let warps = cfg.block_dim.0 as usize / 32;
             assert_ne!(
@@ -1500,8 +1510,9 @@ mod spots_cu {
             }
             eprintln!(
                 "spots.cu (emulated) vs twin, LEGDEG {legdeg} HSIZE {hsizex}x{hsizey} GHDEG \
-                 {ghdegx}x{ghdegy}, {} spots in {} blocks of {warps} warps, {elapsed:.1} s: \
+                 {ghdegx}x{ghdegy} tails {}, {} spots in {} blocks of {warps} warps, {elapsed:.1} s: \
                  x, y, corners identical; values {differ}/{} differ, max |diff|/peak {worst:.1e}",
+                inp.shape.tail,
                 inp.shape.nspot(),
                 cfg.grid_dim.0,
                 got.values.len()

@@ -7,6 +7,7 @@
 use super::super::device::Gpu;
 pub(super) use super::super::spots::*;
 use super::super::GpuError;
+use crate::psf::tail::Tail;
 use crate::psf::{Psf, PsfError, SpotGrid, SpotSet};
 
 /// `hermite::pixel_integrals` keeps its Gaussian recurrence in a 64-edge array.
@@ -187,7 +188,13 @@ fn warp_spot(
         }
     }
 
-    // Phase 6: the clipped spot and each lane's partial sum, then the shuffle-down tree.
+    // Phase 6: the spot plus its tail, clipped, and each lane's partial sum, then the
+    // shuffle-down tree. The tail's pixel centres are the corner's (exact) columns and rows.
+    let t0 = l.par + 4 + dx * dy;
+    let tail =
+        (sh.tail && s[t0] != 0.0).then(|| Tail::from_values(std::array::from_fn(|k| s[t0 + k])));
+    let x0 = (x - sh.hsizex as f64 + 0.5).floor();
+    let y0 = (y - sh.hsizey as f64 + 0.5).floor();
     let mut partial = [0.0f64; WARP];
     for (lane, part) in partial.iter_mut().enumerate() {
         for p in lane_tasks(lane, ny * nx) {
@@ -195,6 +202,9 @@ fn warp_spot(
             let mut v = 0.0;
             for j in 0..dy {
                 v += s[l.py + j * ny + iy] * s[l.tmp + j * nx + ix];
+            }
+            if let Some(tail) = &tail {
+                v += tail.value(x0 + ix as f64 - x, y0 + iy as f64 - y);
             }
             if v < 0.0 {
                 v = 0.0;
@@ -226,9 +236,7 @@ fn warp_spot(
             dst[p] = if sum > 0.0 { v / sum } else { v };
         }
     }
-    let xc = (x - sh.hsizex as f64 + 0.5).floor() as i64;
-    let yc = (y - sh.hsizey as f64 + 0.5).floor() as i64;
-    (x, y, xc, yc)
+    (x, y, x0 as i64, y0 as i64)
 }
 
 /// The kernel's computation on the CPU, warp by warp, from the same flattened inputs and with
@@ -359,6 +367,43 @@ mod tests {
         }
     }
 
+    /// A PSF with tails: five more parameter rows per fiber (their order in the flattened
+    /// table), a longer `par` that shifts every later slot of the layout, and the tail added
+    /// before clipping at the corner's pixel centres. One fiber's TAILAMP is 0: its spots skip
+    /// the tail on both sides.
+    #[test]
+    fn twin_matches_the_cpu_with_tails() {
+        for (legdeg, hsizex, hsizey, ghdegx, ghdegy) in [(4, 8, 5, 4, 6), (0, 40, 3, 0, 2)] {
+            let mut psf = synthetic_psf(&SynthPsfOptions {
+                nfiber: 30,
+                legdeg,
+                hsizex,
+                hsizey,
+                ghdegx,
+                ghdegy,
+                gh_amplitude: 0.03,
+                tail: [0.004, 1.5, 1.0, 1.3, 1.2],
+                ..Default::default()
+            });
+            let amp = psf.params.iter().position(|p| p.name == "TAILAMP").unwrap();
+            psf.params[amp].series.coeff.row_mut(5).fill(0.0);
+            let (lo, hi) = psf.wave_range();
+            let waves = grid(lo - 15.0, hi + 15.0, 157);
+            let inp = flatten(&psf, 3, 5, &waves).unwrap();
+            assert!(inp.shape.tail);
+            let plain = SpotShape {
+                tail: false,
+                ..inp.shape
+            };
+            assert_eq!(Layout::new(&inp.shape).gx, Layout::new(&plain).gx + 5);
+            let worst = compare_twin(&psf, 3, 5, &waves, 1e-13);
+            eprintln!(
+                "twin vs cpu with tails, LEGDEG {legdeg} HSIZE {hsizex}x{hsizey} GHDEG \
+                 {ghdegx}x{ghdegy}: max |diff| {worst:.2e}"
+            );
+        }
+    }
+
     #[test]
     fn twin_matches_the_cpu_on_the_real_psf() {
         let Some(path) = crate::io::shared_data("psf-r0-00067784.fits") else {
@@ -401,6 +446,8 @@ mod tests {
                 assert_eq!(at(2 + 2 * 6 + 3), coef("GH-2-3"));
                 assert_eq!(at(2 + 3 * 6 + 5), coef("GH-3-5"));
             }
+            // No tails in this PSF: no tail rows.
+            assert_eq!(inp.params.len(), 6 * sh.nrow() * sh.ncp);
             assert_eq!(inp.xtrace[f * 7 + 2], psf.xtrace.coeff[[4 + f, 2]]);
             assert_eq!(inp.ytrace[f * 7 + 6], psf.ytrace.coeff[[4 + f, 6]]);
         }
@@ -408,6 +455,28 @@ mod tests {
         assert_eq!(inp.ranges[5], psf.param("GHSIGX").unwrap().series.wavemax);
         assert_ne!(inp.ranges[5], inp.ranges[1]);
         assert!(flatten(&psf, 8, 6, &waves).is_err());
+
+        // With tails, TAILAMP … TAILINDE follow the GH-i-j rows of each fiber.
+        let psf = synthetic_psf(&SynthPsfOptions {
+            nfiber: 12,
+            legdeg: 4,
+            ghdegx: 3,
+            ghdegy: 5,
+            tail: [0.01, 2.0, 1.0, 1.1, 1.5],
+            ..Default::default()
+        });
+        let inp = flatten(&psf, 4, 6, &waves).unwrap();
+        let sh = inp.shape;
+        assert!(sh.tail);
+        assert_eq!(sh.nrow(), 2 + 4 * 6 + 5);
+        for f in 0..6 {
+            for (t, name) in crate::psf::tail::TAIL_PARAMS.iter().enumerate() {
+                for k in 0..5 {
+                    let at = inp.params[(f * sh.nrow() + 2 + 24 + t) * sh.ncp + k];
+                    assert_eq!(at, psf.param(name).unwrap().series.coeff[[4 + f, k]]);
+                }
+            }
+        }
     }
 
     #[test]
@@ -422,6 +491,7 @@ mod tests {
             ncx: 7,
             ncy: 7,
             ncp: 9,
+            tail: false,
         };
         // par 53, g 18 + 12, s 126 + 84, px 119 (out's 187 fit inside), py 77, tmp 119.
         assert_eq!(
@@ -457,8 +527,8 @@ mod tests {
 
     /// The kernel against the CPU at the real size of a bundle (25 fibers × 2400 wavelengths),
     /// on the first and last bundles, over a grid reaching past the PSF's range so that spots
-    /// leave the CCD. The outputs are poisoned (NaN, i64::MIN) before the launch, so that an
-    /// element the kernel fails to write cannot pass.
+    /// leave the CCD, and on a synthetic PSF with tails. The outputs are poisoned (NaN,
+    /// i64::MIN) before the launch, so that an element the kernel fails to write cannot pass.
     #[test]
     fn gpu_spots_match_the_cpu() {
         if let Err(e) = crate::extract::gpu::device::probe() {
@@ -546,6 +616,32 @@ mod tests {
             off_ccd > 0,
             "no spot leaves the CCD: the edge case is not exercised"
         );
+        // A PSF with tails: CUDA's pow against libm's, within the same bound.
+        let tailed = synthetic_psf(&SynthPsfOptions {
+            nfiber: 50,
+            gh_amplitude: 0.03,
+            tail: [0.004, 1.5, 1.0, 1.3, 1.2],
+            ..Default::default()
+        });
+        let (lo, hi) = tailed.wave_range();
+        let waves = grid(lo - 10.0, hi + 10.0, 600);
+        let g = evaluate(&gpu, &tailed, 20, 25, &waves).unwrap();
+        let cpu = spots::evaluate(&tailed, 20, 25, &waves).unwrap();
+        assert_eq!(
+            (&g.xc, &g.yc, &g.x, &g.y),
+            (&cpu.xc, &cpu.yc, &cpu.x, &cpu.y)
+        );
+        let npix = cpu.ny * cpu.nx;
+        let mut worst_tail = 0.0f64;
+        for (a, b) in g.values.chunks(npix).zip(cpu.values.chunks(npix)) {
+            let peak = b.iter().fold(0.0f64, |m, v| m.max(*v));
+            for (p, q) in a.iter().zip(b) {
+                let d = (p - q).abs() / peak;
+                assert!(d <= 1e-12, "tails: gpu {p} cpu {q}");
+                worst_tail = worst_tail.max(d);
+            }
+        }
+        eprintln!("gpu vs cpu with tails: max |diff|/peak {worst_tail:.2e}");
         // An empty block never reaches the device and is the CPU's empty set.
         let empty = evaluate(&gpu, &psf, 0, 0, &[]).unwrap();
         assert!(empty.values.is_empty() && empty.xc.is_empty());
