@@ -112,7 +112,7 @@ fn extract_twice(dir: &Path, psf: &Path, image: &Path, grid: &str, fibers: [&str
             );
             run.ok();
             assert!(
-                run.stderr.contains(&format!("with {threads} threads")),
+                run.stderr.contains(&format!("with {threads} thread")),
                 "{}",
                 run.stderr
             );
