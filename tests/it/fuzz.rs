@@ -426,7 +426,7 @@ fn check_extract(
         "-o".as_ref(),
         out.as_os_str(),
     ];
-    args.extend(EXTRACT_ARGS.iter().map(|a| std::ffi::OsStr::new(a)));
+    args.extend(EXTRACT_ARGS.iter().map(std::ffi::OsStr::new));
     let run = run_binary(&args, log)?;
     let tail = run
         .stderr

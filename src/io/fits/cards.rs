@@ -166,7 +166,8 @@ pub(crate) fn table_problem(cards: &[String]) -> Option<String> {
         return Some("XTENSION is not 'BINTABLE'".into());
     }
     // What a binary table's structural keys must be (FITS standard 7.3.1).
-    let structural: [(&str, fn(i64) -> bool, &str); 6] = [
+    type Rule = (&'static str, fn(i64) -> bool, &'static str);
+    let structural: [Rule; 6] = [
         ("BITPIX", |v| v == 8, "8"),
         ("NAXIS", |v| v == 2, "2"),
         ("NAXIS1", |v| v >= 0, "a byte count"),
