@@ -530,7 +530,7 @@ fn single(args: &ExtractArgs, cfg: &Config) -> Result<()> {
     let mut res = run_extraction(&prep, prep.threads, prep.progress, engine.as_mut())?;
     let st = &res.stats;
     info!(
-        "extracted {} patches in {:.2}s (spots {:.2}s, solve {:.2}s, assemble {:.2}s); {} retried, {} failed, {} dropped off the CCD; {} at its edge, extracted with the pixels off it masked ({} bins with less than {} of their light on it NODATA)",
+        "extracted {} patches in {:.2}s (spots {:.2}s, solve {:.2}s, assemble {:.2}s); {} retried, {} failed, {} dropped off the CCD, {} at its edge ({} bins with < {} of their light on it NODATA)",
         st.patches,
         start.elapsed().as_secs_f64(),
         st.spots.as_secs_f64(),
