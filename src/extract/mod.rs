@@ -255,14 +255,16 @@ impl PatchResult {
             .map(|(i, _)| i)
     }
 
-    /// Zeroes every value of the starved bins, as a NODATA bin holds.
+    /// Zeroes the flux, ivar and chi2pix of the starved bins, as a NODATA bin holds them. Their
+    /// resolution is kept: a bin's stored diagonals are a column of the resolution matrix,
+    /// the weights of its true flux in the rows of its neighbours, which are extracted (zeroed,
+    /// it biases every neighbour's `R·flux` low by what that bin contributes).
     pub fn zero_starved(&mut self) {
         let starved: Vec<_> = self.starved().collect();
         for (c, j) in starved {
             self.flux[[c, j]] = 0.0;
             self.fluxivar[[c, j]] = 0.0;
             self.chi2pix[[c, j]] = 0.0;
-            self.resolution.slice_mut(ndarray::s![c, .., j]).fill(0.0);
         }
     }
 

@@ -275,7 +275,8 @@ pub fn extract_bundles(
                 mark_nodata(&mut out, p.ispec, p.nspec, p.iwave, nk);
                 continue;
             }
-            // The backend zeroed these bins (on the device too, where results stay there).
+            // The backend zeroed their flux and ivar (on the device too, where results stay
+            // there) and kept their resolution columns, the weights in their neighbours.
             for (c, j) in r.starved() {
                 out.stats.starved += 1;
                 mark_nodata(&mut out, p.ispec + c, 1, w0 + j, 1);

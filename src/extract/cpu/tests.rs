@@ -303,7 +303,8 @@ fn band_cholesky_matches_dpbtrf() {
 
 /// A patch whose window leaves the CCD is the same patch on a taller CCD whose extra rows are
 /// masked, bit for bit, apart from its bins with less than `MIN_CCD_LIGHT` of their light on
-/// the CCD, which hold 0; its `ccd_light` is what the pixmask fraction leaves.
+/// the CCD, whose flux, ivar and chi2pix are 0; its `ccd_light` is what the pixmask fraction
+/// leaves.
 #[test]
 fn a_window_leaving_the_ccd_is_extracted_with_the_rows_off_it_masked() {
     use crate::extract::MIN_CCD_LIGHT;
@@ -363,7 +364,12 @@ fn a_window_leaving_the_ccd_is_extracted_with_the_rows_off_it_masked() {
         };
         if l < MIN_CCD_LIGHT {
             starved += 1;
-            assert!(res(&a).iter().all(|&x| x == 0), "bin ({c}, {j}) not zeroed");
+            // Flux, ivar and chi2pix zeroed; the resolution column (neighbours' weights) kept.
+            assert!(
+                res(&a)[..3].iter().all(|&x| x == 0),
+                "bin ({c}, {j}) not zeroed"
+            );
+            assert_eq!(res(&a)[3..], res(&b)[3..], "bin ({c}, {j})");
         } else {
             kept += 1;
             assert_eq!(res(&a), res(&b), "bin ({c}, {j})");
