@@ -344,7 +344,7 @@ fn mark_nodata(out: &mut FrameResult, ispec: usize, nspec: usize, iwave: usize, 
 pub const NO_DATA_LIGHT: f64 = 1e-10;
 
 /// Bins a frame withholds: written as NODATA with flux, ivar, chi2pix and resolution 0, like
-/// the bins of a patch that left the CCD, because their numbers say nothing.
+/// the bins of a patch whose window missed the CCD, because their numbers say nothing.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Withheld {
     /// Bins whose spot falls on masked pixels (or ivar 0) only.
@@ -352,7 +352,8 @@ pub struct Withheld {
     /// Bins with a value that is not finite, in f64 or once stored as float32 (an image of
     /// 1e38 gives fluxes beyond float32's range).
     pub non_finite: usize,
-    /// Bins NODATA already: their patch left the CCD or could not be solved.
+    /// Bins NODATA already: their patch's window missed the CCD or could not be solved, or
+    /// too little of their light falls on the CCD.
     pub dropped: usize,
     /// Bins of the frame.
     pub bins: usize,
