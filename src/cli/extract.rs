@@ -530,7 +530,7 @@ fn single(args: &ExtractArgs, cfg: &Config) -> Result<()> {
     let mut res = run_extraction(&prep, prep.threads, prep.progress, engine.as_mut())?;
     let st = &res.stats;
     info!(
-        "extracted {} patches in {:.2}s (spots {:.2}s, solve {:.2}s, assemble {:.2}s); {} retried, {} failed, {} dropped off the CCD",
+        "extracted {} patches in {:.2}s (spots {:.2}s, solve {:.2}s, assemble {:.2}s); {} retried, {} failed, {} dropped off the CCD, {} at its edge ({} bins with < {} of their light on it NODATA)",
         st.patches,
         start.elapsed().as_secs_f64(),
         st.spots.as_secs_f64(),
@@ -538,7 +538,10 @@ fn single(args: &ExtractArgs, cfg: &Config) -> Result<()> {
         st.assemble.as_secs_f64(),
         st.retried,
         st.failed,
-        st.dropped
+        st.dropped,
+        st.edge,
+        st.starved,
+        crate::extract::MIN_CCD_LIGHT
     );
     check_extracted(&mut res, &prep.grid, prep.plan.npatch(), &prep.image_path)
         .with_context(|| prep.image_path.display().to_string())?;

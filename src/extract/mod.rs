@@ -34,11 +34,14 @@ pub struct ExtractOptions {
 pub struct PatchInput<'a> {
     /// Which fibers and wavelengths.
     pub patch: Patch,
-    /// Where on the CCD.
+    /// Where on the CCD; it may reach beyond the CCD's edge.
     pub window: PixelWindow,
-    /// Image values of the window (electrons), `[ny, nx]`.
+    /// The part of `window` on the CCD, which `pix` and `ivar` hold: `window` itself unless
+    /// the window leaves the CCD ([`PatchInput::leaves_ccd`]).
+    pub ccd: PixelWindow,
+    /// Image values of the window's part on the CCD (electrons), `[ccd.ny, ccd.nx]`.
     pub pix: ArrayView2<'a, f64>,
-    /// Inverse variance of the window, already zero where masked.
+    /// Inverse variance of that part, already zero where masked.
     pub ivar: ArrayView2<'a, f64>,
     /// Spots of the bundle on the padded wavelength grid; patch fiber `f` is spot fiber
     /// `patch.specmin - spots.grid.fibermin + f`, patch bin `w` is spot bin `patch.iwave + w`.
@@ -46,8 +49,8 @@ pub struct PatchInput<'a> {
 }
 
 impl<'a> PatchInput<'a> {
-    /// The input of `patch`, reading `window` out of the whole-CCD `pix` and `ivar`; the window
-    /// must lie on the CCD (`PixelWindow::on_ccd`).
+    /// The input of `patch`, reading `window` out of the whole-CCD `pix` and `ivar`; some of
+    /// the window must lie on the CCD (`PixelWindow::clip` is not None).
     pub fn from_ccd(
         patch: Patch,
         window: PixelWindow,
@@ -55,30 +58,95 @@ impl<'a> PatchInput<'a> {
         ivar: ArrayView2<'a, f64>,
         spots: &'a SpotSet,
     ) -> PatchInput<'a> {
-        Self::from_region(patch, window, pix, ivar, (0, 0), spots)
+        let ccd = window
+            .clip(pix.nrows(), pix.ncols())
+            .expect("PatchInput::from_ccd: the window misses the CCD");
+        Self::from_region(patch, window, ccd, pix, ivar, (0, 0), spots)
     }
 
     /// The input of `patch` from arrays holding the CCD from row `origin.0` and column
-    /// `origin.1` on (a work unit's rectangle); the window must lie inside them.
+    /// `origin.1` on (a work unit's rectangle); `ccd`, the window's part on the CCD, must lie
+    /// inside them.
     pub fn from_region(
         patch: Patch,
         window: PixelWindow,
+        ccd: PixelWindow,
         pix: ArrayView2<'a, f64>,
         ivar: ArrayView2<'a, f64>,
         origin: (usize, usize),
         spots: &'a SpotSet,
     ) -> PatchInput<'a> {
-        let rows = window.ymin as usize - origin.0..window.ymax as usize - origin.0;
-        let cols = window.xmin as usize - origin.1..window.xmax as usize - origin.1;
+        let rows = ccd.ymin as usize - origin.0..ccd.ymax as usize - origin.0;
+        let cols = ccd.xmin as usize - origin.1..ccd.xmax as usize - origin.1;
         PatchInput {
             patch,
             window,
+            ccd,
             pix: pix.slice_move(ndarray::s![rows.clone(), cols.clone()]),
             ivar: ivar.slice_move(ndarray::s![rows, cols]),
             spots,
         }
     }
+
+    /// Whether the window reaches beyond the CCD (the input then holds only its part on it).
+    pub fn leaves_ccd(&self) -> bool {
+        self.ccd != self.window
+    }
+
+    /// The whole window's image and ivar, the pixels off the CCD at 0 with ivar 0: masked,
+    /// like any bad pixel, so that they neither constrain the fluxes nor count in chi2pix,
+    /// and count as masked in the pixmask fraction.
+    pub fn padded(&self) -> (Array2<f64>, Array2<f64>) {
+        let shape = (self.window.ny(), self.window.nx());
+        let (mut pix, mut ivar) = (Array2::zeros(shape), Array2::zeros(shape));
+        let (r0, c0) = (
+            (self.ccd.ymin - self.window.ymin) as usize,
+            (self.ccd.xmin - self.window.xmin) as usize,
+        );
+        let part = ndarray::s![r0..r0 + self.ccd.ny(), c0..c0 + self.ccd.nx()];
+        pix.slice_mut(part).assign(&self.pix);
+        ivar.slice_mut(part).assign(&self.ivar);
+        (pix, ivar)
+    }
+
+    /// The fraction of each core bin's spot (core fibers × kept bins) that falls on the
+    /// CCD: the PSF-weighted fraction of its pixels the CCD has at all. The spot's values sum
+    /// to 1 over its whole footprint.
+    pub fn ccd_light(&self) -> Array2<f64> {
+        let p = self.patch;
+        let s = self.spots;
+        let (ny, nx) = (s.ny, s.nx);
+        let f0 = p.specmin - s.grid.fibermin + p.core_fiber_offset();
+        let c = self.ccd;
+        Array2::from_shape_fn((p.nspec, p.nwave_keep), |(f, j)| {
+            let i = s.index(f0 + f, p.iwave + p.wavepad + j);
+            let spot = &s.values[i * ny * nx..(i + 1) * ny * nx];
+            let mut light = 0.0;
+            for iy in 0..ny {
+                let y = s.yc[i] + iy as i64;
+                if y < c.ymin || y >= c.ymax {
+                    continue;
+                }
+                for ix in 0..nx {
+                    let x = s.xc[i] + ix as i64;
+                    if x >= c.xmin && x < c.xmax {
+                        light += spot[iy * nx + ix];
+                    }
+                }
+            }
+            light
+        })
+    }
 }
+
+/// A bin whose spot puts less than this fraction of its light on the CCD is not extracted
+/// (NODATA, flux and ivar 0) even though its patch is: with most of its light off the chip its
+/// flux would rest on the PSF's outer profile, the part of the model least known, and on
+/// bins beyond the grid's end that no pixel constrains. Bins with more light on the CCD are
+/// extracted with the pixels off it masked, and those with less than half of it there get
+/// SOMEBADPIX by the usual pixmask rule (docs/science.md §5.10). The simulated frame of
+/// `tests/it/structure.rs` (`synthetic_edge_bins_are_recovered`) measures the bins it lets in.
+pub const MIN_CCD_LIGHT: f64 = 0.2;
 
 /// Diagonal term every backend adds on every unknown of the normal equations.
 pub const DIAG_EPSILON: f64 = 1e-15;
@@ -96,10 +164,16 @@ impl PatchInput<'_> {
             iwave: self.patch.iwave,
             msg,
         };
-        let shape = (self.window.ny(), self.window.nx());
+        let (w, c) = (self.window, self.ccd);
+        if c.ymin < w.ymin || c.xmin < w.xmin || c.ymax > w.ymax || c.xmax > w.xmax {
+            return Err(bad(format!(
+                "the part on the CCD {c:?} is not inside the window {w:?}"
+            )));
+        }
+        let shape = (c.ny(), c.nx());
         if self.pix.dim() != shape || self.ivar.dim() != shape {
             return Err(bad(format!(
-                "pixel arrays {:?}/{:?} do not match the window {:?}",
+                "pixel arrays {:?}/{:?} do not match the window's part on the CCD {:?}",
                 self.pix.dim(),
                 self.ivar.dim(),
                 shape
@@ -145,6 +219,10 @@ pub struct PatchResult {
     pub chi2pix: Array2<f64>,
     /// `A_core · flux` over the window (all `nwavestep` core bins), when requested.
     pub model: Option<Array2<f64>>,
+    /// For a patch whose window leaves the CCD, each kept bin's fraction of light on the CCD
+    /// ([`PatchInput::ccd_light`]); the bins below [`MIN_CCD_LIGHT`] hold 0 and are NODATA.
+    /// None for a patch on the CCD.
+    pub ccd_light: Option<Array2<f64>>,
     /// What happened.
     pub info: PatchInfo,
 }
@@ -160,10 +238,33 @@ impl PatchResult {
             pixmask_fraction: Array2::zeros((0, 0)),
             chi2pix: Array2::zeros((0, 0)),
             model,
+            ccd_light: None,
             info: PatchInfo {
                 on_device: true,
                 ..info
             },
+        }
+    }
+
+    /// Bins `(core fiber, kept bin)` with too little light on the CCD to be extracted.
+    pub fn starved(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        self.ccd_light
+            .iter()
+            .flat_map(|l| l.indexed_iter())
+            .filter(|(_, &l)| l < MIN_CCD_LIGHT)
+            .map(|(i, _)| i)
+    }
+
+    /// Zeroes the flux, ivar and chi2pix of the starved bins, as a NODATA bin holds them. Their
+    /// resolution is kept: a bin's stored diagonals are a column of the resolution matrix,
+    /// the weights of its true flux in the rows of its neighbours, which are extracted (zeroed,
+    /// it biases every neighbour's `R·flux` low by what that bin contributes).
+    pub fn zero_starved(&mut self) {
+        let starved: Vec<_> = self.starved().collect();
+        for (c, j) in starved {
+            self.flux[[c, j]] = 0.0;
+            self.fluxivar[[c, j]] = 0.0;
+            self.chi2pix[[c, j]] = 0.0;
         }
     }
 
@@ -177,6 +278,7 @@ impl PatchResult {
             pixmask_fraction: Array2::zeros(shape),
             chi2pix: Array2::zeros(shape),
             model: None,
+            ccd_light: None,
             info: PatchInfo::default(),
         }
     }

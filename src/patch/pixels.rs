@@ -28,15 +28,23 @@ impl PixelWindow {
     }
 
     /// Whether the window lies on a CCD of `npix_y × npix_x` pixels. gpu_specter's CPU path
-    /// drops patches whose rows leave the CCD (docs/science.md §2); columns outside it are
-    /// treated the same way here rather than wrapping around as numpy slicing would.
+    /// drops patches whose rows leave the CCD (docs/science.md §2); here such a patch is
+    /// extracted with the pixels off the CCD masked ([`PixelWindow::clip`]), and columns
+    /// outside it are treated as rows are rather than wrapping around as numpy slicing would.
     pub fn on_ccd(&self, npix_y: usize, npix_x: usize) -> bool {
-        self.ymin >= 0
-            && self.ymax <= npix_y as i64
-            && self.xmin >= 0
-            && self.xmax <= npix_x as i64
-            && self.ymax > self.ymin
-            && self.xmax > self.xmin
+        self.clip(npix_y, npix_x) == Some(*self)
+    }
+
+    /// The part of the window on a CCD of `npix_y × npix_x` pixels, or None when no pixel of
+    /// it is (or the window is empty).
+    pub fn clip(&self, npix_y: usize, npix_x: usize) -> Option<PixelWindow> {
+        let part = PixelWindow {
+            xmin: self.xmin.max(0),
+            xmax: self.xmax.min(npix_x as i64),
+            ymin: self.ymin.max(0),
+            ymax: self.ymax.min(npix_y as i64),
+        };
+        (part.ymax > part.ymin && part.xmax > part.xmin).then_some(part)
     }
 }
 
@@ -77,5 +85,31 @@ pub fn window(patch: &Patch, spots: &SpotSet, pixpad_frac: f64) -> PixelWindow {
         xmax,
         ymin: ypadmin + ypadlo,
         ymax: ypadmin + ypadhi,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PixelWindow;
+
+    #[test]
+    fn clip_keeps_the_part_on_the_ccd() {
+        let w = PixelWindow {
+            xmin: -3,
+            xmax: 40,
+            ymin: 90,
+            ymax: 130,
+        };
+        let on = w.clip(100, 50).unwrap();
+        assert_eq!((on.xmin, on.xmax, on.ymin, on.ymax), (0, 40, 90, 100));
+        assert!(!w.on_ccd(100, 50) && on.on_ccd(100, 50));
+        assert_eq!(on.clip(100, 50), Some(on));
+        let off = PixelWindow {
+            ymin: -20,
+            ymax: 0,
+            ..w
+        };
+        assert_eq!(off.clip(100, 50), None);
+        assert!(!off.on_ccd(100, 50));
     }
 }

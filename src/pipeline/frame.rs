@@ -17,7 +17,8 @@ pub mod specmask {
     pub const ALLBADPIX: u32 = 1 << 1;
     /// chi2pix far above its medians.
     pub const BAD2DFIT: u32 = 1 << 7;
-    /// No extraction: the patch left the CCD or could not be solved, or the bin has no data
+    /// No extraction: the patch's window misses the CCD or could not be solved, the bin puts
+    /// less than `extract::MIN_CCD_LIGHT` of its light on the CCD, or the bin has no data
     /// or a value that is not finite (see `withhold_unusable`).
     pub const NODATA: u32 = 1 << 8;
 }
@@ -39,8 +40,8 @@ pub struct FrameResult {
     pub chi2pix: Array2<f64>,
     /// PSF-weighted masked fraction.
     pub pixmask_fraction: Array2<f64>,
-    /// Bins whose patch was dropped (off the CCD) or failed, and bins withheld before
-    /// writing (`withhold_unusable`).
+    /// Bins whose patch was dropped (off the CCD) or failed, bins with too little light on
+    /// the CCD, and bins withheld before writing (`withhold_unusable`).
     pub nodata: Array2<bool>,
     /// Model image `[npix_y, npix_x]`, if requested.
     pub model: Option<Array2<f64>>,
@@ -57,8 +58,12 @@ pub struct FrameStats {
     pub retried: usize,
     /// Patches that failed even so.
     pub failed: usize,
-    /// Patches dropped because their pixels leave the CCD.
+    /// Patches dropped because no pixel of theirs is on the CCD.
     pub dropped: usize,
+    /// Patches whose window leaves the CCD, extracted with the pixels off it masked.
+    pub edge: usize,
+    /// Their bins with too little light on the CCD (`extract::MIN_CCD_LIGHT`), NODATA.
+    pub starved: usize,
     /// Time evaluating spots.
     pub spots: Duration,
     /// Time in the backend.
@@ -100,7 +105,7 @@ pub struct Region<'a> {
 }
 
 impl Region<'_> {
-    /// Whether `w` lies inside the region.
+    /// Whether `w` (a window's part on the CCD) lies inside the region.
     pub fn contains(&self, w: &pixels::PixelWindow) -> bool {
         w.ymin >= self.y0 as i64
             && w.xmin >= self.x0 as i64
@@ -231,28 +236,23 @@ pub fn extract_bundles(
         let mut inputs = Vec::with_capacity(patches.len());
         for p in &patches {
             let window = pixels::window(p, &spots, work.pixpad_frac);
-            if !window.on_ccd(psf.npix_y, psf.npix_x) {
+            let Some(ccd) = window.clip(psf.npix_y, psf.npix_x) else {
                 out.stats.dropped += 1;
                 mark_nodata(&mut out, p.ispec, p.nspec, p.iwave, p.nwave_keep);
                 continue;
-            }
-            if !region.contains(&window) {
+            };
+            if !region.contains(&ccd) {
                 return Err(FrameError::Input(format!(
                     "patch at fiber {}, bin {} reads CCD rows {}..{}, columns {}..{}, outside \
                      the pixels it was given (rows {}.., columns {}..)",
-                    p.ispec,
-                    p.iwave,
-                    window.ymin,
-                    window.ymax,
-                    window.xmin,
-                    window.xmax,
-                    region.y0,
-                    region.x0
+                    p.ispec, p.iwave, ccd.ymin, ccd.ymax, ccd.xmin, ccd.xmax, region.y0, region.x0
                 )));
             }
+            out.stats.edge += usize::from(ccd != window);
             inputs.push(PatchInput::from_region(
                 *p,
                 window,
+                ccd,
                 region.pix,
                 region.ivar,
                 (region.y0, region.x0),
@@ -275,6 +275,12 @@ pub fn extract_bundles(
                 mark_nodata(&mut out, p.ispec, p.nspec, p.iwave, nk);
                 continue;
             }
+            // The backend zeroed their flux and ivar (on the device too, where results stay
+            // there) and kept their resolution columns, the weights in their neighbours.
+            for (c, j) in r.starved() {
+                out.stats.starved += 1;
+                mark_nodata(&mut out, p.ispec + c, 1, w0 + j, 1);
+            }
             if !r.info.on_device {
                 let cells = s![f..f + p.nspec, w0..w0 + nk];
                 for (dst, src) in [
@@ -290,10 +296,12 @@ pub fn extract_bundles(
                     .assign(&r.resolution);
             }
             if let (Some(model), Some(m)) = (out.model.as_mut(), r.model.as_ref()) {
-                let w = inp.window;
-                let (ry, rx) = (w.ymin as usize - region.y0, w.xmin as usize - region.x0);
-                let mut dst = model.slice_mut(s![ry..ry + w.ny(), rx..rx + w.nx()]);
-                dst += m;
+                // The model covers the window; the image, the window's part on the CCD.
+                let (w, c) = (inp.window, inp.ccd);
+                let (ry, rx) = (c.ymin as usize - region.y0, c.xmin as usize - region.x0);
+                let (my, mx) = ((c.ymin - w.ymin) as usize, (c.xmin - w.xmin) as usize);
+                let mut dst = model.slice_mut(s![ry..ry + c.ny(), rx..rx + c.nx()]);
+                dst += &m.slice(s![my..my + c.ny(), mx..mx + c.nx()]);
             }
         }
         out.stats.patches += inputs.len();
@@ -336,7 +344,7 @@ fn mark_nodata(out: &mut FrameResult, ispec: usize, nspec: usize, iwave: usize, 
 pub const NO_DATA_LIGHT: f64 = 1e-10;
 
 /// Bins a frame withholds: written as NODATA with flux, ivar, chi2pix and resolution 0, like
-/// the bins of a patch that left the CCD, because their numbers say nothing.
+/// the bins of a patch whose window missed the CCD, because their numbers say nothing.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Withheld {
     /// Bins whose spot falls on masked pixels (or ivar 0) only.
@@ -344,7 +352,8 @@ pub struct Withheld {
     /// Bins with a value that is not finite, in f64 or once stored as float32 (an image of
     /// 1e38 gives fluxes beyond float32's range).
     pub non_finite: usize,
-    /// Bins NODATA already: their patch left the CCD or could not be solved.
+    /// Bins NODATA already: their patch's window missed the CCD or could not be solved, or
+    /// too little of their light falls on the CCD.
     pub dropped: usize,
     /// Bins of the frame.
     pub bins: usize,

@@ -196,8 +196,9 @@ pub fn cut(
         let corners = spots::corners(&prep.psf, fmin, nfib, &prep.grid.padded)?;
         let (mut ylo, mut yhi, mut xlo, mut xhi) = (i64::MAX, i64::MIN, i64::MAX, i64::MIN);
         for p in &patches {
+            // A window that leaves the CCD reads its part on it.
             let w = pixels::window(p, &corners, prep.patch.pixpad_frac);
-            if w.on_ccd(prep.psf.npix_y, prep.psf.npix_x) {
+            if let Some(w) = w.clip(prep.psf.npix_y, prep.psf.npix_x) {
                 ylo = ylo.min(w.ymin);
                 yhi = yhi.max(w.ymax);
                 xlo = xlo.min(w.xmin);
@@ -389,6 +390,8 @@ impl Assembly {
             st.retried += part.stats.retried;
             st.failed += part.stats.failed;
             st.dropped += part.stats.dropped;
+            st.edge += part.stats.edge;
+            st.starved += part.stats.starved;
             st.spots += part.stats.spots;
             st.solve += part.stats.solve;
             st.assemble += part.stats.assemble;

@@ -1,4 +1,4 @@
-//! specter's PSF tail term (extraction.md §3; specter `GaussHermitePSF._xypix`):
+//! specter's PSF tail term (docs/science.md §3; specter `GaussHermitePSF._xypix`):
 //!
 //! `TAILAMP · r² / (TAILCORE² + r²)^(1 + TAILINDE/2)`, `r² = (dx·TAILXSCA)² + (dy·TAILYSCA)²`,
 //!

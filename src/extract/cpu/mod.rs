@@ -45,8 +45,34 @@ thread_local! {
     static WORKSPACE: std::cell::RefCell<Workspace> = std::cell::RefCell::new(Workspace::default());
 }
 
-/// Extracts one patch on the calling thread.
+/// Extracts one patch on the calling thread. A patch whose window leaves the CCD is extracted
+/// on the whole window with the pixels off the CCD masked ([`PatchInput::padded`]), and its
+/// bins with too little light on the CCD are zeroed ([`PatchResult::zero_starved`]).
 pub fn extract_patch(
+    input: &PatchInput<'_>,
+    opts: &ExtractOptions,
+    ws: &mut Workspace,
+) -> PatchResult {
+    if !input.leaves_ccd() {
+        return extract_window(input, opts, ws);
+    }
+    let (pix, ivar) = input.padded();
+    let whole = PatchInput {
+        ccd: input.window,
+        pix: pix.view(),
+        ivar: ivar.view(),
+        ..input.clone()
+    };
+    let mut res = extract_window(&whole, opts, ws);
+    if !res.info.failed {
+        res.ccd_light = Some(input.ccd_light());
+        res.zero_starved();
+    }
+    res
+}
+
+/// Extracts a patch whose pixel arrays cover its whole window.
+fn extract_window(
     input: &PatchInput<'_>,
     opts: &ExtractOptions,
     ws: &mut Workspace,

@@ -300,3 +300,86 @@ fn band_cholesky_matches_dpbtrf() {
     assert_eq!(super::decorrelate::band_cholesky(n, kd, &mut bad), Err(300));
     assert_eq!(super::lapack::pbtrf_lower(n, kd, &mut lap), 301);
 }
+
+/// A patch whose window leaves the CCD is the same patch on a taller CCD whose extra rows are
+/// masked, bit for bit, apart from its bins with less than `MIN_CCD_LIGHT` of their light on
+/// the CCD, whose flux, ivar and chi2pix are 0; its `ccd_light` is what the pixmask fraction
+/// leaves.
+#[test]
+fn a_window_leaving_the_ccd_is_extracted_with_the_rows_off_it_masked() {
+    use crate::extract::MIN_CCD_LIGHT;
+    let psf = toy_psf(10, 2);
+    let popts = PatchOptions {
+        bundlesize: 10,
+        nsubbundles: 2,
+        nwavestep: 20,
+        wavepad: 8,
+        ..Default::default()
+    };
+    let grid = WaveGrid::new(5300.0, 5400.0, 1.0, &popts).unwrap();
+    let plan = Plan::new(0, 10, grid.wave.len(), psf.nfiber(), &popts);
+    let spots = spots::evaluate(&psf, 0, 10, &grid.padded).unwrap();
+    let pix = Array2::from_shape_fn((psf.npix_y, psf.npix_x), |(r, c)| {
+        100.0 + 30.0 * ((r as f64 * 0.37).sin() + (c as f64 * 0.61).cos())
+    });
+    let ivar = Array2::from_elem(pix.dim(), 0.01);
+    let opts = ExtractOptions {
+        regularize: 0.0,
+        psferr: 0.01,
+        ndiag: 3,
+        model_image: false,
+    };
+    let p = plan.patches[0][2];
+    let window = pixels::window(&p, &spots, popts.pixpad_frac);
+    // The CCD ends a little below the middle of the window: some core bins keep most of their
+    // light, some a part, some none.
+    let cut = (window.ymin + window.ny() as i64 / 2) as usize;
+    let short = (pix.slice(s![..cut, ..]), ivar.slice(s![..cut, ..]));
+    let edge = PatchInput::from_ccd(p, window, short.0, short.1, &spots);
+    assert!(edge.leaves_ccd() && edge.ccd.ymax == cut as i64);
+    let mut masked = ivar.clone();
+    masked.slice_mut(s![cut.., ..]).fill(0.0);
+    let tall = PatchInput::from_ccd(p, window, pix.view(), masked.view(), &spots);
+    assert!(!tall.leaves_ccd());
+    let mut ws = Workspace::default();
+    let a = extract_patch(&edge, &opts, &mut ws);
+    let b = extract_patch(&tall, &opts, &mut ws);
+    assert!(!a.info.failed && b.ccd_light.is_none());
+    let light = a
+        .ccd_light
+        .as_ref()
+        .expect("the light on the CCD of each bin");
+    let (mut starved, mut kept) = (0, 0);
+    for ((c, j), &l) in light.indexed_iter() {
+        // The core spots lie inside the window, so the light not on the CCD is masked light.
+        assert!(
+            (l - (1.0 - b.pixmask_fraction[[c, j]])).abs() < 1e-12,
+            "bin ({c}, {j}): light {l} vs pixmask {}",
+            b.pixmask_fraction[[c, j]]
+        );
+        let res = |r: &crate::extract::PatchResult| {
+            let mut v = vec![r.flux[[c, j]], r.fluxivar[[c, j]], r.chi2pix[[c, j]]];
+            v.extend(r.resolution.slice(s![c, .., j]).iter());
+            v.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        };
+        if l < MIN_CCD_LIGHT {
+            starved += 1;
+            // Flux, ivar and chi2pix zeroed; the resolution column (neighbours' weights) kept.
+            assert!(
+                res(&a)[..3].iter().all(|&x| x == 0),
+                "bin ({c}, {j}) not zeroed"
+            );
+            assert_eq!(res(&a)[3..], res(&b)[3..], "bin ({c}, {j})");
+        } else {
+            kept += 1;
+            assert_eq!(res(&a), res(&b), "bin ({c}, {j})");
+            assert!(a.fluxivar[[c, j]] > 0.0);
+        }
+        assert_eq!(
+            a.pixmask_fraction[[c, j]].to_bits(),
+            b.pixmask_fraction[[c, j]].to_bits()
+        );
+    }
+    assert!(starved > 0 && kept > 0, "{starved} starved, {kept} kept");
+    assert_eq!(a.starved().count(), starved);
+}

@@ -48,6 +48,7 @@ pub(in crate::extract::gpu) fn with_host_spots<'c>(
             Ok(PatchInput {
                 patch: inp.patch,
                 window: inp.window,
+                ccd: inp.ccd,
                 pix,
                 ivar,
                 spots,

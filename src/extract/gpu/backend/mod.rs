@@ -16,7 +16,9 @@
 //! Patches the GPU cannot finish (a factorisation that fails, a block whose eigenvalues are not
 //! positive, a non-finite output) are extracted again by the CPU backend, which retries them
 //! with regularisation exactly as it would its own: the semantics stay the CPU's. So does a
-//! batch that asks for the model image (not ported yet). Those patches need the spot values
+//! batch that asks for the model image (not ported yet), and so are the patches whose windows
+//! leave the CCD (`fallback::device_on_ccd`): the kernels index windows of the pixels on the
+//! device, and the CPU masks the pixels off the CCD in a padded copy. Those patches need the spot values
 //! on the host, which are then downloaded once per spot set.
 //!
 //! For the cuda-aware-mpi build the backend can also keep a work unit on the device at both
@@ -57,7 +59,7 @@ use super::solve;
 use super::spots::{self as gspots, DeviceSpots, SpotsKernel};
 use super::unit::{self, DeviceUnit};
 use super::{chi2, GpuError};
-use crate::extract::{Backend, ExtractError, ExtractOptions, PatchInput, PatchResult};
+use crate::extract::{fallback, Backend, ExtractError, ExtractOptions, PatchInput, PatchResult};
 use crate::psf::{Psf, SpotSet};
 
 pub(crate) use self::assemble::blocks_of;
@@ -205,7 +207,8 @@ impl Backend for GpuBackend {
             // The model image is not ported: the CPU computes such batches whole.
             self.cpu_batch(batch, opts, None)?
         } else {
-            let done = self.device_batch(batch, opts).map_err(|e| self.error(e))?;
+            let done = fallback::device_on_ccd(batch, |on| self.device_batch(on, opts))
+                .map_err(|e| self.error(e))?;
             self.cpu_batch(batch, opts, Some(done))?
         };
         self.keep_on_device(batch, results)

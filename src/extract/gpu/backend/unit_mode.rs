@@ -65,7 +65,10 @@ impl GpuBackend {
                     break;
                 }
             }
-            out.push(PatchResult::on_device(r.info, r.model));
+            // The starved bins went up as zeros; the frame still marks them NODATA.
+            let mut kept = PatchResult::on_device(r.info, r.model);
+            kept.ccd_light = r.ccd_light;
+            out.push(kept);
         }
         match failed {
             Some(e) => Err(self.error(e)),

@@ -269,6 +269,65 @@ mod tests {
         });
     }
 
+    /// The GPU backend's route for patches whose windows leave the CCD: the device (here the
+    /// chain of twins) gets only those on the CCD, the CPU the others, with the pixels off
+    /// the CCD masked. The whole batch matches the CPU backend's: bit for bit on the patches
+    /// the CPU took, at the parity figures on the rest.
+    #[test]
+    fn patches_leaving_the_ccd_go_to_the_cpu_the_rest_through_the_chain() {
+        use crate::extract::fallback::device_on_ccd;
+        let toy = Toy::new();
+        // A CCD that ends in the middle of the last patch's window.
+        let last = toy
+            .items
+            .iter()
+            .map(|(_, w)| *w)
+            .max_by_key(|w| w.ymax)
+            .unwrap();
+        let cut = (last.ymin + last.ny() as i64 / 2) as usize;
+        let (pix, ivar) = (
+            toy.pix.slice(ndarray::s![..cut, ..]),
+            toy.ivar.slice(ndarray::s![..cut, ..]),
+        );
+        let inputs: Vec<PatchInput<'_>> = toy
+            .items
+            .iter()
+            .filter(|(_, w)| w.ymin < cut as i64)
+            .map(|(p, w)| PatchInput::from_ccd(*p, *w, pix, ivar, &toy.set))
+            .collect();
+        let edge = inputs.iter().filter(|i| i.leaves_ccd()).count();
+        assert!(
+            edge > 0 && edge < inputs.len(),
+            "{edge} of {}",
+            inputs.len()
+        );
+        let mut taken = 0;
+        let done = device_on_ccd(&inputs, |on| {
+            assert!(on.iter().all(|i| !i.leaves_ccd()));
+            taken = on.len();
+            Ok::<_, GpuError>(assemble(on, &toy.opts, &twin_chain(on, &toy.opts)?))
+        })
+        .unwrap();
+        assert_eq!(taken + edge, inputs.len());
+        let got = complete_on_cpu(&inputs, &toy.opts, done).unwrap();
+        let cpu = CpuBackend.extract_batch(&inputs, &toy.opts).unwrap();
+        let (pull, dr) = compare(&cpu, &got);
+        assert!(
+            pull <= 1e-6 && dr <= 1e-9,
+            "max pull {pull:e}, max |dR| {dr:e}"
+        );
+        let bits = |a: &Array2<f64>| a.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        for (i, (a, b)) in inputs.iter().zip(cpu.iter().zip(&got)) {
+            assert_eq!(a.ccd_light.is_some(), i.leaves_ccd());
+            assert_eq!(b.ccd_light.is_some(), i.leaves_ccd());
+            if i.leaves_ccd() {
+                assert_eq!(bits(&a.flux), bits(&b.flux));
+                assert_eq!(bits(&a.fluxivar), bits(&b.fluxivar));
+                assert_eq!(a.ccd_light, b.ccd_light);
+            }
+        }
+    }
+
     /// The real DESI PSF and the shared preproc (bundle 0): patches at the bundle's lower edge
     /// (6 fibers), its middle and the grid's end, as one batch through the chain of twins.
     #[test]

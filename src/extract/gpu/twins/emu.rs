@@ -752,6 +752,7 @@ mod scenes {
                 PatchInput::from_region(
                     *p,
                     *w,
+                    *w,
                     scene.pix.view(),
                     scene.ivar.view(),
                     scene.origin,

@@ -457,6 +457,7 @@ mod tests {
         // A window one column narrower than its spots: the kernel reads no column bounds.
         let inp = &mut inputs[1];
         inp.window.xmax -= 1;
+        inp.ccd.xmax -= 1;
         let nx = inp.window.nx();
         inp.pix = inp.pix.slice_move(ndarray::s![.., ..nx]);
         inp.ivar = inp.ivar.slice_move(ndarray::s![.., ..nx]);

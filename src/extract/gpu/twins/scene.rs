@@ -225,6 +225,7 @@ impl Scene {
                 PatchInput::from_region(
                     *p,
                     *w,
+                    *w,
                     self.pix.view(),
                     self.ivar.view(),
                     self.origin,
