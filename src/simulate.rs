@@ -12,7 +12,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal, Poisson};
 
-use crate::io::{write_preproc, write_truth, Fibermap, IoError, Truth};
+use crate::io::{
+    write_model_image, write_preproc, write_truth, Fibermap, IoError, ModelImage, Truth,
+};
 use crate::psf::spots::SpotEvaluator;
 use crate::psf::{Psf, PsfError};
 
@@ -446,6 +448,19 @@ pub fn write_simulation(
     )?;
     write_truth(truth_path, &sim.truth)?;
     Ok(sim)
+}
+
+/// Writes the noiseless image of `sim` as a model image (MODFLUX 'truth', the lit fibers, the
+/// truth grid), to judge an extraction's model image against.
+pub fn write_noiseless(path: &Path, sim: &Simulation, overwrite: bool) -> Result<(), IoError> {
+    let image = ModelImage {
+        pixels: &sim.model,
+        flux: "truth",
+        specmin: sim.truth.specmin,
+        nspec: sim.truth.phot.nrows(),
+        wave: &sim.truth.wave,
+    };
+    write_model_image(path, &image, overwrite)
 }
 
 #[cfg(test)]

@@ -28,6 +28,7 @@ pub fn resolve_config(flags: &ExtractionFlags) -> Result<Config> {
     e.regularize = flags.regularize.unwrap_or(e.regularize);
     e.psferr = flags.psferr.unwrap_or(e.psferr);
     e.allow_camera_mismatch |= flags.allow_camera_mismatch;
+    e.model_flux = flags.model_flux.unwrap_or(e.model_flux);
     let p = &mut cfg.patch;
     p.bundlesize = flags.bundlesize.unwrap_or(p.bundlesize);
     p.nsubbundles = flags.nsubbundles.unwrap_or(p.nsubbundles);
@@ -547,7 +548,7 @@ fn single(args: &ExtractArgs, cfg: &Config) -> Result<()> {
         &prep.grid,
         &frame_meta(&prep),
         output,
-        args.model_image.as_deref(),
+        args.model_image.as_deref().zip(prep.opts.model_image),
         args.overwrite,
     )?;
     info!(

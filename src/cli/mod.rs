@@ -94,6 +94,10 @@ pub struct ExtractionFlags {
     /// Extract even when the image's CAMERA differs from the PSF's (otherwise refused).
     #[arg(long)]
     pub allow_camera_mismatch: bool,
+    /// Flux the model image (-m) projects through the PSF: deconvolved (reproduces the pixels)
+    /// or decorrelated (gpu_specter's image) [default: deconvolved].
+    #[arg(long)]
+    pub model_flux: Option<crate::extract::ModelFlux>,
 }
 
 /// `spextract extract`.

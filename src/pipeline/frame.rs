@@ -205,7 +205,7 @@ pub fn extract_bundles(
         chi2pix: Array2::zeros((nspec, nwave)),
         pixmask_fraction: Array2::zeros((nspec, nwave)),
         nodata: Array2::from_elem((nspec, nwave), false),
-        model: opts.model_image.then(|| Array2::zeros(region.pix.dim())),
+        model: opts.model_image.map(|_| Array2::zeros(region.pix.dim())),
         stats: FrameStats::default(),
     };
     let total: usize = plan.patches[work.bundles.clone()]
@@ -548,7 +548,7 @@ pub(crate) mod tests {
                 regularize: 0.0,
                 psferr: 0.01,
                 ndiag: psf.hsizey,
-                model_image: false,
+                model_image: None,
             };
             ToyFrame {
                 psf,

@@ -10,8 +10,8 @@ use std::time::Instant;
 use tracing::warn;
 
 use crate::config::{self, Config};
-use crate::extract::ExtractOptions;
-use crate::io::frame::{write_frame_set, Frame, FrameMeta};
+use crate::extract::{ExtractOptions, ModelFlux};
+use crate::io::frame::{write_frame_set, Frame, FrameMeta, ModelImage};
 use crate::io::image::{read_preproc, Preproc};
 use crate::io::psf::read_psf;
 use crate::io::IoError;
@@ -420,7 +420,7 @@ pub fn prepare_frame(
         regularize: cfg.extract.regularize,
         psferr,
         ndiag: psf.hsizey,
-        model_image,
+        model_image: model_image.then_some(cfg.extract.model_flux),
     };
     Ok(Prepared {
         psf_path: psf_path.to_path_buf(),
@@ -536,10 +536,22 @@ pub fn write_outputs(
     grid: &WaveGrid,
     meta: &FrameMeta,
     output: &Path,
-    model_image: Option<&Path>,
+    model_image: Option<(&Path, ModelFlux)>,
     overwrite: bool,
 ) -> Result<(), PrepareError> {
-    let model = model_image.zip(res.model.as_ref());
+    let image = model_image
+        .zip(res.model.as_ref())
+        .map(|((path, flux), pixels)| {
+            let image = ModelImage {
+                pixels,
+                flux: flux.name(),
+                specmin: res.specmin,
+                nspec: res.flux.nrows(),
+                wave: &res.wave,
+            };
+            (path, image)
+        });
+    let model = image.as_ref().map(|(path, image)| (*path, image));
     write_frame_set(output, &frame_of(res, grid), meta, model, overwrite)?;
     Ok(())
 }
