@@ -83,6 +83,9 @@ pub struct ExtractConfig {
     /// Which flux the model image (`-m`) projects: "deconvolved" (reproduces the pixels) or
     /// "decorrelated" (gpu_specter's image).
     pub model_flux: crate::extract::ModelFlux,
+    /// Extract twice, the second time with each pixel's variance from the first pass's model
+    /// instead of the pixel (single frames only).
+    pub ivar_from_model: bool,
 }
 
 impl Default for ExtractConfig {
@@ -96,6 +99,7 @@ impl Default for ExtractConfig {
             mask_bits: 0x2FF,
             allow_camera_mismatch: false,
             model_flux: crate::extract::ModelFlux::Deconvolved,
+            ivar_from_model: false,
         }
     }
 }

@@ -98,6 +98,11 @@ pub struct ExtractionFlags {
     /// or decorrelated (gpu_specter's image) [default: deconvolved].
     #[arg(long)]
     pub model_flux: Option<crate::extract::ModelFlux>,
+    /// Extract twice, the second time with each pixel's variance from the first pass's model
+    /// (read noise + max(model, 0)) instead of from the pixel: unbiased flux when IVAR was
+    /// computed from the data, as DESI's preproc does. Single frames only.
+    #[arg(long)]
+    pub ivar_from_model: bool,
 }
 
 /// `spextract extract`.

@@ -60,6 +60,10 @@ pub struct SimulateArgs {
     /// HDU with MODFLUX = 'truth'), to judge a model image against.
     #[arg(long)]
     pub noiseless: Option<PathBuf>,
+    /// Compute IVAR from the noisy pixels, as DESI's preproc does (`1/(readnoise² +
+    /// max(pix, 0))`), instead of from the noiseless image.
+    #[arg(long)]
+    pub ivar_from_data: bool,
     /// Replace existing files.
     #[arg(long)]
     pub overwrite: bool,
@@ -122,6 +126,7 @@ pub fn run(args: &SimulateArgs) -> Result<()> {
         seed: args.seed,
         specmin: args.specmin,
         nspec: args.nspec,
+        ivar_from_data: args.ivar_from_data,
         ..Default::default()
     };
     if let Some(c) = camera.or_else(|| psf.camera.clone()) {
