@@ -1,8 +1,9 @@
 //! One frame from files to a plan, and from results back to a file: what the single-frame
-//! command and the pipeline's reader and writer share.
+//! command and the pipeline's reader and writer share; and the single frame's extraction,
+//! once or, with `--ivar-from-model`, twice (`extract_prepared`).
 //!
-//! Imports `psf`, `io`, `patch`, `extract`, `config` and the pipeline's `frame`, `env` and
-//! `request`.
+//! Imports `psf`, `io`, `patch`, `extract`, `config` and the pipeline's `frame`, `env`,
+//! `ivar_model` and `request`.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
