@@ -27,6 +27,10 @@ pub struct ExtractOptions {
     pub ndiag: usize,
     /// Whether to compute each patch's contribution to the model image, and from which flux.
     pub model_image: Option<ModelFlux>,
+    /// With the model image, also each pixel's leverage on it, `∂model/∂pix` (the hat
+    /// matrix's diagonal over the core fibers' core bins), for a model that leaves the
+    /// pixel's own noise out (`--ivar-from-model`).
+    pub leverage: bool,
 }
 
 /// Which flux a patch projects through the PSF for its part of the model image (its core
@@ -190,6 +194,9 @@ pub struct PatchResult {
     /// The patch's part of the model image over its window: its core fibers' `nwavestep` core
     /// bins projected through the PSF from the flux `ExtractOptions::model_image` names.
     pub model: Option<Array2<f64>>,
+    /// The patch's part of each window pixel's leverage on the model image, when requested
+    /// (`ExtractOptions::leverage`).
+    pub leverage: Option<Array2<f64>>,
     /// What happened.
     pub info: PatchInfo,
 }
@@ -205,6 +212,7 @@ impl PatchResult {
             pixmask_fraction: Array2::zeros((0, 0)),
             chi2pix: Array2::zeros((0, 0)),
             model,
+            leverage: None,
             info: PatchInfo {
                 on_device: true,
                 ..info
@@ -222,6 +230,7 @@ impl PatchResult {
             pixmask_fraction: Array2::zeros(shape),
             chi2pix: Array2::zeros(shape),
             model: None,
+            leverage: None,
             info: PatchInfo::default(),
         }
     }

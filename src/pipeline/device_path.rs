@@ -311,6 +311,7 @@ mod tests {
             pixmask_fraction: f(4),
             nodata: Array2::from_elem((nspec, nwave), false),
             model: None,
+            leverage: None,
             stats: FrameStats::default(),
         }
     }

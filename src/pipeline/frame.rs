@@ -44,6 +44,9 @@ pub struct FrameResult {
     pub nodata: Array2<bool>,
     /// Model image `[npix_y, npix_x]`, if requested.
     pub model: Option<Array2<f64>>,
+    /// Each pixel's leverage on the model image, if requested (`ExtractOptions::leverage`).
+    #[serde(default)]
+    pub leverage: Option<Array2<f64>>,
     /// What happened, with timings.
     pub stats: FrameStats,
 }
@@ -206,6 +209,8 @@ pub fn extract_bundles(
         pixmask_fraction: Array2::zeros((nspec, nwave)),
         nodata: Array2::from_elem((nspec, nwave), false),
         model: opts.model_image.map(|_| Array2::zeros(region.pix.dim())),
+        leverage: (opts.model_image.is_some() && opts.leverage)
+            .then(|| Array2::zeros(region.pix.dim())),
         stats: FrameStats::default(),
     };
     let total: usize = plan.patches[work.bundles.clone()]
@@ -289,11 +294,13 @@ pub fn extract_bundles(
                     .slice_mut(s![f..f + p.nspec, .., w0..w0 + nk])
                     .assign(&r.resolution);
             }
-            if let (Some(model), Some(m)) = (out.model.as_mut(), r.model.as_ref()) {
-                let w = inp.window;
-                let (ry, rx) = (w.ymin as usize - region.y0, w.xmin as usize - region.x0);
-                let mut dst = model.slice_mut(s![ry..ry + w.ny(), rx..rx + w.nx()]);
-                dst += m;
+            for (image, part) in [(&mut out.model, &r.model), (&mut out.leverage, &r.leverage)] {
+                if let (Some(image), Some(part)) = (image.as_mut(), part.as_ref()) {
+                    let w = inp.window;
+                    let (ry, rx) = (w.ymin as usize - region.y0, w.xmin as usize - region.x0);
+                    let mut dst = image.slice_mut(s![ry..ry + w.ny(), rx..rx + w.nx()]);
+                    dst += part;
+                }
             }
         }
         out.stats.patches += inputs.len();
@@ -549,6 +556,7 @@ pub(crate) mod tests {
                 psferr: 0.01,
                 ndiag: psf.hsizey,
                 model_image: None,
+                leverage: false,
             };
             ToyFrame {
                 psf,

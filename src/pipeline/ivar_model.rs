@@ -2,20 +2,27 @@
 //!
 //! DESI's preproc computes a pixel's variance from the pixel itself, `r + max(pix, 0)` (`r` the
 //! read-noise term, in electrons²). A pixel that fluctuates low gets more weight, and the
-//! extracted flux comes out biased low (about half a sigma per bin). With the option the frame
-//! is extracted twice: the first pass's model image (the deconvolved flux projected through
-//! the PSF, the very model of `ModelFlux::Deconvolved`) replaces the data in the variance,
-//! `r + max(model, 0)`, where `r = 1/ivar − max(pix, 0)` is recovered pixel by pixel from what
-//! preproc wrote; the second pass extracts with that ivar. Once is enough: the first pass's
-//! model is biased by a fraction of the flux's own noise, which moves the variance by far
-//! less than the noise does.
+//! extracted flux comes out biased low (about half a sigma per bin). With the option the
+//! read-noise term is recovered pixel by pixel from what preproc wrote, `r = 1/ivar −
+//! max(pix, 0)`, and the frame is extracted twice (`prepare::extract_prepared`):
+//! 1. with the light of each pixel taken from its unmasked neighbours along the trace
+//!    ([`ivar_from_neighbours`]), which follow none of the pixel's own noise, so that this
+//!    pass's flux, and the model made from it, are unbiased;
+//! 2. with `r + max(model, 0)`, the model being the first pass's model image (the deconvolved
+//!    flux through the PSF, `ModelFlux::Deconvolved`) with each pixel's own value taken out by
+//!    its leverage ([`leave_one_out`]): a fitted model follows the pixels' noise by their
+//!    leverage, and would bring back a tenth of the bias.
+//!
+//! Twice is enough: on a frame simulated through the real r PSF the second pass's flux has
+//! a mean pull of +0.02 and chi²/dof 1.01 against the truth (README). A third pass would cost
+//! another extraction for what is within the noise.
 //!
 //! The model holds the light of the extracted fibers only: pixels lit by fibers that are not
-//! extracted get the read-noise term and the extracted fibers' light. Extract every lit fiber
-//! (a whole frame) for an unbiased variance at the edges of the extracted set.
+//! extracted get the read-noise term and the extracted fibers' light in the second pass.
+//! Extract every lit fiber (a whole frame) for an unbiased variance at the edges of the
+//! extracted set.
 //!
-//! Pure arithmetic on the image planes: imports nothing of the crate. The two passes are
-//! `prepare::extract_prepared`.
+//! Pure arithmetic on the image planes: imports nothing of the crate.
 
 use ndarray::{Array2, ArrayView2, Zip};
 
@@ -91,6 +98,62 @@ pub fn read_noise_term(
 /// within each amplifier up to float32 rounding, far below the Poisson noise of any pixel.
 pub fn is_from_data(r: f64, dr: f64) -> bool {
     dr <= 1e-2 * r.abs() + 1e-2
+}
+
+/// IVAR for the first pass, with the light of each pixel taken from its unmasked neighbours
+/// above and below (along the trace, where the light changes slowly) instead of from the
+/// pixel: `1/(r + max(light, 0)/gain)`, the pixel itself only when both are masked. Preproc's
+/// variance would bias the first pass's flux, and with it the model, low by about half a
+/// sigma; this one follows no pixel's own noise. Pixels with ivar 0 stay 0.
+pub fn ivar_from_neighbours(
+    pix: ArrayView2<'_, f64>,
+    ivar: ArrayView2<'_, f64>,
+    gain: f64,
+) -> Array2<f64> {
+    let (ny, nx) = pix.dim();
+    Array2::from_shape_fn((ny, nx), |(y, x)| {
+        let iv = ivar[[y, x]];
+        if iv <= 0.0 {
+            return 0.0;
+        }
+        let (mut sum, mut n) = (0.0, 0);
+        for yy in [y.wrapping_sub(1), y + 1] {
+            if yy < ny && ivar[[yy, x]] > 0.0 {
+                sum += pix[[yy, x]];
+                n += 1;
+            }
+        }
+        let p = pix[[y, x]];
+        let light = if n > 0 { sum / n as f64 } else { p };
+        let var = 1.0 / iv - p.max(0.0) / gain + light.max(0.0) / gain;
+        if var > 0.0 {
+            1.0 / var
+        } else {
+            0.0
+        }
+    })
+}
+
+/// The model each pixel would have without its own value: `(m − h·pix)/(1 − h)` with `h` the
+/// pixel's leverage on the model `m`. A fitted model follows the noise of the pixels it was
+/// fitted to by their leverage (a tenth to a few tenths near a trace), and a variance made
+/// from it would weight low fluctuations up again, by that fraction; this one does not. Pixels of
+/// leverage outside 0..0.99 (or not finite) keep `m`.
+pub fn leave_one_out(
+    pix: ArrayView2<'_, f64>,
+    model: ArrayView2<'_, f64>,
+    leverage: ArrayView2<'_, f64>,
+) -> Array2<f64> {
+    Zip::from(pix)
+        .and(model)
+        .and(leverage)
+        .map_collect(|&p, &m, &h| {
+            if h.is_finite() && (0.0..0.99).contains(&h) {
+                (m - h * p) / (1.0 - h)
+            } else {
+                m
+            }
+        })
 }
 
 /// IVAR with `model` in place of the data: `1/(r + max(model, 0)/gain)` where

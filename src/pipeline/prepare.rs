@@ -21,7 +21,9 @@ use crate::patch::{PatchOptions, Plan, WaveGrid};
 use crate::pipeline::frame::{
     extract_frame, finalize, withhold_unusable, FrameError, FrameResult, Progress, Withheld,
 };
-use crate::pipeline::ivar_model::{image_gain, is_from_data, ivar_from_model, read_noise_term};
+use crate::pipeline::ivar_model::{
+    image_gain, is_from_data, ivar_from_model, ivar_from_neighbours, leave_one_out, read_noise_term,
+};
 use crate::pipeline::request::{FrameRequest, InputId, RequestError};
 use crate::psf::Psf;
 
@@ -434,6 +436,7 @@ pub fn prepare_frame(
         psferr,
         ndiag: psf.hsizey,
         model_image: model_image.then_some(cfg.extract.model_flux),
+        leverage: false,
     };
     Ok(Prepared {
         psf_path: psf_path.to_path_buf(),
@@ -575,9 +578,10 @@ pub fn frame_of(res: &FrameResult, grid: &WaveGrid) -> Frame {
     }
 }
 
-/// Extracts a prepared frame: once, or, with `prep.ivar_model`, twice (the second time with
-/// the variance from the first pass's model). Progress runs over both passes; the stage
-/// timings are the sum of both, the counts the second pass's.
+/// Extracts a prepared frame: once, or, with `prep.ivar_model_gain`, twice, the first time
+/// with the variance from each pixel's neighbours and the second with the variance from the
+/// first pass's model, leaving each pixel's own value out (`ivar_model`). Progress runs over
+/// both passes; the stage timings are the sum of both, the counts the second pass's.
 pub fn extract_prepared(
     prep: &Prepared,
     backend: &mut dyn Backend,
@@ -601,15 +605,17 @@ pub fn extract_prepared(
     };
     let first_opts = ExtractOptions {
         model_image: Some(ModelFlux::Deconvolved),
+        leverage: true,
         ..prep.opts
     };
-    let first = run(prep.preproc.ivar.view(), &first_opts, &|d, t| {
-        progress(d, 2 * t)
-    })?;
-    let model = first
+    let ivar0 = ivar_from_neighbours(prep.preproc.image.view(), prep.preproc.ivar.view(), gain);
+    let first = run(ivar0.view(), &first_opts, &|d, t| progress(d, 2 * t))?;
+    let (model, leverage) = first
         .model
         .as_ref()
-        .expect("the first pass asked for the model");
+        .zip(first.leverage.as_ref())
+        .expect("the first pass asked for the model and its leverage");
+    let model = leave_one_out(prep.preproc.image.view(), model.view(), leverage.view());
     let ivar = ivar_from_model(
         prep.preproc.image.view(),
         prep.preproc.ivar.view(),

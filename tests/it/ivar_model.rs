@@ -1,6 +1,6 @@
 //! `--ivar-from-model` (issue 14 item 1): on an image whose IVAR was computed from its own
-//! pixels (`simulate --ivar-from-data`), the second pass with the variance from the model
-//! removes most of the flux's bias; an IVAR from a model is left as it is; cosmic rays that
+//! pixels (`simulate --ivar-from-data`), the two passes with the variance from the model
+//! remove the flux's bias; an IVAR from a model is left as it is; cosmic rays that
 //! slipped through the mask are still flagged; lists refuse the option.
 
 use std::path::Path;
@@ -84,37 +84,48 @@ fn before_after(
     (before, out.remove(0), log)
 }
 
-/// The bias of IVAR from the data, and what the second pass leaves of it (the pass's model
-/// follows the pixel's own noise by its leverage, so a little of the bias stays: see the
-/// module `pipeline::ivar_model`).
+/// |Mean pull| after the option at most this (issue 14).
+const MEAN_PULL_TOL: f64 = 0.05;
+/// |chi²/dof − 1| over the frame after the option at most this.
+const CHI2_TOL: f64 = 0.03;
+/// Every fiber's |chi²/dof − 1| after the option at most this, or four of its standard
+/// deviations, `4·√(2/bins)`, on a fiber too short for 0.1 to mean anything (the small CCD's
+/// 491 bins scatter by 0.064).
+const FIBER_CHI2_TOL: f64 = 0.1;
+
+/// The bias of IVAR from the data before, and none of it after.
 #[track_caller]
-fn assert_bias_mostly_removed(before: &TruthStats, after: &TruthStats) {
+fn assert_unbiased(before: &TruthStats, after: &TruthStats) {
     assert!(before.mean_pull < -0.3, "before: {before:?}");
     assert!(before.chi2dof > 1.2, "before: {before:?}");
-    assert!(after.mean_pull.abs() < 0.1, "after: {after:?}");
-    assert!((after.chi2dof - 1.0).abs() < 0.1, "after: {after:?}");
-    assert!(after.mean_pull.abs() < before.mean_pull.abs() / 5.0);
+    assert!(after.mean_pull.abs() < MEAN_PULL_TOL, "after: {after:?}");
+    assert!((after.chi2dof - 1.0).abs() <= CHI2_TOL, "after: {after:?}");
+    let bins = after.nbins as f64 / after.per_fiber.len() as f64;
+    let tol = FIBER_CHI2_TOL.max(4.0 * (2.0 / bins).sqrt());
+    for &(f, c) in &after.per_fiber {
+        assert!((c - 1.0).abs() <= tol, "fiber {f}: {c} (±{tol}); {after:?}");
+    }
 }
 
 #[test]
-fn ivar_from_model_removes_most_of_the_bias_synthetic_psf() {
+fn ivar_from_model_removes_the_bias_synthetic_psf() {
     let dir = tempfile::tempdir().unwrap();
     let psf = dir.path().join("psf.fits");
     write_psf(&psf, &small_psf()).unwrap();
     let (before, after, log) = before_after(dir.path(), &psf, 25, Some(SMALL_GRID), true);
     assert!(log.contains("extracting twice"), "{log}");
-    assert_bias_mostly_removed(&before, &after);
+    assert_unbiased(&before, &after);
 }
 
 #[test]
-fn ivar_from_model_removes_most_of_the_bias_real_psf() {
+fn ivar_from_model_removes_the_bias_real_psf() {
     let Some(data) = shared_data(&["psf-r0-00067784.fits"]) else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
     let psf = data.join("psf-r0-00067784.fits");
     let (before, after, _) = before_after(dir.path(), &psf, 50, None, true);
-    assert_bias_mostly_removed(&before, &after);
+    assert_unbiased(&before, &after);
 }
 
 /// An IVAR that already comes from a model has no read-noise term to recover: the option

@@ -190,6 +190,15 @@ fn solve(
         let (lo, hi) = (layout.core_fiber * nwt, (layout.core_fiber + p.nspec) * nwt);
         chi2::add_spots(input, &ws.geom, &coef, lo..hi, slice);
         res.model = Some(img);
+        if opts.leverage {
+            let core: Vec<usize> = (0..p.nspec)
+                .flat_map(|c| {
+                    let f = layout.core_fiber + c;
+                    (0..nstep).map(move |j| f * nwt + p.wavepad + j)
+                })
+                .collect();
+            res.leverage = Some(chi2::leverage(input, &ws.geom, &core, &ws.decorr));
+        }
     }
     Some(res)
 }

@@ -132,10 +132,23 @@ pub fn extract_patch_dense(input: &PatchInput<'_>, opts: &ExtractOptions) -> Opt
             }
         }
         let img = a.dot(&coef);
-        res.model = Some(
-            img.into_shape_with_order((input.window.ny(), input.window.nx()))
-                .ok()?,
-        );
+        let shape = (input.window.ny(), input.window.nx());
+        res.model = Some(img.into_shape_with_order(shape).ok()?);
+        if opts.leverage {
+            // h_i = ivar_i · Σ_{u ∈ core} a_iu (A·C)_iu.
+            let ac = a.dot(&cov);
+            let h = Array1::from_shape_fn(a.nrows(), |i| {
+                let mut sum = 0.0;
+                for c in 0..p.nspec {
+                    for j in 0..nstep {
+                        let u = (core0 + c) * nwt + p.wavepad + j;
+                        sum += a[[i, u]] * ac[[i, u]];
+                    }
+                }
+                ivar[i] * sum
+            });
+            res.leverage = Some(h.into_shape_with_order(shape).ok()?);
+        }
     }
     Some(res)
 }

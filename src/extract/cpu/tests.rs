@@ -84,6 +84,7 @@ fn fast_path_matches_dense_oracle() {
         psferr: 0.01,
         ndiag: 3,
         model_image: Some(crate::extract::ModelFlux::Decorrelated),
+        leverage: false,
     };
     let mut ws = Workspace::default();
     let mut checked = 0;
@@ -148,6 +149,7 @@ fn model_image_projects_the_chosen_flux() {
         psferr: 0.01,
         ndiag: 3,
         model_image: Some(which),
+        leverage: false,
     };
     let mut ws = Workspace::default();
     let mut checked = 0;
@@ -203,6 +205,62 @@ fn model_image_projects_the_chosen_flux() {
     assert!(checked > 0);
 }
 
+/// Each pixel's leverage on the model image, from the band of `C` the solve keeps, is the
+/// dense hat matrix's diagonal over the core fibers' core bins; and it is what the model
+/// does when the pixel moves.
+#[test]
+fn leverage_is_the_hat_matrix_diagonal() {
+    let psf = toy_psf(12, 2);
+    let popts = PatchOptions {
+        bundlesize: 12,
+        nsubbundles: 3,
+        nwavestep: 20,
+        wavepad: 5,
+        ..Default::default()
+    };
+    let grid = WaveGrid::new(5200.0, 5260.0, 1.0, &popts).unwrap();
+    let plan = Plan::new(0, 12, grid.wave.len(), psf.nfiber(), &popts);
+    let spots = spots::evaluate(&psf, 0, 12, &grid.padded).unwrap();
+    let pix = Array2::from_shape_fn((psf.npix_y, psf.npix_x), |(r, c)| {
+        100.0 + 30.0 * ((r as f64 * 0.37).sin() + (c as f64 * 0.61).cos())
+    });
+    let ivar = Array2::from_shape_fn(pix.dim(), |(r, c)| 0.01 + 0.001 * ((r + c) % 5) as f64);
+    let opts = ExtractOptions {
+        regularize: 0.0,
+        psferr: 0.01,
+        ndiag: 3,
+        model_image: Some(ModelFlux::Deconvolved),
+        leverage: true,
+    };
+    let mut ws = Workspace::default();
+    let p = plan.patches[0][1];
+    let window = pixels::window(&p, &spots, popts.pixpad_frac);
+    let inp = PatchInput::from_ccd(p, window, pix.view(), ivar.view(), &spots);
+    let fast = extract_patch(&inp, &opts, &mut ws);
+    let dense = oracle::extract_patch_dense(&inp, &opts).unwrap();
+    let (h, hd) = (fast.leverage.unwrap(), dense.leverage.unwrap());
+    let hmax = hd.iter().copied().fold(0.0, f64::max);
+    // The core bins' share of the hat matrix's diagonal (it may pass 1 where the padding
+    // bins' share is negative).
+    assert!(hmax > 0.05, "{hmax}");
+    for (a, b) in h.iter().zip(&hd) {
+        assert!((a - b).abs() <= 1e-9 * (1.0 + b.abs()), "{a} vs {b}");
+    }
+    // The model moves by h when the pixel of the largest leverage moves by one.
+    let (k, _) = h
+        .iter()
+        .enumerate()
+        .fold((0, 0.0), |m, (k, &v)| if v > m.1 { (k, v) } else { m });
+    let (ry, rx) = (k / window.nx(), k % window.nx());
+    let mut moved = pix.clone();
+    moved[[window.ymin as usize + ry, window.xmin as usize + rx]] += 1.0;
+    let inp2 = PatchInput::from_ccd(p, window, moved.view(), ivar.view(), &spots);
+    let after = extract_patch(&inp2, &opts, &mut ws).model.unwrap();
+    let before = extract_patch(&inp, &opts, &mut ws).model.unwrap();
+    let dm = after[[ry, rx]] - before[[ry, rx]];
+    assert!((dm - h[[ry, rx]]).abs() < 1e-6, "{dm} vs {}", h[[ry, rx]]);
+}
+
 #[test]
 fn resolution_rows_sum_to_one_and_the_band_keeps_them() {
     let psf = toy_psf(10, 2);
@@ -224,6 +282,7 @@ fn resolution_rows_sum_to_one_and_the_band_keeps_them() {
         psferr: 0.01,
         ndiag,
         model_image: None,
+        leverage: false,
     };
     let mut ws = Workspace::default();
     for p in plan.patches.iter().flatten() {
@@ -285,6 +344,7 @@ impl RealBundle0 {
             psferr: 0.01,
             ndiag: psf.hsizey,
             model_image: None,
+            leverage: false,
         };
         Some(RealBundle0 {
             img,

@@ -143,6 +143,7 @@ mod tests {
                 psferr: 0.01,
                 ndiag: psf.hsizey,
                 model_image: None,
+                leverage: false,
             };
             Toy {
                 set,

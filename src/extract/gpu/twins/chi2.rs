@@ -568,6 +568,7 @@ mod tests {
             psferr: 0.01,
             ndiag: 3,
             model_image: None,
+            leverage: false,
         };
         let d = compare_twin_with_cpu(&scene, &opts);
         report("toy PSF", &d);
@@ -590,6 +591,7 @@ mod tests {
             psferr: 0.01,
             ndiag,
             model_image: None,
+            leverage: false,
         };
         let d = compare_twin_with_cpu(&scene, &opts);
         report("real PSF", &d);
@@ -644,6 +646,7 @@ mod tests {
             psferr: 0.01,
             ndiag,
             model_image: None,
+            leverage: false,
         };
         let layout = BatchLayout::new(&inputs).unwrap();
         let dims = Chi2Layout::new(&inputs, &layout).unwrap();

@@ -524,6 +524,7 @@ mod tests {
             psferr: 0.01,
             ndiag: bundle.psf.hsizey,
             model_image: None,
+            leverage: false,
         };
         let what = bundle.what;
         (bundle.into_scene(seed, Recipe::default()), opts, what)
