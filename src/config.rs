@@ -80,6 +80,12 @@ pub struct ExtractConfig {
     pub mask_bits: i32,
     /// Extract an image whose CAMERA differs from its PSF's (refused otherwise).
     pub allow_camera_mismatch: bool,
+    /// Which flux the model image (`-m`) projects: "deconvolved" (reproduces the pixels) or
+    /// "decorrelated" (gpu_specter's image).
+    pub model_flux: crate::extract::ModelFlux,
+    /// Extract twice, the second time with each pixel's variance from the first pass's model
+    /// instead of the pixel (single frames only).
+    pub ivar_from_model: bool,
 }
 
 impl Default for ExtractConfig {
@@ -92,6 +98,8 @@ impl Default for ExtractConfig {
             psferr: -1.0,
             mask_bits: 0x2FF,
             allow_camera_mismatch: false,
+            model_flux: crate::extract::ModelFlux::Deconvolved,
+            ivar_from_model: false,
         }
     }
 }

@@ -12,7 +12,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal, Poisson};
 
-use crate::io::{write_preproc, write_truth, Fibermap, IoError, Truth};
+use crate::io::{
+    write_model_image, write_preproc, write_truth, Fibermap, IoError, ModelImage, Truth,
+};
 use crate::psf::spots::SpotEvaluator;
 use crate::psf::{Psf, PsfError};
 
@@ -76,6 +78,9 @@ pub struct SimOptions {
     pub night: i64,
     /// Header IN_PSF: the PSF file the image was made with.
     pub in_psf: String,
+    /// IVAR as DESI's preproc computes it, from the noisy pixel: `1/(readnoise² + max(pix,
+    /// 0))`; otherwise from the noiseless model, `1/(readnoise² + max(model, 0))`.
+    pub ivar_from_data: bool,
 }
 
 impl Default for SimOptions {
@@ -107,6 +112,7 @@ impl Default for SimOptions {
             expid: 1,
             night: 20200101,
             in_psf: String::new(),
+            ivar_from_data: false,
         }
     }
 }
@@ -130,7 +136,8 @@ pub enum SimError {
 pub struct Simulation {
     /// Noisy image (electrons), `[npix_y, npix_x]`; 0 outside the columns near lit fibers.
     pub image: Array2<f32>,
-    /// `1/(model + readnoise²)` from the noiseless model; 0 where masked or far from lit fibers.
+    /// `1/(model + readnoise²)` from the noiseless model (or from the noisy pixel with
+    /// `ivar_from_data`); 0 where masked or far from lit fibers.
     pub ivar: Array2<f32>,
     /// desispec ccdmask bits (COSMIC 16, BAD 1).
     pub mask: Array2<i16>,
@@ -323,8 +330,10 @@ pub fn simulate(psf: &Psf, opts: &SimOptions) -> Result<Simulation, SimError> {
                 Ok(p) => p.sample(&mut rng),
                 Err(_) => 0.0, // m ≤ 0: no photons
             };
-            image[(y, x)] = (counts + read.sample(&mut rng)) as f32;
-            let var = m.max(0.0) + rn2;
+            let pix = (counts + read.sample(&mut rng)) as f32;
+            image[(y, x)] = pix;
+            let light = if opts.ivar_from_data { pix as f64 } else { m };
+            let var = light.max(0.0) + rn2;
             ivar[(y, x)] = if var > 0.0 { (1.0 / var) as f32 } else { 0.0 };
         }
     }
@@ -446,6 +455,19 @@ pub fn write_simulation(
     )?;
     write_truth(truth_path, &sim.truth)?;
     Ok(sim)
+}
+
+/// Writes the noiseless image of `sim` as a model image (MODFLUX 'truth', the lit fibers, the
+/// truth grid), to judge an extraction's model image against.
+pub fn write_noiseless(path: &Path, sim: &Simulation, overwrite: bool) -> Result<(), IoError> {
+    let image = ModelImage {
+        pixels: &sim.model,
+        flux: "truth",
+        specmin: sim.truth.specmin,
+        nspec: sim.truth.phot.nrows(),
+        wave: &sim.truth.wave,
+    };
+    write_model_image(path, &image, overwrite)
 }
 
 #[cfg(test)]

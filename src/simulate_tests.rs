@@ -188,3 +188,32 @@ fn options_outside_the_psf_are_refused() {
     .unwrap_err();
     assert!(err.to_string().contains("is empty"), "{err}");
 }
+
+/// `ivar_from_data` computes IVAR from the noisy pixel as DESI's preproc does, with the same
+/// pixels as the default (the noise does not depend on how IVAR is computed).
+#[test]
+fn ivar_from_data_follows_the_noisy_pixel() {
+    let psf = small_psf();
+    let model_ivar = simulate(&psf, &small_opts()).unwrap();
+    let opts = SimOptions {
+        ivar_from_data: true,
+        ..small_opts()
+    };
+    let sim = simulate(&psf, &opts).unwrap();
+    assert_eq!(sim.image, model_ivar.image);
+    assert_eq!(sim.mask, model_ivar.mask);
+    let mut lit = 0;
+    for ((&im, &iv), &m) in sim.image.iter().zip(sim.ivar.iter()).zip(sim.mask.iter()) {
+        if m != 0 || iv == 0.0 {
+            continue;
+        }
+        let expect = 1.0 / (9.0 + (im as f64).max(0.0));
+        assert!(
+            (iv as f64 - expect).abs() <= 1e-6 * expect,
+            "{iv} vs {expect}"
+        );
+        lit += 1;
+    }
+    assert!(lit > 10_000);
+    assert_ne!(sim.ivar, model_ivar.ivar);
+}

@@ -10,9 +10,10 @@ use tracing::{info, warn};
 use super::{ExtractArgs, ExtractionFlags};
 use crate::config::Config;
 use crate::extract::engine::BackendKind;
-use crate::pipeline::frame::{extract_frame, FrameResult};
+use crate::pipeline::frame::FrameResult;
 pub use crate::pipeline::prepare::{
-    check_extracted, frame_meta, header_value, prepare_frame, write_outputs, Prepared,
+    check_extracted, extract_prepared, frame_meta, header_value, prepare_frame, write_outputs,
+    Prepared,
 };
 use crate::pipeline::progress::{count, rate_text, wave_range};
 
@@ -28,6 +29,8 @@ pub fn resolve_config(flags: &ExtractionFlags) -> Result<Config> {
     e.regularize = flags.regularize.unwrap_or(e.regularize);
     e.psferr = flags.psferr.unwrap_or(e.psferr);
     e.allow_camera_mismatch |= flags.allow_camera_mismatch;
+    e.model_flux = flags.model_flux.unwrap_or(e.model_flux);
+    e.ivar_from_model |= flags.ivar_from_model;
     let p = &mut cfg.patch;
     p.bundlesize = flags.bundlesize.unwrap_or(p.bundlesize);
     p.nsubbundles = flags.nsubbundles.unwrap_or(p.nsubbundles);
@@ -106,6 +109,8 @@ pub fn run_extraction(
         let bundles = nbundle * done / total.max(1);
         match &bar {
             Some(bar) => {
+                // Two passes (--ivar-from-model) count the patches twice.
+                bar.set_length(total as u64);
                 bar.set_position(done as u64);
                 bar.set_message(format!("{bundles}/{nbundle} bundles"));
             }
@@ -124,19 +129,7 @@ pub fn run_extraction(
             }
         }
     };
-    let res = pool.install(|| {
-        extract_frame(
-            &prep.psf,
-            prep.preproc.image.view(),
-            prep.preproc.ivar.view(),
-            &prep.grid,
-            &prep.plan,
-            prep.patch.pixpad_frac,
-            &prep.opts,
-            backend,
-            &report,
-        )
-    });
+    let res = pool.install(|| extract_prepared(prep, backend, &report));
     if let Some(bar) = bar {
         crate::pipeline::progress::hide();
         bar.finish_and_clear();
@@ -214,6 +207,13 @@ fn many(args: &ExtractArgs, mut cfg: Config) -> Result<bool> {
     use crate::pipeline::{env, run};
     if args.model_image.is_some() {
         bail!("--model-image is for a single frame (--psf, --image, --output), not a list");
+    }
+    if cfg.extract.ivar_from_model {
+        bail!(
+            "--ivar-from-model (ivar_from_model under [extract]) is for a single frame (--psf, \
+             --image, --output), not a list: its second pass needs the whole frame's model, \
+             which the pipeline only puts together in its writer"
+        );
     }
     let (r, rc) = (&args.run, &mut cfg.run);
     rc.backend = r.backend.unwrap_or(rc.backend);
@@ -550,7 +550,7 @@ fn single(args: &ExtractArgs, cfg: &Config) -> Result<()> {
         &prep.grid,
         &frame_meta(&prep),
         output,
-        args.model_image.as_deref(),
+        args.model_image.as_deref().zip(prep.opts.model_image),
         args.overwrite,
     )?;
     info!(

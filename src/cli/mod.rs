@@ -94,6 +94,15 @@ pub struct ExtractionFlags {
     /// Extract even when the image's CAMERA differs from the PSF's (otherwise refused).
     #[arg(long)]
     pub allow_camera_mismatch: bool,
+    /// Flux the model image (-m) projects through the PSF: deconvolved (reproduces the pixels)
+    /// or decorrelated (gpu_specter's image) [default: deconvolved].
+    #[arg(long)]
+    pub model_flux: Option<crate::extract::ModelFlux>,
+    /// Extract twice, the second time with each pixel's variance from the first pass's model
+    /// (read noise + max(model, 0)) instead of from the pixel: unbiased flux when IVAR was
+    /// computed from the data, as DESI's preproc does. Single frames only.
+    #[arg(long)]
+    pub ivar_from_model: bool,
 }
 
 /// `spextract extract`.

@@ -10,7 +10,7 @@ use super::extract::check_output;
 use crate::io::camera_name;
 use crate::io::psf::{read_psf, write_psf};
 use crate::psf::synth::{synthetic_psf, SynthPsfOptions};
-use crate::simulate::{write_simulation, SimOptions};
+use crate::simulate::{write_noiseless, write_simulation, SimOptions};
 
 /// `spextract simulate`.
 #[derive(Debug, Args)]
@@ -60,6 +60,14 @@ pub struct SimulateArgs {
     /// Truth grid `wmin,wmax,dw` (padded like the extraction grid).
     #[arg(short = 'w', long, value_delimiter = ',')]
     pub wavelength: Option<Vec<f64>>,
+    /// Also write the noiseless image (the simulated light before noise and defects, MODEL
+    /// HDU with MODFLUX = 'truth'), to judge a model image against.
+    #[arg(long)]
+    pub noiseless: Option<PathBuf>,
+    /// Compute IVAR from the noisy pixels, as DESI's preproc does (`1/(readnoise² +
+    /// max(pix, 0))`), instead of from the noiseless image.
+    #[arg(long)]
+    pub ivar_from_data: bool,
     /// Replace existing files.
     #[arg(long)]
     pub overwrite: bool,
@@ -121,11 +129,15 @@ pub fn run(args: &SimulateArgs) -> Result<()> {
     };
     check_output(image, args.overwrite)?;
     check_output(truth, args.overwrite)?;
+    if let Some(path) = &args.noiseless {
+        check_output(path, args.overwrite)?;
+    }
     let psf = read_psf(psf_path)?;
     let mut o = SimOptions {
         seed: args.seed,
         specmin: args.specmin,
         nspec: args.nspec,
+        ivar_from_data: args.ivar_from_data,
         ..Default::default()
     };
     if let Some(c) = camera.or_else(|| psf.camera.clone()) {
@@ -138,7 +150,10 @@ pub fn run(args: &SimulateArgs) -> Result<()> {
     }
     let t = std::time::Instant::now();
     o.in_psf = psf_path.display().to_string();
-    write_simulation(&psf, &o, image, truth)?;
+    let sim = write_simulation(&psf, &o, image, truth)?;
+    if let Some(path) = &args.noiseless {
+        write_noiseless(path, &sim, args.overwrite)?;
+    }
     info!(
         "simulated {} fibers into {} and {} in {:.2}s",
         o.nspec,

@@ -25,8 +25,56 @@ pub struct ExtractOptions {
     pub psferr: f64,
     /// Half-width of the stored resolution band (HSIZEY: 5 → 11 diagonals).
     pub ndiag: usize,
-    /// Whether to compute each patch's contribution to the model image.
-    pub model_image: bool,
+    /// Whether to compute each patch's contribution to the model image, and from which flux.
+    pub model_image: Option<ModelFlux>,
+    /// With the model image, also each pixel's leverage on it, `∂model/∂pix` (the hat
+    /// matrix's diagonal over the core fibers' core bins), for a model that leaves the
+    /// pixel's own noise out (`--ivar-from-model`).
+    pub leverage: bool,
+}
+
+/// Which flux a patch projects through the PSF for its part of the model image (its core
+/// fibers' core bins; the patches' parts are summed into the image).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelFlux {
+    /// The deconvolved solution `f` (`A_core · f`), the model chi2pix is computed against: it
+    /// reproduces the pixels up to noise.
+    #[default]
+    Deconvolved,
+    /// The decorrelated flux `R·f` (`A_core · R·f`), gpu_specter's model image. The resolution
+    /// matrix has already smoothed it in wavelength, so the image is the spectra smoothed twice.
+    Decorrelated,
+}
+
+impl ModelFlux {
+    /// Its name on the command line, in `pipeline.toml` and in the model image's header.
+    pub fn name(self) -> &'static str {
+        match self {
+            ModelFlux::Deconvolved => "deconvolved",
+            ModelFlux::Decorrelated => "decorrelated",
+        }
+    }
+}
+
+impl std::fmt::Display for ModelFlux {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for ModelFlux {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<ModelFlux, String> {
+        match s {
+            "deconvolved" => Ok(ModelFlux::Deconvolved),
+            "decorrelated" => Ok(ModelFlux::Decorrelated),
+            other => Err(format!(
+                "--model-flux {other}: expected deconvolved or decorrelated"
+            )),
+        }
+    }
 }
 
 /// One patch ready for a backend: geometry, the pixels it reads and the spots it uses.
@@ -217,12 +265,16 @@ pub struct PatchResult {
     pub pixmask_fraction: Array2<f64>,
     /// PSF-weighted reduced chi² of the pixels.
     pub chi2pix: Array2<f64>,
-    /// `A_core · flux` over the window (all `nwavestep` core bins), when requested.
+    /// The patch's part of the model image over its window: its core fibers' `nwavestep` core
+    /// bins projected through the PSF from the flux `ExtractOptions::model_image` names.
     pub model: Option<Array2<f64>>,
     /// For a patch whose window leaves the CCD, each kept bin's fraction of light on the CCD
     /// ([`PatchInput::ccd_light`]); the bins below [`MIN_CCD_LIGHT`] hold 0 and are NODATA.
     /// None for a patch on the CCD.
     pub ccd_light: Option<Array2<f64>>,
+    /// The patch's part of each window pixel's leverage on the model image, when requested
+    /// (`ExtractOptions::leverage`).
+    pub leverage: Option<Array2<f64>>,
     /// What happened.
     pub info: PatchInfo,
 }
@@ -239,6 +291,7 @@ impl PatchResult {
             chi2pix: Array2::zeros((0, 0)),
             model,
             ccd_light: None,
+            leverage: None,
             info: PatchInfo {
                 on_device: true,
                 ..info
@@ -279,6 +332,7 @@ impl PatchResult {
             chi2pix: Array2::zeros(shape),
             model: None,
             ccd_light: None,
+            leverage: None,
             info: PatchInfo::default(),
         }
     }

@@ -106,7 +106,7 @@ pub fn write_frame_set(
     path: &Path,
     frame: &Frame,
     meta: &FrameMeta,
-    model: Option<(&Path, &Array2<f64>)>,
+    model: Option<(&Path, &ModelImage<'_>)>,
     overwrite: bool,
 ) -> Result<(), IoError> {
     refuse_existing(path, overwrite)?;
@@ -134,8 +134,10 @@ pub fn write_frame_set(
             other.display()
         ),
     };
-    let staged_model = stage(model_path, overwrite, |tmp| write_model_hdus(tmp, image))
-        .map_err(|e| neither(e, path, "frame"))?;
+    let staged_model = stage(model_path, overwrite, |tmp| {
+        write_model_hdus(tmp, image, Some(meta))
+    })
+    .map_err(|e| neither(e, path, "frame"))?;
     let placed_frame = staged_frame
         .place(overwrite)
         .map_err(|e| neither(e, model_path, "model image"))?;
@@ -256,20 +258,128 @@ fn copy_fibermap(f: &mut Fits, src: &Path, specmin: usize, nspec: usize) -> Resu
     input.close()
 }
 
-/// Writes the model image (f4, one HDU named MODEL) atomically; refuses an existing `path`
-/// unless `overwrite`.
-pub fn write_model_image(path: &Path, model: &Array2<f64>, overwrite: bool) -> Result<(), IoError> {
-    write_atomic(path, overwrite, |tmp| write_model_hdus(tmp, model))
+/// A model image and what it is made of, as its header records it.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelImage<'a> {
+    /// The image `[npix_y, npix_x]` (electrons).
+    pub pixels: &'a Array2<f64>,
+    /// What was projected through the PSF (header MODFLUX): "deconvolved", "decorrelated", or
+    /// "truth" for a simulation's noiseless image.
+    pub flux: &'a str,
+    /// First fiber whose light is in the image (header FIBERMIN).
+    pub specmin: usize,
+    /// Fibers whose light is in the image (header NSPEC).
+    pub nspec: usize,
+    /// The wavelength grid whose bins are in the image (header WAVEMIN, WAVEMAX, WAVESTEP).
+    pub wave: &'a [f64],
 }
 
-fn write_model_hdus(tmp: &Path, model: &Array2<f64>) -> Result<(), IoError> {
+/// What MODFLUX says about each value, for the header's comment.
+fn model_flux_comment(flux: &str) -> &'static str {
+    match flux {
+        "deconvolved" => "A.f: reproduces the pixels up to noise",
+        "decorrelated" => "A.R.f: gpu_specter's model, smoothed twice",
+        "truth" => "noiseless simulated image",
+        _ => "flux projected through the PSF",
+    }
+}
+
+/// Writes the model image (f4, one HDU named MODEL) atomically; refuses an existing `path`
+/// unless `overwrite`.
+pub fn write_model_image(
+    path: &Path,
+    model: &ModelImage<'_>,
+    overwrite: bool,
+) -> Result<(), IoError> {
+    write_atomic(path, overwrite, |tmp| write_model_hdus(tmp, model, None))
+}
+
+fn write_model_hdus(
+    tmp: &Path,
+    model: &ModelImage<'_>,
+    meta: Option<&FrameMeta>,
+) -> Result<(), IoError> {
     let mut f = Fits::create(tmp)?;
-    let (ny, nx) = model.dim();
+    let (ny, nx) = model.pixels.dim();
     f.create_image("MODEL", -32, &[ny, nx])?;
     f.put_str("BUNIT", "electron", "")?;
-    f.write_pixels(&to_f32(model.iter()))?;
+    f.put_str("MODFLUX", model.flux, model_flux_comment(model.flux))?;
+    f.put_i64(
+        "FIBERMIN",
+        model.specmin as i64,
+        "First fiber whose light is modelled",
+    )?;
+    f.put_i64(
+        "NSPEC",
+        model.nspec as i64,
+        "Fibers whose light is modelled",
+    )?;
+    let wave = model.wave;
+    if let (Some(&w0), Some(&w1)) = (wave.first(), wave.last()) {
+        let step = if wave.len() > 1 {
+            (w1 - w0) / (wave.len() - 1) as f64
+        } else {
+            0.0
+        };
+        f.put_f64("WAVEMIN", w0, "First wavelength modelled [Angstroms]")?;
+        f.put_f64("WAVEMAX", w1, "Last wavelength modelled [Angstroms]")?;
+        f.put_f64("WAVESTEP", step, "Wavelength step size [Angstroms]")?;
+    }
+    if let Some(meta) = meta {
+        f.put_str("IN_PSF", &meta.in_psf, "Input spectral PSF")?;
+        f.put_str("IN_IMG", &meta.in_img, "Input image")?;
+    }
+    f.put_str("SPECTER", &program_version(), "extraction code")?;
+    for line in [
+        "The light of fibers FIBERMIN..FIBERMIN+NSPEC-1 on the bins of",
+        "WAVEMIN..WAVEMAX only: fibers that were not extracted (neighbours)",
+        "and bins off that grid are not in it.",
+    ] {
+        f.put_card(&format!("COMMENT {line}"))?;
+    }
+    f.write_pixels(&to_f32(model.pixels.iter()))?;
     f.write_checksums()?;
     f.close()
+}
+
+/// A model image as read back: its pixels and what its header says it holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelImageFile {
+    /// The image `[npix_y, npix_x]` (electrons).
+    pub pixels: Array2<f64>,
+    /// MODFLUX, when the header has it (files written before it was recorded do not).
+    pub flux: Option<String>,
+    /// FIBERMIN, when present.
+    pub specmin: Option<usize>,
+    /// NSPEC, when present.
+    pub nspec: Option<usize>,
+}
+
+/// Reads a model image (MODEL HDU) as [`write_model_image`] or `extract -m` writes it.
+pub fn read_model_image(path: &Path) -> Result<ModelImageFile, IoError> {
+    let mut f = Fits::open(path)?;
+    let (data, shape) = read_hdu::<f64>(&mut f, "MODEL", 2, false)?;
+    let pixels =
+        Array2::from_shape_vec((shape[0], shape[1]), data).map_err(|e| f.err(e.to_string()))?;
+    let count = |f: &mut Fits, key: &str| -> Result<Option<usize>, IoError> {
+        match f.key_i64(key)? {
+            None => Ok(None),
+            Some(v) => usize::try_from(v)
+                .ok()
+                .filter(|&v| v <= MAX_NFIBER)
+                .map(Some)
+                .ok_or_else(|| f.err(format!("{key} = {v} is not a fiber count"))),
+        }
+    };
+    let specmin = count(&mut f, "FIBERMIN")?;
+    let nspec = count(&mut f, "NSPEC")?;
+    let flux = f.key_str("MODFLUX")?;
+    Ok(ModelImageFile {
+        pixels,
+        flux,
+        specmin,
+        nspec,
+    })
 }
 
 /// Reads an image HDU of `ndim` axes as `T`, checking its kind and size before reading.

@@ -23,6 +23,16 @@ fn frame(specmin: usize, nspec: usize, nwave: usize) -> Frame {
     }
 }
 
+fn model_image(pixels: &Array2<f64>) -> ModelImage<'_> {
+    ModelImage {
+        pixels,
+        flux: "deconvolved",
+        specmin: 0,
+        nspec: 2,
+        wave: &[5760.0, 5760.8],
+    }
+}
+
 fn meta() -> FrameMeta {
     FrameMeta {
         header: vec![
@@ -98,7 +108,8 @@ fn refuses_to_overwrite_unless_asked() {
     assert_eq!(read_frame(&path).unwrap().nspec(), 2);
     write_frame(&path, &frame(0, 4, 5), &meta(), true).unwrap();
     assert_eq!(read_frame(&path).unwrap().nspec(), 4);
-    let model = Array2::from_elem((4, 3), 2.5);
+    let pixels = Array2::from_elem((4, 3), 2.5);
+    let model = model_image(&pixels);
     write_model_image(&dir.path().join("model.fits"), &model, false).unwrap();
     assert!(write_model_image(&dir.path().join("model.fits"), &model, false).is_err());
 }
@@ -191,7 +202,8 @@ fn long_string_keys_from_the_input_are_replaced_whole() {
 fn a_frame_lands_only_with_its_model_image() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("frame.fits");
-    let model = Array2::from_elem((4, 3), 2.5);
+    let pixels = Array2::from_elem((4, 3), 2.5);
+    let model = model_image(&pixels);
     let nowhere = dir.path().join("no-such-folder/model.fits");
     let err = write_frame_set(
         &path,
@@ -257,4 +269,31 @@ fn frame_keys_are_read_back_as_text() {
         ]
     );
     assert!(read_frame_keys(&dir.path().join("missing.fits"), &["FIBERMIN"]).is_err());
+}
+
+/// A model image says what it holds: which flux, which fibers, which grid; and reads back.
+#[test]
+fn model_image_records_flux_fibers_and_grid() {
+    let dir = tempfile::tempdir().unwrap();
+    let pixels = Array2::from_shape_fn((4, 3), |(y, x)| (y * 3 + x) as f64 * 0.5);
+    let wave = [5760.0, 5760.8, 5761.6];
+    let image = ModelImage {
+        pixels: &pixels,
+        flux: "decorrelated",
+        specmin: 7,
+        nspec: 3,
+        wave: &wave,
+    };
+    let path = dir.path().join("model.fits");
+    write_model_image(&path, &image, false).unwrap();
+    let back = read_model_image(&path).unwrap();
+    assert_eq!(back.pixels, pixels);
+    assert_eq!(back.flux.as_deref(), Some("decorrelated"));
+    assert_eq!((back.specmin, back.nspec), (Some(7), Some(3)));
+    let mut f = Fits::open(&path).unwrap();
+    f.move_to("MODEL").unwrap();
+    assert_eq!(f.key_f64("WAVEMIN").unwrap(), Some(5760.0));
+    assert_eq!(f.key_f64("WAVEMAX").unwrap(), Some(5761.6));
+    let cards = f.cards().unwrap().join("\n");
+    assert!(cards.contains("not extracted (neighbours)"), "{cards}");
 }

@@ -20,7 +20,8 @@ use crate::psf::PsfError;
 pub(crate) use atomic::write_atomic;
 pub use atomic::{input_key, leftover_temporaries, output_key, Leftovers};
 pub use frame::{
-    read_frame, read_frame_keys, write_frame, write_frame_set, write_model_image, Frame, FrameMeta,
+    read_frame, read_frame_keys, read_model_image, write_frame, write_frame_set, write_model_image,
+    Frame, FrameMeta, ModelImage, ModelImageFile,
 };
 pub use image::{read_fibermap, read_preproc, write_preproc, Fibermap, Preproc, EXTRACT_MASK_BITS};
 pub use psf::{read_psf, write_psf};

@@ -177,7 +177,7 @@ pub fn compute(
 ) -> (Result<FrameResult, String>, Option<DeviceUnit>) {
     let LandedPixels { stand_in, pixels } = landed;
     gpu.adopt_pixels(pixels);
-    let keep_on_device = !job.setup.opts.model_image;
+    let keep_on_device = job.setup.opts.model_image.is_none();
     if keep_on_device {
         let (specmin, nspec) = job.fibers();
         let shape = UnitShape {
@@ -311,6 +311,7 @@ mod tests {
             pixmask_fraction: f(4),
             nodata: Array2::from_elem((nspec, nwave), false),
             model: None,
+            leverage: None,
             stats: FrameStats::default(),
         }
     }

@@ -45,6 +45,9 @@ pub struct FrameResult {
     pub nodata: Array2<bool>,
     /// Model image `[npix_y, npix_x]`, if requested.
     pub model: Option<Array2<f64>>,
+    /// Each pixel's leverage on the model image, if requested (`ExtractOptions::leverage`).
+    #[serde(default)]
+    pub leverage: Option<Array2<f64>>,
     /// What happened, with timings.
     pub stats: FrameStats,
 }
@@ -210,7 +213,9 @@ pub fn extract_bundles(
         chi2pix: Array2::zeros((nspec, nwave)),
         pixmask_fraction: Array2::zeros((nspec, nwave)),
         nodata: Array2::from_elem((nspec, nwave), false),
-        model: opts.model_image.then(|| Array2::zeros(region.pix.dim())),
+        model: opts.model_image.map(|_| Array2::zeros(region.pix.dim())),
+        leverage: (opts.model_image.is_some() && opts.leverage)
+            .then(|| Array2::zeros(region.pix.dim())),
         stats: FrameStats::default(),
     };
     let total: usize = plan.patches[work.bundles.clone()]
@@ -295,13 +300,15 @@ pub fn extract_bundles(
                     .slice_mut(s![f..f + p.nspec, .., w0..w0 + nk])
                     .assign(&r.resolution);
             }
-            if let (Some(model), Some(m)) = (out.model.as_mut(), r.model.as_ref()) {
-                // The model covers the window; the image, the window's part on the CCD.
-                let (w, c) = (inp.window, inp.ccd);
-                let (ry, rx) = (c.ymin as usize - region.y0, c.xmin as usize - region.x0);
-                let (my, mx) = ((c.ymin - w.ymin) as usize, (c.xmin - w.xmin) as usize);
-                let mut dst = model.slice_mut(s![ry..ry + c.ny(), rx..rx + c.nx()]);
-                dst += &m.slice(s![my..my + c.ny(), mx..mx + c.nx()]);
+            for (image, part) in [(&mut out.model, &r.model), (&mut out.leverage, &r.leverage)] {
+                if let (Some(image), Some(part)) = (image.as_mut(), part.as_ref()) {
+                    // The part covers the window; the image, the window's part on the CCD.
+                    let (w, c) = (inp.window, inp.ccd);
+                    let (ry, rx) = (c.ymin as usize - region.y0, c.xmin as usize - region.x0);
+                    let (my, mx) = ((c.ymin - w.ymin) as usize, (c.xmin - w.xmin) as usize);
+                    let mut dst = image.slice_mut(s![ry..ry + c.ny(), rx..rx + c.nx()]);
+                    dst += &part.slice(s![my..my + c.ny(), mx..mx + c.nx()]);
+                }
             }
         }
         out.stats.patches += inputs.len();
@@ -557,7 +564,8 @@ pub(crate) mod tests {
                 regularize: 0.0,
                 psferr: 0.01,
                 ndiag: psf.hsizey,
-                model_image: false,
+                model_image: None,
+                leverage: false,
             };
             ToyFrame {
                 psf,

@@ -1274,7 +1274,15 @@ mod tests {
         }
         // Not a frame at all.
         let other = dir.path().join("other.fits");
-        crate::io::frame::write_model_image(&other, &Array2::zeros((4, 4)), false).unwrap();
+        let pixels = Array2::zeros((4, 4));
+        let model = crate::io::ModelImage {
+            pixels: &pixels,
+            flux: "deconvolved",
+            specmin: 0,
+            nspec: 1,
+            wave: &[],
+        };
+        crate::io::frame::write_model_image(&other, &model, false).unwrap();
         let OutputState::NotAFrame(why) = output_state(&other, || want.clone()) else {
             panic!("a model image passed as a frame");
         };

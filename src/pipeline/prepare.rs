@@ -1,22 +1,29 @@
 //! One frame from files to a plan, and from results back to a file: what the single-frame
-//! command and the pipeline's reader and writer share.
+//! command and the pipeline's reader and writer share; and the single frame's extraction,
+//! once or, with `--ivar-from-model`, twice (`extract_prepared`).
 //!
-//! Imports `psf`, `io`, `patch`, `extract`, `config` and the pipeline's `frame`, `env` and
-//! `request`.
+//! Imports `psf`, `io`, `patch`, `extract`, `config` and the pipeline's `frame`, `env`,
+//! `ivar_model` and `request`.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use tracing::warn;
+use ndarray::ArrayView2;
+use tracing::{info, warn};
 
 use crate::config::{self, Config};
-use crate::extract::ExtractOptions;
-use crate::io::frame::{write_frame_set, Frame, FrameMeta};
+use crate::extract::{Backend, ExtractOptions, ModelFlux};
+use crate::io::frame::{write_frame_set, Frame, FrameMeta, ModelImage};
 use crate::io::image::{read_preproc, Preproc};
 use crate::io::psf::read_psf;
 use crate::io::IoError;
 use crate::patch::{PatchOptions, Plan, WaveGrid};
-use crate::pipeline::frame::{finalize, withhold_unusable, FrameResult, Withheld};
+use crate::pipeline::frame::{
+    extract_frame, finalize, withhold_unusable, FrameError, FrameResult, Progress, Withheld,
+};
+use crate::pipeline::ivar_model::{
+    image_gain, is_from_data, ivar_from_model, ivar_from_neighbours, leave_one_out, read_noise_term,
+};
 use crate::pipeline::request::{FrameRequest, InputId, RequestError};
 use crate::psf::Psf;
 
@@ -198,6 +205,9 @@ pub struct Prepared {
     pub patch: PatchOptions,
     /// Per-patch options.
     pub opts: ExtractOptions,
+    /// With `--ivar-from-model` (and an IVAR computed from the pixels): electrons per image
+    /// unit, for the second pass's variance (`ivar_model`).
+    pub ivar_model_gain: Option<f64>,
     /// Worker threads.
     pub threads: usize,
     /// Whether to draw a progress bar.
@@ -416,11 +426,17 @@ pub fn prepare_frame(
     } else {
         psf.psferr.unwrap_or(0.01)
     };
+    let ivar_model_gain = if cfg.extract.ivar_from_model {
+        ivar_model_gain(&preproc, image_path)?
+    } else {
+        None
+    };
     let opts = ExtractOptions {
         regularize: cfg.extract.regularize,
         psferr,
         ndiag: psf.hsizey,
-        model_image,
+        model_image: model_image.then_some(cfg.extract.model_flux),
+        leverage: false,
     };
     Ok(Prepared {
         psf_path: psf_path.to_path_buf(),
@@ -431,11 +447,44 @@ pub fn prepare_frame(
         plan,
         patch: cfg.patch.clone(),
         opts,
+        ivar_model_gain,
         threads: crate::pipeline::env::resolve_threads(cfg.run.threads),
         progress,
         request,
         read_s,
     })
+}
+
+/// The gain for `--ivar-from-model`, logging what it assumes; `None`, with a warning, when the
+/// image's IVAR was not computed from its pixels (then there is no read-noise term to recover,
+/// and the frame is extracted once, as without the option).
+fn ivar_model_gain(preproc: &Preproc, image: &Path) -> Result<Option<f64>, PrepareError> {
+    let (gain, note) = image_gain(
+        header_value(&preproc.header, "BUNIT").as_deref(),
+        header_value(&preproc.header, "GAIN").as_deref(),
+    )
+    .map_err(|msg| IoError::hdu(image, "IMAGE", msg))?;
+    let shown = image.display();
+    if let Some(note) = note {
+        info!("{shown}: --ivar-from-model: {note}");
+    }
+    let Some((r, dr)) = read_noise_term(preproc.image.view(), preproc.ivar.view(), gain) else {
+        return Ok(None);
+    };
+    if !is_from_data(r, dr) {
+        warn!(
+            "{shown}: --ivar-from-model: IVAR does not follow 1/(r + max(IMAGE, 0)) with a \
+             read-noise term r the same from pixel to pixel (median r {r:.3}, median step \
+             {dr:.3}): it was not computed from the pixels, so it is used as it is and the \
+             frame is extracted once"
+        );
+        return Ok(None);
+    }
+    info!(
+        "{shown}: --ivar-from-model: read-noise term {r:.3} (median) recovered from IVAR; \
+         extracting twice, the second time with the first pass's model in the variance"
+    );
+    Ok(Some(gain))
 }
 
 /// Refuses a frame in which nothing was extracted or nothing can be written; withholds
@@ -529,6 +578,58 @@ pub fn frame_of(res: &FrameResult, grid: &WaveGrid) -> Frame {
     }
 }
 
+/// Extracts a prepared frame: once, or, with `prep.ivar_model_gain`, twice, the first time
+/// with the variance from each pixel's neighbours and the second with the variance from the
+/// first pass's model, leaving each pixel's own value out (`ivar_model`). Progress runs over
+/// both passes; the stage timings are the sum of both, the counts the second pass's.
+pub fn extract_prepared(
+    prep: &Prepared,
+    backend: &mut dyn Backend,
+    progress: Progress<'_>,
+) -> Result<FrameResult, FrameError> {
+    let mut run = |ivar: ArrayView2<'_, f64>, opts: &ExtractOptions, progress: Progress<'_>| {
+        extract_frame(
+            &prep.psf,
+            prep.preproc.image.view(),
+            ivar,
+            &prep.grid,
+            &prep.plan,
+            prep.patch.pixpad_frac,
+            opts,
+            &mut *backend,
+            progress,
+        )
+    };
+    let Some(gain) = prep.ivar_model_gain else {
+        return run(prep.preproc.ivar.view(), &prep.opts, progress);
+    };
+    let first_opts = ExtractOptions {
+        model_image: Some(ModelFlux::Deconvolved),
+        leverage: true,
+        ..prep.opts
+    };
+    let ivar0 = ivar_from_neighbours(prep.preproc.image.view(), prep.preproc.ivar.view(), gain);
+    let first = run(ivar0.view(), &first_opts, &|d, t| progress(d, 2 * t))?;
+    let (model, leverage) = first
+        .model
+        .as_ref()
+        .zip(first.leverage.as_ref())
+        .expect("the first pass asked for the model and its leverage");
+    let model = leave_one_out(prep.preproc.image.view(), model.view(), leverage.view());
+    let ivar = ivar_from_model(
+        prep.preproc.image.view(),
+        prep.preproc.ivar.view(),
+        model.view(),
+        gain,
+    );
+    let mut second = run(ivar.view(), &prep.opts, &|d, t| progress(t + d, 2 * t))?;
+    let (a, b) = (&first.stats, &mut second.stats);
+    b.spots += a.spots;
+    b.solve += a.solve;
+    b.assemble += a.assemble;
+    Ok(second)
+}
+
 /// Finalises and writes a frame and, when one was computed, the model image: as one set, both
 /// or neither (`io::frame::write_frame_set`).
 pub fn write_outputs(
@@ -536,10 +637,22 @@ pub fn write_outputs(
     grid: &WaveGrid,
     meta: &FrameMeta,
     output: &Path,
-    model_image: Option<&Path>,
+    model_image: Option<(&Path, ModelFlux)>,
     overwrite: bool,
 ) -> Result<(), PrepareError> {
-    let model = model_image.zip(res.model.as_ref());
+    let image = model_image
+        .zip(res.model.as_ref())
+        .map(|((path, flux), pixels)| {
+            let image = ModelImage {
+                pixels,
+                flux: flux.name(),
+                specmin: res.specmin,
+                nspec: res.flux.nrows(),
+                wave: &res.wave,
+            };
+            (path, image)
+        });
+    let model = image.as_ref().map(|(path, image)| (*path, image));
     write_frame_set(output, &frame_of(res, grid), meta, model, overwrite)?;
     Ok(())
 }

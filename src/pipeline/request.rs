@@ -120,6 +120,12 @@ impl FrameRequest {
             p.wavepad_frac,
             p.pixpad_frac
         );
+        // Only when set, so that the frames of earlier runs keep their request.
+        let options = if e.ivar_from_model {
+            options + " ivar_from_model=true"
+        } else {
+            options
+        };
         FrameRequest {
             specmin: e.specmin,
             nspec: e.nspec,

@@ -370,6 +370,7 @@ impl Assembly {
             pixmask_fraction: Array2::zeros((t.nspec, nwave)),
             nodata: Array2::from_elem((t.nspec, nwave), false),
             model: None,
+            leverage: None,
             stats: FrameStats::default(),
         };
         for part in self.parts.into_iter().flatten() {
@@ -411,6 +412,7 @@ fn empty_part() -> FrameResult {
         pixmask_fraction: Array2::zeros((0, 0)),
         nodata: Array2::from_elem((0, 0), false),
         model: None,
+        leverage: None,
         stats: FrameStats::default(),
     }
 }

@@ -11,6 +11,8 @@
 //!   configurations, absurd counts), and causes said once.
 //! - `outputs`: reruns, clashes, races, leftovers and full disks never lose or replace data.
 //! - `corrupt`: corrupt FIBERMAPs, gzip streams and headers are refused before any work.
+//! - `ivar_model`: `--ivar-from-model` on IVAR from the data, from a model, with a missed cosmic.
+//! - `model`: the model image against the noiseless simulated image, both flux choices.
 //! - `fuzz`: seeded mutations of the inputs never panic, hang or give an unreadable frame.
 //!
 //! One binary (`autotests = false` in Cargo.toml) so that the suite links once.
@@ -23,6 +25,8 @@ mod cli;
 mod corrupt;
 mod format;
 mod fuzz;
+mod ivar_model;
+mod model;
 mod outputs;
 mod pipeline;
 mod real_data;

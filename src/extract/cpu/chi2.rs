@@ -38,6 +38,60 @@ pub fn add_spots(
     }
 }
 
+/// Each window pixel's leverage on the model of the unknowns `core`: `∂model_i/∂pix_i =
+/// ivar_i · Σ_{u∈core} a_iu Σ_v C_uv a_iv` (the hat matrix's diagonal restricted to `core`),
+/// with `C` from the patch's last solve. Pairs whose spots share no pixel add nothing and are
+/// skipped.
+pub fn leverage(
+    input: &PatchInput<'_>,
+    geom: &[SpotGeom],
+    core: &[usize],
+    decorr: &super::decorrelate::DecorrWork,
+) -> ndarray::Array2<f64> {
+    let s = input.spots;
+    let (ny, nx) = (s.ny, s.nx);
+    let w = input.window;
+    let mut acc = ndarray::Array2::<f64>::zeros((w.ny(), w.nx()));
+    // Rows of a spot inside the window, in window rows.
+    let rows = |g: &SpotGeom| (g.row0 + g.iy0 as i64, g.row0 + g.iy1 as i64);
+    for &u in core {
+        let gu = geom[u];
+        let (u0, u1) = rows(&gu);
+        if u1 <= u0 {
+            continue;
+        }
+        let su = &s.values[gu.spot..gu.spot + ny * nx];
+        for (v, gv) in geom.iter().enumerate() {
+            // Spots that share no column share no pixel.
+            if (gv.col0 - gu.col0).unsigned_abs() as usize >= nx {
+                continue;
+            }
+            let (v0, v1) = rows(gv);
+            let (r0, r1) = (u0.max(v0), u1.min(v1));
+            if r1 <= r0 {
+                continue;
+            }
+            let c = decorr.covariance(u, v);
+            if c == 0.0 {
+                continue;
+            }
+            let sv = &s.values[gv.spot..gv.spot + ny * nx];
+            let (x0, x1) = (
+                gu.col0.max(gv.col0),
+                (gu.col0 + nx as i64).min(gv.col0 + nx as i64),
+            );
+            for r in r0..r1 {
+                let (iyu, iyv) = ((r - gu.row0) as usize, (r - gv.row0) as usize);
+                for x in x0..x1 {
+                    let (ixu, ixv) = ((x - gu.col0) as usize, (x - gv.col0) as usize);
+                    acc[[r as usize, x as usize]] += c * su[iyu * nx + ixu] * sv[iyv * nx + ixv];
+                }
+            }
+        }
+    }
+    acc * input.ivar
+}
+
 /// Per-pixel chi² and the indicator of `totivar > 0`, from the model (gpu_specter CPU path:
 /// `modelivar = (psferr·model + 1e-32)⁻²`, `totivar = 1/(1/modelivar + 1/ivar)`).
 #[inline(never)]

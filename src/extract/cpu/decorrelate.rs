@@ -23,6 +23,8 @@ pub struct DecorrWork {
     eig_w: Vec<f64>,
     scaled: Vec<f64>,
     eig: SyevdWork,
+    /// Fibers, bins and half-bandwidth of the last `run`, for `covariance`.
+    shape: (usize, usize, usize),
 }
 
 /// Why a patch could not be decorrelated.
@@ -103,6 +105,7 @@ impl DecorrWork {
         self.xperm.extend((0..n).map(|p| rhs[unperm(p)]));
         lapack::pbtrs_lower(n, kd, &self.ab, &mut self.xperm);
         self.selected_inverse(layout, kd);
+        self.shape = (nsp, nwt, kd);
         self.block_inverse_sqrt(layout, r_out, s_out)?;
         // Back to fiber-major for the caller.
         self.x.resize(n, 0.0);
@@ -110,6 +113,20 @@ impl DecorrWork {
             self.x[unperm(p)] = *v;
         }
         Ok(&self.x)
+    }
+
+    /// `C[u, v]` of the last successful `run`, for fiber-major unknowns `u` and `v` whose
+    /// wavelength-major indices lie within the band of `AᵀWA` (every pair whose spots share a
+    /// pixel does); 0 outside it.
+    #[allow(dead_code)] // where the GPU twins include this file, nothing asks for it
+    pub fn covariance(&self, u: usize, v: usize) -> f64 {
+        let (nsp, nwt, kd) = self.shape;
+        let perm = |u: usize| (u % nwt) * nsp + u / nwt;
+        let (a, b) = (perm(u).min(perm(v)), perm(u).max(perm(v)));
+        if b - a > kd {
+            return 0.0;
+        }
+        self.band[a * (2 * kd + 1) + kd + (b - a)]
     }
 
     /// Fills `blocks[c][w'][w] = C[(f, w'), (f, w)]` for each core fiber `f = core_fiber + c`.

@@ -14,8 +14,8 @@ use ndarray::Array2;
 use rayon::prelude::*;
 
 use super::{
-    Backend, ExtractError, ExtractOptions, PatchInfo, PatchInput, PatchResult, DIAG_EPSILON,
-    RETRY_DIAG_EPSILON, RETRY_REGULARIZE,
+    Backend, ExtractError, ExtractOptions, ModelFlux, PatchInfo, PatchInput, PatchResult,
+    DIAG_EPSILON, RETRY_DIAG_EPSILON, RETRY_REGULARIZE,
 };
 use decorrelate::{DecorrWork, Layout};
 use normal::SpotGeom;
@@ -199,19 +199,32 @@ fn solve(
             res.chi2pix[[c, j]] = if den > 0.0 { num / den } else { 0.0 };
         }
     }
-    if opts.model_image {
+    if let Some(which) = opts.model_image {
         let mut img = Array2::zeros((input.window.ny(), input.window.nx()));
         let mut coef = vec![0.0; n];
         for c in 0..p.nspec {
             let f = layout.core_fiber + c;
             for j in 0..nstep {
-                coef[f * nwt + p.wavepad + j] = ws.flux[c * nstep + j];
+                let u = f * nwt + p.wavepad + j;
+                coef[u] = match which {
+                    ModelFlux::Deconvolved => x[u],
+                    ModelFlux::Decorrelated => ws.flux[c * nstep + j],
+                };
             }
         }
         let slice = img.as_slice_mut().expect("standard layout");
         let (lo, hi) = (layout.core_fiber * nwt, (layout.core_fiber + p.nspec) * nwt);
         chi2::add_spots(input, &ws.geom, &coef, lo..hi, slice);
         res.model = Some(img);
+        if opts.leverage {
+            let core: Vec<usize> = (0..p.nspec)
+                .flat_map(|c| {
+                    let f = layout.core_fiber + c;
+                    (0..nstep).map(move |j| f * nwt + p.wavepad + j)
+                })
+                .collect();
+            res.leverage = Some(chi2::leverage(input, &ws.geom, &core, &ws.decorr));
+        }
     }
     Some(res)
 }

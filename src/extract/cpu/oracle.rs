@@ -5,7 +5,7 @@
 use ndarray::{s, Array1, Array2, Axis};
 use ndarray_linalg::{Eigh, Solve, UPLO};
 
-use crate::extract::{ExtractOptions, PatchInput, PatchResult};
+use crate::extract::{ExtractOptions, ModelFlux, PatchInput, PatchResult};
 
 /// Dense projection matrix `A` `[window pixels, unknowns]`, unknowns fiber-major.
 pub fn projection_matrix(input: &PatchInput<'_>) -> Array2<f64> {
@@ -120,18 +120,35 @@ pub fn extract_patch_dense(input: &PatchInput<'_>, opts: &ExtractOptions) -> Opt
             res.chi2pix[[c, j]] = if den[u] > 0.0 { num[u] / den[u] } else { 0.0 };
         }
     }
-    if opts.model_image {
+    if let Some(which) = opts.model_image {
         let mut coef = Array1::zeros(n);
         for c in 0..p.nspec {
             for j in 0..nstep {
-                coef[(core0 + c) * nwt + p.wavepad + j] = flux_all[[c, j]];
+                let u = (core0 + c) * nwt + p.wavepad + j;
+                coef[u] = match which {
+                    ModelFlux::Deconvolved => x[u],
+                    ModelFlux::Decorrelated => flux_all[[c, j]],
+                };
             }
         }
         let img = a.dot(&coef);
-        res.model = Some(
-            img.into_shape_with_order((input.window.ny(), input.window.nx()))
-                .ok()?,
-        );
+        let shape = (input.window.ny(), input.window.nx());
+        res.model = Some(img.into_shape_with_order(shape).ok()?);
+        if opts.leverage {
+            // h_i = ivar_i · Σ_{u ∈ core} a_iu (A·C)_iu.
+            let ac = a.dot(&cov);
+            let h = Array1::from_shape_fn(a.nrows(), |i| {
+                let mut sum = 0.0;
+                for c in 0..p.nspec {
+                    for j in 0..nstep {
+                        let u = (core0 + c) * nwt + p.wavepad + j;
+                        sum += a[[i, u]] * ac[[i, u]];
+                    }
+                }
+                ivar[i] * sum
+            });
+            res.leverage = Some(h.into_shape_with_order(shape).ok()?);
+        }
     }
     Some(res)
 }

@@ -2,8 +2,8 @@
 
 use ndarray::{s, Array2};
 
-use super::{extract_patch, oracle, Workspace};
-use crate::extract::{ExtractOptions, PatchInput};
+use super::{chi2, extract_patch, normal, oracle, Workspace};
+use crate::extract::{ExtractOptions, ModelFlux, PatchInput};
 use crate::patch::{pixels, PatchOptions, Plan, WaveGrid};
 use crate::psf::{spots, LegendreSet, Psf, PsfParam};
 
@@ -83,7 +83,8 @@ fn fast_path_matches_dense_oracle() {
         regularize: 0.0,
         psferr: 0.01,
         ndiag: 3,
-        model_image: true,
+        model_image: Some(crate::extract::ModelFlux::Decorrelated),
+        leverage: false,
     };
     let mut ws = Workspace::default();
     let mut checked = 0;
@@ -122,6 +123,144 @@ fn fast_path_matches_dense_oracle() {
     assert_eq!(checked, plan.npatch());
 }
 
+/// Each flux choice projects its own flux for the core fibers' core bins: `decorrelated` is
+/// gpu_specter's image as spextract wrote it before the choice existed, bit for bit (`R·f` of
+/// every core bin through `chi2::add_spots` in unknown order); `deconvolved` is `A_core · f`,
+/// as the dense oracle computes it.
+#[test]
+fn model_image_projects_the_chosen_flux() {
+    let psf = toy_psf(12, 2);
+    let popts = PatchOptions {
+        bundlesize: 12,
+        nsubbundles: 3,
+        nwavestep: 20,
+        wavepad: 5,
+        ..Default::default()
+    };
+    let grid = WaveGrid::new(5200.0, 5260.0, 1.0, &popts).unwrap();
+    let plan = Plan::new(0, 12, grid.wave.len(), psf.nfiber(), &popts);
+    let spots = spots::evaluate(&psf, 0, 12, &grid.padded).unwrap();
+    let pix = Array2::from_shape_fn((psf.npix_y, psf.npix_x), |(r, c)| {
+        100.0 + 30.0 * ((r as f64 * 0.37).sin() + (c as f64 * 0.61).cos())
+    });
+    let ivar = Array2::from_elem(pix.dim(), 0.01);
+    let opts = |which| ExtractOptions {
+        regularize: 0.0,
+        psferr: 0.01,
+        ndiag: 3,
+        model_image: Some(which),
+        leverage: false,
+    };
+    let mut ws = Workspace::default();
+    let mut checked = 0;
+    for p in plan.patches.iter().flatten() {
+        let nwt = p.nwavetot;
+        if p.nwave_keep != nwt - 2 * p.wavepad {
+            continue; // a last, short patch keeps fewer bins than it models
+        }
+        let window = pixels::window(p, &spots, popts.pixpad_frac);
+        let inp = PatchInput::from_ccd(*p, window, pix.view(), ivar.view(), &spots);
+        let dec = extract_patch(&inp, &opts(ModelFlux::Decorrelated), &mut ws);
+        let mut geom = Vec::new();
+        normal::geometry(&inp, &mut geom);
+        let core = p.core_fiber_offset();
+        let mut coef = vec![0.0; geom.len()];
+        for c in 0..p.nspec {
+            for j in 0..p.nwave_keep {
+                coef[(core + c) * nwt + p.wavepad + j] = dec.flux[[c, j]];
+            }
+        }
+        let mut expect = vec![0.0; window.ny() * window.nx()];
+        chi2::add_spots(
+            &inp,
+            &geom,
+            &coef,
+            core * nwt..(core + p.nspec) * nwt,
+            &mut expect,
+        );
+        let got = dec.model.unwrap();
+        assert!(got
+            .iter()
+            .zip(&expect)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+
+        let dcv = extract_patch(&inp, &opts(ModelFlux::Deconvolved), &mut ws);
+        let dense = oracle::extract_patch_dense(&inp, &opts(ModelFlux::Deconvolved)).unwrap();
+        let (fm, dm) = (dcv.model.unwrap(), dense.model.unwrap());
+        for (a, b) in fm.iter().zip(&dm) {
+            assert!((a - b).abs() <= 1e-8 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+        // The two images differ: R smooths the flux before it is projected.
+        let diff = fm
+            .iter()
+            .zip(&got)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(
+            diff > 1e-3,
+            "deconvolved and decorrelated models agree to {diff}"
+        );
+        checked += 1;
+    }
+    assert!(checked > 0);
+}
+
+/// Each pixel's leverage on the model image, from the band of `C` the solve keeps, is the
+/// dense hat matrix's diagonal over the core fibers' core bins; and it is what the model
+/// does when the pixel moves.
+#[test]
+fn leverage_is_the_hat_matrix_diagonal() {
+    let psf = toy_psf(12, 2);
+    let popts = PatchOptions {
+        bundlesize: 12,
+        nsubbundles: 3,
+        nwavestep: 20,
+        wavepad: 5,
+        ..Default::default()
+    };
+    let grid = WaveGrid::new(5200.0, 5260.0, 1.0, &popts).unwrap();
+    let plan = Plan::new(0, 12, grid.wave.len(), psf.nfiber(), &popts);
+    let spots = spots::evaluate(&psf, 0, 12, &grid.padded).unwrap();
+    let pix = Array2::from_shape_fn((psf.npix_y, psf.npix_x), |(r, c)| {
+        100.0 + 30.0 * ((r as f64 * 0.37).sin() + (c as f64 * 0.61).cos())
+    });
+    let ivar = Array2::from_shape_fn(pix.dim(), |(r, c)| 0.01 + 0.001 * ((r + c) % 5) as f64);
+    let opts = ExtractOptions {
+        regularize: 0.0,
+        psferr: 0.01,
+        ndiag: 3,
+        model_image: Some(ModelFlux::Deconvolved),
+        leverage: true,
+    };
+    let mut ws = Workspace::default();
+    let p = plan.patches[0][1];
+    let window = pixels::window(&p, &spots, popts.pixpad_frac);
+    let inp = PatchInput::from_ccd(p, window, pix.view(), ivar.view(), &spots);
+    let fast = extract_patch(&inp, &opts, &mut ws);
+    let dense = oracle::extract_patch_dense(&inp, &opts).unwrap();
+    let (h, hd) = (fast.leverage.unwrap(), dense.leverage.unwrap());
+    let hmax = hd.iter().copied().fold(0.0, f64::max);
+    // The core bins' share of the hat matrix's diagonal (it may pass 1 where the padding
+    // bins' share is negative).
+    assert!(hmax > 0.05, "{hmax}");
+    for (a, b) in h.iter().zip(&hd) {
+        assert!((a - b).abs() <= 1e-9 * (1.0 + b.abs()), "{a} vs {b}");
+    }
+    // The model moves by h when the pixel of the largest leverage moves by one.
+    let (k, _) = h
+        .iter()
+        .enumerate()
+        .fold((0, 0.0), |m, (k, &v)| if v > m.1 { (k, v) } else { m });
+    let (ry, rx) = (k / window.nx(), k % window.nx());
+    let mut moved = pix.clone();
+    moved[[window.ymin as usize + ry, window.xmin as usize + rx]] += 1.0;
+    let inp2 = PatchInput::from_ccd(p, window, moved.view(), ivar.view(), &spots);
+    let after = extract_patch(&inp2, &opts, &mut ws).model.unwrap();
+    let before = extract_patch(&inp, &opts, &mut ws).model.unwrap();
+    let dm = after[[ry, rx]] - before[[ry, rx]];
+    assert!((dm - h[[ry, rx]]).abs() < 1e-6, "{dm} vs {}", h[[ry, rx]]);
+}
+
 #[test]
 fn resolution_rows_sum_to_one_and_the_band_keeps_them() {
     let psf = toy_psf(10, 2);
@@ -142,7 +281,8 @@ fn resolution_rows_sum_to_one_and_the_band_keeps_them() {
         regularize: 0.0,
         psferr: 0.01,
         ndiag,
-        model_image: false,
+        model_image: None,
+        leverage: false,
     };
     let mut ws = Workspace::default();
     for p in plan.patches.iter().flatten() {
@@ -203,7 +343,8 @@ impl RealBundle0 {
             regularize: 0.0,
             psferr: 0.01,
             ndiag: psf.hsizey,
-            model_image: false,
+            model_image: None,
+            leverage: false,
         };
         Some(RealBundle0 {
             img,
@@ -327,7 +468,8 @@ fn a_window_leaving_the_ccd_is_extracted_with_the_rows_off_it_masked() {
         regularize: 0.0,
         psferr: 0.01,
         ndiag: 3,
-        model_image: false,
+        model_image: None,
+        leverage: false,
     };
     let p = plan.patches[0][2];
     let window = pixels::window(&p, &spots, popts.pixpad_frac);

@@ -203,7 +203,7 @@ impl Backend for GpuBackend {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let results = if opts.model_image {
+        let results = if opts.model_image.is_some() {
             // The model image is not ported: the CPU computes such batches whole.
             self.cpu_batch(batch, opts, None)?
         } else {

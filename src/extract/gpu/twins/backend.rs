@@ -142,7 +142,8 @@ mod tests {
                 regularize: 0.0,
                 psferr: 0.01,
                 ndiag: psf.hsizey,
-                model_image: false,
+                model_image: None,
+                leverage: false,
             };
             Toy {
                 set,

@@ -567,7 +567,8 @@ mod tests {
             regularize: 0.0,
             psferr: 0.01,
             ndiag: 3,
-            model_image: false,
+            model_image: None,
+            leverage: false,
         };
         let d = compare_twin_with_cpu(&scene, &opts);
         report("toy PSF", &d);
@@ -589,7 +590,8 @@ mod tests {
             regularize: 0.0,
             psferr: 0.01,
             ndiag,
-            model_image: false,
+            model_image: None,
+            leverage: false,
         };
         let d = compare_twin_with_cpu(&scene, &opts);
         report("real PSF", &d);
@@ -643,7 +645,8 @@ mod tests {
             regularize: 0.0,
             psferr: 0.01,
             ndiag,
-            model_image: false,
+            model_image: None,
+            leverage: false,
         };
         let layout = BatchLayout::new(&inputs).unwrap();
         let dims = Chi2Layout::new(&inputs, &layout).unwrap();

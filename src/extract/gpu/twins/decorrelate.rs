@@ -523,7 +523,8 @@ mod tests {
             regularize: 0.0,
             psferr: 0.01,
             ndiag: bundle.psf.hsizey,
-            model_image: false,
+            model_image: None,
+            leverage: false,
         };
         let what = bundle.what;
         (bundle.into_scene(seed, Recipe::default()), opts, what)

@@ -1,0 +1,215 @@
+//! `--ivar-from-model` (issue 14 item 1): on an image whose IVAR was computed from its own
+//! pixels (`simulate --ivar-from-data`), the two passes with the variance from the model
+//! remove the flux's bias; an IVAR from a model is left as it is; cosmic rays that
+//! slipped through the mask are still flagged; lists refuse the option.
+
+use std::path::Path;
+
+use spextract::cli::compare::{truth_stats, TruthStats};
+use spextract::io::frame::read_frame;
+use spextract::io::truth::read_truth;
+use spextract::io::{read_psf, write_preproc, write_psf};
+use spextract::pipeline::frame::specmask;
+use spextract::simulate::{simulate, SimOptions};
+
+use crate::common::{shared_data, small_psf, small_sim_options, SMALL_GRID};
+
+/// Truth recovery of a frame (5 edge bins left out, as `compare` does by default).
+fn stats(frame: &Path, truth: &Path) -> TruthStats {
+    let f = read_frame(frame).unwrap();
+    let t = read_truth(truth).unwrap();
+    truth_stats(&f, &t.wave, &t.flux, t.specmin, 5).unwrap()
+}
+
+/// Simulates `nspec` fibers with IVAR from the data (or from the model) and extracts them
+/// without and with `--ivar-from-model`; returns both frames' truth recovery and the second
+/// run's log.
+fn before_after(
+    dir: &Path,
+    psf: &Path,
+    nspec: usize,
+    grid: Option<&str>,
+    from_data: bool,
+) -> (TruthStats, TruthStats, String) {
+    let (image, truth) = (dir.join("preproc.fits"), dir.join("truth.fits"));
+    let n = nspec.to_string();
+    let mut sim: Vec<&std::ffi::OsStr> = vec!["simulate".as_ref(), "-n".as_ref(), n.as_ref()];
+    sim.extend([
+        "-p".as_ref(),
+        psf.as_os_str(),
+        "-i".as_ref(),
+        image.as_os_str(),
+        "-t".as_ref(),
+        truth.as_os_str(),
+    ]);
+    if from_data {
+        sim.push("--ivar-from-data".as_ref());
+    }
+    if let Some(g) = grid {
+        sim.extend([std::ffi::OsStr::new("-w"), g.as_ref()]);
+    }
+    crate::common::spextract(&sim).ok();
+    let mut out = Vec::new();
+    let mut log = String::new();
+    for (name, option) in [("before", None), ("after", Some("--ivar-from-model"))] {
+        let frame = dir.join(format!("frame-{name}.fits"));
+        let mut args: Vec<&std::ffi::OsStr> = vec!["extract".as_ref(), "-n".as_ref(), n.as_ref()];
+        args.extend([
+            "-p".as_ref(),
+            psf.as_os_str(),
+            "-i".as_ref(),
+            image.as_os_str(),
+            "-o".as_ref(),
+            frame.as_os_str(),
+        ]);
+        if let Some(g) = grid {
+            args.extend([std::ffi::OsStr::new("-w"), g.as_ref()]);
+        }
+        args.extend(option.map(std::ffi::OsStr::new));
+        let run = crate::common::spextract(&args);
+        run.ok();
+        log = run.stderr.clone();
+        let s = stats(&frame, &truth);
+        eprintln!(
+            "{name}: chi2/dof {:.4}, mean pull {:.4} ± {:.4}, fibers {:.3} .. {:.3}",
+            s.chi2dof,
+            s.mean_pull,
+            s.mean_pull_err,
+            s.per_fiber.iter().map(|f| f.1).fold(f64::MAX, f64::min),
+            s.per_fiber.iter().map(|f| f.1).fold(f64::MIN, f64::max)
+        );
+        out.push(s);
+    }
+    let before = out.remove(0);
+    (before, out.remove(0), log)
+}
+
+/// |Mean pull| after the option at most this (issue 14).
+const MEAN_PULL_TOL: f64 = 0.05;
+/// |chi²/dof − 1| over the frame after the option at most this.
+const CHI2_TOL: f64 = 0.03;
+/// Every fiber's |chi²/dof − 1| after the option at most this, or four of its standard
+/// deviations, `4·√(2/bins)`, on a fiber too short for 0.1 to mean anything (the small CCD's
+/// 491 bins scatter by 0.064).
+const FIBER_CHI2_TOL: f64 = 0.1;
+
+/// The bias of IVAR from the data before, and none of it after.
+#[track_caller]
+fn assert_unbiased(before: &TruthStats, after: &TruthStats) {
+    assert!(before.mean_pull < -0.3, "before: {before:?}");
+    assert!(before.chi2dof > 1.2, "before: {before:?}");
+    assert!(after.mean_pull.abs() < MEAN_PULL_TOL, "after: {after:?}");
+    assert!((after.chi2dof - 1.0).abs() <= CHI2_TOL, "after: {after:?}");
+    let bins = after.nbins as f64 / after.per_fiber.len() as f64;
+    let tol = FIBER_CHI2_TOL.max(4.0 * (2.0 / bins).sqrt());
+    for &(f, c) in &after.per_fiber {
+        assert!((c - 1.0).abs() <= tol, "fiber {f}: {c} (±{tol}); {after:?}");
+    }
+}
+
+#[test]
+fn ivar_from_model_removes_the_bias_synthetic_psf() {
+    let dir = tempfile::tempdir().unwrap();
+    let psf = dir.path().join("psf.fits");
+    write_psf(&psf, &small_psf()).unwrap();
+    let (before, after, log) = before_after(dir.path(), &psf, 25, Some(SMALL_GRID), true);
+    assert!(log.contains("extracting twice"), "{log}");
+    assert_unbiased(&before, &after);
+}
+
+#[test]
+fn ivar_from_model_removes_the_bias_real_psf() {
+    let Some(data) = shared_data(&["psf-r0-00067784.fits"]) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let psf = data.join("psf-r0-00067784.fits");
+    let (before, after, _) = before_after(dir.path(), &psf, 50, None, true);
+    assert_unbiased(&before, &after);
+}
+
+/// An IVAR that already comes from a model has no read-noise term to recover: the option
+/// says so and changes nothing.
+#[test]
+fn ivar_from_a_model_is_left_as_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let psf = dir.path().join("psf.fits");
+    write_psf(&psf, &small_psf()).unwrap();
+    let (before, after, log) = before_after(dir.path(), &psf, 25, Some(SMALL_GRID), false);
+    assert!(log.contains("it was not computed from the pixels"), "{log}");
+    assert_eq!(before.chi2dof, after.chi2dof);
+    let (a, b) = (
+        read_frame(&dir.path().join("frame-before.fits")).unwrap(),
+        read_frame(&dir.path().join("frame-after.fits")).unwrap(),
+    );
+    assert_eq!((a.flux, a.ivar, a.mask), (b.flux, b.ivar, b.mask));
+}
+
+/// A cosmic ray the mask missed stands out against the model's variance: its bins are
+/// flagged BAD2DFIT.
+#[test]
+fn an_unmasked_cosmic_ray_is_flagged() {
+    let dir = tempfile::tempdir().unwrap();
+    let psf_path = dir.path().join("psf.fits");
+    write_psf(&psf_path, &small_psf()).unwrap();
+    let psf = read_psf(&psf_path).unwrap();
+    let opts = SimOptions {
+        ivar_from_data: true,
+        ..small_sim_options()
+    };
+    let mut sim = simulate(&psf, &opts).unwrap();
+    let (fiber, wave) = (12, 6250.0);
+    let (x, y) = (psf.xtrace.eval(fiber, wave), psf.ytrace.eval(fiber, wave));
+    let (x, y) = (x.round() as usize, y.round() as usize);
+    for dy in 0..3 {
+        let (yy, xx) = (y + dy, x + dy / 2);
+        sim.image[[yy, xx]] += 3000.0;
+        // As preproc would compute it, from the hit pixel.
+        sim.ivar[[yy, xx]] = 1.0 / (9.0 + sim.image[[yy, xx]].max(0.0));
+    }
+    let image = dir.path().join("preproc.fits");
+    write_preproc(
+        &image,
+        &sim.image,
+        &sim.ivar,
+        &sim.mask,
+        &sim.header,
+        Some(&sim.fibermap),
+        false,
+    )
+    .unwrap();
+    let out = dir.path().join("frame.fits");
+    run!(
+        "extract",
+        "-p",
+        psf_path,
+        "-i",
+        image,
+        "-o",
+        out,
+        "-w",
+        SMALL_GRID,
+        "--ivar-from-model"
+    )
+    .ok();
+    let frame = read_frame(&out).unwrap();
+    let j = frame.wave.iter().position(|&w| w >= wave).unwrap();
+    let flagged = (j - 3..j + 4).any(|k| frame.mask[[fiber, k]] & specmask::BAD2DFIT != 0);
+    assert!(
+        flagged,
+        "{:?}",
+        frame.mask.slice(ndarray::s![fiber, j - 3..j + 4])
+    );
+}
+
+#[test]
+fn lists_refuse_ivar_from_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("frames.txt");
+    std::fs::write(&list, "a.fits b.fits c.fits\n").unwrap();
+    run!("extract", "--frames", list, "--ivar-from-model").fails_with(&[
+        "--ivar-from-model",
+        "single frame",
+        "whole frame's model",
+    ]);
+}
