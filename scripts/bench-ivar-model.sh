@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Benchmark of --ivar-from-model (issue 14, item 1): one frame whose IVAR was computed from its
+# own pixels (simulate --ivar-from-data), extracted alternately with one pass (the default) and
+# with --ivar-from-model (two passes), REPEATS times each, end to end (reading and writing
+# included). Prints each run's wall time, the ratio of the totals, and each frame against the
+# truth. Uses the real DESI PSF in ../shared/data when present, else a synthetic one.
+# Env: BENCH_DIR (default target/bench-ivar-model), NSPEC (fibers, 50), THREADS (2),
+# REPEATS (3).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OPENBLAS_NUM_THREADS=1
+cargo build --release
+bin=$PWD/target/release/spextract
+dir=${BENCH_DIR:-target/bench-ivar-model}
+nspec=${NSPEC:-50}
+threads=${THREADS:-2}
+repeats=${REPEATS:-3}
+grid=5760,7620,0.8
+mkdir -p "$dir"
+cd "$dir"
+psf=$(realpath -m ../../../shared/data/psf-r0-00067784.fits)
+if [ ! -f "$psf" ]; then
+    psf=$PWD/psf-synthetic.fits
+    "$bin" simulate --make-psf "$psf" --overwrite
+fi
+echo "== simulating $nspec fibers on $grid with IVAR from the pixels (PSF $psf)"
+"$bin" simulate --psf "$psf" --image preproc.fits --truth truth.fits --nspec "$nspec" \
+    --wavelength "$grid" --seed 1 --ivar-from-data --overwrite 2>/dev/null
+# Wall seconds of one extraction with the given extra flags.
+run() {
+    local out=$1 start end
+    shift
+    start=$(date +%s%N)
+    "$bin" extract -p "$psf" -i preproc.fits -o "$out" -w "$grid" -n "$nspec" \
+        --threads "$threads" --no-progress --overwrite "$@" 2>/dev/null
+    end=$(date +%s%N)
+    echo $(((end - start) / 1000000))
+}
+one=0
+two=0
+for i in $(seq "$repeats"); do
+    a=$(run one-pass.fits)
+    b=$(run two-pass.fits --ivar-from-model)
+    printf '  run %d: one pass %d ms, --ivar-from-model %d ms\n' "$i" "$a" "$b"
+    one=$((one + a))
+    two=$((two + b))
+done
+printf '== --ivar-from-model / one pass: %d.%03d (%d ms / %d ms over %d runs each, %s threads)\n' \
+    $((two / one)) $((two * 1000 / one % 1000)) "$two" "$one" "$repeats" "$threads"
+for f in one-pass two-pass; do
+    echo "== $f.fits against the truth"
+    "$bin" compare "$f.fits" --truth truth.fits | grep -E 'chi2/dof|mean pull' || true
+done
