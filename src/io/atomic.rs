@@ -234,7 +234,7 @@ fn c_path(p: &Path) -> io::Result<CString> {
 
 /// This host's name as it goes into temporaries' names (characters other than letters,
 /// digits, `.`, `_` and `-` as `_`).
-fn host() -> &'static str {
+pub fn temporary_host() -> &'static str {
     static HOST: OnceLock<String> = OnceLock::new();
     HOST.get_or_init(|| {
         let raw = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
@@ -268,7 +268,7 @@ fn temp_path(path: &Path) -> Result<PathBuf, IoError> {
     let tmp_name = format!(
         ".{}.tmp-{}-{}-{n}",
         name.to_string_lossy(),
-        host(),
+        temporary_host(),
         std::process::id()
     );
     Ok(path.with_file_name(tmp_name))
@@ -331,7 +331,7 @@ pub fn leftover_temporaries(dir: &Path) -> Leftovers {
         };
         let path = dir.join(&name);
         match writer_host {
-            Some(h) if h != host() => found.elsewhere.push(path),
+            Some(h) if h != temporary_host() => found.elsewhere.push(path),
             _ if pid == own => found.busy.push(path),
             _ if pid_alive(pid) == Some(false) => found.stale.push(path),
             _ => found.busy.push(path),

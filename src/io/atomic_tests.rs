@@ -176,7 +176,7 @@ fn temporaries_say_who_writes_them() {
     assert!(name.starts_with(".frame-r0.fits.tmp-"), "{name}");
     assert_eq!(
         temporary_writer(name),
-        Some((Some(host()), std::process::id()))
+        Some((Some(temporary_host()), std::process::id()))
     );
     for (name, want) in [
         (".f.fits.tmp-nid001-2-17", Some((Some("nid001"), 2))),
@@ -211,7 +211,7 @@ fn leftovers_are_sorted_by_what_became_of_their_writer() {
         .unwrap();
     let live = running.id();
     let me = std::process::id();
-    let h = host();
+    let h = temporary_host();
     let files = [
         format!(".f.fits.tmp-{h}-{dead}-0"),
         format!(".m.fits.tmp-{dead}-3"),

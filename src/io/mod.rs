@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use crate::psf::PsfError;
 
 pub(crate) use atomic::write_atomic;
-pub use atomic::{input_key, leftover_temporaries, output_key, Leftovers};
+pub use atomic::{input_key, leftover_temporaries, output_key, temporary_host, Leftovers};
 pub use frame::{
     read_frame, read_frame_keys, read_model_image, write_frame, write_frame_set, write_model_image,
     Frame, FrameMeta, ModelImage, ModelImageFile,

@@ -243,27 +243,6 @@ fn list_mode_leaves_other_files_alone_and_sees_through_spellings() {
     }
 }
 
-/// This host's name as spextract writes it into temporaries' names.
-fn host() -> String {
-    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let name: String = raw
-        .trim()
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    if name.is_empty() {
-        "localhost".into()
-    } else {
-        name
-    }
-}
-
 /// Item 5: reruns, single-frame or list, remove the temporaries of killed writers, the model
 /// image's too, and leave those whose writer still runs.
 #[test]
@@ -276,7 +255,7 @@ fn reruns_remove_the_leftovers_of_killed_writers_only() {
     let dead = ended.id();
     let mut running = Command::new("sleep").arg("60").spawn().unwrap();
     let live = running.id();
-    let h = host();
+    let h = spextract::io::temporary_host();
     let plant = |folder: &Path, output: &str| -> (Vec<PathBuf>, PathBuf) {
         let stale = vec![
             folder.join(format!(".{output}.tmp-{h}-{dead}-0")),
