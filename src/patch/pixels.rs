@@ -19,12 +19,12 @@ pub struct PixelWindow {
 impl PixelWindow {
     /// Rows in the window.
     pub fn ny(&self) -> usize {
-        (self.ymax - self.ymin).max(0) as usize
+        self.ymax.saturating_sub(self.ymin).max(0) as usize
     }
 
     /// Columns in the window.
     pub fn nx(&self) -> usize {
-        (self.xmax - self.xmin).max(0) as usize
+        self.xmax.saturating_sub(self.xmin).max(0) as usize
     }
 
     /// Whether the window lies on a CCD of `npix_y × npix_x` pixels. gpu_specter's CPU path
@@ -36,8 +36,13 @@ impl PixelWindow {
     }
 
     /// The part of the window on a CCD of `npix_y × npix_x` pixels, or None when no pixel of
-    /// it is (or the window is empty).
+    /// it is, when the window is empty, or when it is larger than the CCD in either direction:
+    /// no patch spans a whole CCD, and the window of traces gone wild (a corrupt PSF) would
+    /// otherwise be allocated whole to hold the pixels off the CCD.
     pub fn clip(&self, npix_y: usize, npix_x: usize) -> Option<PixelWindow> {
+        if self.ny() > npix_y || self.nx() > npix_x {
+            return None;
+        }
         let part = PixelWindow {
             xmin: self.xmin.max(0),
             xmax: self.xmax.min(npix_x as i64),
@@ -104,6 +109,20 @@ mod tests {
         assert_eq!((on.xmin, on.xmax, on.ymin, on.ymax), (0, 40, 90, 100));
         assert!(!w.on_ccd(100, 50) && on.on_ccd(100, 50));
         assert_eq!(on.clip(100, 50), Some(on));
+        // A window larger than the CCD (corrupt traces), or whose size overflows, is no
+        // patch's: nothing of it is extracted.
+        let wild = PixelWindow {
+            ymin: -200,
+            ..w
+        };
+        assert_eq!(wild.clip(100, 50), None);
+        let overflowing = PixelWindow {
+            ymin: i64::MIN,
+            ymax: i64::MAX,
+            ..w
+        };
+        assert_eq!(overflowing.ny(), usize::try_from(i64::MAX).unwrap());
+        assert_eq!(overflowing.clip(100, 50), None);
         let off = PixelWindow {
             ymin: -20,
             ymax: 0,
