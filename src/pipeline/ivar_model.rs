@@ -24,7 +24,7 @@
 //!
 //! Pure arithmetic on the image planes: imports nothing of the crate.
 
-use ndarray::{Array2, ArrayView2, Zip};
+use ndarray::{Array2, ArrayView2, ArrayViewMut2, Zip};
 
 /// How `--ivar-from-model` converts the image to electrons.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -138,47 +138,48 @@ pub fn ivar_from_neighbours(
 /// pixel's leverage on the model `m`. A fitted model follows the noise of the pixels it was
 /// fitted to by their leverage (a tenth to a few tenths near a trace), and a variance made
 /// from it would weight low fluctuations up again, by that fraction; this one does not. Pixels of
-/// leverage outside 0..0.99 (or not finite) keep `m`.
+/// leverage outside 0..0.99 (or not finite) keep `m`. In place: the model is not needed after.
 pub fn leave_one_out(
     pix: ArrayView2<'_, f64>,
-    model: ArrayView2<'_, f64>,
+    model: ArrayViewMut2<'_, f64>,
     leverage: ArrayView2<'_, f64>,
-) -> Array2<f64> {
-    Zip::from(pix)
-        .and(model)
+) {
+    Zip::from(model)
+        .and(pix)
         .and(leverage)
-        .map_collect(|&p, &m, &h| {
+        .for_each(|m, &p, &h| {
             if h.is_finite() && (0.0..0.99).contains(&h) {
-                (m - h * p) / (1.0 - h)
-            } else {
-                m
+                *m = (*m - h * p) / (1.0 - h);
             }
-        })
+        });
 }
 
 /// IVAR with `model` in place of the data: `1/(r + max(model, 0)/gain)` where
 /// `r = 1/ivar − max(pix, 0)/gain`; pixels with ivar 0 stay 0, and so does a pixel whose new
-/// variance is not positive.
+/// variance is not positive. Written into `out` (the first pass's IVAR, not needed after it).
 pub fn ivar_from_model(
     pix: ArrayView2<'_, f64>,
     ivar: ArrayView2<'_, f64>,
     model: ArrayView2<'_, f64>,
     gain: f64,
-) -> Array2<f64> {
-    Zip::from(pix)
+    out: ArrayViewMut2<'_, f64>,
+) {
+    Zip::from(out)
+        .and(pix)
         .and(ivar)
         .and(model)
-        .map_collect(|&p, &iv, &m| {
-            if iv <= 0.0 {
-                return 0.0;
-            }
-            let var = 1.0 / iv - p.max(0.0) / gain + m.max(0.0) / gain;
-            if var > 0.0 {
-                1.0 / var
-            } else {
+        .for_each(|out, &p, &iv, &m| {
+            *out = if iv <= 0.0 {
                 0.0
-            }
-        })
+            } else {
+                let var = 1.0 / iv - p.max(0.0) / gain + m.max(0.0) / gain;
+                if var > 0.0 {
+                    1.0 / var
+                } else {
+                    0.0
+                }
+            };
+        });
 }
 
 #[cfg(test)]
@@ -207,12 +208,13 @@ mod tests {
         let pix = array![[100.0, -5.0, 40.0]];
         let ivar = array![[1.0 / (9.0 + 100.0), 1.0 / 9.0, 0.0]];
         let model = array![[90.0, 3.0, 40.0]];
-        let new = ivar_from_model(pix.view(), ivar.view(), model.view(), 1.0);
+        let mut new = Array2::zeros(pix.dim());
+        ivar_from_model(pix.view(), ivar.view(), model.view(), 1.0, new.view_mut());
         assert!((1.0 / new[[0, 0]] - 99.0).abs() < 1e-9);
         assert!((1.0 / new[[0, 1]] - 12.0).abs() < 1e-9);
         assert_eq!(new[[0, 2]], 0.0);
         let adu = array![[1.0 / (4.0 + 100.0 / 2.0), 1.0 / 4.0, 0.0]];
-        let new = ivar_from_model(pix.view(), adu.view(), model.view(), 2.0);
+        ivar_from_model(pix.view(), adu.view(), model.view(), 2.0, new.view_mut());
         assert!((1.0 / new[[0, 0]] - 49.0).abs() < 1e-9);
         let (r, dr) = read_noise_term(pix.view(), adu.view(), 2.0).unwrap();
         assert!((r - 4.0).abs() < 1e-9 && dr < 1e-9 && is_from_data(r, dr));

@@ -618,28 +618,31 @@ pub fn extract_prepared(
         leverage: true,
         ..prep.opts
     };
-    let ivar0 = ivar_from_neighbours(prep.preproc.image.view(), prep.preproc.ivar.view(), gain);
+    let mut ivar = ivar_from_neighbours(prep.preproc.image.view(), prep.preproc.ivar.view(), gain);
     // The second pass evaluates the same spots: the first keeps them (up to the budget).
     let mut spots = SpotCache::keeping(SPOT_CACHE_BYTES);
     let first = run(
-        ivar0.view(),
+        ivar.view(),
         &first_opts,
         &|d, t| progress(d, 2 * t),
         Some(&mut spots),
     )?;
     spots.stop_keeping();
-    let (model, leverage) = first
+    let (mut model, leverage) = first
         .model
-        .as_ref()
-        .zip(first.leverage.as_ref())
+        .zip(first.leverage)
         .expect("the first pass asked for the model and its leverage");
-    let model = leave_one_out(prep.preproc.image.view(), model.view(), leverage.view());
-    let ivar = ivar_from_model(
+    // In place, the model and then the first pass's IVAR: each is not needed after.
+    leave_one_out(prep.preproc.image.view(), model.view_mut(), leverage.view());
+    drop(leverage);
+    ivar_from_model(
         prep.preproc.image.view(),
         prep.preproc.ivar.view(),
         model.view(),
         gain,
+        ivar.view_mut(),
     );
+    drop(model);
     let mut second = run(
         ivar.view(),
         &prep.opts,
