@@ -82,12 +82,13 @@ pub fn leverage(
             let x0 = gu.col0.max(gv.col0);
             let len = ((gu.col0 + nx as i64).min(gv.col0 + nx as i64) - x0) as usize;
             let (xu, xv) = ((x0 - gu.col0) as usize, (x0 - gv.col0) as usize);
-            for r in r0..r1 {
-                let (iyu, iyv) = ((r - gu.row0) as usize, (r - gv.row0) as usize);
-                let a = &su[iyu * nx + xu..iyu * nx + xu + len];
-                let b = &sv[iyv * nx + xv..iyv * nx + xv + len];
-                let d = &mut acc[r as usize * nxw + x0 as usize..][..len];
-                for ((d, a), b) in d.iter_mut().zip(a).zip(b) {
+            let (iyu, iyv) = ((r0 - gu.row0) as usize, (r0 - gv.row0) as usize);
+            // Rows r0..r1 of the two spots and of the window, each from column x0 on.
+            let dst = acc[r0 as usize * nxw + x0 as usize..].chunks_mut(nxw);
+            let a_rows = su[iyu * nx + xu..].chunks(nx);
+            let b_rows = sv[iyv * nx + xv..].chunks(nx);
+            for ((d, a), b) in dst.zip(a_rows).zip(b_rows).take((r1 - r0) as usize) {
+                for ((d, a), b) in d[..len].iter_mut().zip(&a[..len]).zip(&b[..len]) {
                     *d += c * a * b;
                 }
             }

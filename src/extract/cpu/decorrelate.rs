@@ -117,16 +117,18 @@ impl DecorrWork {
 
     /// `C[u, v]` of the last successful `run`, for fiber-major unknowns `u` and `v` whose
     /// wavelength-major indices lie within the band of `AᵀWA` (every pair whose spots share a
-    /// pixel does); 0 outside it.
+    /// pixel does); 0 outside it. Read from `u`'s row of the band (which holds both halves,
+    /// the same values), so that the partners of one `u` read one contiguous row.
     #[allow(dead_code)] // where the GPU twins include this file, nothing asks for it
     pub fn covariance(&self, u: usize, v: usize) -> f64 {
         let (nsp, nwt, kd) = self.shape;
         let perm = |u: usize| (u % nwt) * nsp + u / nwt;
-        let (a, b) = (perm(u).min(perm(v)), perm(u).max(perm(v)));
-        if b - a > kd {
+        let (pu, pv) = (perm(u), perm(v));
+        if pu.abs_diff(pv) > kd {
             return 0.0;
         }
-        self.band[a * (2 * kd + 1) + kd + (b - a)]
+        // C[pu, pv] sits at kd + (pv − pu) in row pu.
+        self.band[pu * (2 * kd + 1) + kd + pv - pu]
     }
 
     /// The unknowns `v` (fiber-major, increasing) whose pair with `u` lies within the band of
