@@ -23,7 +23,7 @@ use crate::pipeline::frame::{
     Withheld,
 };
 use crate::pipeline::ivar_model::{
-    image_gain, is_from_data, ivar_from_model, ivar_from_neighbours, leave_one_out, read_noise_term,
+    image_gain, is_from_data, ivar_from_model, ivar_from_neighbours, read_noise_term,
 };
 use crate::pipeline::request::{FrameRequest, InputId, RequestError};
 use crate::psf::Psf;
@@ -628,21 +628,19 @@ pub fn extract_prepared(
         Some(&mut spots),
     )?;
     spots.stop_keeping();
-    let (mut model, leverage) = first
+    let (model, leverage) = first
         .model
         .zip(first.leverage)
         .expect("the first pass asked for the model and its leverage");
-    // In place, the model and then the first pass's IVAR: each is not needed after.
-    leave_one_out(prep.preproc.image.view(), model.view_mut(), leverage.view());
-    drop(leverage);
     ivar_from_model(
         prep.preproc.image.view(),
         prep.preproc.ivar.view(),
         model.view(),
+        leverage.view(),
         gain,
         ivar.view_mut(),
     );
-    drop(model);
+    drop((model, leverage));
     let mut second = run(
         ivar.view(),
         &prep.opts,
