@@ -140,7 +140,7 @@ pub struct BundleWork<'a> {
 /// Spot sets kept from one extraction of a frame for another of the same frame (same PSF,
 /// grids, plan and backend): `--ivar-from-model` extracts twice, and evaluating the spots is a
 /// tenth of an extraction. Sets are kept while they fit in the budget (a whole frame's take
-/// about 2 GB on the r PSF at 0.8 Å: the groups beyond it are evaluated again), and only
+/// 1.8 GB on the r PSF at 0.8 Å: the groups beyond it are evaluated again), and only
 /// where the backend's sets can be reused ([`Backend::spots_reusable`]).
 #[derive(Debug, Default)]
 pub struct SpotCache {

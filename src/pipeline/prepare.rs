@@ -580,8 +580,8 @@ pub fn frame_of(res: &FrameResult, grid: &WaveGrid) -> Frame {
 }
 
 /// Bytes of spot values `--ivar-from-model`'s first pass keeps for its second: 2 GiB holds a
-/// whole frame's on the r PSF at 0.8 Å (about 100 MB a bundle), where evaluating them again
-/// would cost a tenth of a pass.
+/// whole frame's on the r PSF at 0.8 Å (90 MB a bundle of 25 fibers), where evaluating them
+/// again would cost a tenth of a pass.
 pub const SPOT_CACHE_BYTES: usize = 2 << 30;
 
 /// Extracts a prepared frame: once, or, with `prep.ivar_model_gain`, twice, the first time
