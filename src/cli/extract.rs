@@ -529,8 +529,15 @@ fn single(args: &ExtractArgs, cfg: &Config) -> Result<()> {
     let mut engine = crate::extract::engine::start(backend, |_| Ok(0))?.boxed();
     let mut res = run_extraction(&prep, prep.threads, prep.progress, engine.as_mut())?;
     let st = &res.stats;
+    // --ivar-from-model extracts every patch twice: the timings are both passes', the counts
+    // the second's (`extract_prepared`).
+    let twice = if prep.ivar_model_gain.is_some() {
+        " twice"
+    } else {
+        ""
+    };
     info!(
-        "extracted {} patches in {:.2}s (spots {:.2}s, solve {:.2}s, assemble {:.2}s); {} retried, {} failed, {} dropped off the CCD, {} at its edge ({} bins with < {} of their light on it NODATA)",
+        "extracted {} patches{twice} in {:.2}s (spots {:.2}s, solve {:.2}s, assemble {:.2}s); {} retried, {} failed, {} dropped off the CCD, {} at its edge ({} bins with < {} of their light on it NODATA)",
         st.patches,
         start.elapsed().as_secs_f64(),
         st.spots.as_secs_f64(),

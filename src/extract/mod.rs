@@ -408,6 +408,14 @@ pub trait Backend: Send {
         )?)
     }
 
+    /// Whether a set filled by [`Backend::evaluate_spots`] serves this backend's batches again
+    /// later, after other sets were evaluated (a frame extracted twice, `--ivar-from-model`):
+    /// true where the set holds the values on the host; a device backend that keeps them on
+    /// the device until its next call says no.
+    fn spots_reusable(&self) -> bool {
+        true
+    }
+
     /// The pixels that the windows of the coming batches are cut from (a work unit's, or the
     /// CCD's): a device backend copies them once here instead of once per patch.
     fn load_pixels(

@@ -24,7 +24,7 @@
 //!
 //! Pure arithmetic on the image planes: imports nothing of the crate.
 
-use ndarray::{Array2, ArrayView2, Zip};
+use ndarray::{Array2, ArrayView2, ArrayViewMut2, Zip};
 
 /// How `--ivar-from-model` converts the image to electrons.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -134,51 +134,52 @@ pub fn ivar_from_neighbours(
     })
 }
 
-/// The model each pixel would have without its own value: `(m − h·pix)/(1 − h)` with `h` the
+/// The model a pixel would have without its own value: `(m − h·pix)/(1 − h)` with `h` the
 /// pixel's leverage on the model `m`. A fitted model follows the noise of the pixels it was
 /// fitted to by their leverage (a tenth to a few tenths near a trace), and a variance made
 /// from it would weight low fluctuations up again, by that fraction; this one does not. Pixels of
 /// leverage outside 0..0.99 (or not finite) keep `m`.
-pub fn leave_one_out(
-    pix: ArrayView2<'_, f64>,
-    model: ArrayView2<'_, f64>,
-    leverage: ArrayView2<'_, f64>,
-) -> Array2<f64> {
-    Zip::from(pix)
-        .and(model)
-        .and(leverage)
-        .map_collect(|&p, &m, &h| {
-            if h.is_finite() && (0.0..0.99).contains(&h) {
-                (m - h * p) / (1.0 - h)
-            } else {
-                m
-            }
-        })
+pub fn leave_one_out(pix: f64, model: f64, leverage: f64) -> f64 {
+    let h = leverage;
+    if h.is_finite() && (0.0..0.99).contains(&h) {
+        (model - h * pix) / (1.0 - h)
+    } else {
+        model
+    }
 }
 
-/// IVAR with `model` in place of the data: `1/(r + max(model, 0)/gain)` where
-/// `r = 1/ivar − max(pix, 0)/gain`; pixels with ivar 0 stay 0, and so does a pixel whose new
-/// variance is not positive.
+/// IVAR with the model in place of the data: `1/(r + max(m, 0)/gain)` where
+/// `r = 1/ivar − max(pix, 0)/gain` and `m` is the model with the pixel's own value left out by
+/// its leverage ([`leave_one_out`]); pixels with ivar 0 stay 0, and so does a pixel whose new
+/// variance is not positive. Written into `out` (the first pass's IVAR, not needed after it),
+/// in one sweep that writes nothing else: most of a partial frame's model image is pages
+/// never touched.
 pub fn ivar_from_model(
     pix: ArrayView2<'_, f64>,
     ivar: ArrayView2<'_, f64>,
     model: ArrayView2<'_, f64>,
+    leverage: ArrayView2<'_, f64>,
     gain: f64,
-) -> Array2<f64> {
-    Zip::from(pix)
+    out: ArrayViewMut2<'_, f64>,
+) {
+    Zip::from(out)
+        .and(pix)
         .and(ivar)
         .and(model)
-        .map_collect(|&p, &iv, &m| {
-            if iv <= 0.0 {
-                return 0.0;
-            }
-            let var = 1.0 / iv - p.max(0.0) / gain + m.max(0.0) / gain;
-            if var > 0.0 {
-                1.0 / var
-            } else {
+        .and(leverage)
+        .for_each(|out, &p, &iv, &m, &h| {
+            *out = if iv <= 0.0 {
                 0.0
-            }
-        })
+            } else {
+                let m = leave_one_out(p, m, h);
+                let var = 1.0 / iv - p.max(0.0) / gain + m.max(0.0) / gain;
+                if var > 0.0 {
+                    1.0 / var
+                } else {
+                    0.0
+                }
+            };
+        });
 }
 
 #[cfg(test)]
@@ -207,15 +208,54 @@ mod tests {
         let pix = array![[100.0, -5.0, 40.0]];
         let ivar = array![[1.0 / (9.0 + 100.0), 1.0 / 9.0, 0.0]];
         let model = array![[90.0, 3.0, 40.0]];
-        let new = ivar_from_model(pix.view(), ivar.view(), model.view(), 1.0);
+        let mut new = Array2::zeros(pix.dim());
+        let none = Array2::zeros(pix.dim());
+        ivar_from_model(
+            pix.view(),
+            ivar.view(),
+            model.view(),
+            none.view(),
+            1.0,
+            new.view_mut(),
+        );
         assert!((1.0 / new[[0, 0]] - 99.0).abs() < 1e-9);
         assert!((1.0 / new[[0, 1]] - 12.0).abs() < 1e-9);
         assert_eq!(new[[0, 2]], 0.0);
         let adu = array![[1.0 / (4.0 + 100.0 / 2.0), 1.0 / 4.0, 0.0]];
-        let new = ivar_from_model(pix.view(), adu.view(), model.view(), 2.0);
+        ivar_from_model(
+            pix.view(),
+            adu.view(),
+            model.view(),
+            none.view(),
+            2.0,
+            new.view_mut(),
+        );
         assert!((1.0 / new[[0, 0]] - 49.0).abs() < 1e-9);
         let (r, dr) = read_noise_term(pix.view(), adu.view(), 2.0).unwrap();
         assert!((r - 4.0).abs() < 1e-9 && dr < 1e-9 && is_from_data(r, dr));
+    }
+
+    /// A pixel's own value is taken out of the model by its leverage before the model makes
+    /// its variance; leverage outside 0..0.99 leaves the model as it is.
+    #[test]
+    fn the_model_leaves_each_pixel_s_own_value_out() {
+        let pix = array![[100.0, 100.0, 100.0]];
+        let ivar = pix.mapv(|p| 1.0 / (9.0 + p));
+        let model = array![[90.0, 90.0, 90.0]];
+        let leverage = array![[0.5, 0.995, f64::NAN]];
+        let mut new = Array2::zeros(pix.dim());
+        ivar_from_model(
+            pix.view(),
+            ivar.view(),
+            model.view(),
+            leverage.view(),
+            1.0,
+            new.view_mut(),
+        );
+        // (90 − 0.5·100)/(1 − 0.5) = 80.
+        assert!((1.0 / new[[0, 0]] - 89.0).abs() < 1e-9);
+        assert!((1.0 / new[[0, 1]] - 99.0).abs() < 1e-9);
+        assert!((1.0 / new[[0, 2]] - 99.0).abs() < 1e-9);
     }
 
     /// An IVAR from a model rather than the pixels is told apart from preproc's.

@@ -295,6 +295,7 @@ pub fn compute_on(
         &unit.setup.opts,
         backend,
         &|_, _| {},
+        None,
     )?)
 }
 

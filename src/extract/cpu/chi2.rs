@@ -40,8 +40,9 @@ pub fn add_spots(
 
 /// Each window pixel's leverage on the model of the unknowns `core`: `∂model_i/∂pix_i =
 /// ivar_i · Σ_{u∈core} a_iu Σ_v C_uv a_iv` (the hat matrix's diagonal restricted to `core`),
-/// with `C` from the patch's last solve. Pairs whose spots share no pixel add nothing and are
-/// skipped.
+/// with `C` from the patch's last solve. Only the pairs within the band of `C` the solve keeps
+/// are visited (every pair whose spots share a pixel is), and of those only the ones whose spots
+/// share a pixel add; each pixel sums its terms in increasing `(u, v)`.
 pub fn leverage(
     input: &PatchInput<'_>,
     geom: &[SpotGeom],
@@ -51,7 +52,8 @@ pub fn leverage(
     let s = input.spots;
     let (ny, nx) = (s.ny, s.nx);
     let w = input.window;
-    let mut acc = ndarray::Array2::<f64>::zeros((w.ny(), w.nx()));
+    let nxw = w.nx();
+    let mut acc = vec![0.0; w.ny() * nxw];
     // Rows of a spot inside the window, in window rows.
     let rows = |g: &SpotGeom| (g.row0 + g.iy0 as i64, g.row0 + g.iy1 as i64);
     for &u in core {
@@ -61,12 +63,13 @@ pub fn leverage(
             continue;
         }
         let su = &s.values[gu.spot..gu.spot + ny * nx];
-        for (v, gv) in geom.iter().enumerate() {
+        for v in decorr.band_partners(u) {
+            let gv = geom[v];
             // Spots that share no column share no pixel.
             if (gv.col0 - gu.col0).unsigned_abs() as usize >= nx {
                 continue;
             }
-            let (v0, v1) = rows(gv);
+            let (v0, v1) = rows(&gv);
             let (r0, r1) = (u0.max(v0), u1.min(v1));
             if r1 <= r0 {
                 continue;
@@ -76,20 +79,22 @@ pub fn leverage(
                 continue;
             }
             let sv = &s.values[gv.spot..gv.spot + ny * nx];
-            let (x0, x1) = (
-                gu.col0.max(gv.col0),
-                (gu.col0 + nx as i64).min(gv.col0 + nx as i64),
-            );
-            for r in r0..r1 {
-                let (iyu, iyv) = ((r - gu.row0) as usize, (r - gv.row0) as usize);
-                for x in x0..x1 {
-                    let (ixu, ixv) = ((x - gu.col0) as usize, (x - gv.col0) as usize);
-                    acc[[r as usize, x as usize]] += c * su[iyu * nx + ixu] * sv[iyv * nx + ixv];
+            let x0 = gu.col0.max(gv.col0);
+            let len = ((gu.col0 + nx as i64).min(gv.col0 + nx as i64) - x0) as usize;
+            let (xu, xv) = ((x0 - gu.col0) as usize, (x0 - gv.col0) as usize);
+            let (iyu, iyv) = ((r0 - gu.row0) as usize, (r0 - gv.row0) as usize);
+            // Rows r0..r1 of the two spots and of the window, each from column x0 on.
+            let dst = acc[r0 as usize * nxw + x0 as usize..].chunks_mut(nxw);
+            let a_rows = su[iyu * nx + xu..].chunks(nx);
+            let b_rows = sv[iyv * nx + xv..].chunks(nx);
+            for ((d, a), b) in dst.zip(a_rows).zip(b_rows).take((r1 - r0) as usize) {
+                for ((d, a), b) in d[..len].iter_mut().zip(&a[..len]).zip(&b[..len]) {
+                    *d += c * a * b;
                 }
             }
         }
     }
-    acc * input.ivar
+    ndarray::Array2::from_shape_vec((w.ny(), nxw), acc).expect("window-sized") * input.ivar
 }
 
 /// Per-pixel chi² and the indicator of `totivar > 0`, from the model (gpu_specter CPU path:

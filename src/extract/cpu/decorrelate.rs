@@ -117,16 +117,39 @@ impl DecorrWork {
 
     /// `C[u, v]` of the last successful `run`, for fiber-major unknowns `u` and `v` whose
     /// wavelength-major indices lie within the band of `AᵀWA` (every pair whose spots share a
-    /// pixel does); 0 outside it.
+    /// pixel does); 0 outside it. Read from `u`'s row of the band (which holds both halves,
+    /// the same values), so that the partners of one `u` read one contiguous row.
     #[allow(dead_code)] // where the GPU twins include this file, nothing asks for it
     pub fn covariance(&self, u: usize, v: usize) -> f64 {
         let (nsp, nwt, kd) = self.shape;
         let perm = |u: usize| (u % nwt) * nsp + u / nwt;
-        let (a, b) = (perm(u).min(perm(v)), perm(u).max(perm(v)));
-        if b - a > kd {
+        let (pu, pv) = (perm(u), perm(v));
+        if pu.abs_diff(pv) > kd {
             return 0.0;
         }
-        self.band[a * (2 * kd + 1) + kd + (b - a)]
+        // C[pu, pv] sits at kd + (pv − pu) in row pu.
+        self.band[pu * (2 * kd + 1) + kd + pv - pu]
+    }
+
+    /// The unknowns `v` (fiber-major, increasing) whose pair with `u` lies within the band of
+    /// `AᵀWA` of the last successful `run`: the only ones [`Self::covariance`] can give a
+    /// non-zero value for.
+    #[allow(dead_code)] // where the GPU twins include this file, nothing asks for it
+    pub fn band_partners(&self, u: usize) -> impl Iterator<Item = usize> {
+        let (nsp, nwt, kd) = self.shape;
+        // Wavelength-major p = w·nsp + f: within the band, |p_v − p_u| ≤ kd, which for each
+        // fiber f is a run of bins.
+        let pu = (u % nwt) * nsp + u / nwt;
+        let (lo, hi) = (pu.saturating_sub(kd), pu + kd);
+        (0..nsp).flat_map(move |f| {
+            let w0 = lo.saturating_sub(f).div_ceil(nsp);
+            let w1 = if hi >= f {
+                ((hi - f) / nsp + 1).min(nwt)
+            } else {
+                0
+            };
+            (w0..w1.max(w0)).map(move |w| f * nwt + w)
+        })
     }
 
     /// Fills `blocks[c][w'][w] = C[(f, w'), (f, w)]` for each core fiber `f = core_fiber + c`.
@@ -331,4 +354,29 @@ pub fn dot(a: &[f64], b: &[f64]) -> f64 {
         tail += x * y;
     }
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DecorrWork;
+
+    /// The band's partners of an unknown are exactly the unknowns within `kd` of it in
+    /// wavelength-major order, in increasing fiber-major order.
+    #[test]
+    fn band_partners_are_the_band_in_fiber_major_order() {
+        for (nsp, nwt, kd) in [(1, 9, 3), (3, 7, 4), (4, 10, 9), (5, 6, 0), (2, 3, 40)] {
+            let work = DecorrWork {
+                shape: (nsp, nwt, kd),
+                ..DecorrWork::default()
+            };
+            let perm = |u: usize| (u % nwt) * nsp + u / nwt;
+            for u in 0..nsp * nwt {
+                let want: Vec<usize> = (0..nsp * nwt)
+                    .filter(|&v| perm(u).abs_diff(perm(v)) <= kd)
+                    .collect();
+                let got: Vec<usize> = work.band_partners(u).collect();
+                assert_eq!(got, want, "nsp {nsp} nwt {nwt} kd {kd} u {u}");
+            }
+        }
+    }
 }

@@ -252,6 +252,11 @@ impl Backend for GpuBackend {
         Ok(())
     }
 
+    fn spots_reusable(&self) -> bool {
+        // The values stay on the device, for the batches up to the next evaluation only.
+        false
+    }
+
     fn load_pixels(
         &mut self,
         pix: ArrayView2<'_, f64>,

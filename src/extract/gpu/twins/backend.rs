@@ -638,6 +638,7 @@ mod tests {
             &toy.opts,
             &mut gpu,
             &|_, _| {},
+            None,
         )
         .unwrap();
         let unit = gpu.take_unit().unwrap().expect("the unit's arrays");
