@@ -111,10 +111,7 @@ mod tests {
         assert_eq!(on.clip(100, 50), Some(on));
         // A window larger than the CCD (corrupt traces), or whose size overflows, is no
         // patch's: nothing of it is extracted.
-        let wild = PixelWindow {
-            ymin: -200,
-            ..w
-        };
+        let wild = PixelWindow { ymin: -200, ..w };
         assert_eq!(wild.clip(100, 50), None);
         let overflowing = PixelWindow {
             ymin: i64::MIN,
