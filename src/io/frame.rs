@@ -185,19 +185,23 @@ fn to_f32<'a>(it: impl Iterator<Item = &'a f64>) -> Vec<f32> {
     it.map(|&v| v as f32).collect()
 }
 
+/// First and last wavelength of a grid and its step (0 for one bin), as the headers give them.
+fn wave_range(wave: &[f64]) -> Option<(f64, f64, f64)> {
+    let (&w0, &w1) = (wave.first()?, wave.last()?);
+    let step = if wave.len() > 1 {
+        (w1 - w0) / (wave.len() - 1) as f64
+    } else {
+        0.0
+    };
+    Some((w0, w1, step))
+}
+
 fn write_flux_header(f: &mut Fits, frame: &Frame, meta: &FrameMeta) -> Result<(), IoError> {
     for card in meta.header.iter().filter(|c| !is_structural(c)) {
         f.put_card(card)?;
     }
-    let wave = &frame.wave;
-    let (w0, w1) = (wave.first().copied(), wave.last().copied());
     f.put_i64("NSPEC", frame.nspec() as i64, "Number of spectra")?;
-    if let (Some(w0), Some(w1)) = (w0, w1) {
-        let step = if wave.len() > 1 {
-            (w1 - w0) / (wave.len() - 1) as f64
-        } else {
-            0.0
-        };
+    if let Some((w0, w1, step)) = wave_range(&frame.wave) {
         f.put_f64("WAVEMIN", w0, "First wavelength [Angstroms]")?;
         f.put_f64("WAVEMAX", w1, "Last wavelength [Angstroms]")?;
         f.put_f64("WAVESTEP", step, "Wavelength step size [Angstroms]")?;
@@ -314,13 +318,7 @@ fn write_model_hdus(
         model.nspec as i64,
         "Fibers whose light is modelled",
     )?;
-    let wave = model.wave;
-    if let (Some(&w0), Some(&w1)) = (wave.first(), wave.last()) {
-        let step = if wave.len() > 1 {
-            (w1 - w0) / (wave.len() - 1) as f64
-        } else {
-            0.0
-        };
+    if let Some((w0, w1, step)) = wave_range(model.wave) {
         f.put_f64("WAVEMIN", w0, "First wavelength modelled [Angstroms]")?;
         f.put_f64("WAVEMAX", w1, "Last wavelength modelled [Angstroms]")?;
         f.put_f64("WAVESTEP", step, "Wavelength step size [Angstroms]")?;

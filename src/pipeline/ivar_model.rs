@@ -26,13 +26,6 @@
 
 use ndarray::{Array2, ArrayView2, ArrayViewMut2, Zip};
 
-/// How `--ivar-from-model` converts the image to electrons.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct IvarModel {
-    /// Electrons per image unit (1 for an image in electrons).
-    pub gain: f64,
-}
-
 /// Electrons per unit of an image whose header has `bunit` and `gain` (values as text): 1 when
 /// BUNIT says electrons (or when there is no BUNIT: preproc images are in electrons), else
 /// GAIN. The second value is what the log should say about it, when anything.
@@ -74,7 +67,7 @@ pub fn read_noise_term(
     ivar: ArrayView2<'_, f64>,
     gain: f64,
 ) -> Option<(f64, f64)> {
-    let term = |p: f64, iv: f64| 1.0 / iv - p.max(0.0) / gain;
+    let term = |p: f64, iv: f64| read_noise(iv, p, gain);
     let (mut r, mut dr) = (Vec::new(), Vec::new());
     for (prow, irow) in pix.outer_iter().zip(ivar.outer_iter()) {
         for x in 1..prow.len() {
@@ -125,12 +118,7 @@ pub fn ivar_from_neighbours(
         }
         let p = pix[[y, x]];
         let light = if n > 0 { sum / n as f64 } else { p };
-        let var = 1.0 / iv - p.max(0.0) / gain + light.max(0.0) / gain;
-        if var > 0.0 {
-            1.0 / var
-        } else {
-            0.0
-        }
+        ivar_with_light(iv, p, light, gain)
     })
 }
 
@@ -171,15 +159,26 @@ pub fn ivar_from_model(
             *out = if iv <= 0.0 {
                 0.0
             } else {
-                let m = leave_one_out(p, m, h);
-                let var = 1.0 / iv - p.max(0.0) / gain + m.max(0.0) / gain;
-                if var > 0.0 {
-                    1.0 / var
-                } else {
-                    0.0
-                }
+                ivar_with_light(iv, p, leave_one_out(p, m, h), gain)
             };
         });
+}
+
+/// The read-noise term of preproc's variance of a pixel of value `pix` and inverse variance
+/// `iv`: `1/iv − max(pix, 0)/gain`.
+fn read_noise(iv: f64, pix: f64, gain: f64) -> f64 {
+    1.0 / iv - pix.max(0.0) / gain
+}
+
+/// The inverse variance of that pixel with `light` in place of its value:
+/// `1/(r + max(light, 0)/gain)`, 0 where that variance is not positive.
+fn ivar_with_light(iv: f64, pix: f64, light: f64, gain: f64) -> f64 {
+    let var = read_noise(iv, pix, gain) + light.max(0.0) / gain;
+    if var > 0.0 {
+        1.0 / var
+    } else {
+        0.0
+    }
 }
 
 #[cfg(test)]

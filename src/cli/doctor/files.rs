@@ -48,7 +48,7 @@ const LOW_FREE_BYTES: u64 = 1 << 30;
 
 /// The nearest folder above `dir` that exists (`.` for a relative path none of whose folders
 /// do).
-fn nearest_existing(dir: &Path) -> &Path {
+pub(super) fn nearest_existing(dir: &Path) -> &Path {
     dir.ancestors()
         .skip(1)
         .map(|a| {

@@ -51,18 +51,7 @@ fn frame_folder_findings(folder: &Path, probe_name: &str) -> (Vec<Finding>, bool
     if std::fs::metadata(folder).is_ok() {
         return (output_dir_findings(folder, probe_name), false);
     }
-    let base = folder
-        .ancestors()
-        .skip(1)
-        .map(|a| {
-            if a.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                a
-            }
-        })
-        .find(|a| std::fs::metadata(a).is_ok())
-        .unwrap_or(Path::new("."));
+    let base = super::files::nearest_existing(folder);
     let found = match check_writable_dir(base, probe_name) {
         Ok(_) => Vec::new(),
         Err(e) => vec![Finding::fail(

@@ -200,29 +200,26 @@ fn solve(
         }
     }
     if let Some(which) = opts.model_image {
+        // The unknowns of the core fibers' core bins, in the order of `ws.flux`.
+        let core: Vec<usize> = (0..p.nspec)
+            .flat_map(|c| {
+                let f = layout.core_fiber + c;
+                (0..nstep).map(move |j| f * nwt + p.wavepad + j)
+            })
+            .collect();
         let mut img = Array2::zeros((input.window.ny(), input.window.nx()));
         let mut coef = vec![0.0; n];
-        for c in 0..p.nspec {
-            let f = layout.core_fiber + c;
-            for j in 0..nstep {
-                let u = f * nwt + p.wavepad + j;
-                coef[u] = match which {
-                    ModelFlux::Deconvolved => x[u],
-                    ModelFlux::Decorrelated => ws.flux[c * nstep + j],
-                };
-            }
+        for (k, &u) in core.iter().enumerate() {
+            coef[u] = match which {
+                ModelFlux::Deconvolved => x[u],
+                ModelFlux::Decorrelated => ws.flux[k],
+            };
         }
         let slice = img.as_slice_mut().expect("standard layout");
         let (lo, hi) = (layout.core_fiber * nwt, (layout.core_fiber + p.nspec) * nwt);
         chi2::add_spots(input, &ws.geom, &coef, lo..hi, slice);
         res.model = Some(img);
         if opts.leverage {
-            let core: Vec<usize> = (0..p.nspec)
-                .flat_map(|c| {
-                    let f = layout.core_fiber + c;
-                    (0..nstep).map(move |j| f * nwt + p.wavepad + j)
-                })
-                .collect();
             res.leverage = Some(chi2::leverage(input, &ws.geom, &core, &ws.decorr));
         }
     }
