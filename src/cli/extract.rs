@@ -208,13 +208,6 @@ fn many(args: &ExtractArgs, mut cfg: Config) -> Result<bool> {
     if args.model_image.is_some() {
         bail!("--model-image is for a single frame (--psf, --image, --output), not a list");
     }
-    if cfg.extract.ivar_from_model {
-        bail!(
-            "--ivar-from-model (ivar_from_model under [extract]) is for a single frame (--psf, \
-             --image, --output), not a list: its second pass needs the whole frame's model, \
-             which the pipeline only puts together in its writer"
-        );
-    }
     let (r, rc) = (&args.run, &mut cfg.run);
     rc.backend = r.backend.unwrap_or(rc.backend);
     rc.readers_per_node = r.readers_per_node.unwrap_or(rc.readers_per_node);

@@ -100,7 +100,8 @@ pub struct ExtractionFlags {
     pub model_flux: Option<crate::extract::ModelFlux>,
     /// Extract twice, the second time with each pixel's variance from the first pass's model
     /// (read noise + max(model, 0)) instead of from the pixel: unbiased flux when IVAR was
-    /// computed from the data, as DESI's preproc does. Single frames only.
+    /// computed from the data, as DESI's preproc does. In a list, each frame goes round the
+    /// pipeline twice.
     #[arg(long)]
     pub ivar_from_model: bool,
 }

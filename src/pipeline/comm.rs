@@ -43,6 +43,8 @@ pub enum Msg {
     FrameFailed(usize, String),
     /// Compute → writer: a computed unit.
     Output(Box<UnitOutput>),
+    /// Compute → reader: a first-pass unit's share of its frame's model (`--ivar-from-model`).
+    ModelPart(Box<super::unit::ModelPart>),
     /// Compute → writers of its node: it will send no more outputs.
     ComputeDone,
     /// Reader → writers of its node: it will send no more tickets.
@@ -137,6 +139,7 @@ impl Msg {
             Msg::ReaderDone => 10,
             Msg::Summary(_) => 11,
             Msg::Progress(..) => 15,
+            Msg::ModelPart(_) => 16,
             #[cfg(feature = "cuda-aware-mpi")]
             Msg::ReqWorkParts => 12,
             #[cfg(feature = "cuda-aware-mpi")]
@@ -161,6 +164,7 @@ impl Msg {
             Msg::ReaderDone => "reader done",
             Msg::Summary(_) => "rank summary",
             Msg::Progress(..) => "frame progress",
+            Msg::ModelPart(_) => "model share",
             #[cfg(feature = "cuda-aware-mpi")]
             Msg::ReqWorkParts => "work request (device)",
             #[cfg(feature = "cuda-aware-mpi")]

@@ -191,7 +191,7 @@ pub fn compute(
         }
     }
     let (pix, ivar) = stand_in.views();
-    let result = unit::compute_on(job, pix, ivar, gpu).map_err(|e| e.to_string());
+    let result = unit::compute_on(job, pix, ivar, gpu, None).map_err(|e| e.to_string());
     let arrays = match gpu.take_unit() {
         Ok(a) => a,
         Err(e) => return (Err(e.to_string()), None),
@@ -392,6 +392,7 @@ mod tests {
             x0: 0,
             pix: toy.pix.clone(),
             ivar: toy.ivar.clone(),
+            pass: unit::UnitPass::Final,
         };
         assert_eq!(u.fibers(), (0, 5));
         let (pix, ivar) = (u.pix.clone(), u.ivar.clone());

@@ -76,6 +76,27 @@ pub struct FrameStats {
     pub assemble: Duration,
 }
 
+impl FrameStats {
+    /// Adds another extraction's counts and timings (of other patches of the same frame).
+    pub fn add(&mut self, other: &FrameStats) {
+        self.patches += other.patches;
+        self.retried += other.retried;
+        self.failed += other.failed;
+        self.dropped += other.dropped;
+        self.edge += other.edge;
+        self.starved += other.starved;
+        self.add_times(other);
+    }
+
+    /// Adds another extraction's timings only (an earlier pass over the same patches, whose
+    /// counts this one's repeat).
+    pub fn add_times(&mut self, other: &FrameStats) {
+        self.spots += other.spots;
+        self.solve += other.solve;
+        self.assemble += other.assemble;
+    }
+}
+
 /// Errors of a frame extraction.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
@@ -165,6 +186,29 @@ impl SpotCache {
     /// From now on hands out the sets it has, once each, and keeps no new one.
     pub fn stop_keeping(&mut self) {
         self.keeping = false;
+    }
+
+    /// Whether it keeps the sets it is offered.
+    pub fn is_keeping(&self) -> bool {
+        self.keeping
+    }
+
+    /// Bytes of spot values it holds.
+    pub fn bytes(&self) -> usize {
+        self.sets
+            .iter()
+            .map(|(_, s)| std::mem::size_of_val(s.values.as_slice()))
+            .sum()
+    }
+
+    /// Whether it holds no set.
+    pub fn is_empty(&self) -> bool {
+        self.sets.is_empty()
+    }
+
+    /// Allows it `room` more bytes from now on (in place of what was left).
+    pub fn allow(&mut self, room: usize) {
+        self.room = room;
     }
 
     /// The kept set of the group starting at bundle `first`, when it covers `grid`.

@@ -24,6 +24,8 @@
 //!
 //! Pure arithmetic on the image planes: imports nothing of the crate.
 
+use std::ops::Range;
+
 use ndarray::{Array2, ArrayView2, ArrayViewMut2, Zip};
 
 /// Electrons per unit of an image whose header has `bunit` and `gain` (values as text): 1 when
@@ -97,14 +99,19 @@ pub fn is_from_data(r: f64, dr: f64) -> bool {
 /// above and below (along the trace, where the light changes slowly) instead of from the
 /// pixel: `1/(r + max(light, 0)/gain)`, the pixel itself only when both are masked. Preproc's
 /// variance would bias the first pass's flux, and with it the model, low by about half a
-/// sigma; this one follows no pixel's own noise. Pixels with ivar 0 stay 0.
+/// sigma; this one follows no pixel's own noise. Pixels with ivar 0 stay 0. Computed for
+/// image rows `rows` and columns `cols` (a work unit's rectangle; the whole image for a single
+/// frame), with the neighbours of its edge pixels from outside it.
 pub fn ivar_from_neighbours(
     pix: ArrayView2<'_, f64>,
     ivar: ArrayView2<'_, f64>,
     gain: f64,
+    rows: Range<usize>,
+    cols: Range<usize>,
 ) -> Array2<f64> {
-    let (ny, nx) = pix.dim();
-    Array2::from_shape_fn((ny, nx), |(y, x)| {
+    let ny = pix.nrows();
+    Array2::from_shape_fn((rows.len(), cols.len()), |(j, i)| {
+        let (y, x) = (rows.start + j, cols.start + i);
         let iv = ivar[[y, x]];
         if iv <= 0.0 {
             return 0.0;
@@ -255,6 +262,20 @@ mod tests {
         assert!((1.0 / new[[0, 0]] - 89.0).abs() < 1e-9);
         assert!((1.0 / new[[0, 1]] - 99.0).abs() < 1e-9);
         assert!((1.0 / new[[0, 2]] - 99.0).abs() < 1e-9);
+    }
+
+    /// A rectangle's first-pass IVAR is the same as the whole image's there, its edge pixels'
+    /// neighbours taken from outside it.
+    #[test]
+    fn a_rectangle_s_neighbour_ivar_is_the_image_s() {
+        let pix = Array2::from_shape_fn((6, 5), |(y, x)| (y * 7 + x * 3) as f64 - 4.0);
+        let mut ivar = pix.mapv(|p| 1.0 / (9.0 + p.max(0.0)));
+        ivar[[2, 1]] = 0.0;
+        let whole = ivar_from_neighbours(pix.view(), ivar.view(), 1.0, 0..6, 0..5);
+        let part = ivar_from_neighbours(pix.view(), ivar.view(), 1.0, 1..4, 1..3);
+        assert_eq!(part, whole.slice(ndarray::s![1..4, 1..3]));
+        assert_eq!(whole[[2, 1]], 0.0);
+        assert_ne!(whole, ivar);
     }
 
     /// An IVAR from a model rather than the pixels is told apart from preproc's.

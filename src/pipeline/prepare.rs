@@ -5,10 +5,11 @@
 //! Imports `psf`, `io`, `patch`, `extract`, `config` and the pipeline's `frame`, `env`,
 //! `ivar_model` and `request`.
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use ndarray::ArrayView2;
+use ndarray::{s, Array2, ArrayView2, ArrayViewMut2};
 use tracing::{info, warn};
 
 use crate::config::{self, Config};
@@ -584,6 +585,50 @@ pub fn frame_of(res: &FrameResult, grid: &WaveGrid) -> Frame {
 /// again would cost a tenth of a pass.
 pub const SPOT_CACHE_BYTES: usize = 2 << 30;
 
+/// The per-patch options of `--ivar-from-model`'s first pass: the model image of the
+/// deconvolved flux, and each pixel's leverage on it, which the second pass's variance needs.
+pub fn first_pass_options(opts: &ExtractOptions) -> ExtractOptions {
+    ExtractOptions {
+        model_image: Some(ModelFlux::Deconvolved),
+        leverage: true,
+        ..*opts
+    }
+}
+
+/// The IVAR of `--ivar-from-model`'s first pass over CCD `rows` and `cols`: each pixel's light
+/// from its neighbours.
+pub fn first_pass_ivar(
+    prep: &Prepared,
+    gain: f64,
+    rows: Range<usize>,
+    cols: Range<usize>,
+) -> Array2<f64> {
+    let p = &prep.preproc;
+    ivar_from_neighbours(p.image.view(), p.ivar.view(), gain, rows, cols)
+}
+
+/// The IVAR of `--ivar-from-model`'s second pass over CCD `rows` and `cols`, into `out`: the
+/// first pass's `model` there with each pixel's own value left out through its `leverage`.
+pub fn second_pass_ivar(
+    prep: &Prepared,
+    gain: f64,
+    (rows, cols): (Range<usize>, Range<usize>),
+    model: ArrayView2<'_, f64>,
+    leverage: ArrayView2<'_, f64>,
+    out: ArrayViewMut2<'_, f64>,
+) {
+    let p = &prep.preproc;
+    let cells = s![rows, cols];
+    ivar_from_model(
+        p.image.slice(cells),
+        p.ivar.slice(cells),
+        model,
+        leverage,
+        gain,
+        out,
+    );
+}
+
 /// Extracts a prepared frame: once, or, with `prep.ivar_model_gain`, twice, the first time
 /// with the variance from each pixel's neighbours and the second with the variance from the
 /// first pass's model, leaving each pixel's own value out (`ivar_model`). Progress runs over
@@ -613,12 +658,9 @@ pub fn extract_prepared(
     let Some(gain) = prep.ivar_model_gain else {
         return run(prep.preproc.ivar.view(), &prep.opts, progress, None);
     };
-    let first_opts = ExtractOptions {
-        model_image: Some(ModelFlux::Deconvolved),
-        leverage: true,
-        ..prep.opts
-    };
-    let mut ivar = ivar_from_neighbours(prep.preproc.image.view(), prep.preproc.ivar.view(), gain);
+    let first_opts = first_pass_options(&prep.opts);
+    let ccd = (0..prep.psf.npix_y, 0..prep.psf.npix_x);
+    let mut ivar = first_pass_ivar(prep, gain, ccd.0.clone(), ccd.1.clone());
     // The second pass evaluates the same spots: the first keeps them (up to the budget).
     let mut spots = SpotCache::keeping(SPOT_CACHE_BYTES);
     let first = run(
@@ -632,12 +674,12 @@ pub fn extract_prepared(
         .model
         .zip(first.leverage)
         .expect("the first pass asked for the model and its leverage");
-    ivar_from_model(
-        prep.preproc.image.view(),
-        prep.preproc.ivar.view(),
+    second_pass_ivar(
+        prep,
+        gain,
+        ccd,
         model.view(),
         leverage.view(),
-        gain,
         ivar.view_mut(),
     );
     drop((model, leverage));
@@ -647,10 +689,7 @@ pub fn extract_prepared(
         &|d, t| progress(t + d, 2 * t),
         Some(&mut spots),
     )?;
-    let (a, b) = (&first.stats, &mut second.stats);
-    b.spots += a.spots;
-    b.solve += a.solve;
-    b.assemble += a.assemble;
+    second.stats.add_times(&first.stats);
     Ok(second)
 }
 

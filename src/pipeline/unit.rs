@@ -10,8 +10,10 @@ use std::path::PathBuf;
 use ndarray::{s, Array2};
 use serde::{Deserialize, Serialize};
 
-use super::frame::{extract_bundles, BundleWork, FrameError, FrameResult, FrameStats, Region};
-use super::prepare::{frame_meta, Prepared};
+use super::frame::{
+    extract_bundles, BundleWork, FrameError, FrameResult, FrameStats, Region, SpotCache,
+};
+use super::prepare::{first_pass_options, frame_meta, Prepared};
 use crate::extract::{Backend, ExtractOptions};
 use crate::io::frame::FrameMeta;
 use crate::patch::{pixels, plan, PatchOptions, Plan, WaveGrid};
@@ -56,6 +58,25 @@ pub enum UnitError {
         /// Its frame.
         job: usize,
     },
+    /// A unit's model share does not lie on the CCD.
+    #[error(
+        "unit {unit} of frame {job}: its model share (CCD rows {rows:?}, columns {cols:?}) is \
+         not on the {}x{} CCD",
+        .ccd.0,
+        .ccd.1
+    )]
+    Share {
+        /// The unit.
+        unit: usize,
+        /// Its frame.
+        job: usize,
+        /// The share's CCD rows.
+        rows: Range<usize>,
+        /// Its CCD columns.
+        cols: Range<usize>,
+        /// The CCD's rows and columns.
+        ccd: (usize, usize),
+    },
     /// A unit of the frame failed (the first that did).
     #[error("unit {unit}: {why}")]
     Failed {
@@ -64,6 +85,17 @@ pub enum UnitError {
         /// Its error, as the compute rank sent it.
         why: String,
     },
+}
+
+/// What a unit's results are for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UnitPass {
+    /// The frame's spectra: the results go to the frame's writer.
+    Final,
+    /// The first pass of `--ivar-from-model`: the unit's share of the model image, and the
+    /// pixels' leverage on it, go back to the unit's reader, which puts the frame's model
+    /// together and cuts the frame again with the variance from it.
+    Model,
 }
 
 /// What a compute rank needs to rebuild a frame's plan.
@@ -119,6 +151,8 @@ pub struct UnitInput {
     pub pix: Array2<f64>,
     /// Inverse variance of the rectangle, zero where masked.
     pub ivar: Array2<f64>,
+    /// What its results are for.
+    pub pass: UnitPass,
 }
 
 impl UnitInput {
@@ -151,6 +185,25 @@ pub struct FrameTicket {
     pub nspec: usize,
     /// Resolution half-width.
     pub ndiag: usize,
+    /// The first pass of `--ivar-from-model`, when the frame had one.
+    pub first_pass: Option<FirstPass>,
+}
+
+/// What the first pass of `--ivar-from-model` leaves to the frame's writer: its units (for the
+/// progress) and its timings (which the frame's stats add, as a single frame's do).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FirstPass {
+    /// Units the first pass was cut into.
+    pub units: usize,
+    /// Its counts and timings, summed over its units.
+    pub stats: FrameStats,
+}
+
+impl FrameTicket {
+    /// Units of the frame's passes together, as its progress counts them.
+    pub fn all_units(&self) -> usize {
+        self.nunits + self.first_pass.as_ref().map_or(0, |f| f.units)
+    }
 }
 
 /// A computed unit: its part of the frame, or why it failed.
@@ -164,15 +217,20 @@ pub struct UnitOutput {
     pub result: Result<FrameResult, String>,
 }
 
+/// The inverse variance of a frame's pixels in CCD rows and columns (a unit's rectangle).
+pub type IvarOf<'a> = &'a dyn Fn(Range<usize>, Range<usize>) -> Array2<f64>;
+
 /// Cuts a prepared frame into units of `unit_bundles` bundles, each with the rectangle of
-/// pixels its on-CCD patch windows cover and the PSF rows of its fibers.
+/// pixels its on-CCD patch windows cover (their inverse variance from `ivar_of`) and the PSF
+/// rows of its fibers. The units of a `UnitPass::Model` pass ask for the model image and the
+/// leverage ([`first_pass_options`]).
 pub fn cut(
     prep: &Prepared,
+    pass: UnitPass,
     job: usize,
     unit_bundles: usize,
-    output: PathBuf,
-    overwrite: bool,
-) -> Result<(FrameTicket, Vec<UnitInput>), UnitError> {
+    ivar_of: IvarOf<'_>,
+) -> Result<Vec<UnitInput>, UnitError> {
     let plan = &prep.plan;
     let setup = UnitSetup {
         grid: prep.grid.clone(),
@@ -180,7 +238,10 @@ pub fn cut(
         nspec: plan.nspec,
         nfiber_psf: prep.psf.nfiber(),
         patch: prep.patch.clone(),
-        opts: prep.opts,
+        opts: match pass {
+            UnitPass::Final => prep.opts,
+            UnitPass::Model => first_pass_options(&prep.opts),
+        },
     };
     let nb = plan.bundles.len();
     let step = unit_bundles.max(1);
@@ -215,7 +276,6 @@ pub fn cut(
         } else {
             (0, 0, 0..0, 0..0)
         };
-        let img = &prep.preproc;
         units.push(UnitInput {
             job,
             unit,
@@ -225,23 +285,151 @@ pub fn cut(
             psf_fiber0: fmin,
             y0,
             x0,
-            pix: img.image.slice(s![rows.clone(), cols.clone()]).to_owned(),
-            ivar: img.ivar.slice(s![rows, cols]).to_owned(),
+            pix: prep
+                .preproc
+                .image
+                .slice(s![rows.clone(), cols.clone()])
+                .to_owned(),
+            ivar: ivar_of(rows, cols),
+            pass,
         });
     }
-    let ticket = FrameTicket {
+    Ok(units)
+}
+
+/// What the writer needs of a prepared frame cut into `nunits` units.
+pub fn ticket(
+    prep: &Prepared,
+    job: usize,
+    nunits: usize,
+    output: PathBuf,
+    overwrite: bool,
+    first_pass: Option<FirstPass>,
+) -> FrameTicket {
+    FrameTicket {
         job,
-        nunits: units.len(),
-        npatch: plan.npatch(),
+        nunits,
+        npatch: prep.plan.npatch(),
         output,
         overwrite,
         grid: prep.grid.clone(),
         meta: frame_meta(prep),
-        specmin: plan.specmin,
-        nspec: plan.nspec,
+        specmin: prep.plan.specmin,
+        nspec: prep.plan.nspec,
         ndiag: prep.opts.ndiag,
-    };
-    Ok((ticket, units))
+        first_pass,
+    }
+}
+
+/// A unit's share of its frame's model image for `--ivar-from-model` (a `UnitPass::Model`
+/// unit's result), for the unit's reader.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelPart {
+    /// Index of the frame in the run's list.
+    pub job: usize,
+    /// Index of the unit in the frame.
+    pub unit: usize,
+    /// CCD row of the share's first row.
+    pub y0: usize,
+    /// CCD column of its first column.
+    pub x0: usize,
+    /// The share, or why the unit failed.
+    pub result: Result<ModelShare, String>,
+}
+
+/// The model image and leverage of a unit's pixel rectangle, and how its extraction went.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelShare {
+    /// The unit's fibers' model over its rectangle.
+    pub model: Array2<f64>,
+    /// Each pixel's leverage on it.
+    pub leverage: Array2<f64>,
+    /// Counts and timings.
+    pub stats: FrameStats,
+}
+
+impl ModelPart {
+    /// The share of `unit`, from its extraction's `result`.
+    pub fn of(unit: &UnitInput, result: Result<FrameResult, String>) -> ModelPart {
+        let result = result.and_then(|r| match (r.model, r.leverage) {
+            (Some(model), Some(leverage)) => Ok(ModelShare {
+                model,
+                leverage,
+                stats: r.stats,
+            }),
+            _ => Err("the extraction gave no model image or leverage".into()),
+        });
+        ModelPart {
+            job: unit.job,
+            unit: unit.unit,
+            y0: unit.y0,
+            x0: unit.x0,
+            result,
+        }
+    }
+}
+
+/// A frame's model image and the pixels' leverage on it, as its first pass's units' shares.
+#[derive(Debug)]
+pub struct FrameModel {
+    /// The shares by unit: CCD row and column of their first pixel, model and leverage.
+    shares: Vec<(usize, usize, Array2<f64>, Array2<f64>)>,
+}
+
+impl FrameModel {
+    /// The model of the `ccd` (rows, columns) from every unit's share; fails with the first
+    /// unit that failed, or a share that is not on the CCD. Also gives the units' stats, summed.
+    pub fn new(
+        ccd: (usize, usize),
+        parts: Vec<ModelPart>,
+    ) -> Result<(FrameModel, FrameStats), UnitError> {
+        let mut parts = parts;
+        parts.sort_by_key(|p| p.unit);
+        let mut stats = FrameStats::default();
+        let mut shares = Vec::with_capacity(parts.len());
+        for p in parts {
+            let share = p
+                .result
+                .map_err(|why| UnitError::Failed { unit: p.unit, why })?;
+            let (ny, nx) = share.model.dim();
+            if p.y0 + ny > ccd.0 || p.x0 + nx > ccd.1 || share.leverage.dim() != (ny, nx) {
+                return Err(UnitError::Share {
+                    unit: p.unit,
+                    job: p.job,
+                    rows: p.y0..p.y0 + ny,
+                    cols: p.x0..p.x0 + nx,
+                    ccd,
+                });
+            }
+            stats.add(&share.stats);
+            shares.push((p.y0, p.x0, share.model, share.leverage));
+        }
+        Ok((FrameModel { shares }, stats))
+    }
+
+    /// The model and the leverage over CCD `rows` and `cols`: the shares added in unit order,
+    /// so that the sums do not depend on the order the shares came back in.
+    pub fn over(&self, rows: Range<usize>, cols: Range<usize>) -> (Array2<f64>, Array2<f64>) {
+        let dim = (rows.len(), cols.len());
+        let (mut model, mut leverage) = (Array2::zeros(dim), Array2::zeros(dim));
+        for (y0, x0, m, h) in &self.shares {
+            let (ylo, yhi) = (rows.start.max(*y0), rows.end.min(y0 + m.nrows()));
+            let (xlo, xhi) = (cols.start.max(*x0), cols.end.min(x0 + m.ncols()));
+            if ylo >= yhi || xlo >= xhi {
+                continue;
+            }
+            let here = s![
+                ylo - rows.start..yhi - rows.start,
+                xlo - cols.start..xhi - cols.start
+            ];
+            let there = s![ylo - y0..yhi - y0, xlo - x0..xhi - x0];
+            for (image, part) in [(&mut model, m), (&mut leverage, h)] {
+                let mut dst = image.slice_mut(here);
+                dst += &part.slice(there);
+            }
+        }
+        (model, leverage)
+    }
 }
 
 impl UnitInput {
@@ -254,9 +442,78 @@ impl UnitInput {
     }
 }
 
-/// Extracts a unit on the current rayon pool.
-pub fn compute(unit: &UnitInput, backend: &mut dyn Backend) -> Result<FrameResult, UnitError> {
-    compute_on(unit, unit.pix.view(), unit.ivar.view(), backend)
+/// Extracts a unit on the current rayon pool, its spot sets from and to `spots` when given.
+pub fn compute(
+    unit: &UnitInput,
+    backend: &mut dyn Backend,
+    spots: Option<&mut SpotCache>,
+) -> Result<FrameResult, UnitError> {
+    compute_on(unit, unit.pix.view(), unit.ivar.view(), backend, spots)
+}
+
+/// How many frames' first-pass spot sets a compute rank keeps at most: frames go through in
+/// about list order, so the sets of a frame whose second-pass units went to other ranks are
+/// let go once this many frames have begun since.
+const PASS_SPOT_FRAMES: usize = 4;
+
+/// The spot sets a compute rank keeps from its first-pass units for the same units' second
+/// pass (`--ivar-from-model`), as a single frame does (`prepare::SPOT_CACHE_BYTES`), within
+/// `budget` bytes over all the frames it holds sets of.
+#[derive(Debug)]
+pub struct PassSpots {
+    budget: usize,
+    /// By frame, oldest first.
+    frames: Vec<(usize, SpotCache)>,
+}
+
+impl PassSpots {
+    /// Keeps up to `budget` bytes of spot values.
+    pub fn new(budget: usize) -> PassSpots {
+        PassSpots {
+            budget,
+            frames: Vec::new(),
+        }
+    }
+
+    /// The sets for `unit`: kept from a first-pass unit (within what the budget has left),
+    /// handed out to a second-pass unit of a frame it holds sets of; None for other units.
+    pub fn for_unit(&mut self, unit: &UnitInput) -> Option<&mut SpotCache> {
+        let at = self.frames.iter().position(|(j, _)| *j == unit.job);
+        let i = match (unit.pass, at) {
+            (UnitPass::Final, None) => return None,
+            (UnitPass::Final, Some(i)) => {
+                self.frames[i].1.stop_keeping();
+                i
+            }
+            (UnitPass::Model, at) => {
+                let i = at.unwrap_or_else(|| {
+                    if self.frames.len() == PASS_SPOT_FRAMES {
+                        self.frames.remove(0);
+                    }
+                    self.frames.push((unit.job, SpotCache::keeping(0)));
+                    self.frames.len() - 1
+                });
+                let others: usize = self
+                    .frames
+                    .iter()
+                    .enumerate()
+                    .filter(|(k, _)| *k != i)
+                    .map(|(_, (_, c))| c.bytes())
+                    .sum();
+                let cache = &mut self.frames[i].1;
+                if cache.is_keeping() {
+                    cache.allow(self.budget.saturating_sub(others + cache.bytes()));
+                }
+                i
+            }
+        };
+        Some(&mut self.frames[i].1)
+    }
+
+    /// Lets go of a frame whose kept sets have all been handed out.
+    pub fn settle(&mut self) {
+        self.frames.retain(|(_, c)| c.is_keeping() || !c.is_empty());
+    }
 }
 
 /// Extracts a unit whose pixel rectangle is `pix` and `ivar` (the unit's own arrays, or views
@@ -266,6 +523,7 @@ pub fn compute_on(
     pix: ndarray::ArrayView2<'_, f64>,
     ivar: ndarray::ArrayView2<'_, f64>,
     backend: &mut dyn Backend,
+    spots: Option<&mut SpotCache>,
 ) -> Result<FrameResult, UnitError> {
     let plan = unit.setup.plan();
     if unit.bundles.end > plan.bundles.len() {
@@ -295,7 +553,7 @@ pub fn compute_on(
         &unit.setup.opts,
         backend,
         &|_, _| {},
-        None,
+        spots,
     )?)
 }
 
@@ -387,16 +645,10 @@ impl Assembly {
             out.resolution
                 .slice_mut(s![f0..f0 + n, .., ..])
                 .assign(&part.resolution);
-            let st = &mut out.stats;
-            st.patches += part.stats.patches;
-            st.retried += part.stats.retried;
-            st.failed += part.stats.failed;
-            st.dropped += part.stats.dropped;
-            st.edge += part.stats.edge;
-            st.starved += part.stats.starved;
-            st.spots += part.stats.spots;
-            st.solve += part.stats.solve;
-            st.assemble += part.stats.assemble;
+            out.stats.add(&part.stats);
+        }
+        if let Some(first) = &t.first_pass {
+            out.stats.add_times(&first.stats);
         }
         Ok((self.ticket, out))
     }
@@ -415,5 +667,147 @@ fn empty_part() -> FrameResult {
         model: None,
         leverage: None,
         stats: FrameStats::default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ndarray::{s, Array2};
+
+    use std::ops::Range;
+
+    use super::{
+        compute, first_pass_options, FrameModel, FrameStats, ModelPart, ModelShare, PassSpots,
+        UnitError, UnitInput, UnitPass, UnitSetup,
+    };
+    use crate::extract::cpu::CpuBackend;
+    use crate::pipeline::frame::tests::ToyFrame;
+
+    fn part(unit: usize, y0: usize, x0: usize, model: Array2<f64>) -> ModelPart {
+        ModelPart {
+            job: 3,
+            unit,
+            y0,
+            x0,
+            result: Ok(ModelShare {
+                leverage: model.mapv(|m| m / 100.0),
+                model,
+                stats: FrameStats {
+                    patches: 2,
+                    ..FrameStats::default()
+                },
+            }),
+        }
+    }
+
+    /// Overlapping shares add up in unit order whatever order they came in, a rectangle gets
+    /// exactly its part of the sum, and the stats add up.
+    #[test]
+    fn shares_add_in_unit_order_over_any_rectangle() {
+        let a = Array2::from_shape_fn((4, 3), |(y, x)| 0.1 + (y * 3 + x) as f64 / 7.0);
+        let b = Array2::from_shape_fn((3, 4), |(y, x)| 1e16 + (y + x) as f64);
+        let c = Array2::from_elem((2, 2), -1e16);
+        let parts = || {
+            vec![
+                part(0, 0, 0, a.clone()),
+                part(1, 2, 1, b.clone()),
+                part(2, 3, 2, c.clone()),
+            ]
+        };
+        let (model, stats) = FrameModel::new((6, 6), parts()).unwrap();
+        let mut reversed = parts();
+        reversed.reverse();
+        let (again, _) = FrameModel::new((6, 6), reversed).unwrap();
+        assert_eq!(stats.patches, 6);
+        let (whole, lev) = model.over(0..6, 0..6);
+        assert_eq!(again.over(0..6, 0..6).0, whole);
+        // Pixel (3, 2) is in all three shares: ((a + b) + c), not a + (b + c).
+        let expect = (a[[3, 2]] + b[[1, 1]]) + c[[0, 0]];
+        assert_eq!(whole[[3, 2]], expect);
+        assert_ne!(expect, a[[3, 2]] + (b[[1, 1]] + c[[0, 0]]));
+        assert_eq!(lev[[0, 0]], a[[0, 0]] / 100.0);
+        assert_eq!(whole[[5, 0]], 0.0);
+        let (m, _) = model.over(2..5, 1..4);
+        assert_eq!(m, whole.slice(s![2..5, 1..4]));
+    }
+
+    /// A unit of the toy frame's `bundles`, with the whole CCD as its rectangle.
+    fn toy_unit(toy: &ToyFrame, job: usize, pass: UnitPass, bundles: Range<usize>) -> UnitInput {
+        UnitInput {
+            job,
+            unit: bundles.start,
+            bundles,
+            setup: UnitSetup {
+                grid: toy.grid.clone(),
+                specmin: 0,
+                nspec: 20,
+                nfiber_psf: toy.psf.nfiber(),
+                patch: toy.popts.clone(),
+                opts: match pass {
+                    UnitPass::Final => toy.opts,
+                    UnitPass::Model => first_pass_options(&toy.opts),
+                },
+            },
+            psf: toy.psf.clone(),
+            psf_fiber0: 0,
+            y0: 0,
+            x0: 0,
+            pix: toy.pix.clone(),
+            ivar: toy.ivar.clone(),
+            pass,
+        }
+    }
+
+    /// A compute rank keeps its first-pass units' spots, within its budget, hands them to the
+    /// same units' second pass, whose results are the same as with spots evaluated again, and
+    /// lets the frame go once all are handed out.
+    #[test]
+    fn a_rank_keeps_first_pass_spots_for_the_second_within_its_budget() {
+        let toy = ToyFrame::new();
+        let mut cpu = CpuBackend;
+        let mut spots = PassSpots::new(usize::MAX);
+        for b in 0..2 {
+            let u = toy_unit(&toy, 7, UnitPass::Model, b..b + 1);
+            compute(&u, &mut cpu, spots.for_unit(&u)).unwrap();
+            spots.settle();
+        }
+        let held = spots.frames[0].1.bytes();
+        assert!(held > 0 && spots.frames.len() == 1);
+        // Another frame's first pass gets only what is left of the budget.
+        let mut tight = PassSpots::new(held + 1);
+        for (job, b) in [(7, 0), (7, 1), (8, 0)] {
+            let u = toy_unit(&toy, job, UnitPass::Model, b..b + 1);
+            compute(&u, &mut cpu, tight.for_unit(&u)).unwrap();
+        }
+        let total: usize = tight.frames.iter().map(|(_, c)| c.bytes()).sum();
+        assert!(total <= held + 1, "{total} > {held}");
+        // The second pass takes the kept sets, with the same results as without them.
+        for b in 0..2 {
+            let u = toy_unit(&toy, 7, UnitPass::Final, b..b + 1);
+            let kept = compute(&u, &mut cpu, spots.for_unit(&u)).unwrap();
+            let fresh = compute(&u, &mut cpu, None).unwrap();
+            assert_eq!((kept.flux, kept.ivar), (fresh.flux, fresh.ivar));
+            spots.settle();
+        }
+        assert!(spots.frames.is_empty());
+        // A second-pass unit of a frame it holds nothing of gets nothing.
+        let u = toy_unit(&toy, 9, UnitPass::Final, 0..1);
+        assert!(spots.for_unit(&u).is_none());
+    }
+
+    /// A share off the CCD, or a unit that failed, fails the frame naming the unit.
+    #[test]
+    fn a_share_off_the_ccd_or_a_failed_unit_fails_the_frame() {
+        let off = vec![
+            part(0, 0, 0, Array2::zeros((2, 2))),
+            part(1, 5, 5, Array2::zeros((2, 2))),
+        ];
+        let err = FrameModel::new((6, 6), off).unwrap_err();
+        assert!(matches!(err, UnitError::Share { unit: 1, .. }), "{err}");
+        assert!(err.to_string().contains("not on the 6x6 CCD"), "{err}");
+        let mut failed = part(1, 0, 0, Array2::zeros((2, 2)));
+        failed.result = Err("solver gave up".into());
+        let err = FrameModel::new((6, 6), vec![failed]).unwrap_err();
+        assert_eq!(err.to_string(), "unit 1: solver gave up");
     }
 }

@@ -1,7 +1,7 @@
 //! `--ivar-from-model` (issue 14 item 1): on an image whose IVAR was computed from its own
 //! pixels (`simulate --ivar-from-data`), the two passes with the variance from the model
 //! remove the flux's bias; an IVAR from a model is left as it is; cosmic rays that
-//! slipped through the mask are still flagged; lists refuse the option.
+//! slipped through the mask are still flagged; lists extract in two passes as single frames do.
 
 use std::path::Path;
 
@@ -202,14 +202,129 @@ fn an_unmasked_cosmic_ray_is_flagged() {
     );
 }
 
+/// Largest |Δflux|·√ivar between two frames of the same fibers and grid, and the largest
+/// relative difference of their IVARs.
+fn largest_differences(a: &Path, b: &Path) -> (f64, f64) {
+    let (fa, fb) = (read_frame(a).unwrap(), read_frame(b).unwrap());
+    assert_eq!(fa.mask, fb.mask, "{} vs {}: MASK", a.display(), b.display());
+    let (mut pull, mut rel) = (0.0f64, 0.0f64);
+    for (((x, y), ia), ib) in fa.flux.iter().zip(&fb.flux).zip(&fa.ivar).zip(&fb.ivar) {
+        pull = pull.max((x - y).abs() * ia.max(*ib).sqrt());
+        if ia.max(*ib) > 0.0 {
+            rel = rel.max((ia - ib).abs() / ia.max(*ib));
+        }
+    }
+    (pull, rel)
+}
+
+/// A list extracts each frame in two passes as the single-frame command does, in one process
+/// and under mpirun: the first pass's units send their share of the model back to the reader,
+/// which cuts the frame again with the variance from it. The shares are added per unit rather
+/// than patch after patch, so the frames agree to rounding rather than bit for bit.
 #[test]
-fn lists_refuse_ivar_from_model() {
+fn a_list_extracts_in_two_passes_like_a_single_frame() {
+    use crate::pipeline::{config, frames_with, have_mpirun, run_pipeline, two_bundle_psf};
     let dir = tempfile::tempdir().unwrap();
-    let list = dir.path().join("frames.txt");
-    std::fs::write(&list, "a.fits b.fits c.fits\n").unwrap();
-    run!("extract", "--frames", list, "--ivar-from-model").fails_with(&[
-        "--ivar-from-model",
-        "single frame",
-        "whole frame's model",
-    ]);
+    let d = dir.path();
+    let psf = two_bundle_psf(d);
+    let list = frames_with(d, &psf, 2, true);
+    let cfg = config(d);
+    let mut reference = Vec::new();
+    for i in 1..=2 {
+        let single = d.join(format!("single-{i}.fits"));
+        run!(
+            "extract",
+            "-p",
+            &psf,
+            "-i",
+            d.join(format!("preproc-{i}.fits")),
+            "-o",
+            &single,
+            "-w",
+            SMALL_GRID,
+            "--threads",
+            "1",
+            "--ivar-from-model"
+        )
+        .ok();
+        reference.push(single);
+    }
+    let once = d.join("once");
+    let text = std::fs::read_to_string(&list)
+        .unwrap()
+        .replace("out/", "once/");
+    let list_once = d.join("frames-once.txt");
+    std::fs::write(&list_once, text).unwrap();
+    let (code, log) = run_pipeline(
+        None,
+        &[
+            &"--frames",
+            &list_once,
+            &"--config",
+            &cfg,
+            &"--threads",
+            &"1",
+        ],
+    );
+    assert_eq!(code, 0, "{log}");
+    let mut launchers = vec![None];
+    if have_mpirun() {
+        launchers.push(Some(4));
+    }
+    for launcher in launchers {
+        let out = d.join("out");
+        let _ = std::fs::remove_dir_all(&out);
+        let report = d.join("report.json");
+        let (code, log) = run_pipeline(
+            launcher,
+            &[
+                &"--frames",
+                &list,
+                &"--config",
+                &cfg,
+                &"--threads",
+                &"1",
+                &"--unit-bundles",
+                &"1",
+                &"--ivar-from-model",
+                &"--report",
+                &report,
+            ],
+        );
+        assert_eq!(code, 0, "launcher {launcher:?}:\n{log}");
+        assert!(log.contains("first pass; cut into 2 units"), "{log}");
+        assert!(
+            log.contains("second pass, with the variance from the first pass's model"),
+            "{log}"
+        );
+        for (i, single) in reference.iter().enumerate() {
+            let frame = out.join(format!("frame-{}.fits", i + 1));
+            let (pull, rel) = largest_differences(single, &frame);
+            assert!(
+                pull < 1e-6 && rel < 1e-6,
+                "{launcher:?}, frame {i}: {pull}, {rel}"
+            );
+            // The option did something: one pass on the same IVAR gives other fluxes.
+            let (pull, _) =
+                largest_differences(&once.join(format!("frame-{}.fits", i + 1)), &frame);
+            assert!(pull > 0.1, "{launcher:?}, frame {i}: {pull}");
+        }
+        // Every unit computed once per pass: 2 bundles x 2 frames x 2 passes.
+        let rep = spextract::pipeline::report::RunReport::read_json(&report).unwrap();
+        assert_eq!(rep.frames.written, 2, "{log}");
+        let units: usize = rep
+            .roles
+            .iter()
+            .filter(|r| r.role.contains("compute"))
+            .map(|r| r.units)
+            .sum();
+        assert_eq!(units, 8, "{log}");
+    }
+}
+
+/// A SIGTERM in the middle of a list extracted in two passes leaves only complete frames,
+/// and the rerun writes the same frames as an uninterrupted run.
+#[test]
+fn sigterm_between_passes_leaves_only_complete_frames() {
+    crate::pipeline::sigterm_then_rerun(&["--ivar-from-model"], true);
 }

@@ -11,7 +11,8 @@
 //!   configurations, absurd counts), and causes said once.
 //! - `outputs`: reruns, clashes, races, leftovers and full disks never lose or replace data.
 //! - `corrupt`: corrupt FIBERMAPs, gzip streams and headers are refused before any work.
-//! - `ivar_model`: `--ivar-from-model` on IVAR from the data, from a model, with a missed cosmic.
+//! - `ivar_model`: `--ivar-from-model` on IVAR from the data, from a model, with a missed cosmic,
+//!   and in lists (one process, mpirun, a SIGTERM between the passes).
 //! - `model`: the model image against the noiseless simulated image, both flux choices.
 //! - `fuzz`: seeded mutations of the inputs never panic, hang or give an unreadable frame.
 //!

@@ -14,7 +14,7 @@ use spextract::simulate::write_simulation;
 use crate::common::{small_psf_options, small_sim_options, BIN, SMALL_GRID};
 
 /// Two bundles (50 fibers) on a small CCD, so that frames are cut into several units.
-fn two_bundle_psf(dir: &Path) -> PathBuf {
+pub(crate) fn two_bundle_psf(dir: &Path) -> PathBuf {
     let mut o = small_psf_options();
     o.nfiber = 50;
     o.npix_x = 480;
@@ -26,6 +26,11 @@ fn two_bundle_psf(dir: &Path) -> PathBuf {
 /// `n` simulated exposures through `psf` (seeds 1..=n) and a list file naming their outputs
 /// under `dir/out`.
 fn frames(dir: &Path, psf: &Path, n: usize) -> PathBuf {
+    frames_with(dir, psf, n, false)
+}
+
+/// [`frames`], with IVAR computed from the noisy pixels when `ivar_from_data`.
+pub(crate) fn frames_with(dir: &Path, psf: &Path, n: usize, ivar_from_data: bool) -> PathBuf {
     let p = spextract::io::read_psf(psf).unwrap();
     let mut list = String::from("# image psf output\n");
     for i in 1..=n {
@@ -33,6 +38,7 @@ fn frames(dir: &Path, psf: &Path, n: usize) -> PathBuf {
         let mut o = small_sim_options();
         o.nspec = 50;
         o.seed = i as u64;
+        o.ivar_from_data = ivar_from_data;
         write_simulation(&p, &o, &image, &dir.join(format!("truth-{i}.fits"))).unwrap();
         list += &format!("preproc-{i}.fits psf.fits out/frame-{i}.fits\n");
     }
@@ -41,7 +47,7 @@ fn frames(dir: &Path, psf: &Path, n: usize) -> PathBuf {
     path
 }
 
-fn config(dir: &Path) -> PathBuf {
+pub(crate) fn config(dir: &Path) -> PathBuf {
     let path = dir.join("run.toml");
     let g: Vec<&str> = SMALL_GRID.split(',').collect();
     std::fs::write(
@@ -52,7 +58,10 @@ fn config(dir: &Path) -> PathBuf {
     path
 }
 
-fn pipeline_cmd(launcher: Option<usize>, args: &[&dyn AsRef<std::ffi::OsStr>]) -> Command {
+pub(crate) fn pipeline_cmd(
+    launcher: Option<usize>,
+    args: &[&dyn AsRef<std::ffi::OsStr>],
+) -> Command {
     let mut cmd = match launcher {
         Some(n) => {
             let mut c = Command::new("mpirun");
@@ -73,7 +82,10 @@ fn pipeline_cmd(launcher: Option<usize>, args: &[&dyn AsRef<std::ffi::OsStr>]) -
     cmd
 }
 
-fn run_pipeline(launcher: Option<usize>, args: &[&dyn AsRef<std::ffi::OsStr>]) -> (i32, String) {
+pub(crate) fn run_pipeline(
+    launcher: Option<usize>,
+    args: &[&dyn AsRef<std::ffi::OsStr>],
+) -> (i32, String) {
     let out = pipeline_cmd(launcher, args)
         .output()
         .expect("cannot start spextract");
@@ -82,7 +94,7 @@ fn run_pipeline(launcher: Option<usize>, args: &[&dyn AsRef<std::ffi::OsStr>]) -
     (out.status.code().unwrap_or(-1), text)
 }
 
-fn have_mpirun() -> bool {
+pub(crate) fn have_mpirun() -> bool {
     // A cuda-aware-mpi build refuses an MPI that is not CUDA-aware (tested below), so its
     // multi-rank runs need one: say so with SPEXTRACT_CUDA_AWARE_MPI=1, its mpirun first on PATH.
     if cfg!(feature = "cuda-aware-mpi") && std::env::var_os("SPEXTRACT_CUDA_AWARE_MPI").is_none() {
@@ -115,7 +127,7 @@ fn mpirun_runs() -> bool {
 
 /// The arrays of a frame file, for equality (the files themselves differ in the time written
 /// into the CHECKSUM comment).
-fn same_frame(a: &Path, b: &Path) {
+pub(crate) fn same_frame(a: &Path, b: &Path) {
     let (fa, fb): (Frame, Frame) = (read_frame(a).unwrap(), read_frame(b).unwrap());
     assert_eq!(
         fa.wave,
@@ -311,14 +323,21 @@ fn a_bad_frame_fails_alone_and_the_run_says_so() {
 
 #[test]
 fn sigterm_leaves_only_complete_frames_and_a_rerun_finishes_the_same_files() {
+    sigterm_then_rerun(&[], false);
+}
+
+/// Runs `n` frames in one process with `extra` arguments (on IVAR from the data when
+/// `ivar_from_data`), SIGTERM once the first is written: only complete frames are left, the
+/// rerun skips them and writes the rest, and every frame is the one an uninterrupted run writes.
+pub(crate) fn sigterm_then_rerun(extra: &[&str], ivar_from_data: bool) {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let psf = two_bundle_psf(d);
     let n = 10;
-    let list = frames(d, &psf, n);
+    let list = frames_with(d, &psf, n, ivar_from_data);
     let cfg = config(d);
     let out = d.join("out");
-    let args: [&dyn AsRef<std::ffi::OsStr>; 8] = [
+    let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![
         &"--frames",
         &list,
         &"--config",
@@ -328,6 +347,7 @@ fn sigterm_leaves_only_complete_frames_and_a_rerun_finishes_the_same_files() {
         &"--prefetch",
         &"1",
     ];
+    args.extend(extra.iter().map(|a| a as &dyn AsRef<std::ffi::OsStr>));
     let child = pipeline_cmd(None, &args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -382,10 +402,10 @@ fn sigterm_leaves_only_complete_frames_and_a_rerun_finishes_the_same_files() {
         .unwrap()
         .replace("out/", "straight/");
     std::fs::write(&list2, text).unwrap();
-    let (code, log) = run_pipeline(
-        None,
-        &[&"--frames", &list2, &"--config", &cfg, &"--threads", &"1"],
-    );
+    let mut straight_args: Vec<&dyn AsRef<std::ffi::OsStr>> =
+        vec![&"--frames", &list2, &"--config", &cfg, &"--threads", &"1"];
+    straight_args.extend(extra.iter().map(|a| a as &dyn AsRef<std::ffi::OsStr>));
+    let (code, log) = run_pipeline(None, &straight_args);
     assert_eq!(code, 0, "{log}");
     for i in 1..=n {
         let name = format!("frame-{i}.fits");

@@ -4,8 +4,11 @@
 //! (`ReqWorkParts`) and sends its results from device memory (`OutputParts`), through
 //! `device_path`; it knows which only once its thread has started the backend.
 //!
-//! Imports `comm`, `unit`, `extract::gpu::device` (the engine) and, in the cuda-aware-mpi
-//! build, `device_path`.
+//! With `--ivar-from-model` it keeps the spot sets of its first-pass units for the same units'
+//! second pass (`unit::PassSpots`), which the reader hands back to it where it can.
+//!
+//! Imports `comm`, `unit`, `prepare` (the spot budget), `extract::gpu::device` (the engine)
+//! and, in the cuda-aware-mpi build, `device_path`.
 
 use std::collections::VecDeque;
 #[cfg(feature = "cuda-aware-mpi")]
@@ -21,7 +24,8 @@ use super::event_loop::Rank;
 use super::RunError;
 use crate::pipeline::comm::Msg;
 use crate::pipeline::env;
-use crate::pipeline::unit::{self, UnitInput, UnitOutput};
+use crate::pipeline::prepare::SPOT_CACHE_BYTES;
+use crate::pipeline::unit::{self, ModelPart, PassSpots, UnitInput, UnitOutput, UnitPass};
 
 /// A unit's pixels in device memory, where the cuda-aware-mpi path delivered them there.
 #[cfg(feature = "cuda-aware-mpi")]
@@ -36,13 +40,23 @@ type Kept = Option<crate::extract::gpu::unit::DeviceUnit>;
 #[cfg(not(feature = "cuda-aware-mpi"))]
 type Kept = ();
 
-/// A unit for the compute thread: the unit, its writer, its pixels if on the device.
+/// A unit for the compute thread: the unit, where its results go, its pixels if on the
+/// device.
 type Delivery = (UnitInput, usize, Landed);
+
+/// What a finished unit sends.
+enum Finished {
+    /// Its part of the frame, to the frame's writer.
+    Output(Box<UnitOutput>),
+    /// Its share of the frame's model (a first pass of `--ivar-from-model`), to its reader.
+    Model(Box<ModelPart>),
+}
 
 /// A unit the compute thread finished.
 struct UnitDone {
-    out: UnitOutput,
-    writer: usize,
+    out: Finished,
+    /// Where its results go: the frame's writer, or for a first pass the unit's reader.
+    to: usize,
     took: Duration,
     kept: Kept,
     /// Its pixels came in device memory.
@@ -84,6 +98,8 @@ impl Compute {
             .iter()
             .position(|&c| c == rank)
             .expect("a compute rank");
+        // The node's compute ranks share what one process keeps for a single frame.
+        let spot_budget = SPOT_CACHE_BYTES / r.layout.computes[r.node].len().max(1);
         std::thread::Builder::new()
             .name("compute".into())
             .spawn(move || {
@@ -122,7 +138,8 @@ impl Compute {
                     };
                     let _ = stream_tx.send(stream);
                 }
-                for (u, writer, landed) in units_rx {
+                let mut spots = PassSpots::new(spot_budget);
+                for (u, to, landed) in units_rx {
                     let t0 = Instant::now();
                     #[cfg(feature = "cuda-aware-mpi")]
                     let (result, kept, on_device, downloaded) = {
@@ -141,7 +158,8 @@ impl Compute {
                                 false,
                             ),
                             (None, e) => {
-                                let r = pool.install(|| unit::compute(&u, e.backend()));
+                                let cache = spots.for_unit(&u);
+                                let r = pool.install(|| unit::compute(&u, e.backend(), cache));
                                 (r.map_err(|e| e.to_string()), None, false, false)
                             }
                         }
@@ -149,17 +167,22 @@ impl Compute {
                     #[cfg(not(feature = "cuda-aware-mpi"))]
                     let (result, kept, on_device, downloaded) = {
                         let () = landed;
-                        let r = pool.install(|| unit::compute(&u, engine.backend()));
+                        let cache = spots.for_unit(&u);
+                        let r = pool.install(|| unit::compute(&u, engine.backend(), cache));
                         (r.map_err(|e| e.to_string()), (), false, false)
                     };
-                    let out = UnitOutput {
-                        job: u.job,
-                        unit: u.unit,
-                        result,
+                    spots.settle();
+                    let out = match u.pass {
+                        UnitPass::Final => Finished::Output(Box::new(UnitOutput {
+                            job: u.job,
+                            unit: u.unit,
+                            result,
+                        })),
+                        UnitPass::Model => Finished::Model(Box::new(ModelPart::of(&u, result))),
                     };
                     let done = UnitDone {
                         out,
-                        writer,
+                        to,
                         took: t0.elapsed(),
                         kept,
                         on_device,
@@ -190,10 +213,10 @@ impl Compute {
         }
     }
 
-    /// A unit from the reader, for the unit's writer.
-    pub fn on_work(&mut self, u: UnitInput, writer: usize) {
+    /// A unit from the reader, its results for rank `to`.
+    pub fn on_work(&mut self, u: UnitInput, to: usize) {
         self.requested = false;
-        self.pending.push_back((u, writer, Landed::default()));
+        self.pending.push_back((u, to, Landed::default()));
     }
 
     /// A unit whose pixels came from rank `from` as parts in device memory.
@@ -202,14 +225,14 @@ impl Compute {
         &mut self,
         from: usize,
         u: UnitInput,
-        writer: usize,
+        to: usize,
         dims: [usize; 2],
         parts: crate::pipeline::comm::Parts,
     ) -> Result<(), RunError> {
         self.requested = false;
         let landed = crate::pipeline::device_path::land(&u, dims, parts)
             .map_err(|error| RunError::Landing { from, error })?;
-        self.pending.push_back((u, writer, Some(landed)));
+        self.pending.push_back((u, to, Some(landed)));
         Ok(())
     }
 
@@ -241,14 +264,18 @@ impl Compute {
             r.times.device_units += usize::from(done.on_device);
             r.times.pixel_downloads += usize::from(done.downloaded);
             let t0 = Instant::now();
-            #[cfg(feature = "cuda-aware-mpi")]
-            let msg = crate::pipeline::device_path::output_msg(done.out, done.kept);
-            #[cfg(not(feature = "cuda-aware-mpi"))]
-            let msg = {
-                let () = done.kept;
-                Msg::Output(Box::new(done.out))
+            let msg = match done.out {
+                // A first pass's model is made on the host (`device_path::compute`).
+                Finished::Model(part) => Msg::ModelPart(part),
+                #[cfg(feature = "cuda-aware-mpi")]
+                Finished::Output(out) => crate::pipeline::device_path::output_msg(*out, done.kept),
+                #[cfg(not(feature = "cuda-aware-mpi"))]
+                Finished::Output(out) => {
+                    let () = done.kept;
+                    Msg::Output(out)
+                }
             };
-            r.send(done.writer, msg)?;
+            r.send(done.to, msg)?;
             r.times.transfer_s += t0.elapsed().as_secs_f64();
         }
         #[cfg(feature = "cuda-aware-mpi")]

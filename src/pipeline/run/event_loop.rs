@@ -170,6 +170,9 @@ pub(super) fn run_rank(
                         crate::pipeline::device_path::output_from_parts(*out, shape, parts, from)?;
                     role(&mut writer, "a unit output", "write")?.on_output(&mut r, out)?
                 }
+                Msg::ModelPart(p) => {
+                    role(&mut reader, "a model share", "read")?.on_model_part(&mut r, from, *p)?
+                }
                 Msg::ComputeDone => role(&mut writer, "compute-done", "write")?.on_compute_done(),
                 Msg::ReaderDone => role(&mut writer, "reader-done", "write")?.on_reader_done(),
                 Msg::Summary(s) => coordinator.on_summary(rank, from, *s)?,

@@ -68,7 +68,7 @@ impl Writer {
     /// A frame's ticket: its assembly begins, with the outputs that came before it.
     pub fn on_ticket(&mut self, r: &mut Rank, t: FrameTicket) -> Result<(), RunError> {
         let job = t.job;
-        r.note(job, FrameNote::Begun(t.nunits))?;
+        r.note(job, FrameNote::Begun(t.all_units()))?;
         let mut a = Assembly::new(t);
         for out in self.early.remove(&job).unwrap_or_default() {
             a.add(out)?;
