@@ -7,7 +7,9 @@
 #   env.log        nvidia-smi, the libraries the binaries resolve, `spextract doctor`
 #   gpu-tests.log  the library's GPU unit tests (extract::gpu), one thread, --nocapture
 #   parity.log     bundle 0 of the shared preproc extracted on the CPU and on the GPU;
-#                  GPU vs CPU, GPU vs gpu_specter's frame and vs the truth (`spextract compare`)
+#                  GPU vs CPU, GPU vs gpu_specter's frame and vs the truth (`spextract compare`);
+#                  then GPU vs CPU on what no GPU has run: CCD-edge patches with
+#                  --ivar-from-model (a frame, and a list of 2), and a PSF with a tail
 #   bench.log      a full 500-fiber r frame simulated through the real PSF, then
 #                  `spextract bench --backend cpu,gpu` on it (as BENCHMARKS.md)
 #   full.log       that frame extracted on the GPU and on the CPU, compared (and vs the truth)
@@ -176,6 +178,44 @@ want parity && step parity.log 30 "compare bundle 0: GPU vs CPU" \
 want parity && step parity.log 30 "compare bundle 0: GPU vs gpu_specter, and vs the truth" \
     "${sx[@]}" compare "$scratch/frame-b00-gpu.fits" "$data/frame-r0-b00-gpu_specter.fits.gz" \
     --truth "$data/truth-r0-b00.fits.gz"
+
+# --- what no GPU has run yet, GPU against CPU: CCD-edge patches (the grid past both ends of the
+#     chip; they take the CPU fallback), --ivar-from-model (its first pass, model and leverage,
+#     runs on the CPU) for one frame and for a list through the pipeline, and the tail term in
+#     the spot kernel ---
+if want parity; then
+    new=(-p "$psf" -w 5554,7776,0.8 -n 50 --no-progress --overwrite)
+    step parity.log 60 "simulate 50 fibers past both CCD ends, IVAR from the pixels" \
+        "${sx[@]}" simulate -p "$psf" -i "$scratch/edge.fits" -t "$scratch/edge-truth.fits" -n 50 \
+        -w 5554,7776,0.8 --ivar-from-data --overwrite
+    for b in gpu cpu; do
+        step parity.log 90 "edge frame with --ivar-from-model, $b" "${sx[@]}" extract "${new[@]}" \
+            -i "$scratch/edge.fits" -o "$scratch/edge-$b.fits" --ivar-from-model --backend "$b"
+    done
+    step parity.log 30 "compare the edge frame: GPU vs CPU, and vs the truth" "${sx[@]}" compare \
+        "$scratch/edge-gpu.fits" "$scratch/edge-cpu.fits" --truth "$scratch/edge-truth.fits" \
+        --mean-pull-tol 0.05 # issue 14's target for --ivar-from-model
+    printf '%s\n' "$scratch/edge.fits $psf $scratch/list/edge-1.fits" \
+        "$scratch/edge.fits $psf $scratch/list/edge-2.fits" >"$scratch/edge-list.txt"
+    printf '[extract]\nwavelength = [5554, 7776, 0.8]\nnspec = 50\n' >"$scratch/edge.toml"
+    step parity.log 90 "a list of 2 with --ivar-from-model, GPU (one process)" "${sx[@]}" extract \
+        --frames "$scratch/edge-list.txt" --config "$scratch/edge.toml" --ivar-from-model \
+        --backend gpu --no-progress --overwrite
+    step parity.log 30 "compare the list's frame with the single GPU frame" "${sx[@]}" compare \
+        "$scratch/list/edge-1.fits" "$scratch/edge-gpu.fits"
+    step parity.log 30 "synthetic PSF with a tail" "${sx[@]}" simulate \
+        --make-psf "$scratch/psf-tail.fits" --nfiber 50 --tail 0.002,1.5,1,1.3,1.2 --overwrite
+    step parity.log 60 "simulate 50 fibers through the tail PSF" "${sx[@]}" simulate \
+        -p "$scratch/psf-tail.fits" -i "$scratch/tail.fits" -t "$scratch/tail-truth.fits" -n 50 \
+        --overwrite
+    for b in gpu cpu; do
+        step parity.log 90 "tail frame, $b" "${sx[@]}" extract -p "$scratch/psf-tail.fits" \
+            -i "$scratch/tail.fits" -o "$scratch/tail-$b.fits" -n 50 --backend "$b" \
+            --no-progress --overwrite
+    done
+    step parity.log 30 "compare the tail frame: GPU vs CPU, and vs the truth" "${sx[@]}" compare \
+        "$scratch/tail-gpu.fits" "$scratch/tail-cpu.fits" --truth "$scratch/tail-truth.fits"
+fi
 
 # --- benchmark: a full r frame, as BENCHMARKS.md ---
 { want bench || want full || want side || want mpi; } && step bench.log 120 "simulate a full 500-fiber r frame" "${sx[@]}" simulate -p "$psf" \
