@@ -374,26 +374,7 @@ mod tests {
     #[test]
     fn the_reader_strips_a_units_pixels_into_two_parts() {
         let toy = crate::pipeline::frame::tests::ToyFrame::new();
-        let u = UnitInput {
-            job: 0,
-            unit: 0,
-            bundles: 0..1,
-            setup: unit::UnitSetup {
-                grid: toy.grid.clone(),
-                specmin: 0,
-                nspec: 20,
-                nfiber_psf: toy.psf.nfiber(),
-                patch: toy.popts.clone(),
-                opts: toy.opts,
-            },
-            psf: toy.psf.clone(),
-            psf_fiber0: 0,
-            y0: 0,
-            x0: 0,
-            pix: toy.pix.clone(),
-            ivar: toy.ivar.clone(),
-            pass: unit::UnitPass::Final,
-        };
+        let u = unit::tests::toy_unit(&toy, 0, unit::UnitPass::Final, 0..1);
         assert_eq!(u.fibers(), (0, 5));
         let (pix, ivar) = (u.pix.clone(), u.ivar.clone());
         let (bare, dims, parts) = strip_pixels(u);

@@ -671,7 +671,7 @@ fn empty_part() -> FrameResult {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use ndarray::{s, Array2};
 
     use std::ops::Range;
@@ -732,7 +732,12 @@ mod tests {
     }
 
     /// A unit of the toy frame's `bundles`, with the whole CCD as its rectangle.
-    fn toy_unit(toy: &ToyFrame, job: usize, pass: UnitPass, bundles: Range<usize>) -> UnitInput {
+    pub(crate) fn toy_unit(
+        toy: &ToyFrame,
+        job: usize,
+        pass: UnitPass,
+        bundles: Range<usize>,
+    ) -> UnitInput {
         UnitInput {
             job,
             unit: bundles.start,

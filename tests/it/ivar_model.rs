@@ -223,7 +223,9 @@ fn largest_differences(a: &Path, b: &Path) -> (f64, f64) {
 /// than patch after patch, so the frames agree to rounding rather than bit for bit.
 #[test]
 fn a_list_extracts_in_two_passes_like_a_single_frame() {
-    use crate::pipeline::{config, frames_with, have_mpirun, run_pipeline, two_bundle_psf};
+    use crate::pipeline::{
+        config, frames_with, have_mpirun, run_list, run_pipeline, two_bundle_psf, units_computed,
+    };
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let psf = two_bundle_psf(d);
@@ -272,33 +274,14 @@ fn a_list_extracts_in_two_passes_like_a_single_frame() {
         launchers.push(Some(4));
     }
     for launcher in launchers {
-        let out = d.join("out");
-        let _ = std::fs::remove_dir_all(&out);
-        let report = d.join("report.json");
-        let (code, log) = run_pipeline(
-            launcher,
-            &[
-                &"--frames",
-                &list,
-                &"--config",
-                &cfg,
-                &"--threads",
-                &"1",
-                &"--unit-bundles",
-                &"1",
-                &"--ivar-from-model",
-                &"--report",
-                &report,
-            ],
-        );
-        assert_eq!(code, 0, "launcher {launcher:?}:\n{log}");
+        let (log, rep) = run_list(d, launcher, &list, &cfg, &["--ivar-from-model"]);
         assert!(log.contains("first pass; cut into 2 units"), "{log}");
         assert!(
             log.contains("second pass, with the variance from the first pass's model"),
             "{log}"
         );
         for (i, single) in reference.iter().enumerate() {
-            let frame = out.join(format!("frame-{}.fits", i + 1));
+            let frame = d.join(format!("out/frame-{}.fits", i + 1));
             let (pull, rel) = largest_differences(single, &frame);
             assert!(
                 pull < 1e-6 && rel < 1e-6,
@@ -310,15 +293,8 @@ fn a_list_extracts_in_two_passes_like_a_single_frame() {
             assert!(pull > 0.1, "{launcher:?}, frame {i}: {pull}");
         }
         // Every unit computed once per pass: 2 bundles x 2 frames x 2 passes.
-        let rep = spextract::pipeline::report::RunReport::read_json(&report).unwrap();
         assert_eq!(rep.frames.written, 2, "{log}");
-        let units: usize = rep
-            .roles
-            .iter()
-            .filter(|r| r.role.contains("compute"))
-            .map(|r| r.units)
-            .sum();
-        assert_eq!(units, 8, "{log}");
+        assert_eq!(units_computed(&rep), 8, "{log}");
     }
 }
 

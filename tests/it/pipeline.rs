@@ -205,42 +205,56 @@ fn one_process_and_1_3_5_ranks_write_the_single_frame_results_bit_for_bit() {
         launchers.extend([Some(1), Some(3), Some(5)]);
     }
     for launcher in launchers {
-        let out = d.join("out");
-        let _ = std::fs::remove_dir_all(&out);
-        let report = d.join("report.json");
-        let (code, log) = run_pipeline(
-            launcher,
-            &[
-                &"--frames",
-                &list,
-                &"--config",
-                &cfg,
-                &"--threads",
-                &"1",
-                &"--unit-bundles",
-                &"1",
-                &"--report",
-                &report,
-            ],
-        );
-        assert_eq!(code, 0, "launcher {launcher:?}:\n{log}");
+        let (log, rep) = run_list(d, launcher, &list, &cfg, &[]);
         for (i, r) in reference.iter().enumerate() {
-            same_frame(r, &out.join(format!("frame-{}.fits", i + 1)));
+            same_frame(r, &d.join(format!("out/frame-{}.fits", i + 1)));
         }
-        let rep = RunReport::read_json(&report).unwrap();
         assert_eq!(rep.frames.written, 3, "{log}");
         assert_eq!(rep.ranks, launcher.unwrap_or(1));
         assert!(rep.frames_per_node_hour > 0.0);
         assert!(rep.bytes_per_frame > 0.0, "{log}");
         // Every unit computed exactly once across the compute ranks: 2 bundles x 3 frames.
-        let units: usize = rep
-            .roles
-            .iter()
-            .filter(|r| r.role.contains("compute"))
-            .map(|r| r.units)
-            .sum();
-        assert_eq!(units, 6, "{log}");
+        assert_eq!(units_computed(&rep), 6, "{log}");
     }
+}
+
+/// Runs `list` (its outputs under `dir/out`, emptied first) under `launcher`, one thread per
+/// rank and units of one bundle, with `extra` arguments; checks that it succeeds and returns
+/// its log and report.
+pub(crate) fn run_list(
+    dir: &Path,
+    launcher: Option<usize>,
+    list: &Path,
+    cfg: &Path,
+    extra: &[&str],
+) -> (String, RunReport) {
+    let _ = std::fs::remove_dir_all(dir.join("out"));
+    let report = dir.join("report.json");
+    let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![
+        &"--frames",
+        &list,
+        &"--config",
+        &cfg,
+        &"--threads",
+        &"1",
+        &"--unit-bundles",
+        &"1",
+        &"--report",
+        &report,
+    ];
+    args.extend(extra.iter().map(|a| a as &dyn AsRef<std::ffi::OsStr>));
+    let (code, log) = run_pipeline(launcher, &args);
+    assert_eq!(code, 0, "launcher {launcher:?}:\n{log}");
+    (log, RunReport::read_json(&report).unwrap())
+}
+
+/// Units computed across a run's compute ranks.
+pub(crate) fn units_computed(rep: &RunReport) -> usize {
+    rep.roles
+        .iter()
+        .filter(|r| r.role.contains("compute"))
+        .map(|r| r.units)
+        .sum()
 }
 
 /// A cuda-aware-mpi build under an MPI that is not CUDA-aware refuses to start before any
