@@ -490,7 +490,9 @@ impl FrameShape {
 
     /// The shape of extracting `plan` with `psf` on `grid`, `bundles_per_batch` bundles per
     /// batch as the pipeline groups them (`pipeline::frame`): the spots' corners from the
-    /// traces, each patch's window (`pixpad_frac`), patches off the CCD dropped. The plan's
+    /// traces, each patch's window (`pixpad_frac`), patches wholly off the CCD dropped (those
+    /// that leave it are extracted whole, their pixels off it masked, and read only the pixels
+    /// on it). The plan's
     /// fibers are the PSF's (fiber 0 of the plan is the PSF's first).
     pub fn of_plan(
         psf: &Psf,
@@ -512,7 +514,7 @@ impl FrameShape {
             let kept: Vec<(Patch, PixelWindow)> = patches
                 .iter()
                 .map(|p| (*p, pixels::window(p, &set, pixpad_frac)))
-                .filter(|(_, w)| w.on_ccd(psf.npix_y, psf.npix_x))
+                .filter(|(_, w)| w.clip(psf.npix_y, psf.npix_x).is_some())
                 .collect();
             if kept.is_empty() {
                 continue;
@@ -528,7 +530,10 @@ impl FrameShape {
                     used[f * nwave + p.iwave..f * nwave + p.iwave + p.nwavetot].fill(true);
                 }
             }
-            let windows: Vec<PixelWindow> = kept.iter().map(|(_, w)| *w).collect();
+            let windows: Vec<PixelWindow> = kept
+                .iter()
+                .filter_map(|(_, w)| w.clip(psf.npix_y, psf.npix_x))
+                .collect();
             batches.push(BatchShape {
                 patches: counts,
                 spots_evaluated: nfib * nwave,
@@ -1215,6 +1220,44 @@ mod tests {
         let cells = |l: &str| l.matches('|').count();
         let rows: Vec<&str> = t.lines().filter(|l| l.starts_with('|')).collect();
         assert!(rows.iter().all(|l| cells(l) == cells(rows[0])), "{t}");
+    }
+
+    /// Patches whose windows leave the CCD are extracted (their pixels off it masked), so the
+    /// frame's shape counts them; only windows wholly off it are dropped.
+    #[test]
+    fn patches_at_the_ccd_edge_count_and_read_their_part_on_it() {
+        use crate::psf::synth::{synthetic_psf, SynthPsfOptions};
+        let psf = synthetic_psf(&SynthPsfOptions {
+            nfiber: 50,
+            ..SynthPsfOptions::default()
+        });
+        let opts = PatchOptions::default();
+        // The synthetic PSF's grid ends lie past the CCD's rows at 5560 Å.
+        let grid = WaveGrid::new(5560.0, 6400.0, 0.8, &opts).unwrap();
+        let plan = Plan::new(0, 50, grid.wave.len(), psf.nfiber(), &opts);
+        let shape =
+            FrameShape::of_plan(&psf, &plan, &grid, opts.pixpad_frac, psf.hsizey, 1).unwrap();
+        let (mut on, mut edge) = (0, 0);
+        let mut region = 0;
+        for group in &plan.patches {
+            let (fmin, nfib) = crate::patch::plan::fiber_span(group);
+            let set = crate::psf::spots::corners(&psf, fmin, nfib, &grid.padded).unwrap();
+            let mut windows = Vec::new();
+            for p in group {
+                let w = pixels::window(p, &set, opts.pixpad_frac);
+                match w.clip(psf.npix_y, psf.npix_x) {
+                    Some(c) if c == w => on += 1,
+                    Some(_) => edge += 1,
+                    None => continue,
+                }
+                windows.push(w.clip(psf.npix_y, psf.npix_x).unwrap());
+            }
+            region += union_pixels(&windows);
+        }
+        assert!(edge > 0, "the grid must leave the CCD for this test");
+        assert_eq!(shape.npatch(), on + edge);
+        let shape_region: usize = shape.batches.iter().map(|b| b.region_pixels).sum();
+        assert_eq!(shape_region, region);
     }
 
     /// The full DESI r frame (500 fibers, 5760–7620 Å by 0.8 Å: 2326 bins, 4700 patches)
