@@ -4,7 +4,8 @@
 #   run(command="bash scripts/gpu-remote.sh", carry=[".gpu"])
 # Steps, in order of importance; each runs even if the one before failed, under `timeout`,
 # and the whole script keeps within GPU_REMOTE_BUDGET_S seconds (default 480):
-#   env.log        nvidia-smi, the libraries the binaries resolve, `spextract doctor`
+#   env.log        nvidia-smi (and its free memory per UUID, to set beside doctor's NVML
+#                  figures), the libraries the binaries resolve, `spextract doctor`
 #   gpu-tests.log  the library's GPU unit tests (extract::gpu), one thread, --nocapture
 #   parity.log     bundle 0 of the shared preproc extracted on the CPU and on the GPU;
 #                  GPU vs CPU, GPU vs gpu_specter's frame and vs the truth (`spextract compare`);
@@ -143,8 +144,11 @@ psf=$data/psf-r0-00067784.fits
         done
     done
     echo "== libcuda: $(ldconfig -p 2>/dev/null | grep -m1 'libcuda\.so\.1' || echo 'not in the loader cache')"
+    echo "== libnvidia-ml: $(ldconfig -p 2>/dev/null | grep -m1 'libnvidia-ml\.so\.1' || echo 'not in the loader cache')"
 } 2>&1 | tee -a "$out/env.log"
 want env && step env.log 30 "nvidia-smi" nvidia-smi
+want env && step env.log 20 "nvidia-smi memory per GPU (doctor's NVML line should agree)" \
+    nvidia-smi --query-gpu=index,uuid,pci.bus_id,memory.total,memory.free --format=csv
 # shellcheck disable=SC2016 # expanded by the inner bash
 want env && step env.log 20 "staged libraries resolve (ldd)" bash -c '
     rc=0

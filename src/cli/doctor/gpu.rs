@@ -17,8 +17,8 @@ pub(super) struct GpuDevice {
     pub(super) name: String,
     pub(super) capability: (i32, i32),
     pub(super) total: u64,
-    /// Free memory, when known.
-    pub(super) free: Option<u64>,
+    /// Free memory (NVML's), or why it is unknown.
+    pub(super) free: Result<u64, String>,
 }
 
 /// What loading the CUDA driver showed.
@@ -163,9 +163,10 @@ pub(super) fn gpu_findings(
             for (i, d) in devices.iter().enumerate() {
                 out.push(match d {
                     Ok(d) => {
-                        let free = d
-                            .free
-                            .map_or(String::new(), |f| format!(", {} free", gib(f)));
+                        let free = match &d.free {
+                            Ok(f) => format!(", {} free", gib(*f)),
+                            Err(why) => format!(", free memory unknown ({why})"),
+                        };
                         let found = format!(
                             "GPU {i}: {}, compute capability {}.{}, {} memory{free}",
                             d.name,
@@ -175,7 +176,7 @@ pub(super) fn gpu_findings(
                         );
                         // A GPU less than half free is held by another process.
                         match d.free {
-                            Some(f) if f < d.total / 2 => Finding::warn(
+                            Ok(f) if f < d.total / 2 => Finding::warn(
                                 "gpu",
                                 found,
                                 "another process holds this GPU's memory (nvidia-smi shows \
@@ -209,7 +210,7 @@ mod tests {
             name: "NVIDIA H100 80GB HBM3".to_string(),
             capability: (9, 0),
             total: 80 << 30,
-            free: Some(free_gib << 30),
+            free: Ok(free_gib << 30),
         })
     }
 
@@ -287,6 +288,25 @@ mod tests {
         assert!(f[2].found.contains("10.0 GiB free"), "{}", f[2].found);
         assert!(f[3].found.contains("ECC"), "{}", f[3].found);
         assert_eq!(f[4].found, "loaded: NVRTC 13.0, cuBLAS 13.0, cuSOLVER 12.0");
+    }
+
+    #[test]
+    fn unknown_free_memory_says_why_and_does_not_warn() {
+        let probe = GpuProbe::Devices {
+            driver: Some((13, 0)),
+            devices: vec![Ok(GpuDevice {
+                free: Err("libnvidia-ml.so.1 not found".into()),
+                ..device(0).unwrap()
+            })],
+            libs: vec![lib("NVRTC", true, (13, 0))],
+        };
+        let f = gpu_findings(&probe, None, None);
+        assert_eq!(statuses(&f), [Status::Ok, Status::Ok, Status::Ok]);
+        assert_eq!(
+            f[1].found,
+            "GPU 0: NVIDIA H100 80GB HBM3, compute capability 9.0, 80.0 GiB memory, free memory \
+             unknown (libnvidia-ml.so.1 not found)"
+        );
     }
 
     #[test]

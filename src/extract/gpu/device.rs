@@ -21,6 +21,9 @@ pub struct DeviceInfo {
     pub arch: (i32, i32),
     /// Total memory in bytes.
     pub total_mem: usize,
+    /// Its UUID (`cuDeviceGetUuid_v2`), which names it to NVML (see [`super::nvml`]) whatever
+    /// CUDA_VISIBLE_DEVICES renumbers; None where the driver does not give it.
+    pub uuid: Option<[u8; 16]>,
 }
 
 /// Runs a cudarc call that may panic when a library or symbol is missing.
@@ -99,11 +102,17 @@ pub fn probe() -> Result<Vec<DeviceInfo>, GpuError> {
                     cu::device::total_mem(dev),
                 )
             })?;
+            // Only reports use the UUID: a driver that cannot give one still opens the device.
+            let uuid = guarded("cuDeviceGetUuid_v2", || cu::device::get_uuid(dev))
+                .ok()
+                .and_then(Result::ok)
+                .map(|u| u.bytes.map(|b| b as u8));
             Ok(DeviceInfo {
                 ordinal: ordinal as usize,
                 name: guarded("cuDeviceGetName", || cu::device::get_name(dev))?.map_err(q)?,
                 arch: (major.map_err(q)?, minor.map_err(q)?),
                 total_mem: total_mem.map_err(q)?,
+                uuid,
             })
         })
         .collect()

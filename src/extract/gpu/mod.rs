@@ -7,7 +7,8 @@
 //! work unit's results on the device for the cuda-aware-mpi build; `launch` holds what every
 //! kernel's one parameter struct shares (and their layout check against `kernels/params.cuh`);
 //! `ptx` compiles the embedded kernels with NVRTC and caches their machine code; `device` finds devices (without
-//! creating contexts), opens one and stages uploads through page-locked memory; `error`
+//! creating contexts), opens one and stages uploads through page-locked memory; `nvml` reads
+//! each device's free memory through NVML, also without a context (for `doctor`); `error`
 //! is [`GpuError`]. Test-only, `twins` holds each stage's host twin (plain Rust mirroring the
 //! kernel, tested against the CPU backend on machines without a GPU), the emulator that runs
 //! the CUDA C kernels on the CPU against them, and the stages' tests. The cost model and the
@@ -28,6 +29,7 @@ mod error;
 pub mod facts;
 pub mod launch;
 pub mod normal;
+pub mod nvml;
 pub mod ptx;
 pub mod solve;
 pub mod spots;
