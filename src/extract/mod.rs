@@ -14,7 +14,7 @@ pub mod gpu;
 use ndarray::{Array2, Array3, ArrayView2};
 
 use crate::patch::{Patch, PixelWindow};
-use crate::psf::{Psf, PsfError, SpotSet};
+use crate::psf::{Psf, PsfError, SpotSet, SpotValues};
 
 /// Options of the per-patch mathematics.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -168,7 +168,7 @@ impl<'a> PatchInput<'a> {
         let c = self.ccd;
         Array2::from_shape_fn((p.nspec, p.nwave_keep), |(f, j)| {
             let i = s.index(f0 + f, p.iwave + p.wavepad + j);
-            let spot = &s.values[i * ny * nx..(i + 1) * ny * nx];
+            let spot = &s.values()[i * ny * nx..(i + 1) * ny * nx];
             let mut light = 0.0;
             for iy in 0..ny {
                 let y = s.yc[i] + iy as i64;
@@ -227,6 +227,9 @@ impl PatchInput<'_> {
                 shape
             )));
         }
+        if self.spots.values == SpotValues::Absent {
+            return Err(bad("the spot set holds corners only, no values".into()));
+        }
         let p = self.patch;
         let g = self.spots.grid;
         if p.specmin < g.fibermin
@@ -236,6 +239,21 @@ impl PatchInput<'_> {
             return Err(bad("spots do not cover the patch".into()));
         }
         Ok(())
+    }
+
+    /// Rejects an input whose spot values are not on the host, where a host backend reads
+    /// them (a set a device backend holds serves that backend only).
+    pub fn check_host_spots(&self) -> Result<(), ExtractError> {
+        match self.spots.held() {
+            None => Ok(()),
+            Some(set) => Err(ExtractError::BadInput {
+                ispec: self.patch.ispec,
+                iwave: self.patch.iwave,
+                msg: format!(
+                    "its spot values are {set}, held by a device backend, not on the host"
+                ),
+            }),
+        }
     }
 }
 
@@ -393,8 +411,9 @@ pub trait Backend: Send {
 
     /// Evaluates the spots of PSF fibers `fibermin .. fibermin + nfiber` at `waves` into
     /// `set`, for the batches that follow. A device backend may evaluate them there and leave
-    /// the values there (`set.values` empty, the geometry on the host): such a set is good for
-    /// that backend's batches only, until its next call.
+    /// the values there (`set.values` [`SpotValues::Held`] under a token it minted, the
+    /// geometry on the host): such a set is good for that backend's batches only, until its
+    /// next call; other backends, and that one after it, refuse it.
     fn evaluate_spots(
         &mut self,
         psf: &Psf,

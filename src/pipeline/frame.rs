@@ -197,7 +197,7 @@ impl SpotCache {
     pub fn bytes(&self) -> usize {
         self.sets
             .iter()
-            .map(|(_, s)| std::mem::size_of_val(s.values.as_slice()))
+            .map(|(_, s)| s.host_values().map_or(0, std::mem::size_of_val))
             .sum()
     }
 
@@ -220,10 +220,12 @@ impl SpotCache {
         Some(self.sets.swap_remove(i).1)
     }
 
-    /// Keeps `set` (of the group starting at bundle `first`) when keeping and it fits; gives it
-    /// back otherwise.
+    /// Keeps `set` (of the group starting at bundle `first`) when keeping, its values are on
+    /// the host and it fits; gives it back otherwise.
     fn offer(&mut self, first: usize, set: SpotSet) -> Option<SpotSet> {
-        let bytes = std::mem::size_of_val(set.values.as_slice());
+        let Some(bytes) = set.host_values().map(std::mem::size_of_val) else {
+            return Some(set);
+        };
         if !self.keeping || bytes > self.room {
             return Some(set);
         }
@@ -818,7 +820,7 @@ pub(crate) mod tests {
         let mut one_set = spots::evaluate(&toy.psf, 0, 0, &[]).unwrap();
         let (fmin, nfib) = plan::fiber_span(&toy.plan.patches[0]);
         spots::evaluate_into(&toy.psf, fmin, nfib, &toy.grid.padded, &mut one_set).unwrap();
-        let set_bytes = std::mem::size_of_val(one_set.values.as_slice());
+        let set_bytes = std::mem::size_of_val(one_set.values());
         // Room for all, then for one set only.
         for (budget, evaluated_again) in [(usize::MAX, 0), (set_bytes, nbundle - 1)] {
             let mut grouped = Grouped {

@@ -252,6 +252,7 @@ impl Backend for CpuBackend {
     ) -> Result<Vec<PatchResult>, ExtractError> {
         for inp in batch {
             inp.check()?;
+            inp.check_host_spots()?;
         }
         Ok(batch
             .par_iter()

@@ -2,7 +2,7 @@
 //! the library's own error (cudarc's driver, cuBLAS, cuSOLVER or NVRTC error) beside what was
 //! being done; running out of device memory is a variant of its own, made from the status
 //! code where the call returns it, because the backend answers it (with smaller chunks) rather
-//! than failing. Imports cudarc only.
+//! than failing. Imports cudarc, and the token of a spot set held on a device (`psf`).
 //!
 //! Display prints the status code by name, never through the driver (cudarc's `Debug` of a
 //! `DriverError` calls `cuGetErrorString`, which panics where there is no driver library).
@@ -14,6 +14,8 @@ use cudarc::cusolver::sys::cusolverStatus_t;
 use cudarc::driver::sys::CUresult;
 use cudarc::driver::DriverError;
 use cudarc::nvrtc::result::NvrtcError;
+
+use crate::psf::HeldSpots;
 
 /// Why the GPU cannot be used, or what went wrong on it.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -78,6 +80,15 @@ pub enum GpuError {
     /// patch).
     #[error("CUDA: {0}")]
     Refused(String),
+    /// A patch's spot values are held elsewhere: by another backend, or by an evaluation that
+    /// this device has since replaced.
+    #[error("{set} is not the one resident on this device ({})", here.map_or("none is".into(), |h| format!("{h} is")))]
+    SpotsElsewhere {
+        /// The patch's set.
+        set: HeldSpots,
+        /// The set the device holds.
+        here: Option<HeldSpots>,
+    },
 }
 
 /// The status of a call that ran out of device memory.

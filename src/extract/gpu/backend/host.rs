@@ -14,7 +14,8 @@ use crate::extract::{ExtractError, ExtractOptions, PatchInput, PatchResult};
 use crate::psf::SpotSet;
 
 /// `batch` with spot values on the host for the CPU: patches whose set is the resident one
-/// (values on the device) get its host copy, which the caller has downloaded.
+/// (values held on the device) get its host copy, which the caller has downloaded; a set held
+/// elsewhere is refused.
 ///
 /// With `pixels` (the adopted pixels' identity and their host copy), the windows are taken
 /// from that copy: the batch's own views then only stand for the device's pixels.
@@ -26,19 +27,17 @@ pub(in crate::extract::gpu) fn with_host_spots<'c>(
     batch
         .iter()
         .map(|inp| {
-            let spots: &'c SpotSet = if !inp.spots.values.is_empty() {
-                inp.spots
-            } else {
-                match resident {
-                    Some((key, host)) if key.holds(inp.spots) && host.grid == inp.spots.grid => {
-                        host
-                    }
+            let spots: &'c SpotSet = match inp.spots.held() {
+                None => inp.spots,
+                Some(set) => match resident {
+                    Some((key, host)) if key.holds(inp.spots) => host,
                     _ => {
-                        return Err(GpuError::Kernel(
-                            "a spot set without values is not the one on the device".into(),
-                        ))
+                        return Err(GpuError::SpotsElsewhere {
+                            set,
+                            here: resident.map(|(key, _)| key.held),
+                        })
                     }
-                }
+                },
             };
             let (pix, ivar) = match pixels {
                 Some(h) => h.window_of(inp)?,
@@ -96,7 +95,10 @@ impl GpuBackend {
         if done.iter().all(Option::is_some) {
             return complete_on_cpu(batch, opts, done);
         }
-        let on_device = batch.iter().find(|i| i.spots.values.is_empty());
+        let resident_set = self.resident.as_ref().map(|r| r.key);
+        let on_device = batch
+            .iter()
+            .find(|i| resident_set.is_some_and(|k| k.holds(i.spots)));
         if let (Some(res), Some(inp)) = (self.resident.as_mut(), on_device) {
             if res.host.is_none() {
                 match res.device.download(&self.gpu) {

@@ -242,7 +242,10 @@ impl Backend for GpuBackend {
             StageClock::mark(&mut marks, &b.gpu, "d2h")?;
             b.clock.settle(marks)?;
             Ok(ResidentSet {
-                key: ResidentSpots::of(set),
+                key: ResidentSpots {
+                    held: device.held(),
+                    len: device.values().len(),
+                },
                 device,
                 host: None,
             })

@@ -9,7 +9,6 @@ use super::resident::{Resident, ResidentPixels};
 use crate::extract::gpu::launch;
 use crate::extract::gpu::GpuError;
 use crate::extract::PatchInput;
-use crate::psf::SpotSet;
 
 /// A batch flattened into the kernels' input arrays (host-side; uploaded by
 /// [`UploadedLayout::upload`](super::UploadedLayout::upload)).
@@ -77,7 +76,7 @@ impl BatchLayout {
     /// and the resident spots when every patch's set is that one; otherwise the batch carries
     /// its own copies. Fails on what the kernels cannot index: an empty batch, spots of
     /// different sizes, a spot column outside its window, sizes beyond `i32`, or spots whose
-    /// values are on the device but not the resident set.
+    /// values are held elsewhere than in the resident set ([`GpuError::SpotsElsewhere`]).
     pub fn with_resident(
         batch: &[PatchInput<'_>],
         resident: &Resident,
@@ -105,26 +104,16 @@ impl BatchLayout {
             .pixels
             .as_ref()
             .and_then(|r| batch.iter().map(|inp| r.offset_of(inp)).collect());
-        // A batch's patches share a few sets: compare each set with the resident one once.
-        let mut held: Vec<(usize, bool)> = Vec::new();
-        let spots_resident = match resident.spots {
-            Some(r) => batch.iter().all(|inp| {
-                let key = inp.spots as *const SpotSet as usize;
-                match held.iter().find(|(k, _)| *k == key) {
-                    Some(&(_, h)) => h,
-                    None => {
-                        let h = r.holds(inp.spots);
-                        held.push((key, h));
-                        h
-                    }
-                }
-            }),
-            None => false,
-        };
-        if !spots_resident && batch.iter().any(|inp| inp.spots.values.is_empty()) {
-            return Err(bad(
-                "a spot set whose values are on the device is not the one resident there".into(),
-            ));
+        let spots_resident = resident
+            .spots
+            .is_some_and(|r| batch.iter().all(|inp| r.holds(inp.spots)));
+        if !spots_resident {
+            if let Some(set) = batch.iter().find_map(|inp| inp.spots.held()) {
+                return Err(GpuError::SpotsElsewhere {
+                    set,
+                    here: resident.spots.map(|r| r.held),
+                });
+            }
         }
         let mut out = BatchLayout {
             npatch,
@@ -227,7 +216,7 @@ impl BatchLayout {
                         *seen.entry((set, i)).or_insert_with(|| {
                             let off = out.spots.len() as i64;
                             out.spots
-                                .extend_from_slice(&s.values[i * nps..(i + 1) * nps]);
+                                .extend_from_slice(&s.values()[i * nps..(i + 1) * nps]);
                             off
                         })
                     };
@@ -239,7 +228,7 @@ impl BatchLayout {
             _ => out.pix.len(),
         };
         out.spots_len = match resident.spots {
-            Some(r) if spots_resident => r.len(),
+            Some(r) if spots_resident => r.len,
             _ => out.spots.len(),
         };
         Ok(out)

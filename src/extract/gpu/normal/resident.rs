@@ -8,7 +8,7 @@
 use ndarray::ArrayView2;
 
 use crate::extract::PatchInput;
-use crate::psf::SpotSet;
+use crate::psf::{HeldSpots, SpotSet};
 
 /// Host arrays whose copies are already on the device, which a batch indexes instead of
 /// carrying its own ([`BatchLayout::with_resident`](super::BatchLayout::with_resident)).
@@ -82,54 +82,19 @@ impl ResidentPixels {
     }
 }
 
-/// The geometry of a spot set whose values are on the device only: a [`SpotSet`] with no
-/// values and this geometry is taken to be that set (the GPU backend's `evaluate_spots` leaves
-/// exactly that on the host).
-#[derive(Debug, Clone, PartialEq)]
+/// The spot set whose values are on the device, known by the token its host geometry carries
+/// ([`DeviceSpots::held`](crate::extract::gpu::spots::DeviceSpots::held)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ResidentSpots {
-    /// Fibers and wavelengths (`fibermin` is not compared: callers renumber it).
-    pub nfiber: usize,
-    /// Wavelengths per fiber.
-    pub nwave: usize,
-    /// Spot rows.
-    pub ny: usize,
-    /// Spot columns.
-    pub nx: usize,
-    /// Each spot's first column.
-    pub xc: Vec<i64>,
-    /// Each spot's first row.
-    pub yc: Vec<i64>,
+    /// The set's token.
+    pub held: HeldSpots,
+    /// Values on the device.
+    pub len: usize,
 }
 
 impl ResidentSpots {
-    /// The geometry of `set`.
-    pub fn of(set: &SpotSet) -> ResidentSpots {
-        ResidentSpots {
-            nfiber: set.grid.nfiber,
-            nwave: set.grid.nwave,
-            ny: set.ny,
-            nx: set.nx,
-            xc: set.xc.clone(),
-            yc: set.yc.clone(),
-        }
-    }
-
-    /// Values on the device.
-    pub fn len(&self) -> usize {
-        self.nfiber * self.nwave * self.ny * self.nx
-    }
-
-    /// Whether the set has no spot.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Whether `set` is this one: values left on the device, the same geometry.
+    /// Whether `set` is this one: its values held under this token.
     pub fn holds(&self, set: &SpotSet) -> bool {
-        set.values.is_empty()
-            && (set.grid.nfiber, set.grid.nwave, set.ny, set.nx)
-                == (self.nfiber, self.nwave, self.ny, self.nx)
-            && set.xc == self.xc
-            && set.yc == self.yc
+        set.held() == Some(self.held)
     }
 }

@@ -19,7 +19,7 @@ use crate::extract::cpu::CpuBackend;
 use crate::extract::fallback::complete_on_cpu;
 use crate::extract::DIAG_EPSILON;
 use crate::extract::{Backend, ExtractOptions, PatchInput, PatchResult};
-use crate::psf::SpotSet;
+use crate::psf::{HeldSpots, SpotSet, SpotValues};
 
 /// The whole chain through the stages' host twins.
 fn twin_chain(batch: &[PatchInput<'_>], opts: &ExtractOptions) -> Result<ChainOutputs, GpuError> {
@@ -154,6 +154,16 @@ mod tests {
             }
         }
 
+        /// The toy's set as a device backend hands it out (its values held under a fresh
+        /// token), and the device's record of it.
+        fn held(&self) -> (SpotSet, ResidentSpots) {
+            let held = HeldSpots::mint();
+            let mut geometry = self.set.clone();
+            geometry.values = SpotValues::Held(held);
+            let len = self.set.values().len();
+            (geometry, ResidentSpots { held, len })
+        }
+
         fn inputs<'a>(&'a self, set: &'a SpotSet) -> Vec<PatchInput<'a>> {
             self.items
                 .iter()
@@ -185,9 +195,7 @@ mod tests {
     #[test]
     fn the_chain_on_resident_pixels_and_spots_matches_the_chain_on_copies() {
         let toy = Toy::new();
-        let mut geometry = toy.set.clone();
-        geometry.values.clear();
-        let key = ResidentSpots::of(&geometry);
+        let (geometry, key) = toy.held();
         let inputs = toy.inputs(&geometry);
         let resident = Resident {
             pixels: normal::ResidentPixels::of(toy.pix.view(), toy.ivar.view()),
@@ -197,7 +205,7 @@ mod tests {
         assert!(layout.pixels_resident && layout.spots_resident);
         assert!(layout.pix.is_empty() && layout.spots.is_empty());
         assert_eq!(layout.pix_len, toy.pix.len());
-        assert_eq!(layout.spots_len, toy.set.values.len());
+        assert_eq!(layout.spots_len, toy.set.values().len());
         assert!(layout
             .patch
             .chunks(4)
@@ -205,7 +213,7 @@ mod tests {
         // What the device holds.
         layout.pix = toy.pix.iter().copied().collect();
         layout.ivar = toy.ivar.iter().copied().collect();
-        layout.spots = toy.set.values.clone();
+        layout.spots = toy.set.values().to_vec();
         let on_device = twin_chain_on(&inputs, &toy.opts, &layout).unwrap();
         let copies = toy.inputs(&toy.set);
         let own = twin_chain(&copies, &toy.opts).unwrap();
@@ -230,14 +238,11 @@ mod tests {
     #[test]
     fn resident_layouts_fall_back_or_refuse() {
         let toy = Toy::new();
-        let mut geometry = toy.set.clone();
-        geometry.values.clear();
+        let (geometry, _) = toy.held();
         let err = BatchLayout::new(&toy.inputs(&geometry)).unwrap_err();
         assert!(err.to_string().contains("not the one resident"), "{err}");
-        // Another set's geometry: moved by one column.
-        let mut other = geometry.clone();
-        other.xc.iter_mut().for_each(|x| *x += 1);
-        let key = ResidentSpots::of(&other);
+        // Another set: held under another token.
+        let (_, key) = toy.held();
         let copy = toy.pix.clone();
         let resident = Resident {
             pixels: normal::ResidentPixels::of(copy.view(), toy.ivar.view()),
@@ -252,6 +257,41 @@ mod tests {
         // A non-contiguous array cannot be resident.
         let t = toy.pix.t();
         assert!(normal::ResidentPixels::of(t, toy.ivar.t()).is_none());
+    }
+
+    /// A set is recognised by the token of the evaluation that holds it, not by its geometry:
+    /// a set of the same geometry held under another token (another backend's, or this
+    /// one's before its last evaluation) is refused by name, by the layout and by the CPU's
+    /// share of a batch, and the CPU backend refuses a held set rather than reading values it
+    /// does not have.
+    #[test]
+    fn a_set_held_under_another_token_is_refused_by_name() {
+        let toy = Toy::new();
+        let (mine, key) = toy.held();
+        let (stale, _) = toy.held();
+        assert_eq!(
+            (stale.xc.clone(), stale.yc.clone()),
+            (mine.xc.clone(), mine.yc.clone())
+        );
+        let resident = Resident {
+            pixels: None,
+            spots: Some(&key),
+        };
+        assert!(BatchLayout::with_resident(&toy.inputs(&mine), &resident).is_ok());
+        let inputs = toy.inputs(&stale);
+        let err = BatchLayout::with_resident(&inputs, &resident).unwrap_err();
+        assert!(
+            matches!(err, GpuError::SpotsElsewhere { set, here } if Some(set) == stale.held() && here == Some(key.held)),
+            "{err}"
+        );
+        let err = with_host_spots(&inputs, Some((&key, &toy.set)), None).unwrap_err();
+        assert!(matches!(err, GpuError::SpotsElsewhere { .. }), "{err}");
+        assert!(err.to_string().contains("not the one resident"), "{err}");
+        let err = CpuBackend.extract_batch(&inputs, &toy.opts).unwrap_err();
+        assert!(
+            err.to_string().contains("held by a device backend"),
+            "{err}"
+        );
     }
 
     /// The stages' host twins chained as the device chains them agree with the CPU backend at

@@ -760,7 +760,10 @@ mod scenes {
                 )
             })
             .collect();
-        let key = ResidentSpots::of(geometry);
+        let key = ResidentSpots {
+            held: geometry.held().expect("a held set"),
+            len: scene.spots.values().len(),
+        };
         let resident = Resident {
             pixels: ResidentPixels::of(scene.pix.view(), scene.ivar.view()),
             spots: Some(&key),
@@ -770,13 +773,13 @@ mod scenes {
         assert!((0..layout.npatch).all(|b| layout.patch[4 * b + 3] > layout.patch[4 * b + 2]));
         layout.pix = scene.pix.iter().copied().collect();
         layout.ivar = scene.ivar.iter().copied().collect();
-        layout.spots = scene.spots.values.clone();
+        layout.spots = scene.spots.values().to_vec();
         (layout, inputs)
     }
 
     pub(super) fn geometry_of(scene: &Scene) -> SpotSet {
         let mut g = scene.spots.clone();
-        g.values.clear();
+        g.values = crate::psf::SpotValues::Held(crate::psf::HeldSpots::mint());
         g
     }
 }
@@ -1436,7 +1439,7 @@ mod spots_cu {
         let launch = Launch::with_params("spots", &cfg, &p, bufs);
         let out = prog.run(&launch, LAUNCH_TIMEOUT)?;
         let mut set = twin(inp);
-        set.values = out.f64s(at(p.values));
+        set.values = crate::psf::SpotValues::Host(out.f64s(at(p.values)));
         set.xc = out.i64s(at(p.xc));
         set.yc = out.i64s(at(p.yc));
         set.x = out.f64s(at(p.xs));
@@ -1500,7 +1503,7 @@ mod spots_cu {
             assert_eq!(Diff::of(&got.y, &want.y).differ, 0, "y");
             let npix = inp.shape.ny() * inp.shape.nx();
             let (mut worst, mut differ) = (0.0f64, 0usize);
-            for (a, b) in got.values.chunks(npix).zip(want.values.chunks(npix)) {
+            for (a, b) in got.values().chunks(npix).zip(want.values().chunks(npix)) {
                 let peak = b.iter().fold(0.0f64, |m, v| m.max(*v));
                 assert!(peak > 0.0);
                 for (p, q) in a.iter().zip(b) {
@@ -1516,7 +1519,7 @@ mod spots_cu {
                 inp.shape.tail,
                 inp.shape.nspot(),
                 cfg.grid_dim.0,
-                got.values.len()
+                got.values().len()
             );
             assert!(worst <= 1e-13, "{worst:e}");
         }
