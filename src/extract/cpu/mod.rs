@@ -61,6 +61,7 @@ pub fn extract_patch(
         ccd: input.window,
         pix: pix.view(),
         ivar: ivar.view(),
+        loaded: None,
         ..input.clone()
     };
     let mut res = extract_window(&whole, opts, ws);

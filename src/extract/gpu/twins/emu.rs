@@ -722,9 +722,10 @@ fn coverage(layout: &super::normal::BatchLayout) -> Coverage {
 /// patch with one spot wholly masked; as a batch of copies and as a batch indexing the scene's
 /// pixels and spots where they lie (rows `ld` > window width apart, `spot_off` into the set).
 mod scenes {
-    use super::super::normal::{BatchLayout, Resident, ResidentPixels, ResidentSpots};
+    use super::super::normal::{BatchLayout, Resident, ResidentSpots};
     use super::super::scene::{Bundle, Recipe, Scene};
     use crate::extract::PatchInput;
+    use crate::extract::{HeldPixels, PixelLoad};
     use crate::psf::SpotSet;
 
     pub(super) fn scene(recipe: Recipe, seed: u64) -> Scene {
@@ -745,11 +746,12 @@ mod scenes {
         scene: &'a Scene,
         geometry: &'a SpotSet,
     ) -> (BatchLayout, Vec<PatchInput<'a>>) {
+        let held = HeldPixels::mint(scene.pix.nrows(), scene.pix.ncols());
         let inputs: Vec<PatchInput<'a>> = scene
             .items
             .iter()
             .map(|(p, w)| {
-                PatchInput::from_region(
+                let mut inp = PatchInput::from_region(
                     *p,
                     *w,
                     *w,
@@ -757,7 +759,9 @@ mod scenes {
                     scene.ivar.view(),
                     scene.origin,
                     geometry,
-                )
+                );
+                inp.loaded = PixelLoad::Held(held).place(*w, scene.origin);
+                inp
             })
             .collect();
         let key = ResidentSpots {
@@ -765,7 +769,7 @@ mod scenes {
             len: scene.spots.values().len(),
         };
         let resident = Resident {
-            pixels: ResidentPixels::of(scene.pix.view(), scene.ivar.view()),
+            pixels: Some(held),
             spots: Some(&key),
         };
         let mut layout = BatchLayout::with_resident(&inputs, &resident).unwrap();
