@@ -1,7 +1,7 @@
 //! Host copies for the CPU's retries: spot values downloaded once per spot set and adopted
 //! pixels once per unit ([`GpuBackend::cpu_batch`]), and the batch rebuilt over them
-//! ([`with_host_spots`]). Imports the backend's state (`super`), the resident arrays' keys
-//! (`normal`), `extract`'s fallback and types, and `psf`'s spot sets.
+//! ([`with_host_spots`]). Imports the backend's state (`super`), the resident set's record
+//! and the windows' places in a load (`normal`), `extract`'s fallback and types, and `psf`'s spot sets.
 
 use cudarc::driver::CudaSlice;
 use ndarray::{Array2, ArrayView2};

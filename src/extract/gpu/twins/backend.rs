@@ -203,8 +203,8 @@ mod tests {
     }
 
     /// The chain as the GPU backend runs it in the pipeline: the windows index the CCD's
-    /// pixels uploaded once and the spot set left on the device (the host holding its
-    /// geometry only). Through the twins, with the arrays the device would hold, it gives the
+    /// pixels uploaded once (each patch naming its place in that load) and the spot set left
+    /// on the device (the host holding its geometry under the set's token). Through the twins, with the arrays the device would hold, it gives the
     /// bit-identical results of the chain on the batch's own copies.
     #[test]
     fn the_chain_on_resident_pixels_and_spots_matches_the_chain_on_copies() {
@@ -693,9 +693,9 @@ mod tests {
         assert!(checked > 100, "{checked} cells");
     }
 
-    /// On a GPU: a frame kept on the device at both ends (pixels adopted under the identity
-    /// of host arrays that hold only zeros, results scattered into the unit's arrays) gives
-    /// the host path's frame bit for bit.
+    /// On a GPU: a frame kept on the device at both ends (pixels adopted, the region carrying
+    /// their load and views of zeros that must never be read, results scattered into the
+    /// unit's arrays) gives the host path's frame bit for bit.
     #[test]
     fn a_unit_kept_on_the_device_matches_the_host_path_bit_for_bit() {
         if let Err(e) = crate::extract::gpu::device::probe() {
