@@ -14,7 +14,7 @@ pub mod gpu;
 use ndarray::{Array2, Array3, ArrayView2};
 
 use crate::patch::{Patch, PixelWindow};
-use crate::psf::{Psf, PsfError, SpotSet};
+use crate::psf::{Psf, PsfError, SpotSet, SpotValues};
 
 /// Options of the per-patch mathematics.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -77,6 +77,94 @@ impl std::str::FromStr for ModelFlux {
     }
 }
 
+/// A token for a region's pixels that a device backend holds, unique in the process, so that
+/// the backend recognises a window of its own copy by the token alone and refuses a window of
+/// another load (a stale one, or another backend's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LoadId(u64);
+
+impl LoadId {
+    /// A token no other load of the process carries.
+    pub fn mint() -> LoadId {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        LoadId(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+impl std::fmt::Display for LoadId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "pixel load #{}", self.0)
+    }
+}
+
+/// Pixels a device backend holds: an image and its ivar, `rows × cols` each, row-major.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeldPixels {
+    /// Their token.
+    pub id: LoadId,
+    /// Rows.
+    pub rows: usize,
+    /// Columns: the row stride.
+    pub cols: usize,
+}
+
+impl HeldPixels {
+    /// `rows × cols` pixels under a fresh token.
+    pub fn mint(rows: usize, cols: usize) -> HeldPixels {
+        HeldPixels {
+            id: LoadId::mint(),
+            rows,
+            cols,
+        }
+    }
+
+    /// Elements of each array.
+    pub fn len(&self) -> usize {
+        self.rows * self.cols
+    }
+
+    /// Whether they hold no pixel.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Where a region's pixels are for a backend, as [`Backend::load_pixels`] answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PixelLoad {
+    /// On the host only: batches read the patches' own views.
+    Host,
+    /// Held by the backend (copied to, or received on, its device).
+    Held(HeldPixels),
+}
+
+impl PixelLoad {
+    /// Where the window part `ccd` lies in this load of the arrays that hold CCD rows
+    /// `origin.0..` and columns `origin.1..`; None for pixels on the host.
+    pub fn place(&self, ccd: PixelWindow, origin: (usize, usize)) -> Option<InLoad> {
+        match self {
+            PixelLoad::Host => None,
+            PixelLoad::Held(h) => Some(InLoad {
+                id: h.id,
+                row: ccd.ymin as usize - origin.0,
+                col: ccd.xmin as usize - origin.1,
+            }),
+        }
+    }
+}
+
+/// Where a patch's pixels (its window's part on the CCD) lie in a load a backend holds: the
+/// load and the row and column of their first pixel there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InLoad {
+    /// The load.
+    pub id: LoadId,
+    /// Row of the first pixel in the load.
+    pub row: usize,
+    /// Its column.
+    pub col: usize,
+}
+
 /// One patch ready for a backend: geometry, the pixels it reads and the spots it uses.
 #[derive(Debug, Clone)]
 pub struct PatchInput<'a> {
@@ -94,6 +182,9 @@ pub struct PatchInput<'a> {
     /// Spots of the bundle on the padded wavelength grid; patch fiber `f` is spot fiber
     /// `patch.specmin - spots.grid.fibermin + f`, patch bin `w` is spot bin `patch.iwave + w`.
     pub spots: &'a SpotSet,
+    /// Where `pix` and `ivar` lie in the pixels a backend holds, when it holds them
+    /// ([`PixelLoad::place`]); None when only the views hold them.
+    pub loaded: Option<InLoad>,
 }
 
 impl<'a> PatchInput<'a> {
@@ -133,6 +224,7 @@ impl<'a> PatchInput<'a> {
             pix: pix.slice_move(ndarray::s![rows.clone(), cols.clone()]),
             ivar: ivar.slice_move(ndarray::s![rows, cols]),
             spots,
+            loaded: None,
         }
     }
 
@@ -168,7 +260,7 @@ impl<'a> PatchInput<'a> {
         let c = self.ccd;
         Array2::from_shape_fn((p.nspec, p.nwave_keep), |(f, j)| {
             let i = s.index(f0 + f, p.iwave + p.wavepad + j);
-            let spot = &s.values[i * ny * nx..(i + 1) * ny * nx];
+            let spot = &s.values()[i * ny * nx..(i + 1) * ny * nx];
             let mut light = 0.0;
             for iy in 0..ny {
                 let y = s.yc[i] + iy as i64;
@@ -227,6 +319,9 @@ impl PatchInput<'_> {
                 shape
             )));
         }
+        if self.spots.values == SpotValues::Absent {
+            return Err(bad("the spot set holds corners only, no values".into()));
+        }
         let p = self.patch;
         let g = self.spots.grid;
         if p.specmin < g.fibermin
@@ -236,6 +331,21 @@ impl PatchInput<'_> {
             return Err(bad("spots do not cover the patch".into()));
         }
         Ok(())
+    }
+
+    /// Rejects an input whose spot values are not on the host, where a host backend reads
+    /// them (a set a device backend holds serves that backend only).
+    pub fn check_host_spots(&self) -> Result<(), ExtractError> {
+        match self.spots.held() {
+            None => Ok(()),
+            Some(set) => Err(ExtractError::BadInput {
+                ispec: self.patch.ispec,
+                iwave: self.patch.iwave,
+                msg: format!(
+                    "its spot values are {set}, held by a device backend, not on the host"
+                ),
+            }),
+        }
     }
 }
 
@@ -393,8 +503,9 @@ pub trait Backend: Send {
 
     /// Evaluates the spots of PSF fibers `fibermin .. fibermin + nfiber` at `waves` into
     /// `set`, for the batches that follow. A device backend may evaluate them there and leave
-    /// the values there (`set.values` empty, the geometry on the host): such a set is good for
-    /// that backend's batches only, until its next call.
+    /// the values there (`set.values` [`SpotValues::Held`] under a token it minted, the
+    /// geometry on the host): such a set is good for that backend's batches only, until its
+    /// next call; other backends, and that one after it, refuse it.
     fn evaluate_spots(
         &mut self,
         psf: &Psf,
@@ -417,13 +528,15 @@ pub trait Backend: Send {
     }
 
     /// The pixels that the windows of the coming batches are cut from (a work unit's, or the
-    /// CCD's): a device backend copies them once here instead of once per patch.
+    /// CCD's): a device backend copies them once here instead of once per patch, and answers
+    /// where they are; the patches then say where their windows lie in that load
+    /// ([`PatchInput::loaded`]). A load holds until the next one.
     fn load_pixels(
         &mut self,
         _pix: ArrayView2<'_, f64>,
         _ivar: ArrayView2<'_, f64>,
-    ) -> Result<(), ExtractError> {
-        Ok(())
+    ) -> Result<PixelLoad, ExtractError> {
+        Ok(PixelLoad::Host)
     }
 
     /// How many bundles' patches this backend takes per batch: one on the CPU, whose threads

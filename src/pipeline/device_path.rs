@@ -1,12 +1,13 @@
 //! The cuda-aware-mpi build's path for a GPU compute rank: a unit's pixels arrive by MPI in
 //! device memory and stay there, and its results leave from device memory to the writer.
 //!
-//! The GPU backend recognises the pixels a batch's windows are cut from by the addresses of
-//! their host arrays; here no host array holds them. A [`StandIn`] reserves an address range
-//! of the pixels' size without memory behind it (an inaccessible mapping: a read through it
-//! faults instead of returning stale numbers), whose views the frame code slices into windows
-//! as usual, and the backend adopts the device copy under that identity. A patch the CPU must
-//! retry gets its window from a host copy the backend downloads then, once per unit.
+//! The frame code cuts a batch's windows out of host views of the unit's pixels; here no host
+//! array holds them. A [`StandIn`] reserves an address range of the pixels' size without
+//! memory behind it (an inaccessible mapping: a read through it faults instead of returning
+//! stale numbers), whose views the frame code slices into windows as usual. The backend adopts
+//! the device copy and answers its load token, which the unit's region carries instead of
+//! being loaded, so that every patch names where its window lies in that copy. A patch the CPU
+//! must retry gets its window from a host copy the backend downloads then, once per unit.
 //!
 //! Imports `extract::gpu` (backend, unit arrays) and the pipeline's `unit`, `frame` and `comm`.
 
@@ -16,7 +17,7 @@ use super::comm::{Msg, Part, Parts};
 use super::frame::FrameResult;
 use super::unit::{self, UnitInput, UnitOutput};
 use crate::extract::gpu::backend::GpuBackend;
-use crate::extract::gpu::normal::{DevicePixels, ResidentPixels};
+use crate::extract::gpu::normal::DevicePixels;
 use crate::extract::gpu::unit::{DeviceUnit, UnitShape};
 
 /// Why a unit's pixels or results could not take the device path, naming the unit (its frame,
@@ -84,8 +85,8 @@ impl StandIn {
         })
     }
 
-    /// The image and ivar views that stand for the device's pixels: their shapes and
-    /// addresses only are ever used (slicing, the backend's identity check), never values.
+    /// The image and ivar views that stand for the device's pixels: their shapes only are ever
+    /// used (slicing into windows), never values.
     pub fn views(&self) -> (ArrayView2<'_, f64>, ArrayView2<'_, f64>) {
         let n = self.rows * self.cols;
         let pix = self.base as *const f64;
@@ -115,7 +116,7 @@ impl Drop for StandIn {
 pub struct LandedPixels {
     /// The address range the views come from.
     pub stand_in: StandIn,
-    /// The device copy, under the stand-in's identity.
+    /// The device copy, under its load token.
     pub pixels: DevicePixels,
 }
 
@@ -159,13 +160,10 @@ pub fn land(
             dims[1]
         )));
     }
+    let pixels = DevicePixels::adopt(pix, ivar, dims[0], dims[1])
+        .ok_or_else(|| unit_error("an empty rectangle".into()))?;
     let stand_in = StandIn::reserve(dims[0], dims[1])?;
-    let (p, v) = stand_in.views();
-    let key = ResidentPixels::of(p, v).ok_or_else(|| unit_error("an empty rectangle".into()))?;
-    Ok(LandedPixels {
-        stand_in,
-        pixels: DevicePixels { key, pix, ivar },
-    })
+    Ok(LandedPixels { stand_in, pixels })
 }
 
 /// Extracts a unit whose pixels are on the device. The results stay there (unless the model
@@ -176,7 +174,7 @@ pub fn compute(
     gpu: &mut GpuBackend,
 ) -> (Result<FrameResult, String>, Option<DeviceUnit>) {
     let LandedPixels { stand_in, pixels } = landed;
-    gpu.adopt_pixels(pixels);
+    let load = gpu.adopt_pixels(pixels);
     let keep_on_device = job.setup.opts.model_image.is_none();
     if keep_on_device {
         let (specmin, nspec) = job.fibers();
@@ -191,7 +189,7 @@ pub fn compute(
         }
     }
     let (pix, ivar) = stand_in.views();
-    let result = unit::compute_on(job, pix, ivar, gpu, None).map_err(|e| e.to_string());
+    let result = unit::compute_on(job, pix, ivar, Some(load), gpu, None).map_err(|e| e.to_string());
     let arrays = match gpu.take_unit() {
         Ok(a) => a,
         Err(e) => return (Err(e.to_string()), None),
@@ -286,12 +284,13 @@ mod tests {
     use crate::pipeline::frame::FrameStats;
 
     #[test]
-    fn a_stand_in_gives_views_whose_windows_the_backend_finds() {
+    fn a_stand_in_gives_views_of_the_units_shape() {
         let s = StandIn::reserve(30, 40).unwrap();
         let (p, v) = s.views();
         assert_eq!((p.dim(), v.dim()), ((30, 40), (30, 40)));
-        let key = ResidentPixels::of(p, v).expect("contiguous views of one shape");
-        assert_eq!((key.len(), key.ld()), (1200, 40));
+        let shape =
+            crate::extract::gpu::normal::loadable(p, v).expect("contiguous views of one shape");
+        assert_eq!((shape.0 * shape.1, shape.1), (1200, 40));
         assert!(StandIn::reserve(0, 5).is_err());
     }
 

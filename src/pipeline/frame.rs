@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use ndarray::{s, Array2, Array3, ArrayView2};
 
-use crate::extract::{Backend, ExtractError, ExtractOptions, PatchInput};
+use crate::extract::{Backend, ExtractError, ExtractOptions, PatchInput, PixelLoad};
 use crate::patch::{pixels, plan, Plan, WaveGrid};
 use crate::psf::spots::{self, SpotSet};
 use crate::psf::{Psf, PsfError};
@@ -127,6 +127,10 @@ pub struct Region<'a> {
     pub y0: usize,
     /// CCD column of the arrays' first column.
     pub x0: usize,
+    /// Where the backend already holds these pixels (received on its device, the views then
+    /// standing for them): [`extract_bundles`] does not load them again. None: it loads them
+    /// ([`Backend::load_pixels`]).
+    pub loaded: Option<PixelLoad>,
 }
 
 impl Region<'_> {
@@ -197,7 +201,7 @@ impl SpotCache {
     pub fn bytes(&self) -> usize {
         self.sets
             .iter()
-            .map(|(_, s)| std::mem::size_of_val(s.values.as_slice()))
+            .map(|(_, s)| s.host_values().map_or(0, std::mem::size_of_val))
             .sum()
     }
 
@@ -220,10 +224,12 @@ impl SpotCache {
         Some(self.sets.swap_remove(i).1)
     }
 
-    /// Keeps `set` (of the group starting at bundle `first`) when keeping and it fits; gives it
-    /// back otherwise.
+    /// Keeps `set` (of the group starting at bundle `first`) when keeping, its values are on
+    /// the host and it fits; gives it back otherwise.
     fn offer(&mut self, first: usize, set: SpotSet) -> Option<SpotSet> {
-        let bytes = std::mem::size_of_val(set.values.as_slice());
+        let Some(bytes) = set.host_values().map(std::mem::size_of_val) else {
+            return Some(set);
+        };
         if !self.keeping || bytes > self.room {
             return Some(set);
         }
@@ -264,6 +270,7 @@ pub fn extract_frame(
             ivar,
             y0: 0,
             x0: 0,
+            loaded: None,
         },
         grid,
         plan,
@@ -324,7 +331,10 @@ pub fn extract_bundles(
         .sum();
     let mut done = 0;
     let mut spots = spots::evaluate(psf, 0, 0, &[])?;
-    backend.load_pixels(region.pix, region.ivar)?;
+    let load = match region.loaded {
+        Some(load) => load,
+        None => backend.load_pixels(region.pix, region.ivar)?,
+    };
     let per_batch = backend.bundles_per_batch().max(1);
     let mut spot_cache = spot_cache.filter(|_| backend.spots_reusable());
     for (g, group) in plan.patches[work.bundles.clone()]
@@ -369,7 +379,7 @@ pub fn extract_bundles(
                 )));
             }
             out.stats.edge += usize::from(ccd != window);
-            inputs.push(PatchInput::from_region(
+            let mut inp = PatchInput::from_region(
                 *p,
                 window,
                 ccd,
@@ -377,7 +387,9 @@ pub fn extract_bundles(
                 region.ivar,
                 (region.y0, region.x0),
                 &spots,
-            ));
+            );
+            inp.loaded = load.place(ccd, (region.y0, region.x0));
+            inputs.push(inp);
         }
         let finished = std::sync::atomic::AtomicUsize::new(done);
         let results = backend.extract_batch_counted(&inputs, opts, &|n| {
@@ -644,14 +656,90 @@ pub(crate) mod tests {
             &mut self,
             _pix: ArrayView2<'_, f64>,
             _ivar: ArrayView2<'_, f64>,
-        ) -> Result<(), ExtractError> {
+        ) -> Result<PixelLoad, ExtractError> {
             self.loads += 1;
-            Ok(())
+            Ok(PixelLoad::Host)
         }
 
         fn bundles_per_batch(&self) -> usize {
             self.per_batch
         }
+    }
+
+    /// The CPU backend answering that it holds the pixels, recording where each patch says
+    /// its pixels lie in that load and where its views point.
+    #[derive(Default)]
+    struct Holding {
+        loads: Vec<crate::extract::HeldPixels>,
+        /// Where each patch's pixels lie, and the address its view starts at.
+        seen: Vec<(Option<crate::extract::InLoad>, usize)>,
+    }
+
+    impl Backend for Holding {
+        fn name(&self) -> &'static str {
+            "holding"
+        }
+
+        fn extract_batch(
+            &mut self,
+            batch: &[PatchInput<'_>],
+            opts: &ExtractOptions,
+        ) -> Result<Vec<PatchResult>, ExtractError> {
+            self.seen
+                .extend(batch.iter().map(|i| (i.loaded, i.pix.as_ptr() as usize)));
+            CpuBackend.extract_batch(batch, opts)
+        }
+
+        fn load_pixels(
+            &mut self,
+            pix: ArrayView2<'_, f64>,
+            _ivar: ArrayView2<'_, f64>,
+        ) -> Result<PixelLoad, ExtractError> {
+            let held = crate::extract::HeldPixels::mint(pix.nrows(), pix.ncols());
+            self.loads.push(held);
+            Ok(PixelLoad::Held(held))
+        }
+    }
+
+    /// Every patch names the load its backend answered and where its window lies there (the
+    /// place its views are cut from); a region whose pixels the backend already holds is not
+    /// loaded again, and its patches name that load.
+    #[test]
+    fn patches_name_where_their_window_lies_in_the_backends_load() {
+        let toy = ToyFrame::new();
+        let mut holding = Holding::default();
+        toy.extract(&mut holding);
+        assert_eq!(holding.loads.len(), 1);
+        let id = holding.loads[0].id;
+        assert!(!holding.seen.is_empty());
+        for (at, ptr) in &holding.seen {
+            let at = at.expect("a patch naming the load");
+            assert_eq!(at.id, id);
+            assert_eq!(*ptr, &toy.pix[[at.row, at.col]] as *const f64 as usize);
+        }
+        let held = crate::extract::HeldPixels::mint(toy.pix.nrows(), toy.pix.ncols());
+        let work = BundleWork {
+            psf: &toy.psf,
+            psf_fiber0: 0,
+            region: Region {
+                pix: toy.pix.view(),
+                ivar: toy.ivar.view(),
+                y0: 0,
+                x0: 0,
+                loaded: Some(PixelLoad::Held(held)),
+            },
+            grid: &toy.grid,
+            plan: &toy.plan,
+            bundles: 0..toy.plan.bundles.len(),
+            pixpad_frac: toy.popts.pixpad_frac,
+        };
+        let mut again = Holding::default();
+        extract_bundles(&work, &toy.opts, &mut again, &|_, _| {}, None).unwrap();
+        assert!(again.loads.is_empty(), "held pixels loaded again");
+        assert!(again
+            .seen
+            .iter()
+            .all(|(at, _)| at.map(|a| a.id) == Some(held.id)));
     }
 
     /// A small frame for frame-level tests (here and the GPU backend's): 20 toy fibers in 4
@@ -818,7 +906,7 @@ pub(crate) mod tests {
         let mut one_set = spots::evaluate(&toy.psf, 0, 0, &[]).unwrap();
         let (fmin, nfib) = plan::fiber_span(&toy.plan.patches[0]);
         spots::evaluate_into(&toy.psf, fmin, nfib, &toy.grid.padded, &mut one_set).unwrap();
-        let set_bytes = std::mem::size_of_val(one_set.values.as_slice());
+        let set_bytes = std::mem::size_of_val(one_set.values());
         // Room for all, then for one set only.
         for (budget, evaluated_again) in [(usize::MAX, 0), (set_bytes, nbundle - 1)] {
             let mut grouped = Grouped {

@@ -14,7 +14,7 @@ use super::frame::{
     extract_bundles, BundleWork, FrameError, FrameResult, FrameStats, Region, SpotCache,
 };
 use super::prepare::{first_pass_options, frame_meta, Prepared};
-use crate::extract::{Backend, ExtractOptions};
+use crate::extract::{Backend, ExtractOptions, PixelLoad};
 use crate::io::frame::FrameMeta;
 use crate::patch::{pixels, plan, PatchOptions, Plan, WaveGrid};
 use crate::psf::{spots, Psf, PsfError};
@@ -448,7 +448,14 @@ pub fn compute(
     backend: &mut dyn Backend,
     spots: Option<&mut SpotCache>,
 ) -> Result<FrameResult, UnitError> {
-    compute_on(unit, unit.pix.view(), unit.ivar.view(), backend, spots)
+    compute_on(
+        unit,
+        unit.pix.view(),
+        unit.ivar.view(),
+        None,
+        backend,
+        spots,
+    )
 }
 
 /// How many frames' first-pass spot sets a compute rank keeps at most: frames go through in
@@ -516,12 +523,13 @@ impl PassSpots {
     }
 }
 
-/// Extracts a unit whose pixel rectangle is `pix` and `ivar` (the unit's own arrays, or views
-/// standing for a copy the backend holds).
+/// Extracts a unit whose pixel rectangle is `pix` and `ivar`: the unit's own arrays, or views
+/// standing for the copy the backend holds as `loaded`.
 pub fn compute_on(
     unit: &UnitInput,
     pix: ndarray::ArrayView2<'_, f64>,
     ivar: ndarray::ArrayView2<'_, f64>,
+    loaded: Option<PixelLoad>,
     backend: &mut dyn Backend,
     spots: Option<&mut SpotCache>,
 ) -> Result<FrameResult, UnitError> {
@@ -542,6 +550,7 @@ pub fn compute_on(
             ivar,
             y0: unit.y0,
             x0: unit.x0,
+            loaded,
         },
         grid: &unit.setup.grid,
         plan: &plan,

@@ -11,7 +11,7 @@ pub mod tail;
 
 use ndarray::Array2;
 
-pub use spots::{SpotGrid, SpotSet};
+pub use spots::{HeldSpots, SpotGrid, SpotSet, SpotValues};
 
 /// Errors in the PSF model itself (the file readers wrap these with the path).
 #[derive(Debug, thiserror::Error)]

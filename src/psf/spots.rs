@@ -16,6 +16,38 @@ pub struct SpotGrid {
     pub nwave: usize,
 }
 
+/// A token for spot values that whoever evaluated them keeps (a device backend), minted by
+/// [`HeldSpots::mint`]: unique in the process, so that the holder recognises its own set by
+/// the token alone, and refuses a set another holder, or an earlier evaluation, minted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct HeldSpots(u64);
+
+impl HeldSpots {
+    /// A token no other set of the process carries.
+    pub fn mint() -> HeldSpots {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        HeldSpots(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+impl std::fmt::Display for HeldSpots {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "spot set #{}", self.0)
+    }
+}
+
+/// Where a [`SpotSet`]'s values are.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SpotValues {
+    /// On the host, `[(fiber·nwave + wave)·ny·nx + iy·nx + ix]`, each spot summing to 1.
+    Host(Vec<f64>),
+    /// Kept by the backend that evaluated them (on its device), under this token: the host
+    /// has the geometry only.
+    Held(HeldSpots),
+    /// Nowhere: the set is the corners alone ([`corners`]).
+    Absent,
+}
+
 /// Spots for every fiber × wavelength of a grid.
 #[derive(Debug, Clone)]
 pub struct SpotSet {
@@ -25,8 +57,8 @@ pub struct SpotSet {
     pub ny: usize,
     /// Spot width (columns).
     pub nx: usize,
-    /// Spot values `[(fiber·nwave + wave)·ny·nx + iy·nx + ix]`, each spot summing to 1.
-    pub values: Vec<f64>,
+    /// The spot values, or where they are.
+    pub values: SpotValues,
     /// Column of each spot's first pixel, `[fiber·nwave + wave]`.
     pub xc: Vec<i64>,
     /// Row of each spot's first pixel.
@@ -44,12 +76,40 @@ impl SpotSet {
         fiber * self.grid.nwave + wave
     }
 
-    /// The spot of fiber offset `fiber` at wave index `wave`, row-major `ny × nx`.
+    /// The spot of fiber offset `fiber` at wave index `wave`, row-major `ny × nx` (values on
+    /// the host: see [`SpotSet::values`]).
     #[inline]
     pub fn spot(&self, fiber: usize, wave: usize) -> &[f64] {
         let n = self.ny * self.nx;
         let i = self.index(fiber, wave);
-        &self.values[i * n..(i + 1) * n]
+        &self.values()[i * n..(i + 1) * n]
+    }
+
+    /// The values on the host, None when they are held elsewhere or absent.
+    pub fn host_values(&self) -> Option<&[f64]> {
+        match &self.values {
+            SpotValues::Host(v) => Some(v),
+            SpotValues::Held(_) | SpotValues::Absent => None,
+        }
+    }
+
+    /// The values on the host. Code that reads values takes sets whose values its caller
+    /// checked are on the host ([`SpotSet::host_values`]; the backends' input checks refuse
+    /// the others): a set without them here is a bug, and panics.
+    #[inline]
+    pub fn values(&self) -> &[f64] {
+        match &self.values {
+            SpotValues::Host(v) => v,
+            other => panic!("spot values read on the host, where the set has {other:?}"),
+        }
+    }
+
+    /// The token of the values' holder, when they are held elsewhere.
+    pub fn held(&self) -> Option<HeldSpots> {
+        match self.values {
+            SpotValues::Held(t) => Some(t),
+            SpotValues::Host(_) | SpotValues::Absent => None,
+        }
     }
 }
 
@@ -83,7 +143,7 @@ pub fn evaluate(
         },
         ny: psf.spot_ny(),
         nx: psf.spot_nx(),
-        values: Vec::new(),
+        values: SpotValues::Host(Vec::new()),
         xc: Vec::new(),
         yc: Vec::new(),
         x: Vec::new(),
@@ -118,16 +178,21 @@ pub fn evaluate_into(
     set.nx = nx;
     let nspot = nfiber * nwave;
     // Every element is overwritten below, so resizing keeps the old pages without clearing.
-    set.values.resize(nspot * ny * nx, 0.0);
+    let mut values = match std::mem::replace(&mut set.values, SpotValues::Absent) {
+        SpotValues::Host(v) => v,
+        SpotValues::Held(_) | SpotValues::Absent => Vec::new(),
+    };
+    values.resize(nspot * ny * nx, 0.0);
     set.xc.resize(nspot, 0);
     set.yc.resize(nspot, 0);
     set.x.resize(nspot, 0.0);
     set.y.resize(nspot, 0.0);
     let per_fiber = nwave * ny * nx;
     if per_fiber == 0 {
+        set.values = SpotValues::Host(values);
         return Ok(());
     }
-    set.values
+    values
         .par_chunks_mut(per_fiber)
         .zip(set.xc.par_chunks_mut(nwave))
         .zip(set.yc.par_chunks_mut(nwave))
@@ -148,11 +213,12 @@ pub fn evaluate_into(
                 yc[w] = cy;
             }
         });
+    set.values = SpotValues::Host(values);
     Ok(())
 }
 
 /// The corners of the spots of fibers `fibermin .. fibermin + nfiber` at `waves`, from the
-/// traces alone (`values` stays empty): what a reader needs to cut the pixel rectangle of a
+/// traces alone (no values): what a reader needs to cut the pixel rectangle of a
 /// work unit without paying for the spots themselves.
 pub fn corners(
     psf: &Psf,
@@ -170,7 +236,7 @@ pub fn corners(
         },
         ny: psf.spot_ny(),
         nx: psf.spot_nx(),
-        values: Vec::new(),
+        values: SpotValues::Absent,
         xc: Vec::with_capacity(nfiber * nwave),
         yc: Vec::with_capacity(nfiber * nwave),
         x: Vec::with_capacity(nfiber * nwave),

@@ -157,7 +157,7 @@ fn without_tails_spots_are_specters_too() {
 /// All spots of `psf` for `fibers` at `waves`, as bits.
 fn bits(psf: &Psf, fibers: std::ops::Range<usize>, waves: &[f64]) -> Vec<u64> {
     let set = spots::evaluate(psf, fibers.start, fibers.len(), waves).unwrap();
-    set.values.iter().map(|v| v.to_bits()).collect()
+    set.values().iter().map(|v| v.to_bits()).collect()
 }
 
 #[test]

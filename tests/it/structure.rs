@@ -242,7 +242,7 @@ fn edge_recovery(
         for fib in p.ispec..p.ispec + p.nspec {
             for j in p.iwave..p.iwave + p.nwave_keep {
                 let i = spots.index(fib, j + grid.pad);
-                let v = &spots.values[i * spots.ny * spots.nx..(i + 1) * spots.ny * spots.nx];
+                let v = &spots.values()[i * spots.ny * spots.nx..(i + 1) * spots.ny * spots.nx];
                 let mut light = 0.0;
                 for (k, s) in v.iter().enumerate() {
                     let (y, x) = (

@@ -27,7 +27,7 @@ pub fn add_spots(
     for u in range {
         let g = geom[u];
         let a = coef[u];
-        let spot = &s.values[g.spot..g.spot + ny * nx];
+        let spot = &s.values()[g.spot..g.spot + ny * nx];
         for iy in g.iy0..g.iy1 {
             let r = (g.row0 + iy as i64) as usize;
             let dst = &mut out[r * nxw + g.col0 as usize..r * nxw + g.col0 as usize + nx];
@@ -62,7 +62,7 @@ pub fn leverage(
         if u1 <= u0 {
             continue;
         }
-        let su = &s.values[gu.spot..gu.spot + ny * nx];
+        let su = &s.values()[gu.spot..gu.spot + ny * nx];
         for v in decorr.band_partners(u) {
             let gv = geom[v];
             // Spots that share no column share no pixel.
@@ -78,7 +78,7 @@ pub fn leverage(
             if c == 0.0 {
                 continue;
             }
-            let sv = &s.values[gv.spot..gv.spot + ny * nx];
+            let sv = &s.values()[gv.spot..gv.spot + ny * nx];
             let x0 = gu.col0.max(gv.col0);
             let len = ((gu.col0 + nx as i64).min(gv.col0 + nx as i64) - x0) as usize;
             let (xu, xv) = ((x0 - gu.col0) as usize, (x0 - gv.col0) as usize);
@@ -139,7 +139,7 @@ pub fn project(input: &PatchInput<'_>, g: &SpotGeom, values: &[f64]) -> f64 {
     let s = input.spots;
     let (ny, nx) = (s.ny, s.nx);
     let nxw = input.window.nx();
-    let spot = &s.values[g.spot..g.spot + ny * nx];
+    let spot = &s.values()[g.spot..g.spot + ny * nx];
     let mut sum = 0.0;
     for iy in g.iy0..g.iy1 {
         let r = (g.row0 + iy as i64) as usize;

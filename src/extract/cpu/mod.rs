@@ -61,6 +61,7 @@ pub fn extract_patch(
         ccd: input.window,
         pix: pix.view(),
         ivar: ivar.view(),
+        loaded: None,
         ..input.clone()
     };
     let mut res = extract_window(&whole, opts, ws);
@@ -252,6 +253,7 @@ impl Backend for CpuBackend {
     ) -> Result<Vec<PatchResult>, ExtractError> {
         for inp in batch {
             inp.check()?;
+            inp.check_host_spots()?;
         }
         Ok(batch
             .par_iter()

@@ -68,7 +68,7 @@ pub fn build(input: &PatchInput<'_>, geom: &[SpotGeom], normal: &mut Normal<'_>)
     let (pix, ivar) = (&input.pix, &input.ivar);
     normal.pairs.clear();
     for (u, g) in geom.iter().enumerate() {
-        let spot = &s.values[g.spot..g.spot + nps];
+        let spot = &s.values()[g.spot..g.spot + nps];
         let ws = &mut normal.wspot[u * nps..(u + 1) * nps];
         ws.iter_mut().for_each(|v| *v = 0.0);
         let (mut rhs, mut fw) = (0.0, 0.0);
@@ -144,7 +144,7 @@ pub fn build(input: &PatchInput<'_>, geom: &[SpotGeom], normal: &mut Normal<'_>)
                 }
                 let ix_lo = dx.max(0) as usize;
                 let ix_hi = (nx as i64 + dx).min(nx as i64) as usize;
-                let sv = &s.values[gv.spot..gv.spot + nps];
+                let sv = &s.values()[gv.spot..gv.spot + nps];
                 let sum = overlap_dot(
                     &ws[iy_lo as usize * nx + ix_lo..],
                     &sv[((iy_lo - dy) as usize * nx + (ix_lo as i64 - dx) as usize)..],

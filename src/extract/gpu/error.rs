@@ -2,7 +2,8 @@
 //! the library's own error (cudarc's driver, cuBLAS, cuSOLVER or NVRTC error) beside what was
 //! being done; running out of device memory is a variant of its own, made from the status
 //! code where the call returns it, because the backend answers it (with smaller chunks) rather
-//! than failing. Imports cudarc only.
+//! than failing. Imports cudarc, and the tokens of what a device holds (`psf`'s spot sets,
+//! `extract`'s pixel loads).
 //!
 //! Display prints the status code by name, never through the driver (cudarc's `Debug` of a
 //! `DriverError` calls `cuGetErrorString`, which panics where there is no driver library).
@@ -14,6 +15,9 @@ use cudarc::cusolver::sys::cusolverStatus_t;
 use cudarc::driver::sys::CUresult;
 use cudarc::driver::DriverError;
 use cudarc::nvrtc::result::NvrtcError;
+
+use crate::extract::LoadId;
+use crate::psf::HeldSpots;
 
 /// Why the GPU cannot be used, or what went wrong on it.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -78,6 +82,28 @@ pub enum GpuError {
     /// patch).
     #[error("CUDA: {0}")]
     Refused(String),
+    /// A patch's spot values are held elsewhere: by another backend, or by an evaluation that
+    /// this device has since replaced.
+    #[error("{set} is not the one resident on this device ({})", here.map_or("none is".into(), |h| format!("{h} is")))]
+    SpotsElsewhere {
+        /// The patch's set.
+        set: HeldSpots,
+        /// The set the device holds.
+        here: Option<HeldSpots>,
+    },
+    /// A patch's window lies in a pixel load that is not the one on this device: a stale load,
+    /// or another backend's.
+    #[error("patch at fiber {ispec}, bin {iwave}: its window is in {load}, not in the pixels on this device ({})", here.map_or("none".into(), |h| h.to_string()))]
+    PixelsElsewhere {
+        /// First core fiber of the patch.
+        ispec: usize,
+        /// First core bin.
+        iwave: usize,
+        /// The patch's load.
+        load: LoadId,
+        /// The load the device holds.
+        here: Option<LoadId>,
+    },
 }
 
 /// The status of a call that ran out of device memory.

@@ -11,7 +11,7 @@ use super::launch::{self, kernel_params, Guards};
 use super::device::Gpu;
 use super::GpuError;
 use crate::psf::tail::TAIL_PARAMS;
-use crate::psf::{Psf, PsfError, SpotGrid, SpotSet};
+use crate::psf::{HeldSpots, Psf, PsfError, SpotGrid, SpotSet, SpotValues};
 
 /// Lanes per warp: the kernel maps one spot onto one warp.
 pub(super) const WARP: usize = 32;
@@ -359,8 +359,9 @@ impl DeviceInputs {
     }
 }
 
-/// A [`SpotSet`] on the device, in the same layout.
+/// A [`SpotSet`] on the device, in the same layout, under the token its host geometry carries.
 pub struct DeviceSpots {
+    pub(super) held: HeldSpots,
     pub(super) grid: SpotGrid,
     pub(super) ny: usize,
     pub(super) nx: usize,
@@ -378,6 +379,7 @@ impl DeviceSpots {
         let n = sh.nspot();
         let s = &gpu.stream;
         Ok(DeviceSpots {
+            held: HeldSpots::mint(),
             grid: Self::grid_of(inp),
             ny: sh.ny(),
             nx: sh.nx(),
@@ -404,16 +406,21 @@ impl DeviceSpots {
         &self.values
     }
 
-    /// Copies the set's geometry back to the host, leaving `values` empty: the set as the
-    /// GPU backend hands it to the pipeline, whose windows need the corners only (waits for
-    /// the stream).
+    /// The token the set's host geometry carries.
+    pub fn held(&self) -> HeldSpots {
+        self.held
+    }
+
+    /// Copies the set's geometry back to the host, its values held here under
+    /// [`DeviceSpots::held`]: the set as the GPU backend hands it to the pipeline, whose
+    /// windows need the corners only (waits for the stream).
     pub fn download_geometry(&self, gpu: &Gpu) -> Result<SpotSet, GpuError> {
         let s = &gpu.stream;
         Ok(SpotSet {
             grid: self.grid,
             ny: self.ny,
             nx: self.nx,
-            values: Vec::new(),
+            values: SpotValues::Held(self.held),
             xc: s.clone_dtoh(&self.xc).map_err(cuda("downloading xc"))?,
             yc: s.clone_dtoh(&self.yc).map_err(cuda("downloading yc"))?,
             x: s.clone_dtoh(&self.x).map_err(cuda("downloading x"))?,
@@ -424,10 +431,11 @@ impl DeviceSpots {
     /// Copies the set back to the host (waits for the stream).
     pub fn download(&self, gpu: &Gpu) -> Result<SpotSet, GpuError> {
         let mut set = self.download_geometry(gpu)?;
-        set.values = gpu
-            .stream
-            .clone_dtoh(&self.values)
-            .map_err(cuda("downloading spot values"))?;
+        set.values = SpotValues::Host(
+            gpu.stream
+                .clone_dtoh(&self.values)
+                .map_err(cuda("downloading spot values"))?,
+        );
         Ok(set)
     }
 }

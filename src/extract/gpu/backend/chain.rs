@@ -45,7 +45,7 @@ impl GpuBackend {
         // Everything the host computes comes first, so that the stream runs the stages back
         // to back.
         let resident = Resident {
-            pixels: self.pixels.as_ref().map(|p| p.key),
+            pixels: self.pixels.as_ref().map(|p| p.held),
             spots: self.resident.as_ref().map(|r| &r.key),
         };
         let layout = BatchLayout::with_resident(chunk, &resident)?;

@@ -1,23 +1,25 @@
 //! Host copies for the CPU's retries: spot values downloaded once per spot set and adopted
 //! pixels once per unit ([`GpuBackend::cpu_batch`]), and the batch rebuilt over them
-//! ([`with_host_spots`]). Imports the backend's state (`super`), the resident arrays' keys
-//! (`normal`), `extract`'s fallback and types, and `psf`'s spot sets.
+//! ([`with_host_spots`]). Imports the backend's state (`super`), the resident set's record
+//! and the windows' places in a load (`normal`), `extract`'s fallback and types, and `psf`'s spot sets.
 
 use cudarc::driver::CudaSlice;
 use ndarray::{Array2, ArrayView2};
 
-use super::super::normal::{ResidentPixels, ResidentSpots};
+use super::super::normal::{place_in, ResidentSpots};
 use super::super::GpuError;
 use super::GpuBackend;
 use crate::extract::fallback::complete_on_cpu;
-use crate::extract::{ExtractError, ExtractOptions, PatchInput, PatchResult};
+use crate::extract::{ExtractError, ExtractOptions, HeldPixels, PatchInput, PatchResult};
 use crate::psf::SpotSet;
 
 /// `batch` with spot values on the host for the CPU: patches whose set is the resident one
-/// (values on the device) get its host copy, which the caller has downloaded.
+/// (values held on the device) get its host copy, which the caller has downloaded; a set held
+/// elsewhere is refused.
 ///
-/// With `pixels` (the adopted pixels' identity and their host copy), the windows are taken
-/// from that copy: the batch's own views then only stand for the device's pixels.
+/// With `pixels` (the adopted pixels' host copy), the windows are taken from that copy where
+/// the patches' `loaded` places them: the batch's own views then only stand for the device's
+/// pixels.
 pub(in crate::extract::gpu) fn with_host_spots<'c>(
     batch: &'c [PatchInput<'_>],
     resident: Option<(&'c ResidentSpots, &'c SpotSet)>,
@@ -26,19 +28,17 @@ pub(in crate::extract::gpu) fn with_host_spots<'c>(
     batch
         .iter()
         .map(|inp| {
-            let spots: &'c SpotSet = if !inp.spots.values.is_empty() {
-                inp.spots
-            } else {
-                match resident {
-                    Some((key, host)) if key.holds(inp.spots) && host.grid == inp.spots.grid => {
-                        host
-                    }
+            let spots: &'c SpotSet = match inp.spots.held() {
+                None => inp.spots,
+                Some(set) => match resident {
+                    Some((key, host)) if key.holds(inp.spots) => host,
                     _ => {
-                        return Err(GpuError::Kernel(
-                            "a spot set without values is not the one on the device".into(),
-                        ))
+                        return Err(GpuError::SpotsElsewhere {
+                            set,
+                            here: resident.map(|(key, _)| key.held),
+                        })
                     }
-                }
+                },
             };
             let (pix, ivar) = match pixels {
                 Some(h) => h.window_of(inp)?,
@@ -52,6 +52,7 @@ pub(in crate::extract::gpu) fn with_host_spots<'c>(
                 pix,
                 ivar,
                 spots,
+                loaded: inp.loaded,
             })
         })
         .collect()
@@ -59,25 +60,25 @@ pub(in crate::extract::gpu) fn with_host_spots<'c>(
 
 /// The host copy of adopted pixels, downloaded when the CPU first needs them.
 pub(in crate::extract::gpu) struct HostPixels {
-    key: ResidentPixels,
+    held: HeldPixels,
     pix: Array2<f64>,
     ivar: Array2<f64>,
 }
 
 impl HostPixels {
-    /// `inp`'s window in the copy: its views stand for the adopted pixels, at the same offset.
+    /// `inp`'s window in the copy, where its `loaded` places it (its views stand for the
+    /// adopted pixels).
     fn window_of(
         &self,
         inp: &PatchInput<'_>,
     ) -> Result<(ArrayView2<'_, f64>, ArrayView2<'_, f64>), GpuError> {
         let (ny, nx) = inp.pix.dim();
-        let off = self.key.offset_of(inp).ok_or_else(|| {
+        let (r, c) = place_in(Some(self.held), inp)?.ok_or_else(|| {
             GpuError::Kernel(format!(
                 "patch at fiber {}, bin {}: its window is not in the pixels adopted from MPI",
                 inp.patch.ispec, inp.patch.iwave
             ))
         })?;
-        let (r, c) = (off / self.key.ld(), off % self.key.ld());
         let cut = ndarray::s![r..r + ny, c..c + nx];
         Ok((self.pix.slice(cut), self.ivar.slice(cut)))
     }
@@ -96,7 +97,10 @@ impl GpuBackend {
         if done.iter().all(Option::is_some) {
             return complete_on_cpu(batch, opts, done);
         }
-        let on_device = batch.iter().find(|i| i.spots.values.is_empty());
+        let resident_set = self.resident.as_ref().map(|r| r.key);
+        let on_device = batch
+            .iter()
+            .find(|i| resident_set.is_some_and(|k| k.holds(i.spots)));
         if let (Some(res), Some(inp)) = (self.resident.as_mut(), on_device) {
             if res.host.is_none() {
                 match res.device.download(&self.gpu) {
@@ -115,7 +119,7 @@ impl GpuBackend {
             .as_ref()
             .filter(|_| self.adopted && self.host_pixels.is_none());
         if let Some(p) = to_download {
-            let (ny, nx) = (p.key.len() / p.key.ld(), p.key.ld());
+            let (ny, nx) = (p.held.rows, p.held.cols);
             let down = |v: &CudaSlice<f64>| -> Result<Array2<f64>, GpuError> {
                 let host = self.gpu.stream.clone_dtoh(v).map_err(|e| {
                     GpuError::driver("downloading the unit's pixels for the CPU", e)
@@ -125,7 +129,7 @@ impl GpuBackend {
             };
             let host = down(&p.pix).and_then(|pix| {
                 Ok(HostPixels {
-                    key: p.key,
+                    held: p.held,
                     pix,
                     ivar: down(&p.ivar)?,
                 })

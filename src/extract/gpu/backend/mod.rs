@@ -4,8 +4,10 @@
 //! intermediate results kept on the device and only the per-bin outputs downloaded.
 //!
 //! What stays on the device across batches: the spots, which `evaluate_spots` computes there
-//! (`spots`) and hands to the pipeline as geometry only, and the work unit's pixels, which
-//! `load_pixels` copies once; each batch's layout indexes both instead of carrying copies.
+//! (`spots`) and hands to the pipeline as geometry under a token (`psf::HeldSpots`), and the
+//! work unit's pixels, which `load_pixels` copies once under a token (`extract::PixelLoad`)
+//! that each patch's `loaded` names with its window's place; each batch's layout indexes
+//! both instead of carrying copies, and refuses a set or a window of another token.
 //! A batch runs in chunks of about two bundles that alternate between two streams ("lanes"),
 //! each with its own cuBLAS/cuSOLVER handles and page-locked result buffers: a chunk is queued
 //! whole, without waiting on the host between stages (the decorrelation runs on every block,
@@ -54,12 +56,14 @@ use self::host::HostPixels;
 use self::lanes::Lane;
 use super::decorrelate::{self as decor, EigenRoute};
 use super::device::Gpu;
-use super::normal::{self, DevicePixels, ResidentPixels, ResidentSpots};
+use super::normal::{self, DevicePixels, ResidentSpots};
 use super::solve;
 use super::spots::{self as gspots, DeviceSpots, SpotsKernel};
 use super::unit::{self, DeviceUnit};
 use super::{chi2, GpuError};
-use crate::extract::{fallback, Backend, ExtractError, ExtractOptions, PatchInput, PatchResult};
+use crate::extract::{
+    fallback, Backend, ExtractError, ExtractOptions, PatchInput, PatchResult, PixelLoad,
+};
 use crate::psf::{Psf, SpotSet};
 
 pub(crate) use self::assemble::blocks_of;
@@ -103,7 +107,8 @@ pub struct GpuBackend {
     unit_kernels: unit::Kernels,
     /// The unit whose results stay on the device ([`GpuBackend::begin_unit`]).
     unit: Option<DeviceUnit>,
-    /// Whether `pixels` were adopted (their host arrays are stand-ins, never read).
+    /// Whether `pixels` were adopted (the patches' host views of them are stand-ins, never
+    /// read).
     adopted: bool,
     /// Their host copy, once a CPU retry needed it.
     host_pixels: Option<HostPixels>,
@@ -177,6 +182,19 @@ impl GpuBackend {
         }
     }
 
+    /// Refuses a patch whose window is in another load than the one here, or, with adopted
+    /// pixels, one that names no load (its views are stand-ins).
+    fn check_load(&self, inp: &PatchInput<'_>) -> Result<(), GpuError> {
+        let held = self.pixels.as_ref().map(|p| p.held);
+        match normal::place_in(held, inp)? {
+            None if self.adopted => Err(GpuError::Kernel(format!(
+                "patch at fiber {}, bin {}: its window is not in the pixels adopted from MPI",
+                inp.patch.ispec, inp.patch.iwave
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// Waits for whatever the lanes still run (after an error left chunks uncollected).
     fn settle_lanes(&self) {
         for lane in &self.lanes {
@@ -199,6 +217,7 @@ impl Backend for GpuBackend {
     ) -> Result<Vec<PatchResult>, ExtractError> {
         for inp in batch {
             inp.check()?;
+            self.check_load(inp).map_err(|e| self.error(e))?;
         }
         if batch.is_empty() {
             return Ok(Vec::new());
@@ -242,7 +261,10 @@ impl Backend for GpuBackend {
             StageClock::mark(&mut marks, &b.gpu, "d2h")?;
             b.clock.settle(marks)?;
             Ok(ResidentSet {
-                key: ResidentSpots::of(set),
+                key: ResidentSpots {
+                    held: device.held(),
+                    len: device.values().len(),
+                },
                 device,
                 host: None,
             })
@@ -261,13 +283,7 @@ impl Backend for GpuBackend {
         &mut self,
         pix: ArrayView2<'_, f64>,
         ivar: ArrayView2<'_, f64>,
-    ) -> Result<(), ExtractError> {
-        // Adopted pixels stay: `pix` and `ivar` are their stand-ins.
-        if self.adopted
-            && self.pixels.as_ref().map(|p| p.key) == ResidentPixels::of(pix.view(), ivar.view())
-        {
-            return Ok(());
-        }
+    ) -> Result<PixelLoad, ExtractError> {
         // The previous unit's copy is freed first: two full CCDs need not fit at once. (No lane
         // reads it any more: batches end collected, or settled after an error.)
         self.settle_lanes();
@@ -283,7 +299,10 @@ impl Backend for GpuBackend {
             Ok(p)
         };
         self.pixels = up(self).map_err(|e| self.error(e))?;
-        Ok(())
+        Ok(self
+            .pixels
+            .as_ref()
+            .map_or(PixelLoad::Host, |p| PixelLoad::Held(p.held)))
     }
 
     fn bundles_per_batch(&self) -> usize {

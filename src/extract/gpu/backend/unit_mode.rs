@@ -8,18 +8,21 @@ use super::super::normal::DevicePixels;
 use super::super::unit::{DeviceUnit, UnitShape};
 use super::super::GpuError;
 use super::GpuBackend;
-use crate::extract::{ExtractError, PatchInput, PatchResult};
+use crate::extract::{ExtractError, PatchInput, PatchResult, PixelLoad};
 
 impl GpuBackend {
     /// Takes `pixels` (filled elsewhere, e.g. received by CUDA-aware MPI) as the unit's
-    /// pixels: the batches whose windows are slices of the host arrays `pixels.key` names read
-    /// them there. Those host arrays only stand for the device copy and are never read; a
-    /// patch the CPU must retry gets its window from a host copy downloaded once per unit.
-    pub fn adopt_pixels(&mut self, pixels: DevicePixels) {
+    /// pixels, in place of a [`Backend::load_pixels`](crate::extract::Backend::load_pixels):
+    /// the patches whose `loaded` names the load returned read them there. Their host views
+    /// only stand for the device copy and are never read; a patch the CPU must retry gets its
+    /// window from a host copy downloaded once per unit.
+    pub fn adopt_pixels(&mut self, pixels: DevicePixels) -> PixelLoad {
         self.settle_lanes();
+        let load = PixelLoad::Held(pixels.held);
         self.pixels = Some(pixels);
         self.adopted = true;
         self.host_pixels = None;
+        load
     }
 
     /// How many adopted units had their pixels downloaded for the CPU.

@@ -8,10 +8,11 @@ use cudarc::driver::CudaSlice;
 use ndarray::ArrayView2;
 
 use super::layout::BatchLayout;
-use super::resident::ResidentPixels;
+use super::resident::loadable;
 use super::{bad, cuda};
 use crate::extract::gpu::device::Gpu;
 use crate::extract::gpu::GpuError;
+use crate::extract::HeldPixels;
 
 /// A batch's normal equations on the device, in the layout of the module docs.
 pub struct DenseBatch {
@@ -52,10 +53,11 @@ impl DenseBatch {
     }
 }
 
-/// A work unit's pixels on the device, uploaded once for all the batches cut from them.
+/// A work unit's pixels on the device, uploaded once for all the batches cut from them (or
+/// received there), under the token the patches' windows name.
 pub struct DevicePixels {
-    /// Which host arrays they are copies of.
-    pub key: ResidentPixels,
+    /// Their token and shape.
+    pub held: HeldPixels,
     /// Image values, row-major.
     pub pix: CudaSlice<f64>,
     /// Inverse variance, row-major.
@@ -70,8 +72,8 @@ impl DevicePixels {
         pix: ArrayView2<'_, f64>,
         ivar: ArrayView2<'_, f64>,
     ) -> Result<Option<DevicePixels>, GpuError> {
-        let (Some(key), Some(p), Some(w)) = (
-            ResidentPixels::of(pix.view(), ivar.view()),
+        let (Some((rows, cols)), Some(p), Some(w)) = (
+            loadable(pix.view(), ivar.view()),
             pix.as_slice(),
             ivar.as_slice(),
         ) else {
@@ -79,7 +81,7 @@ impl DevicePixels {
         };
         let st = &gpu.stream;
         Ok(Some(DevicePixels {
-            key,
+            held: HeldPixels::mint(rows, cols),
             pix: st
                 .clone_htod(p)
                 .map_err(cuda("uploading the unit's pixels"))?,
@@ -87,6 +89,22 @@ impl DevicePixels {
                 .clone_htod(w)
                 .map_err(cuda("uploading the unit's ivar"))?,
         }))
+    }
+
+    /// Pixels filled elsewhere (received by CUDA-aware MPI), `rows × cols` each, under a
+    /// fresh token; None unless both arrays hold exactly that many values, at least one.
+    pub fn adopt(
+        pix: CudaSlice<f64>,
+        ivar: CudaSlice<f64>,
+        rows: usize,
+        cols: usize,
+    ) -> Option<DevicePixels> {
+        let n = rows.checked_mul(cols).filter(|&n| n > 0)?;
+        (pix.len() == n && ivar.len() == n).then(|| DevicePixels {
+            held: HeldPixels::mint(rows, cols),
+            pix,
+            ivar,
+        })
     }
 }
 
@@ -172,7 +190,7 @@ impl<'a> UploadedLayout<'a> {
         };
         let (pix, ivar) = if layout.pixels_resident {
             match on_device.pixels {
-                Some(d) if Some(d.key) == layout.pixels_key && d.key.len() >= layout.pix_len => {
+                Some(d) if Some(d.held) == layout.pixels_held && d.held.len() >= layout.pix_len => {
                     (Source::Resident(&d.pix), Source::Resident(&d.ivar))
                 }
                 _ => {

@@ -5,11 +5,10 @@
 use std::collections::HashMap;
 
 use super::bad;
-use super::resident::{Resident, ResidentPixels};
+use super::resident::{place_in, Resident};
 use crate::extract::gpu::launch;
 use crate::extract::gpu::GpuError;
-use crate::extract::PatchInput;
-use crate::psf::SpotSet;
+use crate::extract::{HeldPixels, PatchInput};
 
 /// A batch flattened into the kernels' input arrays (host-side; uploaded by
 /// [`UploadedLayout::upload`](super::UploadedLayout::upload)).
@@ -58,7 +57,7 @@ pub struct BatchLayout {
     /// Whether `win_off` indexes the resident pixels rather than `pix`.
     pub pixels_resident: bool,
     /// Which resident pixels, when it does.
-    pub pixels_key: Option<ResidentPixels>,
+    pub pixels_held: Option<HeldPixels>,
     /// Whether `spot_off` indexes the resident spot set rather than `spots`.
     pub spots_resident: bool,
     /// Offset in `spots` of each unknown's spot, `[npatch·nmax]`.
@@ -73,11 +72,12 @@ impl BatchLayout {
         Self::with_resident(batch, &Resident::default())
     }
 
-    /// Flattens `batch`, indexing the resident pixels when every window is a slice of them
-    /// and the resident spots when every patch's set is that one; otherwise the batch carries
-    /// its own copies. Fails on what the kernels cannot index: an empty batch, spots of
+    /// Flattens `batch`, indexing the resident pixels when every patch's window lies in them
+    /// ([`PatchInput::loaded`]) and the resident spots when every patch's set is that one;
+    /// otherwise the batch carries its own copies. A window in another load is refused
+    /// ([`GpuError::PixelsElsewhere`]). Fails on what the kernels cannot index: an empty batch, spots of
     /// different sizes, a spot column outside its window, sizes beyond `i32`, or spots whose
-    /// values are on the device but not the resident set.
+    /// values are held elsewhere than in the resident set ([`GpuError::SpotsElsewhere`]).
     pub fn with_resident(
         batch: &[PatchInput<'_>],
         resident: &Resident,
@@ -100,31 +100,27 @@ impl BatchLayout {
         }
         let npatch = batch.len();
         let nps = ny * nx;
-        // Resident pixels: every window must be a slice of them, else the batch copies all.
-        let pix_offsets: Option<Vec<usize>> = resident
-            .pixels
-            .as_ref()
-            .and_then(|r| batch.iter().map(|inp| r.offset_of(inp)).collect());
-        // A batch's patches share a few sets: compare each set with the resident one once.
-        let mut held: Vec<(usize, bool)> = Vec::new();
-        let spots_resident = match resident.spots {
-            Some(r) => batch.iter().all(|inp| {
-                let key = inp.spots as *const SpotSet as usize;
-                match held.iter().find(|(k, _)| *k == key) {
-                    Some(&(_, h)) => h,
-                    None => {
-                        let h = r.holds(inp.spots);
-                        held.push((key, h));
-                        h
-                    }
-                }
-            }),
-            None => false,
-        };
-        if !spots_resident && batch.iter().any(|inp| inp.spots.values.is_empty()) {
-            return Err(bad(
-                "a spot set whose values are on the device is not the one resident there".into(),
-            ));
+        // Resident pixels: every window must lie in them, else the batch copies all.
+        let places = batch
+            .iter()
+            .map(|inp| place_in(resident.pixels, inp))
+            .collect::<Result<Vec<_>, _>>()?;
+        let pix_offsets: Option<Vec<usize>> = resident.pixels.and_then(|h| {
+            places
+                .iter()
+                .map(|p| p.map(|(row, col)| row * h.cols + col))
+                .collect()
+        });
+        let spots_resident = resident
+            .spots
+            .is_some_and(|r| batch.iter().all(|inp| r.holds(inp.spots)));
+        if !spots_resident {
+            if let Some(set) = batch.iter().find_map(|inp| inp.spots.held()) {
+                return Err(GpuError::SpotsElsewhere {
+                    set,
+                    here: resident.spots.map(|r| r.held),
+                });
+            }
         }
         let mut out = BatchLayout {
             npatch,
@@ -141,7 +137,7 @@ impl BatchLayout {
             pix_len: 0,
             spots_len: 0,
             pixels_resident: pix_offsets.is_some(),
-            pixels_key: resident.pixels.filter(|_| pix_offsets.is_some()),
+            pixels_held: resident.pixels.filter(|_| pix_offsets.is_some()),
             spots_resident,
             spot_off: vec![0; npatch * nmax],
             geom: vec![0; 4 * npatch * nmax],
@@ -164,9 +160,9 @@ impl BatchLayout {
                 return Err(bad(format!("a {wny}×{wnx} window overflows i32")));
             }
             let ld = match (&pix_offsets, &resident.pixels) {
-                (Some(offs), Some(r)) => {
+                (Some(offs), Some(h)) => {
                     out.win_off.push(offs[b] as i64);
-                    r.ld()
+                    h.cols
                 }
                 _ => {
                     out.win_off.push(out.pix.len() as i64);
@@ -227,7 +223,7 @@ impl BatchLayout {
                         *seen.entry((set, i)).or_insert_with(|| {
                             let off = out.spots.len() as i64;
                             out.spots
-                                .extend_from_slice(&s.values[i * nps..(i + 1) * nps]);
+                                .extend_from_slice(&s.values()[i * nps..(i + 1) * nps]);
                             off
                         })
                     };
@@ -239,7 +235,7 @@ impl BatchLayout {
             _ => out.pix.len(),
         };
         out.spots_len = match resident.spots {
-            Some(r) if spots_resident => r.len(),
+            Some(r) if spots_resident => r.len,
             _ => out.spots.len(),
         };
         Ok(out)

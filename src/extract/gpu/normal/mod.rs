@@ -14,8 +14,8 @@
 //! padded with identity columns and zero right-hand sides, which decouple exactly and solve
 //! to 0.
 //!
-//! The stage in files: `layout` ([`BatchLayout`]), `resident` (the arrays already on the
-//! device that a layout may index: [`Resident`], [`ResidentPixels`], [`ResidentSpots`]),
+//! The stage in files: `layout` ([`BatchLayout`]), `resident` (what a layout may index on
+//! the device, known by its token: [`Resident`], [`ResidentSpots`], [`place_in`]),
 //! `buffers` (the device side: [`DenseBatch`], [`DevicePixels`], [`OnDevice`],
 //! [`LayoutBuffers`], [`UploadedLayout`]) and `launcher` (the kernels' parameter structs,
 //! launch configs and [`build_into`]). This file holds what they share (the errors) and
@@ -32,7 +32,7 @@ pub use launcher::{
     NormalRegularizeParams, DENSE_THREADS, REG_THREADS,
 };
 pub use layout::BatchLayout;
-pub use resident::{Resident, ResidentPixels, ResidentSpots};
+pub use resident::{loadable, place_in, Resident, ResidentSpots};
 
 use super::GpuError;
 

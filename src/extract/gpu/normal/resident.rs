@@ -1,135 +1,82 @@
-//! The host arrays whose copies are already on the device, which a [`BatchLayout`] indexes
-//! instead of carrying its own: [`Resident`], [`ResidentPixels`] (a work unit's pixels) and
-//! [`ResidentSpots`] (a spot set evaluated on the device). Host-side only; imports the crate's
-//! `extract` and `psf` types.
+//! What a [`BatchLayout`] may index on the device instead of carrying its own copy:
+//! [`Resident`], the pixels of a load (`extract::HeldPixels`) and a spot set evaluated there
+//! ([`ResidentSpots`]), each known by the token the backend minted for it. Host-side only;
+//! imports the crate's `extract` and `psf` types.
 //!
 //! [`BatchLayout`]: super::BatchLayout
 
 use ndarray::ArrayView2;
 
-use crate::extract::PatchInput;
-use crate::psf::SpotSet;
+use crate::extract::gpu::GpuError;
+use crate::extract::{HeldPixels, PatchInput};
+use crate::psf::{HeldSpots, SpotSet};
 
-/// Host arrays whose copies are already on the device, which a batch indexes instead of
-/// carrying its own ([`BatchLayout::with_resident`](super::BatchLayout::with_resident)).
+/// What is already on the device, which a batch indexes instead of carrying its own
+/// ([`BatchLayout::with_resident`](super::BatchLayout::with_resident)).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Resident<'a> {
     /// A work unit's pixels.
-    pub pixels: Option<ResidentPixels>,
+    pub pixels: Option<HeldPixels>,
     /// A spot set evaluated on the device.
     pub spots: Option<&'a ResidentSpots>,
 }
 
-/// Identifies the host image and ivar arrays (row-major, contiguous, same shape) whose copies
-/// are on the device: a window view that is a slice of them is found there at the same
-/// offset. Holds addresses only to compare them; nothing is read through them.
+/// The shape `(rows, cols)` of `pix` and `ivar` when they can be loaded whole: contiguous
+/// row-major arrays of one non-empty shape (the layout the device copy has).
+pub fn loadable(pix: ArrayView2<'_, f64>, ivar: ArrayView2<'_, f64>) -> Option<(usize, usize)> {
+    let ok = pix.is_standard_layout()
+        && ivar.is_standard_layout()
+        && pix.dim() == ivar.dim()
+        && !pix.is_empty();
+    ok.then(|| pix.dim())
+}
+
+/// Where `inp`'s pixels lie in `held`: None when the patch carries no load (its views hold
+/// its pixels), their `(row, col)` there when it names `held`. A patch naming another load, or
+/// a place beyond `held`'s edges, is refused.
+pub fn place_in(
+    held: Option<HeldPixels>,
+    inp: &PatchInput<'_>,
+) -> Result<Option<(usize, usize)>, GpuError> {
+    let Some(at) = inp.loaded else {
+        return Ok(None);
+    };
+    let (ispec, iwave) = (inp.patch.ispec, inp.patch.iwave);
+    let h = match held {
+        Some(h) if h.id == at.id => h,
+        _ => {
+            return Err(GpuError::PixelsElsewhere {
+                ispec,
+                iwave,
+                load: at.id,
+                here: held.map(|h| h.id),
+            })
+        }
+    };
+    let (ny, nx) = inp.pix.dim();
+    if at.row + ny > h.rows || at.col + nx > h.cols {
+        return Err(GpuError::Kernel(format!(
+            "patch at fiber {ispec}, bin {iwave}: its {ny} × {nx} pixels at row {}, column {} \
+             of {} reach beyond its {} × {}",
+            at.row, at.col, h.id, h.rows, h.cols
+        )));
+    }
+    Ok(Some((at.row, at.col)))
+}
+
+/// The spot set whose values are on the device, known by the token its host geometry carries
+/// ([`DeviceSpots::held`](crate::extract::gpu::spots::DeviceSpots::held)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ResidentPixels {
-    pix: usize,
-    ivar: usize,
-    nrows: usize,
-    ncols: usize,
-}
-
-impl ResidentPixels {
-    /// The identity of `pix` and `ivar`, when both are contiguous row-major arrays of one
-    /// non-empty shape (the layout the device copy has).
-    pub fn of(pix: ArrayView2<'_, f64>, ivar: ArrayView2<'_, f64>) -> Option<ResidentPixels> {
-        let ok = pix.is_standard_layout()
-            && ivar.is_standard_layout()
-            && pix.dim() == ivar.dim()
-            && !pix.is_empty();
-        ok.then(|| ResidentPixels {
-            pix: pix.as_ptr() as usize,
-            ivar: ivar.as_ptr() as usize,
-            nrows: pix.nrows(),
-            ncols: pix.ncols(),
-        })
-    }
-
-    /// Elements of each array.
-    pub fn len(&self) -> usize {
-        self.nrows * self.ncols
-    }
-
-    /// Whether the arrays are empty (never: `of` refuses them).
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Row stride.
-    pub fn ld(&self) -> usize {
-        self.ncols
-    }
-
-    /// The offset of `inp`'s window in the arrays, when its views are slices of them (same
-    /// address offset in both, rows `ld` apart, wholly inside).
-    pub fn offset_of(&self, inp: &PatchInput<'_>) -> Option<usize> {
-        let ld = self.ncols as isize;
-        let (wny, wnx) = inp.pix.dim();
-        if wny == 0 || wnx == 0 || inp.pix.strides() != [ld, 1] || inp.ivar.strides() != [ld, 1] {
-            return None;
-        }
-        let p = (inp.pix.as_ptr() as usize).checked_sub(self.pix)?;
-        let q = (inp.ivar.as_ptr() as usize).checked_sub(self.ivar)?;
-        let size = std::mem::size_of::<f64>();
-        if p != q || p % size != 0 {
-            return None;
-        }
-        let off = p / size;
-        let (r, c) = (off / self.ncols, off % self.ncols);
-        (r + wny <= self.nrows && c + wnx <= self.ncols).then_some(off)
-    }
-}
-
-/// The geometry of a spot set whose values are on the device only: a [`SpotSet`] with no
-/// values and this geometry is taken to be that set (the GPU backend's `evaluate_spots` leaves
-/// exactly that on the host).
-#[derive(Debug, Clone, PartialEq)]
 pub struct ResidentSpots {
-    /// Fibers and wavelengths (`fibermin` is not compared: callers renumber it).
-    pub nfiber: usize,
-    /// Wavelengths per fiber.
-    pub nwave: usize,
-    /// Spot rows.
-    pub ny: usize,
-    /// Spot columns.
-    pub nx: usize,
-    /// Each spot's first column.
-    pub xc: Vec<i64>,
-    /// Each spot's first row.
-    pub yc: Vec<i64>,
+    /// The set's token.
+    pub held: HeldSpots,
+    /// Values on the device.
+    pub len: usize,
 }
 
 impl ResidentSpots {
-    /// The geometry of `set`.
-    pub fn of(set: &SpotSet) -> ResidentSpots {
-        ResidentSpots {
-            nfiber: set.grid.nfiber,
-            nwave: set.grid.nwave,
-            ny: set.ny,
-            nx: set.nx,
-            xc: set.xc.clone(),
-            yc: set.yc.clone(),
-        }
-    }
-
-    /// Values on the device.
-    pub fn len(&self) -> usize {
-        self.nfiber * self.nwave * self.ny * self.nx
-    }
-
-    /// Whether the set has no spot.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Whether `set` is this one: values left on the device, the same geometry.
+    /// Whether `set` is this one: its values held under this token.
     pub fn holds(&self, set: &SpotSet) -> bool {
-        set.values.is_empty()
-            && (set.grid.nfiber, set.grid.nwave, set.ny, set.nx)
-                == (self.nfiber, self.nwave, self.ny, self.nx)
-            && set.xc == self.xc
-            && set.yc == self.yc
+        set.held() == Some(self.held)
     }
 }

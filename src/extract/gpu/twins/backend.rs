@@ -12,14 +12,14 @@ pub(super) use super::super::backend::*;
 use super::super::GpuError;
 use super::chi2;
 use super::decorrelate::{self as decor, DecorrLayout, EigenRoute, MAX_SWEEPS};
-use super::normal::{self, BatchLayout, DevicePixels, Resident, ResidentPixels, ResidentSpots};
+use super::normal::{self, BatchLayout, DevicePixels, Resident, ResidentSpots};
 use super::solve::{self, PatchShape};
 use super::unit::{self, UnitShape};
 use crate::extract::cpu::CpuBackend;
 use crate::extract::fallback::complete_on_cpu;
 use crate::extract::DIAG_EPSILON;
-use crate::extract::{Backend, ExtractOptions, PatchInput, PatchResult};
-use crate::psf::SpotSet;
+use crate::extract::{Backend, ExtractOptions, HeldPixels, PatchInput, PatchResult, PixelLoad};
+use crate::psf::{HeldSpots, SpotSet, SpotValues};
 
 /// The whole chain through the stages' host twins.
 fn twin_chain(batch: &[PatchInput<'_>], opts: &ExtractOptions) -> Result<ChainOutputs, GpuError> {
@@ -154,11 +154,35 @@ mod tests {
             }
         }
 
+        /// The toy's set as a device backend hands it out (its values held under a fresh
+        /// token), and the device's record of it.
+        fn held(&self) -> (SpotSet, ResidentSpots) {
+            let held = HeldSpots::mint();
+            let mut geometry = self.set.clone();
+            geometry.values = SpotValues::Held(held);
+            let len = self.set.values().len();
+            (geometry, ResidentSpots { held, len })
+        }
+
         fn inputs<'a>(&'a self, set: &'a SpotSet) -> Vec<PatchInput<'a>> {
             self.items
                 .iter()
                 .map(|(p, w)| PatchInput::from_ccd(*p, *w, self.pix.view(), self.ivar.view(), set))
                 .collect()
+        }
+
+        /// The toy's pixels as a device backend holds them after loading them.
+        fn held_pixels(&self) -> HeldPixels {
+            HeldPixels::mint(self.pix.nrows(), self.pix.ncols())
+        }
+
+        /// [`Toy::inputs`] whose windows name where they lie in `held`.
+        fn inputs_in<'a>(&'a self, set: &'a SpotSet, held: HeldPixels) -> Vec<PatchInput<'a>> {
+            let mut inputs = self.inputs(set);
+            for inp in &mut inputs {
+                inp.loaded = PixelLoad::Held(held).place(inp.ccd, (0, 0));
+            }
+            inputs
         }
     }
 
@@ -179,25 +203,24 @@ mod tests {
     }
 
     /// The chain as the GPU backend runs it in the pipeline: the windows index the CCD's
-    /// pixels uploaded once and the spot set left on the device (the host holding its
-    /// geometry only). Through the twins, with the arrays the device would hold, it gives the
+    /// pixels uploaded once (each patch naming its place in that load) and the spot set left
+    /// on the device (the host holding its geometry under the set's token). Through the twins, with the arrays the device would hold, it gives the
     /// bit-identical results of the chain on the batch's own copies.
     #[test]
     fn the_chain_on_resident_pixels_and_spots_matches_the_chain_on_copies() {
         let toy = Toy::new();
-        let mut geometry = toy.set.clone();
-        geometry.values.clear();
-        let key = ResidentSpots::of(&geometry);
-        let inputs = toy.inputs(&geometry);
+        let (geometry, key) = toy.held();
+        let held = toy.held_pixels();
+        let inputs = toy.inputs_in(&geometry, held);
         let resident = Resident {
-            pixels: normal::ResidentPixels::of(toy.pix.view(), toy.ivar.view()),
+            pixels: Some(held),
             spots: Some(&key),
         };
         let mut layout = BatchLayout::with_resident(&inputs, &resident).unwrap();
         assert!(layout.pixels_resident && layout.spots_resident);
         assert!(layout.pix.is_empty() && layout.spots.is_empty());
         assert_eq!(layout.pix_len, toy.pix.len());
-        assert_eq!(layout.spots_len, toy.set.values.len());
+        assert_eq!(layout.spots_len, toy.set.values().len());
         assert!(layout
             .patch
             .chunks(4)
@@ -205,7 +228,7 @@ mod tests {
         // What the device holds.
         layout.pix = toy.pix.iter().copied().collect();
         layout.ivar = toy.ivar.iter().copied().collect();
-        layout.spots = toy.set.values.clone();
+        layout.spots = toy.set.values().to_vec();
         let on_device = twin_chain_on(&inputs, &toy.opts, &layout).unwrap();
         let copies = toy.inputs(&toy.set);
         let own = twin_chain(&copies, &toy.opts).unwrap();
@@ -225,22 +248,18 @@ mod tests {
     }
 
     /// What a layout refuses or falls back from: spots whose values are on the device but
-    /// not the resident set are an error; windows not cut from the resident pixels, and spot
-    /// sets other than the resident one, make the batch carry its own copies.
+    /// not the resident set are an error; windows that name no load, and spot sets other than
+    /// the resident one, make the batch carry its own copies.
     #[test]
     fn resident_layouts_fall_back_or_refuse() {
         let toy = Toy::new();
-        let mut geometry = toy.set.clone();
-        geometry.values.clear();
+        let (geometry, _) = toy.held();
         let err = BatchLayout::new(&toy.inputs(&geometry)).unwrap_err();
         assert!(err.to_string().contains("not the one resident"), "{err}");
-        // Another set's geometry: moved by one column.
-        let mut other = geometry.clone();
-        other.xc.iter_mut().for_each(|x| *x += 1);
-        let key = ResidentSpots::of(&other);
-        let copy = toy.pix.clone();
+        // Another set: held under another token.
+        let (_, key) = toy.held();
         let resident = Resident {
-            pixels: normal::ResidentPixels::of(copy.view(), toy.ivar.view()),
+            pixels: Some(toy.held_pixels()),
             spots: Some(&key),
         };
         let inputs = toy.inputs(&toy.set);
@@ -251,7 +270,83 @@ mod tests {
         assert!(BatchLayout::with_resident(&toy.inputs(&geometry), &resident).is_err());
         // A non-contiguous array cannot be resident.
         let t = toy.pix.t();
-        assert!(normal::ResidentPixels::of(t, toy.ivar.t()).is_none());
+        assert!(normal::loadable(t, toy.ivar.t()).is_none());
+    }
+
+    /// A window is found in the device's pixels by the load it names, not by where its views
+    /// point: a window that names a load other than the one on the device (an earlier one, or
+    /// none there) is refused by name, and so is a place beyond the load's edges.
+    #[test]
+    fn a_window_in_a_stale_load_is_refused_by_name() {
+        let toy = Toy::new();
+        let (stale, now) = (toy.held_pixels(), toy.held_pixels());
+        let inputs = toy.inputs_in(&toy.set, stale);
+        for here in [Some(now), None] {
+            let resident = Resident {
+                pixels: here,
+                spots: None,
+            };
+            let err = BatchLayout::with_resident(&inputs, &resident).unwrap_err();
+            assert!(
+                matches!(err, GpuError::PixelsElsewhere { load, here: h, .. } if load == stale.id && h == here.map(|p| p.id)),
+                "{err}"
+            );
+            assert!(
+                err.to_string().contains("not in the pixels on this device"),
+                "{err}"
+            );
+        }
+        let current = toy.inputs_in(&toy.set, now);
+        let resident = Resident {
+            pixels: Some(now),
+            spots: None,
+        };
+        assert!(
+            BatchLayout::with_resident(&current, &resident)
+                .unwrap()
+                .pixels_resident
+        );
+        let smaller = HeldPixels {
+            rows: current[0].ccd.ymax as usize - 1,
+            ..now
+        };
+        let err = normal::place_in(Some(smaller), &current[0]).unwrap_err();
+        assert!(err.to_string().contains("reach beyond"), "{err}");
+    }
+
+    /// A set is recognised by the token of the evaluation that holds it, not by its geometry:
+    /// a set of the same geometry held under another token (another backend's, or this
+    /// one's before its last evaluation) is refused by name, by the layout and by the CPU's
+    /// share of a batch, and the CPU backend refuses a held set rather than reading values it
+    /// does not have.
+    #[test]
+    fn a_set_held_under_another_token_is_refused_by_name() {
+        let toy = Toy::new();
+        let (mine, key) = toy.held();
+        let (stale, _) = toy.held();
+        assert_eq!(
+            (stale.xc.clone(), stale.yc.clone()),
+            (mine.xc.clone(), mine.yc.clone())
+        );
+        let resident = Resident {
+            pixels: None,
+            spots: Some(&key),
+        };
+        assert!(BatchLayout::with_resident(&toy.inputs(&mine), &resident).is_ok());
+        let inputs = toy.inputs(&stale);
+        let err = BatchLayout::with_resident(&inputs, &resident).unwrap_err();
+        assert!(
+            matches!(err, GpuError::SpotsElsewhere { set, here } if Some(set) == stale.held() && here == Some(key.held)),
+            "{err}"
+        );
+        let err = with_host_spots(&inputs, Some((&key, &toy.set)), None).unwrap_err();
+        assert!(matches!(err, GpuError::SpotsElsewhere { .. }), "{err}");
+        assert!(err.to_string().contains("not the one resident"), "{err}");
+        let err = CpuBackend.extract_batch(&inputs, &toy.opts).unwrap_err();
+        assert!(
+            err.to_string().contains("held by a device backend"),
+            "{err}"
+        );
     }
 
     /// The stages' host twins chained as the device chains them agree with the CPU backend at
@@ -598,9 +693,9 @@ mod tests {
         assert!(checked > 100, "{checked} cells");
     }
 
-    /// On a GPU: a frame kept on the device at both ends (pixels adopted under the identity
-    /// of host arrays that hold only zeros, results scattered into the unit's arrays) gives
-    /// the host path's frame bit for bit.
+    /// On a GPU: a frame kept on the device at both ends (pixels adopted, the region carrying
+    /// their load and views of zeros that must never be read, results scattered into the
+    /// unit's arrays) gives the host path's frame bit for bit.
     #[test]
     fn a_unit_kept_on_the_device_matches_the_host_path_bit_for_bit() {
         if let Err(e) = crate::extract::gpu::device::probe() {
@@ -613,14 +708,15 @@ mod tests {
         // Stand-ins whose values must never be read: zeros would give another frame.
         let zeros = Array2::<f64>::zeros(toy.pix.dim());
         let zeros_ivar = Array2::<f64>::zeros(toy.pix.dim());
-        let key = ResidentPixels::of(zeros.view(), zeros_ivar.view()).unwrap();
         let st = gpu.gpu.stream.clone();
-        let pixels = DevicePixels {
-            key,
-            pix: st.clone_htod(toy.pix.as_slice().unwrap()).unwrap(),
-            ivar: st.clone_htod(toy.ivar.as_slice().unwrap()).unwrap(),
-        };
-        gpu.adopt_pixels(pixels);
+        let pixels = DevicePixels::adopt(
+            st.clone_htod(toy.pix.as_slice().unwrap()).unwrap(),
+            st.clone_htod(toy.ivar.as_slice().unwrap()).unwrap(),
+            toy.pix.nrows(),
+            toy.pix.ncols(),
+        )
+        .unwrap();
+        let load = gpu.adopt_pixels(pixels);
         let shape = UnitShape {
             specmin: 0,
             nspec: toy.plan.nspec,
@@ -628,19 +724,24 @@ mod tests {
             nd2: 2 * toy.opts.ndiag + 1,
         };
         gpu.begin_unit(shape).unwrap();
-        let fr = crate::pipeline::frame::extract_frame(
-            &toy.psf,
-            zeros.view(),
-            zeros_ivar.view(),
-            &toy.grid,
-            &toy.plan,
-            toy.popts.pixpad_frac,
-            &toy.opts,
-            &mut gpu,
-            &|_, _| {},
-            None,
-        )
-        .unwrap();
+        let work = crate::pipeline::frame::BundleWork {
+            psf: &toy.psf,
+            psf_fiber0: 0,
+            region: crate::pipeline::frame::Region {
+                pix: zeros.view(),
+                ivar: zeros_ivar.view(),
+                y0: 0,
+                x0: 0,
+                loaded: Some(load),
+            },
+            grid: &toy.grid,
+            plan: &toy.plan,
+            bundles: 0..toy.plan.bundles.len(),
+            pixpad_frac: toy.popts.pixpad_frac,
+        };
+        let fr =
+            crate::pipeline::frame::extract_bundles(&work, &toy.opts, &mut gpu, &|_, _| {}, None)
+                .unwrap();
         let unit = gpu.take_unit().unwrap().expect("the unit's arrays");
         let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         let flat = |a: &ndarray::Array2<f64>| a.iter().copied().collect::<Vec<_>>();

@@ -722,9 +722,10 @@ fn coverage(layout: &super::normal::BatchLayout) -> Coverage {
 /// patch with one spot wholly masked; as a batch of copies and as a batch indexing the scene's
 /// pixels and spots where they lie (rows `ld` > window width apart, `spot_off` into the set).
 mod scenes {
-    use super::super::normal::{BatchLayout, Resident, ResidentPixels, ResidentSpots};
+    use super::super::normal::{BatchLayout, Resident, ResidentSpots};
     use super::super::scene::{Bundle, Recipe, Scene};
     use crate::extract::PatchInput;
+    use crate::extract::{HeldPixels, PixelLoad};
     use crate::psf::SpotSet;
 
     pub(super) fn scene(recipe: Recipe, seed: u64) -> Scene {
@@ -745,11 +746,12 @@ mod scenes {
         scene: &'a Scene,
         geometry: &'a SpotSet,
     ) -> (BatchLayout, Vec<PatchInput<'a>>) {
+        let held = HeldPixels::mint(scene.pix.nrows(), scene.pix.ncols());
         let inputs: Vec<PatchInput<'a>> = scene
             .items
             .iter()
             .map(|(p, w)| {
-                PatchInput::from_region(
+                let mut inp = PatchInput::from_region(
                     *p,
                     *w,
                     *w,
@@ -757,12 +759,17 @@ mod scenes {
                     scene.ivar.view(),
                     scene.origin,
                     geometry,
-                )
+                );
+                inp.loaded = PixelLoad::Held(held).place(*w, scene.origin);
+                inp
             })
             .collect();
-        let key = ResidentSpots::of(geometry);
+        let key = ResidentSpots {
+            held: geometry.held().expect("a held set"),
+            len: scene.spots.values().len(),
+        };
         let resident = Resident {
-            pixels: ResidentPixels::of(scene.pix.view(), scene.ivar.view()),
+            pixels: Some(held),
             spots: Some(&key),
         };
         let mut layout = BatchLayout::with_resident(&inputs, &resident).unwrap();
@@ -770,13 +777,13 @@ mod scenes {
         assert!((0..layout.npatch).all(|b| layout.patch[4 * b + 3] > layout.patch[4 * b + 2]));
         layout.pix = scene.pix.iter().copied().collect();
         layout.ivar = scene.ivar.iter().copied().collect();
-        layout.spots = scene.spots.values.clone();
+        layout.spots = scene.spots.values().to_vec();
         (layout, inputs)
     }
 
     pub(super) fn geometry_of(scene: &Scene) -> SpotSet {
         let mut g = scene.spots.clone();
-        g.values.clear();
+        g.values = crate::psf::SpotValues::Held(crate::psf::HeldSpots::mint());
         g
     }
 }
@@ -1436,7 +1443,7 @@ mod spots_cu {
         let launch = Launch::with_params("spots", &cfg, &p, bufs);
         let out = prog.run(&launch, LAUNCH_TIMEOUT)?;
         let mut set = twin(inp);
-        set.values = out.f64s(at(p.values));
+        set.values = crate::psf::SpotValues::Host(out.f64s(at(p.values)));
         set.xc = out.i64s(at(p.xc));
         set.yc = out.i64s(at(p.yc));
         set.x = out.f64s(at(p.xs));
@@ -1500,7 +1507,7 @@ mod spots_cu {
             assert_eq!(Diff::of(&got.y, &want.y).differ, 0, "y");
             let npix = inp.shape.ny() * inp.shape.nx();
             let (mut worst, mut differ) = (0.0f64, 0usize);
-            for (a, b) in got.values.chunks(npix).zip(want.values.chunks(npix)) {
+            for (a, b) in got.values().chunks(npix).zip(want.values().chunks(npix)) {
                 let peak = b.iter().fold(0.0f64, |m, v| m.max(*v));
                 assert!(peak > 0.0);
                 for (p, q) in a.iter().zip(b) {
@@ -1516,7 +1523,7 @@ mod spots_cu {
                 inp.shape.tail,
                 inp.shape.nspot(),
                 cfg.grid_dim.0,
-                got.values.len()
+                got.values().len()
             );
             assert!(worst <= 1e-13, "{worst:e}");
         }

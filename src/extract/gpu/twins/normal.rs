@@ -430,7 +430,7 @@ mod tests {
                         let so = layout.spot_off[slot] as usize;
                         assert_eq!(
                             &layout.spots[so..so + nps],
-                            &inp.spots.values[g.spot..g.spot + nps]
+                            &inp.spots.values()[g.spot..g.spot + nps]
                         );
                     }
                     None => {

@@ -255,7 +255,7 @@ fn exposure(
                 );
                 if (0..nyr as i64).contains(&r) && (0..nxr as i64).contains(&c) {
                     img[[r as usize, c as usize]] +=
-                        flux * spots.values[i * ny * nx + iy * nx + ix];
+                        flux * spots.values()[i * ny * nx + iy * nx + ix];
                 }
             }
         }

@@ -255,22 +255,24 @@ pub fn twin(inp: &SpotInputs) -> SpotSet {
         },
         ny: sh.ny(),
         nx: sh.nx(),
-        values: vec![f64::NAN; nspot * npix],
+        values: crate::psf::SpotValues::Absent,
         xc: vec![i64::MIN; nspot],
         yc: vec![i64::MIN; nspot],
         x: vec![f64::NAN; nspot],
         y: vec![f64::NAN; nspot],
     };
     let mut s = vec![f64::NAN; l.size];
+    let mut values = vec![f64::NAN; nspot * npix];
     for spot in 0..nspot {
         s.fill(f64::NAN);
-        let dst = &mut set.values[spot * npix..(spot + 1) * npix];
+        let dst = &mut values[spot * npix..(spot + 1) * npix];
         let (x, y, xc, yc) = warp_spot(inp, &l, spot, &mut s, dst);
         set.x[spot] = x;
         set.y[spot] = y;
         set.xc[spot] = xc;
         set.yc[spot] = yc;
     }
+    set.values = crate::psf::SpotValues::Host(values);
     set
 }
 
@@ -318,9 +320,9 @@ mod tests {
         // Same operations in the same order: the traces agree to the bit.
         assert_eq!(tw.x, cpu.x);
         assert_eq!(tw.y, cpu.y);
-        assert_eq!(tw.values.len(), cpu.values.len());
+        assert_eq!(tw.values().len(), cpu.values().len());
         let mut worst = 0.0f64;
-        for (i, (a, b)) in tw.values.iter().zip(&cpu.values).enumerate() {
+        for (i, (a, b)) in tw.values().iter().zip(cpu.values()).enumerate() {
             let d = (a - b).abs();
             assert!(d <= tol, "value {i}: twin {a} vs cpu {b}");
             worst = worst.max(d);
@@ -553,6 +555,7 @@ mod tests {
             let n = sh.nspot();
             let s = &gpu.stream;
             let mut out = DeviceSpots {
+                held: crate::psf::HeldSpots::mint(),
                 grid: DeviceSpots::grid_of(&dev),
                 ny: sh.ny(),
                 nx: sh.nx(),
@@ -608,7 +611,7 @@ mod tests {
             // evaluate() takes the same path with zeroed outputs.
             let e = evaluate(&gpu, &psf, fmin, 25, &waves).unwrap();
             assert_eq!(e.xc, g.xc);
-            for (a, b) in e.values.iter().zip(&g.values) {
+            for (a, b) in e.values().iter().zip(g.values()) {
                 assert_eq!(a.to_bits(), b.to_bits());
             }
         }
@@ -633,7 +636,7 @@ mod tests {
         );
         let npix = cpu.ny * cpu.nx;
         let mut worst_tail = 0.0f64;
-        for (a, b) in g.values.chunks(npix).zip(cpu.values.chunks(npix)) {
+        for (a, b) in g.values().chunks(npix).zip(cpu.values().chunks(npix)) {
             let peak = b.iter().fold(0.0f64, |m, v| m.max(*v));
             for (p, q) in a.iter().zip(b) {
                 let d = (p - q).abs() / peak;
@@ -644,7 +647,7 @@ mod tests {
         eprintln!("gpu vs cpu with tails: max |diff|/peak {worst_tail:.2e}");
         // An empty block never reaches the device and is the CPU's empty set.
         let empty = evaluate(&gpu, &psf, 0, 0, &[]).unwrap();
-        assert!(empty.values.is_empty() && empty.xc.is_empty());
+        assert!(empty.values().is_empty() && empty.xc.is_empty());
         assert_eq!((empty.ny, empty.nx), (psf.spot_ny(), psf.spot_nx()));
         eprintln!(
             "gpu vs cpu on {} ({} spots off the CCD): max |diff|/peak {worst:.2e}",
