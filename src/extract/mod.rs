@@ -501,10 +501,11 @@ pub trait Backend: Send {
         Ok(out)
     }
 
-    /// Evaluates the spots of PSF fibers `fibermin .. fibermin + nfiber` at `waves` into
-    /// `set`, for the batches that follow. A device backend may evaluate them there and leave
-    /// the values there (`set.values` [`SpotValues::Held`] under a token it minted, the
-    /// geometry on the host): such a set is good for that backend's batches only, until its
+    /// Evaluates the spots of frame fibers `fibermin .. fibermin + nfiber` at `waves` into
+    /// `set`, labelled with those fibers (`psf` holds them from its row of [`Psf::fiber0`], and
+    /// refuses others), for the batches that follow. A device backend may evaluate them there
+    /// and leave the values there (`set.values` [`SpotValues::Held`] under a token it minted,
+    /// the geometry on the host): such a set is good for that backend's batches only, until its
     /// next call; other backends, and that one after it, refuse it.
     fn evaluate_spots(
         &mut self,

@@ -133,6 +133,7 @@ pub fn read_psf(path: &Path) -> Result<Psf, IoError> {
         ghdegy,
         legdeg,
         fibermin,
+        fiber0: 0,
         xtrace,
         ytrace,
         params,

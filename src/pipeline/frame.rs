@@ -146,10 +146,9 @@ impl Region<'_> {
 /// A range of bundles to extract, and everything it reads.
 #[derive(Debug, Clone)]
 pub struct BundleWork<'a> {
-    /// The PSF; its row 0 is fiber `psf_fiber0` of the frame (a unit carries only its fibers).
+    /// The PSF, holding at least the bundles' fibers (a unit carries only its fibers:
+    /// [`Psf::fiber0`]).
     pub psf: &'a Psf,
-    /// The frame fiber of the PSF's row 0.
-    pub psf_fiber0: usize,
     /// The pixels, covering every on-CCD patch window of the bundles.
     pub region: Region<'a>,
     /// Output and padded wavelength grids.
@@ -264,7 +263,6 @@ pub fn extract_frame(
     }
     let work = BundleWork {
         psf,
-        psf_fiber0: 0,
         region: Region {
             pix,
             ivar,
@@ -291,24 +289,13 @@ pub fn extract_bundles(
     progress: Progress<'_>,
     spot_cache: Option<&mut SpotCache>,
 ) -> Result<FrameResult, FrameError> {
-    let (psf, psf_fiber0, region, grid, plan) =
-        (work.psf, work.psf_fiber0, work.region, work.grid, work.plan);
+    let (psf, region, grid, plan) = (work.psf, work.region, work.grid, work.plan);
     let bundles = &plan.bundles[work.bundles.clone()];
     let specmin = bundles.first().map_or(plan.specmin, |b| b.0);
     let nspec: usize = bundles.iter().map(|b| b.1).sum();
-    let psf_holds = |what: &str, first: usize, n: usize| {
-        if first < psf_fiber0 || first + n > psf_fiber0 + psf.nfiber() {
-            return Err(FrameError::Input(format!(
-                "{what} fibers {}..{} but the PSF holds fibers {}..{}",
-                first,
-                first + n,
-                psf_fiber0,
-                psf_fiber0 + psf.nfiber()
-            )));
-        }
-        Ok(())
-    };
-    psf_holds("the bundles are", specmin, nspec)?;
+    // Refused before any work; the spot evaluator refuses each group's fibers as well.
+    psf.rows(specmin, nspec)
+        .map_err(|e| FrameError::Input(format!("the bundles' {e}")))?;
     let nwave = grid.wave.len();
     let ndiag = opts.ndiag;
     let mut out = FrameResult {
@@ -348,7 +335,6 @@ pub fn extract_bundles(
         let first_bundle = work.bundles.start + g * per_batch;
         let t0 = Instant::now();
         let (fmin, nfib) = plan::fiber_span(&patches);
-        psf_holds("the patches need", fmin, nfib)?;
         let want = spots::SpotGrid {
             fibermin: fmin,
             nfiber: nfib,
@@ -356,11 +342,7 @@ pub fn extract_bundles(
         };
         match spot_cache.as_mut().and_then(|c| c.take(first_bundle, want)) {
             Some(kept) => spots = kept,
-            None => {
-                backend.evaluate_spots(psf, fmin - psf_fiber0, nfib, &grid.padded, &mut spots)?;
-                // Spot fibers are frame fibers from here on, as the patches count them.
-                spots.grid.fibermin = fmin;
-            }
+            None => backend.evaluate_spots(psf, fmin, nfib, &grid.padded, &mut spots)?,
         }
         let t1 = Instant::now();
         let mut inputs = Vec::with_capacity(patches.len());
@@ -720,7 +702,6 @@ pub(crate) mod tests {
         let held = crate::extract::HeldPixels::mint(toy.pix.nrows(), toy.pix.ncols());
         let work = BundleWork {
             psf: &toy.psf,
-            psf_fiber0: 0,
             region: Region {
                 pix: toy.pix.view(),
                 ivar: toy.ivar.view(),

@@ -139,10 +139,8 @@ pub struct UnitInput {
     pub bundles: Range<usize>,
     /// How to rebuild the plan.
     pub setup: UnitSetup,
-    /// The PSF rows of the unit's fibers.
+    /// The PSF rows of the unit's fibers (its `fiber0` is their first).
     pub psf: Psf,
-    /// Frame fiber of `psf`'s row 0.
-    pub psf_fiber0: usize,
     /// CCD row of `pix`'s first row.
     pub y0: usize,
     /// CCD column of `pix`'s first column.
@@ -281,8 +279,7 @@ pub fn cut(
             unit,
             bundles,
             setup: setup.clone(),
-            psf: prep.psf.subset(fmin, nfib),
-            psf_fiber0: fmin,
+            psf: prep.psf.subset(fmin, nfib)?,
             y0,
             x0,
             pix: prep
@@ -544,7 +541,6 @@ pub fn compute_on(
     }
     let work = BundleWork {
         psf: &unit.psf,
-        psf_fiber0: unit.psf_fiber0,
         region: Region {
             pix,
             ivar,
@@ -763,7 +759,6 @@ pub(crate) mod tests {
                 },
             },
             psf: toy.psf.clone(),
-            psf_fiber0: 0,
             y0: 0,
             x0: 0,
             pix: toy.pix.clone(),
@@ -807,6 +802,44 @@ pub(crate) mod tests {
         // A second-pass unit of a frame it holds nothing of gets nothing.
         let u = toy_unit(&toy, 9, UnitPass::Final, 0..1);
         assert!(spots.for_unit(&u).is_none());
+    }
+
+    /// A unit carries the PSF rows of its fibers only (`Psf::subset`, as `cut` gives it, sent
+    /// as a reader sends it): its fibers come out as the whole frame's, bit for bit, and a unit
+    /// whose PSF holds other fibers is refused, naming them.
+    #[test]
+    fn a_unit_with_its_psf_rows_only_extracts_its_fibers_as_the_frame_does() {
+        use crate::pipeline::comm::{decode, encode, Msg};
+        let toy = ToyFrame::new();
+        let whole = toy.extract(&mut CpuBackend);
+        let sent = |u: UnitInput| match decode(&encode(&Msg::Work(Box::new(u), 0)).unwrap(), 0) {
+            Ok(Msg::Work(u, _)) => *u,
+            other => panic!("{other:?}"),
+        };
+        for b in 1..4 {
+            let mut u = toy_unit(&toy, 7, UnitPass::Final, b..b + 1);
+            let (fmin, nfib) = crate::patch::plan::fiber_span(&toy.plan.patches[b]);
+            u.psf = toy.psf.subset(fmin, nfib).unwrap();
+            let u = sent(u);
+            assert_eq!(u.psf.fibers(), fmin..fmin + nfib);
+            let r = compute(&u, &mut CpuBackend, None).unwrap();
+            assert_eq!((r.specmin, r.flux.nrows()), (5 * b, 5));
+            let at = r.specmin - whole.specmin;
+            let rows = s![at..at + 5, ..];
+            assert_eq!(r.flux, whole.flux.slice(rows));
+            assert_eq!(r.ivar, whole.ivar.slice(rows));
+            assert_eq!(r.chi2pix, whole.chi2pix.slice(rows));
+            assert_eq!(r.resolution, whole.resolution.slice(s![at..at + 5, .., ..]));
+        }
+        let mut u = toy_unit(&toy, 7, UnitPass::Final, 2..3);
+        u.psf = toy.psf.subset(0, 5).unwrap();
+        let err = compute(&sent(u), &mut CpuBackend, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("fibers 10..15 requested from a PSF holding fibers 0..5"),
+            "{err}"
+        );
     }
 
     /// A share off the CCD, or a unit that failed, fails the frame naming the unit.

@@ -32,9 +32,16 @@ pub enum PsfError {
     /// Shapes of the tables disagree with each other.
     #[error("PSF tables disagree: {0}")]
     Inconsistent(String),
-    /// Requested fibers or wavelengths lie outside what the PSF describes.
-    #[error("{0}")]
-    OutOfRange(String),
+    /// Frame fibers were asked of a PSF that does not hold them all (a unit's PSF holds its
+    /// fibers only).
+    #[error("fibers {}..{} requested from a PSF holding fibers {}..{}",
+        .wanted.start, .wanted.end, .held.start, .held.end)]
+    FibersNotHeld {
+        /// The frame fibers asked for.
+        wanted: std::ops::Range<usize>,
+        /// The frame fibers the PSF holds.
+        held: std::ops::Range<usize>,
+    },
 }
 
 /// A set of Legendre series, one per fiber, over one wavelength range `[wavemin, wavemax]`
@@ -92,8 +99,12 @@ pub struct Psf {
     pub ghdegy: usize,
     /// Legendre degree of the parameter table (header LEGDEG).
     pub legdeg: usize,
-    /// First fiber number described (header FIBERMIN).
+    /// Fiber number of row 0 (header FIBERMIN).
     pub fibermin: usize,
+    /// The frame fiber of row 0: 0 for a PSF read from a file, whose rows are the frame's
+    /// fibers; the first fiber of a [`Psf::subset`]. Spot evaluation takes frame fibers and
+    /// reads row `fiber - fiber0` ([`Psf::rows`]). Not a header: files do not carry it.
+    pub fiber0: usize,
     /// Trace x(λ).
     pub xtrace: LegendreSet,
     /// Trace y(λ).
@@ -134,18 +145,16 @@ pub const MAX_NPIX: usize = 100_000;
 pub const MAX_NFIBER: usize = 100_000;
 
 impl Psf {
-    /// The PSF of fibers `first .. first + n` only (rows of every table), for shipping to a
-    /// rank that extracts just those fibers: its fiber 0 is this PSF's fiber `first`.
-    pub fn subset(&self, first: usize, n: usize) -> Psf {
+    /// The PSF of frame fibers `first .. first + n` only (those rows of every table), for
+    /// shipping to a rank that extracts just those fibers: its row 0 is frame fiber `first`.
+    pub fn subset(&self, first: usize, n: usize) -> Result<Psf, PsfError> {
+        let kept = self.rows(first, n)?;
         let rows = |set: &LegendreSet| LegendreSet {
             wavemin: set.wavemin,
             wavemax: set.wavemax,
-            coeff: set
-                .coeff
-                .slice(ndarray::s![first..first + n, ..])
-                .to_owned(),
+            coeff: set.coeff.slice(ndarray::s![kept.clone(), ..]).to_owned(),
         };
-        Psf {
+        Ok(Psf {
             xtrace: rows(&self.xtrace),
             ytrace: rows(&self.ytrace),
             params: self
@@ -156,9 +165,29 @@ impl Psf {
                     series: rows(&p.series),
                 })
                 .collect(),
-            fibermin: self.fibermin + first,
+            fibermin: self.fibermin + kept.start,
+            fiber0: first,
             ..self.clone_header()
+        })
+    }
+
+    /// The frame fibers this PSF holds.
+    pub fn fibers(&self) -> std::ops::Range<usize> {
+        self.fiber0..self.fiber0 + self.nfiber()
+    }
+
+    /// The rows of frame fibers `first .. first + n`, refused where the PSF does not hold
+    /// them all. No fibers are held by every PSF (an empty set starts a reusable one).
+    pub fn rows(&self, first: usize, n: usize) -> Result<std::ops::Range<usize>, PsfError> {
+        let held = self.fibers();
+        let wanted = first..first.saturating_add(n);
+        if n == 0 {
+            return Ok(0..0);
         }
+        if wanted.start < held.start || wanted.end > held.end {
+            return Err(PsfError::FibersNotHeld { wanted, held });
+        }
+        Ok(wanted.start - self.fiber0..wanted.end - self.fiber0)
     }
 
     fn clone_header(&self) -> Psf {
@@ -176,6 +205,7 @@ impl Psf {
             ghdegy: self.ghdegy,
             legdeg: self.legdeg,
             fibermin: self.fibermin,
+            fiber0: self.fiber0,
             xtrace: empty.clone(),
             ytrace: empty,
             params: Vec::new(),

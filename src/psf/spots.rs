@@ -8,7 +8,7 @@ use super::{hermite, legendre, GhIndex, Psf, PsfError};
 /// The `(fiber, wavelength)` block a [`SpotSet`] covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SpotGrid {
-    /// First fiber (absolute fiber index in the PSF).
+    /// First fiber, as the frame counts them (a PSF's row `fiber - psf.fiber0`).
     pub fibermin: usize,
     /// Number of fibers.
     pub nfiber: usize,
@@ -113,20 +113,8 @@ impl SpotSet {
     }
 }
 
-/// Refuses fibers `fibermin .. fibermin + nfiber` beyond the PSF's.
-pub fn check_fibers(psf: &Psf, fibermin: usize, nfiber: usize) -> Result<(), PsfError> {
-    if fibermin + nfiber > psf.nfiber() {
-        return Err(PsfError::OutOfRange(format!(
-            "fibers {}..{} requested from a PSF of {} fibers",
-            fibermin,
-            fibermin + nfiber,
-            psf.nfiber()
-        )));
-    }
-    Ok(())
-}
-
-/// Evaluates spots for fibers `fibermin .. fibermin + nfiber` at `waves`.
+/// Evaluates spots for frame fibers `fibermin .. fibermin + nfiber` at `waves`, from the
+/// PSF rows that hold them ([`Psf::rows`]; fibers the PSF does not hold are refused).
 ///
 /// Fibers are evaluated in parallel (rayon); the result does not depend on the thread count.
 pub fn evaluate(
@@ -163,7 +151,7 @@ pub fn evaluate_into(
     set: &mut SpotSet,
 ) -> Result<(), PsfError> {
     use rayon::prelude::*;
-    check_fibers(psf, fibermin, nfiber)?;
+    let rows = psf.rows(fibermin, nfiber)?;
     // The evaluator relies on consistent tables (one coefficient count for every row).
     psf.validate()?;
     let index = psf.gh_index()?;
@@ -203,7 +191,7 @@ pub fn evaluate_into(
             let mut ev = SpotEvaluator::new(psf, &index);
             for (w, &wave) in waves.iter().enumerate() {
                 let (sx, sy, cx, cy) = ev.spot(
-                    fibermin + f,
+                    rows.start + f,
                     wave,
                     &mut values[w * ny * nx..(w + 1) * ny * nx],
                 );
@@ -217,16 +205,16 @@ pub fn evaluate_into(
     Ok(())
 }
 
-/// The corners of the spots of fibers `fibermin .. fibermin + nfiber` at `waves`, from the
-/// traces alone (no values): what a reader needs to cut the pixel rectangle of a
-/// work unit without paying for the spots themselves.
+/// The corners of the spots of frame fibers `fibermin .. fibermin + nfiber` at `waves`, from
+/// the traces alone (no values): what a reader needs to cut the pixel rectangle of a work unit
+/// without paying for the spots themselves.
 pub fn corners(
     psf: &Psf,
     fibermin: usize,
     nfiber: usize,
     waves: &[f64],
 ) -> Result<SpotSet, PsfError> {
-    check_fibers(psf, fibermin, nfiber)?;
+    let rows = psf.rows(fibermin, nfiber)?;
     let nwave = waves.len();
     let mut set = SpotSet {
         grid: SpotGrid {
@@ -243,7 +231,7 @@ pub fn corners(
         y: Vec::with_capacity(nfiber * nwave),
     };
     let mut leg = vec![0.0; psf.xtrace.coeff.ncols().max(psf.ytrace.coeff.ncols())];
-    for f in fibermin..fibermin + nfiber {
+    for f in rows {
         for &wave in waves {
             let x = trace_series(&psf.xtrace, f, wave, &mut leg);
             let y = trace_series(&psf.ytrace, f, wave, &mut leg);
@@ -325,8 +313,8 @@ impl<'a> SpotEvaluator<'a> {
         trace_series(set, fiber, wave, &mut self.leg)
     }
 
-    /// Writes the normalised spot of `fiber` at `wave` into `out` (`ny × nx`), returning the
-    /// trace position and the corner `(x, y, xc, yc)`.
+    /// Writes the normalised spot of PSF row `fiber` (not a frame fiber) at `wave` into `out`
+    /// (`ny × nx`), returning the trace position and the corner `(x, y, xc, yc)`.
     pub fn spot(&mut self, fiber: usize, wave: f64, out: &mut [f64]) -> (f64, f64, i64, i64) {
         let psf = self.psf;
         let (ny, nx) = (psf.spot_ny(), psf.spot_nx());
@@ -408,3 +396,7 @@ impl<'a> SpotEvaluator<'a> {
         (x, y, xc, yc)
     }
 }
+
+#[cfg(test)]
+#[path = "spots_tests.rs"]
+mod tests;

@@ -216,6 +216,7 @@ pub fn synthetic_psf(opts: &SynthPsfOptions) -> Psf {
         ghdegy: opts.ghdegy,
         legdeg: opts.legdeg,
         fibermin: opts.fibermin,
+        fiber0: 0,
         xtrace: trace(xc),
         ytrace: trace(yc),
         params,

@@ -47,6 +47,7 @@ pub(crate) fn toy_psf(nfiber: usize, ghdeg: usize) -> Psf {
         ghdegy: ghdeg,
         legdeg: 1,
         fibermin: 0,
+        fiber0: 0,
         xtrace: set(&|i| vec![10.0 + 7.0 * i as f64 + 0.37, 0.6]),
         ytrace: set(&|_| vec![650.0, 600.0]),
         params,

@@ -80,7 +80,7 @@ impl SpotShape {
 /// The kernel's inputs, flattened from a [`Psf`], a fiber range and a wavelength grid.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SpotInputs {
-    /// First fiber (index into the PSF's tables) of the block.
+    /// First frame fiber of the block (the label of the set it gives).
     pub fibermin: usize,
     /// Sizes.
     pub shape: SpotShape,
@@ -98,15 +98,15 @@ pub struct SpotInputs {
     pub waves: Vec<f64>,
 }
 
-/// Flattens what the kernel needs for fibers `fibermin .. fibermin + nfiber` at `waves`, with
-/// the checks `psf::spots::evaluate` makes.
+/// Flattens what the kernel needs for frame fibers `fibermin .. fibermin + nfiber` at `waves`
+/// (the PSF rows that hold them), with the checks `psf::spots::evaluate` makes.
 pub fn flatten(
     psf: &Psf,
     fibermin: usize,
     nfiber: usize,
     waves: &[f64],
 ) -> Result<SpotInputs, PsfError> {
-    crate::psf::spots::check_fibers(psf, fibermin, nfiber)?;
+    let fibers = psf.rows(fibermin, nfiber)?;
     psf.validate()?;
     let index = psf.gh_index()?;
     let sigx = &psf.params[index.sigx].series;
@@ -122,7 +122,6 @@ pub fn flatten(
         ncp: sigx.coeff.ncols(),
         tail: index.tail.is_some(),
     };
-    let fibers = fibermin..fibermin + nfiber;
     let rows = |set: &crate::psf::LegendreSet| -> Vec<f64> {
         fibers
             .clone()

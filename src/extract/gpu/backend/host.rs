@@ -100,16 +100,11 @@ impl GpuBackend {
         let resident_set = self.resident.as_ref().map(|r| r.key);
         let on_device = batch
             .iter()
-            .find(|i| resident_set.is_some_and(|k| k.holds(i.spots)));
-        if let (Some(res), Some(inp)) = (self.resident.as_mut(), on_device) {
+            .any(|i| resident_set.is_some_and(|k| k.holds(i.spots)));
+        if let Some(res) = self.resident.as_mut().filter(|_| on_device) {
             if res.host.is_none() {
                 match res.device.download(&self.gpu) {
-                    Ok(mut host) => {
-                        // The kernel numbered fibers from the PSF's row; the pipeline
-                        // renumbers its copy to frame fibers.
-                        host.grid.fibermin = inp.spots.grid.fibermin;
-                        res.host = Some(host);
-                    }
+                    Ok(host) => res.host = Some(host),
                     Err(e) => return Err(self.error(e)),
                 }
             }

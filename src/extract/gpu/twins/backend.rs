@@ -726,7 +726,6 @@ mod tests {
         gpu.begin_unit(shape).unwrap();
         let work = crate::pipeline::frame::BundleWork {
             psf: &toy.psf,
-            psf_fiber0: 0,
             region: crate::pipeline::frame::Region {
                 pix: zeros.view(),
                 ivar: zeros_ivar.view(),

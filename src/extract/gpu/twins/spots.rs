@@ -276,7 +276,7 @@ pub fn twin(inp: &SpotInputs) -> SpotSet {
     set
 }
 
-/// Spots for fibers `fibermin .. fibermin + nfiber` of `psf` at `waves`, on the GPU: the same
+/// Spots for frame fibers `fibermin .. fibermin + nfiber` of `psf` at `waves`, on the GPU: the same
 /// set as `psf::spots::evaluate`, x, y and corners bit for bit, values to a few ulps of each
 /// spot's peak (CUDA's erf and exp, and fused multiply-adds).
 pub fn evaluate(
@@ -477,6 +477,30 @@ mod tests {
                     let at = inp.params[(f * sh.nrow() + 2 + 24 + t) * sh.ncp + k];
                     assert_eq!(at, psf.param(name).unwrap().series.coeff[[4 + f, k]]);
                 }
+            }
+        }
+    }
+
+    /// A unit's PSF holds its fibers only: the kernel's inputs for those frame fibers are the
+    /// whole PSF's, the set it gives is labelled with them, and other fibers are refused.
+    #[test]
+    fn flatten_takes_frame_fibers_from_a_psf_subset() {
+        let psf = synthetic_psf(&SynthPsfOptions {
+            nfiber: 50,
+            ..Default::default()
+        });
+        let unit = psf.subset(25, 25).unwrap();
+        let waves = [6000.0, 6500.0, 7000.0];
+        let inp = flatten(&unit, 30, 6, &waves).unwrap();
+        assert_eq!(inp, flatten(&psf, 30, 6, &waves).unwrap());
+        assert_eq!(twin(&inp).grid.fibermin, 30);
+        compare_twin(&unit, 30, 6, &waves, 1e-13);
+        for (first, n) in [(20, 6), (45, 6)] {
+            match flatten(&unit, first, n, &waves) {
+                Err(PsfError::FibersNotHeld { wanted, held }) => {
+                    assert_eq!((wanted, held), (first..first + n, 25..50));
+                }
+                other => panic!("fibers {first}+{n}: {other:?}"),
             }
         }
     }
