@@ -230,22 +230,21 @@ pub(crate) fn run_list(
 ) -> (String, RunReport) {
     let _ = std::fs::remove_dir_all(dir.join("out"));
     let report = dir.join("report.json");
-    let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![
-        &"--frames",
-        &list,
-        &"--config",
-        &cfg,
-        &"--threads",
-        &"1",
-        &"--unit-bundles",
-        &"1",
-        &"--report",
-        &report,
-    ];
-    args.extend(extra.iter().map(|a| a as &dyn AsRef<std::ffi::OsStr>));
+    let mut args = list_args(&list, &cfg, extra);
+    args.extend([&"--unit-bundles" as Arg, &"1", &"--report", &report]);
     let (code, log) = run_pipeline(launcher, &args);
     assert_eq!(code, 0, "launcher {launcher:?}:\n{log}");
     (log, RunReport::read_json(&report).unwrap())
+}
+
+/// An argument of a spextract command line.
+type Arg<'a> = &'a dyn AsRef<std::ffi::OsStr>;
+
+/// `extract --frames list --config cfg --threads 1`'s arguments, then `extra`.
+fn list_args<'a>(list: Arg<'a>, cfg: Arg<'a>, extra: &'a [&'a str]) -> Vec<Arg<'a>> {
+    let mut args: Vec<Arg<'a>> = vec![&"--frames", list, &"--config", cfg, &"--threads", &"1"];
+    args.extend(extra.iter().map(|a| a as Arg<'a>));
+    args
 }
 
 /// Units computed across a run's compute ranks.
@@ -351,17 +350,8 @@ pub(crate) fn sigterm_then_rerun(extra: &[&str], ivar_from_data: bool) {
     let list = frames_with(d, &psf, n, ivar_from_data);
     let cfg = config(d);
     let out = d.join("out");
-    let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![
-        &"--frames",
-        &list,
-        &"--config",
-        &cfg,
-        &"--threads",
-        &"1",
-        &"--prefetch",
-        &"1",
-    ];
-    args.extend(extra.iter().map(|a| a as &dyn AsRef<std::ffi::OsStr>));
+    let mut args = list_args(&list, &cfg, extra);
+    args.extend([&"--prefetch" as Arg, &"1"]);
     let child = pipeline_cmd(None, &args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -416,10 +406,7 @@ pub(crate) fn sigterm_then_rerun(extra: &[&str], ivar_from_data: bool) {
         .unwrap()
         .replace("out/", "straight/");
     std::fs::write(&list2, text).unwrap();
-    let mut straight_args: Vec<&dyn AsRef<std::ffi::OsStr>> =
-        vec![&"--frames", &list2, &"--config", &cfg, &"--threads", &"1"];
-    straight_args.extend(extra.iter().map(|a| a as &dyn AsRef<std::ffi::OsStr>));
-    let (code, log) = run_pipeline(None, &straight_args);
+    let (code, log) = run_pipeline(None, &list_args(&list2, &cfg, extra));
     assert_eq!(code, 0, "{log}");
     for i in 1..=n {
         let name = format!("frame-{i}.fits");
