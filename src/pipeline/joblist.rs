@@ -4,7 +4,7 @@
 //!
 //! Plain data in, plain data out: the command line's flags become a [`Selection`] in
 //! `cli::select`. Imports `io` (reading an output back, comparing paths) and the pipeline's
-//! `request` (what an output was extracted for).
+//! `request` (what an output was extracted for) and `frame` (its NODATA bit).
 //!
 //! The pattern follows `desispec.io.meta.findfile` (desihub/desispec, py/desispec/io/meta.py):
 //!
@@ -749,9 +749,14 @@ pub fn output_state(
         Ok(values) => values,
         Err(e) => return OutputState::NotAFrame(format!("not a frame: {e}")),
     };
-    if let Err(e) = crate::io::frame::read_frame(path) {
-        return OutputState::NotAFrame(format!("not a whole frame: {e}"));
-    }
+    let nodata = match crate::io::frame::read_frame(path) {
+        Ok(frame) => frame
+            .mask
+            .iter()
+            .filter(|&&m| m & crate::pipeline::frame::specmask::NODATA != 0)
+            .count(),
+        Err(e) => return OutputState::NotAFrame(format!("not a whole frame: {e}")),
+    };
     let wanted = match wanted() {
         Ok(w) => w,
         Err(why) => {
@@ -760,7 +765,7 @@ pub fn output_state(
             ))
         }
     };
-    match wanted.compare(&recorded) {
+    match wanted.compare(&recorded, nodata) {
         Comparison::Same => OutputState::Complete,
         Comparison::Differs(diffs) => OutputState::Stale(diffs),
         Comparison::Unrecorded => OutputState::Unverifiable(
@@ -1246,6 +1251,22 @@ mod tests {
             diffs[0].contains("-n 3") && diffs[0].contains("-n 20"),
             "{diffs:?}"
         );
+        // The same request, from before the patches at the CCD's edge were extracted: whole
+        // without NODATA bins, stale with them (it may have dropped such patches).
+        let mut before = meta_of(&want);
+        before.extra.retain(|c| c.0 != crate::pipeline::request::CCD_EDGE_KEY);
+        let pre_edge = dir.path().join("pre-edge.fits");
+        write_frame(&pre_edge, &small_frame(), &before, false).unwrap();
+        assert_eq!(output_state(&pre_edge, || want.clone()), OutputState::Complete);
+        let mut dropped = small_frame();
+        dropped.mask[[1, 0]] = crate::pipeline::frame::specmask::NODATA;
+        write_frame(&pre_edge, &dropped, &before, true).unwrap();
+        let OutputState::Stale(diffs) = output_state(&pre_edge, || want.clone()) else {
+            panic!("a frame that may have dropped edge patches passed");
+        };
+        assert!(diffs[0].contains("CCD's edge"), "{diffs:?}");
+        write_frame(&pre_edge, &dropped, &meta_of(&want), true).unwrap();
+        assert_eq!(output_state(&pre_edge, || want.clone()), OutputState::Complete);
         // A frame that records no request, or a request that cannot be made.
         let old = dir.path().join("old.fits");
         write_frame(&old, &small_frame(), &FrameMeta::default(), false).unwrap();

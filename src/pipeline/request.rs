@@ -17,10 +17,16 @@ use crate::config::Config;
 
 /// FLUX header keys that record the request, in the order [`FrameRequest::compare`] reads
 /// them. FIBERMIN is the frame's own first fiber, which is the one asked for.
-pub const KEYS: [&str; 10] = [
+pub const KEYS: [&str; 11] = [
     "FIBERMIN", "REQNSPEC", "REQWAVE", "REQOPTS", "IMGPATH", "IMGSIZE", "IMGMTIME", "PSFPATH",
-    "PSFSIZE", "PSFMTIME",
+    "PSFSIZE", "PSFMTIME", CCD_EDGE_KEY,
 ];
+
+/// The FLUX header key of frames written since patches leaving the CCD are extracted, with
+/// the pixels off it masked (docs/science.md §2). Frames written before dropped those patches
+/// and flagged their bins NODATA; the same request now gives those bins, so such a frame is not
+/// what a rerun would write (see [`FrameRequest::compare`]).
+pub const CCD_EDGE_KEY: &str = "CCDEDGE";
 
 /// An input file as found on disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -156,6 +162,11 @@ impl FrameRequest {
                 text(&self.options),
                 "extraction options asked for",
             ),
+            (
+                CCD_EDGE_KEY,
+                text("masked"),
+                "patches leaving the CCD: pixels off it masked",
+            ),
         ];
         for (input, keys, what) in [
             (
@@ -180,8 +191,11 @@ impl FrameRequest {
     }
 
     /// Compares this run's request with the one a frame recorded: `recorded` holds the values
-    /// of [`KEYS`], in order, `None` where the header lacks one.
-    pub fn compare(&self, recorded: &[Option<String>]) -> Comparison {
+    /// of [`KEYS`], in order, `None` where the header lacks one. `nodata` counts the frame's
+    /// NODATA bins: a frame written before [`CCD_EDGE_KEY`] that has any may hold bins of
+    /// patches at the CCD's edge that it dropped and this run extracts (without NODATA bins it
+    /// dropped none, and is what this run writes).
+    pub fn compare(&self, recorded: &[Option<String>], nodata: usize) -> Comparison {
         let get = |key: &str| -> &str {
             KEYS.iter()
                 .position(|k| *k == key)
@@ -209,6 +223,13 @@ impl FrameRequest {
             ));
         }
         diffs.extend(option_differences(get("REQOPTS"), &self.options));
+        if get(CCD_EDGE_KEY).is_empty() && nodata > 0 {
+            diffs.push(format!(
+                "written before spextract extracted the patches at the CCD's edge, and {nodata} \
+                 of its bins are NODATA, which may be bins of such patches that it dropped and \
+                 this run extracts"
+            ));
+        }
         for (what, input, keys) in [
             ("image", &self.image, ["IMGPATH", "IMGSIZE", "IMGMTIME"]),
             ("PSF", &self.psf, ["PSFPATH", "PSFSIZE", "PSFMTIME"]),
@@ -335,7 +356,7 @@ mod tests {
         let mut cfg = Config::default();
         cfg.extract.nspec = 10;
         let first = request(d, &cfg);
-        assert_eq!(first.compare(&recorded(&first)), Comparison::Same);
+        assert_eq!(first.compare(&recorded(&first), 0), Comparison::Same);
         assert_eq!(first.wave, "camera");
         assert_eq!(
             first.image.path,
@@ -348,7 +369,7 @@ mod tests {
         cfg.extract.wavelength = vec![5900.0, 6300.0, 0.8];
         cfg.extract.regularize = 0.1;
         let rerun = request(d, &cfg);
-        let Comparison::Differs(diffs) = rerun.compare(&recorded(&first)) else {
+        let Comparison::Differs(diffs) = rerun.compare(&recorded(&first), 0) else {
             panic!("a different request passed as the same");
         };
         assert_eq!(
@@ -364,7 +385,7 @@ mod tests {
 
         // An input rewritten since, or another input.
         std::fs::write(d.join("img.fits"), b"image, redone").unwrap();
-        let Comparison::Differs(diffs) = request(d, &cfg).compare(&recorded(&rerun)) else {
+        let Comparison::Differs(diffs) = request(d, &cfg).compare(&recorded(&rerun), 0) else {
             panic!("a changed image passed");
         };
         assert_eq!(diffs.len(), 1, "{diffs:?}");
@@ -372,7 +393,7 @@ mod tests {
         assert!(diffs[0].contains("then 5 bytes") && diffs[0].contains("now 13 bytes"));
         std::fs::write(d.join("psf2.fits"), b"psf").unwrap();
         let other = FrameRequest::new(&cfg, &d.join("img.fits"), &d.join("psf2.fits")).unwrap();
-        let Comparison::Differs(diffs) = other.compare(&recorded(&rerun)) else {
+        let Comparison::Differs(diffs) = other.compare(&recorded(&rerun), 0) else {
             panic!("another PSF passed");
         };
         assert!(diffs
@@ -382,7 +403,32 @@ mod tests {
         // A frame that records nothing cannot be vouched for.
         let mut none = recorded(&first);
         none[3] = None;
-        assert_eq!(first.compare(&none), Comparison::Unrecorded);
+        assert_eq!(first.compare(&none, 0), Comparison::Unrecorded);
         assert!(FrameRequest::new(&cfg, &d.join("missing.fits"), &d.join("psf.fits")).is_err());
+    }
+
+    /// A frame of the same request written before the patches at the CCD's edge were
+    /// extracted is what this run writes only if it has no NODATA bin (it dropped no patch).
+    #[test]
+    fn a_frame_from_before_edge_extraction_passes_only_without_nodata_bins() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("img.fits"), b"image").unwrap();
+        std::fs::write(d.join("psf.fits"), b"psf").unwrap();
+        let req = request(d, &Config::default());
+        let now = recorded(&req);
+        assert_eq!(req.compare(&now, 120), Comparison::Same);
+        let mut before = now.clone();
+        before[KEYS.iter().position(|k| *k == CCD_EDGE_KEY).unwrap()] = None;
+        assert_eq!(req.compare(&before, 0), Comparison::Same);
+        let Comparison::Differs(diffs) = req.compare(&before, 120) else {
+            panic!("a frame that may have dropped edge patches passed");
+        };
+        assert_eq!(diffs.len(), 1, "{diffs:?}");
+        assert!(
+            diffs[0].contains("before spextract extracted the patches at the CCD's edge")
+                && diffs[0].contains("120 of its bins are NODATA"),
+            "{diffs:?}"
+        );
     }
 }
