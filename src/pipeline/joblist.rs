@@ -1254,10 +1254,15 @@ mod tests {
         // The same request, from before the patches at the CCD's edge were extracted: whole
         // without NODATA bins, stale with them (it may have dropped such patches).
         let mut before = meta_of(&want);
-        before.extra.retain(|c| c.0 != crate::pipeline::request::CCD_EDGE_KEY);
+        before
+            .extra
+            .retain(|c| c.0 != crate::pipeline::request::CCD_EDGE_KEY);
         let pre_edge = dir.path().join("pre-edge.fits");
         write_frame(&pre_edge, &small_frame(), &before, false).unwrap();
-        assert_eq!(output_state(&pre_edge, || want.clone()), OutputState::Complete);
+        assert_eq!(
+            output_state(&pre_edge, || want.clone()),
+            OutputState::Complete
+        );
         let mut dropped = small_frame();
         dropped.mask[[1, 0]] = crate::pipeline::frame::specmask::NODATA;
         write_frame(&pre_edge, &dropped, &before, true).unwrap();
@@ -1266,7 +1271,10 @@ mod tests {
         };
         assert!(diffs[0].contains("CCD's edge"), "{diffs:?}");
         write_frame(&pre_edge, &dropped, &meta_of(&want), true).unwrap();
-        assert_eq!(output_state(&pre_edge, || want.clone()), OutputState::Complete);
+        assert_eq!(
+            output_state(&pre_edge, || want.clone()),
+            OutputState::Complete
+        );
         // A frame that records no request, or a request that cannot be made.
         let old = dir.path().join("old.fits");
         write_frame(&old, &small_frame(), &FrameMeta::default(), false).unwrap();

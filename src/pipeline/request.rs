@@ -18,8 +18,17 @@ use crate::config::Config;
 /// FLUX header keys that record the request, in the order [`FrameRequest::compare`] reads
 /// them. FIBERMIN is the frame's own first fiber, which is the one asked for.
 pub const KEYS: [&str; 11] = [
-    "FIBERMIN", "REQNSPEC", "REQWAVE", "REQOPTS", "IMGPATH", "IMGSIZE", "IMGMTIME", "PSFPATH",
-    "PSFSIZE", "PSFMTIME", CCD_EDGE_KEY,
+    "FIBERMIN",
+    "REQNSPEC",
+    "REQWAVE",
+    "REQOPTS",
+    "IMGPATH",
+    "IMGSIZE",
+    "IMGMTIME",
+    "PSFPATH",
+    "PSFSIZE",
+    "PSFMTIME",
+    CCD_EDGE_KEY,
 ];
 
 /// The FLUX header key of frames written since patches leaving the CCD are extracted, with
