@@ -196,6 +196,10 @@ if want parity; then
         step parity.log 90 "edge frame with --ivar-from-model, $b" "${sx[@]}" extract "${new[@]}" \
             -i "$scratch/edge.fits" -o "$scratch/edge-$b.fits" --ivar-from-model --backend "$b"
     done
+    # The cost of the option on the GPU (issue 14): the same frame in one pass, for the ratio
+    # of the two extractions' "wrote ... in N s total" lines.
+    step parity.log 90 "edge frame in one pass, gpu" "${sx[@]}" extract "${new[@]}" \
+        -i "$scratch/edge.fits" -o "$scratch/edge-gpu-once.fits" --backend gpu
     step parity.log 30 "compare the edge frame: GPU vs CPU, and vs the truth" "${sx[@]}" compare \
         "$scratch/edge-gpu.fits" "$scratch/edge-cpu.fits" --truth "$scratch/edge-truth.fits" \
         --mean-pull-tol 0.05 # issue 14's target for --ivar-from-model
