@@ -523,3 +523,7 @@ impl Reader {
         })
     }
 }
+
+#[cfg(test)]
+#[path = "reader_tests.rs"]
+mod tests;
