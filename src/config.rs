@@ -84,7 +84,7 @@ pub struct ExtractConfig {
     /// "decorrelated" (gpu_specter's image).
     pub model_flux: crate::extract::ModelFlux,
     /// Extract twice, the second time with each pixel's variance from the first pass's model
-    /// instead of the pixel (single frames only).
+    /// instead of the pixel (single frames and lists).
     pub ivar_from_model: bool,
 }
 
