@@ -151,6 +151,27 @@ pub struct Simulation {
     pub truth: Truth,
 }
 
+impl Simulation {
+    /// Writes the exposure as a preproc image at `path`, with its FIBERMAP when
+    /// `with_fibermap`, MASK tile-compressed when `compress_mask`.
+    pub fn write_preproc(
+        &self,
+        path: &Path,
+        with_fibermap: bool,
+        compress_mask: bool,
+    ) -> Result<(), IoError> {
+        write_preproc(
+            path,
+            &self.image,
+            &self.ivar,
+            &self.mask,
+            &self.header,
+            with_fibermap.then_some(&self.fibermap),
+            compress_mask,
+        )
+    }
+}
+
 /// The truth grid: `pad_lo` bins below `wmin`, the extraction grid
 /// (`numpy.arange(wmin, wmax + dw/2, dw)`), and `pad_hi` bins beyond its last point.
 pub fn truth_grid(opts: &SimOptions) -> Vec<f64> {
@@ -444,15 +465,7 @@ pub fn write_simulation(
     truth_path: &Path,
 ) -> Result<Simulation, SimError> {
     let sim = simulate(psf, opts)?;
-    write_preproc(
-        image_path,
-        &sim.image,
-        &sim.ivar,
-        &sim.mask,
-        &sim.header,
-        Some(&sim.fibermap),
-        true,
-    )?;
+    sim.write_preproc(image_path, true, true)?;
     write_truth(truth_path, &sim.truth)?;
     Ok(sim)
 }

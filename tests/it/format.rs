@@ -5,8 +5,6 @@
 use std::path::Path;
 use std::process::Command;
 
-use spextract::io::write_preproc;
-
 use crate::common::{python_has, small_ccd, SmallCcd, SMALL_GRID};
 
 /// One HDU's header as (key, value text) cards.
@@ -260,16 +258,7 @@ fn frame_without_fibermap() {
     let dir = tempfile::tempdir().unwrap();
     let SmallCcd { psf, sim, .. } = small_ccd(dir.path());
     let image = dir.path().join("nofibermap.fits");
-    write_preproc(
-        &image,
-        &sim.image,
-        &sim.ivar,
-        &sim.mask,
-        &sim.header,
-        None,
-        false,
-    )
-    .unwrap();
+    sim.write_preproc(&image, false, false).unwrap();
     let out = dir.path().join("frame.fits");
     run!("extract", "-p", psf, "-i", image, "-o", out, "-w", SMALL_GRID).ok();
     check_layout(&out, 25, 501, false);

@@ -8,7 +8,7 @@ use std::path::Path;
 use spextract::cli::compare::{truth_stats, TruthStats};
 use spextract::io::frame::read_frame;
 use spextract::io::truth::read_truth;
-use spextract::io::{read_psf, write_preproc, write_psf};
+use spextract::io::{read_psf, write_psf};
 use spextract::pipeline::frame::specmask;
 use spextract::simulate::{simulate, SimOptions};
 
@@ -107,12 +107,18 @@ fn assert_unbiased(before: &TruthStats, after: &TruthStats) {
     }
 }
 
-#[test]
-fn ivar_from_model_removes_the_bias_synthetic_psf() {
+/// [`before_after`] of 25 fibers through the small synthetic PSF, in a new folder (returned).
+fn small_before_after(from_data: bool) -> (tempfile::TempDir, TruthStats, TruthStats, String) {
     let dir = tempfile::tempdir().unwrap();
     let psf = dir.path().join("psf.fits");
     write_psf(&psf, &small_psf()).unwrap();
-    let (before, after, log) = before_after(dir.path(), &psf, 25, Some(SMALL_GRID), true);
+    let (before, after, log) = before_after(dir.path(), &psf, 25, Some(SMALL_GRID), from_data);
+    (dir, before, after, log)
+}
+
+#[test]
+fn ivar_from_model_removes_the_bias_synthetic_psf() {
+    let (_dir, before, after, log) = small_before_after(true);
     assert!(log.contains("extracting twice"), "{log}");
     assert_unbiased(&before, &after);
 }
@@ -132,10 +138,7 @@ fn ivar_from_model_removes_the_bias_real_psf() {
 /// says so and changes nothing.
 #[test]
 fn ivar_from_a_model_is_left_as_it_is() {
-    let dir = tempfile::tempdir().unwrap();
-    let psf = dir.path().join("psf.fits");
-    write_psf(&psf, &small_psf()).unwrap();
-    let (before, after, log) = before_after(dir.path(), &psf, 25, Some(SMALL_GRID), false);
+    let (dir, before, after, log) = small_before_after(false);
     assert!(log.contains("it was not computed from the pixels"), "{log}");
     assert_eq!(before.chi2dof, after.chi2dof);
     let (a, b) = (
@@ -168,16 +171,7 @@ fn an_unmasked_cosmic_ray_is_flagged() {
         sim.ivar[[yy, xx]] = 1.0 / (9.0 + sim.image[[yy, xx]].max(0.0));
     }
     let image = dir.path().join("preproc.fits");
-    write_preproc(
-        &image,
-        &sim.image,
-        &sim.ivar,
-        &sim.mask,
-        &sim.header,
-        Some(&sim.fibermap),
-        false,
-    )
-    .unwrap();
+    sim.write_preproc(&image, true, false).unwrap();
     let out = dir.path().join("frame.fits");
     run!(
         "extract",

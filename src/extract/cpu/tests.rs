@@ -57,36 +57,70 @@ pub(crate) fn toy_psf(nfiber: usize, ghdeg: usize) -> Psf {
     }
 }
 
+/// `nfiber` toy fibers in one bundle of `nsubbundles`, with their grid from `wmin` to `wmax`
+/// by 1 Å, plan and spots, and a smooth image with noise-like structure.
+struct ToyScene {
+    psf: Psf,
+    popts: PatchOptions,
+    plan: Plan,
+    spots: spots::SpotSet,
+    pix: Array2<f64>,
+}
+
+impl ToyScene {
+    fn new(nfiber: usize, nsubbundles: usize, wavepad: usize, (wmin, wmax): (f64, f64)) -> Self {
+        let psf = toy_psf(nfiber, 2);
+        let popts = PatchOptions {
+            bundlesize: nfiber,
+            nsubbundles,
+            nwavestep: 20,
+            wavepad,
+            ..Default::default()
+        };
+        let grid = WaveGrid::new(wmin, wmax, 1.0, &popts).unwrap();
+        let plan = Plan::new(0, nfiber, grid.wave.len(), psf.nfiber(), &popts);
+        let spots = spots::evaluate(&psf, 0, nfiber, &grid.padded).unwrap();
+        let pix = Array2::from_shape_fn((psf.npix_y, psf.npix_x), |(r, c)| {
+            100.0 + 30.0 * ((r as f64 * 0.37).sin() + (c as f64 * 0.61).cos())
+        });
+        ToyScene {
+            psf,
+            popts,
+            plan,
+            spots,
+            pix,
+        }
+    }
+}
+
+/// Per-patch options without regularisation, with `model_image` and `leverage`.
+fn toy_options(model_image: Option<ModelFlux>, leverage: bool) -> ExtractOptions {
+    ExtractOptions {
+        regularize: 0.0,
+        psferr: 0.01,
+        ndiag: 3,
+        model_image,
+        leverage,
+    }
+}
+
 #[test]
 fn fast_path_matches_dense_oracle() {
-    let psf = toy_psf(12, 2);
-    let popts = PatchOptions {
-        bundlesize: 12,
-        nsubbundles: 3,
-        nwavestep: 20,
-        wavepad: 5,
-        ..Default::default()
-    };
-    let grid = WaveGrid::new(5200.0, 5260.0, 1.0, &popts).unwrap();
-    let plan = Plan::new(0, 12, grid.wave.len(), psf.nfiber(), &popts);
-    let spots = spots::evaluate(&psf, 0, 12, &grid.padded).unwrap();
-    // A smooth image with noise-like structure and a few masked pixels.
-    let pix = Array2::from_shape_fn((psf.npix_y, psf.npix_x), |(r, c)| {
-        100.0 + 30.0 * ((r as f64 * 0.37).sin() + (c as f64 * 0.61).cos())
-    });
+    let ToyScene {
+        psf,
+        popts,
+        plan,
+        spots,
+        pix,
+    } = ToyScene::new(12, 3, 5, (5200.0, 5260.0));
+    // A few masked rows.
     let mut ivar = Array2::from_elem(pix.dim(), 0.01);
     for r in 300..1000 {
         if r % 97 == 0 {
             ivar.slice_mut(s![r, ..]).fill(0.0);
         }
     }
-    let opts = ExtractOptions {
-        regularize: 0.0,
-        psferr: 0.01,
-        ndiag: 3,
-        model_image: Some(crate::extract::ModelFlux::Decorrelated),
-        leverage: false,
-    };
+    let opts = toy_options(Some(ModelFlux::Decorrelated), false);
     let mut ws = Workspace::default();
     let mut checked = 0;
     for p in plan.patches.iter().flatten() {
@@ -130,28 +164,15 @@ fn fast_path_matches_dense_oracle() {
 /// as the dense oracle computes it.
 #[test]
 fn model_image_projects_the_chosen_flux() {
-    let psf = toy_psf(12, 2);
-    let popts = PatchOptions {
-        bundlesize: 12,
-        nsubbundles: 3,
-        nwavestep: 20,
-        wavepad: 5,
-        ..Default::default()
-    };
-    let grid = WaveGrid::new(5200.0, 5260.0, 1.0, &popts).unwrap();
-    let plan = Plan::new(0, 12, grid.wave.len(), psf.nfiber(), &popts);
-    let spots = spots::evaluate(&psf, 0, 12, &grid.padded).unwrap();
-    let pix = Array2::from_shape_fn((psf.npix_y, psf.npix_x), |(r, c)| {
-        100.0 + 30.0 * ((r as f64 * 0.37).sin() + (c as f64 * 0.61).cos())
-    });
+    let ToyScene {
+        popts,
+        plan,
+        spots,
+        pix,
+        ..
+    } = ToyScene::new(12, 3, 5, (5200.0, 5260.0));
     let ivar = Array2::from_elem(pix.dim(), 0.01);
-    let opts = |which| ExtractOptions {
-        regularize: 0.0,
-        psferr: 0.01,
-        ndiag: 3,
-        model_image: Some(which),
-        leverage: false,
-    };
+    let opts = |which| toy_options(Some(which), false);
     let mut ws = Workspace::default();
     let mut checked = 0;
     for p in plan.patches.iter().flatten() {
@@ -211,28 +232,15 @@ fn model_image_projects_the_chosen_flux() {
 /// does when the pixel moves.
 #[test]
 fn leverage_is_the_hat_matrix_diagonal() {
-    let psf = toy_psf(12, 2);
-    let popts = PatchOptions {
-        bundlesize: 12,
-        nsubbundles: 3,
-        nwavestep: 20,
-        wavepad: 5,
-        ..Default::default()
-    };
-    let grid = WaveGrid::new(5200.0, 5260.0, 1.0, &popts).unwrap();
-    let plan = Plan::new(0, 12, grid.wave.len(), psf.nfiber(), &popts);
-    let spots = spots::evaluate(&psf, 0, 12, &grid.padded).unwrap();
-    let pix = Array2::from_shape_fn((psf.npix_y, psf.npix_x), |(r, c)| {
-        100.0 + 30.0 * ((r as f64 * 0.37).sin() + (c as f64 * 0.61).cos())
-    });
+    let ToyScene {
+        popts,
+        plan,
+        spots,
+        pix,
+        ..
+    } = ToyScene::new(12, 3, 5, (5200.0, 5260.0));
     let ivar = Array2::from_shape_fn(pix.dim(), |(r, c)| 0.01 + 0.001 * ((r + c) % 5) as f64);
-    let opts = ExtractOptions {
-        regularize: 0.0,
-        psferr: 0.01,
-        ndiag: 3,
-        model_image: Some(ModelFlux::Deconvolved),
-        leverage: true,
-    };
+    let opts = toy_options(Some(ModelFlux::Deconvolved), true);
     let mut ws = Workspace::default();
     let p = plan.patches[0][1];
     let window = pixels::window(&p, &spots, popts.pixpad_frac);
@@ -450,28 +458,15 @@ fn band_cholesky_matches_dpbtrf() {
 #[test]
 fn a_window_leaving_the_ccd_is_extracted_with_the_rows_off_it_masked() {
     use crate::extract::MIN_CCD_LIGHT;
-    let psf = toy_psf(10, 2);
-    let popts = PatchOptions {
-        bundlesize: 10,
-        nsubbundles: 2,
-        nwavestep: 20,
-        wavepad: 8,
-        ..Default::default()
-    };
-    let grid = WaveGrid::new(5300.0, 5400.0, 1.0, &popts).unwrap();
-    let plan = Plan::new(0, 10, grid.wave.len(), psf.nfiber(), &popts);
-    let spots = spots::evaluate(&psf, 0, 10, &grid.padded).unwrap();
-    let pix = Array2::from_shape_fn((psf.npix_y, psf.npix_x), |(r, c)| {
-        100.0 + 30.0 * ((r as f64 * 0.37).sin() + (c as f64 * 0.61).cos())
-    });
+    let ToyScene {
+        popts,
+        plan,
+        spots,
+        pix,
+        ..
+    } = ToyScene::new(10, 2, 8, (5300.0, 5400.0));
     let ivar = Array2::from_elem(pix.dim(), 0.01);
-    let opts = ExtractOptions {
-        regularize: 0.0,
-        psferr: 0.01,
-        ndiag: 3,
-        model_image: None,
-        leverage: false,
-    };
+    let opts = toy_options(None, false);
     let p = plan.patches[0][2];
     let window = pixels::window(&p, &spots, popts.pixpad_frac);
     // The CCD ends a little below the middle of the window: some core bins keep most of their

@@ -115,6 +115,19 @@ fn rank<'a>(comm: &'a mut LocalComm, opts: &'a RunOptions, layout: &'a Layout) -
     }
 }
 
+/// A reader started on the run's one frame, once it has handed its first units to compute
+/// rank 0: the reader, those units with where their results go, and its other messages.
+fn first_units(r: &mut Rank) -> (Reader, Vec<(UnitInput, usize)>, Vec<Msg>) {
+    let mut reader = Reader::start(r);
+    reader.on_frame(Some(0));
+    reader.on_req_work(0);
+    let mut sent = step_until(&mut reader, r, 0, |s| {
+        s.iter().any(|m| matches!(m, Msg::Work(..)))
+    });
+    let units = work(&mut sent);
+    (reader, units, sent)
+}
+
 #[test]
 fn a_first_pass_comes_back_and_the_frame_is_cut_again_for_its_writer() {
     let dir = tempfile::tempdir().unwrap();
@@ -122,13 +135,7 @@ fn a_first_pass_comes_back_and_the_frame_is_cut_again_for_its_writer() {
     let layout = Layout::new(vec![vec![0]], 1, 1);
     let mut comm = LocalComm::default();
     let mut r = rank(&mut comm, &opts, &layout);
-    let mut reader = Reader::start(&r);
-    reader.on_frame(Some(0));
-    reader.on_req_work(0);
-    let mut sent = step_until(&mut reader, &mut r, 0, |s| {
-        s.iter().any(|m| matches!(m, Msg::Work(..)))
-    });
-    let first = work(&mut sent);
+    let (mut reader, first, sent) = first_units(&mut r);
     assert_eq!(first.len(), 1, "{sent:?}");
     let (u, to) = &first[0];
     // The first pass's results come back to the reader; no ticket has gone to the writer.
@@ -189,13 +196,8 @@ fn a_failed_first_pass_unit_fails_its_frame_and_a_second_stop_drops_one_between_
     for stop in [false, true] {
         let mut comm = LocalComm::default();
         let mut r = rank(&mut comm, &opts, &layout);
-        let mut reader = Reader::start(&r);
-        reader.on_frame(Some(0));
-        reader.on_req_work(0);
-        let mut sent = step_until(&mut reader, &mut r, 0, |s| {
-            s.iter().any(|m| matches!(m, Msg::Work(..)))
-        });
-        let (u, _) = work(&mut sent).remove(0);
+        let (mut reader, mut units, _) = first_units(&mut r);
+        let (u, _) = units.remove(0);
         reader.on_frame(None);
         reader.on_req_work(0);
         let level = if stop {

@@ -1418,7 +1418,6 @@ mod spots_cu {
     //! expressions as the twin writes them).
     use super::super::spots::{flatten, launch_config, twin, SpotInputs, SpotsParams};
     use super::*;
-    use crate::psf::synth::{synthetic_psf, SynthPsfOptions};
     use crate::psf::SpotSet;
 
     /// The kernel as `SpotsKernel::launch` launches it (`launch_config`), outputs poisoned.
@@ -1471,17 +1470,8 @@ mod spots_cu {
             (4, 8, 5, 4, 6, tails),
         ];
         for (legdeg, hsizex, hsizey, ghdegx, ghdegy, tail) in shapes {
-            let psf = synthetic_psf(&SynthPsfOptions {
-                nfiber: 12,
-                legdeg,
-                hsizex,
-                hsizey,
-                ghdegx,
-                ghdegy,
-                gh_amplitude: 0.03,
-                tail,
-                ..Default::default()
-            });
+            let shape = (legdeg, hsizex, hsizey, ghdegx, ghdegy);
+            let psf = super::super::spots::shaped_psf(12, shape, tail);
             let (lo, hi) = psf.wave_range();
             // Past both ends of the range too.
             let nwave = 23;

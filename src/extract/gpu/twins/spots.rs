@@ -303,6 +303,27 @@ pub fn evaluate(
     out.download(gpu)
 }
 
+/// The shape of a synthetic PSF the spot kernel is checked over: LEGDEG, HSIZEX, HSIZEY,
+/// GHDEGX, GHDEGY.
+pub(super) type Shape = (usize, usize, usize, usize, usize);
+
+/// A synthetic PSF of `nfiber` fibers of `shape`, with Gauss–Hermite terms of 0.03 and specter's
+/// `tail` (zeros for none).
+pub(super) fn shaped_psf(nfiber: usize, shape: Shape, tail: [f64; 5]) -> Psf {
+    let (legdeg, hsizex, hsizey, ghdegx, ghdegy) = shape;
+    crate::psf::synth::synthetic_psf(&crate::psf::synth::SynthPsfOptions {
+        nfiber,
+        legdeg,
+        hsizex,
+        hsizey,
+        ghdegx,
+        ghdegy,
+        gh_amplitude: 0.03,
+        tail,
+        ..Default::default()
+    })
+}
+
 mod tests {
     use super::*;
     use crate::psf::spots;
@@ -347,17 +368,9 @@ mod tests {
             (0, 40, 3, 0, 2),
             (6, 3, 9, 5, 1),
         ];
-        for (legdeg, hsizex, hsizey, ghdegx, ghdegy) in shapes {
-            let psf = synthetic_psf(&SynthPsfOptions {
-                nfiber: 30,
-                legdeg,
-                hsizex,
-                hsizey,
-                ghdegx,
-                ghdegy,
-                gh_amplitude: 0.03,
-                ..Default::default()
-            });
+        for shape in shapes {
+            let (legdeg, hsizex, hsizey, ghdegx, ghdegy) = shape;
+            let psf = shaped_psf(30, shape, [0.0; 5]);
             let (lo, hi) = psf.wave_range();
             // Past both ends of the range too: spots leave the CCD there.
             let waves = grid(lo - 15.0, hi + 15.0, 157);
@@ -375,18 +388,9 @@ mod tests {
     /// the tail on both sides.
     #[test]
     fn twin_matches_the_cpu_with_tails() {
-        for (legdeg, hsizex, hsizey, ghdegx, ghdegy) in [(4, 8, 5, 4, 6), (0, 40, 3, 0, 2)] {
-            let mut psf = synthetic_psf(&SynthPsfOptions {
-                nfiber: 30,
-                legdeg,
-                hsizex,
-                hsizey,
-                ghdegx,
-                ghdegy,
-                gh_amplitude: 0.03,
-                tail: [0.004, 1.5, 1.0, 1.3, 1.2],
-                ..Default::default()
-            });
+        for shape in [(4, 8, 5, 4, 6), (0, 40, 3, 0, 2)] {
+            let (legdeg, hsizex, hsizey, ghdegx, ghdegy) = shape;
+            let mut psf = shaped_psf(30, shape, [0.004, 1.5, 1.0, 1.3, 1.2]);
             let amp = psf.params.iter().position(|p| p.name == "TAILAMP").unwrap();
             psf.params[amp].series.coeff.row_mut(5).fill(0.0);
             let (lo, hi) = psf.wave_range();
