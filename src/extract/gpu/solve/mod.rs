@@ -25,10 +25,19 @@
 //!    is zero above row `u`, so fiber `c`'s Gram product starts at its own first row, saving a
 //!    third of the flops over the five fibers.
 //!
+//! 5. On demand, after the stage ([`Solver::core_columns`], for `--ivar-from-model`'s
+//!    leverages): the full core columns `C[:, core] = L⁻ᵀ L⁻¹ E` of every patch, rows `< k0`
+//!    (the left neighbour) included, into a new buffer `Z`: per group two `cublasDtrsmBatched`
+//!    calls on the whole `n × n` factor (`n = k0 + m`), NoTrans then Trans, on `E`'s `ncols`
+//!    columns.
+//!
 //! `E` is built without a kernel or an upload: `Y` gives each patch a slab of
 //! `ncols_max·(nmax + 1)` elements with leading dimension `nmax`, so that the unit entries of
 //! all slabs lie on one arithmetic progression of stride `nmax + 1`: a memset and one strided
-//! `cublasDcopy` from a vector of ones.
+//! `cublasDcopy` from a vector of ones. `Z` has the same slabs, but in group order (the plan's
+//! groups concatenated, each group's patches in order) and with its units at row `k0 + i` of
+//! column `i`: within a group they lie on one progression from the group's first slab plus
+//! `k0` (`SolvePlan::z_units`, which bounds it), so a memset and one strided copy per group.
 //!
 //! Layouts of the outputs ([`SolveBatch`]), `nw` the largest `nwavetot` and
 //! `ncore_max` the largest core-fiber count of the batch:
@@ -39,15 +48,19 @@
 //!   `c ≥ ncore_b`, and the rows and columns `≥ nwavetot_b` of a block, are 0.
 //! * `info[b]`: potrf's info. Where it is not 0, that patch's `x` and blocks are meaningless
 //!   (NaN in the twin); the caller retries it with more regularisation, as the CPU backend does.
+//! * [`CoreColumns`]: `z[off[b] + i·ld + v] = C[v, k0 + i]` for `v < n`, `i < ncols`, with
+//!   `ld = nmax` and `off[b] = SolvePlan::z(b)`, the start of patch `b`'s slab in group order;
+//!   the other elements are unspecified. Meaningless where `info[b]` is not 0.
 //!
 //! The host twin that replays this sequence on host buffers is `twins::solve`. Imports
 //! `device`, `normal` and the crate's `patch` types.
 //!
 //! Here: the shapes, outputs and the [`Solver`]'s handles (with their release). The rest, one
 //! concern a file: `plan` (the decomposition and the pointer arrays), `solver` (the handles
-//! made, and the sequence of calls), `eigen` (the batched eigen route of the decorrelation),
+//! made, and the sequence of calls), `columns` (step 5), `eigen` (the batched eigen route of the decorrelation),
 //! `libraries` (what cuBLAS and cuSOLVER must export, and their status codes).
 
+mod columns;
 mod eigen;
 mod libraries;
 // The twin (`twins::solve`) decodes the pointer arrays the plan builds.
@@ -67,6 +80,7 @@ use super::normal::DenseBatch;
 use super::GpuError;
 use crate::patch::Patch;
 
+pub use self::columns::CoreColumns;
 pub use self::eigen::EigenBatch;
 pub(crate) use self::libraries::solver_ok;
 pub use self::libraries::{check_libraries, syev_batched_present};

@@ -1,7 +1,7 @@
 //! The stage's decomposition of a batch, shared by the device path and its twin
 //! (`twins::solve`): the sizes and trsm groups ([`SolvePlan`], [`Group`]), every offset the
-//! pointer arrays are built from, and those arrays ([`PointerArrays`]), from device
-//! addresses or stand-ins. Plain arithmetic: imports only the stage's error helpers (`super`).
+//! pointer arrays are built from, and those arrays ([`PointerArrays`], and [`ColumnArrays`]
+//! for the core columns), from device addresses or stand-ins. Plain arithmetic: imports only the stage's error helpers (`super`).
 
 use super::{bad, int, PatchShape};
 use crate::extract::gpu::GpuError;
@@ -46,6 +46,9 @@ pub struct SolvePlan {
     pub slab: usize,
     /// The trsm groups, in increasing `(k0, m, ncore, nwt)`.
     pub groups: Vec<Group>,
+    /// Per patch, the offset of its slab of `Z` (the core columns of `C`): slabs of `slab`
+    /// elements in group order, the groups concatenated (see [`SolvePlan::z_units`]).
+    z_off: Vec<usize>,
 }
 
 impl SolvePlan {
@@ -94,12 +97,13 @@ impl SolvePlan {
             .unwrap_or(0);
         let slab = ncols_max * (nmax + 1);
         // Every size handed to cuBLAS/cuSOLVER is a 32-bit int, and the strided copy that
-        // builds E indexes the whole of Y with one.
+        // builds E indexes the whole of Y with one (Z has Y's length; its copies, one a group,
+        // index less of it).
         int(nmax + 1, "nmax + 1")?;
         int(npatch * nmax, "x's length")?;
         int(npatch * slab, "Y's length")?;
         int(npatch * ncore_max * nw * nw, "the blocks' length")?;
-        let groups = keyed
+        let groups: Vec<Group> = keyed
             .into_iter()
             .map(|((k0, m, ncore, nwt), patches)| Group {
                 k0,
@@ -109,6 +113,10 @@ impl SolvePlan {
                 patches,
             })
             .collect();
+        let mut z_off = vec![0; npatch];
+        for (slot, &b) in groups.iter().flat_map(|g| &g.patches).enumerate() {
+            z_off[b] = slot * slab;
+        }
         Ok(SolvePlan {
             npatch,
             nmax,
@@ -117,6 +125,7 @@ impl SolvePlan {
             ncols_max,
             slab,
             groups,
+            z_off,
         })
     }
 
@@ -159,6 +168,33 @@ impl SolvePlan {
     /// Unit entries of `E` over the whole of `Y`: entry `i` is at `i·(nmax + 1)`.
     pub fn units(&self) -> usize {
         self.npatch * self.ncols_max
+    }
+
+    /// Offset of patch `b`'s slab of `Z`: row `v` of column `i` (`C[v, k0 + i]`) is at
+    /// `z(b) + i·nmax + v`.
+    pub fn z(&self, b: usize) -> usize {
+        self.z_off[b]
+    }
+
+    /// Elements of `Z`: a slab per patch, as `Y`.
+    pub fn z_len(&self) -> usize {
+        self.npatch * self.slab
+    }
+
+    /// `E`'s unit entries in `Z` for group `g`: the first index and the count of the progression
+    /// `first + i·(nmax + 1)`, `i < count`. The group's slabs are consecutive from
+    /// `z(g.patches[0])`, so entry `i = j·ncols_max + c` lands at `z(b_j) + c·nmax + k0 + c`:
+    /// row `k0 + c` of column `c` of its `j`th patch's slab. For `c < ncols` that row is below
+    /// `n ≤ nmax`, inside column `c`; the entries of columns `c ≥ ncols` (which no call reads)
+    /// may run past row `nmax` into column `c + 1`, still a column `≥ ncols` (or the slab's
+    /// last `ncols_max` elements, past its columns), and the last one, at `(count − 1)·(nmax +
+    /// 1) + k0 = |g|·slab − (nmax + 1 − k0)` from the group's start, stays inside the group's
+    /// slabs as `k0 < n ≤ nmax`.
+    pub fn z_units(&self, g: &Group) -> (usize, usize) {
+        (
+            self.z(g.patches[0]) + g.k0,
+            g.patches.len() * self.ncols_max,
+        )
     }
 }
 
@@ -234,6 +270,33 @@ impl PointerArrays {
             x: xo,
             groups,
         }
+    }
+}
+
+/// The pointer arrays of [`Solver::core_columns`](super::Solver::core_columns), in one vector:
+/// its own upload, since it runs after the stage's calls, on a buffer (`Z`) they do not have.
+pub(in crate::extract::gpu) struct ColumnArrays {
+    /// The pointers.
+    pub(in crate::extract::gpu) host: Vec<u64>,
+    /// Per group of the plan, where the two arrays of its trsm calls start (one entry per patch
+    /// of the group, in its order): `A`, the full factor `L[0, 0]`, and `B`, the patch's slab of
+    /// `Z`.
+    pub(in crate::extract::gpu) groups: Vec<(usize, usize)>,
+}
+
+impl ColumnArrays {
+    /// The arrays for `plan` with the factors at device address `ata` and `Z` at `z`.
+    pub(in crate::extract::gpu) fn new(plan: &SolvePlan, ata: u64, z: u64) -> ColumnArrays {
+        let mut host: Vec<u64> = Vec::with_capacity(2 * plan.npatch);
+        let mut groups = Vec::with_capacity(plan.groups.len());
+        for g in &plan.groups {
+            let l = host.len();
+            host.extend(g.patches.iter().map(|&b| at::<f64>(ata, plan.factor(b))));
+            let zo = host.len();
+            host.extend(g.patches.iter().map(|&b| at::<f64>(z, plan.z(b))));
+            groups.push((l, zo));
+        }
+        ColumnArrays { host, groups }
     }
 }
 

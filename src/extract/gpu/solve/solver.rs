@@ -73,6 +73,17 @@ impl Solver {
         Ok(s)
     }
 
+    /// Makes the vector of ones that the strided copies build `E` from hold at least `units`.
+    pub(super) fn grow_ones(&mut self, gpu: &Gpu, units: usize) -> Result<(), GpuError> {
+        if self.ones.as_ref().is_none_or(|o| o.len() < units) {
+            self.ones = Some(
+                gpu.upload(&vec![1.0f64; units])
+                    .map_err(cuda("uploading ones"))?,
+            );
+        }
+        Ok(())
+    }
+
     /// Allocates the outputs and runs the stage (see [`Solver::solve_into`]).
     pub fn solve(
         &mut self,
@@ -138,12 +149,7 @@ impl Solver {
             self.y = None;
             self.y = Some(st.alloc_zeros(ylen).map_err(cuda("allocating Y"))?);
         }
-        if self.ones.as_ref().is_none_or(|o| o.len() < plan.units()) {
-            self.ones = Some(
-                gpu.upload(&vec![1.0f64; plan.units()])
-                    .map_err(cuda("uploading ones"))?,
-            );
-        }
+        self.grow_ones(gpu, plan.units())?;
         let (Some(y), Some(ones)) = (self.y.as_mut(), self.ones.as_ref()) else {
             unreachable!("allocated above");
         };

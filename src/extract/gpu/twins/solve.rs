@@ -10,6 +10,7 @@
 use rayon::prelude::*;
 
 use super::super::device::Gpu;
+use super::super::solve::plan::ColumnArrays;
 pub(super) use super::super::solve::plan::PointerArrays;
 pub(super) use super::super::solve::*;
 use super::super::GpuError;
@@ -58,17 +59,13 @@ struct Stand {
 }
 
 impl Stand {
-    /// The `count` pointers at `off` of `arrays` read as (patch, offset in the patch's part),
-    /// indexed by patch. Panics if a pointer is not into this buffer, or if two entries of one
-    /// call point into the same patch's part (a batched call's outputs must not overlap).
-    fn decode(
-        &self,
-        arrays: &PointerArrays,
-        off: usize,
-        count: usize,
-    ) -> Vec<Option<(usize, usize)>> {
+    /// The `count` pointers at `off` of `host` (the pointer arrays) read as (entry, offset in
+    /// the patch's part), indexed by patch (the part's index). Panics if a pointer is not into
+    /// this buffer, or if two entries of one call point into the same patch's part (a batched
+    /// call's outputs must not overlap).
+    fn decode(&self, host: &[u64], off: usize, count: usize) -> Vec<Option<(usize, usize)>> {
         let mut by_patch = vec![None; self.len / self.part];
-        for (entry, &p) in arrays.host[off..off + count].iter().enumerate() {
+        for (entry, &p) in host[off..off + count].iter().enumerate() {
             assert!(
                 p >= self.base && (p - self.base).is_multiple_of(8),
                 "pointer {p:#x}"
@@ -151,7 +148,7 @@ pub fn twin_factored(
     let mut y = vec![0.0; npatch * plan.slab];
 
     // potrfBatched: info[entry] for the entry's matrix.
-    let fac = s_ata.decode(&arrays, arrays.factors, npatch);
+    let fac = s_ata.decode(&arrays.host, arrays.factors, npatch);
     let mut info = vec![0i32; npatch];
     let results: Vec<(usize, i32)> = ata
         .par_chunks_mut(nm2)
@@ -163,7 +160,7 @@ pub fn twin_factored(
     }
 
     // potrsBatched (nrhs = 1).
-    let sol = pair(&fac, &s_x.decode(&arrays, arrays.x, npatch));
+    let sol = pair(&fac, &s_x.decode(&arrays.host, arrays.x, npatch));
     x.par_chunks_mut(nmax)
         .zip(ata.par_chunks(nm2))
         .zip(sol.par_iter())
@@ -182,8 +179,8 @@ pub fn twin_factored(
         let count = g.patches.len();
         // trsmBatched.
         let tr = pair(
-            &s_ata.decode(&arrays, ga.l22, count),
-            &s_y.decode(&arrays, ga.y, count),
+            &s_ata.decode(&arrays.host, ga.l22, count),
+            &s_y.decode(&arrays.host, ga.y, count),
         );
         y.par_chunks_mut(plan.slab)
             .zip(ata.par_chunks(nm2))
@@ -196,8 +193,8 @@ pub fn twin_factored(
         // gemmBatched per core fiber.
         for (c, &(yf, cf)) in ga.fibers.iter().enumerate() {
             let gm = pair(
-                &s_y.decode(&arrays, yf, count),
-                &s_blk.decode(&arrays, cf, count),
+                &s_y.decode(&arrays.host, yf, count),
+                &s_blk.decode(&arrays.host, cf, count),
             );
             let k = g.m - c * g.nwt;
             blocks
@@ -229,6 +226,99 @@ pub fn twin_factored(
         info,
     };
     Ok((out, ata))
+}
+
+/// The core columns on the host (from [`twin_core_columns`] or [`CoreColumns::download`]);
+/// the fields as [`CoreColumns`]'s.
+#[derive(Debug, Clone)]
+pub struct HostCoreColumns {
+    /// Leading dimension of each column (= nmax).
+    pub ld: usize,
+    /// Per patch `b`: offset in `z` of its first column.
+    pub off: Vec<i64>,
+    /// `z[off[b] + i·ld + v] = C[v, k0_b + i]` for `i < ncols_b`, `v < n_b`.
+    pub z: Vec<f64>,
+}
+
+impl HostCoreColumns {
+    /// `C[v, k0 + i]` of patch `b`.
+    pub fn at(&self, b: usize, v: usize, i: usize) -> f64 {
+        self.z[self.off[b] as usize + i * self.ld + v]
+    }
+}
+
+/// Host twin of [`Solver::core_columns`]: its sequence on a host `Z` (zeroed; per group the
+/// strided copy of ones, then the NoTrans and the Trans trsm on the full factor), each call
+/// reading the same pointer arrays ([`ColumnArrays`], decoded against stand-in addresses).
+/// `factor` is the factored copy of `ata` that [`twin_factored`] returns with `solved`; where
+/// `solved.info` is not 0 the patch's slab is NaN.
+pub fn twin_core_columns(
+    solved: &HostSolve,
+    factor: &[f64],
+    shapes: &[PatchShape],
+) -> Result<HostCoreColumns, GpuError> {
+    let n: Vec<usize> = shapes.iter().map(PatchShape::nunknown).collect();
+    let plan = SolvePlan::new(solved.npatch, solved.nmax, &n, shapes)?;
+    let (npatch, nmax) = (plan.npatch, plan.nmax);
+    let nm2 = nmax * nmax;
+    if factor.len() != npatch * nm2 {
+        return Err(bad(format!(
+            "host factors of {} values for {npatch} patches of {nmax}",
+            factor.len()
+        )));
+    }
+    let s_ata = Stand {
+        base: 1 << 40,
+        len: npatch * nm2,
+        part: nm2,
+    };
+    let s_z = Stand {
+        base: 5 << 40,
+        len: plan.z_len(),
+        part: plan.slab,
+    };
+    let arrays = ColumnArrays::new(&plan, s_ata.base, s_z.base);
+    // alloc_zeros.
+    let mut z = vec![0.0; plan.z_len()];
+    for (g, &(full, slabs)) in plan.groups.iter().zip(&arrays.groups) {
+        let count = g.patches.len();
+        // cublasDcopy of the ones into Z with stride nmax + 1.
+        let (first, units) = plan.z_units(g);
+        for i in 0..units {
+            z[first + i * (nmax + 1)] = 1.0;
+        }
+        // The factor of each entry (its A), by entry; then each entry's slab of Z (its B).
+        let mut factor_of = vec![(0usize, 0usize); count];
+        for (p, e) in s_ata.decode(&arrays.host, full, count).iter().enumerate() {
+            if let Some((entry, local)) = *e {
+                factor_of[entry] = (p, local);
+            }
+        }
+        let tr = s_z.decode(&arrays.host, slabs, count);
+        let (m, ncols) = (g.k0 + g.m, g.ncols());
+        for trans in [false, true] {
+            z.par_chunks_mut(plan.slab)
+                .zip(tr.par_iter())
+                .for_each(|(zb, e)| {
+                    if let Some((entry, lz)) = *e {
+                        let (p, la) = factor_of[entry];
+                        let l = &factor[p * nm2..(p + 1) * nm2][la..];
+                        if trans {
+                            trsm_lower_trans(l, nmax, m, ncols, &mut zb[lz..], nmax);
+                        } else {
+                            trsm_lower(l, nmax, m, ncols, &mut zb[lz..], nmax);
+                        }
+                    }
+                });
+        }
+    }
+    for (b, &i) in solved.info.iter().enumerate() {
+        if i != 0 {
+            z[plan.z(b)..plan.z(b) + plan.slab].fill(f64::NAN);
+        }
+    }
+    let off = (0..npatch).map(|b| plan.z(b) as i64).collect();
+    Ok(HostCoreColumns { ld: nmax, off, z })
 }
 
 /// Lower Cholesky factor of the `n × n` column-major `a` (leading dimension `lda`), in place,
@@ -300,6 +390,24 @@ fn trsm_lower(l: &[f64], lda: usize, m: usize, ncols: usize, b: &mut [f64], ldb:
     }
 }
 
+/// `B ← L⁻ᵀ B` for the `m × m` lower triangle at `l` (leading dimension `lda`) and the
+/// `m × ncols` `b` (leading dimension `ldb`): dtrsm (Left, Lower, Trans, NonUnit), by columns,
+/// from the last row up, each entry a dot product with what is below it (the reference BLAS's
+/// order; it has no zero test in this case).
+fn trsm_lower_trans(l: &[f64], lda: usize, m: usize, ncols: usize, b: &mut [f64], ldb: usize) {
+    for j in 0..ncols {
+        let col = &mut b[j * ldb..j * ldb + m];
+        for i in (0..m).rev() {
+            let lcol = &l[i * lda..i * lda + m];
+            let mut t = col[i];
+            for (&lki, &bk) in lcol[i + 1..].iter().zip(&col[i + 1..]) {
+                t = (-lki).mul_add(bk, t);
+            }
+            col[i] = t / lcol[i];
+        }
+    }
+}
+
 /// `C = Yᵀ Y` for the `k × nwt` `y` (leading dimension `ldy`) into the column-major `c`
 /// (leading dimension `ldc`): dgemm (T, N) with both operands the same.
 fn gram(y: &[f64], ldy: usize, k: usize, nwt: usize, c: &mut [f64], ldc: usize) {
@@ -335,6 +443,20 @@ impl SolveBatch {
             info: st
                 .clone_dtoh(&self.info)
                 .map_err(cuda("downloading info"))?,
+        })
+    }
+}
+
+impl CoreColumns {
+    /// Copies the columns back (waits for them).
+    pub fn download(&self, gpu: &Gpu) -> Result<HostCoreColumns, GpuError> {
+        Ok(HostCoreColumns {
+            ld: self.ld,
+            off: self.off.clone(),
+            z: gpu
+                .stream
+                .clone_dtoh(&self.z)
+                .map_err(cuda("downloading Z"))?,
         })
     }
 }
@@ -915,5 +1037,305 @@ mod tests {
              {tx:.1e} C_ff {tc:.1e}",
             per_patch[0].0, per_patch[0].1
         );
+    }
+    /// Patch `b`'s core columns against the reference inverse `c`, relative to its largest
+    /// `|C[:, core]|`: the worst difference over all rows, the worst over the rows before the
+    /// core (the left neighbour's, `v < k0`), and the largest reference value there (so that a
+    /// test can see those rows are not trivially 0). Every element read must be finite.
+    fn compare_columns(
+        got: &HostCoreColumns,
+        b: usize,
+        s: &PatchShape,
+        c: &Array2<f64>,
+    ) -> (f64, f64, f64) {
+        let (n, k0, ncols) = (
+            s.nunknown(),
+            s.core_fiber * s.nwavetot,
+            s.ncore * s.nwavetot,
+        );
+        let sc = max_abs(
+            (0..ncols)
+                .flat_map(|i| (0..n).map(move |v| (v, i)))
+                .map(|(v, i)| &c[[v, k0 + i]]),
+        );
+        let (mut w, mut wl, mut left) = (0.0f64, 0.0f64, 0.0f64);
+        for i in 0..ncols {
+            for v in 0..n {
+                let (g, r) = (got.at(b, v, i), c[[v, k0 + i]]);
+                assert!(g.is_finite(), "patch {b}: C[{v}, {}] = {g}", k0 + i);
+                let e = (g - r).abs() / sc;
+                w = w.max(e);
+                if v < k0 {
+                    wl = wl.max(e);
+                    left = left.max(r.abs() / sc);
+                }
+            }
+        }
+        (w, wl, left)
+    }
+
+    /// The core rows of the columns are the stage's own `C_ff` blocks (computed another way, by
+    /// the Gram products of `Y`): the worst difference relative to the largest block entry.
+    fn columns_vs_blocks(
+        got: &HostCoreColumns,
+        solved: &HostSolve,
+        b: usize,
+        s: &PatchShape,
+    ) -> f64 {
+        let nwt = s.nwavetot;
+        let sc = max_abs(
+            (0..s.ncore)
+                .flat_map(|c| (0..nwt * nwt).map(move |e| (c, e / nwt, e % nwt)))
+                .map(|(c, w, wp)| {
+                    &solved.blocks[((b * solved.ncore_max + c) * solved.nw + w) * solved.nw + wp]
+                }),
+        );
+        let mut worst = 0.0f64;
+        for c in 0..s.ncore {
+            for w in 0..nwt {
+                for wp in 0..nwt {
+                    let z = got.at(b, (s.core_fiber + c) * nwt + wp, c * nwt + w);
+                    worst = worst.max((z - solved.cov(b, c, wp, w)).abs() / sc);
+                }
+            }
+        }
+        worst
+    }
+
+    /// The twin's core columns of every patch of `scene` against LAPACK's inverse of the same
+    /// matrix, each within `max(κ·ε, 1e-10)`, and against the stage's own blocks; returns the
+    /// worst error, the worst over the rows before the core, and the largest of those rows'
+    /// values among the patches with `k0 > 0`.
+    fn check_columns(scene: &Scene, reg: f64, eps: f64) -> (f64, f64, f64) {
+        let inputs = scene.inputs();
+        let shapes = scene.shapes();
+        let layout = normal::BatchLayout::new(&inputs).unwrap();
+        let dense = normal::twin(&layout, reg, eps);
+        let (solved, factor) = twin_factored(&dense, &shapes).unwrap();
+        let got = twin_core_columns(&solved, &factor, &shapes).unwrap();
+        assert_eq!(got.ld, dense.nmax);
+        let mut worst = (0.0f64, 0.0f64, 0.0f64);
+        for (b, s) in shapes.iter().enumerate() {
+            let (m, _) = from_batch(&dense, b, s.nunknown());
+            let bound = (condition(&m) * EPS).max(1e-10);
+            let c = m.invc().unwrap();
+            let (w, wl, left) = compare_columns(&got, b, s, &c);
+            let wb = columns_vs_blocks(&got, &solved, b, s);
+            assert!(
+                w <= bound && wb <= bound,
+                "patch {b} ({s:?}): {w:.1e} {wb:.1e}, bound {bound:.1e}"
+            );
+            worst = (worst.0.max(w), worst.1.max(wl), worst.2.max(left));
+        }
+        worst
+    }
+
+    #[test]
+    fn twin_core_columns_match_lapack_on_toy_patches() {
+        // First core fiber 0 or 1 (k0 0 or 32), four groups; with regularisation, and without
+        // it with an ill-conditioned patch (κ ~1e9).
+        for (mask, reg, eps) in [(false, 0.05, 1e-8), (true, 0.0, 1e-15)] {
+            let scene = toy_scene(2, mask);
+            let shapes = scene.shapes();
+            assert!(
+                shapes.iter().any(|s| s.core_fiber > 0) && shapes.iter().any(|s| s.core_fiber == 0)
+            );
+            let (w, wl, left) = check_columns(&scene, reg, eps);
+            eprintln!(
+                "twin's core columns vs LAPACK, toy, regularize {reg}, masked spot {mask}: \
+                 {w:.1e} (left neighbour's rows {wl:.1e}, their largest |C| {left:.1e})"
+            );
+            assert!(
+                left > 1e-6,
+                "the left neighbour's rows are {left:.1e} of the largest"
+            );
+            assert!(
+                wl <= 1e-8 * left,
+                "the left neighbour's rows: {wl:.1e} of {left:.1e}"
+            );
+        }
+    }
+
+    #[test]
+    fn twin_core_columns_match_lapack_at_the_real_sizes() {
+        // Subbundles 0 (k0 = 0), 1, 2 and 4 (k0 = 74), and two 4-fiber frame-edge ones; the
+        // groups interleaved in the batch, so that Z's group order is not the patches' order.
+        let picks = [47 + 23, 0, 2 * 47 + 46, 20, 4 * 47 + 10];
+        let (scene, what) = bundle_scene(Some(&picks), 3, false);
+        let shapes = scene.shapes();
+        let n: Vec<usize> = shapes.iter().map(PatchShape::nunknown).collect();
+        let plan = SolvePlan::new(n.len(), 7 * 74, &n, &shapes).unwrap();
+        let order: Vec<usize> = plan.groups.iter().flat_map(|g| g.patches.clone()).collect();
+        assert_ne!(order, (0..n.len()).collect::<Vec<_>>());
+        assert!(
+            shapes.iter().any(|s| s.core_fiber > 0) && shapes.iter().any(|s| s.core_fiber == 0)
+        );
+        assert!(shapes.iter().any(|s| s.ncore == 4) && shapes.iter().any(|s| s.ncore == 5));
+        let (w, wl, left) = check_columns(&scene, 0.0, 1e-15);
+        eprintln!(
+            "twin's core columns vs LAPACK, {what}, {} patches: {w:.1e} (left neighbour's rows \
+             {wl:.1e}, their largest |C| {left:.1e})",
+            shapes.len()
+        );
+        assert!(w <= 1e-10, "{w:.1e}");
+        assert!(
+            left > 1e-6,
+            "the left neighbour's rows are {left:.1e} of the largest"
+        );
+        assert!(
+            wl <= 1e-8 * left,
+            "the left neighbour's rows: {wl:.1e} of {left:.1e}"
+        );
+    }
+
+    /// A failed factorisation leaves that patch's columns NaN in the twin, the others as they
+    /// were; a factor of the wrong length is refused.
+    #[test]
+    fn twin_core_columns_mark_a_failed_patch_and_refuse_a_wrong_factor() {
+        let scene = toy_scene(4, false);
+        let inputs = scene.inputs();
+        let shapes = scene.shapes();
+        let layout = normal::BatchLayout::new(&inputs).unwrap();
+        let dense = normal::twin(&layout, 0.0, 1e-15);
+        let (solved, factor) = twin_factored(&dense, &shapes).unwrap();
+        let good = twin_core_columns(&solved, &factor, &shapes).unwrap();
+        let mut bad_dense = dense.clone();
+        let (k, u) = (2usize, 37usize);
+        bad_dense.ata[(k * dense.nmax + u) * dense.nmax + u] *= -1.0;
+        let (bsolved, bfactor) = twin_factored(&bad_dense, &shapes).unwrap();
+        let got = twin_core_columns(&bsolved, &bfactor, &shapes).unwrap();
+        for (b, s) in shapes.iter().enumerate() {
+            let (n, ncols) = (s.nunknown(), s.ncore * s.nwavetot);
+            for i in 0..ncols {
+                for v in 0..n {
+                    let g = got.at(b, v, i);
+                    if b == k {
+                        assert!(g.is_nan(), "patch {b}: C[{v}, {i}] = {g}");
+                    } else {
+                        assert_eq!(g.to_bits(), good.at(b, v, i).to_bits(), "patch {b}");
+                    }
+                }
+            }
+        }
+        let err = twin_core_columns(&solved, &factor[1..], &shapes).unwrap_err();
+        assert!(err.to_string().contains("host factors"), "{err}");
+    }
+
+    #[test]
+    fn plan_lays_z_out_in_group_order_with_e_on_one_progression_per_group() {
+        // The toy scene's groups (k0 0 or 32, 2 or 3 core fibers); and real sizes where one
+        // group's k0 (5 fibers of 74 bins) is so large that the units of its unused columns
+        // (2 core fibers of at most 5) run past row nmax.
+        let real = |core_fiber, ncore, nfiber| PatchShape {
+            nfiber,
+            core_fiber,
+            ncore,
+            nwavetot: 74,
+        };
+        let spill = vec![
+            real(1, 5, 7),
+            real(5, 2, 7),
+            real(0, 5, 6),
+            real(5, 2, 7),
+            real(1, 4, 6),
+        ];
+        for (shapes, must_spill) in [(toy_scene(1, false).shapes(), false), (spill, true)] {
+            let n: Vec<usize> = shapes.iter().map(PatchShape::nunknown).collect();
+            let nmax = *n.iter().max().unwrap();
+            let plan = SolvePlan::new(shapes.len(), nmax, &n, &shapes).unwrap();
+            assert!(plan.groups.len() >= 3);
+            // The slabs follow one another in group order, each group's patches in order.
+            let order: Vec<usize> = plan.groups.iter().flat_map(|g| g.patches.clone()).collect();
+            for (slot, &b) in order.iter().enumerate() {
+                assert_eq!(plan.z(b), slot * plan.slab, "patch {b}");
+            }
+            assert_eq!(plan.z_len(), shapes.len() * plan.slab);
+            let mut spilled = false;
+            for g in &plan.groups {
+                let (first, count) = plan.z_units(g);
+                assert_eq!(count, g.patches.len() * plan.ncols_max);
+                let start = plan.z(g.patches[0]);
+                let end = start + g.patches.len() * plan.slab;
+                assert!(end <= plan.z_len());
+                // Every unit lands inside the group's slabs; in a column that trsm reads
+                // (< ncols), exactly on row k0 + i of column i, once for each such column.
+                let mut hits = std::collections::BTreeSet::new();
+                for e in 0..count {
+                    let p = first + e * (nmax + 1);
+                    assert!(p >= start && p < end, "unit {e} of group {g:?} at {p}");
+                    let (j, local) = ((p - start) / plan.slab, (p - start) % plan.slab);
+                    let (col, row) = (local / nmax, local % nmax);
+                    if col < g.ncols() {
+                        assert_eq!(row, g.k0 + col, "unit {e} of group {g:?}");
+                        assert!(hits.insert((j, col)));
+                        let b = g.patches[j];
+                        assert_eq!(plan.z(b) + col * nmax + g.k0 + col, p);
+                    }
+                    spilled |= col != e % plan.ncols_max;
+                }
+                assert_eq!(hits.len(), g.patches.len() * g.ncols());
+            }
+            assert_eq!(spilled, must_spill);
+        }
+    }
+
+    /// `core_columns` on GPU 0 against the twin, to 1e-10 of each patch's largest |C[:, core]|
+    /// (max(1e-10, κ·ε) on the toy batch): at the real sizes (a bundle plus two 4-fiber
+    /// frame-edge patches, nmax 518) and on the toy batch (other sizes, k0 and groups).
+    #[test]
+    fn gpu_core_columns_match_the_twin() {
+        if let Err(e) = device::probe() {
+            eprintln!("skipping: no GPU ({e})");
+            return;
+        }
+        let gpu = Gpu::open(0).expect("GPU 0 opens");
+        let mut solver = Solver::new(&gpu).expect("cuBLAS and cuSOLVER handles");
+        let kernels = normal::Kernels::load(&gpu).expect("normal.cu compiles and loads");
+        for (scene, what) in [bundle_scene(None, 5, false), (toy_scene(2, false), "toy")] {
+            let inputs = scene.inputs();
+            let shapes = scene.shapes();
+            let layout = normal::BatchLayout::new(&inputs).unwrap();
+            let mut dense = normal::DenseBatch::alloc(&gpu, &layout).unwrap();
+            let up = normal::UploadedLayout::upload(&gpu, &layout, Default::default()).unwrap();
+            normal::build_into(&gpu, &kernels, &up.buffers(), 0.0, 1e-15, &mut dense).unwrap();
+            let host = dense.download(&gpu).unwrap();
+            let (tw, tw_factor) = twin_factored(&host, &shapes).unwrap();
+            let want = twin_core_columns(&tw, &tw_factor, &shapes).unwrap();
+            let solved = solver.solve(&gpu, &mut dense, &shapes).unwrap();
+            let cols = solver.core_columns(&gpu, &dense, &shapes).unwrap();
+            let got = cols.download(&gpu).unwrap();
+            assert_eq!(solved.download(&gpu).unwrap().info, vec![0; shapes.len()]);
+            assert_eq!((got.ld, &got.off), (want.ld, &want.off));
+            let mut worst = 0.0f64;
+            for (b, s) in shapes.iter().enumerate() {
+                let (n, k0, ncols) = (
+                    s.nunknown(),
+                    s.core_fiber * s.nwavetot,
+                    s.ncore * s.nwavetot,
+                );
+                let sc = max_abs(
+                    (0..ncols)
+                        .flat_map(|i| (0..n).map(move |v| (v, i)))
+                        .map(|(v, i)| &want.z[want.off[b] as usize + i * want.ld + v]),
+                );
+                let mut w = 0.0f64;
+                for i in 0..ncols {
+                    for v in 0..n {
+                        let g = got.at(b, v, i);
+                        assert!(g.is_finite(), "patch {b}: C[{v}, {}] = {g}", k0 + i);
+                        w = w.max((g - want.at(b, v, i)).abs() / sc);
+                    }
+                }
+                let (m, _) = from_batch(&host, b, n);
+                let bound = (condition(&m) * EPS).max(1e-10);
+                assert!(w <= bound, "{what} patch {b}: {w:.1e}, bound {bound:.1e}");
+                worst = worst.max(w);
+            }
+            eprintln!(
+                "GPU ({}) core columns vs twin, {what}, {} patches: {worst:.1e}",
+                gpu.info.name,
+                shapes.len()
+            );
+        }
     }
 }
