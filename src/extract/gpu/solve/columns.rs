@@ -97,6 +97,7 @@ impl Solver {
                         stride,
                     )
                 })?;
+                // L⁻¹E, then L⁻ᵀ(L⁻¹E) = C[:, core], in place.
                 for op in [
                     cublas::cublasOperation_t::CUBLAS_OP_N,
                     cublas::cublasOperation_t::CUBLAS_OP_T,

@@ -24,7 +24,6 @@
 //!    a group are not evenly spaced, so the strided variant does not apply). Column `u` of `Y`
 //!    is zero above row `u`, so fiber `c`'s Gram product starts at its own first row, saving a
 //!    third of the flops over the five fibers.
-//!
 //! 5. On demand, after the stage ([`Solver::core_columns`], for `--ivar-from-model`'s
 //!    leverages): the full core columns `C[:, core] = L⁻ᵀ L⁻¹ E` of every patch, rows `< k0`
 //!    (the left neighbour) included, into a new buffer `Z`: per group two `cublasDtrsmBatched`
@@ -39,7 +38,7 @@
 //! column `i`: within a group they lie on one progression from the group's first slab plus
 //! `k0` (`SolvePlan::z_units`, which bounds it), so a memset and one strided copy per group.
 //!
-//! Layouts of the outputs ([`SolveBatch`]), `nw` the largest `nwavetot` and
+//! Layouts of the outputs ([`SolveBatch`], and [`CoreColumns`]), `nw` the largest `nwavetot` and
 //! `ncore_max` the largest core-fiber count of the batch:
 //! * `x[b·nmax + u]`: patch `b`'s solution, fiber-major `u = f·nwavetot + w`; 0 in the padding.
 //! * `blocks[((b·ncore_max + c)·nw + w)·nw + w']` = `C[(f, w'), (f, w)]` for core fiber
@@ -57,8 +56,9 @@
 //!
 //! Here: the shapes, outputs and the [`Solver`]'s handles (with their release). The rest, one
 //! concern a file: `plan` (the decomposition and the pointer arrays), `solver` (the handles
-//! made, and the sequence of calls), `columns` (step 5), `eigen` (the batched eigen route of the decorrelation),
-//! `libraries` (what cuBLAS and cuSOLVER must export, and their status codes).
+//! made, and the sequence of calls), `columns` (step 5), `eigen` (the batched eigen route of
+//! the decorrelation), `libraries` (what cuBLAS and cuSOLVER must export, and their status
+//! codes).
 
 mod columns;
 mod eigen;
@@ -191,7 +191,7 @@ pub fn check_potrs_info(info: i32) -> Result<(), GpuError> {
 }
 
 /// cuBLAS and cuSOLVER handles bound to one GPU's stream, with the workspace reused from batch
-/// to batch (`Y` and the ones that build `E`).
+/// to batch (`Y`, and the ones that build `E` in `Y` and in `Z`).
 pub struct Solver {
     stream: Arc<CudaStream>,
     blas: cublas::cublasHandle_t,
@@ -203,9 +203,9 @@ pub struct Solver {
 }
 
 // SAFETY: the handles are used only through `&mut self` (never from two threads at once), and
-// `solve_into` and `drop` make the stream's context current on the calling thread before using
-// them, which is all cuBLAS and cuSOLVER ask of a handle that changes threads. cudarc's own
-// handle wrappers (`CudaBlas`, `DnHandle`) are `Send` on the same grounds.
+// `solve_into`, `core_columns` and `drop` make the stream's context current on the calling
+// thread before using them, which is all cuBLAS and cuSOLVER ask of a handle that changes
+// threads. cudarc's own handle wrappers (`CudaBlas`, `DnHandle`) are `Send` on the same grounds.
 unsafe impl Send for Solver {}
 
 impl Drop for Solver {

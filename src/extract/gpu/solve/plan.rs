@@ -1,7 +1,8 @@
 //! The stage's decomposition of a batch, shared by the device path and its twin
 //! (`twins::solve`): the sizes and trsm groups ([`SolvePlan`], [`Group`]), every offset the
 //! pointer arrays are built from, and those arrays ([`PointerArrays`], and [`ColumnArrays`]
-//! for the core columns), from device addresses or stand-ins. Plain arithmetic: imports only the stage's error helpers (`super`).
+//! for the core columns), from device addresses or stand-ins. Plain arithmetic: imports only
+//! the stage's error helpers (`super`).
 
 use super::{bad, int, PatchShape};
 use crate::extract::gpu::GpuError;
