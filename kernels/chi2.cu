@@ -1,10 +1,11 @@
 // Model, per-pixel chi², chi2pix and pixmask fraction of a batch of patches (docs/science.md
-// §5.6–5.7), from each patch's solution x. (The model image is the CPU's: backend.rs sends
-// batches that ask for it there.)
+// §5.6–5.7), from each patch's solution x; and each patch's part of the model image with the
+// pixels' leverage on it (§5.8, model_image).
 //
-// The host side (src/extract/gpu/chi2.rs) flattens the per-patch sizes and holds a plain-Rust
-// twin of the two kernels, line for line, so that the indexing and the arithmetic below are
-// tested against the CPU backend on machines without a GPU. Change one, change the other.
+// The host side (src/extract/gpu/chi2.rs and model.rs) flattens the per-patch sizes; the
+// plain-Rust twins of the kernels (src/extract/gpu/twins/chi2.rs, model.rs) follow them line
+// for line, so that the indexing and the arithmetic below are tested against the CPU backend
+// on machines without a GPU. Change one, change the other.
 //
 // Inputs: the batch as normal::BatchLayout flattens it (patch, win_off, scr_off, pix, ivar,
 // spots, spot_off, geom; see kernels/normal.cu: window b's pixel (r, c) is
@@ -239,4 +240,100 @@ extern "C" __global__ void chi2_project(const Chi2ProjectParams args)
     }
     args.pixmask[o] = pm;
     args.chi2pix[o] = (den > 0.0) ? __ddiv_rn(num, den) : 0.0;
+}
+
+// Mapping: as chi2_pixels (one block per (row tile, patch), the patch's unknowns staged, the
+// threads striding over the tile's pixels). Each pixel gets its part of the model image, the
+// deconvolved flux of the core fibers' core bins through their spots,
+//   image = Σ_{u core} x_u · a_u,
+// summed in increasing u as cpu::chi2::add_spots does (that function adds the core fibers'
+// other bins too, with coefficient 0, which leaves every sum's bits unchanged: the running sum
+// starts at +0 and never becomes −0), so the image is the CPU's for the same x, bit for bit.
+// With covariance columns (cov not null: cov[cov_off[b] + i·cov_ld + v] = C[v, k0 + i], k0 the
+// first core unknown), also the pixel's leverage on that image,
+//   leverage = ivar · Σ_{u core} a_u · (Σ_v C[v, u] · a_v),
+// v over every unknown whose spot covers the pixel, in increasing v, then u: the hat matrix's
+// diagonal restricted to the core unknowns, which cpu::chi2::leverage sums pair by pair from its
+// own band of C (so the two agree to rounding, not bit for bit).
+extern "C" __global__ void model_image(const ModelImageParams args)
+{
+    const int b = blockIdx.y;
+    const int4 pb = args.patch[b];
+    const int n = pb.x;
+    const int wny = pb.y;
+    const int wnx = pb.z;
+    const int ld = pb.w;
+    const int r0 = blockIdx.x * args.tile_rows;
+    if (r0 >= wny) {
+        return;
+    }
+    const int r1 = min(r0 + args.tile_rows, wny);
+    const int4 d0 = args.dims[2 * b];
+    const int4 d1 = args.dims[2 * b + 1];
+    const int nsp = d0.x;
+    const int nwt = d0.y;
+    const int core0 = d0.z;
+    const int ncore = d0.w;
+    const int blo = d1.x;
+    const int bhi = d1.x + d1.z;
+    const long long base = (long long)b * args.nmax;
+    // Every fiber's spans: the leverage's inner sum runs over all of them.
+    const Tile t = stage_tile(args.nmax, args.nx, n, nwt, nsp, 0, nsp, 0, nwt, r0, r1,
+                              args.geom + base, args.x + base, args.spot_off + base);
+    const long long off = args.win_off[b];
+    const long long soff = args.scr_off[b];
+    const double* cov = args.cov;
+    const long long cov0 = (cov != nullptr) ? args.cov_off[b] : 0;
+    const int k0 = core0 * nwt;
+    const int npix = (r1 - r0) * wnx;
+    for (int k = threadIdx.x; k < npix; k += blockDim.x) {
+        const int r = r0 + k / wnx;
+        const int c = k - (k / wnx) * wnx;
+        double img = 0.0;
+        double h = 0.0;
+        for (int f = core0; f < core0 + ncore; ++f) {
+            if (c < t.span[4 * f + 2] || c >= t.span[4 * f + 3]) {
+                continue;
+            }
+            const int whi = min(t.span[4 * f + 1], bhi);
+            for (int w = max(t.span[4 * f + 0], blo); w < whi; ++w) {
+                const int u = f * nwt + w;
+                const SpotGeom g = unpack_geom(t.sg[u]);
+                const int iy = r - g.row0;
+                const int ix = c - g.col0;
+                if (iy < g.iy0 || iy >= g.iy1 || ix < 0 || ix >= args.nx) {
+                    continue;
+                }
+                const double a = args.spots[t.so[u] + iy * args.nx + ix];
+                img = __dadd_rn(img, __dmul_rn(t.sc[u], a));
+                if (cov != nullptr) {
+                    const double* col = cov + cov0 + (long long)(u - k0) * args.cov_ld;
+                    double s = 0.0;
+                    for (int f2 = 0; f2 < nsp; ++f2) {
+                        if (c < t.span[4 * f2 + 2] || c >= t.span[4 * f2 + 3]) {
+                            continue;
+                        }
+                        const int w2hi = t.span[4 * f2 + 1];
+                        for (int w2 = t.span[4 * f2 + 0]; w2 < w2hi; ++w2) {
+                            const int v = f2 * nwt + w2;
+                            const SpotGeom g2 = unpack_geom(t.sg[v]);
+                            const int iy2 = r - g2.row0;
+                            const int ix2 = c - g2.col0;
+                            if (iy2 < g2.iy0 || iy2 >= g2.iy1 || ix2 < 0 || ix2 >= args.nx) {
+                                continue;
+                            }
+                            const double a2 = args.spots[t.so[v] + iy2 * args.nx + ix2];
+                            s = __dadd_rn(s, __dmul_rn(col[v], a2));
+                        }
+                    }
+                    h = __dadd_rn(h, __dmul_rn(a, s));
+                }
+            }
+        }
+        const long long q = soff + (long long)r * wnx + c;
+        args.image[q] = img;
+        if (cov != nullptr) {
+            args.leverage[q] = __dmul_rn(h, args.ivar[off + (long long)r * ld + c]);
+        }
+    }
 }

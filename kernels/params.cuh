@@ -1,6 +1,6 @@
 // Every kernel's parameters, as one struct per entry point passed by value (the kernel's only
 // argument). Mirrored field for field by the `kernel_params!` structs of the launchers
-// (src/extract/gpu/{unit,chi2,decorrelate,normal,spots}.rs), device buffers there being u64
+// (src/extract/gpu/{unit,chi2,model,decorrelate,normal,spots}.rs), device buffers there being u64
 // device addresses: the static_asserts below state each struct's size and field offsets, a
 // test in src/extract/gpu/launch.rs reads them back and compares them with the Rust layout,
 // and the PTX ABI test checks each entry point's parameter size, so that a change on one side
@@ -140,6 +140,45 @@ SPX_FIELD(Chi2ProjectParams, chi2, 80);
 SPX_FIELD(Chi2ProjectParams, valid, 88);
 SPX_FIELD(Chi2ProjectParams, chi2pix, 96);
 SPX_FIELD(Chi2ProjectParams, pixmask, 104);
+
+// chi2.cu, model_image.
+struct ModelImageParams {
+    int tile_rows;
+    int nmax;
+    int nx;
+    int cov_ld;  // leading dimension of the covariance columns (0 without them)
+    const int4* __restrict__ patch;  // [npatch] {n, window ny, window nx, ld}
+    const int4* __restrict__ dims;  // [2·npatch] as chi2_pixels
+    const long long* __restrict__ win_off;  // [npatch]
+    const long long* __restrict__ scr_off;  // [npatch]
+    const double* __restrict__ ivar;
+    const double* __restrict__ spots;
+    const long long* __restrict__ spot_off;  // [npatch·nmax]
+    const int4* __restrict__ geom;  // [npatch·nmax]
+    const double* __restrict__ x;  // [npatch·nmax]
+    const double* __restrict__ cov;  // C[:, core] columns, or null: no leverage
+    const long long* __restrict__ cov_off;  // [npatch] patch b's first column in cov
+    double* __restrict__ image;  // [window pixels]
+    double* __restrict__ leverage;  // [window pixels], written when cov is not null
+};
+static_assert(sizeof(ModelImageParams) == 120, "ModelImageParams");
+SPX_FIELD(ModelImageParams, tile_rows, 0);
+SPX_FIELD(ModelImageParams, nmax, 4);
+SPX_FIELD(ModelImageParams, nx, 8);
+SPX_FIELD(ModelImageParams, cov_ld, 12);
+SPX_FIELD(ModelImageParams, patch, 16);
+SPX_FIELD(ModelImageParams, dims, 24);
+SPX_FIELD(ModelImageParams, win_off, 32);
+SPX_FIELD(ModelImageParams, scr_off, 40);
+SPX_FIELD(ModelImageParams, ivar, 48);
+SPX_FIELD(ModelImageParams, spots, 56);
+SPX_FIELD(ModelImageParams, spot_off, 64);
+SPX_FIELD(ModelImageParams, geom, 72);
+SPX_FIELD(ModelImageParams, x, 80);
+SPX_FIELD(ModelImageParams, cov, 88);
+SPX_FIELD(ModelImageParams, cov_off, 96);
+SPX_FIELD(ModelImageParams, image, 104);
+SPX_FIELD(ModelImageParams, leverage, 112);
 
 // decorrelate.cu, decorrelate.
 struct DecorrelateParams {

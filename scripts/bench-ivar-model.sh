@@ -7,20 +7,29 @@
 # mpirun -n RANKS when RANKS is set), where the first pass's model goes back to the reader.
 # Uses the real DESI PSF in ../shared/data when present, else a synthetic one.
 # Env: BENCH_DIR (default target/bench-ivar-model), NSPEC (fibers, 50), THREADS (2),
-# REPEATS (3), LIST_FRAMES (4; 0 skips the list), RANKS (unset: one process).
+# REPEATS (3), LIST_FRAMES (4; 0 skips the list), RANKS (unset: one process), BACKEND
+# (--backend of every extraction; unset: the default, auto), SPEXTRACT_BIN (a built binary,
+# e.g. the one scripts/gpu-session.sh stages; unset: cargo builds target/release), PSF (a PSF
+# file instead of the shared or synthetic one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OPENBLAS_NUM_THREADS=1
-cargo build --release
-bin=$PWD/target/release/spextract
+if [ -n "${SPEXTRACT_BIN:-}" ]; then
+    bin=$(realpath "$SPEXTRACT_BIN")
+else
+    cargo build --release
+    bin=$PWD/target/release/spextract
+fi
+backend=()
+[ -z "${BACKEND:-}" ] || backend=(--backend "$BACKEND")
 dir=${BENCH_DIR:-target/bench-ivar-model}
 nspec=${NSPEC:-50}
 threads=${THREADS:-2}
 repeats=${REPEATS:-3}
 grid=5760,7620,0.8
+psf=$(realpath -m "${PSF:-../shared/data/psf-r0-00067784.fits}")
 mkdir -p "$dir"
 cd "$dir"
-psf=$(realpath -m ../../../shared/data/psf-r0-00067784.fits)
 if [ ! -f "$psf" ]; then
     psf=$PWD/psf-synthetic.fits
     "$bin" simulate --make-psf "$psf" --overwrite
@@ -34,7 +43,7 @@ run() {
     shift
     start=$(date +%s%N)
     "$bin" extract -p "$psf" -i preproc.fits -o "$out" -w "$grid" -n "$nspec" \
-        --threads "$threads" --no-progress --overwrite "$@" 2>/dev/null
+        --threads "$threads" --no-progress --overwrite "${backend[@]}" "$@" 2>/dev/null
     end=$(date +%s%N)
     echo $(((end - start) / 1000000))
 }
@@ -47,8 +56,9 @@ for i in $(seq "$repeats"); do
     one=$((one + a))
     two=$((two + b))
 done
-printf '== --ivar-from-model / one pass: %d.%03d (%d ms / %d ms over %d runs each, %s threads)\n' \
-    $((two / one)) $((two * 1000 / one % 1000)) "$two" "$one" "$repeats" "$threads"
+printf '== --ivar-from-model / one pass: %d.%03d (%d ms / %d ms over %d runs each, %s threads%s)\n' \
+    $((two / one)) $((two * 1000 / one % 1000)) "$two" "$one" "$repeats" "$threads" \
+    "${BACKEND:+, backend $BACKEND}"
 for f in one-pass two-pass; do
     echo "== $f.fits against the truth"
     "$bin" compare "$f.fits" --truth truth.fits | grep -E 'chi2/dof|mean pull' || true
@@ -76,7 +86,7 @@ run_list() {
     sed "s|OUT/|$out/|" list.txt >"list-$out.txt"
     start=$(date +%s%N)
     "${launch[@]}" "$bin" extract --frames "list-$out.txt" --config run.toml \
-        --threads "$threads" --no-progress "$@" 2>/dev/null
+        --threads "$threads" --no-progress "${backend[@]}" "$@" 2>/dev/null
     end=$(date +%s%N)
     echo $(((end - start) / 1000000))
 }

@@ -11,6 +11,9 @@
 #                  GPU vs CPU, GPU vs gpu_specter's frame and vs the truth (`spextract compare`);
 #                  then GPU vs CPU on what no GPU has run: CCD-edge patches with
 #                  --ivar-from-model (a frame, and a list of 2), and a PSF with a tail
+#   ivar.log       issue 14's cost of --ivar-from-model on the GPU: a full r frame with IVAR
+#                  from its pixels, one pass against two (scripts/bench-ivar-model.sh, 2
+#                  rounds), then a list of 2 such frames through the pipeline
 #   bench.log      a full 500-fiber r frame simulated through the real PSF, then
 #                  `spextract bench --backend cpu,gpu` on it (as BENCHMARKS.md)
 #   full.log       that frame extracted on the GPU and on the CPU, compared (and vs the truth)
@@ -24,7 +27,7 @@
 #                  runs' JSON reports (GPU_MPI_FRAMES frames, default 6;
 #                  GPU_MPI_BACKEND and GPU_MPI_ARGS rehearse it elsewhere, e.g. cpu and -n 25)
 #   summary.txt    each step's exit code and seconds, and the tests' "skipping" lines
-# GPU_REMOTE_STEPS picks groups of steps (env tests parity bench full side sanitizer mpi;
+# GPU_REMOTE_STEPS picks groups of steps (env tests parity ivar bench full side sanitizer mpi;
 # default all); the full frame is simulated whenever bench, full, side or mpi runs.
 # Logs go to $OUT (the tool's; elsewhere default /tmp/spextract-gpu-out). Without a GPU the
 # GPU steps fail or skip with the reason; the exit code is 1 when any step failed.
@@ -36,8 +39,8 @@ out=${OUT:-/tmp/spextract-gpu-out}
 scratch=${GPU_SCRATCH:-/tmp/spextract-gpu}
 budget=${GPU_REMOTE_BUDGET_S:-480}
 grid=5760,7620,0.8
-# The groups of steps to run (default all): env tests parity bench full side sanitizer.
-steps=" ${GPU_REMOTE_STEPS:-env tests parity bench full side sanitizer mpi} "
+# The groups of steps to run (default all).
+steps=" ${GPU_REMOTE_STEPS:-env tests parity ivar bench full side sanitizer mpi} "
 want() { [[ "$steps" == *" $1 "* ]]; }
 mkdir -p "$out"
 summary=$out/summary.txt
@@ -184,9 +187,9 @@ want parity && step parity.log 30 "compare bundle 0: GPU vs gpu_specter, and vs 
     --truth "$data/truth-r0-b00.fits.gz"
 
 # --- what no GPU has run yet, GPU against CPU: CCD-edge patches (the grid past both ends of the
-#     chip; they take the CPU fallback), --ivar-from-model (its first pass, model and leverage,
-#     runs on the CPU) for one frame and for a list through the pipeline, and the tail term in
-#     the spot kernel ---
+#     chip; they take the CPU fallback), --ivar-from-model (its first pass, the model image and
+#     the leverage, on the device) for one frame and for a list through the pipeline, and the
+#     tail term in the spot kernel ---
 if want parity; then
     new=(-p "$psf" -w 5554,7776,0.8 -n 50 --no-progress --overwrite)
     step parity.log 60 "simulate 50 fibers past both CCD ends, IVAR from the pixels" \
@@ -223,6 +226,18 @@ if want parity; then
     done
     step parity.log 30 "compare the tail frame: GPU vs CPU, and vs the truth" "${sx[@]}" compare \
         "$scratch/tail-gpu.fits" "$scratch/tail-cpu.fits" --truth "$scratch/tail-truth.fits"
+fi
+
+# --- issue 14: what --ivar-from-model costs on the GPU, a full frame and a list of 2 ---
+if want ivar; then
+    # The benchmark calls the binary by name: a wrapper gives it the staged libraries.
+    printf '#!/bin/sh\nexec env LD_LIBRARY_PATH="%s" "%s" "$@"\n' "$libpath" "$stage/bin/spextract" \
+        >"$scratch/spextract-wrapped"
+    chmod +x "$scratch/spextract-wrapped"
+    step ivar.log 240 "--ivar-from-model against one pass, 500 fibers, GPU" env \
+        SPEXTRACT_BIN="$scratch/spextract-wrapped" BACKEND=gpu PSF="$psf" NSPEC=500 \
+        THREADS="$ncpu" REPEATS=2 LIST_FRAMES=2 BENCH_DIR="$scratch/ivar" \
+        bash scripts/bench-ivar-model.sh
 fi
 
 # --- benchmark: a full r frame, as BENCHMARKS.md ---

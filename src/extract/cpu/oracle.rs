@@ -35,21 +35,21 @@ pub fn projection_matrix(input: &PatchInput<'_>) -> Array2<f64> {
     a
 }
 
-/// Extracts one patch the dense way; `None` if it produced NaN.
-pub fn extract_patch_dense(input: &PatchInput<'_>, opts: &ExtractOptions) -> Option<PatchResult> {
-    super::lapack::single_threaded_blas();
-    let p = input.patch;
-    let a = projection_matrix(input);
+/// The regularised normal equations of `input` with projection matrix `a` (dense `AᵀWA`
+/// with the CPU's Tikhonov terms and ε on the diagonal, and `AᵀWp`).
+pub fn normal_equations(
+    input: &PatchInput<'_>,
+    a: &Array2<f64>,
+    opts: &ExtractOptions,
+) -> (Array2<f64>, Array1<f64>) {
     let pix: Array1<f64> = input.pix.iter().copied().collect();
     let ivar: Array1<f64> = input.ivar.iter().copied().collect();
-    let wa = &a * &ivar.view().insert_axis(Axis(1));
+    let wa = a * &ivar.view().insert_axis(Axis(1));
     let mut icov = a.t().dot(&wa);
     let y = wa.t().dot(&pix);
     let fluxweight = wa.sum_axis(Axis(0));
-    let n = p.nunknown();
     let minweight = 1e-4 * fluxweight.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    for u in 0..n {
-        let fw = fluxweight[u];
+    for (u, &fw) in fluxweight.iter().enumerate() {
         let l2 = if fw < minweight {
             (minweight - fw).powi(2)
         } else {
@@ -57,12 +57,30 @@ pub fn extract_patch_dense(input: &PatchInput<'_>, opts: &ExtractOptions) -> Opt
         };
         icov[[u, u]] += l2 + 1e-15;
     }
-    let x = icov.solve(&y).ok()?;
-    let sym = (&icov + &icov.t()) / 2.0;
+    (icov, y)
+}
+
+/// `icov⁻¹` from a full eigendecomposition of its symmetric part.
+pub fn covariance(icov: &Array2<f64>) -> Option<Array2<f64>> {
+    let sym = (icov + &icov.t()) / 2.0;
     let (lam, v) = sym.eigh(UPLO::Lower).ok()?;
-    let cov = v
-        .dot(&Array2::from_diag(&lam.mapv(|l| 1.0 / l)))
-        .dot(&v.t());
+    Some(
+        v.dot(&Array2::from_diag(&lam.mapv(|l| 1.0 / l)))
+            .dot(&v.t()),
+    )
+}
+
+/// Extracts one patch the dense way; `None` if it produced NaN.
+pub fn extract_patch_dense(input: &PatchInput<'_>, opts: &ExtractOptions) -> Option<PatchResult> {
+    super::lapack::single_threaded_blas();
+    let p = input.patch;
+    let a = projection_matrix(input);
+    let pix: Array1<f64> = input.pix.iter().copied().collect();
+    let ivar: Array1<f64> = input.ivar.iter().copied().collect();
+    let (icov, y) = normal_equations(input, &a, opts);
+    let n = p.nunknown();
+    let x = icov.solve(&y).ok()?;
+    let cov = covariance(&icov)?;
     let nwt = p.nwavetot;
     let nstep = nwt - 2 * p.wavepad;
     let ndiag = opts.ndiag;

@@ -1,6 +1,6 @@
 //! Model, per-pixel χ², chi2pix and pixmask fraction of a batch of patches on the GPU
 //! (`kernels/chi2.cu`; docs/science.md §5.6–5.7), from each patch's solution `x` left on the
-//! device by the solve. (A batch that asks for the model image goes to the CPU: `backend`.)
+//! device by the solve. (The model image and leverage are `model`'s, from the same layouts.)
 //!
 //! The batch's windows, spots and per-unknown geometry are [`BatchLayout`]'s (uploaded once
 //! and shared with the normal-equation stage); [`Chi2Layout`] adds each patch's fiber and bin
@@ -129,6 +129,8 @@ pub struct Chi2Layout {
     sizes: Vec<i32>,
     /// The layout's spot width.
     nx: usize,
+    /// The layout's scratch offset of each window (`BatchLayout::scr_off`).
+    scr_off: Vec<i64>,
 }
 
 impl Chi2Layout {
@@ -204,6 +206,7 @@ impl Chi2Layout {
             dims,
             sizes: layout.patch.clone(),
             nx: layout.nx,
+            scr_off: layout.scr_off.clone(),
         })
     }
 
@@ -221,6 +224,25 @@ impl Chi2Layout {
     /// Row tiles per patch (gridDim.x of the per-pixel kernels).
     pub(super) fn tiles(&self) -> usize {
         self.max_wny.div_ceil(TILE_ROWS)
+    }
+
+    /// The spot width.
+    pub fn nx(&self) -> usize {
+        self.nx
+    }
+
+    /// Where patch `b`'s window lies in the per-pixel outputs: its first value, rows and
+    /// columns.
+    pub fn window(&self, b: usize) -> (usize, usize, usize) {
+        let at = |k: usize| usize::try_from(self.sizes[4 * b + k]).unwrap_or(0);
+        (usize::try_from(self.scr_off[b]).unwrap_or(0), at(1), at(2))
+    }
+
+    /// Patch `b`'s unknowns and its core unknowns (`ncore·nwavetot`).
+    pub fn core_columns(&self, b: usize) -> (usize, usize) {
+        let at = |v: i32| usize::try_from(v).unwrap_or(0);
+        let d = &self.dims[8 * b..8 * b + 4];
+        (at(self.sizes[4 * b]), at(d[3]) * at(d[1]))
     }
 
     /// Index of core fiber `c`, kept bin `j` of patch `b` in `chi2pix` and `pixmask`.
@@ -244,10 +266,11 @@ pub struct HostChi2 {
     pub pixmask: Vec<f64>,
 }
 
-/// The two kernels of chi2.cu, loaded once and reused batch after batch.
+/// The kernels of chi2.cu, loaded once and reused batch after batch.
 pub struct Kernels {
     pixels: CudaFunction,
     project: CudaFunction,
+    model: CudaFunction,
 }
 
 impl Kernels {
@@ -262,7 +285,13 @@ impl Kernels {
         Ok(Kernels {
             pixels: get("chi2_pixels")?,
             project: get("chi2_project")?,
+            model: get("model_image")?,
         })
+    }
+
+    /// `model_image` (launched by `model`).
+    pub(super) fn model(&self) -> &CudaFunction {
+        &self.model
     }
 }
 
@@ -298,7 +327,7 @@ impl Chi2Batch {
 
 /// Checks that `buf` and `dims` describe the same batch and that the per-pixel kernels can
 /// be launched for it; returns the shared-memory bytes of those kernels.
-fn check_shapes(buf: &LayoutBuffers<'_>, dims: &Chi2Layout) -> Result<usize, GpuError> {
+pub(super) fn check_shapes(buf: &LayoutBuffers<'_>, dims: &Chi2Layout) -> Result<usize, GpuError> {
     if buf.npatch != dims.npatch
         || buf.nmax != dims.nmax
         || buf.npix != dims.npix

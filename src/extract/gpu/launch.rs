@@ -115,6 +115,7 @@ pub(super) const KERNELS: &[Abi] = &[
     abi::<super::unit::UnitScatterParams>("unit.cu", "unit_scatter"),
     abi::<super::chi2::Chi2PixelsParams>("chi2.cu", "chi2_pixels"),
     abi::<super::chi2::Chi2ProjectParams>("chi2.cu", "chi2_project"),
+    abi::<super::model::ModelImageParams>("chi2.cu", "model_image"),
     abi::<super::decorrelate::DecorrelateParams>("decorrelate.cu", "decorrelate"),
     abi::<super::decorrelate::DecorrelateEigenParams>("decorrelate.cu", "decorrelate_eigen"),
 ];

@@ -28,6 +28,7 @@ pub mod device;
 mod error;
 pub mod facts;
 pub mod launch;
+pub mod model;
 pub mod normal;
 pub mod nvml;
 pub mod ptx;

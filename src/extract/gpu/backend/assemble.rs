@@ -6,6 +6,7 @@
 
 use super::super::chi2;
 use super::super::decorrelate::{Block, HostDecorr, Status};
+use super::super::model::ModelBatch;
 use crate::extract::{ExtractOptions, PatchInfo, PatchInput, PatchResult};
 
 /// The per-patch outputs of a chain, wherever it ran.
@@ -16,6 +17,8 @@ pub(in crate::extract::gpu) struct ChainOutputs {
     pub(in crate::extract::gpu) dec: Option<HostDecorr>,
     pub(in crate::extract::gpu) c2: chi2::HostChi2,
     pub(in crate::extract::gpu) dims: chi2::Chi2Layout,
+    /// The model image's parts and the leverage, per window pixel, when the batch asked.
+    pub(in crate::extract::gpu) model: Option<ModelBatch<Vec<f64>>>,
     /// When the numbers went into the unit's arrays on the device: each block's decorrelation
     /// status, all that comes back (`dec` and `c2` are then empty).
     pub(in crate::extract::gpu) on_device: Option<Vec<i32>>,
@@ -92,6 +95,22 @@ pub(in crate::extract::gpu) fn assemble(
                 }
                 res.chi2pix[[c, j]] = out.c2.chi2pix[out.dims.slot(b, c, j)];
                 res.pixmask_fraction[[c, j]] = out.c2.pixmask[out.dims.slot(b, c, j)];
+            }
+        }
+    }
+    if let Some(m) = &out.model {
+        for (b, r) in results.iter_mut().enumerate() {
+            let Some(res) = r.as_mut() else {
+                continue;
+            };
+            res.model = ModelBatch::window(&out.dims, b, &m.image);
+            res.leverage = m
+                .leverage
+                .as_ref()
+                .and_then(|h| ModelBatch::window(&out.dims, b, h));
+            if res.model.is_none() || res.leverage.is_some() != m.leverage.is_some() {
+                // Outputs shorter than the layout: the CPU takes the patch.
+                *r = None;
             }
         }
     }

@@ -1,12 +1,14 @@
 //! The chain of stages for one chunk on one lane: [`GpuBackend::queue`] puts every stage and
 //! the copies back on the lane's stream without waiting, [`GpuBackend::collect`] waits and
 //! reads the results. Imports each stage's launcher (`normal`, `solve`, `decorrelate`,
-//! `chi2`, `unit`), the backend's state, clock and assembly (`super`), and `extract`'s types.
+//! `chi2`, `model`, `unit`), the backend's state, clock and assembly (`super`), and `extract`'s
+//! types.
 
 use std::ops::Range;
 
 use super::super::chi2;
 use super::super::decorrelate::{self as decor, DecorrLayout, EigenRoute, HostDecorr, MAX_SWEEPS};
+use super::super::model::{self, ModelBatch};
 use super::super::normal::{self, BatchLayout, OnDevice, Resident};
 use super::super::solve::{self, PatchShape};
 use super::super::unit;
@@ -30,6 +32,8 @@ pub(super) struct Queued {
     marks: Marks,
     /// The numbers went into the unit's arrays: only the statuses come back.
     on_device: bool,
+    /// The model image's parts come back, and the leverage with them.
+    model: Option<bool>,
 }
 
 impl GpuBackend {
@@ -83,6 +87,11 @@ impl GpuBackend {
         )?;
         StageClock::mark(&mut marks, gpu, "normal")?;
         let mut sol = lane.solver.solve(gpu, &mut dense, &shapes)?;
+        // The leverage needs C's columns of the core unknowns, from the factor in `dense`.
+        let columns = match (opts.model_image, opts.leverage) {
+            (Some(_), true) => Some(lane.solver.core_columns(gpu, &dense, &shapes)?),
+            _ => None,
+        };
         if (sol.nmax, sol.ncore_max, sol.nw) != (nmax, ncore_max, nw) {
             return Err(GpuError::Kernel(format!(
                 "the solve laid out {} × {} blocks of {}, the chain expected {nmax} × \
@@ -111,6 +120,20 @@ impl GpuBackend {
         StageClock::mark(&mut marks, gpu, "decorrelate")?;
         let mut c2 = chi2::Chi2Batch::alloc(gpu, &dims)?;
         chi2::launch(gpu, &self.chi2, &buf, &dims, &sol.x, opts.psferr, &mut c2)?;
+        // The model image is timed with the chi2 stage, whose layout and tiling it shares.
+        let image = match opts.model_image {
+            Some(_) => {
+                let mut m = ModelBatch::alloc(gpu, &dims, columns.is_some())?;
+                let cols = columns.as_ref().map(|c| model::Columns {
+                    z: &c.z,
+                    off: &c.off,
+                    ld: c.ld,
+                });
+                model::launch(gpu, &self.chi2, &buf, &dims, &sol.x, cols, &mut m)?;
+                Some(m)
+            }
+            None => None,
+        };
         StageClock::mark(&mut marks, gpu, "chi2")?;
         let on_device = match self.unit.as_mut() {
             Some(u) => {
@@ -127,6 +150,12 @@ impl GpuBackend {
             }
             None => false,
         };
+        if let Some(m) = &image {
+            lane.image.download(gpu, &m.image)?;
+            if let Some(h) = &m.leverage {
+                lane.leverage.download(gpu, h)?;
+            }
+        }
         lane.info.download(gpu, &sol.info)?;
         lane.potrs.download(gpu, &sol.potrs_info)?;
         lane.status.download(gpu, &d.status)?;
@@ -149,6 +178,7 @@ impl GpuBackend {
             nd2: d.nd2,
             marks,
             on_device,
+            model: image.as_ref().map(|m| m.leverage.is_some()),
         })
         // The device buffers drop here, freed in stream order after the copies.
     }
@@ -182,6 +212,7 @@ impl GpuBackend {
                         pixmask: Vec::new(),
                     },
                     dims: q.dims,
+                    model: None,
                     on_device: Some(status),
                 },
             ));
@@ -205,6 +236,17 @@ impl GpuBackend {
             chi2pix: lane.chi2pix.read(nslot)?,
             pixmask: lane.pixmask.read(nslot)?,
         };
+        let model = match q.model {
+            Some(leverage) => Some(ModelBatch {
+                image: lane.image.read(q.dims.npix)?,
+                leverage: if leverage {
+                    Some(lane.leverage.read(q.dims.npix)?)
+                } else {
+                    None
+                },
+            }),
+            None => None,
+        };
         self.clock.settle(q.marks)?;
         Ok((
             q.range,
@@ -214,6 +256,7 @@ impl GpuBackend {
                 dec: Some(dec),
                 c2,
                 dims: q.dims,
+                model,
                 on_device: None,
             },
         ))

@@ -72,6 +72,9 @@ pub(super) struct Lane {
     pub(super) resolution: Pinned<f64>,
     pub(super) chi2pix: Pinned<f64>,
     pub(super) pixmask: Pinned<f64>,
+    /// The model image's parts and the leverage, when a batch asks for them.
+    pub(super) image: Pinned<f64>,
+    pub(super) leverage: Pinned<f64>,
 }
 
 impl Lane {
@@ -88,6 +91,8 @@ impl Lane {
             resolution: Pinned::new(),
             chi2pix: Pinned::new(),
             pixmask: Pinned::new(),
+            image: Pinned::new(),
+            leverage: Pinned::new(),
         })
     }
 }

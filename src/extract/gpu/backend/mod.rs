@@ -1,7 +1,8 @@
 //! The GPU backend: the stages chained on one device, batch by batch —
 //! normal equations (`normal`) → batched Cholesky, solve and covariance blocks (`solve`) →
-//! decorrelation (`decorrelate`) → chi2pix and pixmask fraction (`chi2`) — with the
-//! intermediate results kept on the device and only the per-bin outputs downloaded.
+//! decorrelation (`decorrelate`) → chi2pix and pixmask fraction (`chi2`), and when asked the
+//! model image with the pixels' leverage (`model`, from the solve's covariance columns) — with
+//! the intermediate results kept on the device and only the outputs downloaded.
 //!
 //! What stays on the device across batches: the spots, which `evaluate_spots` computes there
 //! (`spots`) and hands to the pipeline as geometry under a token (`psf::HeldSpots`), and the
@@ -18,7 +19,7 @@
 //! Patches the GPU cannot finish (a factorisation that fails, a block whose eigenvalues are not
 //! positive, a non-finite output) are extracted again by the CPU backend, which retries them
 //! with regularisation exactly as it would its own: the semantics stay the CPU's. So does a
-//! batch that asks for the model image (not ported yet), and so are the patches whose windows
+//! batch that asks for the decorrelated flux's model image, and so are the patches whose windows
 //! leave the CCD (`fallback::device_on_ccd`): the kernels index windows of the pixels on the
 //! device, and the CPU masks the pixels off the CCD in a padded copy. Those patches need the spot values
 //! on the host, which are then downloaded once per spot set.
@@ -37,7 +38,7 @@
 //! their pinned buffers), `schedule` (chunks over the lanes, halved out of memory), `clock`
 //! (device time per stage), `assemble` (the chain's outputs as results), `host` (host copies
 //! for the CPU's retries), `unit_mode` (the unit kept on the device). Imports the stages
-//! (`spots`, `normal`, `solve`, `decorrelate`, `chi2`, `unit`), `device`, `extract`'s types
+//! (`spots`, `normal`, `solve`, `decorrelate`, `chi2`, `model`, `unit`), `device`, `extract`'s types
 //! and fallback, and `psf`; nothing above `extract`.
 
 // Those the tests (`twins::backend`) reach into are visible to the rest of `gpu`.
@@ -62,7 +63,7 @@ use super::spots::{self as gspots, DeviceSpots, SpotsKernel};
 use super::unit::{self, DeviceUnit};
 use super::{chi2, GpuError};
 use crate::extract::{
-    fallback, Backend, ExtractError, ExtractOptions, PatchInput, PatchResult, PixelLoad,
+    fallback, Backend, ExtractError, ExtractOptions, ModelFlux, PatchInput, PatchResult, PixelLoad,
 };
 use crate::psf::{Psf, SpotSet};
 
@@ -222,8 +223,14 @@ impl Backend for GpuBackend {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let results = if opts.model_image.is_some() {
-            // The model image is not ported: the CPU computes such batches whole.
+        // The device computes the deconvolved flux's model image (and the leverage), not the
+        // decorrelated one's (`model`), and a unit kept on the device takes no model image.
+        let on_device = match opts.model_image {
+            None => true,
+            Some(ModelFlux::Deconvolved) => self.unit.is_none(),
+            Some(ModelFlux::Decorrelated) => false,
+        };
+        let results = if !on_device {
             self.cpu_batch(batch, opts, None)?
         } else {
             let done = fallback::device_on_ccd(batch, |on| self.device_batch(on, opts))

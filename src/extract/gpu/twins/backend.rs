@@ -12,6 +12,7 @@ pub(super) use super::super::backend::*;
 use super::super::GpuError;
 use super::chi2;
 use super::decorrelate::{self as decor, DecorrLayout, EigenRoute, MAX_SWEEPS};
+use super::model::{self, HostColumns};
 use super::normal::{self, BatchLayout, DevicePixels, Resident, ResidentSpots};
 use super::solve::{self, PatchShape};
 use super::unit::{self, UnitShape};
@@ -35,7 +36,7 @@ fn twin_chain_on(
 ) -> Result<ChainOutputs, GpuError> {
     let dense = normal::twin(layout, opts.regularize, DIAG_EPSILON);
     let shapes: Vec<PatchShape> = batch.iter().map(|i| PatchShape::of(&i.patch)).collect();
-    let sol = solve::twin(&dense, &shapes)?;
+    let (sol, factor) = solve::twin_factored(&dense, &shapes)?;
     // As on the device: every block, those of a patch that did not factor dropped later.
     let factored = vec![0; batch.len()];
     let (ids, blocks) = blocks_of(
@@ -50,12 +51,26 @@ fn twin_chain_on(
     let dec = decor::twin(&dl, &sol.blocks, &sol.x, MAX_SWEEPS);
     let dims = chi2::Chi2Layout::new(batch, layout)?;
     let c2 = chi2::twin(layout, &dims, &sol.x, opts.psferr);
+    let model = match (opts.model_image, opts.leverage) {
+        (None, _) => None,
+        (Some(_), false) => Some(model::twin(layout, &dims, &sol.x, None)),
+        (Some(_), true) => {
+            let c = solve::twin_core_columns(&sol, &factor, &shapes)?;
+            let cols = HostColumns {
+                z: &c.z,
+                off: &c.off,
+                ld: c.ld,
+            };
+            Some(model::twin(layout, &dims, &sol.x, Some(cols)))
+        }
+    };
     Ok(ChainOutputs {
         info: sol.info,
         blocks: ids,
         dec: Some(dec),
         c2,
         dims,
+        model,
         on_device: None,
     })
 }
@@ -200,6 +215,67 @@ mod tests {
         );
         assert!(pull <= 1e-6, "max pull {pull:e}");
         assert!(dr <= 1e-9, "max |dR| {dr:e}");
+    }
+
+    /// Runs `chain` on the toy batch asking for the model image and the leverage, and checks
+    /// both against the CPU backend's: the image to 1e-9 of its largest value, the leverage to
+    /// 1e-9 (it is at most about 1). The chain solves and inverts its own way, so not bit for
+    /// bit.
+    fn toy_model_check(chain: &dyn Fn(&[PatchInput<'_>], &ExtractOptions) -> Vec<PatchResult>) {
+        let toy = Toy::new();
+        let inputs = toy.inputs(&toy.set);
+        let opts = ExtractOptions {
+            model_image: Some(crate::extract::ModelFlux::Deconvolved),
+            leverage: true,
+            ..toy.opts
+        };
+        let cpu = CpuBackend.extract_batch(&inputs, &opts).unwrap();
+        let other = chain(&inputs, &opts);
+        let (mut dm, mut dh, mut mmax, mut hmax) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
+        for (b, (a, o)) in cpu.iter().zip(&other).enumerate() {
+            let pair = |x: &Option<Array2<f64>>, y: &Option<Array2<f64>>, what: &str| {
+                let (Some(x), Some(y)) = (x, y) else {
+                    panic!("patch {b}: no {what}");
+                };
+                assert_eq!(x.dim(), y.dim(), "patch {b}: {what}'s window");
+                x.iter()
+                    .zip(y)
+                    .map(|(p, q)| (*p, (p - q).abs()))
+                    .collect::<Vec<_>>()
+            };
+            for (v, d) in pair(&a.model, &o.model, "model image") {
+                (mmax, dm) = (mmax.max(v.abs()), dm.max(d));
+            }
+            for (v, d) in pair(&a.leverage, &o.leverage, "leverage") {
+                (hmax, dh) = (hmax.max(v.abs()), dh.max(d));
+            }
+        }
+        eprintln!(
+            "{} patches: model image max |Δ| {dm:.2e} of {mmax:.2e}, leverage max |Δ| {dh:.2e} \
+             of {hmax:.2e}",
+            inputs.len()
+        );
+        assert!(
+            mmax > 0.0 && hmax > 0.05,
+            "an empty model ({mmax}) or leverage ({hmax})"
+        );
+        assert!(dm <= 1e-9 * mmax, "model image: max |Δ| {dm:e} of {mmax:e}");
+        assert!(dh <= 1e-9, "leverage: max |Δ| {dh:e}");
+    }
+
+    /// The chain of twins gives the model image and the leverage the CPU backend gives: the
+    /// design of the first pass of `--ivar-from-model` on the device, on a machine without one.
+    #[test]
+    fn the_chain_of_twins_gives_the_cpu_backends_model_image_and_leverage() {
+        toy_model_check(&|batch, opts| {
+            let out = twin_chain(batch, opts).expect("twin chain");
+            let done = assemble(batch, opts, &out);
+            assert!(
+                done.iter().all(Option::is_some),
+                "the chain left patches to the CPU"
+            );
+            complete_on_cpu(batch, opts, done).unwrap()
+        });
     }
 
     /// The chain as the GPU backend runs it in the pipeline: the windows index the CCD's
@@ -627,6 +703,9 @@ mod tests {
             let cell = std::cell::RefCell::new(&mut backend);
             toy_batch_check(&|batch, opts| cell.borrow_mut().extract_batch(batch, opts).unwrap());
         }
+        eprintln!("with the model image and the leverage:");
+        let cell = std::cell::RefCell::new(&mut backend);
+        toy_model_check(&|batch, opts| cell.borrow_mut().extract_batch(batch, opts).unwrap());
     }
 
     /// `unit::twin` places each block's numbers where `assemble` puts the patch's: on a chain

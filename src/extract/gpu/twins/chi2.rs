@@ -11,18 +11,19 @@ use crate::extract::PatchInput;
 
 /// One patch's entry of [`Chi2Layout::dims`].
 #[derive(Debug, Clone, Copy)]
-struct Dims {
-    nsp: usize,
-    nwt: usize,
-    core0: usize,
-    ncore: usize,
-    wavepad: usize,
-    nkeep: usize,
+pub(in crate::extract::gpu::twins) struct Dims {
+    pub nsp: usize,
+    pub nwt: usize,
+    pub core0: usize,
+    pub ncore: usize,
+    pub wavepad: usize,
+    pub nkeep: usize,
+    pub nstep: usize,
 }
 
 impl Chi2Layout {
     /// Patch `b`'s entry of [`Chi2Layout::dims`].
-    fn dims(&self, b: usize) -> Dims {
+    pub(in crate::extract::gpu::twins) fn dims(&self, b: usize) -> Dims {
         let d = &self.dims[8 * b..8 * b + 8];
         Dims {
             nsp: d[0] as usize,
@@ -31,20 +32,21 @@ impl Chi2Layout {
             ncore: d[3] as usize,
             wavepad: d[4] as usize,
             nkeep: d[5] as usize,
+            nstep: d[6] as usize,
         }
     }
 }
 
 /// One unknown's spot placement, widened (the kernel's `SpotGeom`).
 #[derive(Debug, Clone, Copy)]
-struct Geom {
-    row0: i64,
-    col0: i64,
-    iy0: i64,
-    iy1: i64,
+pub(in crate::extract::gpu::twins) struct Geom {
+    pub row0: i64,
+    pub col0: i64,
+    pub iy0: i64,
+    pub iy1: i64,
 }
 
-fn geom_of(l: &BatchLayout, slot: usize) -> Geom {
+pub(in crate::extract::gpu::twins) fn geom_of(l: &BatchLayout, slot: usize) -> Geom {
     let g = &l.geom[4 * slot..4 * slot + 4];
     Geom {
         row0: g[0] as i64,
@@ -56,11 +58,11 @@ fn geom_of(l: &BatchLayout, slot: usize) -> Geom {
 
 /// A fiber's span in a row tile: `[wlo, whi)` bins, `[cmin, cmax)` columns (`stage_tile`).
 #[derive(Debug, Clone, Copy)]
-struct Span {
-    wlo: i64,
-    whi: i64,
-    cmin: i64,
-    cmax: i64,
+pub(in crate::extract::gpu::twins) struct Span {
+    pub wlo: i64,
+    pub whi: i64,
+    pub cmin: i64,
+    pub cmax: i64,
 }
 
 const SPAN_HIGH: i64 = i32::MAX as i64;
@@ -72,7 +74,7 @@ const SPAN_LOW: i64 = i32::MIN as i64;
 /// the same min and max in any order). The staged copies of geometry, coefficients and spot
 /// offsets are the layout's own arrays here.
 #[allow(clippy::too_many_arguments)]
-fn twin_stage(
+pub(in crate::extract::gpu::twins) fn twin_stage(
     l: &BatchLayout,
     base: usize,
     d: Dims,
@@ -286,7 +288,7 @@ pub(super) fn run(
     out.download(gpu)
 }
 
-mod tests {
+pub(in crate::extract::gpu::twins) mod tests {
     use rayon::prelude::*;
 
     use super::*;
@@ -312,13 +314,16 @@ mod tests {
     /// 12 toy fibers in 3 subbundles (5, 6 and 5 fibers solved: mixed sizes, so padding), four
     /// wavelength patches each (the last keeps fewer bins than it solves), and a trimmed copy
     /// of a middle patch.
-    fn toy_scene(seed: u64) -> Scene {
+    pub(in crate::extract::gpu::twins) fn toy_scene(seed: u64) -> Scene {
         Bundle::toy(3).into_scene(seed, recipe(5))
     }
 
     /// `picks` of a whole bundle at the real size ([`Bundle::real_size`]), all of it for
     /// `None`, and a trimmed copy of the middle one; with the PSF's `hsizey`.
-    fn bundle_scene(picks: Option<&[usize]>, seed: u64) -> (Scene, usize, &'static str) {
+    pub(in crate::extract::gpu::twins) fn bundle_scene(
+        picks: Option<&[usize]>,
+        seed: u64,
+    ) -> (Scene, usize, &'static str) {
         let bundle = Bundle::real_size().pick(picks);
         let (hsizey, what) = (bundle.psf.hsizey, bundle.what);
         let recipe = recipe(bundle.patches.len() / 2);
@@ -327,10 +332,10 @@ mod tests {
 
     /// What `cpu::extract_patch` solves for: `x` (fiber-major) and the flux of every core bin
     /// (`[c·nstep + j]`, all nstep of them), which checks that the solve reproduced is its own.
-    struct CpuSolution {
-        x: Vec<f64>,
+    pub(in crate::extract::gpu::twins) struct CpuSolution {
+        pub x: Vec<f64>,
         flux: Vec<f64>,
-        retried: bool,
+        pub retried: bool,
     }
 
     /// cpu::solve's steps up to the flux, with the CPU's own modules: the same x bit for bit
@@ -396,7 +401,10 @@ mod tests {
 
     /// extract_patch's attempts: the options' regularisation with ε = 1e-15, then the retry
     /// (regularize ≥ 1e-4, ε = 1e-8), as cpu/mod.rs does.
-    fn cpu_solution(inp: &PatchInput<'_>, opts: &ExtractOptions) -> CpuSolution {
+    pub(in crate::extract::gpu::twins) fn cpu_solution(
+        inp: &PatchInput<'_>,
+        opts: &ExtractOptions,
+    ) -> CpuSolution {
         let tries = [
             (opts.regularize, 1e-15, false),
             (opts.regularize.max(1e-4), 1e-8, true),
@@ -411,7 +419,10 @@ mod tests {
 
     /// x of every patch in the batch layout (`[b·nmax + u]`), padding slots NaN: NaN where the
     /// kernels must not read, so that a stray read poisons an output.
-    fn batch_x(layout: &BatchLayout, sols: &[CpuSolution]) -> Vec<f64> {
+    pub(in crate::extract::gpu::twins) fn batch_x(
+        layout: &BatchLayout,
+        sols: &[CpuSolution],
+    ) -> Vec<f64> {
         let nmax = layout.nmax;
         let mut x = vec![f64::NAN; layout.npatch * nmax];
         for (b, s) in sols.iter().enumerate() {
@@ -422,14 +433,14 @@ mod tests {
 
     /// Largest |a − b| relative to the largest |b|, and how many elements differ in any bit.
     #[derive(Debug, Default, Clone, Copy)]
-    struct Diff {
-        rel: f64,
-        differ: usize,
-        count: usize,
+    pub(in crate::extract::gpu::twins) struct Diff {
+        pub rel: f64,
+        pub differ: usize,
+        pub count: usize,
     }
 
     impl Diff {
-        fn of(a: &[f64], b: &[f64]) -> Diff {
+        pub(in crate::extract::gpu::twins) fn of(a: &[f64], b: &[f64]) -> Diff {
             assert_eq!(a.len(), b.len());
             let scale = b
                 .iter()
@@ -451,7 +462,7 @@ mod tests {
             d
         }
 
-        fn add(&mut self, o: Diff) {
+        pub(in crate::extract::gpu::twins) fn add(&mut self, o: Diff) {
             self.rel = self.rel.max(o.rel);
             self.differ += o.differ;
             self.count += o.count;

@@ -903,6 +903,183 @@ mod normal_cu {
     }
 }
 
+mod model_cu {
+    //! model_image (chi2.cu) against `model::twin`, which promises the kernel's bits.
+    use super::super::chi2::Chi2Layout;
+    use super::super::model::{launch_config, twin, HostColumns, ModelBatch, ModelImageParams};
+    use super::super::normal::BatchLayout;
+    use super::super::scene::{Masked, Pixels, Recipe, Trim};
+    use super::*;
+    use crate::extract::PatchInput;
+
+    /// The kernel as `model::launch` launches it, the outputs poisoned with NaN first.
+    fn run(
+        prog: &Program,
+        l: &BatchLayout,
+        dims: &Chi2Layout,
+        x: &[f64],
+        columns: Option<HostColumns<'_>>,
+    ) -> Result<ModelBatch<Vec<f64>>, String> {
+        let (cfg, scalars) = launch_config(dims, columns.map_or(0, |c| c.ld)).unwrap();
+        let mut bufs = Bufs::default();
+        let npix = dims.npix;
+        let (cov, cov_off, leverage) = match columns {
+            Some(c) => (
+                bufs.add(f64s(c.z)),
+                bufs.add(i64s(c.off)),
+                bufs.add(nan(npix)),
+            ),
+            None => (0, 0, 0),
+        };
+        let p = ModelImageParams {
+            patch: bufs.add(i32s(&l.patch)),
+            dims: bufs.add(i32s(&dims.dims)),
+            win_off: bufs.add(i64s(&l.win_off)),
+            scr_off: bufs.add(i64s(&l.scr_off)),
+            ivar: bufs.add(f64s(&l.ivar)),
+            spots: bufs.add(f64s(&l.spots)),
+            spot_off: bufs.add(i64s(&l.spot_off)),
+            geom: bufs.add(i32s(&l.geom)),
+            x: bufs.add(f64s(x)),
+            cov,
+            cov_off,
+            image: bufs.add(nan(npix)),
+            leverage,
+            ..scalars
+        };
+        let launch = Launch::with_params("model_image", &cfg, &p, bufs);
+        let out = prog.run(&launch, LAUNCH_TIMEOUT)?;
+        Ok(ModelBatch {
+            image: out.f64s(at(p.image)),
+            leverage: columns.map(|_| out.f64s(at(p.leverage))),
+        })
+    }
+
+    /// Random solutions on every unknown and random columns (`ld = nmax + 3`, patches in
+    /// reverse order), NaN wherever the kernel must not read (padding unknowns, the rows past
+    /// a patch's unknowns), so that a stray read poisons an output.
+    fn inputs(l: &BatchLayout, dims: &Chi2Layout, seed: u64) -> (Vec<f64>, Vec<f64>, Vec<i64>) {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let nmax = l.nmax;
+        let mut x = vec![f64::NAN; l.npatch * nmax];
+        for b in 0..l.npatch {
+            for v in &mut x[b * nmax..b * nmax + l.n(b)] {
+                *v = rng.gen_range(-20.0..400.0);
+            }
+        }
+        let ld = nmax + 3;
+        let (mut z, mut off) = (Vec::new(), vec![0i64; l.npatch]);
+        for b in (0..l.npatch).rev() {
+            let (n, ncols) = dims.core_columns(b);
+            off[b] = z.len() as i64;
+            for _ in 0..ncols {
+                let mut col = vec![f64::NAN; ld];
+                for v in &mut col[..n] {
+                    *v = rng.gen_range(-1e-3..1e-3);
+                }
+                z.extend(col);
+            }
+        }
+        (x, z, off)
+    }
+
+    /// The comparison catches a kernel bug: the columns indexed from the patch's first
+    /// unknown instead of its first core unknown (right only where no fiber precedes the
+    /// core ones).
+    #[test]
+    fn a_planted_column_bug_in_model_image_is_caught() {
+        let Some(tc) = toolchain_or_skip() else {
+            return;
+        };
+        let good = "(long long)(u - k0) * args.cov_ld";
+        let prog = Program::kernel_file(tc, "chi2.cu", |s| {
+            assert_eq!(
+                s.matches(good).count(),
+                1,
+                "chi2.cu changed: update the planted bug"
+            );
+            s.replace(good, "(long long)(u - core0) * args.cov_ld")
+        })
+        .unwrap();
+        let scene = scenes::scene(
+            Recipe {
+                trim: None,
+                pixels: Pixels::Exposure,
+                masked: None,
+            },
+            33,
+        );
+        let (layout, batch) = scenes::copies(&scene);
+        let dims = Chi2Layout::new(&batch, &layout).unwrap();
+        let (x, z, off) = inputs(&layout, &dims, 34);
+        let cols = HostColumns {
+            z: &z,
+            off: &off,
+            ld: layout.nmax + 3,
+        };
+        let got = run(&prog, &layout, &dims, &x, Some(cols)).unwrap();
+        let want = twin(&layout, &dims, &x, Some(cols));
+        assert!(Diff::of(&got.image, &want.image).same());
+        let d = Diff::of(&got.leverage.unwrap(), &want.leverage.unwrap());
+        eprintln!("model_image with a planted bug: leverage {d}");
+        assert!(!d.same(), "the planted bug went unnoticed");
+    }
+
+    #[test]
+    fn model_image_matches_its_twin_bit_for_bit() {
+        let Some(tc) = toolchain_or_skip() else {
+            return;
+        };
+        let prog = Program::kernel_file(tc, "chi2.cu", |s| s).unwrap();
+        let recipe = Recipe {
+            trim: Some(Trim::IntoKept(1)),
+            pixels: Pixels::Exposure,
+            masked: Some(Masked::MiddleKeptBin),
+        };
+        let scene = scenes::scene(recipe, 31);
+        let geometry = scenes::geometry_of(&scene);
+        let cases = [
+            ("copies", scenes::copies(&scene)),
+            ("resident", scenes::resident(&scene, &geometry)),
+        ];
+        for (what, (layout, batch)) in &cases {
+            let batch: &Vec<PatchInput<'_>> = batch;
+            let dims = Chi2Layout::new(batch, layout).unwrap();
+            assert!(batch.iter().any(|i| i.patch.core_fiber_offset() > 0));
+            let (x, z, off) = inputs(layout, &dims, 32);
+            let cols = HostColumns {
+                z: &z,
+                off: &off,
+                ld: layout.nmax + 3,
+            };
+            for columns in [None, Some(cols)] {
+                let t0 = Instant::now();
+                let got = run(&prog, layout, &dims, &x, columns).unwrap();
+                let want = twin(layout, &dims, &x, columns);
+                let image = Diff::of(&got.image, &want.image);
+                let lev = match (&got.leverage, &want.leverage) {
+                    (Some(g), Some(w)) => Some(Diff::of(g, w)),
+                    (None, None) => None,
+                    _ => panic!("leverage written without columns, or missing with them"),
+                };
+                eprintln!(
+                    "model_image (emulated) vs twin, {what}, leverage {}, {} patches, {:.1} \
+                     s: image {image}, leverage {lev:?}",
+                    columns.is_some(),
+                    layout.npatch,
+                    t0.elapsed().as_secs_f64()
+                );
+                assert!(want.image.iter().all(|v| v.is_finite()));
+                assert!(image.same(), "{what}: image {image}");
+                if let Some(d) = lev {
+                    assert!(want.leverage.unwrap().iter().all(|v| v.is_finite()));
+                    assert!(d.same(), "{what}: leverage {d}");
+                }
+            }
+        }
+    }
+}
+
 mod chi2_cu {
     //! chi2.cu against `chi2::twin`, which promises the kernels' bits.
     use super::super::chi2::{

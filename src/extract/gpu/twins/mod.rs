@@ -13,6 +13,7 @@ mod backend;
 mod chi2;
 mod decorrelate;
 mod emu;
+mod model;
 mod normal;
 pub(super) mod scene;
 mod solve;
