@@ -543,6 +543,15 @@ fn single(args: &ExtractArgs, cfg: &Config) -> Result<()> {
         st.starved,
         crate::extract::MIN_CCD_LIGHT
     );
+    let stages = engine.take_stage_times();
+    if stages.iter().any(|(_, s)| *s > 0.0) {
+        let parts: Vec<String> = stages
+            .iter()
+            .filter(|(_, s)| *s > 0.0)
+            .map(|(stage, s)| format!("{stage} {s:.3}"))
+            .collect();
+        info!("device seconds by stage: {}", parts.join(", "));
+    }
     check_extracted(&mut res, &prep.grid, prep.plan.npatch(), &prep.image_path)
         .with_context(|| prep.image_path.display().to_string())?;
     write_outputs(

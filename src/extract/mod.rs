@@ -546,8 +546,8 @@ pub trait Backend: Send {
         1
     }
 
-    /// Device seconds per stage since the last call, for `bench` (none on the CPU, whose
-    /// stages the frame's own timings cover).
+    /// Device seconds per stage since the last call, for `bench` and `extract`'s log (none on
+    /// the CPU, whose stages the frame's own timings cover).
     fn take_stage_times(&mut self) -> Vec<(&'static str, f64)> {
         Vec::new()
     }

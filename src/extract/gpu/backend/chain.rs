@@ -87,6 +87,7 @@ impl GpuBackend {
         )?;
         StageClock::mark(&mut marks, gpu, "normal")?;
         let mut sol = lane.solver.solve(gpu, &mut dense, &shapes)?;
+        StageClock::mark(&mut marks, gpu, "solve")?;
         // The leverage needs C's columns of the core unknowns, from the factor in `dense`.
         let columns = match (opts.model_image, opts.leverage) {
             (Some(_), true) => Some(lane.solver.core_columns(gpu, &dense, &shapes)?),
@@ -101,7 +102,7 @@ impl GpuBackend {
         }
         // Freed in stream order, after the solve has read it.
         drop(dense);
-        StageClock::mark(&mut marks, gpu, "solve")?;
+        StageClock::mark(&mut marks, gpu, "columns")?;
         let d = match self.eigen {
             EigenRoute::Jacobi => {
                 decor::decorrelate(gpu, &self.decor, &dl, &sol.blocks, &sol.x, MAX_SWEEPS)?
@@ -120,7 +121,7 @@ impl GpuBackend {
         StageClock::mark(&mut marks, gpu, "decorrelate")?;
         let mut c2 = chi2::Chi2Batch::alloc(gpu, &dims)?;
         chi2::launch(gpu, &self.chi2, &buf, &dims, &sol.x, opts.psferr, &mut c2)?;
-        // The model image is timed with the chi2 stage, whose layout and tiling it shares.
+        StageClock::mark(&mut marks, gpu, "chi2")?;
         let image = match opts.model_image {
             Some(_) => {
                 let mut m = ModelBatch::alloc(gpu, &dims, columns.is_some())?;
@@ -134,7 +135,7 @@ impl GpuBackend {
             }
             None => None,
         };
-        StageClock::mark(&mut marks, gpu, "chi2")?;
+        StageClock::mark(&mut marks, gpu, "model")?;
         let on_device = match self.unit.as_mut() {
             Some(u) => {
                 let place = unit::placement(chunk, &ids, &u.shape)?;

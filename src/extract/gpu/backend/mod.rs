@@ -70,14 +70,17 @@ use crate::psf::{Psf, SpotSet};
 pub(crate) use self::assemble::blocks_of;
 
 /// The stages, in the order the backend runs them; its measured times are keyed by these
-/// names.
-pub const STAGES: [&str; 7] = [
+/// names. `columns` and `model` run only for batches that ask for the model image (the
+/// leverage's columns of `C`, and the image with the leverage).
+pub const STAGES: [&str; 9] = [
     "h2d",
     "spots",
     "normal",
     "solve",
+    "columns",
     "decorrelate",
     "chi2",
+    "model",
     "d2h",
 ];
 
