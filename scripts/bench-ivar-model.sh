@@ -37,21 +37,28 @@ fi
 echo "== simulating $nspec fibers on $grid with IVAR from the pixels (PSF $psf)"
 "$bin" simulate --psf "$psf" --image preproc.fits --truth truth.fits --nspec "$nspec" \
     --wavelength "$grid" --seed 1 --ivar-from-data --overwrite 2>/dev/null
-# Wall seconds of one extraction with the given extra flags.
+# Its log's last lines on stderr, and a failure, when an extraction failed.
+failed() {
+    echo "bench-ivar-model: $1 failed; its log ends:" >&2
+    tail -5 "$2" >&2
+    return 1
+}
+# Wall milliseconds of one extraction with the given extra flags (its log in $out.log).
 run() {
     local out=$1 start end
     shift
     start=$(date +%s%N)
     "$bin" extract -p "$psf" -i preproc.fits -o "$out" -w "$grid" -n "$nspec" \
-        --threads "$threads" --no-progress --overwrite "${backend[@]}" "$@" 2>/dev/null
+        --threads "$threads" --no-progress --overwrite "${backend[@]}" "$@" 2>"$out.log" ||
+        failed "extract -o $out $*" "$out.log" || return 1
     end=$(date +%s%N)
     echo $(((end - start) / 1000000))
 }
 one=0
 two=0
 for i in $(seq "$repeats"); do
-    a=$(run one-pass.fits)
-    b=$(run two-pass.fits --ivar-from-model)
+    a=$(run one-pass.fits) || exit 1
+    b=$(run two-pass.fits --ivar-from-model) || exit 1
     printf '  run %d: one pass %d ms, --ivar-from-model %d ms\n' "$i" "$a" "$b"
     one=$((one + a))
     two=$((two + b))
@@ -59,6 +66,8 @@ done
 printf '== --ivar-from-model / one pass: %d.%03d (%d ms / %d ms over %d runs each, %s threads%s)\n' \
     $((two / one)) $((two * 1000 / one % 1000)) "$two" "$one" "$repeats" "$threads" \
     "${BACKEND:+, backend $BACKEND}"
+# Where the device time went (a GPU backend logs its stages), in each kind's last run.
+grep -h "device seconds by stage" one-pass.fits.log two-pass.fits.log || true
 for f in one-pass two-pass; do
     echo "== $f.fits against the truth"
     "$bin" compare "$f.fits" --truth truth.fits | grep -E 'chi2/dof|mean pull' || true
@@ -86,15 +95,16 @@ run_list() {
     sed "s|OUT/|$out/|" list.txt >"list-$out.txt"
     start=$(date +%s%N)
     "${launch[@]}" "$bin" extract --frames "list-$out.txt" --config run.toml \
-        --threads "$threads" --no-progress "${backend[@]}" "$@" 2>/dev/null
+        --threads "$threads" --no-progress "${backend[@]}" "$@" 2>"$out.log" ||
+        failed "the list into $out $*" "$out.log" || return 1
     end=$(date +%s%N)
     echo $(((end - start) / 1000000))
 }
 one=0
 two=0
 for i in $(seq "$repeats"); do
-    a=$(run_list list-one-pass)
-    b=$(run_list list-two-pass --ivar-from-model)
+    a=$(run_list list-one-pass) || exit 1
+    b=$(run_list list-two-pass --ivar-from-model) || exit 1
     printf '  run %d: one pass %d ms, --ivar-from-model %d ms\n' "$i" "$a" "$b"
     one=$((one + a))
     two=$((two + b))
