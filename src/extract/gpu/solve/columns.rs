@@ -26,9 +26,12 @@ pub struct CoreColumns {
 }
 
 impl Solver {
-    /// `C[:, core]` of every patch of `dense` (factored by this solver's last `solve_into` of
-    /// the same shapes): queued on the stream, nothing waited for; a later kernel on the same
-    /// stream reads the result. Where that solve's `info` was not 0, the patch's columns are
+    /// `C[:, core] = L⁻ᵀ Y` of every patch of `dense`, which this solver's last `solve_into`
+    /// factored (`Y = L⁻¹E` is still in its workspace): one Trans trsm per group on the whole
+    /// factor, in place in `Y`, which is then handed over as `Z` (the next solve allocates
+    /// another). Queued on the stream, nothing waited for; a later kernel on the same stream
+    /// reads the result. Refused unless the last solve was of `dense`'s unknowns and `shapes`
+    /// (and not taken already). Where that solve's `info` was not 0, the patch's columns are
     /// meaningless.
     pub fn core_columns(
         &mut self,
@@ -49,6 +52,19 @@ impl Solver {
                 dense.ata.len()
             )));
         }
+        match &self.solved {
+            Some((n, s)) if *n == dense.n && s == shapes => {}
+            _ => {
+                return Err(bad(
+                    "the core columns need the solve of this batch just before".into(),
+                ))
+            }
+        }
+        let mut z = match self.y.take() {
+            Some(y) if y.len() >= plan.z_len() => y,
+            _ => return Err(bad("the solve left no Y".into())),
+        };
+        self.solved = None;
         let off = (0..npatch)
             .map(|b| i64::try_from(plan.z(b)))
             .collect::<Result<Vec<i64>, _>>()
@@ -57,77 +73,46 @@ impl Solver {
         st.context()
             .bind_to_thread()
             .map_err(cuda("binding the context"))?;
-        self.grow_ones(gpu, plan.units())?;
-        // Zeroed: E's zeros.
-        let mut z = st
-            .alloc_zeros::<f64>(plan.z_len())
-            .map_err(cuda("allocating Z"))?;
         {
-            let Some(ones) = self.ones.as_ref() else {
-                unreachable!("grown above");
-            };
             // The guards keep cudarc's stream ordering until the calls are queued.
             let (ata_p, _g_ata) = dense.ata.device_ptr(&st);
             let (z_p, _g_z) = z.device_ptr_mut(&st);
-            let (ones_p, _g_ones) = ones.device_ptr(&st);
             let arrays = ColumnArrays::new(&plan, ata_p, z_p);
             let ptrs = gpu
                 .upload(&arrays.host)
                 .map_err(cuda("uploading the pointer arrays"))?;
             let (ptrs_p, _g_ptrs) = ptrs.device_ptr(&st);
             let parr = |off: usize| at::<u64>(ptrs_p, off);
-            let (nmax_i, stride) = (int(nmax, "nmax")?, int(nmax + 1, "nmax + 1")?);
+            let nmax_i = int(nmax, "nmax")?;
             let one = 1.0f64;
             for (g, &(full, slabs)) in plan.groups.iter().zip(&arrays.groups) {
                 let count = int(g.patches.len(), "patches in a group")?;
                 let (n, ncols) = (int(g.k0 + g.m, "n")?, int(g.ncols(), "columns")?);
-                let (first, units) = plan.z_units(g);
-                let units = int(units, "E's unit entries")?;
-                // SAFETY: reads `units` ≤ plan.units() contiguous doubles of `ones` (grown to
-                // that above) and writes z[first + i·(nmax + 1)] for i < units: the last index
-                // is below the end of the group's slabs, z(g.patches[0]) + |g|·slab ≤ z_len =
-                // z.len() (`SolvePlan::z_units`).
-                blas_ok("cublasDcopy_v2", unsafe {
-                    cublas::cublasDcopy_v2(
+                // SAFETY: `parr(full)` holds count device pointers to L[0, 0] of the group's
+                // patches: an n × n lower triangle with lda = nmax inside the patch's nmax ×
+                // nmax matrix in `dense.ata` (npatch·nmax², checked above), since n = k0 + m ≤
+                // nmax. `parr(slabs)` holds count pointers to distinct slabs of Z, the solve's
+                // Y (ldb = nmax ≥ n): n rows × ncols ≤ ncols_max columns, the last element at
+                // (ncols_max − 1)·nmax + nmax − 1 < slab, so inside z_len ≤ z.len(). alpha is a
+                // host scalar (host pointer mode) read during the call; the pointer array and
+                // the buffers outlive the call's execution (freed in stream order).
+                blas_ok("cublasDtrsmBatched", unsafe {
+                    cublas::cublasDtrsmBatched(
                         self.blas,
-                        units,
-                        ones_p as *const f64,
-                        1,
-                        at::<f64>(z_p, first) as *mut f64,
-                        stride,
+                        cublas::cublasSideMode_t::CUBLAS_SIDE_LEFT,
+                        cublas::cublasFillMode_t::CUBLAS_FILL_MODE_LOWER,
+                        cublas::cublasOperation_t::CUBLAS_OP_T,
+                        cublas::cublasDiagType_t::CUBLAS_DIAG_NON_UNIT,
+                        n,
+                        ncols,
+                        &one,
+                        parr(full) as *const *const f64,
+                        nmax_i,
+                        parr(slabs) as *const *mut f64,
+                        nmax_i,
+                        count,
                     )
                 })?;
-                // L⁻¹E, then L⁻ᵀ(L⁻¹E) = C[:, core], in place.
-                for op in [
-                    cublas::cublasOperation_t::CUBLAS_OP_N,
-                    cublas::cublasOperation_t::CUBLAS_OP_T,
-                ] {
-                    // SAFETY: `parr(full)` holds count device pointers to L[0, 0] of the
-                    // group's patches: an n × n lower triangle with lda = nmax inside the
-                    // patch's nmax × nmax matrix in `dense.ata` (npatch·nmax², checked above),
-                    // since n = k0 + m ≤ nmax. `parr(slabs)` holds count pointers to distinct
-                    // slabs of Z (ldb = nmax ≥ n): n rows × ncols ≤ ncols_max columns, the last
-                    // element at (ncols_max − 1)·nmax + nmax − 1 < slab, so inside z_len. alpha
-                    // is a host scalar (host pointer mode) read during the call; the pointer
-                    // array and the buffers outlive the call's execution (freed in stream order).
-                    blas_ok("cublasDtrsmBatched", unsafe {
-                        cublas::cublasDtrsmBatched(
-                            self.blas,
-                            cublas::cublasSideMode_t::CUBLAS_SIDE_LEFT,
-                            cublas::cublasFillMode_t::CUBLAS_FILL_MODE_LOWER,
-                            op,
-                            cublas::cublasDiagType_t::CUBLAS_DIAG_NON_UNIT,
-                            n,
-                            ncols,
-                            &one,
-                            parr(full) as *const *const f64,
-                            nmax_i,
-                            parr(slabs) as *const *mut f64,
-                            nmax_i,
-                            count,
-                        )
-                    })?;
-                }
             }
             // `ptrs` drops here, after the calls that read it are queued: freed in stream order.
         }

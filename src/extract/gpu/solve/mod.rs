@@ -16,7 +16,8 @@
 //! 3. `Y = L⁻¹ E`, `E` the unit columns of the core unknowns, by `cublasDtrsmBatched`. The core
 //!    unknowns `k0 .. k0 + ncols` (`k0 = core_fiber·nwavetot`, `ncols = ncore·nwavetot`) are
 //!    contiguous in the fiber-major order, and `L⁻¹` is lower triangular, so rows `< k0` of `Y`
-//!    are zero: only the trailing block `L[k0..n, k0..n]` is solved with, against `[I; 0]`.
+//!    are zero: only the trailing block `L[k0..n, k0..n]` is solved with, against `[I; 0]`,
+//!    from row `k0` of each patch's slab (the rows above stay zero from the memset).
 //!    Patches are grouped by `(k0, n − k0, ncore, nwavetot)` because a batched call takes one
 //!    size; a bundle gives three or four groups (edge subbundles solve 6 fibers, the first one
 //!    has no left neighbour, frame edges have fewer core fibers).
@@ -25,18 +26,17 @@
 //!    is zero above row `u`, so fiber `c`'s Gram product starts at its own first row, saving a
 //!    third of the flops over the five fibers.
 //! 5. On demand, after the stage ([`Solver::core_columns`], for `--ivar-from-model`'s
-//!    leverages): the full core columns `C[:, core] = L⁻ᵀ L⁻¹ E` of every patch, rows `< k0`
-//!    (the left neighbour) included, into a new buffer `Z`: per group two `cublasDtrsmBatched`
-//!    calls on the whole `n × n` factor (`n = k0 + m`), NoTrans then Trans, on `E`'s `ncols`
-//!    columns.
+//!    leverages): the full core columns `C[:, core] = L⁻ᵀ Y` of every patch, rows `< k0` (the
+//!    left neighbour) included, by one Trans `cublasDtrsmBatched` per group on the whole `n × n`
+//!    factor (`n = k0 + m`), in place in `Y`, which then leaves the solver as `Z`.
 //!
 //! `E` is built without a kernel or an upload: `Y` gives each patch a slab of
-//! `ncols_max·(nmax + 1)` elements with leading dimension `nmax`, so that the unit entries of
-//! all slabs lie on one arithmetic progression of stride `nmax + 1`: a memset and one strided
-//! `cublasDcopy` from a vector of ones. `Z` has the same slabs, but in group order (the plan's
-//! groups concatenated, each group's patches in order) and with its units at row `k0 + i` of
-//! column `i`: within a group they lie on one progression from the group's first slab plus
-//! `k0` (`SolvePlan::z_units`, which bounds it), so a memset and one strided copy per group.
+//! `ncols_max·(nmax + 1)` elements with leading dimension `nmax`, in group order (the plan's
+//! groups concatenated, each group's patches in order), with the unit of column `i` at row
+//! `k0 + i`: within a group they lie on one arithmetic progression of stride `nmax + 1` from
+//! the group's first slab plus `k0` (`SolvePlan::z_units`, which bounds it), so a memset and
+//! one strided `cublasDcopy` per group from a vector of ones. The rows of each unknown are
+//! its own (row `v` is unknown `v`), so step 5 solves the same slabs with the whole factor.
 //!
 //! Layouts of the outputs ([`SolveBatch`], and [`CoreColumns`]), `nw` the largest `nwavetot` and
 //! `ncore_max` the largest core-fiber count of the batch:
@@ -197,6 +197,9 @@ pub struct Solver {
     blas: cublas::cublasHandle_t,
     dn: cusolver::cusolverDnHandle_t,
     y: Option<CudaSlice<f64>>,
+    /// What the last `solve_into` left in `y`: the unknowns and shapes of its batch, which
+    /// [`Solver::core_columns`] must be asked for (and then takes `y`).
+    solved: Option<(Vec<usize>, Vec<PatchShape>)>,
     ones: Option<CudaSlice<f64>>,
     /// XsyevBatched's parameter object and workspaces, made on its first use.
     syev: Option<SyevWork>,

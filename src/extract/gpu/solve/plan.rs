@@ -47,8 +47,8 @@ pub struct SolvePlan {
     pub slab: usize,
     /// The trsm groups, in increasing `(k0, m, ncore, nwt)`.
     pub groups: Vec<Group>,
-    /// Per patch, the offset of its slab of `Z` (the core columns of `C`): slabs of `slab`
-    /// elements in group order, the groups concatenated (see [`SolvePlan::z_units`]).
+    /// Per patch, the offset of its slab of `Y` (then `Z`): slabs of `slab` elements in group
+    /// order, the groups concatenated (see [`SolvePlan::z_units`]).
     z_off: Vec<usize>,
 }
 
@@ -145,15 +145,16 @@ impl SolvePlan {
         b * self.nmax
     }
 
-    /// Offset of patch `b`'s slab of `Y` (row `r` of the slab is unknown `k0 + r`).
-    pub fn y(&self, b: usize) -> usize {
-        b * self.slab
+    /// Offset in `Y` of row `k0` of patch `b`'s slab, where its trsm's `B` starts (row `r`
+    /// of that operand is unknown `k0 + r`; the rows above stay zero).
+    pub fn y(&self, b: usize, k0: usize) -> usize {
+        self.z(b) + k0
     }
 
-    /// Offset in `Y` of core fiber `c`'s first nonzero row in its first column: row and column
-    /// `c·nwt` of patch `b`'s slab.
-    pub fn y_fiber(&self, b: usize, c: usize, nwt: usize) -> usize {
-        self.y(b) + c * nwt * (self.nmax + 1)
+    /// Offset in `Y` of core fiber `c`'s first nonzero row in its first column: row `k0 +
+    /// c·nwt` and column `c·nwt` of patch `b`'s slab.
+    pub fn y_fiber(&self, b: usize, k0: usize, c: usize, nwt: usize) -> usize {
+        self.y(b, k0) + c * nwt * (self.nmax + 1)
     }
 
     /// Offset of patch `b`'s block of core fiber `c` in `blocks`.
@@ -166,23 +167,29 @@ impl SolvePlan {
         self.npatch * self.ncore_max * self.nw * self.nw
     }
 
-    /// Unit entries of `E` over the whole of `Y`: entry `i` is at `i·(nmax + 1)`.
+    /// The most unit entries of `E` one strided copy writes (a group's, [`SolvePlan::z_units`]):
+    /// the length the vector of ones needs.
     pub fn units(&self) -> usize {
-        self.npatch * self.ncols_max
+        self.groups
+            .iter()
+            .map(|g| g.patches.len() * self.ncols_max)
+            .max()
+            .unwrap_or(0)
     }
 
-    /// Offset of patch `b`'s slab of `Z`: row `v` of column `i` (`C[v, k0 + i]`) is at
-    /// `z(b) + i·nmax + v`.
+    /// Offset of patch `b`'s slab of `Y` (and `Z`, the same buffer once the columns are
+    /// solved for): row `v` of column `i` (unknown `v` of `L⁻¹E`'s column for core unknown
+    /// `k0 + i`, then `C[v, k0 + i]`) is at `z(b) + i·nmax + v`.
     pub fn z(&self, b: usize) -> usize {
         self.z_off[b]
     }
 
-    /// Elements of `Z`: a slab per patch, as `Y`.
+    /// Elements of `Y`: a slab per patch.
     pub fn z_len(&self) -> usize {
         self.npatch * self.slab
     }
 
-    /// `E`'s unit entries in `Z` for group `g`: the first index and the count of the progression
+    /// `E`'s unit entries in `Y` for group `g`: the first index and the count of the progression
     /// `first + i·(nmax + 1)`, `i < count`. The group's slabs are consecutive from
     /// `z(g.patches[0])`, so entry `i = j·ncols_max + c` lands at `z(b_j) + c·nmax + k0 + c`:
     /// row `k0 + c` of column `c` of its `j`th patch's slab. For `c < ncols` that row is below
@@ -217,7 +224,7 @@ pub(in crate::extract::gpu) struct PointerArrays {
 pub(in crate::extract::gpu) struct GroupArrays {
     /// trsm's `A`: `L[k0, k0]`.
     pub(in crate::extract::gpu) l22: usize,
-    /// trsm's `B`: the patch's slab of `Y`.
+    /// trsm's `B`: row `k0` of the patch's slab of `Y`.
     pub(in crate::extract::gpu) y: usize,
     /// Per core fiber, gemm's `A` and `B` (`Y_f`) and `C` (`C_ff`).
     pub(in crate::extract::gpu) fibers: Vec<(usize, usize)>,
@@ -246,14 +253,14 @@ impl PointerArrays {
                     .map(|&b| at::<f64>(ata, plan.trailing(b, g.k0))),
             );
             let yo = host.len();
-            host.extend(g.patches.iter().map(|&b| at::<f64>(y, plan.y(b))));
+            host.extend(g.patches.iter().map(|&b| at::<f64>(y, plan.y(b, g.k0))));
             let mut fibers = Vec::with_capacity(g.ncore);
             for c in 0..g.ncore {
                 let yf = host.len();
                 host.extend(
                     g.patches
                         .iter()
-                        .map(|&b| at::<f64>(y, plan.y_fiber(b, c, g.nwt))),
+                        .map(|&b| at::<f64>(y, plan.y_fiber(b, g.k0, c, g.nwt))),
                 );
                 let cf = host.len();
                 host.extend(

@@ -37,6 +37,7 @@ impl Solver {
             y: None,
             ones: None,
             syev: None,
+            solved: None,
         };
         let raw = s.stream.cu_stream();
         // SAFETY: writes one handle into `s.blas`; the context is current (bound above).
@@ -143,8 +144,9 @@ impl Solver {
             .bind_to_thread()
             .map_err(cuda("binding the context"))?;
 
-        // Workspace, grown when a batch needs more.
-        let ylen = npatch * plan.slab;
+        // Workspace, grown when a batch needs more (or taken by `core_columns`).
+        self.solved = None;
+        let ylen = plan.z_len();
         if self.y.as_ref().is_none_or(|y| y.len() < ylen) {
             self.y = None;
             self.y = Some(st.alloc_zeros(ylen).map_err(cuda("allocating Y"))?);
@@ -217,27 +219,26 @@ impl Solver {
             )
         })?;
 
-        // E: ones at i·(nmax + 1) for i < npatch·ncols_max (module docs).
-        let (units, stride) = (
-            int(plan.units(), "E's unit entries")?,
-            int(nmax + 1, "nmax + 1")?,
-        );
-        // SAFETY: reads `units` contiguous doubles of `ones` (its length is at least
-        // plan.units(), ensured above) and writes y[i·(nmax+1)] for i < units; the last index,
-        // (npatch·ncols_max − 1)·(nmax + 1), is below npatch·slab = ylen ≤ y.len().
-        blas_ok("cublasDcopy_v2", unsafe {
-            cublas::cublasDcopy_v2(
-                self.blas,
-                units,
-                ones_p as *const f64,
-                1,
-                y_p as *mut f64,
-                stride,
-            )
-        })?;
-
+        let stride = int(nmax + 1, "nmax + 1")?;
         let (one, zero) = (1.0f64, 0.0f64);
         for (g, gp) in plan.groups.iter().zip(&arrays.groups) {
+            // E: per group, ones at row k0 + i of column i of each slab (module docs).
+            let (first, units) = plan.z_units(g);
+            let units = int(units, "E's unit entries")?;
+            // SAFETY: reads `units` ≤ plan.units() contiguous doubles of `ones` (grown to that
+            // above) and writes y[first + i·(nmax + 1)] for i < units: the last index is below
+            // the end of the group's slabs, z(g.patches[0]) + |g|·slab ≤ z_len = ylen ≤ y.len()
+            // (`SolvePlan::z_units`).
+            blas_ok("cublasDcopy_v2", unsafe {
+                cublas::cublasDcopy_v2(
+                    self.blas,
+                    units,
+                    ones_p as *const f64,
+                    1,
+                    at::<f64>(y_p, first) as *mut f64,
+                    stride,
+                )
+            })?;
             let count = int(g.patches.len(), "patches in a group")?;
             let (m, ncols, nwt) = (
                 int(g.m, "m")?,
@@ -246,9 +247,10 @@ impl Solver {
             );
             // SAFETY: `parr(gp.l22)` holds count device pointers to L[k0, k0] of the group's
             // patches: an m × m lower triangle with lda = nmax, inside the patch's matrix since
-            // k0 + m = n ≤ nmax. `parr(gp.y)` holds count pointers to slabs of Y (ldb = nmax ≥ m):
-            // m rows × ncols ≤ ncols_max columns, the last element at (ncols_max − 1)·nmax +
-            // nmax − 1 < slab. alpha is a host scalar (host pointer mode) read during the call.
+            // k0 + m = n ≤ nmax. `parr(gp.y)` holds count pointers to row k0 of distinct slabs of
+            // Y (ldb = nmax ≥ n): m rows × ncols ≤ ncols_max columns, the last element at
+            // (ncols_max − 1)·nmax + k0 + m − 1 < slab. alpha is a host scalar (host pointer
+            // mode) read during the call.
             blas_ok("cublasDtrsmBatched", unsafe {
                 cublas::cublasDtrsmBatched(
                     self.blas,
@@ -269,9 +271,9 @@ impl Solver {
             for (c, &(yf, cf)) in gp.fibers.iter().enumerate() {
                 let k = int(g.m - c * g.nwt, "Gram rows")?;
                 let ldc = int(plan.nw, "nw")?;
-                // SAFETY: `parr(yf)` holds count pointers to row and column c·nwt of a slab:
-                // a k × nwt operand (k = m − c·nwt rows, so it ends at slab row m; lda = nmax ≥
-                // k), read as both A (transposed) and B. `parr(cf)` holds count pointers to
+                // SAFETY: `parr(yf)` holds count pointers to row k0 + c·nwt and column c·nwt of
+                // a slab: a k × nwt operand (k = m − c·nwt rows, so it ends at slab row n ≤ nmax;
+                // lda = nmax ≥ k), read as both A (transposed) and B. `parr(cf)` holds count pointers to
                 // nw × nw blocks of `out.blocks` (ldc = nw ≥ nwt, the block at plan.block(b, c)
                 // with c < ncore ≤ ncore_max, inside blocks_len()). alpha/beta are host scalars.
                 blas_ok("cublasDgemmBatched", unsafe {
@@ -295,6 +297,7 @@ impl Solver {
                 })?;
             }
         }
+        self.solved = Some((dense.n.clone(), shapes.to_vec()));
         // `ptrs` drops here, after the calls that read it are queued: freed in stream order.
         Ok(())
     }

@@ -35,6 +35,9 @@ pub struct HostSolve {
     pub blocks: Vec<f64>,
     /// potrf's info per patch.
     pub info: Vec<i32>,
+    /// `Y = L⁻¹E` as the stage leaves it in the solver's workspace (the twin's only: empty
+    /// from the device), which [`twin_core_columns`] goes on from.
+    pub y: Vec<f64>,
 }
 
 impl HostSolve {
@@ -136,7 +139,7 @@ pub fn twin_factored(
     let (s_ata, s_x, s_y, s_blk) = (
         stand(1, npatch * nm2, nm2),
         stand(2, npatch * nmax, nmax),
-        stand(3, npatch * plan.slab, plan.slab),
+        stand(3, plan.z_len(), plan.slab),
         stand(4, plan.blocks_len(), per_blocks),
     );
     let arrays = PointerArrays::new(&plan, s_ata.base, s_x.base, s_y.base, s_blk.base);
@@ -145,7 +148,7 @@ pub fn twin_factored(
     // memcpy_dtod AᵀWp → x; memset of the blocks and of Y.
     let mut x = dense.atp.clone();
     let mut blocks = vec![0.0; plan.blocks_len()];
-    let mut y = vec![0.0; npatch * plan.slab];
+    let mut y = vec![0.0; plan.z_len()];
 
     // potrfBatched: info[entry] for the entry's matrix.
     let fac = s_ata.decode(&arrays.host, arrays.factors, npatch);
@@ -170,39 +173,38 @@ pub fn twin_factored(
             }
         });
 
-    // cublasDcopy of the ones into Y with stride nmax + 1.
-    for i in 0..plan.units() {
-        y[i * (nmax + 1)] = 1.0;
-    }
-
     for (g, ga) in plan.groups.iter().zip(&arrays.groups) {
         let count = g.patches.len();
-        // trsmBatched.
-        let tr = pair(
-            &s_ata.decode(&arrays.host, ga.l22, count),
-            &s_y.decode(&arrays.host, ga.y, count),
-        );
+        // cublasDcopy of the ones into the group's slabs of Y with stride nmax + 1.
+        let (first, units) = plan.z_units(g);
+        for i in 0..units {
+            y[first + i * (nmax + 1)] = 1.0;
+        }
+        // trsmBatched: each entry's factor (A, by patch) and its slab of Y (B, by slot).
+        let a_of = by_entry(&s_ata.decode(&arrays.host, ga.l22, count), count);
+        let tr = s_y.decode(&arrays.host, ga.y, count);
         y.par_chunks_mut(plan.slab)
-            .zip(ata.par_chunks(nm2))
             .zip(tr.par_iter())
-            .for_each(|((yb, a), e)| {
-                if let Some((_, la, ly)) = *e {
+            .for_each(|(yb, e)| {
+                if let Some((entry, ly)) = *e {
+                    let (p, la) = a_of[entry];
+                    let a = &ata[p * nm2..(p + 1) * nm2];
                     trsm_lower(&a[la..], nmax, g.m, g.ncols(), &mut yb[ly..], nmax);
                 }
             });
-        // gemmBatched per core fiber.
+        // gemmBatched per core fiber: each entry's Y_f (A and B, by slot) into its block (C,
+        // by patch).
         for (c, &(yf, cf)) in ga.fibers.iter().enumerate() {
-            let gm = pair(
-                &s_y.decode(&arrays.host, yf, count),
-                &s_blk.decode(&arrays.host, cf, count),
-            );
+            let y_of = by_entry(&s_y.decode(&arrays.host, yf, count), count);
+            let gm = s_blk.decode(&arrays.host, cf, count);
             let k = g.m - c * g.nwt;
             blocks
                 .par_chunks_mut(per_blocks)
-                .zip(y.par_chunks(plan.slab))
                 .zip(gm.par_iter())
-                .for_each(|((cb, yb), e)| {
-                    if let Some((_, ly, lc)) = *e {
+                .for_each(|(cb, e)| {
+                    if let Some((entry, lc)) = *e {
+                        let (slot, ly) = y_of[entry];
+                        let yb = &y[slot * plan.slab..(slot + 1) * plan.slab];
                         gram(&yb[ly..], nmax, k, g.nwt, &mut cb[lc..], plan.nw);
                     }
                 });
@@ -224,8 +226,24 @@ pub fn twin_factored(
         x,
         blocks,
         info,
+        y,
     };
     Ok((out, ata))
+}
+
+/// Decoded pointers (by part: `(entry, offset)`) turned around: by entry, `(part, offset)`.
+fn by_entry(decoded: &[Option<(usize, usize)>], count: usize) -> Vec<(usize, usize)> {
+    let mut out = vec![(usize::MAX, 0); count];
+    for (part, e) in decoded.iter().enumerate() {
+        if let Some((entry, off)) = *e {
+            out[entry] = (part, off);
+        }
+    }
+    assert!(
+        out.iter().all(|&(p, _)| p != usize::MAX),
+        "an entry points nowhere"
+    );
+    out
 }
 
 /// The core columns on the host (from [`twin_core_columns`] or [`CoreColumns::download`]);
@@ -247,11 +265,11 @@ impl HostCoreColumns {
     }
 }
 
-/// Host twin of [`Solver::core_columns`]: its sequence on a host `Z` (zeroed; per group the
-/// strided copy of ones, then the NoTrans and the Trans trsm on the full factor), each call
-/// reading the same pointer arrays ([`ColumnArrays`], decoded against stand-in addresses).
-/// `factor` is the factored copy of `ata` that [`twin_factored`] returns with `solved`; where
-/// `solved.info` is not 0 the patch's slab is NaN.
+/// Host twin of [`Solver::core_columns`]: its Trans trsm per group on the whole factor, in
+/// place in the `Y` that [`twin_factored`] left in `solved`, each call reading the same
+/// pointer arrays ([`ColumnArrays`], decoded against stand-in addresses). `factor` is the
+/// factored copy of `ata` that [`twin_factored`] returns with `solved`; where `solved.info` is
+/// not 0 the patch's slab is NaN.
 pub fn twin_core_columns(
     solved: &HostSolve,
     factor: &[f64],
@@ -261,10 +279,11 @@ pub fn twin_core_columns(
     let plan = SolvePlan::new(solved.npatch, solved.nmax, &n, shapes)?;
     let (npatch, nmax) = (plan.npatch, plan.nmax);
     let nm2 = nmax * nmax;
-    if factor.len() != npatch * nm2 {
+    if factor.len() != npatch * nm2 || solved.y.len() != plan.z_len() {
         return Err(bad(format!(
-            "host factors of {} values for {npatch} patches of {nmax}",
-            factor.len()
+            "host factors of {} values and a Y of {} for {npatch} patches of {nmax}",
+            factor.len(),
+            solved.y.len()
         )));
     }
     let s_ata = Stand {
@@ -278,39 +297,22 @@ pub fn twin_core_columns(
         part: plan.slab,
     };
     let arrays = ColumnArrays::new(&plan, s_ata.base, s_z.base);
-    // alloc_zeros.
-    let mut z = vec![0.0; plan.z_len()];
+    let mut z = solved.y.clone();
     for (g, &(full, slabs)) in plan.groups.iter().zip(&arrays.groups) {
         let count = g.patches.len();
-        // cublasDcopy of the ones into Z with stride nmax + 1.
-        let (first, units) = plan.z_units(g);
-        for i in 0..units {
-            z[first + i * (nmax + 1)] = 1.0;
-        }
-        // The factor of each entry (its A), by entry; then each entry's slab of Z (its B).
-        let mut factor_of = vec![(0usize, 0usize); count];
-        for (p, e) in s_ata.decode(&arrays.host, full, count).iter().enumerate() {
-            if let Some((entry, local)) = *e {
-                factor_of[entry] = (p, local);
-            }
-        }
+        // Each entry's factor (its A, by patch) and its slab of Z (its B, by slot).
+        let a_of = by_entry(&s_ata.decode(&arrays.host, full, count), count);
         let tr = s_z.decode(&arrays.host, slabs, count);
         let (m, ncols) = (g.k0 + g.m, g.ncols());
-        for trans in [false, true] {
-            z.par_chunks_mut(plan.slab)
-                .zip(tr.par_iter())
-                .for_each(|(zb, e)| {
-                    if let Some((entry, lz)) = *e {
-                        let (p, la) = factor_of[entry];
-                        let l = &factor[p * nm2..(p + 1) * nm2][la..];
-                        if trans {
-                            trsm_lower_trans(l, nmax, m, ncols, &mut zb[lz..], nmax);
-                        } else {
-                            trsm_lower(l, nmax, m, ncols, &mut zb[lz..], nmax);
-                        }
-                    }
-                });
-        }
+        z.par_chunks_mut(plan.slab)
+            .zip(tr.par_iter())
+            .for_each(|(zb, e)| {
+                if let Some((entry, lz)) = *e {
+                    let (p, la) = a_of[entry];
+                    let l = &factor[p * nm2..(p + 1) * nm2][la..];
+                    trsm_lower_trans(l, nmax, m, ncols, &mut zb[lz..], nmax);
+                }
+            });
     }
     for (b, &i) in solved.info.iter().enumerate() {
         if i != 0 {
@@ -440,6 +442,8 @@ impl SolveBatch {
             blocks: st
                 .clone_dtoh(&self.blocks)
                 .map_err(cuda("downloading the blocks"))?,
+            // The solver's workspace, not the stage's output: the twin's only.
+            y: Vec::new(),
             info: st
                 .clone_dtoh(&self.info)
                 .map_err(cuda("downloading info"))?,
@@ -632,7 +636,7 @@ mod tests {
     }
 
     #[test]
-    fn plan_groups_patches_and_places_e_on_one_progression() {
+    fn plan_groups_patches_and_keeps_each_operand_in_its_slab() {
         let scene = toy_scene(1, false);
         let shapes = scene.shapes();
         let n: Vec<usize> = shapes.iter().map(PatchShape::nunknown).collect();
@@ -657,20 +661,23 @@ mod tests {
                 assert_eq!(g.k0 + g.m, s.nunknown());
                 // The trailing triangle and the last Gram operand stay inside the patch.
                 assert!(plan.trailing(b, g.k0) + (g.m - 1) * (nmax + 1) < plan.factor(b + 1));
-                let last = plan.y_fiber(b, g.ncore - 1, g.nwt);
+                // The trsm's operand (m rows from row k0, ncols columns) and the last Gram
+                // operand stay inside the patch's slab of Y.
+                let (slab, end) = (plan.z(b), plan.z(b) + plan.slab);
+                assert_eq!(plan.y(b, g.k0), slab + g.k0);
+                assert!(plan.y(b, g.k0) + (g.ncols() - 1) * nmax + g.m <= end);
+                let last = plan.y_fiber(b, g.k0, g.ncore - 1, g.nwt);
                 let rows = g.m - (g.ncore - 1) * g.nwt;
-                assert!(last + (g.nwt - 1) * nmax + rows <= plan.y(b + 1));
+                assert_eq!(
+                    last + rows,
+                    slab + (g.ncore - 1) * g.nwt * nmax + g.k0 + g.m
+                );
+                assert!(last + (g.nwt - 1) * nmax + rows <= end);
             }
         }
-        // The strided copy's unit entries are exactly the diagonals of the slabs.
-        let units: std::collections::BTreeSet<usize> =
-            (0..plan.units()).map(|i| i * (nmax + 1)).collect();
-        let diagonals: std::collections::BTreeSet<usize> = (0..plan.npatch)
-            .flat_map(|b| (0..plan.ncols_max).map(move |r| (b, r)))
-            .map(|(b, r)| plan.y(b) + r * nmax + r)
-            .collect();
-        assert_eq!(units, diagonals);
-        assert!(*units.last().unwrap() < plan.npatch * plan.slab);
+        // One copy of ones per group: the vector of ones covers the largest.
+        let largest = plan.groups.iter().map(|g| plan.z_units(g).1).max();
+        assert_eq!(Some(plan.units()), largest);
     }
 
     #[test]
@@ -1303,6 +1310,9 @@ mod tests {
             let want = twin_core_columns(&tw, &tw_factor, &shapes).unwrap();
             let solved = solver.solve(&gpu, &mut dense, &shapes).unwrap();
             let cols = solver.core_columns(&gpu, &dense, &shapes).unwrap();
+            // The columns took the solve's Y: asked again, they are refused.
+            let again = solver.core_columns(&gpu, &dense, &shapes).err().unwrap();
+            assert!(again.to_string().contains("just before"), "{again}");
             let got = cols.download(&gpu).unwrap();
             assert_eq!(solved.download(&gpu).unwrap().info, vec![0; shapes.len()]);
             assert_eq!((got.ld, &got.off), (want.ld, &want.off));
