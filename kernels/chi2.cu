@@ -242,6 +242,52 @@ extern "C" __global__ void chi2_project(const Chi2ProjectParams args)
     args.chi2pix[o] = (den > 0.0) ? __ddiv_rn(num, den) : 0.0;
 }
 
+// The unknowns a pixel's leverage gathers from a list of those covering it, when they number
+// at most this many (a pixel of the real r PSF's bundle 0 on the 0.8 Å grid is under at most
+// 24 spots); beyond it, the kernel scans the fibers' spans again for every covered core
+// unknown, with the same sums.
+#ifndef COVER_MAX
+#define COVER_MAX 64
+#endif
+
+// Spot value of staged unknown u at window pixel (r, c) into *a, or false where its spot does
+// not reach the pixel.
+__device__ __forceinline__ bool spot_at(
+    const Tile& t, int u, int r, int c, int nx, const double* __restrict__ spots, double* a)
+{
+    const SpotGeom g = unpack_geom(t.sg[u]);
+    const int iy = r - g.row0;
+    const int ix = c - g.col0;
+    if (iy < g.iy0 || iy >= g.iy1 || ix < 0 || ix >= nx) {
+        return false;
+    }
+    *a = spots[t.so[u] + iy * nx + ix];
+    return true;
+}
+
+// Σ_v col[v] · a_v over the staged unknowns v of fibers [0, nsp) whose spot covers pixel
+// (r, c), in increasing v.
+__device__ __forceinline__ double covariance_scan(
+    const Tile& t, const double* __restrict__ col, int r, int c, int nwt, int nsp, int nx,
+    const double* __restrict__ spots)
+{
+    double s = 0.0;
+    for (int f = 0; f < nsp; ++f) {
+        if (c < t.span[4 * f + 2] || c >= t.span[4 * f + 3]) {
+            continue;
+        }
+        const int whi = t.span[4 * f + 1];
+        for (int w = t.span[4 * f + 0]; w < whi; ++w) {
+            const int v = f * nwt + w;
+            double a;
+            if (spot_at(t, v, r, c, nx, spots, &a)) {
+                s = __dadd_rn(s, __dmul_rn(col[v], a));
+            }
+        }
+    }
+    return s;
+}
+
 // Mapping: as chi2_pixels (one block per (row tile, patch), the patch's unknowns staged, the
 // threads striding over the tile's pixels). Each pixel gets its part of the model image, the
 // deconvolved flux of the core fibers' core bins through their spots,
@@ -254,7 +300,9 @@ extern "C" __global__ void chi2_project(const Chi2ProjectParams args)
 //   leverage = ivar · Σ_{u core} a_u · (Σ_v C[v, u] · a_v),
 // v over every unknown whose spot covers the pixel, in increasing v, then u: the hat matrix's
 // diagonal restricted to the core unknowns, which cpu::chi2::leverage sums pair by pair from its
-// own band of C (so the two agree to rounding, not bit for bit).
+// own band of C (so the two agree to rounding, not bit for bit). The covering unknowns are
+// listed once per pixel (COVER_MAX), in increasing u, so that the sums visit the same terms in
+// the same order whichever way they are found: the outputs do not depend on the list's size.
 extern "C" __global__ void model_image(const ModelImageParams args)
 {
     const int b = blockIdx.y;
@@ -276,14 +324,15 @@ extern "C" __global__ void model_image(const ModelImageParams args)
     const int ncore = d0.w;
     const int blo = d1.x;
     const int bhi = d1.x + d1.z;
+    const int nx = args.nx;
     const long long base = (long long)b * args.nmax;
     // Every fiber's spans: the leverage's inner sum runs over all of them.
-    const Tile t = stage_tile(args.nmax, args.nx, n, nwt, nsp, 0, nsp, 0, nwt, r0, r1,
+    const Tile t = stage_tile(args.nmax, nx, n, nwt, nsp, 0, nsp, 0, nwt, r0, r1,
                               args.geom + base, args.x + base, args.spot_off + base);
     const long long off = args.win_off[b];
     const long long soff = args.scr_off[b];
     const double* cov = args.cov;
-    const long long cov0 = (cov != nullptr) ? args.cov_off[b] : 0;
+    const double* cov_b = (cov != nullptr) ? cov + args.cov_off[b] : nullptr;
     const int k0 = core0 * nwt;
     const int npix = (r1 - r0) * wnx;
     for (int k = threadIdx.x; k < npix; k += blockDim.x) {
@@ -291,48 +340,72 @@ extern "C" __global__ void model_image(const ModelImageParams args)
         const int c = k - (k / wnx) * wnx;
         double img = 0.0;
         double h = 0.0;
-        for (int f = core0; f < core0 + ncore; ++f) {
-            if (c < t.span[4 * f + 2] || c >= t.span[4 * f + 3]) {
-                continue;
-            }
-            const int whi = min(t.span[4 * f + 1], bhi);
-            for (int w = max(t.span[4 * f + 0], blo); w < whi; ++w) {
-                const int u = f * nwt + w;
-                const SpotGeom g = unpack_geom(t.sg[u]);
-                const int iy = r - g.row0;
-                const int ix = c - g.col0;
-                if (iy < g.iy0 || iy >= g.iy1 || ix < 0 || ix >= args.nx) {
+        int ncov = COVER_MAX + 1;
+        int cu[COVER_MAX];
+        double ca[COVER_MAX];
+        if (cov_b != nullptr) {
+            ncov = 0;
+            for (int f = 0; f < nsp; ++f) {
+                if (c < t.span[4 * f + 2] || c >= t.span[4 * f + 3]) {
                     continue;
                 }
-                const double a = args.spots[t.so[u] + iy * args.nx + ix];
-                img = __dadd_rn(img, __dmul_rn(t.sc[u], a));
-                if (cov != nullptr) {
-                    const double* col = cov + cov0 + (long long)(u - k0) * args.cov_ld;
-                    double s = 0.0;
-                    for (int f2 = 0; f2 < nsp; ++f2) {
-                        if (c < t.span[4 * f2 + 2] || c >= t.span[4 * f2 + 3]) {
-                            continue;
+                const int whi = t.span[4 * f + 1];
+                for (int w = t.span[4 * f + 0]; w < whi; ++w) {
+                    const int v = f * nwt + w;
+                    double a;
+                    if (spot_at(t, v, r, c, nx, args.spots, &a)) {
+                        if (ncov < COVER_MAX) {
+                            cu[ncov] = v;
+                            ca[ncov] = a;
                         }
-                        const int w2hi = t.span[4 * f2 + 1];
-                        for (int w2 = t.span[4 * f2 + 0]; w2 < w2hi; ++w2) {
-                            const int v = f2 * nwt + w2;
-                            const SpotGeom g2 = unpack_geom(t.sg[v]);
-                            const int iy2 = r - g2.row0;
-                            const int ix2 = c - g2.col0;
-                            if (iy2 < g2.iy0 || iy2 >= g2.iy1 || ix2 < 0 || ix2 >= args.nx) {
-                                continue;
-                            }
-                            const double a2 = args.spots[t.so[v] + iy2 * args.nx + ix2];
-                            s = __dadd_rn(s, __dmul_rn(col[v], a2));
-                        }
+                        ++ncov;
                     }
-                    h = __dadd_rn(h, __dmul_rn(a, s));
+                }
+            }
+        }
+        if (ncov <= COVER_MAX) {
+            // From the list (with the leverage only).
+            for (int i = 0; i < ncov; ++i) {
+                const int u = cu[i];
+                const int f = u / nwt;
+                const int w = u - f * nwt;
+                if (f < core0 || f >= core0 + ncore || w < blo || w >= bhi) {
+                    continue;
+                }
+                const double a = ca[i];
+                img = __dadd_rn(img, __dmul_rn(t.sc[u], a));
+                const double* col = cov_b + (long long)(u - k0) * args.cov_ld;
+                double s = 0.0;
+                for (int j = 0; j < ncov; ++j) {
+                    s = __dadd_rn(s, __dmul_rn(col[cu[j]], ca[j]));
+                }
+                h = __dadd_rn(h, __dmul_rn(a, s));
+            }
+        } else {
+            // Without the leverage, or a pixel under more spots than the list holds.
+            for (int f = core0; f < core0 + ncore; ++f) {
+                if (c < t.span[4 * f + 2] || c >= t.span[4 * f + 3]) {
+                    continue;
+                }
+                const int whi = min(t.span[4 * f + 1], bhi);
+                for (int w = max(t.span[4 * f + 0], blo); w < whi; ++w) {
+                    const int u = f * nwt + w;
+                    double a;
+                    if (!spot_at(t, u, r, c, nx, args.spots, &a)) {
+                        continue;
+                    }
+                    img = __dadd_rn(img, __dmul_rn(t.sc[u], a));
+                    if (cov_b != nullptr) {
+                        const double* col = cov_b + (long long)(u - k0) * args.cov_ld;
+                        const double s = covariance_scan(t, col, r, c, nwt, nsp, nx, args.spots);
+                        h = __dadd_rn(h, __dmul_rn(a, s));
+                    }
                 }
             }
         }
         const long long q = soff + (long long)r * wnx + c;
         args.image[q] = img;
-        if (cov != nullptr) {
+        if (cov_b != nullptr) {
             args.leverage[q] = __dmul_rn(h, args.ivar[off + (long long)r * ld + c]);
         }
     }

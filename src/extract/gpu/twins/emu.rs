@@ -991,11 +991,13 @@ mod model_cu {
         let Some(tc) = toolchain_or_skip() else {
             return;
         };
+        // In both of the kernel's ways to the sum (the list of covering unknowns, and the
+        // scan where a pixel has more of them).
         let good = "(long long)(u - k0) * args.cov_ld";
         let prog = Program::kernel_file(tc, "chi2.cu", |s| {
             assert_eq!(
                 s.matches(good).count(),
-                1,
+                2,
                 "chi2.cu changed: update the planted bug"
             );
             s.replace(good, "(long long)(u - core0) * args.cov_ld")
@@ -1025,12 +1027,33 @@ mod model_cu {
         assert!(!d.same(), "the planted bug went unnoticed");
     }
 
+    /// The kernel as written (every pixel's covering unknowns in its list), and with a list
+    /// of 3 (most pixels then take the scan): the same bits as the twin either way.
     #[test]
     fn model_image_matches_its_twin_bit_for_bit() {
         let Some(tc) = toolchain_or_skip() else {
             return;
         };
-        let prog = Program::kernel_file(tc, "chi2.cu", |s| s).unwrap();
+        let list = "#define COVER_MAX 64";
+        let short = Program::kernel_file(tc, "chi2.cu", |s| {
+            assert_eq!(
+                s.matches(list).count(),
+                1,
+                "chi2.cu changed: update the list's size"
+            );
+            s.replace(list, "#define COVER_MAX 3")
+        })
+        .unwrap();
+        let full = Program::kernel_file(tc, "chi2.cu", |s| s).unwrap();
+        for (size, prog) in [("64", &full), ("3", &short)] {
+            eprintln!("model_image with a list of {size}:");
+            compare_on_scenes(prog);
+        }
+    }
+
+    /// model_image against its twin on copies and on resident pixels and spots, with and
+    /// without the leverage.
+    fn compare_on_scenes(prog: &Program) {
         let recipe = Recipe {
             trim: Some(Trim::IntoKept(1)),
             pixels: Pixels::Exposure,
@@ -1054,7 +1077,7 @@ mod model_cu {
             };
             for columns in [None, Some(cols)] {
                 let t0 = Instant::now();
-                let got = run(&prog, layout, &dims, &x, columns).unwrap();
+                let got = run(prog, layout, &dims, &x, columns).unwrap();
                 let want = twin(layout, &dims, &x, columns);
                 let image = Diff::of(&got.image, &want.image);
                 let lev = match (&got.leverage, &want.leverage) {
