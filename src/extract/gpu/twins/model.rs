@@ -226,3 +226,92 @@ mod tests {
         assert!(d[1].rel < 1e-9, "{:?}", d[1]);
     }
 }
+
+mod gpu_tests {
+    use rayon::prelude::*;
+
+    use super::super::chi2::tests::{batch_x, bundle_scene, cpu_solution, CpuSolution, Diff};
+    use super::super::chi2::Kernels;
+    use super::super::normal::{OnDevice, UploadedLayout};
+    use super::*;
+    use crate::extract::gpu::device::{self, Gpu};
+    use crate::extract::{ExtractOptions, ModelFlux};
+
+    /// On a GPU: `model_image` gives the twin's bits on a whole bundle at the real size, with
+    /// the CPU's solutions and random covariance columns (`ld = nmax + 1`), with and without
+    /// the leverage, outputs poisoned with NaN before each run.
+    #[test]
+    fn gpu_matches_the_twin() {
+        if let Err(e) = device::probe() {
+            eprintln!("skipping: no GPU ({e})");
+            return;
+        }
+        let gpu = Gpu::open(0).expect("GPU 0 opens");
+        let kernels = Kernels::load(&gpu).expect("chi2.cu compiles and loads");
+        let (scene, ndiag, what) = bundle_scene(None, 15);
+        let inputs = scene.inputs();
+        let opts = ExtractOptions {
+            regularize: 0.0,
+            psferr: 0.01,
+            ndiag,
+            model_image: Some(ModelFlux::Deconvolved),
+            leverage: true,
+        };
+        let layout = BatchLayout::new(&inputs).unwrap();
+        let dims = Chi2Layout::new(&inputs, &layout).unwrap();
+        let sols: Vec<CpuSolution> = inputs.par_iter().map(|i| cpu_solution(i, &opts)).collect();
+        let x = batch_x(&layout, &sols);
+        let ld = layout.nmax + 1;
+        let (mut z, mut off) = (Vec::new(), Vec::new());
+        for b in 0..layout.npatch {
+            let (n, ncols) = dims.core_columns(b);
+            off.push(z.len() as i64);
+            for i in 0..ncols {
+                let mut col = vec![f64::NAN; ld];
+                for (v, c) in col.iter_mut().enumerate().take(n) {
+                    *c = 1e-4 * (((7 * v + 13 * i + b) % 29) as f64 - 14.0);
+                }
+                z.extend(col);
+            }
+        }
+        let host_cols = HostColumns {
+            z: &z,
+            off: &off,
+            ld,
+        };
+        let up = UploadedLayout::upload(&gpu, &layout, OnDevice::default()).unwrap();
+        let buf = up.buffers();
+        let st = &gpu.stream;
+        let (xd, zd) = (st.clone_htod(&x).unwrap(), st.clone_htod(&z).unwrap());
+        for leverage in [false, true] {
+            let want = twin(&layout, &dims, &x, leverage.then_some(host_cols));
+            let mut out = ModelBatch::alloc(&gpu, &dims, leverage).unwrap();
+            st.memcpy_htod(&vec![f64::NAN; dims.npix], &mut out.image)
+                .unwrap();
+            if let Some(l) = out.leverage.as_mut() {
+                st.memcpy_htod(&vec![f64::NAN; dims.npix], l).unwrap();
+            }
+            let cols = leverage.then_some(Columns {
+                z: &zd,
+                off: &off,
+                ld,
+            });
+            launch(&gpu, &kernels, &buf, &dims, &xd, cols, &mut out).unwrap();
+            let image = st.clone_dtoh(&out.image).unwrap();
+            assert!(
+                image.iter().all(|v| v.is_finite()),
+                "an image pixel unwritten"
+            );
+            let d = Diff::of(&image, &want.image);
+            eprintln!("model_image on the GPU vs twin, {what}, leverage {leverage}: image {d:?}");
+            assert_eq!(d.differ, 0, "{d:?}");
+            if let (Some(l), Some(w)) = (&out.leverage, &want.leverage) {
+                let got = st.clone_dtoh(l).unwrap();
+                assert!(got.iter().all(|v| v.is_finite()), "a leverage unwritten");
+                let d = Diff::of(&got, w);
+                eprintln!("  leverage {d:?}");
+                assert_eq!(d.differ, 0, "{d:?}");
+            }
+        }
+    }
+}
