@@ -132,34 +132,73 @@ __device__ __forceinline__ double gather_pixel(
     return acc;
 }
 
+// The block's row tile of its patch, for the per-pixel kernels (blockIdx = (tile, patch)):
+// the window's width and row stride, rows [r0, r1), the patch's dims, its window's offsets in
+// the pixels and in the scratch, and every fiber's unknowns staged with coefficients `coef`.
+struct PixelTile {
+    int wnx;
+    int ld;
+    int r0;
+    int r1;
+    int4 d0;
+    int4 d1;
+    long long off;
+    long long soff;
+    Tile t;
+};
+
+// Fills *pt and returns true; false, for the whole block and before any barrier, when the tile
+// lies past the patch's window.
+__device__ __forceinline__ bool pixel_tile(
+    int tile_rows, int nmax, int nx, const int4* __restrict__ patch,
+    const int4* __restrict__ dims, const long long* __restrict__ win_off,
+    const long long* __restrict__ scr_off, const int4* __restrict__ geom,
+    const double* __restrict__ coef, const long long* __restrict__ spot_off, PixelTile* pt)
+{
+    const int b = blockIdx.y;
+    const int4 pb = patch[b];
+    const int r0 = blockIdx.x * tile_rows;
+    if (r0 >= pb.y) {
+        return false;
+    }
+    pt->wnx = pb.z;
+    pt->ld = pb.w;
+    pt->r0 = r0;
+    pt->r1 = min(r0 + tile_rows, pb.y);
+    pt->d0 = dims[2 * b];
+    pt->d1 = dims[2 * b + 1];
+    const int nsp = pt->d0.x;
+    const int nwt = pt->d0.y;
+    const long long base = (long long)b * nmax;
+    pt->t = stage_tile(nmax, nx, pb.x, nwt, nsp, 0, nsp, 0, nwt, r0, pt->r1, geom + base,
+                       coef + base, spot_off + base);
+    pt->off = win_off[b];
+    pt->soff = scr_off[b];
+    return true;
+}
+
 // Mapping: one block per (row tile, patch): gridDim = (ceil(max window rows / tile_rows),
-// npatch). The block stages the patch's unknowns (stage_tile), then its threads stride over
+// npatch). The block stages the patch's unknowns (pixel_tile), then its threads stride over
 // the tile's pixels in row-major order (consecutive threads → consecutive columns: coalesced
 // reads of pix/ivar and writes of the three outputs), each thread gathering one pixel's model
 // and forming its chi² exactly as cpu::chi2::pixel_chi2. Tiles past the patch's window return
 // at once (uniformly, before any barrier). Every window pixel is in exactly one tile.
 extern "C" __global__ void chi2_pixels(const Chi2PixelsParams args)
 {
-    const int b = blockIdx.y;
-    const int4 pb = args.patch[b];
-    const int n = pb.x;
-    const int wny = pb.y;
-    const int wnx = pb.z;
-    const int ld = pb.w;
-    const int r0 = blockIdx.x * args.tile_rows;
-    if (r0 >= wny) {
+    PixelTile pt;
+    if (!pixel_tile(args.tile_rows, args.nmax, args.nx, args.patch, args.dims, args.win_off,
+                    args.scr_off, args.geom, args.x, args.spot_off, &pt)) {
         return;
     }
-    const int r1 = min(r0 + args.tile_rows, wny);
-    const int4 d0 = args.dims[2 * b];
-    const int nsp = d0.x;
-    const int nwt = d0.y;
-    const long long base = (long long)b * args.nmax;
-    const Tile t = stage_tile(args.nmax, args.nx, n, nwt, nsp, 0, nsp, 0, nwt, r0, r1,
-                              args.geom + base, args.x + base, args.spot_off + base);
-    const long long off = args.win_off[b];
-    const long long soff = args.scr_off[b];
-    const int npix = (r1 - r0) * wnx;
+    const Tile& t = pt.t;
+    const int wnx = pt.wnx;
+    const int ld = pt.ld;
+    const int r0 = pt.r0;
+    const int nsp = pt.d0.x;
+    const int nwt = pt.d0.y;
+    const long long off = pt.off;
+    const long long soff = pt.soff;
+    const int npix = (pt.r1 - r0) * wnx;
     for (int k = threadIdx.x; k < npix; k += blockDim.x) {
         const int r = r0 + k / wnx;
         const int c = k - (k / wnx) * wnx;
@@ -305,36 +344,25 @@ __device__ __forceinline__ double covariance_scan(
 // the same order whichever way they are found: the outputs do not depend on the list's size.
 extern "C" __global__ void model_image(const ModelImageParams args)
 {
-    const int b = blockIdx.y;
-    const int4 pb = args.patch[b];
-    const int n = pb.x;
-    const int wny = pb.y;
-    const int wnx = pb.z;
-    const int ld = pb.w;
-    const int r0 = blockIdx.x * args.tile_rows;
-    if (r0 >= wny) {
+    // Every fiber's spans: the leverage's inner sum runs over all of them.
+    PixelTile pt;
+    if (!pixel_tile(args.tile_rows, args.nmax, args.nx, args.patch, args.dims, args.win_off,
+                    args.scr_off, args.geom, args.x, args.spot_off, &pt)) {
         return;
     }
-    const int r1 = min(r0 + args.tile_rows, wny);
-    const int4 d0 = args.dims[2 * b];
-    const int4 d1 = args.dims[2 * b + 1];
-    const int nsp = d0.x;
-    const int nwt = d0.y;
-    const int core0 = d0.z;
-    const int ncore = d0.w;
-    const int blo = d1.x;
-    const int bhi = d1.x + d1.z;
+    const Tile& t = pt.t;
+    const int wnx = pt.wnx;
+    const int r0 = pt.r0;
+    const int nsp = pt.d0.x;
+    const int nwt = pt.d0.y;
+    const int core0 = pt.d0.z;
+    const int ncore = pt.d0.w;
+    const int blo = pt.d1.x;
+    const int bhi = pt.d1.x + pt.d1.z;
     const int nx = args.nx;
-    const long long base = (long long)b * args.nmax;
-    // Every fiber's spans: the leverage's inner sum runs over all of them.
-    const Tile t = stage_tile(args.nmax, nx, n, nwt, nsp, 0, nsp, 0, nwt, r0, r1,
-                              args.geom + base, args.x + base, args.spot_off + base);
-    const long long off = args.win_off[b];
-    const long long soff = args.scr_off[b];
-    const double* cov = args.cov;
-    const double* cov_b = (cov != nullptr) ? cov + args.cov_off[b] : nullptr;
+    const double* cov_b = (args.cov != nullptr) ? args.cov + args.cov_off[blockIdx.y] : nullptr;
     const int k0 = core0 * nwt;
-    const int npix = (r1 - r0) * wnx;
+    const int npix = (pt.r1 - r0) * wnx;
     for (int k = threadIdx.x; k < npix; k += blockDim.x) {
         const int r = r0 + k / wnx;
         const int c = k - (k / wnx) * wnx;
@@ -403,10 +431,10 @@ extern "C" __global__ void model_image(const ModelImageParams args)
                 }
             }
         }
-        const long long q = soff + (long long)r * wnx + c;
+        const long long q = pt.soff + (long long)r * wnx + c;
         args.image[q] = img;
         if (cov_b != nullptr) {
-            args.leverage[q] = __dmul_rn(h, args.ivar[off + (long long)r * ld + c]);
+            args.leverage[q] = __dmul_rn(h, args.ivar[pt.off + (long long)r * pt.ld + c]);
         }
     }
 }

@@ -407,6 +407,24 @@ impl Program {
         Program::build(tc, &src, &entries)
     }
 
+    /// [`Program::kernel_file`] with `good`, which must occur `count` times in the file,
+    /// replaced by `bad`: a planted bug, or another value of a constant.
+    fn kernel_file_with(
+        tc: &Toolchain,
+        file: &str,
+        (good, count): (&str, usize),
+        bad: &str,
+    ) -> Result<Arc<Program>, String> {
+        Program::kernel_file(tc, file, |s| {
+            assert_eq!(
+                s.matches(good).count(),
+                count,
+                "{file} changed: update what the test replaces ({good})"
+            );
+            s.replace(good, bad)
+        })
+    }
+
     /// Runs `l` and returns every argument as the kernel left it; Err with the runner's
     /// messages when it fails (a trap, a sanitizer report) or runs past `timeout`.
     fn run(&self, l: &Launch, timeout: Duration) -> Result<Out, String> {
@@ -906,7 +924,9 @@ mod normal_cu {
 mod model_cu {
     //! model_image (chi2.cu) against `model::twin`, which promises the kernel's bits.
     use super::super::chi2::Chi2Layout;
-    use super::super::model::{launch_config, twin, HostColumns, ModelBatch, ModelImageParams};
+    use super::super::model::{
+        launch_config, lay_out_columns, twin, HostColumns, ModelBatch, ModelImageParams,
+    };
     use super::super::normal::BatchLayout;
     use super::super::scene::{Masked, Pixels, Recipe, Trim};
     use super::*;
@@ -967,19 +987,9 @@ mod model_cu {
                 *v = rng.gen_range(-20.0..400.0);
             }
         }
-        let ld = nmax + 3;
-        let (mut z, mut off) = (Vec::new(), vec![0i64; l.npatch]);
-        for b in (0..l.npatch).rev() {
-            let (n, ncols) = dims.core_columns(b);
-            off[b] = z.len() as i64;
-            for _ in 0..ncols {
-                let mut col = vec![f64::NAN; ld];
-                for v in &mut col[..n] {
-                    *v = rng.gen_range(-1e-3..1e-3);
-                }
-                z.extend(col);
-            }
-        }
+        let (z, off) = lay_out_columns(dims, nmax + 3, (0..l.npatch).rev(), |_, _, _| {
+            rng.gen_range(-1e-3..1e-3)
+        });
         (x, z, off)
     }
 
@@ -993,15 +1003,12 @@ mod model_cu {
         };
         // In both of the kernel's ways to the sum (the list of covering unknowns, and the
         // scan where a pixel has more of them).
-        let good = "(long long)(u - k0) * args.cov_ld";
-        let prog = Program::kernel_file(tc, "chi2.cu", |s| {
-            assert_eq!(
-                s.matches(good).count(),
-                2,
-                "chi2.cu changed: update the planted bug"
-            );
-            s.replace(good, "(long long)(u - core0) * args.cov_ld")
-        })
+        let prog = Program::kernel_file_with(
+            tc,
+            "chi2.cu",
+            ("(long long)(u - k0) * args.cov_ld", 2),
+            "(long long)(u - core0) * args.cov_ld",
+        )
         .unwrap();
         let scene = scenes::scene(
             Recipe {
@@ -1034,16 +1041,8 @@ mod model_cu {
         let Some(tc) = toolchain_or_skip() else {
             return;
         };
-        let list = "#define COVER_MAX 64";
-        let short = Program::kernel_file(tc, "chi2.cu", |s| {
-            assert_eq!(
-                s.matches(list).count(),
-                1,
-                "chi2.cu changed: update the list's size"
-            );
-            s.replace(list, "#define COVER_MAX 3")
-        })
-        .unwrap();
+        let list = ("#define COVER_MAX 64", 1);
+        let short = Program::kernel_file_with(tc, "chi2.cu", list, "#define COVER_MAX 3").unwrap();
         let full = Program::kernel_file(tc, "chi2.cu", |s| s).unwrap();
         for (size, prog) in [("64", &full), ("3", &short)] {
             eprintln!("model_image with a list of {size}:");
@@ -1273,15 +1272,12 @@ mod chi2_cu {
         let Some(tc) = toolchain_or_skip() else {
             return;
         };
-        let good = "const long long p = off + (long long)r * ld + c;";
-        let prog = Program::kernel_file(tc, "chi2.cu", |s| {
-            assert_eq!(
-                s.matches(good).count(),
-                1,
-                "chi2.cu changed: update the planted bug"
-            );
-            s.replace(good, "const long long p = off + (long long)r * wnx + c;")
-        })
+        let prog = Program::kernel_file_with(
+            tc,
+            "chi2.cu",
+            ("const long long p = off + (long long)r * ld + c;", 1),
+            "const long long p = off + (long long)r * wnx + c;",
+        )
         .unwrap();
         let scene = scenes::scene(recipe(), 13);
         let geometry = scenes::geometry_of(&scene);

@@ -112,6 +112,42 @@ fn twin_block(
     }
 }
 
+/// Covariance columns laid out as [`Columns`] for the patches of `dims`: the patches' slabs in
+/// `order`, columns `ld` apart, `value(b, v, i)` in rows `v < n_b` of patch `b`'s column `i`,
+/// and NaN in the rows below, which the kernel must not read (a stray read poisons the
+/// leverage). Returns the columns and each patch's offset.
+pub(super) fn lay_out_columns(
+    dims: &Chi2Layout,
+    ld: usize,
+    order: impl IntoIterator<Item = usize>,
+    mut value: impl FnMut(usize, usize, usize) -> f64,
+) -> (Vec<f64>, Vec<i64>) {
+    let (mut z, mut off) = (Vec::new(), vec![0i64; dims.npatch]);
+    for b in order {
+        let (n, ncols) = dims.core_columns(b);
+        off[b] = z.len() as i64;
+        for i in 0..ncols {
+            let mut col = vec![f64::NAN; ld];
+            for (v, c) in col.iter_mut().enumerate().take(n) {
+                *c = value(b, v, i);
+            }
+            z.extend(col);
+        }
+    }
+    (z, off)
+}
+
+/// Per-patch options that ask for the model image and the leverage.
+fn model_options(ndiag: usize) -> crate::extract::ExtractOptions {
+    crate::extract::ExtractOptions {
+        regularize: 0.0,
+        psferr: 0.01,
+        ndiag,
+        model_image: Some(crate::extract::ModelFlux::Deconvolved),
+        leverage: true,
+    }
+}
+
 mod tests {
     use ndarray::Array2;
     use ndarray_linalg::Inverse;
@@ -122,52 +158,41 @@ mod tests {
     use super::super::scene::Scene;
     use super::*;
     use crate::extract::cpu::{extract_patch, oracle, Workspace};
-    use crate::extract::{ExtractOptions, ModelFlux};
+    use crate::extract::ExtractOptions;
 
     /// Exact covariance columns of the core unknowns of every patch (the dense inverse of the
-    /// CPU's regularised normal matrix), laid out as `Columns`: a patch's columns `ld = nmax`
-    /// apart, its padding rows NaN so that a stray read poisons the leverage.
+    /// CPU's regularised normal matrix), `ld = nmax`.
     fn exact_columns(
-        scene_inputs: &[crate::extract::PatchInput<'_>],
+        inputs: &[crate::extract::PatchInput<'_>],
+        dims: &Chi2Layout,
         nmax: usize,
         opts: &ExtractOptions,
     ) -> (Vec<f64>, Vec<i64>) {
-        let (mut z, mut off) = (Vec::new(), Vec::new());
-        for inp in scene_inputs {
-            let p = inp.patch;
-            let a = oracle::projection_matrix(inp);
-            let (icov, _) = oracle::normal_equations(inp, &a, opts);
-            let cov = icov.inv().expect("a positive definite patch");
-            let (k0, ncols) = (p.core_fiber_offset() * p.nwavetot, p.nspec * p.nwavetot);
-            off.push(z.len() as i64);
-            for i in 0..ncols {
-                let mut col = vec![f64::NAN; nmax];
-                for (v, c) in col.iter_mut().enumerate().take(p.nunknown()) {
-                    *c = cov[[v, k0 + i]];
-                }
-                z.extend(col);
-            }
-        }
-        (z, off)
+        let covs: Vec<Array2<f64>> = inputs
+            .iter()
+            .map(|inp| {
+                let a = oracle::projection_matrix(inp);
+                let (icov, _) = oracle::normal_equations(inp, &a, opts);
+                icov.inv().expect("a positive definite patch")
+            })
+            .collect();
+        let k0 = |b: usize| inputs[b].patch.core_fiber_offset() * inputs[b].patch.nwavetot;
+        lay_out_columns(dims, nmax, 0..inputs.len(), |b, v, i| {
+            covs[b][[v, k0(b) + i]]
+        })
     }
 
     /// The twin against the CPU backend on `scene`: [image, leverage] differences, the image
     /// from the CPU's own x, the leverage from exact columns.
     fn compare_with_cpu(scene: &Scene, ndiag: usize) -> [Diff; 2] {
-        let opts = ExtractOptions {
-            regularize: 0.0,
-            psferr: 0.01,
-            ndiag,
-            model_image: Some(ModelFlux::Deconvolved),
-            leverage: true,
-        };
+        let opts = model_options(ndiag);
         let inputs = scene.inputs();
         let layout = BatchLayout::new(&inputs).unwrap();
         let dims = Chi2Layout::new(&inputs, &layout).unwrap();
         let sols: Vec<CpuSolution> = inputs.iter().map(|i| cpu_solution(i, &opts)).collect();
         assert!(sols.iter().all(|s| !s.retried), "a patch needed the retry");
         let x = batch_x(&layout, &sols);
-        let (z, off) = exact_columns(&inputs, layout.nmax, &opts);
+        let (z, off) = exact_columns(&inputs, &dims, layout.nmax, &opts);
         let cols = HostColumns {
             z: &z,
             off: &off,
@@ -235,7 +260,6 @@ mod gpu_tests {
     use super::super::normal::{OnDevice, UploadedLayout};
     use super::*;
     use crate::extract::gpu::device::{self, Gpu};
-    use crate::extract::{ExtractOptions, ModelFlux};
 
     /// On a GPU: `model_image` gives the twin's bits on a whole bundle at the real size, with
     /// the CPU's solutions and random covariance columns (`ld = nmax + 1`), with and without
@@ -250,30 +274,15 @@ mod gpu_tests {
         let kernels = Kernels::load(&gpu).expect("chi2.cu compiles and loads");
         let (scene, ndiag, what) = bundle_scene(None, 15);
         let inputs = scene.inputs();
-        let opts = ExtractOptions {
-            regularize: 0.0,
-            psferr: 0.01,
-            ndiag,
-            model_image: Some(ModelFlux::Deconvolved),
-            leverage: true,
-        };
+        let opts = model_options(ndiag);
         let layout = BatchLayout::new(&inputs).unwrap();
         let dims = Chi2Layout::new(&inputs, &layout).unwrap();
         let sols: Vec<CpuSolution> = inputs.par_iter().map(|i| cpu_solution(i, &opts)).collect();
         let x = batch_x(&layout, &sols);
         let ld = layout.nmax + 1;
-        let (mut z, mut off) = (Vec::new(), Vec::new());
-        for b in 0..layout.npatch {
-            let (n, ncols) = dims.core_columns(b);
-            off.push(z.len() as i64);
-            for i in 0..ncols {
-                let mut col = vec![f64::NAN; ld];
-                for (v, c) in col.iter_mut().enumerate().take(n) {
-                    *c = 1e-4 * (((7 * v + 13 * i + b) % 29) as f64 - 14.0);
-                }
-                z.extend(col);
-            }
-        }
+        let (z, off) = lay_out_columns(&dims, ld, 0..layout.npatch, |b, v, i| {
+            1e-4 * (((7 * v + 13 * i + b) % 29) as f64 - 14.0)
+        });
         let host_cols = HostColumns {
             z: &z,
             off: &off,
