@@ -8,8 +8,8 @@
 //!
 //! The kernel gathers, per window pixel, over the batch's staged unknowns exactly as
 //! `chi2_pixels` does (its launch is that kernel's: [`launch_config`]), and writes one value
-//! per window pixel in [`BatchLayout`]'s scratch layout; [`ModelBatch::window`] cuts a patch's
-//! window back out. The host twin that mirrors it is `twins::model`. Imports `device`,
+//! per window pixel in the scratch layout of [`BatchLayout`](super::normal::BatchLayout);
+//! [`ModelBatch::window`] cuts a patch's window back out. The host twin that mirrors it is `twins::model`. Imports `device`,
 //! `launch`, `normal`'s layout and buffers, and `chi2`'s sizes and tiling.
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
