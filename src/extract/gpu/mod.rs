@@ -2,8 +2,9 @@
 //! runs where there is no GPU or no CUDA library, and every library is checked for before use
 //! (cudarc panics on a missing one).
 //!
-//! One module per stage (`spots`, `normal`, `solve`, `decorrelate`, `chi2`), each with its
-//! layout and launcher; `backend` chains them into [`backend::GpuBackend`]; `unit` gathers a
+//! One module per stage (`spots`, `normal`, `solve`, `decorrelate`, `chi2`, and `model` for
+//! the model image and the leverage), each with its layout and launcher; `backend` chains them
+//! into [`backend::GpuBackend`]; `unit` gathers a
 //! work unit's results on the device for the cuda-aware-mpi build; `launch` holds what every
 //! kernel's one parameter struct shares (and their layout check against `kernels/params.cuh`);
 //! `ptx` compiles the embedded kernels with NVRTC and caches their machine code; `device` finds devices (without
