@@ -5,13 +5,21 @@ use cudarc::driver::{sys::CUevent_flags, CudaEvent};
 
 use super::super::device::Gpu;
 use super::super::GpuError;
-use super::TIMED_STAGES;
+use super::{MODEL_STAGES, STAGES};
 
 /// Device time per stage, from events recorded on a stream between the stages. A stage's
 /// time is its stream's time between its mark and the previous one. With two lanes in flight
 /// their stages overlap, so the sum over stages can exceed the GPU's wall time.
 pub(super) struct StageClock {
-    totals: [f64; TIMED_STAGES.len()],
+    totals: [f64; TIMED],
+}
+
+/// Stages timed: every batch's, then the model image's.
+const TIMED: usize = STAGES.len() + MODEL_STAGES.len();
+
+/// The timed stages' names, in the order of the totals.
+fn timed() -> impl Iterator<Item = &'static str> {
+    STAGES.into_iter().chain(MODEL_STAGES)
 }
 
 /// Events recorded on one stream: (the stage that ends there, the event).
@@ -20,7 +28,7 @@ pub(super) type Marks = Vec<(&'static str, CudaEvent)>;
 impl StageClock {
     pub(super) fn new() -> StageClock {
         StageClock {
-            totals: [0.0; TIMED_STAGES.len()],
+            totals: [0.0; TIMED],
         }
     }
 
@@ -41,7 +49,7 @@ impl StageClock {
                 .1
                 .elapsed_ms(&w[1].1)
                 .map_err(|e| GpuError::driver("reading an event", e))?;
-            if let Some(i) = TIMED_STAGES.iter().position(|s| *s == w[1].0) {
+            if let Some(i) = timed().position(|s| s == w[1].0) {
                 self.totals[i] += f64::from(ms) / 1e3;
             }
         }
@@ -49,25 +57,21 @@ impl StageClock {
     }
 
     pub(super) fn take(&mut self) -> Vec<(&'static str, f64)> {
-        let out = TIMED_STAGES.iter().copied().zip(self.totals).collect();
-        self.totals = [0.0; TIMED_STAGES.len()];
+        let out = timed().zip(self.totals).collect();
+        self.totals = [0.0; TIMED];
         out
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::STAGES;
-    use super::TIMED_STAGES;
-
-    /// The clock times every stage of the cost model's list, under the same names, and each
-    /// stage once.
+    /// Each stage is timed once, under its own name.
     #[test]
-    fn the_timed_stages_are_the_modelled_ones_and_the_model_image_s() {
-        assert_eq!(TIMED_STAGES[..STAGES.len()], STAGES);
-        let mut names = TIMED_STAGES.to_vec();
+    fn every_timed_stage_has_its_own_name() {
+        let mut names: Vec<&str> = super::timed().collect();
+        assert_eq!(names.len(), super::TIMED);
         names.sort_unstable();
         names.dedup();
-        assert_eq!(names.len(), TIMED_STAGES.len());
+        assert_eq!(names.len(), super::TIMED);
     }
 }

@@ -81,20 +81,10 @@ pub const STAGES: [&str; 7] = [
     "d2h",
 ];
 
-/// Every stage the clock times: [`STAGES`], then those only a batch that asks for the model
-/// image runs (the leverage's columns of `C` after the solve, the image and the leverage after
-/// chi2).
-pub const TIMED_STAGES: [&str; 9] = [
-    "h2d",
-    "spots",
-    "normal",
-    "solve",
-    "decorrelate",
-    "chi2",
-    "d2h",
-    "columns",
-    "model",
-];
+/// The stages only a batch that asks for the model image runs, which the clock times after
+/// [`STAGES`]: the leverage's columns of `C` after the solve, the image and the leverage after
+/// chi2.
+pub const MODEL_STAGES: [&str; 2] = ["columns", "model"];
 
 /// A spot set evaluated on the device, and its values on the host once the CPU needed them.
 struct ResidentSet {

@@ -97,9 +97,8 @@ impl SolvePlan {
             .max()
             .unwrap_or(0);
         let slab = ncols_max * (nmax + 1);
-        // Every size handed to cuBLAS/cuSOLVER is a 32-bit int, and the strided copy that
-        // builds E indexes the whole of Y with one (Z has Y's length; its copies, one a group,
-        // index less of it).
+        // Every size handed to cuBLAS/cuSOLVER is a 32-bit int, and the strided copies that
+        // build E (one a group) index Y with one.
         int(nmax + 1, "nmax + 1")?;
         int(npatch * nmax, "x's length")?;
         int(npatch * slab, "Y's length")?;

@@ -201,6 +201,18 @@ mod tests {
         }
     }
 
+    /// `batch` through the chain of twins, every patch from the chain itself (none handed back
+    /// to the CPU), as the results the backend returns.
+    fn through_the_chain(batch: &[PatchInput<'_>], opts: &ExtractOptions) -> Vec<PatchResult> {
+        let out = twin_chain(batch, opts).expect("twin chain");
+        let done = assemble(batch, opts, &out);
+        assert!(
+            done.iter().all(Option::is_some),
+            "the chain left patches to the CPU"
+        );
+        complete_on_cpu(batch, opts, done).unwrap()
+    }
+
     /// Runs `chain` on the toy batch and checks it against the CPU backend at the issue's
     /// parity figures.
     fn toy_batch_check(chain: &dyn Fn(&[PatchInput<'_>], &ExtractOptions) -> Vec<PatchResult>) {
@@ -267,15 +279,7 @@ mod tests {
     /// design of the first pass of `--ivar-from-model` on the device, on a machine without one.
     #[test]
     fn the_chain_of_twins_gives_the_cpu_backends_model_image_and_leverage() {
-        toy_model_check(&|batch, opts| {
-            let out = twin_chain(batch, opts).expect("twin chain");
-            let done = assemble(batch, opts, &out);
-            assert!(
-                done.iter().all(Option::is_some),
-                "the chain left patches to the CPU"
-            );
-            complete_on_cpu(batch, opts, done).unwrap()
-        });
+        toy_model_check(&through_the_chain);
     }
 
     /// The chain as the GPU backend runs it in the pipeline: the windows index the CCD's
@@ -429,16 +433,7 @@ mod tests {
     /// the parity figures: the GPU design, end to end, on a machine without a GPU.
     #[test]
     fn the_chain_of_twins_matches_the_cpu_backend() {
-        toy_batch_check(&|batch, opts| {
-            let out = twin_chain(batch, opts).expect("twin chain");
-            let done = assemble(batch, opts, &out);
-            // Every patch from the chain itself: none handed back to the CPU.
-            assert!(
-                done.iter().all(Option::is_some),
-                "the chain left patches to the CPU"
-            );
-            complete_on_cpu(batch, opts, done).unwrap()
-        });
+        toy_batch_check(&through_the_chain);
     }
 
     /// The GPU backend's route for patches whose windows leave the CCD: the device (here the
@@ -509,13 +504,7 @@ mod tests {
         };
         let (inputs, opts) = (real.inputs(&EDGE_MIDDLE_END), real.opts);
         let cpu = CpuBackend.extract_batch(&inputs, &opts).unwrap();
-        let out = twin_chain(&inputs, &opts).expect("twin chain");
-        let done = assemble(&inputs, &opts, &out);
-        assert!(
-            done.iter().all(Option::is_some),
-            "the chain left patches to the CPU"
-        );
-        let other = complete_on_cpu(&inputs, &opts, done).unwrap();
+        let other = through_the_chain(&inputs, &opts);
         let (pull, dr) = compare(&cpu, &other);
         eprintln!(
             "real PSF, {} patches: max pull {pull:.2e}, max |dR| {dr:.2e}",

@@ -493,6 +493,11 @@ mod tests {
         fn shapes(&self) -> Vec<PatchShape> {
             self.items.iter().map(|(p, _)| PatchShape::of(p)).collect()
         }
+
+        /// The normal-equation stage's twin on the scene's batch.
+        fn dense(&self, reg: f64, eps: f64) -> HostDense {
+            normal::twin(&normal::BatchLayout::new(&self.inputs()).unwrap(), reg, eps)
+        }
     }
 
     /// 12 toy fibers in 5 subbundles of 3, 3, 2, 2, 2 core fibers solving 4, 5, 4, 4, 3 fibers
@@ -778,8 +783,7 @@ mod tests {
         let scene = toy_scene(2, true);
         let inputs = scene.inputs();
         let shapes = scene.shapes();
-        let layout = normal::BatchLayout::new(&inputs).unwrap();
-        let dense = normal::twin(&layout, 0.0, 1e-15);
+        let dense = scene.dense(0.0, 1e-15);
         let got = twin(&dense, &shapes).unwrap();
         let mut kappa0 = 0.0;
         for (b, s) in shapes.iter().enumerate() {
@@ -822,10 +826,8 @@ mod tests {
     #[test]
     fn a_non_positive_definite_patch_is_reported_alone() {
         let scene = toy_scene(4, false);
-        let inputs = scene.inputs();
         let shapes = scene.shapes();
-        let layout = normal::BatchLayout::new(&inputs).unwrap();
-        let dense = normal::twin(&layout, 0.0, 1e-15);
+        let dense = scene.dense(0.0, 1e-15);
         let good = twin(&dense, &shapes).unwrap();
         let nmax = dense.nmax;
         let mut bad = dense.clone();
@@ -1114,10 +1116,8 @@ mod tests {
     /// worst error, the worst over the rows before the core, and the largest of those rows'
     /// values among the patches with `k0 > 0`.
     fn check_columns(scene: &Scene, reg: f64, eps: f64) -> (f64, f64, f64) {
-        let inputs = scene.inputs();
         let shapes = scene.shapes();
-        let layout = normal::BatchLayout::new(&inputs).unwrap();
-        let dense = normal::twin(&layout, reg, eps);
+        let dense = scene.dense(reg, eps);
         let (solved, factor) = twin_factored(&dense, &shapes).unwrap();
         let got = twin_core_columns(&solved, &factor, &shapes).unwrap();
         assert_eq!(got.ld, dense.nmax);
@@ -1200,10 +1200,8 @@ mod tests {
     #[test]
     fn twin_core_columns_mark_a_failed_patch_and_refuse_a_wrong_factor() {
         let scene = toy_scene(4, false);
-        let inputs = scene.inputs();
         let shapes = scene.shapes();
-        let layout = normal::BatchLayout::new(&inputs).unwrap();
-        let dense = normal::twin(&layout, 0.0, 1e-15);
+        let dense = scene.dense(0.0, 1e-15);
         let (solved, factor) = twin_factored(&dense, &shapes).unwrap();
         let good = twin_core_columns(&solved, &factor, &shapes).unwrap();
         let mut bad_dense = dense.clone();
